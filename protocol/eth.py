@@ -1,0 +1,85 @@
+"""secp256k1 / EIP-712 primitives shared by agreements, receipts and wallet bindings.
+
+Signatures are 65 bytes `r || s || v` with v in {27, 28}, the layout `ecrecover` takes. Only
+low-s signatures are accepted (s <= n/2), on-chain and off-chain alike, so a signature has exactly
+one valid encoding and cannot be re-used in a malleated form.
+"""
+
+from __future__ import annotations
+
+from eth_abi import encode as abi_encode
+from eth_keys import keys as eth_keys_keys
+from eth_utils import keccak
+
+from .errors import LocalProtocolError, Reject
+
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+SECP256K1_HALF_N = SECP256K1_N // 2
+ZERO_ADDRESS = b"\x00" * 20
+
+DOMAIN_TYPE = b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
+DOMAIN_TYPEHASH = keccak(DOMAIN_TYPE)
+# A domain with no contract: used where a signature is bound to a chain but not one contract.
+CHAIN_DOMAIN_TYPE = b"EIP712Domain(string name,string version,uint256 chainId)"
+CHAIN_DOMAIN_TYPEHASH = keccak(CHAIN_DOMAIN_TYPE)
+
+
+def check_address(value: bytes, what: str = "address") -> bytes:
+    if not isinstance(value, (bytes, bytearray)) or len(value) != 20:
+        raise LocalProtocolError("bad_address", f"{what} must be 20 bytes")
+    return bytes(value)
+
+
+def contract_domain_separator(name: str, version: str, chain_id: int, contract: bytes) -> bytes:
+    return keccak(
+        abi_encode(
+            ["bytes32", "bytes32", "bytes32", "uint256", "address"],
+            [DOMAIN_TYPEHASH, keccak(name.encode()), keccak(version.encode()), chain_id,
+             check_address(contract, "verifyingContract")],
+        )
+    )
+
+
+def chain_domain_separator(name: str, version: str, chain_id: int) -> bytes:
+    return keccak(
+        abi_encode(
+            ["bytes32", "bytes32", "bytes32", "uint256"],
+            [CHAIN_DOMAIN_TYPEHASH, keccak(name.encode()), keccak(version.encode()), chain_id],
+        )
+    )
+
+
+def typed_digest(domain_separator: bytes, struct_hash: bytes) -> bytes:
+    """The EIP-712 digest a wallet signs: keccak256(0x1901 || domainSeparator || hashStruct)."""
+    return keccak(b"\x19\x01" + domain_separator + struct_hash)
+
+
+def private_key_address(private_key: bytes) -> bytes:
+    return eth_keys_keys.PrivateKey(private_key).public_key.to_canonical_address()
+
+
+def sign_digest(private_key: bytes, digest: bytes) -> bytes:
+    """Sign a 32-byte digest; returns r||s||v (v = 27/28), always low-s."""
+    if len(digest) != 32:
+        raise LocalProtocolError("bad_digest", "digest must be 32 bytes")
+    sig = eth_keys_keys.PrivateKey(private_key).sign_msg_hash(digest)
+    # eth-keys produces canonical (low-s) signatures; v is 0/1 there.
+    return sig.r.to_bytes(32, "big") + sig.s.to_bytes(32, "big") + bytes([sig.v + 27])
+
+
+def recover_signer(digest: bytes, signature: bytes) -> bytes:
+    """Return the 20-byte address that signed `digest`; Reject on malformed or high-s input."""
+    if not isinstance(signature, (bytes, bytearray)) or len(signature) != 65:
+        raise Reject("bad_signature_length", "secp256k1 signature must be 65 bytes")
+    r = int.from_bytes(signature[0:32], "big")
+    s = int.from_bytes(signature[32:64], "big")
+    v = signature[64]
+    if v not in (27, 28):
+        raise Reject("bad_signature_v", f"v must be 27 or 28, got {v}")
+    if not (0 < r < SECP256K1_N) or not (0 < s <= SECP256K1_HALF_N):
+        raise Reject("bad_signature_high_s", "s must be in the lower half of the curve order")
+    try:
+        sig = eth_keys_keys.Signature(vrs=(v - 27, r, s))
+        return sig.recover_public_key_from_msg_hash(digest).to_canonical_address()
+    except Exception as exc:  # eth-keys raises BadSignature and ValidationError
+        raise Reject("bad_signature", f"cannot recover signer: {exc}") from None
