@@ -1,0 +1,213 @@
+"""Canonical encoding: round trips, and every way bytes can be wrong is rejected with a reason."""
+
+import random
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from protocol.encoding import MESSAGE_TYPES, Amount, FieldError, decode, pack, unpack_canonical
+from protocol.errors import DecodeError, LocalProtocolError
+from protocol.messages import (
+    GpuMetrics,
+    Heartbeat,
+    Offer,
+    OfferWithdrawal,
+    UsageReceipt,
+)
+from protocol.samples import make_offer, make_provider
+
+RNG = random.Random(7)
+PEER, WALLET_KEY, BINDING = make_provider(RNG)
+
+
+def sample_offer(**kw) -> Offer:
+    return make_offer(PEER, BINDING, random.Random(1), 1_700_000_000_000, **kw)
+
+
+def test_encoding__offer_round_trips_exactly():
+    offer = sample_offer(gpu_count=4)
+    data = offer.encode()
+    assert decode(data) == offer
+    assert decode(data).encode() == data
+
+
+def test_encoding__same_value_gives_same_bytes():
+    assert sample_offer(gpu_count=2).encode() == sample_offer(gpu_count=2).encode()
+
+
+def test_encoding__wire_layout_is_type_version_then_fields():
+    data = sample_offer().encode()
+    value = msgpack.unpackb(data)
+    assert value[0] == Offer.TYPE and value[1] == Offer.VERSION
+    assert len(value) == 2 + 9
+
+
+@pytest.mark.parametrize(
+    "mutate, code",
+    [
+        (lambda v: v + b"\x00", "trailing_bytes"),
+        (lambda v: v[:-1], "truncated"),
+        (lambda v: b"", "truncated"),
+        (lambda v: pack({"a": 1}), "malformed"),
+        (lambda v: pack([99, 1]), "unknown_type"),
+        (lambda v: pack([1, 2]), "unsupported_version"),
+        (lambda v: pack(["1", 1]), "malformed"),
+        (lambda v: pack(1.5), "malformed"),
+        (lambda v: pack([1]), "malformed"),
+    ],
+)
+def test_encoding__bad_bytes_rejected_with_reason(mutate, code):
+    data = mutate(sample_offer().encode())
+    with pytest.raises(DecodeError) as err:
+        decode(data)
+    assert err.value.code == code
+
+
+def test_encoding__padded_integer_is_non_canonical():
+    # 2 encoded as uint32 (0xce 00 00 00 02) instead of a positive fixint.
+    data = bytearray(OfferWithdrawal(b"\x01" * 32, 2, 5, b"\x00" * 64).encode())
+    fixed = data.replace(b"\x02\x05", b"\xce\x00\x00\x00\x02\x05", 1)
+    with pytest.raises(DecodeError) as err:
+        decode(bytes(fixed))
+    assert err.value.code == "non_canonical"
+
+
+def test_encoding__float_field_rejected():
+    value = msgpack.unpackb(OfferWithdrawal(b"\x01" * 32, 2, 5, b"\x00" * 64).encode())
+    value[3] = 2.0
+    with pytest.raises(DecodeError) as err:
+        decode(msgpack.packb(value, use_bin_type=True))
+    assert err.value.code == "bad_field" and "seq" in str(err.value)
+
+
+def test_encoding__str_where_bytes_expected_rejected_with_field_path():
+    value = msgpack.unpackb(sample_offer(gpu_count=2).encode())
+    value[6][1][1] = "not bytes"  # gpus[1].uuid_digest
+    with pytest.raises(DecodeError) as err:
+        decode(msgpack.packb(value, use_bin_type=True))
+    assert err.value.code == "bad_field"
+    assert "gpus[1].uuid_digest" in str(err.value)
+
+
+def test_encoding__integer_above_2_53_rejected():
+    value = msgpack.unpackb(OfferWithdrawal(b"\x01" * 32, 2, 5, b"\x00" * 64).encode())
+    value[3] = 2**53
+    with pytest.raises(DecodeError) as err:
+        decode(msgpack.packb(value, use_bin_type=True))
+    assert err.value.code == "bad_field"
+
+
+def test_encoding__oversized_message_rejected_before_parsing():
+    with pytest.raises(DecodeError) as err:
+        decode(b"\x92" + b"\x00" * (Heartbeat.MAX_SIZE + 10), Heartbeat)
+    assert err.value.code == "oversized"
+
+
+def test_encoding__expected_type_enforced():
+    data = OfferWithdrawal(b"\x01" * 32, 2, 5, b"\x00" * 64).encode()
+    with pytest.raises(DecodeError) as err:
+        decode(data, Offer)
+    assert err.value.code == "unexpected_type"
+
+
+def test_encoding__ext_type_rejected():
+    data = msgpack.packb([1, 1, msgpack.ExtType(5, b"x")], use_bin_type=True)
+    with pytest.raises(DecodeError) as err:
+        decode(data)
+    assert err.value.code == "malformed"
+
+
+def test_encoding__control_characters_in_text_rejected():
+    value = msgpack.unpackb(sample_offer().encode())
+    value[7][4] = "eu\x1b[31m"  # host.region with an ANSI escape
+    with pytest.raises(DecodeError) as err:
+        decode(msgpack.packb(value, use_bin_type=True))
+    assert err.value.code == "bad_field"
+
+
+def test_encoding__deeply_nested_input_does_not_crash():
+    data = b"\x91" * 100_000 + b"\x00"
+    with pytest.raises(DecodeError):
+        decode(data)
+
+
+def test_encoding__local_misuse_is_a_local_error():
+    bad = OfferWithdrawal(b"\x01" * 31, 2, 5, b"\x00" * 64)
+    with pytest.raises(LocalProtocolError) as err:
+        bad.encode()
+    assert "provider" in str(err.value)
+
+
+@pytest.mark.parametrize("value", [0, 1, 255, 256, 2**64, 2**256 - 1])
+def test_amount__round_trips_minimal_big_endian(value):
+    kind = Amount()
+    wire = kind.to_wire(value)
+    assert kind.from_wire(wire) == value
+    assert wire[:1] != b"\x00"
+
+
+def test_amount__leading_zero_and_overlong_rejected():
+    with pytest.raises(FieldError):
+        Amount().from_wire(b"\x00\x01")
+    with pytest.raises(FieldError):
+        Amount().from_wire(b"\x01" * 33)
+
+
+def test_registry__every_type_has_limits_and_distinct_domains():
+    domains = set()
+    for type_id, cls in MESSAGE_TYPES.items():
+        assert cls.TYPE == type_id and cls.MAX_SIZE > 0
+        domain = getattr(cls, "DOMAIN", None)
+        if domain is not None:
+            assert domain.endswith(b"\x00") and domain not in domains
+            domains.add(domain)
+
+
+metrics_st = st.builds(
+    GpuMetrics,
+    uuid_digest=st.binary(min_size=32, max_size=32),
+    util_pct=st.integers(0, 100),
+    mem_used_mib=st.integers(0, 2**32 - 1),
+    temp_c=st.integers(0, 255),
+    power_mw=st.integers(0, 2**32 - 1),
+)
+heartbeat_st = st.builds(
+    Heartbeat,
+    agreement_id=st.binary(min_size=32, max_size=32),
+    seq=st.integers(0, 2**32 - 1),
+    sent_ms=st.integers(0, 2**53 - 1),
+    nonce=st.binary(min_size=16, max_size=16),
+    prev_hash=st.binary(min_size=32, max_size=32),
+    metrics=st.lists(metrics_st, max_size=8).map(tuple),
+    signature=st.binary(min_size=64, max_size=64),
+)
+receipt_st = st.builds(
+    UsageReceipt,
+    agreement_id=st.binary(min_size=32, max_size=32),
+    acked_seconds=st.integers(0, 2**53 - 1),
+    heartbeat_seq=st.integers(0, 2**32 - 1),
+    heartbeat_hash=st.binary(min_size=32, max_size=32),
+    next_nonce=st.binary(min_size=16, max_size=16),
+    sent_ms=st.integers(0, 2**53 - 1),
+    wallet_sig=st.binary(min_size=65, max_size=65),
+    signature=st.binary(min_size=64, max_size=64),
+)
+
+
+@given(st.one_of(heartbeat_st, receipt_st))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_encoding__hypothesis_round_trip(msg):
+    data = msg.encode()
+    assert decode(data) == msg
+    assert unpack_canonical(data) == msgpack.unpackb(data)
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=500)
+def test_encoding__arbitrary_bytes_never_crash(data):
+    try:
+        decode(data)
+    except DecodeError:
+        pass
