@@ -1,0 +1,331 @@
+"""The libp2p host and the gossipsub router, configured explicitly (py-libp2p 0.8.1).
+
+Why every setting is spelled out: py-libp2p's defaults are unsafe or slow for us (measured in
+shared/TOOLCHAIN.md). ``new_host()`` also accepts plaintext, secio and TLS, so we pass Noise as the
+only security transport; gossipsub's heartbeat is 120 s by default, we use 1 s with D=6/4/12.
+
+Transport: TCP + Noise + yamux (the combination that interoperates with js-libp2p). Identify and
+ping come with ``BasicHost``'s default protocols. Bootstrap peers are dialled in parallel, each
+under its own deadline (``host.connect`` costs about 250 ms even on loopback).
+
+Gossipsub, as set by :class:`GossipConfig`:
+
+* message id = sha256(payload): the same signed offer relayed by two peers is one message;
+  a node re-publishing identical bytes within ``seen_ttl`` is deduplicated too, so a refreshed
+  offer must differ (a new seq/timestamp inside the signed payload).
+* strict signing (py-libp2p always sets ``from``/``seqno``; it is also the only mode js accepts).
+* ``adaptive_gossip_enabled=False``: in 0.8.1 "adaptive gossip" rewrites the degree bounds and,
+  when its health estimate is low (e.g. a small mesh), raises the heartbeat to 30-60 s.
+* ``eclipse_protection_enabled=False``: 0.8.1's IP-diversity step grafts extra peers without
+  checking back-off or score, which would undo the score-based pruning below. IP diversity is
+  left to a later P7 (colocation) setting; on loopback every peer shares one IP anyway.
+* spam protection stays on, at ``max_messages_per_topic_per_second`` per forwarding peer
+  (default 50). The limit counts every message a peer *forwards* on a topic, our own publishes
+  included, so it must exceed the network-wide offer rate, not one provider's rate.
+
+Validation and the IGNORE verdict. A topic validator in py-libp2p returns only a bool, and every
+``False`` is passed to the scorer's ``on_invalid_message`` (P4) for the forwarding peer. The
+protocol layer distinguishes REJECT (provably bad: bad signature, malformed; penalise the sender)
+from IGNORE (drop quietly: e.g. expired by our clock, a duplicate seq; an honest relay with a
+slightly different clock may forward it). Neither may be relayed, so both must return ``False``;
+returning ``True`` for IGNORE would relay a message we consider unusable. To keep IGNORE from
+penalising honest relays, our scorer (:class:`RejectOnlyScorer`) makes ``on_invalid_message`` a
+no-op, and the validator wrapper counts P4 itself, only for :attr:`Verdict.REJECT`.
+Trade-offs: (1) py-libp2p caches a failed validation by message id, so the same bytes arriving
+from a second peer are dropped without calling our validator and without a penalty; an honest peer
+never forwards what it rejected, so only a second malicious relay escapes the count.
+(2) A validator that raises is treated as IGNORE (our bug is not the peer's fault).
+(3) Validators also run on our own publishes; a publish our own validator refuses is not sent.
+
+Peer scoring (py-libp2p 0.8.1 ships every weight 0 and every threshold -inf). We set only P4:
+weight 1 per REJECT, decaying by 0.99 each 1 s heartbeat and reset to 0 below 0.01 (py-libp2p has
+no decay-to-zero, so without the reset one old REJECT would keep a peer negative forever). One
+REJECT therefore costs the forwarder about 7.5 minutes of negative score. No positive credit
+(P1-P3 weights 0): a peer cannot bank good behaviour to offset invalid messages. Effects:
+
+* score < 0 (one recent REJECT): pruned from our mesh at the next heartbeat, with back-off, and
+  its GRAFTs are refused. 0.8.1's heartbeat does not do this itself (it only replaces the worst
+  peer when a better one is idle), so :class:`ScoredGossipSub` adds it, following the gossipsub
+  v1.1 spec.
+* score < -10 (gossip_threshold): no IHAVE/IWANT with it.
+* score < -50 (publish_threshold): its messages are dropped before validation (saves CPU under a
+  flood) and we stop forwarding to it.
+* score < -80 (graylist_threshold): GRAFT refused (already true below 0).
+Scores live as long as the connection: py-libp2p drops a peer's counters when it disconnects, so a
+reconnecting peer starts at 0. The app-level reputation (store) is where long memory belongs.
+P5-P7 stay 0 for now: the spam limiter and GRAFT-flood checks already drop traffic, and P7 with
+one IP per test network would penalise everyone.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, ISubscriptionAPI
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.score import PeerScorer, ScoreParams, TopicScoreParams
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+
+from node.identity import NodeIdentity
+
+log = logging.getLogger(__name__)
+
+GOSSIPSUB_PROTOCOLS = (PROTOCOL_ID_V12, PROTOCOL_ID_V11)
+"""1.2 and 1.1 only: both interoperate with js-libp2p; offering 1.1/1.0 alone to a 1.2-only
+peer gives no pubsub at all, silently. The py-only 1.3/1.4/2.0 variants are not offered."""
+
+SCORE_DECAY_TO_ZERO = 0.01
+
+
+class Verdict(enum.Enum):
+    """A topic validator's answer. Only ACCEPT is delivered and relayed."""
+
+    ACCEPT = "accept"
+    REJECT = "reject"  # provably invalid: penalise the forwarding peer
+    IGNORE = "ignore"  # not usable by us, not provably malicious: drop quietly
+
+
+TopicValidator = Callable[[bytes, ID], "Verdict | bool"]
+"""``validate(payload, from_peer) -> Verdict`` (``True``/``False`` mean ACCEPT/REJECT).
+``from_peer`` is the peer that forwarded the message to us (the one penalised), not the origin."""
+
+
+def content_message_id(msg: rpc_pb2.Message) -> bytes:
+    """Gossip message id: sha256 of the payload alone, so relays of the same bytes dedupe."""
+    return hashlib.sha256(msg.data).digest()
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    heartbeat_interval: int = 1  # seconds; py-libp2p types it int
+    degree: int = 6
+    degree_low: int = 4
+    degree_high: int = 12
+    max_messages_per_topic_per_second: float = 50.0
+    seen_ttl: int = 120  # seconds a message id is remembered for dedup
+    prune_back_off: int = 60  # seconds a pruned peer may not re-GRAFT
+    reject_weight: float = 1.0
+    reject_decay: float = 0.99  # per heartbeat
+    gossip_threshold: float = -10.0
+    publish_threshold: float = -50.0
+    graylist_threshold: float = -80.0
+    max_message_bytes: int = 1 << 20  # inbound RPC frame limit
+
+    def score_params(self) -> ScoreParams:
+        return ScoreParams(
+            p4_invalid_messages=TopicScoreParams(
+                weight=self.reject_weight, cap=1000.0, decay=self.reject_decay
+            ),
+            gossip_threshold=self.gossip_threshold,
+            publish_threshold=self.publish_threshold,
+            graylist_threshold=self.graylist_threshold,
+            accept_px_threshold=math.inf,  # peer exchange is off; never accept PX
+        )
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    listen_addrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/4001",)
+    bootstrap: Sequence[str] = ()  # full multiaddrs ending in /p2p/<peer id>
+    dial_timeout: float = 10.0
+    negotiate_timeout: int = 5
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+
+
+class RejectOnlyScorer(PeerScorer):
+    """P4 counts only REJECT verdicts (see module docstring), with decay to zero."""
+
+    def on_invalid_message(self, peer: ID, topic: str) -> None:
+        # Called by py-libp2p for every False from a validator, IGNORE included: not counted.
+        pass
+
+    def record_reject(self, peer: ID, topic: str) -> None:
+        self.invalid_messages[peer][topic] += 1.0
+
+    def on_heartbeat(self, dt_seconds: float = 1.0) -> None:
+        super().on_heartbeat(dt_seconds)
+        for topics in self.invalid_messages.values():
+            for topic, value in topics.items():
+                if value < SCORE_DECAY_TO_ZERO:
+                    topics[topic] = 0.0
+
+
+class ScoredGossipSub(GossipSub):
+    """GossipSub that prunes and refuses peers with a negative score (gossipsub v1.1 spec)."""
+
+    scorer: RejectOnlyScorer
+
+    def _negative(self, peer: ID, topic: str) -> bool:
+        return self.scorer.score(peer, [topic]) < 0
+
+    def mesh_heartbeat(self) -> Any:
+        pruned: dict[ID, list[str]] = {}
+        for topic, peers in self.mesh.items():
+            for peer in [p for p in peers if self._negative(p, topic)]:
+                peers.discard(peer)
+                self._add_back_off(peer, topic, False)
+                pruned.setdefault(peer, []).append(topic)
+        to_graft, to_prune = super().mesh_heartbeat()
+        for peer, topics in list(to_graft.items()):
+            keep = [t for t in topics if not self._negative(peer, t)]
+            for t in set(topics) - set(keep):
+                self.mesh[t].discard(peer)
+            if keep:
+                to_graft[peer] = keep
+            else:
+                del to_graft[peer]
+        for peer, topics in pruned.items():
+            log.debug("pruning negative-score peer %s from %s", peer, topics)
+            to_prune[peer].extend(t for t in topics if t not in to_prune[peer])
+        return to_graft, to_prune
+
+    async def handle_graft(self, graft_msg: rpc_pb2.ControlGraft, sender_peer_id: ID) -> None:
+        topic = graft_msg.topicID
+        if topic in self.mesh and self._negative(sender_peer_id, topic):
+            self._add_back_off(sender_peer_id, topic, False)
+            await self.emit_prune(topic, sender_peer_id, False, False)
+            return
+        await super().handle_graft(graft_msg, sender_peer_id)
+
+
+class GossipHost:
+    """A libp2p host with our gossipsub router; run it with ``await nursery.start(node.run)``."""
+
+    def __init__(self, identity: NodeIdentity, config: HostConfig = HostConfig()) -> None:
+        self.identity = identity
+        self.config = config
+        self._listen = [multiaddr.Multiaddr(a) for a in config.listen_addrs]
+        self.host: IHost = build_libp2p_host(identity, self._listen, config.negotiate_timeout)
+        g = config.gossip
+        self.gossipsub = ScoredGossipSub(
+            protocols=list(GOSSIPSUB_PROTOCOLS),
+            degree=g.degree,
+            degree_low=g.degree_low,
+            degree_high=g.degree_high,
+            heartbeat_interval=g.heartbeat_interval,
+            prune_back_off=g.prune_back_off,
+            do_px=False,
+            adaptive_gossip_enabled=False,
+            eclipse_protection_enabled=False,
+            spam_protection_enabled=True,
+            max_messages_per_topic_per_second=g.max_messages_per_topic_per_second,
+        )
+        # GossipSub builds a plain PeerScorer; swap in ours before anything is scored.
+        self.gossipsub.scorer = RejectOnlyScorer(g.score_params())
+        self.pubsub = Pubsub(
+            self.host,
+            self.gossipsub,
+            strict_signing=True,
+            msg_id_constructor=content_message_id,
+            seen_ttl=g.seen_ttl,
+            max_inbound_rpc_size=g.max_message_bytes,
+        )
+
+    @property
+    def peer_id(self) -> ID:
+        return self.host.get_id()
+
+    def addrs(self) -> list[multiaddr.Multiaddr]:
+        """Dialable listen addresses including /p2p/<peer id> (valid once running)."""
+        suffix = multiaddr.Multiaddr(f"/p2p/{self.peer_id.to_base58()}")
+        return [a.encapsulate(suffix) for a in self.host.get_transport_addrs()]
+
+    async def run(self, *, task_status: trio.TaskStatus[GossipHost] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, start pubsub, dial bootstrap peers; ``started()`` once listening."""
+        async with self.host.run(listen_addrs=self._listen):
+            async with background_trio_service(self.pubsub):
+                async with background_trio_service(self.gossipsub):
+                    with trio.fail_after(10):
+                        await self.pubsub.wait_until_ready()
+                    task_status.started(self)
+                    if self.config.bootstrap:
+                        await self.connect_all(self.config.bootstrap)
+                    await trio.sleep_forever()
+
+    async def connect(self, addr: str | multiaddr.Multiaddr | PeerInfo) -> None:
+        """Dial one peer under ``dial_timeout``; raises on failure."""
+        info = addr if isinstance(addr, PeerInfo) else info_from_p2p_addr(multiaddr.Multiaddr(str(addr)))
+        with trio.fail_after(self.config.dial_timeout):
+            await self.host.connect(info)
+
+    async def connect_all(self, addrs: Sequence[str | multiaddr.Multiaddr | PeerInfo]) -> list[bool]:
+        """Dial all peers in parallel; returns which succeeded (failures are logged, not raised)."""
+        ok = [False] * len(addrs)
+
+        async def dial(i: int) -> None:
+            try:
+                await self.connect(addrs[i])
+                ok[i] = True
+            except Exception as exc:  # a bad bootstrap peer must not stop the node
+                log.warning("dial %s failed: %r", addrs[i], exc)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(addrs)):
+                nursery.start_soon(dial, i)
+        return ok
+
+    def set_topic_validator(self, topic: str, validate: TopicValidator) -> None:
+        scorer = self.gossipsub.scorer
+
+        def validator(forwarder: ID, msg: rpc_pb2.Message) -> bool:
+            try:
+                verdict = validate(msg.data, forwarder)
+            except Exception:
+                log.exception("topic validator for %s raised; treating as IGNORE", topic)
+                return False
+            if verdict is True:
+                verdict = Verdict.ACCEPT
+            elif verdict is False:
+                verdict = Verdict.REJECT
+            if verdict is Verdict.REJECT and forwarder != self.peer_id:
+                scorer.record_reject(forwarder, topic)
+            return verdict is Verdict.ACCEPT
+
+        self.pubsub.set_topic_validator(topic, validator, is_async_validator=False)
+
+    async def subscribe(self, topic: str) -> ISubscriptionAPI:
+        return await self.pubsub.subscribe(topic)
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        await self.pubsub.publish(topic, payload)
+
+    def mesh_peers(self, topic: str) -> set[ID]:
+        return set(self.gossipsub.mesh.get(topic, ()))
+
+    def score(self, peer: ID, topic: str) -> float:
+        return self.gossipsub.scorer.score(peer, [topic])
+
+
+def build_libp2p_host(
+    identity: NodeIdentity, listen_addrs: Sequence[multiaddr.Multiaddr], negotiate_timeout: int = 5
+) -> IHost:
+    """A BasicHost with Noise as the ONLY security transport and yamux as the only muxer."""
+    noise = NoiseTransport(identity.key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    return new_host(
+        key_pair=identity.key_pair,
+        sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        listen_addrs=listen_addrs,
+        negotiate_timeout=negotiate_timeout,
+        enable_mDNS=False,
+        enable_upnp=False,
+    )
