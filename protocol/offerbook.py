@@ -1,0 +1,534 @@
+"""The offer book a renter keeps: one live offer per provider, indexed for queries.
+
+Rules (specs/offerbook.md is the prose twin):
+
+- Replacement: the highest sequence number wins. An offer is validated by `validate_offer`
+  with the provider's held seq/digest and withdrawal watermark, so a lower seq is IGNOREd
+  (`stale_seq`), a second different offer under the held seq is REJECTed (`equivocation`).
+- Withdrawal: removes the held offer if its seq <= the withdrawal's, and leaves a watermark
+  that blocks every seq <= it until no offer signed before the withdrawal can still be live
+  (withdrawal created_ms + offer_max_lifetime_ms + clock_skew_ms).
+- Expiry: an offer leaves the book once `now_ms > expires_ms + clock_skew_ms`, exactly when
+  `validate_offer` would start ignoring it as expired. A heap by deadline, cleaned lazily;
+  `next_deadline()` says when to call `expire` next.
+- Caps: at most `params.book_max_providers` offers and as many withdrawal watermarks. When the
+  book is full, a new provider's offer displaces the held offer of lowest (score, expiry) only
+  if its own (score, expiry) is higher; otherwise it is IGNOREd with `book_full`. Providers with
+  a track record (score above the unknown 0.5) are never pushed out by fresh identities, which
+  cost an attacker nothing to make; among equals the offer that would expire first goes.
+
+Indexes: entries are grouped in buckets by every low-cardinality fact a query can filter on
+(model tokens, GPU count, VRAM, region, CUDA, compute capability, token, chain); a query decides
+each bucket once, then takes a price range from the bucket, which is kept sorted by price. A
+global index by (score, expiry) serves score filters and sorts, and the eviction policy.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from itertools import islice
+from typing import Any
+
+from .encoding import decode
+from .errors import Ignore, LocalProtocolError
+from .messages import Offer, OfferWithdrawal
+from .params import Params
+from .query import DEFAULT_SORT, PRICE_SCALE, Query, Sort, Term, parse_query, parse_sort, price_bounds
+from .validation import BindingCache, validate_offer, validate_withdrawal
+
+UNKNOWN_SCORE = 0.5
+OFFER_ID_LEN = 12
+# Every canonical Offer starts with: fixarray(11), type 1, version 1, bin8(32) provider key.
+_OFFER_PREFIX = b"\x9b\x01\x01\xc4\x20"
+_WITHDRAWAL_PREFIX = b"\x96\x02\x01\xc4\x20"  # fixarray(6), type 2, version 1, bin8(32)
+_VENDOR_WORDS = frozenset({"NVIDIA", "AMD", "INTEL", "GEFORCE", "TESLA", "QUADRO"})
+_NON_ALNUM = re.compile(r"[^A-Z0-9]+")
+
+
+def model_token(name: str) -> str:
+    """Normalise an NVML model name to a query token: upper-case, every run of characters other
+    than A-Z and 0-9 becomes one `_`, leading vendor/brand words (NVIDIA, AMD, INTEL, GEFORCE,
+    TESLA, QUADRO) are dropped. "NVIDIA GeForce RTX 4090" -> "RTX_4090",
+    "NVIDIA A100-SXM4-80GB" -> "A100_SXM4_80GB". A name of only vendor words keeps them."""
+    words = [w for w in _NON_ALNUM.split(name.upper()) if w]
+    i = 0
+    while i < len(words) - 1 and words[i] in _VENDOR_WORDS:
+        i += 1
+    return "_".join(words[i:]) or "UNKNOWN"
+
+
+def vram_gib(vram_mib: int) -> int:
+    """VRAM in whole GiB, rounded half up: NVML's 24564 MiB for an RTX 4090 is 24 GiB."""
+    return (vram_mib + 512) // 1024
+
+
+class Entry:
+    """One live offer with the facts queries use, derived once at insertion. The decoded
+    `Offer` is not kept (memory): `offer` decodes the held wire bytes again on demand."""
+
+    __slots__ = (
+        "data", "digest", "offer_id", "provider", "seq", "expires_ms", "models", "gpu_count",
+        "vram_mib", "vram_gib", "region", "cuda_version", "cc", "token_symbol", "chain_id",
+        "token_decimals", "price_per_gpu_hour", "price_key", "score", "bucket", "_pkey", "_skey",
+    )
+
+    def __init__(self, offer: Offer, data: bytes, digest: bytes, score: float) -> None:
+        gpus = offer.gpus
+        terms = offer.terms
+        self.data = data
+        self.digest = digest
+        self.offer_id = digest.hex()[:OFFER_ID_LEN]
+        self.provider = offer.provider
+        self.seq = offer.seq
+        self.expires_ms = offer.expires_ms
+        self.models: tuple[str, ...] = tuple(sorted({model_token(g.model) for g in gpus}))
+        self.gpu_count = len(gpus)
+        self.vram_mib = min(g.vram_mib for g in gpus)
+        self.vram_gib = vram_gib(self.vram_mib)
+        self.region = offer.host.region
+        self.cuda_version = min(g.cuda_version for g in gpus)
+        self.cc = min((g.cc_major, g.cc_minor) for g in gpus)
+        self.token_symbol = terms.token_symbol
+        self.chain_id = terms.chain_id
+        self.token_decimals = terms.token_decimals
+        self.price_per_gpu_hour = terms.price_per_gpu_second * 3600  # smallest token unit
+        # Comparable across tokens of different decimals (validation caps decimals at 36).
+        self.price_key = self.price_per_gpu_hour * 10 ** (PRICE_SCALE - terms.token_decimals)
+        self.score = score
+        self.bucket: _Bucket | None = None
+        self._pkey = (self.price_key, digest)
+        self._skey = (score, self.expires_ms, digest)
+
+    @property
+    def offer(self) -> Offer:
+        offer = decode(self.data, Offer)
+        assert isinstance(offer, Offer)
+        return offer
+
+    def price_per_gpu_hour_tokens(self) -> Decimal:
+        """Price per GPU-hour in whole token units, exact."""
+        return Decimal(self.price_per_gpu_hour).scaleb(-self.token_decimals)
+
+    def bucket_key(self) -> tuple:
+        return (self.models, self.gpu_count, self.vram_gib, self.region, self.cuda_version,
+                self.cc, self.token_symbol, self.chain_id)
+
+    def __repr__(self) -> str:
+        return (f"Entry({self.offer_id} {'+'.join(self.models)} x{self.gpu_count} "
+                f"{self.price_per_gpu_hour_tokens()} {self.token_symbol}/GPU-h {self.region})")
+
+
+# Bucket-level facts, in bucket_key order, as (query field, entry attribute).
+_BUCKET_FIELDS = ("gpu", "count", "vram", "region", "cuda", "cc", "token", "chain")
+_ENTRY_ONLY_FIELDS = frozenset({"price", "score"})
+
+
+class _SortedList:
+    """A list of unique, totally ordered keys with a value each, kept sorted in chunks so an
+    insertion moves at most a chunk (the idea of sortedcontainers.SortedList, cut down)."""
+
+    __slots__ = ("_keys", "_vals", "_maxes", "_len")
+    CHUNK = 512
+
+    def __init__(self) -> None:
+        self._keys: list[list] = []
+        self._vals: list[list] = []
+        self._maxes: list = []
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def add(self, key: Any, value: Any) -> None:
+        maxes = self._maxes
+        self._len += 1
+        if not maxes:
+            self._keys.append([key])
+            self._vals.append([value])
+            maxes.append(key)
+            return
+        i = bisect_left(maxes, key)
+        if i == len(maxes):
+            i -= 1
+            keys, vals = self._keys[i], self._vals[i]
+            keys.append(key)
+            vals.append(value)
+            maxes[i] = key
+        else:
+            keys, vals = self._keys[i], self._vals[i]
+            j = bisect_left(keys, key)
+            keys.insert(j, key)
+            vals.insert(j, value)
+        if len(keys) > 2 * self.CHUNK:
+            half = self.CHUNK
+            self._keys[i:i + 1] = [keys[:half], keys[half:]]
+            self._vals[i:i + 1] = [vals[:half], vals[half:]]
+            maxes[i:i + 1] = [keys[half - 1], keys[-1]]
+
+    def remove(self, key: Any) -> None:
+        maxes = self._maxes
+        i = bisect_left(maxes, key)
+        if i == len(maxes):
+            raise KeyError(key)
+        keys = self._keys[i]
+        j = bisect_left(keys, key)
+        if keys[j] != key:
+            raise KeyError(key)
+        del keys[j]
+        del self._vals[i][j]
+        self._len -= 1
+        if not keys:
+            del self._keys[i], self._vals[i], maxes[i]
+        elif j == len(keys):
+            maxes[i] = keys[-1]
+
+    def first(self) -> Any:
+        return self._vals[0][0]
+
+    def _pos(self, key: Any) -> tuple[int, int]:
+        """Chunk and index of the first key >= `key` (None: the start)."""
+        if key is None:
+            return 0, 0
+        i = bisect_left(self._maxes, key)
+        if i == len(self._maxes):
+            return i, 0
+        return i, bisect_left(self._keys[i], key)
+
+    def slices(self, lo: Any = None, hi: Any = None) -> list[list]:
+        """The values with lo <= key < hi, as a list of lists in key order."""
+        i, j = self._pos(lo)
+        k, m = (len(self._maxes), 0) if hi is None else self._pos(hi)
+        vals = self._vals
+        if (i, j) >= (k, m):
+            return []
+        if i == k:
+            return [vals[i][j:m]]
+        out = [vals[i][j:] if j else vals[i]]
+        out.extend(vals[i + 1:k])
+        if m:
+            out.append(vals[k][:m])
+        return out
+
+    def iter_from_top(self) -> Iterator[Any]:
+        for vals in reversed(self._vals):
+            yield from reversed(vals)
+
+
+class _Bucket:
+    """Entries that share every bucket-level fact; sorted by (price_key, digest)."""
+
+    __slots__ = ("key", "models", "gpu_count", "vram_gib", "region", "cuda_version", "cc",
+                 "token_symbol", "chain_id", "entries")
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key
+        (self.models, self.gpu_count, self.vram_gib, self.region, self.cuda_version, self.cc,
+         self.token_symbol, self.chain_id) = key
+        self.entries = _SortedList()
+
+
+class OfferBook:
+    """A renter's view of the market. Sans-I/O: callers pass `now_ms`; the node calls
+    `expire(now)` at `next_deadline()`. Errors from validation propagate unchanged."""
+
+    def __init__(
+        self,
+        params: Params,
+        *,
+        score_of: Callable[[bytes], float] | None = None,
+        bindings: BindingCache | None = None,
+        chain_ids: frozenset[int] | None = None,
+    ) -> None:
+        self.params = params
+        self.score_of = score_of or (lambda _provider: UNKNOWN_SCORE)
+        self.bindings = bindings if bindings is not None else BindingCache(params.binding_cache_size)
+        self.chain_ids = chain_ids
+        self._by_provider: dict[bytes, Entry] = {}
+        self._by_digest: dict[bytes, Entry] = {}
+        self._buckets: dict[tuple, _Bucket] = {}
+        self._by_score = _SortedList()  # (score, expires_ms, digest) -> Entry
+        self._expiry: list[tuple[int, bytes, Entry]] = []  # (deadline, digest, entry), lazy
+        self._withdrawn: dict[bytes, tuple[int, int]] = {}  # provider -> (seq, keep_until_ms)
+        self._withdrawn_heap: list[tuple[int, bytes, int]] = []  # (keep_until, provider, seq)
+
+    # ----------------------------------------------------------------------------------------
+    # Ingest
+
+    def ingest_offer(self, data: bytes, now_ms: int) -> Offer:
+        """Validate a gossiped offer against what the book holds and insert it. Raises the
+        validation error unchanged, or Ignore("book_full") when the cap refuses it."""
+        provider = data[5:37] if data[:5] == _OFFER_PREFIX else b""
+        held = self._by_provider.get(provider)
+        wd = self._withdrawn.get(provider)
+        offer, digest = validate_offer(
+            data, now_ms, self.params, self.bindings,
+            known_seq=held.seq if held else -1,
+            known_digest=held.digest if held else None,
+            withdrawn_seq=wd[0] if wd else -1,
+            chain_ids=self.chain_ids,
+        )
+        if offer.provider != provider:  # unreachable for a canonical Offer; kept as a guard
+            raise LocalProtocolError("offer_prefix", "offer layout differs from the peeked one")
+        entry = Entry(offer, data, digest, self.score_of(provider))
+        if held is not None:
+            self._remove(held)
+        elif len(self._by_provider) >= self.params.book_max_providers:
+            self._make_room(entry)
+        self._insert(entry, now_ms)
+        return offer
+
+    def ingest_withdrawal(self, data: bytes, now_ms: int) -> OfferWithdrawal:
+        """Validate a withdrawal, drop the provider's offer if it is covered, and keep a
+        watermark against replays of the withdrawn offers."""
+        provider = data[5:37] if data[:5] == _WITHDRAWAL_PREFIX else b""
+        wd = self._withdrawn.get(provider)
+        msg = validate_withdrawal(data, now_ms, self.params, withdrawn_seq=wd[0] if wd else -1)
+        if msg.provider != provider:  # unreachable for a canonical withdrawal; kept as a guard
+            raise LocalProtocolError("withdrawal_prefix", "layout differs from the peeked one")
+        held = self._by_provider.get(msg.provider)
+        if held is not None and held.seq <= msg.seq:
+            self._remove(held)
+        keep_until = msg.created_ms + self.params.offer_max_lifetime_ms + self.params.clock_skew_ms
+        if msg.provider not in self._withdrawn:
+            while len(self._withdrawn) >= self.params.book_max_providers:
+                self._drop_oldest_watermark()
+        self._withdrawn[msg.provider] = (msg.seq, keep_until)
+        heapq.heappush(self._withdrawn_heap, (keep_until, msg.provider, msg.seq))
+        return msg
+
+    def _make_room(self, newcomer: Entry) -> None:
+        if not len(self._by_score):
+            raise Ignore("book_full", "offer book holds no offers at all (cap 0)")
+        weakest: Entry = self._by_score.first()
+        if (newcomer.score, newcomer.expires_ms) <= (weakest.score, weakest.expires_ms):
+            raise Ignore("book_full", "offer book full and this offer ranks below every held one")
+        self._remove(weakest)
+
+    def _drop_oldest_watermark(self) -> None:
+        while True:
+            until, provider, seq = heapq.heappop(self._withdrawn_heap)
+            if self._withdrawn.get(provider) == (seq, until):
+                del self._withdrawn[provider]
+                return
+
+    # ----------------------------------------------------------------------------------------
+    # Time
+
+    def expire(self, now_ms: int) -> list[Entry]:
+        """Evict every offer with now_ms > expires_ms + clock_skew_ms and every watermark past
+        its keep time. Returns the evicted entries."""
+        out = []
+        heap = self._expiry
+        while heap and heap[0][0] <= now_ms:
+            _, digest, entry = heapq.heappop(heap)
+            if self._by_digest.get(digest) is entry:
+                self._remove(entry)
+                out.append(entry)
+        wheap = self._withdrawn_heap
+        while wheap and wheap[0][0] < now_ms:
+            until, provider, seq = heapq.heappop(wheap)
+            if self._withdrawn.get(provider) == (seq, until):
+                del self._withdrawn[provider]
+        return out
+
+    def next_deadline(self) -> int | None:
+        """The earliest now_ms at which `expire` has something to do (None: nothing held)."""
+        heap = self._expiry
+        while heap and self._by_digest.get(heap[0][1]) is not heap[0][2]:
+            heapq.heappop(heap)
+        wheap = self._withdrawn_heap
+        while wheap and self._withdrawn.get(wheap[0][1]) != (wheap[0][2], wheap[0][0]):
+            heapq.heappop(wheap)
+        times = []
+        if heap:
+            times.append(heap[0][0])
+        if wheap:
+            times.append(wheap[0][0] + 1)
+        return min(times) if times else None
+
+    # ----------------------------------------------------------------------------------------
+    # Bookkeeping
+
+    def _insert(self, entry: Entry, now_ms: int) -> None:
+        self._by_provider[entry.provider] = entry
+        self._by_digest[entry.digest] = entry
+        key = entry.bucket_key()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(key)
+        entry.bucket = bucket
+        bucket.entries.add(entry._pkey, entry)
+        self._by_score.add(entry._skey, entry)
+        heap = self._expiry
+        heapq.heappush(heap, (entry.expires_ms + self.params.clock_skew_ms + 1, entry.digest, entry))
+        if len(heap) > 2 * len(self._by_digest) + 1024:  # replaced offers pile up: compact
+            self._expiry = [x for x in heap if self._by_digest.get(x[1]) is x[2]]
+            heapq.heapify(self._expiry)
+
+    def _remove(self, entry: Entry) -> None:
+        del self._by_provider[entry.provider]
+        del self._by_digest[entry.digest]
+        bucket = entry.bucket
+        assert bucket is not None
+        bucket.entries.remove(entry._pkey)
+        if not len(bucket.entries):
+            del self._buckets[bucket.key]
+        self._by_score.remove(entry._skey)
+        entry.bucket = None
+
+    def rescore(self, provider: bytes | None = None) -> None:
+        """Read scores again from `score_of` (all providers, or one)."""
+        entries = list(self._by_provider.values()) if provider is None else [
+            e for e in (self._by_provider.get(provider),) if e is not None]
+        for e in entries:
+            score = self.score_of(e.provider)
+            if score != e.score:
+                self._by_score.remove(e._skey)
+                e.score = score
+                e._skey = (score, e.expires_ms, e.digest)
+                self._by_score.add(e._skey, e)
+
+    # ----------------------------------------------------------------------------------------
+    # Reading
+
+    def __len__(self) -> int:
+        return len(self._by_provider)
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(list(self._by_provider.values()))
+
+    def watermarks(self) -> int:
+        return len(self._withdrawn)
+
+    def held(self, provider: bytes) -> Entry | None:
+        return self._by_provider.get(provider)
+
+    def snapshot(self) -> list[bytes]:
+        """The wire bytes of every live offer (re-served to joining peers as they came)."""
+        return [e.data for e in self._by_provider.values()]
+
+    def get(self, offer_id: str) -> Entry:
+        """Resolve a display id or any unique prefix of the digest in hex."""
+        prefix = offer_id.strip().lower()
+        if not prefix or not re.fullmatch(r"[0-9a-f]+", prefix):
+            raise LocalProtocolError("bad_offer_id", f"offer id {offer_id!r} is not hex")
+        if len(prefix) == 64:
+            entry = self._by_digest.get(bytes.fromhex(prefix))
+            found = [entry] if entry else []
+        else:
+            found = [e for e in self._by_digest.values() if e.digest.hex().startswith(prefix)]
+        if not found:
+            raise LocalProtocolError("unknown_offer", f"no offer with id {offer_id!r}")
+        if len(found) > 1:
+            ids = ", ".join(sorted(e.digest.hex()[:len(prefix) + 4] for e in found[:5]))
+            raise LocalProtocolError(
+                "ambiguous_offer", f"offer id {offer_id!r} matches {len(found)} offers ({ids}"
+                f"{', ...' if len(found) > 5 else ''}): give more characters")
+        return found[0]
+
+    # ----------------------------------------------------------------------------------------
+    # Queries
+
+    def query(self, query: str | Query = "", sort: str | Sort | None = None,
+              limit: int | None = None) -> list[Entry]:
+        """Entries matching every term, in `sort` order (default: price ascending), at most
+        `limit` of them. Raises QueryError for a malformed query or sort."""
+        q = parse_query(query) if isinstance(query, str) else query
+        s = sort if isinstance(sort, Sort) else parse_sort(sort)
+        if limit is not None and limit < 0:
+            raise LocalProtocolError("bad_argument", "limit must be >= 0")
+        if limit == 0:
+            return []
+        bucket_terms = [t for t in q.terms if t.field not in _ENTRY_ONLY_FIELDS]
+        price_ne = [t for t in q.terms if t.field == "price" and t.op == "!="]
+        score_terms = [t for t in q.terms if t.field == "score"]
+        lo, hi = price_bounds(q.terms)
+        if lo is not None and hi is not None and lo >= hi:
+            return []
+        lo_key = None if lo is None else (lo,)
+        hi_key = None if hi is None else (hi,)
+
+        buckets = [b for b in self._buckets.values() if _bucket_ok(b, bucket_terms)]
+        slices = [sl for b in buckets for sl in b.entries.slices(lo_key, hi_key)]
+        n_candidates = sum(map(len, slices))
+        residual = _residual(price_ne + score_terms)
+
+        if s.field == "score" and limit is not None and n_candidates > 8 * limit + 256:
+            return self._query_by_score(buckets, lo, hi, residual, s, limit)
+        if s == DEFAULT_SORT and limit is not None:
+            streams = [_chain(b.entries.slices(lo_key, hi_key)) for b in buckets]
+            merged = heapq.merge(*streams, key=_pkey)
+            if residual is not None:
+                merged = filter(residual, merged)
+            return list(islice(merged, limit))
+        out: list[Entry] = []
+        if residual is None:
+            for sl in slices:
+                out.extend(sl)
+        else:
+            for sl in slices:
+                out.extend(filter(residual, sl))
+        key = s.key()
+        if limit is not None and len(out) > 4 * limit:
+            return heapq.nsmallest(limit, out, key=key)
+        out.sort(key=key)
+        return out if limit is None else out[:limit]
+
+    def _query_by_score(self, buckets: list[_Bucket], lo: int | None, hi: int | None,
+                        residual: Callable[[Entry], bool] | None, s: Sort,
+                        limit: int) -> list[Entry]:
+        # Walk the score index in the asked direction; stop once `limit` matches are found and
+        # the score has moved past the last of them (ties are then ordered by the sort key).
+        chosen = {id(b) for b in buckets}
+        walk = self._by_score.iter_from_top() if s.descending else _chain(self._by_score.slices())
+        found: list[Entry] = []
+        for e in walk:
+            if len(found) >= limit and e.score != found[-1].score:
+                break
+            if id(e.bucket) not in chosen:
+                continue
+            if (lo is not None and e.price_key < lo) or (hi is not None and e.price_key >= hi):
+                continue
+            if residual is not None and not residual(e):
+                continue
+            found.append(e)
+        found.sort(key=s.key())
+        return found[:limit]
+
+
+def _pkey(e: Entry) -> tuple:
+    return e._pkey
+
+
+def _chain(slices: list[list]) -> Iterator[Entry]:
+    for sl in slices:
+        yield from sl
+
+
+_BUCKET_ATTR = {"gpu": "models", "count": "gpu_count", "vram": "vram_gib", "region": "region",
+                "cuda": "cuda_version", "cc": "cc", "token": "token_symbol", "chain": "chain_id"}
+
+
+def _bucket_ok(bucket: _Bucket, terms: list[Term]) -> bool:
+    for t in terms:
+        if not t.test(getattr(bucket, _BUCKET_ATTR[t.field])):
+            return False
+    return True
+
+
+def _residual(terms: list[Term]) -> Callable[[Entry], bool] | None:
+    if not terms:
+        return None
+    checks = [(t.test, t.attr) for t in terms]
+
+    def ok(e: Entry) -> bool:
+        for test, attr in checks:
+            if not test(getattr(e, attr)):
+                return False
+        return True
+
+    return ok

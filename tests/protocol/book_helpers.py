@@ -1,0 +1,44 @@
+"""Signed offers with chosen facts for offer-book and query tests (providers are cached: a
+binding costs an EIP-712 signature to make and an ecrecover to verify)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+
+from protocol.messages import OfferWithdrawal
+from protocol.samples import GPU_MODELS, make_offer, make_provider
+
+NOW = 1_800_000_000_000
+
+
+@functools.cache
+def provider(i: int):
+    return make_provider(random.Random(f"provider-{i}"))
+
+
+def offer(i: int, *, seq: int = 1, now: int = NOW, model=GPU_MODELS[0], count: int = 1,
+          region: str = "eu-frankfurt", price_per_gpu_second: int = 100, symbol: str = "USDC",
+          decimals: int = 6, cuda: int = 12040, mixed_with=None, lifetime_ms: int = 3_600_000,
+          chain_id: int = 31337):
+    peer, _, binding = provider(i)
+    o = make_offer(peer, binding, random.Random(i * 1000 + seq), now, seq=seq, model=model,
+                   gpu_count=count, region=region, price_per_gpu_second=price_per_gpu_second,
+                   lifetime_ms=lifetime_ms)
+    gpus = tuple(dataclasses.replace(g, cuda_version=cuda) for g in o.gpus)
+    if mixed_with is not None:
+        gpus = gpus[:-1] + (dataclasses.replace(gpus[-1], model=mixed_with.name,
+                                                vram_mib=mixed_with.vram_mib),)
+    terms = dataclasses.replace(o.terms, token_symbol=symbol, token_decimals=decimals)
+    return dataclasses.replace(o, gpus=gpus, terms=terms).sign(peer)
+
+
+def withdrawal(i: int, seq: int, created_ms: int = NOW) -> bytes:
+    peer, _, _ = provider(i)
+    return OfferWithdrawal(provider=peer.public, seq=seq, created_ms=created_ms).sign(peer).encode()
+
+
+def per_hour_to_per_second(units_per_hour: int) -> int:
+    assert units_per_hour % 3600 == 0
+    return units_per_hour // 3600
