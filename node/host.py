@@ -47,7 +47,7 @@ REJECT therefore costs the forwarder about 7.5 minutes of negative score. No pos
   its GRAFTs are refused. 0.8.1's heartbeat does not do this itself (it only replaces the worst
   peer when a better one is idle), so :class:`ScoredGossipSub` adds it, following the gossipsub
   v1.1 spec.
-* score < -10 (gossip_threshold): no IHAVE/IWANT with it.
+* score < -10 (gossip_threshold): we send it no IHAVE gossip.
 * score < -50 (publish_threshold): its messages are dropped before validation (saves CPU under a
   flood) and we stop forwarding to it.
 * score < -80 (graylist_threshold): GRAFT refused (already true below 0).
