@@ -10,7 +10,7 @@ from protocol.settlement import (
     ARBITRATION_TIMEOUT_S, EscrowModel, Payout, arbitration_payout, claim_payout, recover_payout,
 )
 
-from rental_fixtures import make_agreement
+from tests.rental_fixtures import make_agreement
 
 ARBITER = b"\xab" * 20
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from book_helpers import NOW, offer, provider, withdrawal
+from tests.protocol.book_helpers import NOW, offer, provider, withdrawal
 from protocol.errors import Ignore, LocalProtocolError, Reject
 from protocol.offerbook import OfferBook, model_token, vram_gib
 from protocol.params import Params
