@@ -1,0 +1,184 @@
+"""Negotiation over real libp2p streams on 127.0.0.1: provider desks and a renter."""
+
+import random
+
+import trio
+
+from node.host import GossipHost, HostConfig
+from node.identity import NodeIdentity
+from node.negotiate import (
+    NEGOTIATE_PROTOCOL,
+    Candidate,
+    Capacity,
+    ProviderDesk,
+    negotiate_first,
+)
+from node.reqresp import write_frame
+from protocol.agreement import verify_consent
+from protocol.identity import PeerKey
+from protocol.messages import Binding, digest
+from protocol.negotiation import Reason, State, escrow_domain
+from protocol.params import Params
+from protocol.samples import make_offer
+from libp2p.custom_types import TProtocol
+
+PARAMS = Params(negotiation_step_timeout_ms=2000)
+CONFIG = HostConfig(listen_addrs=("/ip4/127.0.0.1/tcp/0",))
+
+
+class Party:
+    def __init__(self, rng: random.Random) -> None:
+        self.seed = rng.randbytes(32)
+        self.key = PeerKey(self.seed)
+        self.wallet_key = rng.randbytes(32)
+        self.binding = Binding.create(self.key, self.wallet_key, 31337)
+        self.host = GossipHost(NodeIdentity.from_seed(self.seed), CONFIG)
+
+
+def provider_desk(party: Party, rng: random.Random, *, gpu_count=2, price=100):
+    offer = make_offer(party.key, party.binding, rng, int(trio.current_time() * 0) + 1_000,
+                       gpu_count=gpu_count, price_per_gpu_second=price)
+    data = offer.encode()
+    # offers are created "now" on the wall clock in the node; here fixed times are fine because
+    # the negotiation checks message times against the step deadline only.
+    capacity = Capacity([g.uuid_digest for g in offer.gpus])
+    agreed = []
+
+    async def on_agreed(machine, peer):
+        agreed.append(machine)
+
+    desk = ProviderDesk(party.host, party.key, party.wallet_key, PARAMS,
+                        lambda: (offer, digest(data)), capacity, lambda: price, on_agreed)
+    desk.install()
+    return desk, offer, digest(data), capacity, agreed
+
+
+async def start(nursery, parties):
+    for p in parties:
+        await nursery.start(p.host.run)
+
+
+async def test_negotiate__renter_and_provider_agree_on_the_same_terms():
+    rng = random.Random(1)
+    provider, renter = Party(rng), Party(rng)
+    async with trio.open_nursery() as nursery:
+        await start(nursery, [provider, renter])
+        desk, offer, d, capacity, agreed = provider_desk(provider, rng)
+        await renter.host.connect(provider.host.addrs()[0])
+        group = await negotiate_first(
+            renter.host, renter.key, renter.binding, [Candidate(offer, d)], gpu_count=1,
+            duration_s=3600, max_price_per_gpu_second=100, access_key="ssh-ed25519 AAAA test",
+            params=PARAMS, rng=rng)
+        with trio.fail_after(5):
+            while not agreed:
+                await trio.sleep(0.01)
+        winner = group.winner
+        assert winner is not None and winner.state is State.AGREED
+        assert winner.terms == agreed[0].terms
+        verify_consent(escrow_domain(offer), winner.terms, winner.consent_sig)
+        assert len(capacity.free(0)) == 1  # one of two GPUs reserved
+        nursery.cancel_scope.cancel()
+
+
+async def test_negotiate__first_agreement_wins_and_the_other_is_cancelled():
+    rng = random.Random(2)
+    cheap, dear, renter = Party(rng), Party(rng), Party(rng)
+    async with trio.open_nursery() as nursery:
+        await start(nursery, [cheap, dear, renter])
+        desk_a, offer_a, d_a, cap_a, agreed_a = provider_desk(cheap, rng, price=80)
+        # the dear provider's floor is above the renter's limit: it counters, the renter
+        # refuses, or the other agreement wins first; either way nothing stays reserved there
+        desk_b, offer_b, d_b, cap_b, agreed_b = provider_desk(dear, rng, price=500)
+        await renter.host.connect_all([cheap.host.addrs()[0], dear.host.addrs()[0]])
+        group = await negotiate_first(
+            renter.host, renter.key, renter.binding, [Candidate(offer_a, d_a), Candidate(offer_b, d_b)],
+            gpu_count=1, duration_s=3600, max_price_per_gpu_second=100, access_key="k",
+            params=PARAMS, rng=rng)
+        assert group.winner is not None and group.winner.offer.provider == cheap.key.public
+        loser = [n for n in group.negotiations.values() if n is not group.winner][0]
+        assert loser.state is State.FAILED
+        assert agreed_b == [] and len(cap_b.free(0)) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_negotiate__no_capacity_is_reported_with_its_reason():
+    rng = random.Random(3)
+    provider, renter = Party(rng), Party(rng)
+    async with trio.open_nursery() as nursery:
+        await start(nursery, [provider, renter])
+        desk, offer, d, capacity, agreed = provider_desk(provider, rng, gpu_count=1)
+        capacity.reserve(b"\x01" * 32, [offer.gpus[0].uuid_digest], until_ms=None)
+        await renter.host.connect(provider.host.addrs()[0])
+        group = await negotiate_first(
+            renter.host, renter.key, renter.binding, [Candidate(offer, d)], gpu_count=1,
+            duration_s=3600, max_price_per_gpu_second=100, access_key="k", params=PARAMS, rng=rng)
+        (machine,) = group.negotiations.values()
+        assert group.winner is None and machine.failure.reason == Reason.NO_CAPACITY
+        nursery.cancel_scope.cancel()
+
+
+async def test_negotiate__garbage_from_a_peer_fails_that_stream_only():
+    rng = random.Random(4)
+    provider, attacker, renter = Party(rng), Party(rng), Party(rng)
+    async with trio.open_nursery() as nursery:
+        await start(nursery, [provider, attacker, renter])
+        desk, offer, d, capacity, agreed = provider_desk(provider, rng)
+        await attacker.host.connect(provider.host.addrs()[0])
+        stream = await attacker.host.host.new_stream(provider.host.peer_id, [TProtocol(NEGOTIATE_PROTOCOL)])
+        await write_frame(stream, b"\xc1not msgpack")
+        with trio.fail_after(5):
+            while desk.stats.outcomes.get("INVALID_MESSAGE", 0) == 0:
+                await trio.sleep(0.01)
+        await renter.host.connect(provider.host.addrs()[0])
+        group = await negotiate_first(
+            renter.host, renter.key, renter.binding, [Candidate(offer, d)], gpu_count=2,
+            duration_s=3600, max_price_per_gpu_second=100, access_key="k", params=PARAMS, rng=rng)
+        assert group.winner is not None
+        nursery.cancel_scope.cancel()
+
+
+async def test_negotiate__silent_provider_times_out_at_the_step_deadline():
+    rng = random.Random(5)
+    provider, renter = Party(rng), Party(rng)
+    async with trio.open_nursery() as nursery:
+        await start(nursery, [provider, renter])
+        offer = make_offer(provider.key, provider.binding, rng, 1000)
+
+        async def silent(stream):
+            await trio.sleep(30)
+
+        provider.host.host.set_stream_handler(TProtocol(NEGOTIATE_PROTOCOL), silent)
+        await renter.host.connect(provider.host.addrs()[0])
+        t0 = trio.current_time()
+        group = await negotiate_first(
+            renter.host, renter.key, renter.binding, [Candidate(offer, digest(offer.encode()))],
+            gpu_count=1, duration_s=3600, max_price_per_gpu_second=10**6, access_key="k",
+            params=PARAMS, rng=rng)
+        (machine,) = group.negotiations.values()
+        assert machine.failure.reason == Reason.TIMEOUT
+        assert trio.current_time() - t0 < PARAMS.negotiation_step_timeout_ms / 1000 + 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_negotiate__two_acceptable_providers_one_wins_the_other_is_freed():
+    rng = random.Random(6)
+    a, b, renter = Party(rng), Party(rng), Party(rng)
+    async with trio.open_nursery() as nursery:
+        await start(nursery, [a, b, renter])
+        desks = [provider_desk(p, rng, price=80) for p in (a, b)]
+        await renter.host.connect_all([a.host.addrs()[0], b.host.addrs()[0]])
+        group = await negotiate_first(
+            renter.host, renter.key, renter.binding,
+            [Candidate(desks[0][1], desks[0][2]), Candidate(desks[1][1], desks[1][2])],
+            gpu_count=2, duration_s=3600, max_price_per_gpu_second=100, access_key="k",
+            params=PARAMS, rng=rng)
+        assert group.winner is not None
+        loser = [n for n in group.negotiations.values() if n is not group.winner][0]
+        assert loser.state is State.FAILED and loser.failure.reason == Reason.CANCELLED
+        win = 0 if group.winner.offer.provider == a.key.public else 1
+        with trio.fail_after(5):
+            # the winner's provider holds both GPUs; the loser's provider frees them
+            while len(desks[1 - win][3].free(0)) != 2 or not desks[win][4]:
+                await trio.sleep(0.01)
+        assert desks[1 - win][4] == [] and desks[win][3].free(0) == ()
+        nursery.cancel_scope.cancel()
