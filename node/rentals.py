@@ -1,0 +1,315 @@
+"""Heartbeats and receipts over a long-lived libp2p stream: the driver around protocol/rental.py.
+
+Protocol `/gpumarket/rental/1` (specs/node.md): the renter opens a stream to the provider and
+sends one frame, the 32-byte agreement id; then the provider sends Heartbeat frames and the renter
+answers each good one with a UsageReceipt frame. When the stream drops, the renter dials again
+and sends the agreement id again; the provider attaches the new stream to the running session.
+Neither state machine depends on the stream: heartbeats sent while no stream is attached are
+stored (and lost to the renter, who then pays nothing for the gap), exactly as the protocol's
+acked-seconds rule expects.
+
+Effects are carried out strictly in order, so a Store (heartbeat or receipt into SQLite) is
+committed before the Send that follows it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from protocol.agreement import AgreementTerms
+from protocol.effects import Effect, EscrowCall, Report, Send, StartService, StopService, Store
+from protocol.messages import AgreementDetails, Heartbeat, UsageReceipt, digest
+from protocol.rental import ProviderRental, RenterRental
+
+from .host import GossipHost
+from .reqresp import PeerClosed, ReadTimeout, ReqRespError, read_frame, write_frame
+
+log = logging.getLogger(__name__)
+
+RENTAL_PROTOCOL = "/gpumarket/rental/1"
+MAX_RENTAL_FRAME = 4096  # the largest rental message (Heartbeat) is 4 KiB
+HELLO_TIMEOUT_S = 10.0  # the renter must name the agreement this soon after opening the stream
+RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class EscrowPort(Protocol):
+    """What a rental needs from the chain (implemented over the chain client)."""
+
+    async def started_s(self, terms: AgreementTerms) -> int | None:
+        """Block time the agreement was opened at, or None if it is not open on chain."""
+
+    async def execute(self, call: EscrowCall, terms: AgreementTerms) -> None:
+        """Carry out claim / close / recover for `terms`."""
+
+
+class RecordStore(Protocol):
+    """The part of node.store.Store a rental writes to."""
+
+    async def put_heartbeat(self, agreement_id: bytes, seq: int, raw: bytes, hash: bytes,
+                            received_at: float) -> bool: ...
+
+    async def put_receipt(self, agreement_id: bytes, acked_seconds: int, raw: bytes,
+                          now: float) -> bool: ...
+
+
+@dataclass
+class SessionLog:
+    """What a session did, for the CLI, the demo and tests."""
+
+    reports: list[Report] = field(default_factory=list)
+    escrow_calls: list[EscrowCall] = field(default_factory=list)
+    heartbeats: int = 0
+    receipts: int = 0
+    reconnects: int = 0
+
+
+class _Session:
+    """Runs one rental machine: a timer task plus the frames of the attached stream."""
+
+    def __init__(self, machine: ProviderRental | RenterRental, terms: AgreementTerms,
+                 details: AgreementDetails, escrow: EscrowPort, store: RecordStore | None,
+                 clock: Callable[[], int]) -> None:
+        self.machine = machine
+        self.terms = terms
+        self.details = details
+        self.agreement_id = terms.agreement_id()
+        self.escrow = escrow
+        self.store = store
+        self.clock = clock
+        self.log = SessionLog()
+        self.stream: INetStream | None = None
+        self._wake = trio.Event()  # set when something may have moved the next deadline
+        self._lock = trio.Lock()  # effects of the timer and of frames must not interleave
+        self.done = trio.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self.machine.state == type(self.machine).DONE
+
+    async def carry_out(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Store):
+                await self._store(effect)
+            elif isinstance(effect, Send):
+                await self._send(effect)
+            elif isinstance(effect, EscrowCall):
+                self.log.escrow_calls.append(effect)
+                try:
+                    await self.escrow.execute(effect, self.terms)
+                except Exception as exc:  # the chain said no: keep the session, report it
+                    log.warning("escrow %s for %s failed: %s", effect.method,
+                                self.agreement_id.hex()[:12], exc)
+                    self.log.reports.append(Report("escrow_call_failed",
+                                                   {"method": effect.method, "error": str(exc)}))
+            elif isinstance(effect, Report):
+                self.log.reports.append(effect)
+                log.info("rental %s: %s %s", self.agreement_id.hex()[:12], effect.event, effect.detail)
+            else:
+                await self.on_service(effect)
+        self._wake.set()
+        if self.finished:
+            self.done.set()
+
+    async def on_service(self, effect: Effect) -> None:
+        """StartService / StopService: the provider's business (see ProviderSession)."""
+
+    async def _store(self, effect: Store) -> None:
+        msg = effect.message
+        if isinstance(msg, Heartbeat):
+            self.log.heartbeats += 1
+            if self.store is not None:
+                raw = msg.encode()
+                await self.store.put_heartbeat(effect.agreement_id, msg.seq, raw, digest(raw),
+                                               self.clock() / 1000)
+        elif isinstance(msg, UsageReceipt):
+            self.log.receipts += 1
+            if self.store is not None:
+                await self.store.put_receipt(effect.agreement_id, msg.acked_seconds, msg.encode(),
+                                             self.clock() / 1000)
+
+    async def _send(self, effect: Send) -> None:
+        stream = self.stream
+        if stream is None:
+            return  # no stream right now: the message is stored; the peer will miss it
+        try:
+            await write_frame(stream, effect.message.encode(), max_frame=MAX_RENTAL_FRAME)
+        except PeerClosed:
+            self.stream = None
+
+    async def run_timers(self) -> None:
+        while not self.finished:
+            deadline = self.machine.next_deadline()
+            self._wake = trio.Event()
+            if deadline is None:
+                await self._wake.wait()
+                continue
+            delay = (deadline - self.clock()) / 1000
+            if delay > 0:
+                with trio.move_on_after(delay):
+                    await self._wake.wait()
+                    continue  # woken early: recompute the deadline
+            async with self._lock:
+                await self.carry_out(self._timer_effects(max(self.clock(), deadline)))
+        self.done.set()
+
+    def _timer_effects(self, now: int) -> list[Effect]:
+        return self.machine.on_timer(now)
+
+    async def feed(self, data: bytes) -> None:
+        async with self._lock:
+            await self.carry_out(self.machine.receive(data, self.clock()))
+
+
+class ProviderSession(_Session):
+    """The provider's side: heartbeats on a schedule, receipts from whichever stream is attached."""
+
+    def __init__(self, machine: ProviderRental, terms: AgreementTerms, details: AgreementDetails,
+                 escrow: EscrowPort, store: RecordStore | None, clock: Callable[[], int],
+                 metrics: Callable[[], Any] | None,
+                 service: Callable[[Effect], Awaitable[None]] | None) -> None:
+        super().__init__(machine, terms, details, escrow, store, clock)
+        self.metrics = metrics
+        self.service = service
+
+    def _timer_effects(self, now: int) -> list[Effect]:
+        if self.metrics is not None:
+            try:
+                snapshot = self.metrics()
+                if snapshot is not None:
+                    self.machine.set_metrics(snapshot)  # type: ignore[union-attr]
+            except Exception as exc:  # NVML hiccup: send the last snapshot
+                log.warning("GPU metrics failed: %s", exc)
+        return self.machine.on_timer(now)
+
+    async def on_service(self, effect: Effect) -> None:
+        if self.service is not None:
+            await self.service(effect)
+
+    async def serve_stream(self, stream: INetStream) -> None:
+        """Attach a renter stream and read its receipts until it ends."""
+        old, self.stream = self.stream, stream
+        if old is not None:
+            self.log.reconnects += 1
+            with trio.move_on_after(1):
+                try:
+                    await old.close()
+                except Exception:
+                    pass
+        idle = (self.terms.heartbeat_interval * 1000 * 4) / 1000 + 5
+        while not self.finished and self.stream is stream:
+            try:
+                data = await read_frame(stream, max_frame=MAX_RENTAL_FRAME, timeout=idle)
+            except ReqRespError:
+                break
+            await self.feed(data)
+        if self.stream is stream:
+            self.stream = None
+
+
+class RenterSession(_Session):
+    """The renter's side: keeps a stream to the provider open, answers heartbeats."""
+
+    async def run_connection(self, host: GossipHost, provider: ID) -> None:
+        attempt = 0
+        while not self.finished:
+            try:
+                with trio.fail_after(10):
+                    stream = await host.host.new_stream(provider, [TProtocol(RENTAL_PROTOCOL)])
+                await write_frame(stream, self.agreement_id, max_frame=MAX_RENTAL_FRAME)
+            except Exception as exc:
+                delay = RECONNECT_BACKOFF_S[min(attempt, len(RECONNECT_BACKOFF_S) - 1)]
+                attempt += 1
+                log.info("rental %s: provider unreachable (%r), retry in %.1fs",
+                         self.agreement_id.hex()[:12], exc, delay)
+                with trio.move_on_after(delay):
+                    await self.done.wait()
+                continue
+            if attempt or self.log.reconnects or self.log.heartbeats:
+                self.log.reconnects += 1
+            attempt = 0
+            self.stream = stream
+            idle = self.terms.heartbeat_interval * 2 + 5
+            try:
+                while not self.finished:
+                    try:
+                        data = await read_frame(stream, max_frame=MAX_RENTAL_FRAME, timeout=idle)
+                    except ReadTimeout:
+                        break  # silent provider: redial (the machine withholds meanwhile)
+                    except ReqRespError:
+                        break
+                    await self.feed(data)
+            finally:
+                self.stream = None
+                with trio.move_on_after(1):
+                    try:
+                        await stream.close()
+                    except Exception:
+                        pass
+            if not self.finished:
+                with trio.move_on_after(RECONNECT_BACKOFF_S[0]):
+                    await self.done.wait()
+
+    async def stop(self) -> None:
+        """End early: the machine emits the escrow close."""
+        async with self._lock:
+            await self.carry_out(self.machine.stop(self.clock()))  # type: ignore[union-attr]
+
+
+class RentalDesk:
+    """Provider: answers `/gpumarket/rental/1` streams and runs one session per agreement."""
+
+    def __init__(self, host: GossipHost, nursery: trio.Nursery,
+                 start_session: Callable[[bytes], Awaitable[ProviderSession | None]]) -> None:
+        self.host = host
+        self.nursery = nursery
+        self.start_session = start_session
+        self.sessions: dict[bytes, ProviderSession] = {}
+        self.rejected: dict[str, int] = {}
+
+    def install(self) -> None:
+        self.host.host.set_stream_handler(TProtocol(RENTAL_PROTOCOL), self._on_stream)
+
+    def _count(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    async def _on_stream(self, stream: INetStream) -> None:
+        try:
+            try:
+                hello = await read_frame(stream, max_frame=64, timeout=HELLO_TIMEOUT_S)
+            except ReqRespError as exc:
+                self._count(type(exc).__name__)
+                return
+            if len(hello) != 32:
+                self._count("bad_hello")
+                return
+            session = self.sessions.get(hello)
+            if session is None:
+                session = await self.start_session(hello)
+                if session is None:
+                    self._count("unknown_agreement")
+                    return
+                self.sessions[hello] = session
+                self.nursery.start_soon(session.run_timers)
+            if session.finished:
+                self._count("rental_over")
+                return
+            await session.serve_stream(stream)
+        finally:
+            with trio.move_on_after(1):
+                try:
+                    await stream.close()
+                except Exception:
+                    pass
