@@ -1,0 +1,523 @@
+"""The rental stream: provider heartbeats, renter receipts, and when each side stops.
+
+Two sans-I/O machines, one per role, driven aioquic-style: `receive(data, now_ms)` (or
+`handle(message, now_ms)`), `on_timer(now_ms)`, `next_deadline()`, plus a few calls for what the
+driver learns elsewhere (the chain, the user). Each returns a list of effects (protocol/effects.py)
+to carry out in order. specs/heartbeat.md is the prose twin: the state tables below, the
+acked-seconds rule, the withholding policy and the loss bounds.
+
+A peer's bad message never raises and never ends a rental by itself: it is counted in
+`rejections[code]` and reported as `Report("receipt_rejected" | "heartbeat_rejected",
+{"code", "verdict", "detail"})`; `verdict` is "reject" (penalise the peer) or "ignore" (stale,
+duplicate, crossed in flight: no penalty). Misuse by the local caller raises LocalProtocolError.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Protocol, Sequence
+
+from .agreement import AgreementTerms, EscrowDomain, recover_receipt_signer, sign_receipt
+from .effects import Effect, EscrowCall, Report, Send, Store, StartService, StopService
+from .encoding import Message, decode
+from .errors import DecodeError, Ignore, LocalProtocolError, Reject, RemoteProtocolError
+from .eth import private_key_address
+from .identity import PeerKey
+from .messages import AgreementDetails, GpuMetrics, Heartbeat, UsageReceipt, digest
+from .params import DEFAULT_PARAMS, SECOND_MS, Params
+
+ZERO_HASH = b"\x00" * 32
+NONCE_LEN = 16
+MAX_LIVE_NONCES = 64  # renter: nonces issued and still acceptable (bounded memory)
+
+
+class RandomSource(Protocol):
+    """What the renter needs from a `random.Random` (protocol/ never imports `random`)."""
+
+    def randbytes(self, n: int) -> bytes: ...
+
+
+def initial_nonce(agreement_id: bytes) -> bytes:
+    """The nonce heartbeats echo before the renter's first receipt names one."""
+    return agreement_id[:NONCE_LEN]
+
+
+def heartbeat_hash(hb: Heartbeat) -> bytes:
+    """sha256 of the heartbeat's canonical wire bytes: the chain link and what receipts cite."""
+    return digest(hb.encode())
+
+
+class _Machine:
+    """Shared plumbing: the state table, rejection counting."""
+
+    TRANSITIONS: dict[tuple[str, str], str] = {}
+    state: str
+
+    def __init__(self) -> None:
+        self.rejections: Counter[str] = Counter()
+
+    def _fire(self, event: str) -> None:
+        try:
+            self.state = self.TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise LocalProtocolError(
+                "bad_transition", f"{type(self).__name__}: no transition for {event!r} in {self.state!r}"
+            ) from None
+
+    def _rejected(self, what: str, err: RemoteProtocolError) -> list[Effect]:
+        self.rejections[err.code] += 1
+        return [Report(f"{what}_rejected", {"code": err.code, "verdict": err.verdict, "detail": err.detail})]
+
+
+def _duration_ms(seconds: int) -> int:
+    return seconds * SECOND_MS
+
+
+# =============================================================================================
+# Provider
+
+
+class ProviderRental(_Machine):
+    """The provider's side of one agreement: heartbeats out, receipts in, stop and claim.
+
+    Heartbeat k is due at `started_ms + k * interval` (no drift; slots missed because the driver
+    called late are skipped, not sent in a burst). A final heartbeat goes out at the end, so the
+    last interval can be acknowledged too.
+    """
+
+    SERVING, FINISHING, DONE = "serving", "finishing", "done"
+
+    # (state, event) -> next state. Anything else is a LocalProtocolError.
+    TRANSITIONS = {
+        (SERVING, "heartbeat_due"): SERVING,            # Store + Send heartbeat
+        (SERVING, "receipt"): SERVING,                  # Store receipt, adopt nonce
+        (SERVING, "receipts_missed"): DONE,             # StopService + claim
+        (SERVING, "agreement_end"): FINISHING,          # StopService, Store + Send final heartbeat
+        (SERVING, "renter_closed"): DONE,               # StopService + claim
+        (FINISHING, "receipt"): FINISHING,              # Store receipt
+        (FINISHING, "final_receipt"): DONE,             # claim
+        (FINISHING, "final_wait_over"): DONE,           # claim
+        (FINISHING, "renter_closed"): DONE,             # claim
+    }
+
+    def __init__(
+        self,
+        terms: AgreementTerms,
+        details: AgreementDetails,
+        domain: EscrowDomain,
+        provider: PeerKey,
+        started_ms: int,
+        params: Params = DEFAULT_PARAMS,
+        metrics: Sequence[GpuMetrics] | None = None,
+    ) -> None:
+        super().__init__()
+        if provider.public != details.provider_key:
+            raise LocalProtocolError("wrong_key", "provider key is not details.provider_key")
+        if terms.details_hash != details.details_hash():
+            raise LocalProtocolError("details_mismatch", "terms.details_hash does not commit to details")
+        self.terms, self.details, self.domain, self.key, self.params = terms, details, domain, provider, params
+        self.agreement_id = terms.agreement_id()
+        self.started_ms = started_ms
+        self.interval_ms = _duration_ms(terms.heartbeat_interval)
+        self.end_ms = started_ms + _duration_ms(terms.max_seconds)
+        # Wait this long after the end for the receipt answering the final heartbeat.
+        self.final_wait_ms = min(self.interval_ms, _duration_ms(terms.grace) // 2)
+        self.state = self.SERVING
+        self.metrics: tuple[GpuMetrics, ...] = tuple(metrics) if metrics is not None else tuple(
+            GpuMetrics(uuid_digest=g, util_pct=0, mem_used_mib=0, temp_c=0, power_mw=0)
+            for g in details.gpus
+        )
+        self.sent: list[bytes] = []  # hashes of heartbeats sent, index = seq
+        self.sent_ms: list[int] = []
+        self.next_heartbeat_ms = started_ms
+        self.nonce = initial_nonce(self.agreement_id)
+        self.latest: UsageReceipt | None = None  # latest valid receipt (the one to claim with)
+        # The stop timer restarts only on a receipt that raises acked_seconds (the first
+        # receipt, acking 0, counts): a renter cannot keep the service with receipts that pay
+        # nothing more.
+        self.last_progress_ms = started_ms
+        self.progress_acked = -1
+        self.final_seq: int | None = None
+        self.stopped_ms: int | None = None  # when StopService was emitted
+
+    # -- driver inputs ---------------------------------------------------------------------
+
+    def start(self) -> list[Effect]:
+        """Effects to begin: give the renter access."""
+        return [StartService(self.agreement_id)]
+
+    def set_metrics(self, metrics: Sequence[GpuMetrics]) -> None:
+        """The GPU snapshot the next heartbeat carries (the driver polls NVML). Report what is
+        there: if an agreed GPU is gone, the renter withholds receipts, as it should."""
+        if not all(isinstance(m, GpuMetrics) for m in metrics):
+            raise LocalProtocolError("bad_argument", "metrics must be GpuMetrics")
+        self.metrics = tuple(metrics)
+
+    @property
+    def acked_seconds(self) -> int:
+        return self.latest.acked_seconds if self.latest else 0
+
+    def stop_deadline_ms(self) -> int:
+        """Stop serving once N heartbeats in a row after the last paying receipt went unanswered:
+        N intervals, plus the late tolerance for the answer to the N-th."""
+        return (self.last_progress_ms + self.params.provider_stop_after_missed_receipts * self.interval_ms
+                + self.params.heartbeat_late_tolerance_ms)
+
+    def next_deadline(self) -> int | None:
+        if self.state == self.SERVING:
+            return min(self.next_heartbeat_ms, self.stop_deadline_ms(), self.end_ms)
+        if self.state == self.FINISHING:
+            return self.end_ms + self.final_wait_ms
+        return None
+
+    def on_timer(self, now_ms: int) -> list[Effect]:
+        effects: list[Effect] = []
+        if self.state == self.SERVING:
+            if now_ms >= self.end_ms:
+                return self._end(now_ms)
+            if now_ms >= self.stop_deadline_ms():
+                self._fire("receipts_missed")
+                self.stopped_ms = now_ms
+                return [StopService(self.agreement_id, "receipts_missed"),
+                        Report("renter_stopped_paying", {"acked_seconds": self.acked_seconds}),
+                        *self._claim()]
+            if now_ms >= self.next_heartbeat_ms:
+                self._fire("heartbeat_due")
+                effects += self._heartbeat(now_ms)
+                slots = (now_ms - self.started_ms) // self.interval_ms + 1
+                self.next_heartbeat_ms = self.started_ms + slots * self.interval_ms
+        elif self.state == self.FINISHING and now_ms >= self.end_ms + self.final_wait_ms:
+            self._fire("final_wait_over")
+            effects += self._claim()
+        return effects
+
+    def escrow_closed(self, now_ms: int) -> list[Effect]:
+        """The driver saw the renter's `Closed` event: stop serving and claim now."""
+        if self.state == self.DONE:
+            return []
+        was_serving = self.state == self.SERVING
+        self._fire("renter_closed")
+        effects: list[Effect] = []
+        if was_serving:
+            self.stopped_ms = now_ms
+            effects.append(StopService(self.agreement_id, "renter_closed"))
+        return effects + self._claim()
+
+    def receive(self, data: bytes, now_ms: int) -> list[Effect]:
+        """Wire bytes from the renter's stream."""
+        try:
+            message = decode(data, UsageReceipt)
+        except DecodeError as err:
+            return self._rejected("receipt", err)
+        return self.handle(message, now_ms)
+
+    def handle(self, message: Message, now_ms: int) -> list[Effect]:
+        try:
+            receipt = self._validate(message)
+        except RemoteProtocolError as err:
+            return self._rejected("receipt", err)
+        self._fire("receipt")
+        self.latest = receipt
+        self.nonce = receipt.next_nonce
+        if receipt.acked_seconds > self.progress_acked:
+            self.progress_acked = receipt.acked_seconds
+            self.last_progress_ms = now_ms
+        effects: list[Effect] = [Store("receipt", self.agreement_id, receipt)]
+        if self.state == self.FINISHING and receipt.heartbeat_seq == self.final_seq:
+            self._fire("final_receipt")
+            effects += self._claim()
+        return effects
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _validate(self, message: Message) -> UsageReceipt:
+        """Checks in order; the first failing one decides the code (specs/heartbeat.md)."""
+        # [REJECT unexpected_message] only receipts travel renter -> provider
+        if not isinstance(message, UsageReceipt):
+            raise Reject("unexpected_message", f"{type(message).__name__} on the rental stream")
+        r = message
+        # [IGNORE rental_over] the claim is made; later receipts change nothing
+        if self.state == self.DONE:
+            raise Ignore("rental_over", "receipt after the provider settled")
+        # [REJECT wrong_agreement]
+        if r.agreement_id != self.agreement_id:
+            raise Reject("wrong_agreement", "receipt for another agreement")
+        # [REJECT bad_signature] ed25519 by details.renter_key
+        if not r.signature_valid(self.details.renter_key):
+            raise Reject("bad_signature", "receipt not signed by the renter's peer key")
+        # [REJECT unknown_heartbeat] it must answer a heartbeat this provider sent
+        if r.heartbeat_seq >= len(self.sent) or self.sent[r.heartbeat_seq] != r.heartbeat_hash:
+            raise Reject("unknown_heartbeat", f"receipt answers heartbeat {r.heartbeat_seq} we never sent")
+        # [REJECT acked_exceeds_max] the contract would refuse it
+        if r.acked_seconds > self.terms.max_seconds:
+            raise Reject("acked_exceeds_max", f"{r.acked_seconds} > max_seconds {self.terms.max_seconds}")
+        if self.latest is not None:
+            # [IGNORE stale_receipt] an older answer overtaken in flight, or a duplicate
+            if r.heartbeat_seq <= self.latest.heartbeat_seq:
+                raise Ignore("stale_receipt", f"answers heartbeat {r.heartbeat_seq}, have {self.latest.heartbeat_seq}")
+            # [REJECT acked_decreased] cumulative seconds never go down
+            if r.acked_seconds < self.latest.acked_seconds:
+                raise Reject("acked_decreased", f"{r.acked_seconds} < {self.latest.acked_seconds}")
+        # [REJECT bad_wallet_signature] EIP-712 Receipt must recover terms.renter (ecrecover last:
+        # it is the most expensive check)
+        try:
+            signer = recover_receipt_signer(self.domain, r.agreement_id, r.acked_seconds, r.wallet_sig)
+        except Reject as err:
+            raise Reject("bad_wallet_signature", err.detail) from None
+        if signer != self.terms.renter:
+            raise Reject("bad_wallet_signature", "wallet signature does not recover the renter")
+        return r
+
+    def _heartbeat(self, now_ms: int) -> list[Effect]:
+        seq = len(self.sent)
+        hb = Heartbeat(
+            agreement_id=self.agreement_id,
+            seq=seq,
+            sent_ms=now_ms,
+            nonce=self.nonce,
+            prev_hash=self.sent[-1] if self.sent else ZERO_HASH,
+            metrics=self.metrics,
+        ).sign(self.key)
+        self.sent.append(heartbeat_hash(hb))
+        self.sent_ms.append(now_ms)
+        return [Store("heartbeat", self.agreement_id, hb), Send(self.details.renter_key, hb)]
+
+    def _end(self, now_ms: int) -> list[Effect]:
+        self._fire("agreement_end")
+        self.stopped_ms = now_ms
+        self.final_seq = len(self.sent)
+        return [StopService(self.agreement_id, "agreement_end"), *self._heartbeat(now_ms)]
+
+    def _claim(self) -> list[Effect]:
+        if self.latest is None:
+            return [Report("nothing_to_claim", {"reason": "no valid receipt"})]
+        return [EscrowCall("claim", self.agreement_id, {
+            "acked_seconds": self.latest.acked_seconds,
+            "receipt_sig": self.latest.wallet_sig,
+        })]
+
+
+# =============================================================================================
+# Renter
+
+
+class RenterRental(_Machine):
+    """The renter's side of one agreement: heartbeats in, receipts out, withholding, close and
+    recover.
+
+    The acked-seconds rule (specs/heartbeat.md): the first good heartbeat starts the clock and
+    acknowledges nothing; each later good heartbeat, received at `now_ms`, acknowledges
+    `min(t - last_good_ms, interval + heartbeat_late_tolerance)` milliseconds with
+    `t = min(now_ms, end_ms)`; `acked_seconds = min(max_seconds, acked_ms // 1000)`. Time is the
+    renter's own clock: the provider's `sent_ms` is checked for sanity but never paid on.
+    """
+
+    ACTIVE, SILENT, CLOSED, ENDED, DONE = "active", "silent", "closed", "ended", "done"
+
+    TRANSITIONS = {
+        (ACTIVE, "good_heartbeat"): ACTIVE,     # Store heartbeat, Store + Send receipt
+        (SILENT, "good_heartbeat"): ACTIVE,     # ... and Report provider_resumed
+        (ACTIVE, "silence"): SILENT,            # Report provider_silent (receipts withheld anyway)
+        (SILENT, "long_silence"): CLOSED,       # EscrowCall close
+        (ACTIVE, "stop"): CLOSED,               # EscrowCall close
+        (SILENT, "stop"): CLOSED,               # EscrowCall close
+        (ACTIVE, "agreement_end"): ENDED,
+        (SILENT, "agreement_end"): ENDED,
+        (ACTIVE, "settled"): DONE,              # the provider claimed early
+        (SILENT, "settled"): DONE,
+        (CLOSED, "settled"): DONE,
+        (ENDED, "settled"): DONE,
+        (CLOSED, "recover_due"): DONE,          # EscrowCall recover
+        (ENDED, "recover_due"): DONE,           # EscrowCall recover
+    }
+
+    def __init__(
+        self,
+        terms: AgreementTerms,
+        details: AgreementDetails,
+        domain: EscrowDomain,
+        renter: PeerKey,
+        renter_wallet_key: bytes,
+        started_ms: int,
+        rng: RandomSource,
+        params: Params = DEFAULT_PARAMS,
+    ) -> None:
+        super().__init__()
+        if renter.public != details.renter_key:
+            raise LocalProtocolError("wrong_key", "renter key is not details.renter_key")
+        if private_key_address(renter_wallet_key) != terms.renter:
+            raise LocalProtocolError("wrong_key", "wallet key is not terms.renter")
+        if terms.details_hash != details.details_hash():
+            raise LocalProtocolError("details_mismatch", "terms.details_hash does not commit to details")
+        self.terms, self.details, self.domain, self.key, self.params = terms, details, domain, renter, params
+        self._wallet_key = renter_wallet_key
+        self.rng = rng
+        self.agreement_id = terms.agreement_id()
+        self.started_ms = started_ms
+        self.interval_ms = _duration_ms(terms.heartbeat_interval)
+        self.cap_ms = self.interval_ms + params.heartbeat_late_tolerance_ms
+        self.end_ms = started_ms + _duration_ms(terms.max_seconds)
+        self.grace_ms = _duration_ms(terms.grace)
+        self.silent_after_ms = params.renter_heartbeat_timeout_intervals * self.interval_ms
+        # No parameter of its own (params.py belongs to others): close once the provider would
+        # itself have stopped for missed receipts after the silence began.
+        self.close_after_ms = (params.renter_heartbeat_timeout_intervals
+                               + params.provider_stop_after_missed_receipts) * self.interval_ms
+        self.agreed_gpus = tuple(sorted(details.gpus))
+        self.state = self.ACTIVE
+        self.last_seq: int | None = None
+        self.last_hash: bytes | None = None
+        self.last_sent_ms: int | None = None
+        self.last_good_ms: int | None = None  # renter's clock, capped at end_ms
+        self.acked_ms = 0
+        self.acked_seconds = 0
+        self.nonces: list[bytes] = [initial_nonce(self.agreement_id)]
+        self.recover_at_ms: int | None = None
+        self.closed_ms: int | None = None
+
+    # -- driver inputs ---------------------------------------------------------------------
+
+    def _silence_since(self) -> int:
+        return self.last_good_ms if self.last_good_ms is not None else self.started_ms
+
+    def next_deadline(self) -> int | None:
+        if self.state == self.ACTIVE:
+            return min(self._silence_since() + self.silent_after_ms, self._end_seen_ms())
+        if self.state == self.SILENT:
+            return min(self._silence_since() + self.close_after_ms, self._end_seen_ms())
+        if self.state in (self.CLOSED, self.ENDED):
+            return self.recover_at_ms
+        return None
+
+    def _end_seen_ms(self) -> int:
+        # The final heartbeat is sent at end_ms; accept it for the late tolerance.
+        return self.end_ms + self.params.heartbeat_late_tolerance_ms
+
+    def on_timer(self, now_ms: int) -> list[Effect]:
+        if self.state in (self.ACTIVE, self.SILENT) and now_ms >= self._end_seen_ms():
+            self._fire("agreement_end")
+            self.recover_at_ms = self._recover_time(self.end_ms)
+            return [Report("agreement_ended", {"acked_seconds": self.acked_seconds})]
+        since = self._silence_since()
+        if self.state == self.ACTIVE and now_ms >= since + self.silent_after_ms:
+            self._fire("silence")
+            return [Report("provider_silent", {"since_ms": since, "acked_seconds": self.acked_seconds})]
+        if self.state == self.SILENT and now_ms >= since + self.close_after_ms:
+            self._fire("long_silence")
+            return self._close(now_ms, "provider_silent")
+        if self.state in (self.CLOSED, self.ENDED) and self.recover_at_ms is not None \
+                and now_ms >= self.recover_at_ms:
+            self._fire("recover_due")
+            return [EscrowCall("recover", self.agreement_id)]
+        return []
+
+    def stop(self, now_ms: int) -> list[Effect]:
+        """The renter ends the rental early: close the escrow (end := now on-chain)."""
+        if self.state not in (self.ACTIVE, self.SILENT):
+            raise LocalProtocolError("not_running", f"stop in state {self.state}")
+        if now_ms >= self.end_ms:
+            raise LocalProtocolError("already_ended", "the agreement has reached its end")
+        self._fire("stop")
+        return self._close(now_ms, "renter_stop")
+
+    def escrow_settled(self, now_ms: int) -> list[Effect]:
+        """The driver saw the agreement settle on-chain (claimed or finalized): nothing more to
+        do, in particular no recover."""
+        if self.state == self.DONE:
+            return []
+        self._fire("settled")
+        return [Report("settled", {"acked_seconds": self.acked_seconds})]
+
+    def receive(self, data: bytes, now_ms: int) -> list[Effect]:
+        try:
+            message = decode(data, Heartbeat)
+        except DecodeError as err:
+            return self._rejected("heartbeat", err)
+        return self.handle(message, now_ms)
+
+    def handle(self, message: Message, now_ms: int) -> list[Effect]:
+        try:
+            hb, h = self._validate(message, now_ms)
+        except RemoteProtocolError as err:
+            return self._rejected("heartbeat", err)
+        resumed = self.state == self.SILENT
+        self._fire("good_heartbeat")
+        effects: list[Effect] = [Store("heartbeat", self.agreement_id, hb)]
+        if resumed:
+            effects.append(Report("provider_resumed", {"seq": hb.seq}))
+        # Acked-seconds rule.
+        t = min(now_ms, self.end_ms)
+        if self.last_good_ms is not None:
+            self.acked_ms += min(max(0, t - self.last_good_ms), self.cap_ms)
+        self.last_good_ms = t if self.last_good_ms is None else max(self.last_good_ms, t)
+        self.acked_seconds = min(self.terms.max_seconds, self.acked_ms // SECOND_MS)
+        self.last_seq, self.last_hash, self.last_sent_ms = hb.seq, h, hb.sent_ms
+        # Nonces older than the one this heartbeat echoed can no longer be used.
+        self.nonces = self.nonces[self.nonces.index(hb.nonce):]
+        next_nonce = self.rng.randbytes(NONCE_LEN)
+        self.nonces.append(next_nonce)
+        del self.nonces[:-MAX_LIVE_NONCES]
+        receipt = UsageReceipt(
+            agreement_id=self.agreement_id,
+            acked_seconds=self.acked_seconds,
+            heartbeat_seq=hb.seq,
+            heartbeat_hash=h,
+            next_nonce=next_nonce,
+            sent_ms=now_ms,
+            wallet_sig=sign_receipt(self._wallet_key, self.domain, self.agreement_id, self.acked_seconds),
+        ).sign(self.key)
+        effects += [Store("receipt", self.agreement_id, receipt), Send(self.details.provider_key, receipt)]
+        return effects
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _validate(self, message: Message, now_ms: int) -> tuple[Heartbeat, bytes]:
+        """Checks in order; the first failing one decides the code (specs/heartbeat.md)."""
+        # [REJECT unexpected_message]
+        if not isinstance(message, Heartbeat):
+            raise Reject("unexpected_message", f"{type(message).__name__} on the rental stream")
+        hb = message
+        # [IGNORE not_running] closed, ended or settled: a heartbeat that crossed our close
+        if self.state not in (self.ACTIVE, self.SILENT):
+            raise Ignore("not_running", f"heartbeat in state {self.state}")
+        # [REJECT wrong_agreement]
+        if hb.agreement_id != self.agreement_id:
+            raise Reject("wrong_agreement", "heartbeat for another agreement")
+        # [REJECT bad_signature] ed25519 by details.provider_key
+        if not hb.signature_valid(self.details.provider_key):
+            raise Reject("bad_signature", "heartbeat not signed by the provider's peer key")
+        # [IGNORE stale_heartbeat] replayed, duplicated or overtaken: seq must grow
+        if self.last_seq is not None and hb.seq <= self.last_seq:
+            raise Ignore("stale_heartbeat", f"seq {hb.seq} <= last accepted {self.last_seq}")
+        # [REJECT broken_chain] seq 0 starts from zeros; seq last+1 links to the last accepted.
+        # A jump over lost heartbeats cannot be checked here (the evidence bundle can).
+        if hb.seq == 0 and hb.prev_hash != ZERO_HASH:
+            raise Reject("broken_chain", "heartbeat 0 must have a zero prev_hash")
+        if self.last_seq is not None and hb.seq == self.last_seq + 1 and hb.prev_hash != self.last_hash:
+            raise Reject("broken_chain", f"heartbeat {hb.seq} does not link to {self.last_seq}")
+        # [REJECT wrong_nonce] it must echo a nonce we issued, no older than the last one echoed
+        # (older ones remain valid only while our newer receipts may still be in flight/lost)
+        if hb.nonce not in self.nonces:
+            raise Reject("wrong_nonce", "heartbeat does not echo a live nonce of ours")
+        # [REJECT from_future] sent_ms beyond our clock plus the tolerated skew
+        if hb.sent_ms > now_ms + self.params.clock_skew_ms:
+            raise Reject("from_future", f"sent_ms {hb.sent_ms} > now {now_ms} + skew")
+        # [REJECT before_start] nobody serves an agreement before it opened
+        if hb.sent_ms < self.started_ms - self.params.clock_skew_ms:
+            raise Reject("before_start", f"sent_ms {hb.sent_ms} before the agreement started")
+        # [REJECT time_went_back] the provider's own clock must not run backwards
+        if self.last_sent_ms is not None and hb.sent_ms < self.last_sent_ms:
+            raise Reject("time_went_back", f"sent_ms {hb.sent_ms} < previous {self.last_sent_ms}")
+        # [REJECT gpu_mismatch] metrics list exactly the agreed GPUs (as a set, each once)
+        if tuple(sorted(m.uuid_digest for m in hb.metrics)) != self.agreed_gpus:
+            raise Reject("gpu_mismatch", "heartbeat metrics do not list exactly the agreed GPUs")
+        return hb, heartbeat_hash(hb)
+
+    def _recover_time(self, end_ms: int) -> int:
+        # The contract allows recover once block time > end + grace; allow for clock skew.
+        return end_ms + self.grace_ms + SECOND_MS + self.params.clock_skew_ms
+
+    def _close(self, now_ms: int, reason: str) -> list[Effect]:
+        self.closed_ms = now_ms
+        self.recover_at_ms = self._recover_time(now_ms)
+        return [EscrowCall("close", self.agreement_id, {"reason": reason})]
