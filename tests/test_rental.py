@@ -13,7 +13,7 @@ from protocol.rental import ZERO_HASH, ProviderRental, RenterRental, heartbeat_h
 from protocol.agreement import sign_receipt
 from protocol.settlement import claim_payout, recover_payout
 
-from rental_fixtures import TEST_PARAMS, RentalPair, make_agreement
+from tests.rental_fixtures import TEST_PARAMS, RentalPair, make_agreement
 
 T0 = 1_700_000_000_000
 N = TEST_PARAMS.provider_stop_after_missed_receipts

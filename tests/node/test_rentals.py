@@ -47,6 +47,8 @@ async def run_rental(tmp_path, *, max_seconds, drop_at_s=None):
     provider_host, renter_host = hosts_for(a)
     p_store = await Store.open(tmp_path / "provider.db")
     r_store = await Store.open(tmp_path / "renter.db")
+    for store, role in ((p_store, "provider"), (r_store, "renter")):
+        await store.put_agreement(a.agreement_id, role, "open", a.details.encode(), started_ms / 1000)
     async with trio.open_nursery() as nursery:
         await nursery.start(provider_host.run)
         await nursery.start(renter_host.run)
