@@ -6,8 +6,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from protocol.encoding import decode
 from protocol.evidence import Divergence, build_bundle, verify_bundle
-from protocol.messages import EvidenceBundle, Heartbeat, TermsWire
-from protocol.rental import heartbeat_hash
+from protocol.messages import EvidenceBundle
 from protocol.settlement import claim_payout
 
 from rental_fixtures import TEST_PARAMS, RentalPair, make_agreement
