@@ -5,7 +5,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from protocol.effects import EscrowCall, Report, Send, StartService, StopService, Store
-from protocol.encoding import decode
 from protocol.errors import LocalProtocolError
 from protocol.identity import PeerKey
 from protocol.messages import GpuMetrics, Heartbeat, UsageReceipt
