@@ -235,6 +235,10 @@ class OfferBook:
     """A renter's view of the market. Sans-I/O: callers pass `now_ms`; the node calls
     `expire(now)` at `next_deadline()`. Errors from validation propagate unchanged."""
 
+    # A score-sorted query with a limit walks the score index instead of sorting candidates
+    # when there are more than this many candidates beyond 8 x limit (tests set 0 to force it).
+    score_walk_min_candidates = 256
+
     def __init__(
         self,
         params: Params,
@@ -457,7 +461,7 @@ class OfferBook:
         n_candidates = sum(map(len, slices))
         residual = _residual(price_ne + score_terms)
 
-        if s.field == "score" and limit is not None and n_candidates > 8 * limit + 256:
+        if s.field == "score" and limit is not None and n_candidates > 8 * limit + self.score_walk_min_candidates:
             return self._query_by_score(buckets, lo, hi, residual, s, limit)
         if s == DEFAULT_SORT and limit is not None:
             streams = [_chain(b.entries.slices(lo_key, hi_key)) for b in buckets]
