@@ -25,6 +25,7 @@ global index by (score, expiry) serves score filters and sorts, and the eviction
 
 from __future__ import annotations
 
+import functools
 import heapq
 import re
 from bisect import bisect_left
@@ -49,6 +50,7 @@ _VENDOR_WORDS = frozenset({"NVIDIA", "AMD", "INTEL", "GEFORCE", "TESLA", "QUADRO
 _NON_ALNUM = re.compile(r"[^A-Z0-9]+")
 
 
+@functools.lru_cache(maxsize=4096)  # few distinct names; bounded against made-up ones
 def model_token(name: str) -> str:
     """Normalise an NVML model name to a query token: upper-case, every run of characters other
     than A-Z and 0-9 becomes one `_`, leading vendor/brand words (NVIDIA, AMD, INTEL, GEFORCE,
@@ -85,13 +87,21 @@ class Entry:
         self.provider = offer.provider
         self.seq = offer.seq
         self.expires_ms = offer.expires_ms
-        self.models: tuple[str, ...] = tuple(sorted({model_token(g.model) for g in gpus}))
+        g0 = gpus[0]
+        names = {g0.model}
+        vram, cuda, cc = g0.vram_mib, g0.cuda_version, (g0.cc_major, g0.cc_minor)
+        for g in gpus[1:]:
+            names.add(g.model)
+            vram = min(vram, g.vram_mib)
+            cuda = min(cuda, g.cuda_version)
+            cc = min(cc, (g.cc_major, g.cc_minor))
+        self.models: tuple[str, ...] = tuple(sorted({model_token(n) for n in names}))
         self.gpu_count = len(gpus)
-        self.vram_mib = min(g.vram_mib for g in gpus)
-        self.vram_gib = vram_gib(self.vram_mib)
+        self.vram_mib = vram
+        self.vram_gib = vram_gib(vram)
         self.region = offer.host.region
-        self.cuda_version = min(g.cuda_version for g in gpus)
-        self.cc = min((g.cc_major, g.cc_minor) for g in gpus)
+        self.cuda_version = cuda
+        self.cc = cc
         self.token_symbol = terms.token_symbol
         self.chain_id = terms.chain_id
         self.token_decimals = terms.token_decimals
@@ -234,6 +244,10 @@ class _Bucket:
 class OfferBook:
     """A renter's view of the market. Sans-I/O: callers pass `now_ms`; the node calls
     `expire(now)` at `next_deadline()`. Errors from validation propagate unchanged."""
+
+    # A score-sorted query with a limit walks the score index instead of sorting candidates
+    # when there are more than this many candidates beyond 8 x limit (tests set 0 to force it).
+    score_walk_min_candidates = 256
 
     def __init__(
         self,
@@ -457,7 +471,7 @@ class OfferBook:
         n_candidates = sum(map(len, slices))
         residual = _residual(price_ne + score_terms)
 
-        if s.field == "score" and limit is not None and n_candidates > 8 * limit + 256:
+        if s.field == "score" and limit is not None and n_candidates > 8 * limit + self.score_walk_min_candidates:
             return self._query_by_score(buckets, lo, hi, residual, s, limit)
         if s == DEFAULT_SORT and limit is not None:
             streams = [_chain(b.entries.slices(lo_key, hi_key)) for b in buckets]

@@ -154,7 +154,7 @@ def _parse_term(raw: str, col: int, text: str) -> Term:
     key = name.lower()
     field = FIELDS.get(key)
     if field is None:
-        near = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.5)
+        near = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
         hint = f"did you mean '{near[0]}'?" if near else "known fields: " + ", ".join(FIELDS)
         raise QueryError(f"unknown field '{name}' at column {col}: {hint}", text, col)
     op_col = col + len(name)

@@ -242,3 +242,17 @@ def test_offerbook__model_token_normalises_nvml_names(name, token):
 
 def test_offerbook__vram_gib_rounds_half_up():
     assert vram_gib(24564) == 24 and vram_gib(40960) == 40 and vram_gib(1536) == 2
+
+
+def test_offerbook__signature_check_refuses_any_flipped_bit_and_foreign_key():
+    good = offer(1)
+    data = good.encode()
+    assert good.signature_valid(good.provider, data)
+    assert good.signature_valid(good.provider)  # re-encoded path agrees
+    for i in (0, 31, 63):
+        sig = bytearray(good.signature)
+        sig[i] ^= 1
+        assert not dataclasses.replace(good, signature=bytes(sig)).signature_valid(good.provider)
+    assert not good.signature_valid(provider(2)[0].public, data)
+    assert not good.signature_valid(good.provider[:31], data)
+    assert not dataclasses.replace(good, seq=2).signature_valid(good.provider)

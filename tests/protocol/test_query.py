@@ -1,0 +1,262 @@
+"""The query language: parsing, errors pointing at columns, each field, sorting, and the indexed
+query agreeing with a brute-force filter written independently here."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from fnmatch import fnmatchcase
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from book_helpers import NOW, offer, provider
+from protocol.errors import LocalProtocolError
+from protocol.offerbook import OfferBook
+from protocol.params import Params
+from protocol.query import QueryError, parse_query, parse_sort
+from protocol.samples import GPU_MODELS
+from protocol.validation import BindingCache
+
+RTX4090, RTX3090, A100_40, A100_80 = GPU_MODELS
+BINDINGS = BindingCache(1000)
+REGIONS = ("eu-frankfurt", "eu-london", "us-dallas", "jp-tokyo")
+
+# A pool of offers with varied facts; 0.60 USDC/GPU-h = 600000 units/h = 500/3 per second is not
+# an integer, so boundary prices use 0.72 (200/s) and 0.36 (100/s).
+POOL_SPECS = []
+for i in range(48):
+    POOL_SPECS.append(dict(
+        model=GPU_MODELS[i % 4], count=(1, 2, 4, 8)[(i // 4) % 4], region=REGIONS[i % 3 + (i % 5 == 0)],
+        price_per_gpu_second=(100, 200, 201, 150, 400, 99)[i % 6],
+        symbol="WETH" if i % 7 == 0 else "USDC", decimals=18 if i % 7 == 0 else 6,
+        cuda=(12020, 12040, 11080)[i % 3],
+        mixed_with=RTX3090 if i % 11 == 0 else None,
+    ))
+POOL = [offer(100 + i, **spec).encode() for i, spec in enumerate(POOL_SPECS)]
+SCORES = {}
+
+
+def book_of(indices, scores=None):
+    scores = scores or {}
+    book = OfferBook(Params(), bindings=BINDINGS,
+                     score_of=lambda p: scores.get(p, 0.5))
+    for i in indices:
+        book.ingest_offer(POOL[i], NOW)
+    return book
+
+
+# --------------------------------------------------------------------------------------------
+# Brute force, independent of protocol/query.py
+
+
+def brute_matches(entry, query: str) -> bool:
+    for term in query.split():
+        field, op, value = re.fullmatch(r"([a-z]+)(!=|<=|>=|=|<|>)(.*)", term).groups()
+        if field in ("gpu", "region", "token"):
+            have = {"gpu": entry.models, "region": (entry.region,),
+                    "token": (entry.token_symbol,)}[field]
+            hit = any(fnmatchcase(h.upper(), p.upper()) for h in have for p in value.split(","))
+            ok = hit if op == "=" else not hit
+        elif field == "chain":
+            ok = (entry.chain_id in {int(v) for v in value.split(",")}) == (op == "=")
+        else:
+            if field == "price":
+                have = Decimal(entry.price_per_gpu_hour) / Decimal(10) ** entry.token_decimals
+                want = Decimal(value)
+            elif field in ("cuda", "cc"):
+                major, _, minor = value.partition(".")
+                want = (int(major), int(minor or 0))
+                if field == "cuda":
+                    have = (entry.cuda_version // 1000, entry.cuda_version % 1000 // 10)
+                else:
+                    have = entry.cc
+            else:
+                have = {"vram": entry.vram_gib, "count": entry.gpu_count,
+                        "score": Decimal(entry.score)}[field]
+                want = Decimal(value)
+            ok = {"=": have == want, "!=": have != want, "<": have < want, "<=": have <= want,
+                  ">": have > want, ">=": have >= want}[op]
+        if not ok:
+            return False
+    return True
+
+
+def brute_sort_key(sort: str | None):
+    desc = bool(sort) and sort.startswith("-")
+    name = (sort or "price").lstrip("-")
+    sign = -1 if desc else 1
+    if name == "price":
+        return lambda e: (sign * e.price_key, e.digest)
+    attr = {"score": "score", "vram": "vram_gib", "count": "gpu_count"}[name]
+    return lambda e: (sign * getattr(e, attr), e.price_key, e.digest)
+
+
+def brute(book, query, sort, limit):
+    found = sorted((e for e in book if brute_matches(e, query)), key=brute_sort_key(sort))
+    return found if limit is None else found[:limit]
+
+
+# --------------------------------------------------------------------------------------------
+# Each field
+
+
+@pytest.fixture(scope="module")
+def full_book():
+    return book_of(range(len(POOL)))
+
+
+def ids(entries):
+    return sorted(e.offer_id for e in entries)
+
+
+@pytest.mark.parametrize("query", [
+    "gpu=RTX_4090", "gpu=rtx_4090,a100_sxm4_80gb", "gpu=A100*", "gpu!=RTX_3090", "gpu=*3090",
+    "vram>=40", "vram<24.5", "vram=80", "count>=2", "count=8", "count!=1",
+    "price<=0.36", "price<0.36", "price>0.72", "price>=0.7236", "price=0.72", "price!=0.72",
+    "price<=0.000000000000001", "price=0.72000000000000000000000000000000000001",
+    "region=eu-*", "region!=eu-*", "region=us-dallas,jp-tokyo",
+    "cuda>=12.2", "cuda<12", "cuda=11.8", "cc>=8.9", "cc=8.0", "cc<8.6",
+    "token=usdc", "token!=USDC", "chain=31337", "chain!=1,31337", "chain=1",
+    "gpu=RTX_4090 count>=2 price<=0.72 region=eu-*", "score>=0.5", "score<0.5",
+])
+def test_query__each_field_agrees_with_brute_force(full_book, query):
+    assert ids(full_book.query(query)) == ids(brute(full_book, query, None, None))
+
+
+def test_query__price_compares_exactly_in_whole_token_units(full_book):
+    at_072 = {e.offer_id for e in full_book if e.price_per_gpu_hour == 200 * 3600
+              and e.token_decimals == 6}
+    assert at_072
+    assert at_072 <= {e.offer_id for e in full_book.query("price<=0.72")}
+    assert not at_072 & {e.offer_id for e in full_book.query("price<0.72")}
+    assert not at_072 & {e.offer_id for e in full_book.query("price<=0.71999999")}
+    # 18-decimal WETH offers cost 0.00000000000036 per GPU-hour or so: far below 0.36 USDC
+    weth = full_book.query("token=WETH")
+    assert weth and all(e.price_per_gpu_hour_tokens() < Decimal("0.000001") for e in weth)
+
+
+@pytest.mark.parametrize("sort", ["price", "-price", "score", "-score", "vram", "-vram",
+                                  "count", "-count"])
+def test_query__sorts_by_each_field(sort):
+    scores = {}
+    book = book_of(range(len(POOL)), scores)
+    for i, e in enumerate(book):
+        scores[e.provider] = (i % 4) / 4
+    book.rescore()
+    assert book.query("", sort) == brute(book, "", sort, None)
+    assert book.query("", sort, 5) == brute(book, "", sort, 5)
+    book.score_walk_min_candidates = -10_000  # the score-index plan must give the same answer
+    assert book.query("gpu=RTX_4090,A100*", sort, 5) == brute(book, "gpu=RTX_4090,A100*", sort, 5)
+
+
+def test_query__limit_cuts_after_sorting(full_book):
+    cheapest = full_book.query("gpu=RTX_4090", "price", 3)
+    assert len(cheapest) == 3
+    assert cheapest == full_book.query("gpu=RTX_4090")[:3]
+    assert full_book.query("", limit=0) == []
+    with pytest.raises(LocalProtocolError):
+        full_book.query("", limit=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+def error_of(query: str) -> QueryError:
+    with pytest.raises(QueryError) as exc:
+        parse_query(query)
+    return exc.value
+
+
+def test_query__bad_value_points_at_column():
+    err = error_of("price<=abc")
+    assert err.reason == "bad value 'abc' for price at column 7: expected a number like 0.60"
+    assert err.column == 7
+    assert str(err).splitlines()[-2:] == ["  price<=abc", "         ^"]
+
+
+def test_query__bad_value_in_later_term_points_at_that_term():
+    err = error_of("gpu=RTX_4090 count>=two")
+    assert err.column == 20 and "for count" in err.reason and "whole number" in err.reason
+    err = error_of("gpu=RTX_4090,RTX 3090")  # the space starts a new term: "3090"
+    assert err.column == 17 and "expected a field name" in err.reason
+
+
+def test_query__unknown_field_suggests_nearest():
+    err = error_of("vram>=24 prcie<=0.5")
+    assert err.reason == "unknown field 'prcie' at column 9: did you mean 'price'?"
+    assert "known fields" in error_of("colour=red").reason
+
+
+def test_query__missing_or_disallowed_operator_points_at_it():
+    err = error_of("count>=2 region")
+    assert err.column == 15 and "expected an operator" in err.reason
+    err = error_of("region<eu")
+    assert err.column == 6 and "use = or !=" in err.reason
+
+
+@pytest.mark.parametrize("query, column", [
+    ("score>=1.5", 7), ("cuda>=twelve", 6), ("cc>=8.x", 4), ("chain=1,x", 8), ("vram>=", 6),
+    ("price<=1e3", 7), ("price<=-1", 7), ("gpu=RTX_4090,", 13), ("price<=NaN", 7),
+])
+def test_query__malformed_values_point_at_the_value(query, column):
+    assert error_of(query).column == column
+
+
+def test_query__bad_sort_suggests_field():
+    with pytest.raises(QueryError, match="did you mean 'price'"):
+        parse_sort("-prize")
+    assert parse_sort("-score").descending and parse_sort(None).field == "price"
+
+
+def test_query__empty_query_matches_everything(full_book):
+    assert len(full_book.query("   ")) == len(POOL)
+
+
+# --------------------------------------------------------------------------------------------
+# Property: indexed query == brute force
+
+
+def term_strategy():
+    num = st.sampled_from(["0", "0.36", "0.72", "0.7236", "1", "1.44", "24", "40", "80", "0.5",
+                           "0.000000000000361", "0.7200000001", "2", "4", "8"])
+    ops = st.sampled_from(["=", "!=", "<", "<=", ">", ">="])
+    eq = st.sampled_from(["=", "!="])
+    return st.one_of(
+        st.builds("{}{}{}".format, st.just("gpu"), eq, st.sampled_from(
+            ["RTX_4090", "RTX_3090", "A100*", "*80GB", "RTX_4090,A100_SXM4_40GB", "H100"])),
+        st.builds("{}{}{}".format, st.sampled_from(["vram", "price"]), ops, num),
+        st.builds("{}{}{}".format, st.just("count"), ops, st.sampled_from(["1", "2", "3", "8"])),
+        st.builds("{}{}{}".format, st.just("score"), ops,
+                  st.sampled_from(["0", "0.25", "0.5", "0.8", "0.81", "1"])),
+        st.builds("{}{}{}".format, st.just("region"), eq,
+                  st.sampled_from(["eu-*", "us-dallas", "*o*", "jp-tokyo,eu-london"])),
+        st.builds("{}{}{}".format, st.sampled_from(["cuda", "cc"]), ops,
+                  st.sampled_from(["12.2", "12.4", "11.8", "8.0", "8.9", "8.6", "12"])),
+        st.builds("{}{}{}".format, st.just("token"), eq, st.sampled_from(["USDC", "weth", "U*"])),
+        st.builds("{}{}{}".format, st.just("chain"), eq, st.sampled_from(["31337", "1", "1,31337"])),
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    indices=st.lists(st.integers(0, len(POOL) - 1), unique=True, max_size=len(POOL)),
+    score_values=st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.5, 0.8, 1.0]), min_size=len(POOL),
+                          max_size=len(POOL)),
+    terms=st.lists(term_strategy(), max_size=4),
+    sort=st.sampled_from([None, "price", "-price", "score", "-score", "vram", "-vram", "count",
+                          "-count"]),
+    limit=st.one_of(st.none(), st.integers(1, 10)),
+    walk_scores=st.booleans(),
+)
+def test_query__random_queries_agree_with_brute_force(indices, score_values, terms, sort, limit,
+                                                      walk_scores):
+    scores = {provider(100 + i)[0].public: score_values[i] for i in range(len(POOL))}
+    book = book_of(indices, scores)
+    if walk_scores:  # force the score-index plan even on a small book
+        book.score_walk_min_candidates = -10_000
+    query = " ".join(terms)
+    got = book.query(query, sort, limit)
+    assert got == brute(book, query, sort, limit), query
