@@ -252,10 +252,6 @@ class _Negotiation:
                 )
             return handler(self, message, now_ms)
         except NegotiationViolation as violation:
-            if self.state is State.IDLE and self._peer is None and isinstance(message, Proposal):
-                self._peer = message.renter  # address the reject to whoever claimed to send it
-            if self.negotiation_id == b"\x00" * NEGOTIATION_ID_LEN:
-                self.negotiation_id = getattr(message, "negotiation_id", self.negotiation_id)
             return self._fail(
                 now_ms, violation.reason, Fault.REMOTE, violation.detail, error=violation,
                 tell=not isinstance(message, NegotiationReject),
@@ -388,7 +384,6 @@ class RenterNegotiation(_Negotiation):
         self.opening_price = opening
         self._check_arguments()
         self.negotiation_id = rng.randbytes(NEGOTIATION_ID_LEN)
-        self._peer = offer.provider
         self.proposal: Proposal | None = None  # the latest proposal sent
 
     def _check_arguments(self) -> None:
@@ -439,6 +434,7 @@ class RenterNegotiation(_Negotiation):
         """Send the round-1 proposal."""
         if self.state is not State.IDLE:
             raise LocalProtocolError("wrong_state", f"start in state {self.state.name}")
+        self._peer = self.offer.provider  # from now on the provider is involved: tell it
         return self._send_proposal(1, self.gpu_count, self.duration_s, self.opening_price, now_ms)
 
     def _reject_rounds(self) -> Iterable[int]:
@@ -587,6 +583,7 @@ class ProviderNegotiation(_Negotiation):
     # -- transitions -------------------------------------------------------------------------
 
     def _on_first_proposal(self, msg: Proposal, now_ms: int) -> list[Effect]:
+        # Learnt before any check, so that a reject for a bad first proposal can be addressed.
         self.negotiation_id = msg.negotiation_id
         self._peer = msg.renter
         self._check_envelope(msg, now_ms, (1,))
@@ -692,6 +689,10 @@ class ProviderNegotiation(_Negotiation):
         (State.COUNTERED, NegotiationReject): _Negotiation._on_reject,
         (State.AGREED, NegotiationReject): _Negotiation._on_reject,
     }
+
+
+RENTER_TRANSITIONS = RenterNegotiation.TRANSITIONS
+PROVIDER_TRANSITIONS = ProviderNegotiation.TRANSITIONS
 
 
 # --------------------------------------------------------------------------------------------
