@@ -586,6 +586,7 @@ class ProviderNegotiation(_Negotiation):
         # Learnt before any check, so that a reject for a bad first proposal can be addressed.
         self.negotiation_id = msg.negotiation_id
         self._peer = msg.renter
+        self.round = msg.round
         self._check_envelope(msg, now_ms, (1,))
         if msg.provider != self._key.public:
             raise NegotiationViolation(Reason.INVALID_MESSAGE, "proposal is for another provider")
