@@ -659,10 +659,9 @@ class ProviderNegotiation(_Negotiation):
 
     def _accept(self, msg: Proposal, now_ms: int) -> list[Effect]:
         gpus = self.free_gpus[: msg.gpu_count]
-        try:
-            terms, details = build_agreement(self.offer, self.offer_digest, msg, gpus)
-        except LocalProtocolError as exc:  # terms the contract would refuse
-            raise NegotiationViolation(Reason.INVALID_MESSAGE, str(exc)) from None
+        # Everything the renter controls was checked above (counts, overflow, its wallet), so a
+        # LocalProtocolError here would be this provider's own bug (e.g. its offer) and propagates.
+        terms, details = build_agreement(self.offer, self.offer_digest, msg, gpus)
         agreement_id = terms.agreement_id()
         consent = sign_consent(self._wallet_key, escrow_domain(self.offer), terms)
         accept = Accept(
@@ -703,11 +702,11 @@ PROVIDER_TRANSITIONS = ProviderNegotiation.TRANSITIONS
 class FirstAgreementWins:
     """Several renter negotiations at once (one per provider); the first to reach AGREED wins.
 
-    When one agrees, every other negotiation still open is cancelled (NegotiationReject
-    CANCELLED, so each provider frees its GPUs at once instead of waiting for a timeout). A
-    negotiation that agrees after the winner (its Accept crossed our cancel, or arrived first
-    in the same batch) is cancelled too, and its EscrowCall and Store effects are dropped: only
-    the winner's escrow is ever opened."""
+    When one agrees, every other negotiation not yet FAILED is cancelled at once
+    (NegotiationReject CANCELLED, so each provider frees its GPUs instead of waiting for a
+    timeout). No other negotiation can reach AGREED after that: an Accept already on its way
+    meets a FAILED machine and only yields a `negotiation_message_after_end` report, so only the
+    winner's EscrowCall open is ever emitted."""
 
     def __init__(self, negotiations: Iterable[RenterNegotiation]) -> None:
         self.negotiations: dict[bytes, RenterNegotiation] = {}
@@ -754,15 +753,10 @@ class FirstAgreementWins:
         return n
 
     def _settle(self, n: RenterNegotiation, effects: list[Effect], now_ms: int) -> list[Effect]:
-        if n.state is not State.AGREED:
+        if n.state is not State.AGREED or self.winner is not None:
             return effects
-        if self.winner is None:
-            self.winner = n
-            for other in self.negotiations.values():
-                if other is not n and other.state is not State.FAILED:
-                    effects += other.cancel(now_ms, "renter took another provider's agreement")
-            return effects
-        if self.winner is n:
-            return effects
-        kept = [e for e in effects if not isinstance(e, (EscrowCall, Store))]
-        return kept + n.cancel(now_ms, "renter took another provider's agreement")
+        self.winner = n
+        for other in self.negotiations.values():
+            if other is not n and other.state is not State.FAILED:
+                effects += other.cancel(now_ms, "renter took another provider's agreement")
+        return effects

@@ -474,6 +474,22 @@ def test_negotiation__provider_cancel_after_agreement_reaches_the_renter():
     assert pair.renter.failure.detail == "GPU fell off the bus"
 
 
+def test_negotiation__long_or_unprintable_cancel_detail_is_clipped_to_fit_the_wire():
+    renter = renter_for()
+    renter.start(NOW)
+    effects = renter.cancel(NOW, "é" * 150 + "\n" + "x" * 300)
+    msg = sent_reject(effects, Reason.CANCELLED, RENTER_KEY.public)
+    assert len(msg.detail.encode()) <= 200 and msg.detail.isprintable()
+    assert msg.detail.startswith("é" * 100)
+
+
+def test_provider__reject_renter_wallet_equal_to_the_providers():
+    provider = provider_for()
+    same_wallet = Binding.create(RENTER_KEY, PROVIDER_WALLET, OFFER.terms.chain_id)
+    provider.handle(proposal(nid(1), binding=same_wallet), NOW)
+    failed_with(provider, Reason.INVALID_MESSAGE, Fault.REMOTE, violation=True)
+
+
 def test_negotiation__api_misuse_raises_local_protocol_error():
     renter = renter_for()
     renter.start(NOW)
@@ -555,11 +571,17 @@ def test_renter__reject_accept_whose_consent_is_not_the_provider_wallets():
     failed_with(renter, Reason.BAD_CONSENT, Fault.REMOTE, violation=True)
 
 
-def test_renter__reject_accept_with_gpus_not_in_the_offer():
+@pytest.mark.parametrize("gpus", [
+    (GPUS[0], b"\x05" * 32),  # not a GPU of the offer
+    (GPUS[0],),  # fewer than proposed
+    GPUS[:3],  # more than proposed
+    (GPUS[1], GPUS[1]),  # the same GPU twice
+])
+def test_renter__reject_accept_with_wrong_gpus(gpus):
     renter = renter_for()
     (send,) = renter.start(NOW)
     good = accept_for(send.message)
-    renter.handle(dataclasses.replace(good, gpus=(GPUS[0], b"\x05" * 32)).sign(PROVIDER_KEY), NOW)
+    renter.handle(dataclasses.replace(good, gpus=gpus).sign(PROVIDER_KEY), NOW)
     failed_with(renter, Reason.INVALID_MESSAGE, Fault.REMOTE, violation=True)
 
 
@@ -1025,7 +1047,11 @@ def test_first_agreement_wins__cancels_the_rest_and_opens_one_escrow():
     assert [e.agreement_id for e in opens] == [winner.terms.agreement_id()]
     assert [r.state for r in renters] == [State.FAILED, State.AGREED, State.FAILED]
     failed_with(renters[0], Reason.NO_CAPACITY, Fault.REMOTE)
-    failed_with(renters[2], Reason.CANCELLED, Fault.LOCAL)  # agreed after the winner
+    # p2's Accept was already on its way when p1 won: it meets a cancelled negotiation.
+    failed_with(renters[2], Reason.CANCELLED, Fault.LOCAL)
+    assert renters[2].terms is None
+    assert [e.event for e in renter_effects if isinstance(e, Report)].count(
+        "negotiation_message_after_end") == 1
     # The loser's provider hears the cancel and frees its GPUs.
     for e in renter_effects:
         if isinstance(e, Send):
