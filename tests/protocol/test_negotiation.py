@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from protocol.agreement import AgreementTerms, sign_consent, verify_consent
-from protocol.effects import EscrowCall, Report, Send, Store
+from protocol.effects import EscrowCall, Report, Send
 from protocol.encoding import decode
-from protocol.errors import LocalProtocolError, Reject, RemoteProtocolError
+from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.eth import private_key_address
 from protocol.messages import (
     Accept,
