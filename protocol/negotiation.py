@@ -252,10 +252,6 @@ class _Negotiation:
                 )
             return handler(self, message, now_ms)
         except NegotiationViolation as violation:
-            if self.state is State.IDLE and self._peer is None and isinstance(message, Proposal):
-                self._peer = message.renter  # address the reject to whoever claimed to send it
-            if self.negotiation_id == b"\x00" * NEGOTIATION_ID_LEN:
-                self.negotiation_id = getattr(message, "negotiation_id", self.negotiation_id)
             return self._fail(
                 now_ms, violation.reason, Fault.REMOTE, violation.detail, error=violation,
                 tell=not isinstance(message, NegotiationReject),
@@ -388,7 +384,6 @@ class RenterNegotiation(_Negotiation):
         self.opening_price = opening
         self._check_arguments()
         self.negotiation_id = rng.randbytes(NEGOTIATION_ID_LEN)
-        self._peer = offer.provider
         self.proposal: Proposal | None = None  # the latest proposal sent
 
     def _check_arguments(self) -> None:
@@ -439,6 +434,7 @@ class RenterNegotiation(_Negotiation):
         """Send the round-1 proposal."""
         if self.state is not State.IDLE:
             raise LocalProtocolError("wrong_state", f"start in state {self.state.name}")
+        self._peer = self.offer.provider  # from now on the provider is involved: tell it
         return self._send_proposal(1, self.gpu_count, self.duration_s, self.opening_price, now_ms)
 
     def _reject_rounds(self) -> Iterable[int]:
@@ -587,8 +583,10 @@ class ProviderNegotiation(_Negotiation):
     # -- transitions -------------------------------------------------------------------------
 
     def _on_first_proposal(self, msg: Proposal, now_ms: int) -> list[Effect]:
+        # Learnt before any check, so that a reject for a bad first proposal can be addressed.
         self.negotiation_id = msg.negotiation_id
         self._peer = msg.renter
+        self.round = msg.round
         self._check_envelope(msg, now_ms, (1,))
         if msg.provider != self._key.public:
             raise NegotiationViolation(Reason.INVALID_MESSAGE, "proposal is for another provider")
@@ -661,10 +659,9 @@ class ProviderNegotiation(_Negotiation):
 
     def _accept(self, msg: Proposal, now_ms: int) -> list[Effect]:
         gpus = self.free_gpus[: msg.gpu_count]
-        try:
-            terms, details = build_agreement(self.offer, self.offer_digest, msg, gpus)
-        except LocalProtocolError as exc:  # terms the contract would refuse
-            raise NegotiationViolation(Reason.INVALID_MESSAGE, str(exc)) from None
+        # Everything the renter controls was checked above (counts, overflow, its wallet), so a
+        # LocalProtocolError here would be this provider's own bug (e.g. its offer) and propagates.
+        terms, details = build_agreement(self.offer, self.offer_digest, msg, gpus)
         agreement_id = terms.agreement_id()
         consent = sign_consent(self._wallet_key, escrow_domain(self.offer), terms)
         accept = Accept(
@@ -694,6 +691,10 @@ class ProviderNegotiation(_Negotiation):
     }
 
 
+RENTER_TRANSITIONS = RenterNegotiation.TRANSITIONS
+PROVIDER_TRANSITIONS = ProviderNegotiation.TRANSITIONS
+
+
 # --------------------------------------------------------------------------------------------
 # A renter negotiating with several providers at once
 
@@ -701,11 +702,11 @@ class ProviderNegotiation(_Negotiation):
 class FirstAgreementWins:
     """Several renter negotiations at once (one per provider); the first to reach AGREED wins.
 
-    When one agrees, every other negotiation still open is cancelled (NegotiationReject
-    CANCELLED, so each provider frees its GPUs at once instead of waiting for a timeout). A
-    negotiation that agrees after the winner (its Accept crossed our cancel, or arrived first
-    in the same batch) is cancelled too, and its EscrowCall and Store effects are dropped: only
-    the winner's escrow is ever opened."""
+    When one agrees, every other negotiation not yet FAILED is cancelled at once
+    (NegotiationReject CANCELLED, so each provider frees its GPUs instead of waiting for a
+    timeout). No other negotiation can reach AGREED after that: an Accept already on its way
+    meets a FAILED machine and only yields a `negotiation_message_after_end` report, so only the
+    winner's EscrowCall open is ever emitted."""
 
     def __init__(self, negotiations: Iterable[RenterNegotiation]) -> None:
         self.negotiations: dict[bytes, RenterNegotiation] = {}
@@ -752,15 +753,10 @@ class FirstAgreementWins:
         return n
 
     def _settle(self, n: RenterNegotiation, effects: list[Effect], now_ms: int) -> list[Effect]:
-        if n.state is not State.AGREED:
+        if n.state is not State.AGREED or self.winner is not None:
             return effects
-        if self.winner is None:
-            self.winner = n
-            for other in self.negotiations.values():
-                if other is not n and other.state is not State.FAILED:
-                    effects += other.cancel(now_ms, "renter took another provider's agreement")
-            return effects
-        if self.winner is n:
-            return effects
-        kept = [e for e in effects if not isinstance(e, (EscrowCall, Store))]
-        return kept + n.cancel(now_ms, "renter took another provider's agreement")
+        self.winner = n
+        for other in self.negotiations.values():
+            if other is not n and other.state is not State.FAILED:
+                effects += other.cancel(now_ms, "renter took another provider's agreement")
+        return effects
