@@ -9,7 +9,7 @@ from protocol.evidence import Divergence, build_bundle, verify_bundle
 from protocol.messages import EvidenceBundle
 from protocol.settlement import claim_payout
 
-from rental_fixtures import TEST_PARAMS, RentalPair, make_agreement
+from tests.rental_fixtures import TEST_PARAMS, RentalPair, make_agreement
 
 T0 = 1_700_000_000_000
 

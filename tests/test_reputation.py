@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 from protocol.evidence import build_bundle, verify_bundle
 from protocol.reputation import AgreementOutcome, score_all, score_provider
 
-from rental_fixtures import TEST_PARAMS, RentalPair, make_agreement
+from tests.rental_fixtures import TEST_PARAMS, RentalPair, make_agreement
 
 P, Q = b"\x01" * 32, b"\x02" * 32
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from book_helpers import NOW, offer, provider
+from tests.protocol.book_helpers import NOW, offer, provider
 from protocol.errors import LocalProtocolError
 from protocol.offerbook import OfferBook
 from protocol.params import Params
