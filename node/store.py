@@ -255,6 +255,32 @@ class Store:
         )
         return [OfferRow(*r) for r in rows]
 
+    async def put_offers(self, rows: list[tuple[bytes, int, bytes, bytes, float, float]]) -> int:
+        """Record many offers (provider_key, seq, digest, raw, received_at, expires_at) in one
+        transaction; rows whose (provider_key, seq) is already stored are skipped. Returns how
+        many were inserted."""
+
+        def go() -> int:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                before = conn.total_changes
+                conn.executemany("INSERT OR IGNORE INTO offers_seen VALUES (?, ?, ?, ?, ?, ?)", rows)
+                inserted = conn.total_changes - before
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return inserted
+
+        return await self._run(go) if rows else 0
+
+    async def offers_of(self, provider_key: bytes) -> list[OfferRow]:
+        rows = await self._run(
+            self._all, "SELECT * FROM offers_seen WHERE provider_key = ? ORDER BY seq", (provider_key,)
+        )
+        return [OfferRow(*r) for r in rows]
+
     async def prune_expired_offers(self, now: float) -> int:
         return await self._run(self._write, "DELETE FROM offers_seen WHERE expires_at <= ?", (now,))
 
@@ -371,6 +397,56 @@ class Store:
                        ON CONFLICT (name) DO UPDATE SET value = value + excluded.value RETURNING value""",
                     (name, by),
                 ).fetchone()[0]
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return value
+
+        return await self._run(go)
+
+    async def add_counters(self, deltas: dict[str, int]) -> None:
+        """Add every ``name -> delta`` in one transaction (a flush of in-memory counters)."""
+
+        def go() -> None:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    """INSERT INTO counters VALUES (?, ?)
+                       ON CONFLICT (name) DO UPDATE SET value = value + excluded.value""",
+                    list(deltas.items()),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+        if deltas:
+            await self._run(go)
+
+    async def counters(self, prefix: str = "") -> dict[str, int]:
+        rows = await self._run(
+            self._all, "SELECT name, value FROM counters WHERE substr(name, 1, ?) = ? ORDER BY name",
+            (len(prefix), prefix),
+        )
+        return dict(rows)
+
+    async def next_sequence(self, name: str, first: int) -> int:
+        """Reserve the next value of a persistent sequence: stored value + 1, or ``first`` if
+        none is stored. Committed (and fsynced under FULL) before it returns, so a value handed
+        out is never handed out again, even after a crash."""
+
+        def go() -> int:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+                value = first if row is None else row[0] + 1
+                conn.execute(
+                    "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    (name, value),
+                )
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

@@ -1,0 +1,627 @@
+"""The market-data side of a node: the offer topic, the offer book, offer sync on join, and the
+provider's publisher (specs/node.md is the prose twin).
+
+:class:`OfferService` (every node) validates what arrives on :data:`OFFER_TOPIC` with the
+protocol core against its :class:`~protocol.offerbook.OfferBook`, inserts what is valid, persists
+accepted offers to the store, counts every verdict by reason code, expires offers at the book's
+deadline, and serves and fetches the current market over :data:`SYNC_PROTOCOL`.
+
+:class:`OfferPublisher` (providers only) turns the GPU probe's facts into one signed offer for
+the whole inventory, publishes it under a token bucket, re-announces it with ``seq + 1`` at 2/3
+of its lifetime, withdraws it when told and on shutdown, and reserves every sequence number in
+the store before using it.
+
+Offers are relayable: the ed25519 signature of the provider authenticates an offer, not the
+libp2p origin (``from``) of the gossip message nor the peer that forwarded it. A renter that
+re-publishes an offer it fetched by sync is a relay, and its message is accepted like the
+provider's own. The only peer-related decision is whom to penalise: the forwarder of a REJECT.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import msgpack
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from node.gpu import GpuProbe, NoGpuError, StaticFacts
+from node.host import GossipHost, Verdict
+from node.identity import NodeIdentity
+from node.reqresp import ReqRespError, read_frame, write_frame
+from node.store import Store
+from protocol.encoding import decode, unpack_canonical
+from protocol.errors import IGNORE, DecodeError, ProtocolError, Reject, RemoteProtocolError
+from protocol.identity import PeerKey
+from protocol.messages import Binding, GpuInfo, HostInfo, Offer, OfferTerms, OfferWithdrawal
+from protocol.offerbook import OfferBook
+from protocol.params import DEFAULT_PARAMS, Params
+from protocol.validation import check_offer_static
+
+log = logging.getLogger(__name__)
+
+OFFER_TOPIC = "/gpumarket/offers/1"
+SYNC_PROTOCOL = "/gpumarket/offer-sync/1"
+SYNC_VERSION = 1
+SYNC_MAX_REQUEST = 64  # bytes: [version, limit] is at most 7
+SYNC_END = msgpack.packb([])  # the empty array closes a sync response
+
+NowMs = Callable[[], int]
+
+
+def wall_clock_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# ------------------------------------------------------------------------------------------
+# Offer sync wire format (specs/node.md, "Offer sync")
+
+
+def encode_sync_request(limit: int = 0) -> bytes:
+    """``[version, limit]``; limit 0 asks for everything the server is willing to send."""
+    return msgpack.packb([SYNC_VERSION, limit])
+
+
+def decode_sync_request(data: bytes) -> int:
+    """The requested limit (0: no limit); raises Reject for anything else."""
+    value = unpack_canonical(data, SYNC_MAX_REQUEST)
+    if (type(value) is not list or len(value) != 2 or type(value[0]) is not int
+            or type(value[1]) is not int):
+        raise Reject("bad_sync_request", "a sync request is [version, limit]")
+    if value[0] != SYNC_VERSION:
+        raise Reject("bad_sync_request", f"sync version {value[0]} not supported")
+    if not 0 <= value[1] < 2**32:
+        raise Reject("bad_sync_request", "limit out of range")
+    return value[1]
+
+
+def chunk_offers(offers: Sequence[bytes], max_frame: int) -> list[bytes]:
+    """Pack raw offers into msgpack arrays of bin, each at most ``max_frame`` bytes."""
+    frames, batch, size = [], [], 5  # 5: the largest array header
+    for raw in offers:
+        item = len(raw) + (2 if len(raw) < 256 else 3 if len(raw) < 65536 else 5)
+        if batch and size + item > max_frame:
+            frames.append(msgpack.packb(batch, use_bin_type=True))
+            batch, size = [], 5
+        batch.append(raw)
+        size += item
+    if batch:
+        frames.append(msgpack.packb(batch, use_bin_type=True))
+    return frames
+
+
+def decode_sync_frame(frame: bytes, max_frame: int) -> list[bytes]:
+    value = unpack_canonical(frame, max_frame)
+    if type(value) is not list or any(type(x) is not bytes for x in value):
+        raise Reject("bad_sync_frame", "a sync response frame is an array of byte strings")
+    return value
+
+
+# ------------------------------------------------------------------------------------------
+# The service every node runs
+
+
+@dataclass(frozen=True)
+class OfferServiceConfig:
+    topic: str = OFFER_TOPIC
+    sync_protocol: str = SYNC_PROTOCOL
+    sync_max_frame: int = 256 * 1024
+    sync_request_timeout_s: float = 5.0  # server: the request frame must arrive within this
+    sync_serve_timeout_s: float = 30.0  # server: the whole response, a slow reader included
+    sync_max_concurrent: int = 8  # server: sync streams answered at once; more are reset
+    sync_max_offers: int = 200_000  # server sends at most, client accepts at most this many
+    sync_peers: int = 3  # client: peers asked in parallel
+    sync_timeout_s: float = 10.0  # client: deadline for the whole fetch from one peer
+    sync_max_rejects: int = 16  # client: drop a sync peer after this many REJECTed offers
+    flush_interval_s: float = 5.0  # counters and offers to the store
+
+
+@dataclass
+class SyncResult:
+    """What one peer delivered in a sync (``error``: why it stopped early, else None)."""
+
+    peer: ID
+    offers: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    error: str | None = None
+
+
+def _message_kind(data: bytes) -> int | None:
+    """The type number of a message (the second element of its array) if it is a fixint."""
+    if len(data) >= 2 and 0x92 <= data[0] <= 0x9F and data[1] < 0x80:
+        return data[1]
+    return None
+
+
+class OfferService:
+    """The offer topic, the book and offer sync; run with ``await nursery.start(svc.run)``."""
+
+    def __init__(
+        self,
+        host: GossipHost,
+        store: Store | None,
+        params: Params = DEFAULT_PARAMS,
+        *,
+        book: OfferBook | None = None,
+        config: OfferServiceConfig = OfferServiceConfig(),
+        now_ms: NowMs = wall_clock_ms,
+    ) -> None:
+        self.host = host
+        self.store = store
+        self.params = params
+        self.book = book if book is not None else OfferBook(params)
+        self.config = config
+        self.now_ms = now_ms
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._unflushed: collections.Counter[str] = collections.Counter()
+        self._to_store: list[tuple[bytes, int, bytes, bytes, float, float]] = []
+        self._store_wake = trio.Event()
+        self._expiry_wake = trio.Event()
+        self._wake_at_ms: float = math.inf
+        self._serving = trio.CapacityLimiter(config.sync_max_concurrent)
+        self.ready = trio.Event()
+
+    # ---- counting ----
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] += n
+        self._unflushed[name] += n
+
+    # ---- the one ingest path (gossip and sync) ----
+    def ingest(self, data: bytes, source: str, peer: ID | None, *, offers_only: bool = False) -> Verdict:
+        """Validate ``data`` against the book and insert it if valid. Never raises: every outcome
+        is a verdict, counted as ``offers.<source>.<accept|reject|ignore>.<code>``."""
+        try:
+            kind = self._ingest(data, offers_only)
+        except RemoteProtocolError as exc:
+            verdict = Verdict.IGNORE if exc.verdict == IGNORE else Verdict.REJECT
+            self.count(f"offers.{source}.{verdict.value}.{exc.code}")
+            if verdict is Verdict.REJECT:
+                log.info("%s: REJECT %s from %s: %s", source, exc.code, peer, exc.detail)
+            else:
+                log.debug("%s: IGNORE %s from %s: %s", source, exc.code, peer, exc.detail)
+            return verdict
+        except Exception as exc:  # our bug (or a LocalProtocolError): not the peer's fault
+            code = exc.code if isinstance(exc, ProtocolError) else "internal_error"
+            self.count(f"offers.{source}.ignore.{code}")
+            log.exception("%s: validating a message from %s failed", source, peer)
+            return Verdict.IGNORE
+        self.count(f"offers.{source}.accept.{kind}")
+        return Verdict.ACCEPT
+
+    def _ingest(self, data: bytes, offers_only: bool) -> str:
+        kind = _message_kind(data)
+        now = self.now_ms()
+        if kind == Offer.TYPE:
+            held = self.book.held(data[5:37])
+            if held is not None and held.digest == hashlib.sha256(data).digest():
+                # the same bytes again (another relay, another sync peer): skip the decode
+                raise _Duplicate()
+            offer = self.book.ingest_offer(data, now)
+            entry = self.book.held(offer.provider)
+            assert entry is not None
+            self._accepted(entry.digest, offer, data)
+            return "offer"
+        if kind == OfferWithdrawal.TYPE and not offers_only:
+            self.book.ingest_withdrawal(data, now)
+            return "withdrawal"
+        msg = decode(data)  # raises the decoding REJECT (malformed, unknown_type, ...)
+        raise DecodeError("unexpected_type", f"{type(msg).__name__} is not carried here")
+
+    def _accepted(self, digest: bytes, offer: Offer, data: bytes) -> None:
+        self._to_store.append((offer.provider, offer.seq, digest, data,
+                               self.now_ms() / 1000, offer.expires_ms / 1000))
+        self._store_wake.set()
+        deadline = offer.expires_ms + self.params.clock_skew_ms + 1
+        if deadline < self._wake_at_ms:
+            self._expiry_wake.set()
+
+    def validate_gossip(self, payload: bytes, forwarder: ID) -> Verdict:
+        """The topic validator (sync: py-libp2p calls it inline for every message)."""
+        return self.ingest(payload, "gossip", forwarder)
+
+    # ---- the service ----
+    async def run(self, *, task_status: trio.TaskStatus[OfferService] = trio.TASK_STATUS_IGNORED) -> None:
+        host = self.host
+        host.set_topic_validator(self.config.topic, self.validate_gossip)
+        sub = await host.subscribe(self.config.topic)
+        host.host.set_stream_handler(TProtocol(self.config.sync_protocol), self._serve_sync)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._drain, sub)
+                nursery.start_soon(self._expiry_loop)
+                nursery.start_soon(self._flush_loop)
+                self.ready.set()
+                task_status.started(self)
+        finally:
+            with trio.move_on_after(2) as scope:
+                scope.shield = True
+                await self.flush()
+
+    async def _drain(self, sub) -> None:
+        # Everything delivered was already validated and ingested by the validator; the
+        # subscription must still be read or py-libp2p's queue fills.
+        while True:
+            await sub.get()
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            now = self.now_ms()
+            deadline = self.book.next_deadline()
+            if deadline is not None and deadline <= now:
+                evicted = self.book.expire(now)
+                if evicted:
+                    self.count("offers.expired", len(evicted))
+                continue
+            self._wake_at_ms = math.inf if deadline is None else deadline
+            self._expiry_wake = trio.Event()
+            wait = math.inf if deadline is None else (deadline - now) / 1000
+            with trio.move_on_after(wait):
+                await self._expiry_wake.wait()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            with trio.move_on_after(self.config.flush_interval_s):
+                await self._store_wake.wait()
+                await trio.sleep(0.05)  # gather a batch
+            self._store_wake = trio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write pending accepted offers and counter deltas to the store."""
+        if self.store is None:
+            self._to_store.clear()
+            self._unflushed.clear()
+            return
+        rows, self._to_store = self._to_store, []
+        deltas, self._unflushed = dict(self._unflushed), collections.Counter()
+        try:
+            await self.store.put_offers(rows)
+            await self.store.add_counters(deltas)
+        except BaseException:
+            self._to_store[:0] = rows
+            self._unflushed.update(deltas)
+            raise
+
+    # ---- offer sync: server ----
+    async def _serve_sync(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id
+        cfg = self.config
+        try:
+            self._serving.acquire_nowait()
+        except trio.WouldBlock:
+            self.count("offers.sync_serve.busy")
+            await _reset(stream)
+            return
+        try:
+            with trio.move_on_after(cfg.sync_serve_timeout_s) as scope:
+                req = await read_frame(stream, max_frame=SYNC_MAX_REQUEST,
+                                       timeout=cfg.sync_request_timeout_s)
+                limit = decode_sync_request(req)
+                offers = self.book.snapshot()
+                cap = min(limit or cfg.sync_max_offers, cfg.sync_max_offers)
+                for frame in chunk_offers(offers[:cap], cfg.sync_max_frame):
+                    await write_frame(stream, frame, max_frame=cfg.sync_max_frame)
+                await write_frame(stream, SYNC_END, max_frame=cfg.sync_max_frame)
+                self.count("offers.sync_serve.ok")
+            if scope.cancelled_caught:
+                self.count("offers.sync_serve.timeout")
+                log.info("sync to %s: not finished within %s s", peer, cfg.sync_serve_timeout_s)
+                await _reset(stream)
+        except ReqRespError as exc:
+            self.count(f"offers.sync_serve.{_reqresp_code(exc)}")
+            log.info("sync request from %s: %s", peer, exc)
+            await _reset(stream)
+        except RemoteProtocolError as exc:
+            self.count(f"offers.sync_serve.{exc.code}")
+            log.info("sync request from %s: REJECT %s", peer, exc)
+            await _reset(stream)
+        finally:
+            self._serving.release()
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                try:
+                    await stream.close()
+                except Exception:
+                    pass
+
+    # ---- offer sync: client ----
+    def sync_candidates(self) -> list[ID]:
+        return list(self.host.host.get_network().connections)[: self.config.sync_peers]
+
+    async def sync(self, peers: Sequence[ID] | None = None, *, timeout: float | None = None) -> list[SyncResult]:
+        """Fetch the market from ``peers`` (default: up to ``sync_peers`` connected peers) in
+        parallel, each under ``timeout``; every offer goes through :meth:`ingest`."""
+        peers = list(self.sync_candidates() if peers is None else peers)
+        results = [SyncResult(p) for p in peers]
+        deadline = self.config.sync_timeout_s if timeout is None else timeout
+        async with trio.open_nursery() as nursery:
+            for r in results:
+                nursery.start_soon(self._sync_one, r, deadline)
+        return results
+
+    async def _sync_one(self, result: SyncResult, deadline: float) -> None:
+        cfg = self.config
+        stream: INetStream | None = None
+        with trio.move_on_after(deadline) as scope:
+            try:
+                stream = await self.host.host.new_stream(result.peer, [TProtocol(cfg.sync_protocol)])
+                await write_frame(stream, encode_sync_request(0))
+                while True:
+                    remaining = max(0.0, scope.deadline - trio.current_time())
+                    frame = await read_frame(stream, max_frame=cfg.sync_max_frame, timeout=remaining)
+                    offers = decode_sync_frame(frame, cfg.sync_max_frame)
+                    if not offers:
+                        break
+                    result.offers += len(offers)
+                    if result.offers > cfg.sync_max_offers:
+                        raise Reject("sync_too_many", f"more than {cfg.sync_max_offers} offers")
+                    for raw in offers:
+                        verdict = self.ingest(raw, "sync", result.peer, offers_only=True)
+                        if verdict is Verdict.ACCEPT:
+                            result.accepted += 1
+                        elif verdict is Verdict.REJECT:
+                            result.rejected += 1
+                    if result.rejected > cfg.sync_max_rejects:
+                        raise Reject("sync_too_many_rejects", f"{result.rejected} invalid offers")
+                    await trio.lowlevel.checkpoint()
+                self.count("offers.sync.ok")
+            except ReqRespError as exc:
+                result.error = _reqresp_code(exc)
+            except RemoteProtocolError as exc:
+                result.error = exc.code
+            except Exception as exc:  # stream negotiation failures, peer gone, ...
+                result.error = "stream_failed"
+                log.info("sync from %s: %r", result.peer, exc)
+        if scope.cancelled_caught:
+            result.error = "timeout"
+        if result.error is not None:
+            self.count(f"offers.sync.fail.{result.error}")
+            log.info("sync from %s stopped: %s", result.peer, result.error)
+        if stream is not None:
+            if result.error is not None:
+                await _reset(stream)
+            else:
+                with trio.move_on_after(1):
+                    try:
+                        await stream.close()
+                    except Exception:
+                        pass
+
+
+class _Duplicate(RemoteProtocolError):
+    verdict = IGNORE
+
+    def __init__(self) -> None:
+        super().__init__("duplicate", "offer already held")
+
+
+def _reqresp_code(exc: ReqRespError) -> str:
+    return {"FrameTooLarge": "frame_too_large", "ReadTimeout": "timeout",
+            "PeerClosed": "peer_closed", "MalformedFrame": "malformed_frame"}.get(
+                type(exc).__name__, "reqresp_error")
+
+
+async def _reset(stream: INetStream) -> None:
+    with trio.move_on_after(1) as scope:
+        scope.shield = True
+        try:
+            await stream.reset()
+        except Exception:
+            pass
+
+
+# ------------------------------------------------------------------------------------------
+# Provider side
+
+
+def _clip(text: str, limit: int) -> str:
+    """At most ``limit`` bytes of UTF-8, cut at a character boundary."""
+    return text.encode()[:limit].decode(errors="ignore")
+
+
+def offer_facts(facts: StaticFacts, *, region: str, bandwidth_mbps: int) -> tuple[tuple[GpuInfo, ...], HostInfo]:
+    """The probe's facts as the offer's GPU list and host info. Raises NoGpuError without GPUs."""
+    if not facts.gpus:
+        raise NoGpuError("the probe described no GPU; a provider needs at least one to offer")
+    gpus = tuple(
+        GpuInfo(
+            model=_clip(g.model, 64),
+            uuid_digest=g.uuid_sha256,
+            vram_mib=g.vram_mib,
+            cc_major=g.compute_capability[0],
+            cc_minor=g.compute_capability[1],
+            driver_version=_clip(facts.driver_version, 32),
+            cuda_version=facts.cuda_driver_version,
+            pcie_gen=g.pcie_generation or 0,  # 0: NVML did not report it
+            pcie_width=g.pcie_width or 0,
+            power_limit_w=min(g.power_limit_w or 0, 65535),
+        )
+        for g in facts.gpus
+    )
+    host = HostInfo(
+        cpu_cores=min(facts.host.cpu_cores, 65535),
+        ram_mib=facts.host.ram_mib,
+        disk_gib=facts.host.disk_free_gib,
+        bandwidth_mbps=bandwidth_mbps,
+        region=_clip(region, 32),
+    )
+    return gpus, host
+
+
+class TokenBucket:
+    """``burst`` tokens, refilled at ``rate`` per second. Sans-I/O: the caller passes ``now``."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("a token bucket needs rate > 0 and burst >= 1")
+        self.rate, self.burst = rate, burst
+        self.tokens, self.updated = float(burst), now
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = max(self.updated, now)
+
+    def wait_time(self, now: float) -> float:
+        """Seconds until a token is available (0: now)."""
+        self._refill(now)
+        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+
+    def take(self, now: float) -> bool:
+        self._refill(now)
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    terms: OfferTerms
+    region: str
+    bandwidth_mbps: int
+    lifetime_ms: int = 30 * 60 * 1000
+    reannounce_at: float = 2 / 3  # fraction of the lifetime after which seq + 1 is published
+    publish_interval_s: float = 10.0  # token bucket: one publication per interval ...
+    publish_burst: int = 3  # ... with this burst (offers and withdrawals alike)
+    data_dir: str = "."
+
+
+@dataclass
+class _Live:
+    seq: int
+    digest: bytes
+    created_ms: int
+
+
+class OfferPublisher:
+    """A provider's offer on the topic; run with ``await nursery.start(pub.run)`` after the
+    node's :class:`OfferService` is running. ``run`` probes the GPUs first and raises
+    :class:`NoGpuError` (before ``started``) when there is nothing to offer."""
+
+    def __init__(
+        self,
+        service: OfferService,
+        identity: NodeIdentity,
+        binding: Binding,
+        config: ProviderConfig,
+        *,
+        probe: Callable[[], StaticFacts] | None = None,
+        nvml: object | None = None,
+    ) -> None:
+        self.service = service
+        self.key = PeerKey.from_signing_key(identity.signing_key)
+        if binding.peer_key != self.key.public:
+            raise ValueError("the wallet binding is for another peer key")
+        self.binding = binding
+        self.config = config
+        self._probe = probe or (lambda: _probe_static(nvml, config.data_dir))
+        self._bucket = TokenBucket(1 / config.publish_interval_s, config.publish_burst, trio.current_time())
+        self._lock = trio.Lock()
+        self._wake = trio.Event()
+        self.live: _Live | None = None
+        self.last_seq: int | None = None
+        self.gpus: tuple[GpuInfo, ...] = ()
+        self.host_info: HostInfo | None = None
+
+    @property
+    def _seq_name(self) -> str:
+        return f"provider.offer_seq.{self.key.public.hex()}"
+
+    async def run(self, *, task_status: trio.TaskStatus[OfferPublisher] = trio.TASK_STATUS_IGNORED) -> None:
+        facts = await trio.to_thread.run_sync(self._probe)
+        self.gpus, self.host_info = offer_facts(facts, region=self.config.region,
+                                                bandwidth_mbps=self.config.bandwidth_mbps)
+        try:
+            await self.publish()
+            task_status.started(self)
+            while True:
+                self._wake = trio.Event()
+                if self.live is None:
+                    await self._wake.wait()
+                    continue
+                due = self.live.created_ms + int(self.config.lifetime_ms * self.config.reannounce_at)
+                with trio.move_on_after(max(0.0, (due - self.service.now_ms()) / 1000)) as scope:
+                    await self._wake.wait()
+                if scope.cancelled_caught:
+                    await self.publish()
+        finally:
+            if self.live is not None:
+                with trio.move_on_after(2) as scope:
+                    scope.shield = True
+                    try:
+                        await self.withdraw(rate_limited=False)
+                    except Exception:
+                        log.exception("withdrawing the offer on shutdown failed")
+
+    async def _token(self) -> None:
+        for _ in range(1000):  # bounded; each wait is the exact refill time
+            wait = self._bucket.wait_time(trio.current_time())
+            if wait <= 0 and self._bucket.take(trio.current_time()):
+                return
+            await trio.sleep(max(wait, 0.001))
+        raise RuntimeError("token bucket never refilled")
+
+    async def publish(self) -> Offer:
+        """Publish the current inventory as a new offer (seq + 1); waits for a token."""
+        svc = self.service
+        async with self._lock:
+            await self._token()
+            now = svc.now_ms()
+            if svc.store is None:
+                raise RuntimeError("a provider needs a store to persist its offer sequence")
+            seq = await svc.store.next_sequence(self._seq_name, first=now)
+            self.last_seq = seq
+            assert self.host_info is not None, "publish() before run() probed the GPUs"
+            offer = Offer(
+                provider=self.key.public, seq=seq, created_ms=now,
+                expires_ms=now + self.config.lifetime_ms, gpus=self.gpus, host=self.host_info,
+                terms=self.config.terms, binding=self.binding,
+            ).sign(self.key)
+            check_offer_static(offer, svc.params)  # our own configuration error: raise here
+            data = offer.encode()
+            await svc.host.publish(svc.config.topic, data)
+            digest = hashlib.sha256(data).digest()
+            held = svc.book.held(self.key.public)
+            if held is None or held.digest != digest:
+                log.warning("our own validator did not accept offer seq %d; see counters", seq)
+            self.live = _Live(seq, digest, now)
+            svc.count("offers.published")
+            self._wake.set()
+            return offer
+
+    async def withdraw(self, *, rate_limited: bool = True) -> OfferWithdrawal | None:
+        """Withdraw the live offer (capacity rented, or shutdown). Returns None if none is live."""
+        svc = self.service
+        async with self._lock:
+            if self.live is None:
+                return None
+            if rate_limited:
+                await self._token()
+            msg = OfferWithdrawal(provider=self.key.public, seq=self.live.seq,
+                                  created_ms=svc.now_ms()).sign(self.key)
+            await svc.host.publish(svc.config.topic, msg.encode())
+            self.live = None
+            svc.count("offers.withdrawn")
+            self._wake.set()
+            return msg
+
+
+def _probe_static(nvml: object | None, data_dir: str) -> StaticFacts:
+    with GpuProbe(nvml) as probe:
+        return probe.static_facts(data_dir)
+
+
+__all__ = [
+    "OFFER_TOPIC", "SYNC_PROTOCOL", "OfferService", "OfferServiceConfig", "OfferPublisher",
+    "ProviderConfig", "SyncResult", "TokenBucket", "offer_facts", "encode_sync_request",
+    "decode_sync_request", "chunk_offers", "decode_sync_frame", "wall_clock_ms",
+]
