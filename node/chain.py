@@ -416,6 +416,10 @@ class AsyncChain:
         return call
 
 
+RETRY_NOT_YET_S = 60
+NOT_YET_REASONS = frozenset({"claim period not over", "dispute window not over"})
+
+
 class WalletEscrow:
     """The rental layer's view of the escrow (node.rentals.EscrowPort) for one wallet."""
 
@@ -427,6 +431,19 @@ class WalletEscrow:
         return await self.chain.run(self.chain.chain.opened_at, terms)
 
     async def execute(self, call: EscrowCall, terms: AgreementTerms) -> TxResult:
+        """Carry out a claim/close/recover. A recover refused only because the chain's clock
+        has not passed the deadline yet (block time may lag or lead this node's clock) is
+        retried once a second, up to `RETRY_NOT_YET_S` times."""
+        for attempt in range(RETRY_NOT_YET_S + 1):
+            try:
+                return await self._execute(call, terms)
+            except RevertedError as exc:
+                if exc.reason not in NOT_YET_REASONS or attempt == RETRY_NOT_YET_S:
+                    raise
+            await trio.sleep(1)
+        raise AssertionError("unreachable")
+
+    async def _execute(self, call: EscrowCall, terms: AgreementTerms) -> TxResult:
         c = self.chain.chain
         if call.method == "claim":
             return await self.chain.run(c.claim, self.key, terms, call.args["acked_seconds"],

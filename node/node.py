@@ -1,0 +1,386 @@
+"""A gpumarket node: the I/O shell that runs the protocol core for one participant.
+
+One trio nursery; every service is started with `await nursery.start(...)` and is running when
+that returns: the libp2p host, the offer service (gossip topic, offer book, offer sync), and for a
+provider the offer publisher, the negotiation desk and the rental desk. A renter calls `rent()`,
+which negotiates, opens the escrow and runs a rental session in the node's nursery. A watcher
+polls the escrow's events and tells the rental machines about closes and settlements.
+
+Cancelling the node's scope shuts it down: the publisher withdraws the offer (shielded, 2 s),
+streams close, and the store is flushed and closed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+
+from protocol.agreement import AgreementTerms
+from protocol.encoding import encode_struct, pack
+from protocol.identity import PeerKey, peer_id_from_public_key
+from protocol.messages import AgreementDetails, Binding, GpuMetrics, OfferTerms, TermsWire
+from protocol.negotiation import FirstAgreementWins, ProviderNegotiation, escrow_domain
+from protocol.offerbook import Entry
+from protocol.params import DEFAULT_PARAMS, Params
+from protocol.rental import ProviderRental, RenterRental
+
+from .chain import AsyncChain, ChainError, TxResult, WalletEscrow
+from .gpu import GpuProbe
+from .host import GossipHost, HostConfig
+from .identity import load_or_create_identity
+from .negotiate import Candidate, Capacity, ProviderDesk, negotiate_first
+from .offers import OfferPublisher, OfferService, ProviderConfig
+from .rentals import ProviderSession, RentalDesk, RenterSession
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    """What a provider offers and how it serves."""
+
+    price_per_gpu_second: int  # advertised, smallest token unit
+    min_price_per_gpu_second: int | None = None  # floor in negotiation (default: advertised)
+    min_duration_s: int = 60
+    max_duration_s: int = 7 * 24 * 3600
+    heartbeat_interval_s: int = 30
+    grace_s: int = 600
+    region: str = "unknown"
+    bandwidth_mbps: int = 1000
+    offer_lifetime_ms: int = 30 * 60 * 1000
+    publish_interval_s: float = 10.0
+    nvml: Any = None  # the pynvml module (default) or a node.fake_nvml.FakeNvml
+    access_hook: Sequence[str] | None = None  # command run when an agreement opens
+    access_hook_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    data_dir: Path
+    wallet_key: bytes  # decrypted secp256k1 key (from the keystore); never written in clear
+    listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)
+    bootstrap: Sequence[str] = ()
+    params: Params = DEFAULT_PARAMS
+    provider: ProviderSettings | None = None
+    name: str = "node"
+    chain_poll_s: float = 0.5
+
+
+@dataclass
+class Rental:
+    """One agreement as this node sees it (either role)."""
+
+    role: str
+    terms: AgreementTerms
+    details: AgreementDetails
+    session: ProviderSession | RenterSession | None = None
+    opened: TxResult | None = None
+    started_s: int | None = None
+    access: str | None = None  # what the provider's access hook printed
+    events: list[str] = field(default_factory=list)
+
+    @property
+    def agreement_id(self) -> bytes:
+        return self.terms.agreement_id()
+
+
+class RentError(Exception):
+    """Renting failed for a reason a person can act on; str() is one line."""
+
+
+class Node:
+    def __init__(self, config: NodeConfig, chain: AsyncChain) -> None:
+        self.config = config
+        self.chain = chain
+        self.params = config.params
+        self.data_dir = Path(config.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.identity = load_or_create_identity(self.data_dir / "identity.seed")
+        self.key = PeerKey.from_signing_key(self.identity.signing_key)
+        self.wallet_key = config.wallet_key
+        self.binding = Binding.create(self.key, self.wallet_key, chain.chain.chain_id)
+        self.host = GossipHost(self.identity, HostConfig(listen_addrs=tuple(config.listen),
+                                                         bootstrap=tuple(config.bootstrap)))
+        self.escrow = WalletEscrow(chain, self.wallet_key)
+        self.rentals: dict[bytes, Rental] = {}
+        self.store: Store | None = None
+        self.offers: OfferService | None = None
+        self.publisher: OfferPublisher | None = None
+        self.capacity: Capacity | None = None
+        self.desk: ProviderDesk | None = None
+        self.rental_desk: RentalDesk | None = None
+        self._pending: dict[bytes, ProviderNegotiation] = {}  # accepted, escrow not yet seen
+        self._nursery: trio.Nursery | None = None
+        self._probe: GpuProbe | None = None
+        self._all_gpus: tuple = ()
+        self.rng = random.Random()
+
+    @property
+    def peer_id(self) -> ID:
+        return self.host.peer_id
+
+    @property
+    def book(self):
+        assert self.offers is not None
+        return self.offers.book
+
+    def addrs(self) -> list[str]:
+        return [str(a) for a in self.host.addrs()]
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus["Node"] = trio.TASK_STATUS_IGNORED) -> None:
+        self.store = await Store.open(self.data_dir / "node.db")
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self.host.run)
+                self.offers = OfferService(self.host, self.store, self.params)
+                await nursery.start(self.offers.run)
+                if self.config.provider is not None:
+                    await self._start_provider(nursery, self.config.provider)
+                nursery.start_soon(self._watch_chain)
+                log.info("%s up: peer %s, wallet 0x%s", self.config.name, self.peer_id,
+                         self.binding.wallet.hex())
+                task_status.started(self)
+                await trio.sleep_forever()
+        finally:
+            with trio.move_on_after(3) as scope:
+                scope.shield = True
+                if self._probe is not None:
+                    self._probe.close()
+                if self.offers is not None:
+                    try:
+                        await self.offers.flush()
+                    except Exception:
+                        log.exception("flushing the offer service failed")
+                await self.store.close()
+
+    async def _start_provider(self, nursery: trio.Nursery, settings: ProviderSettings) -> None:
+        chain = self.chain.chain
+        terms = OfferTerms(
+            chain_id=chain.chain_id, token=chain.token_address,
+            token_symbol=(await self.chain.run(self._token_symbol)), token_decimals=6,
+            price_per_gpu_second=settings.price_per_gpu_second, escrow=chain.escrow_address,
+            min_duration_s=settings.min_duration_s, max_duration_s=settings.max_duration_s,
+            heartbeat_interval_s=settings.heartbeat_interval_s, grace_s=settings.grace_s,
+            arbiter=b"\x00" * 20, dispute_window_s=0,
+        )
+        self.publisher = OfferPublisher(
+            self.offers, self.identity, self.binding,
+            ProviderConfig(terms=terms, region=settings.region,
+                           bandwidth_mbps=settings.bandwidth_mbps,
+                           lifetime_ms=settings.offer_lifetime_ms,
+                           publish_interval_s=settings.publish_interval_s,
+                           data_dir=str(self.data_dir)),
+            nvml=settings.nvml,
+        )
+        await nursery.start(self.publisher.run)  # raises NoGpuError before publishing anything
+        self._all_gpus = self.publisher.gpus  # the inventory; the offer lists the free part
+        self.capacity = Capacity([g.uuid_digest for g in self._all_gpus])
+        self._probe = GpuProbe(settings.nvml)
+        self._probe.open()
+        self.desk = ProviderDesk(
+            self.host, self.key, self.wallet_key, self.params, self._current_offer, self.capacity,
+            lambda: settings.min_price_per_gpu_second or settings.price_per_gpu_second,
+            self._on_agreed,
+        )
+        self.desk.install()
+        self.rental_desk = RentalDesk(self.host, nursery, self._start_provider_session)
+        self.rental_desk.install()
+
+    def _token_symbol(self) -> str:
+        token = self.chain.chain.token
+        return token.functions.symbol().call() if token is not None else "ETH"
+
+    def _current_offer(self):
+        entry = self.book.held(self.key.public)
+        return None if entry is None else (entry.offer, entry.digest)
+
+    # -- provider -----------------------------------------------------------------------------
+
+    async def _on_agreed(self, machine: ProviderNegotiation, peer: ID) -> None:
+        terms, details = machine.terms, machine.details
+        assert terms is not None and details is not None
+        aid = terms.agreement_id()
+        self._pending[aid] = machine
+        await self._remember(aid, "provider", "accepted", terms, details)
+        log.info("%s accepted agreement %s with %s", self.config.name, aid.hex()[:12], peer)
+
+    async def _start_provider_session(self, agreement_id: bytes) -> ProviderSession | None:
+        machine = self._pending.get(agreement_id)
+        if machine is None:
+            return None
+        terms, details = machine.terms, machine.details
+        started_s = await self.escrow.started_s(terms)
+        if started_s is None:
+            log.warning("renter asked to start %s before the escrow is open", agreement_id.hex()[:12])
+            return None
+        del self._pending[agreement_id]
+        self.capacity.commit(agreement_id)
+        rental = Rental("provider", terms, details, started_s=started_s)
+        self.rentals[agreement_id] = rental
+        provider_machine = ProviderRental(terms, details, escrow_domain(machine.offer), self.key,
+                                          started_s * 1000, self.params)
+        session = ProviderSession(
+            provider_machine, terms, details, self.escrow, self.store, now_ms,
+            lambda: self._metrics(details.gpus), lambda effect: self._service(rental, effect),
+        )
+        rental.session = session
+        await self.store.set_agreement_state(agreement_id, "open", time.time())
+        await session.carry_out(provider_machine.start())
+        await self._republish()
+        return session
+
+    def _metrics(self, gpus: Sequence[bytes]) -> tuple[GpuMetrics, ...]:
+        by_index = {g.uuid_digest: i for i, g in enumerate(self.publisher.gpus)}
+        live = {m.index: m for m in self._probe.live_metrics()}
+        out = []
+        for uuid in gpus:
+            m = live.get(by_index.get(uuid, -1))
+            out.append(GpuMetrics(uuid, (m.utilization_pct or 0) if m else 0,
+                                  (m.memory_used_mib or 0) if m else 0,
+                                  (m.temperature_c or 0) if m else 0, (m.power_mw or 0) if m else 0))
+        return tuple(out)
+
+    async def _service(self, rental: Rental, effect: Any) -> None:
+        name = type(effect).__name__
+        rental.events.append(name)
+        if name == "StartService":
+            rental.access = await self._run_access_hook(rental)
+        elif name == "StopService":
+            self.capacity.release(rental.agreement_id)
+            await self.store.set_agreement_state(rental.agreement_id, "stopped", time.time())
+            await self._republish()
+
+    async def _run_access_hook(self, rental: Rental) -> str | None:
+        settings = self.config.provider
+        if settings is None or not settings.access_hook:
+            return None
+        doc = json.dumps({
+            "agreement_id": rental.agreement_id.hex(),
+            "renter_wallet": "0x" + rental.terms.renter.hex(),
+            "renter_peer_id": peer_id_from_public_key(rental.details.renter_key),
+            "gpus": [g.hex() for g in rental.details.gpus],
+            "max_seconds": rental.terms.max_seconds,
+            "access_key": rental.details.access_key,
+        })
+        try:
+            with trio.fail_after(settings.access_hook_timeout_s):
+                out = await trio.run_process(list(settings.access_hook), stdin=doc.encode(),
+                                             capture_stdout=True, capture_stderr=True)
+        except (trio.TooSlowError, OSError) as exc:
+            log.warning("access hook failed: %r", exc)
+            return None
+        if out.returncode != 0:
+            log.warning("access hook exited %d: %s", out.returncode, out.stderr.decode()[-200:])
+            return None
+        return out.stdout.decode()[:4096]
+
+    async def _republish(self) -> None:
+        """The free GPUs changed: announce what is left, or withdraw when nothing is."""
+        if self.publisher is None:
+            return
+        free = set(self.capacity.free(now_ms()))
+        gpus = tuple(g for g in self._all_gpus if g.uuid_digest in free)
+        try:
+            if gpus:
+                self.publisher.gpus = gpus
+                await self.publisher.publish()
+            else:
+                await self.publisher.withdraw()
+        except Exception:
+            log.exception("re-announcing the offer failed")
+
+    # -- renter -------------------------------------------------------------------------------
+
+    async def rent(self, entries: Sequence[Entry], *, gpu_count: int, duration_s: int,
+                   max_price_per_gpu_second: int, access_key: str = "") -> Rental:
+        """Negotiate with every offer in `entries` at once, open the escrow for the first
+        agreement, and start the rental session. Raises RentError."""
+        if not entries:
+            raise RentError("no offers to rent from")
+        group: FirstAgreementWins = await negotiate_first(
+            self.host, self.key, self.binding, [Candidate(e.offer, e.digest) for e in entries],
+            gpu_count=gpu_count, duration_s=duration_s,
+            max_price_per_gpu_second=max_price_per_gpu_second, access_key=access_key,
+            params=self.params, rng=self.rng,
+        )
+        winner = group.winner
+        if winner is None:
+            reasons = sorted({n.failure.reason_name for n in group.negotiations.values() if n.failure})
+            raise RentError("no provider agreed: " + ", ".join(reasons or ["no answer"]))
+        terms, details = winner.terms, winner.details
+        aid = terms.agreement_id()
+        await self._remember(aid, "renter", "agreed", terms, details)
+        try:
+            opened = await self.chain.open(self.wallet_key, terms, winner.consent_sig)
+        except ChainError as exc:
+            await self.store.set_agreement_state(aid, "open_failed", time.time())
+            raise RentError(f"opening the escrow failed: {exc}") from None
+        rental = Rental("renter", terms, details, opened=opened, started_s=opened.timestamp)
+        self.rentals[aid] = rental
+        await self.store.set_agreement_state(aid, "open", time.time())
+        machine = RenterRental(terms, details, escrow_domain(winner.offer), self.key,
+                               self.wallet_key, opened.timestamp * 1000, self.rng, self.params)
+        session = RenterSession(machine, terms, details, self.escrow, self.store, now_ms)
+        rental.session = session
+        provider_peer = ID.from_base58(peer_id_from_public_key(details.provider_key))
+        self._nursery.start_soon(session.run_timers)
+        self._nursery.start_soon(session.run_connection, self.host, provider_peer)
+        return rental
+
+    async def stop_rental(self, agreement_id: bytes) -> None:
+        rental = self.rentals[agreement_id]
+        if not isinstance(rental.session, RenterSession):
+            raise RentError("only the renter stops a rental early")
+        await rental.session.stop()
+
+    # -- chain events -------------------------------------------------------------------------
+
+    async def _watch_chain(self) -> None:
+        next_block = await self.chain.run(lambda: self.chain.chain.w3.eth.block_number)
+        while True:
+            await trio.sleep(self.config.chain_poll_s)
+            try:
+                events = await self.chain.events(next_block)
+            except Exception as exc:
+                log.warning("reading escrow events failed: %r", exc)
+                continue
+            for ev in events:
+                next_block = max(next_block, ev.block + 1)
+                rental = self.rentals.get(ev.agreement_id) if ev.agreement_id else None
+                if rental is None or rental.session is None:
+                    continue
+                rental.events.append(ev.name)
+                machine = rental.session.machine
+                async with rental.session._lock:
+                    if ev.name == "Closed" and rental.role == "provider":
+                        await rental.session.carry_out(machine.escrow_closed(now_ms()))
+                    elif ev.name in ("Claimed", "Finalized", "Recovered", "Arbitrated") \
+                            and rental.role == "renter":
+                        await rental.session.carry_out(machine.escrow_settled(now_ms()))
+                if ev.name in ("Claimed", "Finalized", "Recovered", "Arbitrated"):
+                    await self.store.set_agreement_state(ev.agreement_id, "settled", time.time())
+
+    # -- storage ------------------------------------------------------------------------------
+
+    async def _remember(self, aid: bytes, role: str, state: str, terms: AgreementTerms,
+                        details: AgreementDetails) -> None:
+        blob = pack([encode_struct(TermsWire.from_terms(terms)), details.encode()])
+        await self.store.put_agreement(aid, role, state, blob, time.time())
