@@ -214,11 +214,16 @@ class Chain:
                        method="mint")
 
     def time_travel(self, seconds: int) -> None:
-        """Embedded chain only: move block time forward (tests)."""
-        if self.tester is None:
-            raise ChainError("time travel needs the embedded chain")
-        self.tester.time_travel(self.now_s() + seconds)
-        self.tester.mine_blocks(1)
+        """Local chains only: move block time forward and mine a block (tests)."""
+        if self.tester is not None:
+            self.tester.time_travel(self.now_s() + seconds)
+            self.tester.mine_blocks(1)
+            return
+        try:  # anvil (and hardhat) dev RPC
+            self.w3.provider.make_request("evm_increaseTime", [seconds])
+            self.w3.provider.make_request("evm_mine", [])
+        except Exception as exc:
+            raise ChainError(f"this chain does not support time travel: {exc}") from None
 
     # -- reads --------------------------------------------------------------------------------
 
