@@ -93,6 +93,8 @@ class Rental:
     started_s: int | None = None
     access: str | None = None  # what the provider's access hook printed
     events: list[str] = field(default_factory=list)
+    provider_binding: Binding | None = None  # both bindings go into the evidence bundle
+    renter_binding: Binding | None = None
 
     @property
     def agreement_id(self) -> bytes:
@@ -233,7 +235,8 @@ class Node:
             return None
         del self._pending[agreement_id]
         self.capacity.commit(agreement_id)
-        rental = Rental("provider", terms, details, started_s=started_s)
+        rental = Rental("provider", terms, details, started_s=started_s,
+                        provider_binding=self.binding, renter_binding=machine.proposal.renter_binding)
         self.rentals[agreement_id] = rental
         provider_machine = ProviderRental(terms, details, escrow_domain(machine.offer), self.key,
                                           started_s * 1000, self.params)
@@ -333,7 +336,8 @@ class Node:
         except ChainError as exc:
             await self.store.set_agreement_state(aid, "open_failed", time.time())
             raise RentError(f"opening the escrow failed: {exc}") from None
-        rental = Rental("renter", terms, details, opened=opened, started_s=opened.timestamp)
+        rental = Rental("renter", terms, details, opened=opened, started_s=opened.timestamp,
+                        provider_binding=winner.offer.binding, renter_binding=self.binding)
         self.rentals[aid] = rental
         await self.store.set_agreement_state(aid, "open", time.time())
         machine = RenterRental(terms, details, escrow_domain(winner.offer), self.key,

@@ -1,0 +1,170 @@
+"""The node's configuration file (TOML), with defaults and one-line errors.
+
+`gpumarket init` writes one with sane defaults; every key is optional except where noted. Unknown
+keys are errors (a typo must not silently fall back to a default). The wallet key is never in
+this file: `chain.keystore` names an encrypted eth-account keystore.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA_DIR = Path("~/.gpumarket").expanduser()
+CONFIG_NAME = "config.toml"
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, corrupt, or has a bad value; str() is one line."""
+
+
+@dataclass(frozen=True)
+class ChainSection:
+    # "embedded" (an in-process EVM for this node alone), or a JSON-RPC URL (anvil, a testnet)
+    rpc: str = "embedded"
+    chain_id: int | None = None
+    escrow: bytes | None = None
+    token: bytes | None = None
+    keystore: str = "wallet.json"  # relative to the data directory
+
+
+@dataclass(frozen=True)
+class ProviderSection:
+    enabled: bool = False
+    price_per_gpu_hour: Decimal = Decimal("0.50")  # whole token units (e.g. USDC)
+    min_price_per_gpu_hour: Decimal | None = None  # negotiation floor (default: the price)
+    min_duration_s: int = 600
+    max_duration_s: int = 7 * 24 * 3600
+    heartbeat_interval_s: int = 30
+    grace_s: int = 600
+    region: str = "unknown"
+    bandwidth_mbps: int = 1000
+    access_hook: tuple[str, ...] = ()
+    fake_gpus: int = 0  # >0: simulated GPUs instead of NVML (demos and tests only)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    data_dir: Path
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)
+    bootstrap: tuple[str, ...] = ()
+    chain: ChainSection = field(default_factory=ChainSection)
+    provider: ProviderSection = field(default_factory=ProviderSection)
+
+    @property
+    def keystore_path(self) -> Path:
+        return (self.data_dir / self.chain.keystore).expanduser()
+
+
+def _address(value: Any, where: str) -> bytes:
+    text = str(value)
+    raw = text[2:] if text.startswith("0x") else text
+    try:
+        out = bytes.fromhex(raw)
+    except ValueError:
+        out = b""
+    if len(out) != 20:
+        raise ConfigError(f"{where}: {text!r} is not a 0x-prefixed 20-byte address")
+    return out
+
+
+def _decimal(value: Any, where: str) -> Decimal:
+    try:
+        out = Decimal(str(value))
+    except InvalidOperation:
+        raise ConfigError(f"{where}: {value!r} is not a number like 0.45") from None
+    if out <= 0:
+        raise ConfigError(f"{where}: must be positive")
+    return out
+
+
+def _expect(section: dict, allowed: dict[str, type | tuple], where: str) -> None:
+    for key, value in section.items():
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(allowed))})")
+        if not isinstance(value, allowed[key]) or (allowed[key] is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}.{key}: expected {getattr(allowed[key], '__name__', allowed[key])}, "
+                              f"got {type(value).__name__}")
+
+
+def load_config(path: Path) -> Config:
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"no configuration at {path}: run `gpumarket init` first") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    _expect(doc, {"node": dict, "chain": dict, "provider": dict}, str(path))
+    node = doc.get("node", {})
+    _expect(node, {"data_dir": str, "listen": list, "bootstrap": list}, "node")
+    chain = doc.get("chain", {})
+    _expect(chain, {"rpc": str, "chain_id": int, "escrow": str, "token": str, "keystore": str}, "chain")
+    prov = doc.get("provider", {})
+    _expect(prov, {"enabled": bool, "price_per_gpu_hour": (str, int, float),
+                   "min_price_per_gpu_hour": (str, int, float), "min_duration_s": int,
+                   "max_duration_s": int, "heartbeat_interval_s": int, "grace_s": int,
+                   "region": str, "bandwidth_mbps": int, "access_hook": list, "fake_gpus": int},
+            "provider")
+    data_dir = Path(node.get("data_dir", str(path.parent))).expanduser()
+    provider = ProviderSection(
+        enabled=prov.get("enabled", False),
+        price_per_gpu_hour=_decimal(prov.get("price_per_gpu_hour", "0.50"), "provider.price_per_gpu_hour"),
+        min_price_per_gpu_hour=(_decimal(prov["min_price_per_gpu_hour"], "provider.min_price_per_gpu_hour")
+                                if "min_price_per_gpu_hour" in prov else None),
+        min_duration_s=prov.get("min_duration_s", 600),
+        max_duration_s=prov.get("max_duration_s", 7 * 24 * 3600),
+        heartbeat_interval_s=prov.get("heartbeat_interval_s", 30),
+        grace_s=prov.get("grace_s", 600),
+        region=prov.get("region", "unknown"),
+        bandwidth_mbps=prov.get("bandwidth_mbps", 1000),
+        access_hook=tuple(str(a) for a in prov.get("access_hook", [])),
+        fake_gpus=prov.get("fake_gpus", 0),
+    )
+    return Config(
+        path=path,
+        data_dir=data_dir,
+        listen=tuple(str(a) for a in node.get("listen", ["/ip4/0.0.0.0/tcp/4001"])),
+        bootstrap=tuple(str(a) for a in node.get("bootstrap", [])),
+        chain=ChainSection(
+            rpc=chain.get("rpc", "embedded"),
+            chain_id=chain.get("chain_id"),
+            escrow=_address(chain["escrow"], "chain.escrow") if "escrow" in chain else None,
+            token=_address(chain["token"], "chain.token") if "token" in chain else None,
+            keystore=chain.get("keystore", "wallet.json"),
+        ),
+        provider=provider,
+    )
+
+
+def default_config_text(data_dir: Path, *, provider: bool = False) -> str:
+    return f"""# gpumarket node configuration (TOML). Every key is optional; these are the defaults.
+[node]
+data_dir = "{data_dir}"
+listen = ["/ip4/0.0.0.0/tcp/4001"]
+bootstrap = []          # multiaddrs ending in /p2p/<peer id>
+
+[chain]
+rpc = "embedded"        # "embedded" (an in-process EVM for this node alone) or a JSON-RPC URL
+# chain_id = 31337      # checked against the endpoint
+# escrow = "0x..."      # the escrow contract's address on that chain
+# token = "0x..."       # the stablecoin (ERC-20) offers are priced in
+keystore = "wallet.json" # encrypted wallet keystore, relative to data_dir; never a plain key
+
+[provider]
+enabled = {"true" if provider else "false"}
+price_per_gpu_hour = "0.50"   # in whole token units (e.g. USDC)
+min_duration_s = 600
+max_duration_s = 604800
+heartbeat_interval_s = 30
+grace_s = 600
+region = "unknown"
+bandwidth_mbps = 1000
+# access_hook = ["/usr/local/bin/gpumarket-access-hook"]  # gets the agreement as JSON on stdin
+"""

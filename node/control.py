@@ -1,0 +1,304 @@
+"""The local control API: how `gpumarket` commands talk to a running `gpumarket node run`.
+
+A Unix socket `control.sock` in the node's data directory, created with mode 0600, and a random
+token in `control.token` (0600): only the user who runs the node can read the token or connect.
+One connection carries one request line and one reply line, both JSON:
+
+    {"token": "...", "op": "search", "args": {"query": "gpu=RTX_4090", "sort": "price"}}
+    {"ok": true, "result": [...]}        or        {"ok": false, "error": "one line"}
+
+Requests are bounded (64 KiB, 10 s to arrive); a wrong token is refused without detail.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import secrets
+import socket
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from protocol.errors import ProtocolError
+from protocol.evidence import build_bundle
+from protocol.identity import short_id
+
+from .chain import ChainError
+from .node import Node, RentError, now_ms
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "control.sock"
+TOKEN_NAME = "control.token"
+MAX_REQUEST = 64 * 1024
+REQUEST_TIMEOUT_S = 10.0
+
+
+class ControlError(Exception):
+    """A control request failed; str() is one line for the person at the terminal."""
+
+
+class NoNodeRunning(ControlError):
+    """No node answers on this data directory's control socket."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Server
+
+
+def _write_token(path: Path) -> str:
+    token = secrets.token_hex(32)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    os.replace(tmp, path)
+    return token
+
+
+class ControlServer:
+    def __init__(self, node: Node, data_dir: Path) -> None:
+        self.node = node
+        self.sock_path = Path(data_dir) / SOCKET_NAME
+        self.token_path = Path(data_dir) / TOKEN_NAME
+        self.token = ""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.token = _write_token(self.token_path)
+        if self.sock_path.exists():
+            self.sock_path.unlink()  # a stale socket from a killed node
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket file is created 0600
+        try:
+            await sock.bind(str(self.sock_path))
+        finally:
+            os.umask(old)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        try:
+            task_status.started()
+            await trio.serve_listeners(self._handle, [listener])
+        finally:
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                await listener.aclose()
+            for p in (self.sock_path, self.token_path):
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT_S):
+                    raw = await _read_line(stream)
+                request = json.loads(raw)
+                if not isinstance(request, dict):
+                    raise ValueError("request must be a JSON object")
+            except (trio.TooSlowError, ValueError, UnicodeDecodeError) as exc:
+                await _send(stream, {"ok": False, "error": f"bad request: {exc}"})
+                return
+            if not hmac.compare_digest(str(request.get("token", "")), self.token):
+                await _send(stream, {"ok": False, "error": "refused: wrong control token"})
+                return
+            op = request.get("op")
+            handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+            if handler is None:
+                await _send(stream, {"ok": False, "error": f"unknown operation {op!r}"})
+                return
+            try:
+                result = await handler(**(request.get("args") or {}))
+                reply = {"ok": True, "result": result}
+            except (RentError, ChainError, ControlError, ProtocolError, KeyError, ValueError) as exc:
+                reply = {"ok": False, "error": str(exc)}
+            except Exception as exc:
+                log.exception("control op %s failed", op)
+                reply = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+            await _send(stream, reply)
+
+    # -- operations --------------------------------------------------------------------------
+
+    async def op_status(self) -> dict:
+        n = self.node
+        return {
+            "name": n.config.name, "peer_id": str(n.peer_id), "addrs": n.addrs(),
+            "wallet": "0x" + n.binding.wallet.hex(), "chain_id": n.chain.chain.chain_id,
+            "escrow": "0x" + n.chain.chain.escrow_address.hex(),
+            "provider": n.publisher is not None, "offers_in_book": len(n.book),
+            "rentals": len(n.rentals),
+            "counters": dict(n.offers.counters) if n.offers is not None else {},
+        }
+
+    async def op_search(self, query: str = "", sort: str | None = "price", limit: int = 50) -> list:
+        entries = self.node.book.query(query, sort, limit=limit)
+        return [offer_row(e) for e in entries]
+
+    async def op_quote(self, offer_id: str, seconds: int, gpu_count: int = 1) -> dict:
+        entry = self.node.book.get(offer_id)
+        o = entry.offer
+        if now_ms() > o.expires_ms:
+            raise ControlError(f"offer {offer_id} expired; search again")
+        deposit = o.terms.price_per_gpu_second * gpu_count * seconds
+        return {"offer": offer_row(entry), "deposit": deposit,
+                "deposit_tokens": str(Decimal(deposit) / 10**o.terms.token_decimals),
+                "token": o.terms.token_symbol}
+
+    async def op_rent(self, offer_id: str, seconds: int, gpu_count: int = 1,
+                      max_price_per_gpu_hour: str | None = None, access_key: str = "") -> dict:
+        entry = self.node.book.get(offer_id)
+        o = entry.offer
+        if now_ms() > o.expires_ms:
+            raise ControlError(f"offer {offer_id} expired between search and rent; search again")
+        scale = 10**o.terms.token_decimals
+        if max_price_per_gpu_hour is None:
+            max_price = o.terms.price_per_gpu_second
+        else:
+            max_price = int(Decimal(max_price_per_gpu_hour) * scale / 3600)
+            if max_price < 1:
+                raise ControlError("--max-price is below the smallest price unit")
+        rental = await self.node.rent([entry], gpu_count=gpu_count, duration_s=seconds,
+                                      max_price_per_gpu_second=max_price, access_key=access_key)
+        return rental_row(self.node, rental)
+
+    async def op_rentals(self) -> list:
+        return [rental_row(self.node, r) for r in self.node.rentals.values()]
+
+    async def op_stop(self, agreement_id: str) -> dict:
+        rental = self._rental(agreement_id)
+        await self.node.stop_rental(rental.agreement_id)
+        return rental_row(self.node, rental)
+
+    async def op_evidence(self, agreement_id: str) -> dict:
+        rental = self._rental(agreement_id)
+        store = self.node.store
+        heartbeats = [row.raw for row in await store.heartbeats(rental.agreement_id)]
+        receipts = [row.raw for row in await store.receipts(rental.agreement_id)]
+        bundle = build_bundle(rental.terms, rental.details, rental.provider_binding,
+                              rental.renter_binding, rental.started_s or 0, heartbeats, receipts)
+        return {"agreement_id": rental.agreement_id.hex(), "bundle": bundle.encode().hex(),
+                "heartbeats": len(heartbeats), "receipts": len(receipts)}
+
+    async def op_escrow_status(self, agreement_id: str) -> dict:
+        rental = self._rental(agreement_id)
+        status = await self.node.chain.status(rental.agreement_id)
+        return {"agreement_id": rental.agreement_id.hex(), "state": status.state,
+                "end_s": status.end_s, "acked_seconds": status.acked_seconds,
+                "deposit": rental.terms.deposit}
+
+    async def op_publish(self) -> dict:
+        if self.node.publisher is None:
+            raise ControlError("this node is not a provider (set [provider] enabled = true)")
+        offer = await self.node.publisher.publish()
+        return {"seq": offer.seq, "gpus": len(offer.gpus)}
+
+    async def op_withdraw(self) -> dict:
+        if self.node.publisher is None:
+            raise ControlError("this node is not a provider")
+        msg = await self.node.publisher.withdraw()
+        return {"withdrawn": msg is not None}
+
+    def _rental(self, prefix: str):
+        prefix = prefix.lower().removeprefix("0x")
+        matches = [r for aid, r in self.node.rentals.items() if aid.hex().startswith(prefix)]
+        if not prefix or not matches:
+            raise ControlError(f"no rental {prefix!r} on this node (see `gpumarket rentals`)")
+        if len(matches) > 1:
+            raise ControlError(f"{prefix!r} matches {len(matches)} rentals; give more digits")
+        return matches[0]
+
+
+def offer_row(entry) -> dict:
+    o = entry.offer
+    g = o.gpus[0]
+    return {
+        "offer_id": entry.offer_id, "provider": short_id(o.provider), "model": g.model,
+        "gpus": len(o.gpus), "vram_gib": round(g.vram_mib / 1024), "region": o.host.region,
+        "cuda": f"{g.cuda_version // 1000}.{g.cuda_version % 1000 // 10}",
+        "price_per_gpu_hour": f"{entry.price_per_gpu_hour_tokens():.4f}",
+        "token": o.terms.token_symbol, "score": round(entry.score, 3),
+        "expires_in_s": max(0, (o.expires_ms - now_ms()) // 1000),
+    }
+
+
+def rental_row(node: Node, rental) -> dict:
+    session = rental.session
+    machine = session.machine if session is not None else None
+    acked = getattr(machine, "acked_seconds", 0) if machine is not None else 0
+    state = machine.state if machine is not None else "pending"
+    elapsed = max(0, now_ms() // 1000 - (rental.started_s or now_ms() // 1000))
+    return {
+        "agreement_id": rental.agreement_id.hex(), "role": rental.role, "state": state,
+        "provider": short_id(rental.details.provider_key), "gpus": len(rental.details.gpus),
+        "max_seconds": rental.terms.max_seconds, "elapsed_s": min(elapsed, rental.terms.max_seconds),
+        "acked_seconds": acked, "deposit": rental.terms.deposit,
+        "cost_so_far": rental.terms.price_per_second * acked,
+        "heartbeats": session.log.heartbeats if session else 0,
+        "receipts": session.log.receipts if session else 0,
+        "access": rental.access,
+    }
+
+
+async def _read_line(stream: trio.SocketStream) -> str:
+    buf = bytearray()
+    while b"\n" not in buf:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > MAX_REQUEST:
+            raise ValueError("request too large")
+    return buf.split(b"\n", 1)[0].decode()
+
+
+async def _send(stream: trio.SocketStream, doc: dict) -> None:
+    try:
+        await stream.send_all(json.dumps(doc, default=str).encode() + b"\n")
+    except trio.BrokenResourceError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Client (synchronous: the CLI is a short-lived process)
+
+
+def call(data_dir: Path, op: str, timeout_s: float = 120.0, **args: Any) -> Any:
+    data_dir = Path(data_dir).expanduser()
+    sock_path, token_path = data_dir / SOCKET_NAME, data_dir / TOKEN_NAME
+    hint = f"no node is running for {data_dir}: start one with `gpumarket node run`"
+    try:
+        token = token_path.read_text().strip()
+    except FileNotFoundError:
+        raise NoNodeRunning(hint) from None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout_s)
+    try:
+        s.connect(str(sock_path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise NoNodeRunning(hint) from None
+    try:
+        s.sendall(json.dumps({"token": token, "op": op, "args": args}).encode() + b"\n")
+        buf = bytearray()
+        while b"\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    except socket.timeout:
+        raise ControlError(f"the node did not answer {op!r} within {timeout_s:.0f} s") from None
+    finally:
+        s.close()
+    if not buf:
+        raise ControlError("the node closed the connection without answering")
+    reply = json.loads(buf.split(b"\n", 1)[0])
+    if not reply.get("ok"):
+        raise ControlError(reply.get("error", "unknown error"))
+    return reply.get("result")
+
+
+
