@@ -524,7 +524,7 @@ class OfferPublisher:
         self.binding = binding
         self.config = config
         self._probe = probe or (lambda: _probe_static(nvml, config.data_dir))
-        self._bucket = TokenBucket(1 / config.publish_interval_s, config.publish_burst, trio.current_time())
+        self._bucket: TokenBucket | None = None  # made in run(): it reads trio's clock
         self._lock = trio.Lock()
         self._wake = trio.Event()
         self.live: _Live | None = None
@@ -537,6 +537,8 @@ class OfferPublisher:
         return f"provider.offer_seq.{self.key.public.hex()}"
 
     async def run(self, *, task_status: trio.TaskStatus[OfferPublisher] = trio.TASK_STATUS_IGNORED) -> None:
+        self._bucket = TokenBucket(1 / self.config.publish_interval_s, self.config.publish_burst,
+                                   trio.current_time())
         facts = await trio.to_thread.run_sync(self._probe)
         self.gpus, self.host_info = offer_facts(facts, region=self.config.region,
                                                 bandwidth_mbps=self.config.bandwidth_mbps)
@@ -563,6 +565,8 @@ class OfferPublisher:
                         log.exception("withdrawing the offer on shutdown failed")
 
     async def _token(self) -> None:
+        if self._bucket is None:
+            raise RuntimeError("OfferPublisher used before run()")
         for _ in range(1000):  # bounded; each wait is the exact refill time
             wait = self._bucket.wait_time(trio.current_time())
             if wait <= 0 and self._bucket.take(trio.current_time()):
