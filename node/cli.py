@@ -466,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from protocol.errors import ProtocolError
+    from protocol.query import QueryError
 
     from .chain import ChainError
     from .config import ConfigError
@@ -480,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"gpumarket: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except QueryError as exc:
+        if args.debug:
+            raise
+        print(f"gpumarket: {exc.detail}", file=sys.stderr)
         return EXIT_USAGE
     except (ControlError, ChainError, WalletError, ProtocolError) as exc:
         if args.debug:

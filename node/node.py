@@ -157,6 +157,7 @@ class Node:
                 if self.config.provider is not None:
                     await self._start_provider(nursery, self.config.provider)
                 nursery.start_soon(self._watch_chain)
+                nursery.start_soon(self._sync_on_join)
                 log.info("%s up: peer %s, wallet 0x%s", self.config.name, self.peer_id,
                          self.binding.wallet.hex())
                 task_status.started(self)
@@ -354,6 +355,19 @@ class Node:
         if not isinstance(rental.session, RenterSession):
             raise RentError("only the renter stops a rental early")
         await rental.session.stop()
+
+    async def _sync_on_join(self) -> None:
+        """A joining node fetches the current offers from its first peers instead of waiting
+        up to an offer lifetime for re-announcements; later peers are asked once each."""
+        synced: set = set()
+        for _ in range(120):  # bounded: the first two minutes after start
+            await trio.sleep(0.5)
+            fresh = [p for p in self.offers.sync_candidates() if p not in synced]
+            if fresh:
+                synced.update(fresh)
+                results = await self.offers.sync(fresh)
+                log.info("%s synced the market from %d peer(s): %d offers accepted",
+                         self.config.name, len(results), sum(r.accepted for r in results))
 
     # -- chain events -------------------------------------------------------------------------
 

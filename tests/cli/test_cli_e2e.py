@@ -1,0 +1,172 @@
+"""The gpumarket command end to end: init, two `node run` processes sharing an anvil chain,
+search, rent, rentals, stop, escrow status, evidence export and verify, and the errors people
+meet. Skipped when anvil is not installed (.ci/run installs it)."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from node.anvil import AnvilProcess, find_anvil
+from node.chain import Chain
+from node.wallet import Wallet
+
+pytestmark = pytest.mark.skipif(find_anvil() is None, reason="anvil not installed (.ci/run installs it)")
+
+EXE = shutil.which("gpumarket") or os.path.join(os.path.dirname(sys.executable), "gpumarket")
+ENV = {**os.environ, "GPUMARKET_PASSWORD": "test password", "COLUMNS": "200"}
+
+
+def gm(data_dir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([EXE, "--data-dir", str(data_dir), *args], capture_output=True,
+                          text=True, timeout=timeout, env=ENV, stdin=subprocess.DEVNULL)
+
+
+def configure(data_dir: Path, anvil: AnvilProcess, escrow: bytes, token: bytes, provider: bool) -> None:
+    cfg = data_dir / "config.toml"
+    text = cfg.read_text()
+    text = text.replace('rpc = "embedded"', f'rpc = "{anvil.url}"\nchain_id = {anvil.chain_id}\n'
+                        f'escrow = "0x{escrow.hex()}"\ntoken = "0x{token.hex()}"')
+    text = text.replace('listen = ["/ip4/0.0.0.0/tcp/4001"]', 'listen = ["/ip4/127.0.0.1/tcp/0"]')
+    if provider:
+        text = text.replace("min_duration_s = 600", "min_duration_s = 10")
+        text = text.replace("heartbeat_interval_s = 30", "heartbeat_interval_s = 5")
+        text = text.replace("grace_s = 600", "grace_s = 60")
+        text += "fake_gpus = 2\n"
+    cfg.write_text(text)
+
+
+def start_node(data_dir: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen([EXE, "--data-dir", str(data_dir), "node", "run", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("{"):
+            return proc, json.loads(line)
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"node did not start: {proc.stderr.read()[-2000:]}")
+
+
+def stop_node(proc: subprocess.Popen) -> float:
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=20)
+    return time.monotonic() - t0
+
+
+def wait_for(fn, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_cli__provider_and_renter_rent_stop_and_verify(tmp_path):
+    with AnvilProcess() as anvil:
+        deployer = Wallet.from_key(b"\x01" * 32)
+        anvil.fund(deployer.address, 10**21)
+        chain = Chain.connect(anvil.url, chain_id=anvil.chain_id)
+        escrow, token = chain.deploy_local_market(deployer.key)
+
+        prov_dir, rent_dir = tmp_path / "provider", tmp_path / "renter"
+        for d, provider in ((prov_dir, True), (rent_dir, False)):
+            out = gm(d, "init", *(["--provider"] if provider else []))
+            assert out.returncode == 0, out.stderr
+            assert "wallet:" in out.stdout and "0x" in out.stdout
+            keystore = json.loads((d / "wallet.json").read_text())
+            assert "crypto" in keystore  # encrypted; no plain key anywhere in the data dir
+            address = bytes.fromhex(keystore["address"].removeprefix("0x"))
+            anvil.fund(address, 10**20)
+            configure(d, anvil, escrow, token, provider)
+        renter_addr = bytes.fromhex(json.loads((rent_dir / "wallet.json").read_text())["address"])
+        chain.fund(renter_addr, token_units=100 * 10**6, minter_key=deployer.key)
+
+        # errors people meet, before any node runs
+        out = gm(rent_dir, "offers", "search", "gpu=H100*")
+        assert out.returncode == 1 and "no node is running" in out.stderr
+        out = gm(rent_dir, "offers", "search", "price<=abc")
+        assert out.returncode == 2 and "price" in out.stderr and "column" in out.stderr
+
+        provider, p_ready = start_node(prov_dir)
+        renter, r_ready = start_node(rent_dir, "--bootstrap", p_ready["addrs"][0])
+        try:
+            assert p_ready["provider"] and not r_ready["provider"]
+
+            def offers():
+                res = gm(rent_dir, "offers", "search", "gpu=H100*", "--json")
+                return json.loads(res.stdout) if res.returncode == 0 else None
+
+            rows = wait_for(offers, 30, "the provider's offer at the renter")
+            assert rows[0]["gpus"] == 2 and rows[0]["token"] == "tUSDC"
+            out = gm(rent_dir, "rent", rows[0]["offer_id"], "--seconds", "120", "--yes", "--json")
+            assert out.returncode == 0, out.stdout + out.stderr
+            agreement = json.loads(out.stdout[out.stdout.index("{"):])
+            aid = agreement["agreement_id"]
+            assert "locks up to" in out.stdout
+
+            def receipts():
+                res = gm(rent_dir, "rentals", "--json")
+                row = [r for r in json.loads(res.stdout) if r["agreement_id"] == aid][0]
+                return row if row["receipts"] >= 3 else None
+
+            row = wait_for(receipts, 45, "receipts flowing")
+            assert row["role"] == "renter" and row["acked_seconds"] >= 5
+
+            out = gm(rent_dir, "rental", "stop", aid[:12])
+            assert out.returncode == 0, out.stderr
+
+            def settled():
+                res = gm(rent_dir, "escrow", "status", aid[:12])
+                doc = json.loads(res.stdout)
+                return doc if doc["state"] == "final" else None
+
+            status = wait_for(settled, 40, "the provider's claim after the renter's stop")
+            assert status["deposit"] > 0
+
+            bundle = tmp_path / "evidence.bin"
+            out = gm(rent_dir, "evidence", "export", aid[:12], "-o", str(bundle))
+            assert out.returncode == 0, out.stderr
+            out = gm(rent_dir, "evidence", "verify", str(bundle), "--json")
+            verdict = json.loads(out.stdout)
+            assert out.returncode == 0, out.stdout
+            assert verdict["acked_seconds"] >= 5
+        finally:
+            times = [stop_node(p) for p in (renter, provider)]
+        assert renter.returncode == 0 and provider.returncode == 0
+        assert max(times) < 10  # SIGTERM shuts down cleanly within seconds
+        # the provider withdrew its offer and closed its store: a second start still works
+        assert (prov_dir / "node.db").exists()
+
+
+def test_cli__corrupt_config_and_unknown_keys_are_one_line_errors(tmp_path):
+    d = tmp_path / "n"
+    assert gm(d, "init").returncode == 0
+    (d / "config.toml").write_text("[node\nbroken")
+    out = gm(d, "node", "run")
+    assert out.returncode == 2 and "not valid TOML" in out.stderr and "Traceback" not in out.stderr
+    (d / "config.toml").write_text("[provider]\nprise_per_gpu_hour = 1\n")
+    out = gm(d, "node", "run")
+    assert out.returncode == 2 and re.search(r"unknown key 'prise_per_gpu_hour'", out.stderr)
+
+
+def test_cli__wrong_password_is_a_clear_error(tmp_path):
+    d = tmp_path / "n"
+    assert gm(d, "init").returncode == 0
+    out = subprocess.run([EXE, "--data-dir", str(d), "node", "run"], capture_output=True, text=True,
+                         env={**ENV, "GPUMARKET_PASSWORD": "wrong"}, timeout=60,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 1 and "cannot decrypt keystore" in out.stderr
