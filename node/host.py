@@ -250,16 +250,26 @@ class GossipHost:
         return [a.encapsulate(suffix) for a in self.host.get_transport_addrs()]
 
     async def run(self, *, task_status: trio.TaskStatus[GossipHost] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen, start pubsub, dial bootstrap peers; ``started()`` once listening."""
-        async with self.host.run(listen_addrs=self._listen):
-            async with background_trio_service(self.pubsub):
-                async with background_trio_service(self.gossipsub):
-                    with trio.fail_after(10):
-                        await self.pubsub.wait_until_ready()
-                    task_status.started(self)
-                    if self.config.bootstrap:
-                        await self.connect_all(self.config.bootstrap)
-                    await trio.sleep_forever()
+        """Listen, start pubsub, dial bootstrap peers; ``started()`` once listening. On exit the
+        host is closed, so peers see the connections end (cancelling ``host.run`` alone leaves
+        them open, and a node restarted with the same peer id was never re-meshed)."""
+        try:
+            async with self.host.run(listen_addrs=self._listen):
+                async with background_trio_service(self.pubsub):
+                    async with background_trio_service(self.gossipsub):
+                        with trio.fail_after(10):
+                            await self.pubsub.wait_until_ready()
+                        task_status.started(self)
+                        if self.config.bootstrap:
+                            await self.connect_all(self.config.bootstrap)
+                        await trio.sleep_forever()
+        finally:
+            with trio.move_on_after(2) as scope:
+                scope.shield = True
+                try:
+                    await self.host.close()
+                except Exception as exc:  # already closed or half-started: nothing more to do
+                    log.debug("closing the host: %r", exc)
 
     async def connect(self, addr: str | multiaddr.Multiaddr | PeerInfo) -> None:
         """Dial one peer under ``dial_timeout``; raises on failure."""
