@@ -249,12 +249,31 @@ def cmd_rent(args: argparse.Namespace) -> int:
         access_key = Path(access_key).expanduser().read_text().strip()
     row = _call(args, "rent", offer_id=args.offer_id, seconds=seconds, gpu_count=args.gpus,
                 max_price_per_gpu_hour=args.max_price, access_key=access_key or "")
+    access = _wait_for_access(args, row["agreement_id"])
+    row["access"] = access
     if args.json:
         _print_json(row)
     else:
         print(f"rented: agreement {row['agreement_id'][:16]}, deposit {row['deposit']} units locked; "
               "`gpumarket rentals` shows its progress")
+        print(f"access: {access}" if access else
+              "access: none received yet (the provider may not run an access hook)")
     return 0
+
+
+def _wait_for_access(args: argparse.Namespace, agreement_id: str, timeout_s: float = 20.0):
+    """The provider sends its access details when the rental stream opens: wait a little."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rows = [r for r in _call(args, "rentals") if r["agreement_id"] == agreement_id]
+        if rows and rows[0].get("access"):
+            return rows[0]["access"]
+        if rows and rows[0].get("heartbeats", 0) > 0:
+            return None  # serving began without a grant: the provider has no access hook
+        time.sleep(0.5)
+    return None
 
 
 def cmd_rentals(args: argparse.Namespace) -> int:

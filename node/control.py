@@ -240,7 +240,7 @@ def rental_row(node: Node, rental) -> dict:
         "cost_so_far": rental.terms.price_per_second * acked,
         "heartbeats": session.log.heartbeats if session else 0,
         "receipts": session.log.receipts if session else 0,
-        "access": rental.access,
+        "access": rental.access if rental.role == "provider" else getattr(session, "access", None),
     }
 
 

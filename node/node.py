@@ -28,7 +28,7 @@ from libp2p.peer.id import ID
 from protocol.agreement import AgreementTerms
 from protocol.encoding import encode_struct, pack
 from protocol.identity import PeerKey, peer_id_from_public_key
-from protocol.messages import AgreementDetails, Binding, GpuMetrics, OfferTerms, TermsWire
+from protocol.messages import AccessGrant, AgreementDetails, Binding, GpuMetrics, OfferTerms, TermsWire
 from protocol.negotiation import FirstAgreementWins, ProviderNegotiation, escrow_domain
 from protocol.offerbook import Entry
 from protocol.params import DEFAULT_PARAMS, Params
@@ -266,7 +266,18 @@ class Node:
         name = type(effect).__name__
         rental.events.append(name)
         if name == "StartService":
-            rental.access = await self._run_access_hook(rental)
+            if self.config.provider is not None and self.config.provider.access_hook:
+                access = await self._run_access_hook(rental)
+                session = rental.session
+                if access is None:
+                    # The renter gets nothing usable: serve nothing and claim nothing.
+                    await session.halt("access hook failed")
+                    self.capacity.release(rental.agreement_id)
+                    await self.store.set_agreement_state(rental.agreement_id, "aborted", time.time())
+                    await self._republish()
+                    return
+                rental.access = access
+                await session.send_grant(AccessGrant(rental.agreement_id, access, now_ms()).sign(self.key))
         elif name == "StopService":
             self.capacity.release(rental.agreement_id)
             await self.store.set_agreement_state(rental.agreement_id, "stopped", time.time())
@@ -287,14 +298,16 @@ class Node:
         try:
             with trio.fail_after(settings.access_hook_timeout_s):
                 out = await trio.run_process(list(settings.access_hook), stdin=doc.encode(),
-                                             capture_stdout=True, capture_stderr=True)
+                                             capture_stdout=True, capture_stderr=True, check=False)
         except (trio.TooSlowError, OSError) as exc:
             log.warning("access hook failed: %r", exc)
             return None
         if out.returncode != 0:
             log.warning("access hook exited %d: %s", out.returncode, out.stderr.decode()[-200:])
             return None
-        return out.stdout.decode()[:4096]
+        text = out.stdout.decode(errors="replace").strip()[:4096]
+        text = "".join(ch for ch in text if ch.isprintable() or ch == " ")  # wire Text: no controls
+        return text or None
 
     async def _republish(self) -> None:
         """The free GPUs changed: announce what is left, or withdraw when nothing is."""

@@ -27,7 +27,9 @@ from libp2p.peer.id import ID
 
 from protocol.agreement import AgreementTerms
 from protocol.effects import Effect, EscrowCall, Report, Send, StartService, StopService, Store
-from protocol.messages import AgreementDetails, Heartbeat, UsageReceipt, digest
+from protocol.encoding import decode
+from protocol.errors import DecodeError
+from protocol.messages import AccessGrant, AgreementDetails, Heartbeat, UsageReceipt, digest
 from protocol.rental import ProviderRental, RenterRental
 
 from .host import GossipHost
@@ -183,6 +185,33 @@ class ProviderSession(_Session):
         super().__init__(machine, terms, details, escrow, store, clock)
         self.metrics = metrics
         self.service = service
+        self.grant: AccessGrant | None = None  # sent on every attached stream
+        self.halted: str | None = None  # why the session stopped before serving
+
+    @property
+    def finished(self) -> bool:
+        return self.halted is not None or super().finished
+
+    async def halt(self, reason: str) -> None:
+        """Stop before serving (the access hook failed): no heartbeat is ever sent, so no
+        receipt exists and no money moves beyond the open; the renter's node closes and
+        recovers its deposit after the silence."""
+        self.halted = reason
+        self.log.reports.append(Report("halted", {"reason": reason}))
+        self._wake.set()
+        self.done.set()
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            with trio.move_on_after(1):
+                try:
+                    await stream.close()
+                except Exception:
+                    pass
+
+    async def send_grant(self, grant: AccessGrant) -> None:
+        self.grant = grant
+        if self.stream is not None:
+            await self._send(Send(self.details.renter_key, grant))
 
     def _timer_effects(self, now: int) -> list[Effect]:
         if self.metrics is not None:
@@ -201,6 +230,8 @@ class ProviderSession(_Session):
     async def serve_stream(self, stream: INetStream) -> None:
         """Attach a renter stream and read its receipts until it ends."""
         old, self.stream = self.stream, stream
+        if self.grant is not None:
+            await self._send(Send(self.details.renter_key, self.grant))
         if old is not None:
             self.log.reconnects += 1
             with trio.move_on_after(1):
@@ -221,6 +252,24 @@ class ProviderSession(_Session):
 
 class RenterSession(_Session):
     """The renter's side: keeps a stream to the provider open, answers heartbeats."""
+
+    access: str | None = None  # from the provider's AccessGrant, once it arrives
+
+    async def feed(self, data: bytes) -> None:
+        if data[1:2] == bytes([AccessGrant.TYPE]):  # [type, ...]: an access grant, not a heartbeat
+            try:
+                grant = decode(data, AccessGrant)
+            except DecodeError as exc:
+                self.log.reports.append(Report("access_rejected", {"code": exc.code}))
+                return
+            if grant.agreement_id != self.agreement_id or not grant.signature_valid(
+                    self.details.provider_key, data):
+                self.log.reports.append(Report("access_rejected", {"code": "bad_signature"}))
+                return
+            self.access = grant.access
+            self.log.reports.append(Report("access_granted", {}))
+            return
+        await super().feed(data)
 
     async def run_connection(self, host: GossipHost, provider: ID) -> None:
         attempt = 0

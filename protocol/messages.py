@@ -408,6 +408,22 @@ class UsageReceipt(Signed):
     signature: bytes = wire(B64, default=b"\x00" * ED25519_SIG_LEN)
 
 
+@register
+@dataclass(frozen=True, slots=True)
+class AccessGrant(Signed):
+    """Provider -> renter once, when the agreement opens: how to reach the rented GPUs (what the
+    provider's access hook printed, e.g. an SSH host, port and user for the renter's key)."""
+
+    TYPE: ClassVar[int] = 22
+    MAX_SIZE: ClassVar[int] = 8 * KIB
+    DOMAIN: ClassVar[bytes] = b"gpumarket/access/v1\x00"
+
+    agreement_id: bytes = wire(B32)
+    access: str = wire(Text(4096))
+    sent_ms: int = wire(U53)
+    signature: bytes = wire(B64, default=b"\x00" * ED25519_SIG_LEN)
+
+
 # --------------------------------------------------------------------------------------------
 # Evidence
 

@@ -29,6 +29,12 @@ def gm(data_dir: Path, *args: str, timeout: float = 120) -> subprocess.Completed
                           text=True, timeout=timeout, env=ENV, stdin=subprocess.DEVNULL)
 
 
+HOOK = """import json, sys
+agreement = json.load(sys.stdin)
+print("ssh -p 2222 gpu@127.0.0.1  # for", agreement["access_key"].split()[-1], agreement["agreement_id"][:8])
+"""
+
+
 def configure(data_dir: Path, anvil: AnvilProcess, escrow: bytes, token: bytes, provider: bool) -> None:
     cfg = data_dir / "config.toml"
     text = cfg.read_text()
@@ -39,7 +45,10 @@ def configure(data_dir: Path, anvil: AnvilProcess, escrow: bytes, token: bytes, 
         text = text.replace("min_duration_s = 600", "min_duration_s = 10")
         text = text.replace("heartbeat_interval_s = 30", "heartbeat_interval_s = 5")
         text = text.replace("grace_s = 600", "grace_s = 60")
+        hook = data_dir / "access_hook.py"
+        hook.write_text(HOOK)
         text += "fake_gpus = 2\n"
+        text += f"access_hook = ['{sys.executable}', '{hook}']\n"
     cfg.write_text(text)
 
 
@@ -112,11 +121,14 @@ def test_cli__provider_and_renter_rent_stop_and_verify(tmp_path):
 
             rows = wait_for(offers, 30, "the provider's offer at the renter")
             assert rows[0]["gpus"] == 2 and rows[0]["token"] == "tUSDC"
-            out = gm(rent_dir, "rent", rows[0]["offer_id"], "--seconds", "120", "--yes", "--json")
+            out = gm(rent_dir, "rent", rows[0]["offer_id"], "--seconds", "120", "--yes", "--json",
+                     "--access-key", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAItest renter@laptop")
             assert out.returncode == 0, out.stdout + out.stderr
             agreement = json.loads(out.stdout[out.stdout.index("{"):])
             aid = agreement["agreement_id"]
             assert "locks up to" in out.stdout
+            # the provider's access hook ran and its output reached the renter, signed
+            assert agreement["access"] == f"ssh -p 2222 gpu@127.0.0.1  # for renter@laptop {aid[:8]}"
 
             def receipts():
                 res = gm(rent_dir, "rentals", "--json")

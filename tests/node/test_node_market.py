@@ -1,0 +1,51 @@
+"""Whole nodes in one process on the embedded EVM: what the demo does not show."""
+
+import time
+
+import trio
+
+from node.chain import AsyncChain, Chain
+from node.demo import DEMO_PARAMS, PROVIDERS, fake_gpus
+from node.node import Node, NodeConfig, ProviderSettings
+from protocol.eth import private_key_address
+
+
+async def test_node__failing_access_hook_serves_nothing_and_the_renter_gets_everything_back(tmp_path):
+    chain = Chain.embedded()
+    keys = [k.to_bytes() if hasattr(k, "to_bytes") else bytes(k) for k in chain.tester.backend.account_keys]
+    chain.deploy_local_market(keys[0])
+    renter_key, provider_key = keys[1], keys[2]
+    chain.fund(private_key_address(renter_key), token_units=10**9, minter_key=keys[0])
+    await trio.sleep(max(0.0, chain.now_s() + 1 - time.time()))  # eth-tester's clock runs ahead
+    achain = AsyncChain(chain)
+    spec = PROVIDERS[0]
+    settings = ProviderSettings(price_per_gpu_second=125, min_duration_s=5, max_duration_s=3600,
+                                heartbeat_interval_s=1, grace_s=3, publish_interval_s=0.2,
+                                nvml=fake_gpus(spec), access_hook=("false",))
+    provider = Node(NodeConfig(tmp_path / "p", provider_key, params=DEMO_PARAMS, provider=settings,
+                               name="provider", chain_poll_s=0.3), achain)
+    renter = Node(NodeConfig(tmp_path / "r", renter_key, params=DEMO_PARAMS, name="renter",
+                             chain_poll_s=0.3), achain)
+    renter_before = chain.token_balance(private_key_address(renter_key))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(provider.run)
+        await nursery.start(renter.run)
+        await renter.host.connect(provider.addrs()[0])
+        with trio.fail_after(15):
+            while len(renter.book) < 1:
+                await trio.sleep(0.2)
+        entry = renter.book.query("", "price")[0]
+        rental = await renter.rent([entry], gpu_count=1, duration_s=30,
+                                   max_price_per_gpu_second=125, access_key="k")
+        aid = rental.agreement_id
+        with trio.fail_after(40):
+            while chain.status(aid).state != "final":
+                await trio.sleep(0.2)
+        events = [e.name for e in chain.events() if e.agreement_id == aid]
+        p_rental = provider.rentals[aid]
+        assert p_rental.session.halted == "access hook failed"
+        assert p_rental.session.log.heartbeats == 0 and rental.session.log.receipts == 0
+        assert events == ["Opened", "Closed", "Recovered"]
+        nursery.cancel_scope.cancel()
+    assert chain.token_balance(private_key_address(renter_key)) == renter_before
+    assert chain.token_balance(private_key_address(provider_key)) == 0
