@@ -337,6 +337,18 @@ def cmd_escrow_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_escrow_claim(args: argparse.Namespace) -> int:
+    doc = _call(args, "escrow_claim", agreement_id=args.agreement_id)
+    print(f"claimed {doc['acked_seconds']} s: {doc['paid']} units paid (tx {doc['tx']})")
+    return 0
+
+
+def cmd_escrow_recover(args: argparse.Namespace) -> int:
+    doc = _call(args, "escrow_recover", agreement_id=args.agreement_id)
+    print(f"recovered: {doc['refunded']} units back to the renter (tx {doc['tx']})")
+    return 0
+
+
 def cmd_offers_publish(args: argparse.Namespace) -> int:
     _print_json(_call(args, "publish"))
     return 0
@@ -470,6 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = xsub.add_parser("status", help="the escrow's state for an agreement")
     s.add_argument("agreement_id")
     s.set_defaults(func=cmd_escrow_status)
+    s = xsub.add_parser("claim", help="(provider) claim now with the latest stored receipt")
+    s.add_argument("agreement_id")
+    s.set_defaults(func=cmd_escrow_claim)
+    s = xsub.add_parser("recover", help="return the deposit to the renter after end + grace, unclaimed")
+    s.add_argument("agreement_id")
+    s.set_defaults(func=cmd_escrow_recover)
     return parser
 
 

@@ -25,7 +25,9 @@ from typing import Any
 import trio
 
 from protocol.errors import ProtocolError
+from protocol.encoding import decode
 from protocol.evidence import build_bundle
+from protocol.messages import UsageReceipt
 from protocol.identity import short_id
 
 from .chain import ChainError
@@ -190,6 +192,26 @@ class ControlServer:
         return {"agreement_id": rental.agreement_id.hex(), "state": status.state,
                 "end_s": status.end_s, "acked_seconds": status.acked_seconds,
                 "deposit": rental.terms.deposit}
+
+    async def op_escrow_claim(self, agreement_id: str) -> dict:
+        """Provider: claim now with the latest receipt in the store (the renter is gone)."""
+        rental = self._rental(agreement_id)
+        if rental.role != "provider":
+            raise ControlError("only the provider claims; a renter uses `gpumarket escrow recover`")
+        row = await self.node.store.latest_receipt(rental.agreement_id)
+        if row is None:
+            raise ControlError("no receipt stored for this agreement: there is nothing to claim")
+        receipt = decode(row.raw, UsageReceipt)
+        result = await self.node.chain.claim(self.node.wallet_key, rental.terms,
+                                             receipt.acked_seconds, receipt.wallet_sig)
+        return {"tx": result.tx_hash, "acked_seconds": receipt.acked_seconds,
+                "paid": rental.terms.price_per_second * receipt.acked_seconds}
+
+    async def op_escrow_recover(self, agreement_id: str) -> dict:
+        """Anyone, for the renter: return the whole deposit once end + grace passed unclaimed."""
+        rental = self._rental(agreement_id)
+        result = await self.node.chain.recover(self.node.wallet_key, rental.terms)
+        return {"tx": result.tx_hash, "refunded": rental.terms.deposit}
 
     async def op_publish(self) -> dict:
         if self.node.publisher is None:

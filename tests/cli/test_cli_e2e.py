@@ -149,6 +149,12 @@ def test_cli__provider_and_renter_rent_stop_and_verify(tmp_path):
             status = wait_for(settled, 40, "the provider's claim after the renter's stop")
             assert status["deposit"] > 0
 
+            # the manual on-chain commands explain why a settled escrow cannot be claimed again
+            out = gm(prov_dir, "escrow", "claim", aid[:12])
+            assert out.returncode == 1 and "agreement is not open" in out.stderr, out.stderr
+            out = gm(rent_dir, "escrow", "recover", aid[:12])
+            assert out.returncode == 1 and "agreement is not open" in out.stderr, out.stderr
+
             bundle = tmp_path / "evidence.bin"
             out = gm(rent_dir, "evidence", "export", aid[:12], "-o", str(bundle))
             assert out.returncode == 0, out.stderr
