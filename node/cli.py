@@ -384,6 +384,16 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_devnet(args: argparse.Namespace) -> int:
+    from .anvil import find_anvil
+    from .devnet import run_devnet
+
+    if find_anvil() is None:
+        raise UserError("devnet needs anvil: npm install --prefix .anvil "
+                        "@foundry-rs/anvil-linux-amd64@1.7.1 (or set GPUMARKET_ANVIL)")
+    return run_devnet(Path(args.dir), args.providers, args.renters)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -409,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "simulated GPUs and one renter node on 127.0.0.1. Exits non-zero if "
                                    "any step does not happen.")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("devnet", help="start anvil and N node processes for experiments")
+    p.add_argument("--providers", type=int, default=3)
+    p.add_argument("--renters", type=int, default=1)
+    p.add_argument("--dir", default="./devnet", help="where the nodes' data directories go")
+    p.set_defaults(func=cmd_devnet)
 
     p = sub.add_parser("init", help="create the node's identity, encrypted wallet and config")
     p.add_argument("--provider", action="store_true", help="enable the provider role in the config")

@@ -188,3 +188,29 @@ def test_cli__wrong_password_is_a_clear_error(tmp_path):
                          env={**ENV, "GPUMARKET_PASSWORD": "wrong"}, timeout=60,
                          stdin=subprocess.DEVNULL)
     assert out.returncode == 1 and "cannot decrypt keystore" in out.stderr
+
+
+def test_cli__devnet_starts_a_chain_and_nodes_that_see_each_other(tmp_path):
+    proc = subprocess.Popen([EXE, "devnet", "--providers", "2", "--renters", "1", "--dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        lines = []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if line.startswith("Ctrl-C") or proc.poll() is not None:
+                break
+        assert any(l.startswith("devnet ready") for l in lines), "".join(lines) + proc.stderr.read()
+
+        def offers():
+            res = gm(tmp_path / "renter-0", "offers", "search", "--json")
+            return json.loads(res.stdout) if res.returncode == 0 and len(json.loads(res.stdout)) == 2 else None
+
+        env_ok = wait_for(offers, 40, "both providers' offers at the devnet renter")
+        assert {r["gpus"] for r in env_ok} == {1, 2}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=40)
+    assert proc.returncode == 0

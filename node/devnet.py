@@ -1,0 +1,128 @@
+"""`gpumarket devnet`: a local chain and N node processes for experiments.
+
+Starts anvil on 127.0.0.1, deploys the escrow and the test stablecoin, creates one data directory
+per node (identity, encrypted keystore with the password "devnet", config), funds every wallet,
+starts each node as its own `gpumarket node run` process, and prints how to talk to them. Ctrl-C
+stops the nodes (SIGTERM: they withdraw their offers) and the chain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .anvil import AnvilProcess
+from .chain import Chain
+from .config import default_config_text
+from .identity import load_or_create_identity
+from .wallet import Wallet
+
+DEVNET_PASSWORD = "devnet"
+USDC = 10**6
+
+
+def _configure(data_dir: Path, url: str, chain_id: int, escrow: bytes, token: bytes,
+               provider: bool, index: int) -> None:
+    text = default_config_text(data_dir, provider=provider)
+    text = text.replace('rpc = "embedded"', f'rpc = "{url}"\nchain_id = {chain_id}\n'
+                        f'escrow = "0x{escrow.hex()}"\ntoken = "0x{token.hex()}"')
+    text = text.replace('listen = ["/ip4/0.0.0.0/tcp/4001"]', 'listen = ["/ip4/127.0.0.1/tcp/0"]')
+    if provider:
+        prices = ("0.45", "0.38", "0.60", "0.52")
+        text = text.replace('price_per_gpu_hour = "0.50"', f'price_per_gpu_hour = "{prices[index % 4]}"')
+        text = text.replace("min_duration_s = 600", "min_duration_s = 60")
+        text = text.replace("heartbeat_interval_s = 30", "heartbeat_interval_s = 5")
+        text = text.replace("grace_s = 600", "grace_s = 60")
+        text += f"fake_gpus = {1 + index % 4}\n"
+    (data_dir / "config.toml").write_text(text)
+
+
+def _start(exe: str, data_dir: Path, env: dict, bootstrap: str | None) -> tuple[subprocess.Popen, dict]:
+    cmd = [exe, "--data-dir", str(data_dir), "node", "run"]
+    if bootstrap:
+        cmd += ["--bootstrap", bootstrap]
+    log = open(data_dir / "node.log", "w")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                            stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("{"):
+            return proc, json.loads(line)
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"node in {data_dir} did not start; see {data_dir / 'node.log'}")
+
+
+def run_devnet(root: Path, providers: int, renters: int) -> int:
+    root = root.expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    exe = str(Path(sys.executable).parent / "gpumarket")
+    env = {**os.environ, "GPUMARKET_PASSWORD": DEVNET_PASSWORD}
+    procs: list[subprocess.Popen] = []
+    with AnvilProcess() as anvil:
+        deployer = Wallet.from_key(os.urandom(32))
+        anvil.fund(deployer.address, 10**22)
+        chain = Chain.connect(anvil.url, chain_id=anvil.chain_id)
+        escrow, token = chain.deploy_local_market(deployer.key)
+        names = [f"provider-{i}" for i in range(providers)] + [f"renter-{i}" for i in range(renters)]
+        for i, name in enumerate(names):
+            d = root / name
+            d.mkdir(exist_ok=True)
+            load_or_create_identity(d / "identity.seed")
+            keystore = d / "wallet.json"
+            if keystore.exists():
+                wallet = Wallet.from_keystore(keystore, DEVNET_PASSWORD)
+            else:
+                wallet = Wallet.create()
+                wallet.write_keystore(keystore, DEVNET_PASSWORD)
+            anvil.fund(wallet.address, 10**20)
+            if name.startswith("renter"):
+                chain.fund(wallet.address, token_units=10_000 * USDC, minter_key=deployer.key)
+            _configure(d, anvil.url, anvil.chain_id, escrow, token, name.startswith("provider"), i)
+        try:
+            first = None
+            rows = []
+            for name in names:
+                proc, ready = _start(exe, root / name, env, first)
+                procs.append(proc)
+                first = first or ready["addrs"][0]
+                rows.append((name, ready["peer_id"], ready["wallet"]))
+            print(f"devnet ready: anvil {anvil.url} (chain {anvil.chain_id}), escrow 0x{escrow.hex()}, "
+                  f"tUSDC 0x{token.hex()}", flush=True)
+            for name, peer, wallet in rows:
+                print(f"  {name:<12} {peer}  {wallet}  {root / name}")
+            renter = next((n for n in names if n.startswith("renter")), names[0])
+            print("try:", flush=True)
+            print(f"  export GPUMARKET_PASSWORD={DEVNET_PASSWORD}")
+            print(f"  gpumarket --data-dir {root / renter} offers search 'gpu=H100*'")
+            print(f"  gpumarket --data-dir {root / renter} rent OFFER_ID --seconds 120 --yes")
+            print("Ctrl-C stops everything.", flush=True)
+
+            def stop(signum, frame):  # SIGTERM ends the devnet like Ctrl-C
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGTERM, stop)
+            while all(p.poll() is None for p in procs):
+                time.sleep(0.5)
+            dead = [n for n, p in zip(names, procs) if p.poll() is not None]
+            print(f"node(s) exited: {', '.join(dead)}; see their node.log; stopping", flush=True)
+            return 1
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    return 0
