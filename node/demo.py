@@ -230,6 +230,18 @@ class Demo:
                       bool(claimed) and claimed[0].args["acked_seconds"] > 0,
                       f"acked {claimed[0].args['acked_seconds'] if claimed else 0} of "
                       f"{healthy.terms.max_seconds} s")
+            # -- local reputation ------------------------------------------------------------------
+            with trio.move_on_after(10):
+                while len(renter.reputation.outcomes) < 2:
+                    await trio.sleep(0.1)
+            outcomes = {o.agreement_id: o for o in renter.reputation.outcomes}
+            self._reputation_table(renter)
+            judged = outcomes.get(healthy.agreement_id)
+            self.step("the renter's verdict from its own evidence matches what the escrow paid",
+                      len(outcomes) == 2 and judged is not None
+                      and judged.acked_seconds == claimed[0].args["acked_seconds"],
+                      "scores are weighted by hours of history, so seconds-long rentals move them "
+                      "little from the 0.5 given to unknown providers")
             nursery.cancel_scope.cancel()
 
         # -- balances -----------------------------------------------------------------------------
@@ -257,6 +269,17 @@ class Demo:
             table.add_row(e.offer_id, f"{len(o.gpus)}x {o.gpus[0].model}",
                           f"{o.gpus[0].vram_mib / 1024:.0f} GiB", o.host.region,
                           f"{e.price_per_gpu_hour_tokens():.4f}", str(o.provider.hex()[:8]))
+        self.console.print(table)
+
+    def _reputation_table(self, node: Node) -> None:
+        table = Table(title="renter's local reputation (from its own evidence)")
+        for col in ("provider", "agreements", "paid s", "acknowledged s", "delivered", "score"):
+            table.add_column(col)
+        for s in node.reputation.table():
+            table.add_row(s.provider_key.hex()[:8], str(s.agreements), f"{s.paid_hours * 3600:.0f}",
+                          f"{s.delivered_hours * 3600:.0f}",
+                          f"{s.delivered_hours / s.paid_hours:.0%}" if s.paid_hours else "-",
+                          f"{s.score:.3f}")
         self.console.print(table)
 
     def _balances_table(self, before: dict[str, int], after: dict[str, int],

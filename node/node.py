@@ -30,7 +30,7 @@ from protocol.encoding import encode_struct, pack
 from protocol.identity import PeerKey, peer_id_from_public_key
 from protocol.messages import AccessGrant, AgreementDetails, Binding, GpuMetrics, OfferTerms, TermsWire
 from protocol.negotiation import FirstAgreementWins, ProviderNegotiation, escrow_domain
-from protocol.offerbook import Entry
+from protocol.offerbook import Entry, OfferBook
 from protocol.params import DEFAULT_PARAMS, Params
 from protocol.rental import ProviderRental, RenterRental
 
@@ -41,6 +41,7 @@ from .identity import load_or_create_identity
 from .negotiate import Candidate, Capacity, ProviderDesk, negotiate_first
 from .offers import OfferPublisher, OfferService, ProviderConfig
 from .rentals import ProviderSession, RentalDesk, RenterSession
+from .reputation import LocalReputation
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class Rental:
     started_s: int | None = None
     access: str | None = None  # what the provider's access hook printed
     events: list[str] = field(default_factory=list)
+    closed_end_s: int | None = None  # the end the escrow recorded when the renter closed early
     provider_binding: Binding | None = None  # both bindings go into the evidence bundle
     renter_binding: Binding | None = None
 
@@ -152,7 +154,10 @@ class Node:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self.host.run)
-                self.offers = OfferService(self.host, self.store, self.params)
+                self.reputation = LocalReputation(self.store)
+                await self.reputation.load()
+                self.offers = OfferService(self.host, self.store, self.params, book=OfferBook(
+                    self.params, score_of=self.reputation.score_of))
                 await nursery.start(self.offers.run)
                 if self.config.provider is not None:
                     await self._start_provider(nursery, self.config.provider)
@@ -406,8 +411,17 @@ class Node:
                     elif ev.name in ("Claimed", "Finalized", "Recovered", "Arbitrated") \
                             and rental.role == "renter":
                         await rental.session.carry_out(machine.escrow_settled(now_ms()))
+                if ev.name == "Closed":
+                    rental.closed_end_s = int(ev.args["end"])
                 if ev.name in ("Claimed", "Finalized", "Recovered", "Arbitrated"):
                     await self.store.set_agreement_state(ev.agreement_id, "settled", time.time())
+                    if rental.role == "renter":
+                        ended = rental.closed_end_s or (rental.started_s or 0) + rental.terms.max_seconds
+                        try:
+                            await self.reputation.record(rental, ended)
+                            self.book.rescore(rental.details.provider_key)
+                        except Exception:  # scoring is advisory: never let it stop the watcher
+                            log.exception("scoring agreement %s failed", ev.agreement_id.hex()[:12])
 
     # -- storage ------------------------------------------------------------------------------
 

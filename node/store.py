@@ -375,6 +375,10 @@ class Store:
             self._all, "SELECT kind, raw, created_at FROM evidence WHERE subject_key = ? ORDER BY id", (subject_key,)
         )
 
+    async def evidence_of_kind(self, kind: str) -> list[bytes]:
+        rows = await self._run(self._all, "SELECT raw FROM evidence WHERE kind = ? ORDER BY id", (kind,))
+        return [r[0] for r in rows]
+
     async def adjust_reputation(self, subject_key: bytes, delta: float, now: float) -> None:
         await self._run(
             self._write,
