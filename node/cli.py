@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "contract and a test stablecoin, three provider nodes with simulated GPUs and "
                     "one renter node on 127.0.0.1. Exits non-zero if any step does not happen.")
     demo.set_defaults(func=cmd_demo)
+    from simulations.cli import register as register_simulate; register_simulate(sub)
     return parser
 
 
