@@ -208,7 +208,12 @@ class Provider(Agent):
 
     def go_online(self) -> None:
         self.published_gpus = ()
-        self.republish(force=True)
+        w = self.world
+        first = w.start_ms + w.cfg["market"]["first_publish_after_s"] * 1000
+        if w.engine.now < first:
+            w.engine.at(first, self.republish, True)
+        else:
+            self.republish(force=True)
         self.resume_timers()
 
     def go_offline(self) -> None:

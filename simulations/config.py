@@ -82,6 +82,7 @@ SCHEMA: dict[str, dict[str, P]] = {
         "reannounce_s": P(int, 1800, "s", "a provider re-signs and republishes its offer this often", 1),
         "heartbeat_interval_s": P(int, 30, "s", "heartbeat interval in offer terms", 5, 600),
         "sync_on_join": P(bool, True, "-", "a joining node fetches a snapshot of one peer's book", ),
+        "first_publish_after_s": P(int, 60, "s", "providers present at the start publish their first offer at this time (once the overlay has formed); later joiners publish when they join", 0),
         "reservation_hold_s": P(int, 120, "s", "provider holds accepted GPUs this long for the escrow to open", 1),
     },
     "providers": {

@@ -59,14 +59,10 @@ class Engine:
         """Run every event with time <= until_ms; the clock ends at until_ms."""
         heap = self._heap
         pop = heapq.heappop
-        n = 0
-        try:
-            while heap and heap[0][0] <= until_ms and not self._stop:
-                t, _, fn, args = pop(heap)
-                self.now = t
-                fn(*args)
-                n += 1
-        finally:
-            self.events += n
+        while heap and heap[0][0] <= until_ms and not self._stop:
+            t, _, fn, args = pop(heap)
+            self.now = t
+            self.events += 1
+            fn(*args)
         if not self._stop:
             self.now = max(self.now, until_ms)
