@@ -504,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = xsub.add_parser("recover", help="return the deposit to the renter after end + grace, unclaimed")
     s.add_argument("agreement_id")
     s.set_defaults(func=cmd_escrow_recover)
+
+    from simulations.cli import register as register_simulate
+
+    register_simulate(sub)  # `gpumarket simulate SCENARIO.toml` and `gpumarket simulate plot DIR`
     return parser
 
 

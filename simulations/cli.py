@@ -1,0 +1,79 @@
+"""Command line: `python -m simulations SCENARIO.toml --seed N --out DIR [--sweep P=v1,v2]`
+and `python -m simulations plot DIR`; `register(subparsers)` adds the same as
+`gpumarket simulate ...` and `gpumarket simulate plot DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import ScenarioError, load
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", nargs="+", metavar="SCENARIO | plot DIR",
+                   help="a scenario TOML file to run, or `plot DIR` to draw figures from results")
+    p.add_argument("--seed", type=int, default=1, help="the one global seed (default 1)")
+    p.add_argument("--out", help="directory for config, metrics, log (required to run)")
+    p.add_argument("--sweep", metavar="SECTION.KEY=V1,V2,...", help="one run per value, across cores")
+    p.add_argument("--jobs", type=int, default=None, help="processes for --sweep (default: cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=dispatch)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.target[0] == "plot":
+        if len(args.target) != 2:
+            print("error: usage: simulate plot DIR", file=sys.stderr)
+            return 2
+        args.dir = args.target[1]
+        return cmd_plot(args)
+    if len(args.target) != 1 or not args.out:
+        print("error: usage: simulate SCENARIO.toml --out DIR [--seed N] [--sweep P=v1,v2]",
+              file=sys.stderr)
+        return 2
+    args.scenario = args.target[0]
+    return cmd_run(args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import run_scenario, run_sweep
+
+    try:
+        cfg = load(args.scenario)
+        if args.sweep:
+            rows = run_sweep(cfg, args.seed, args.out, args.sweep, args.jobs)
+            for row in rows:
+                print(json.dumps(row, sort_keys=True))
+            return 0
+        s = run_scenario(cfg, args.seed, args.out, progress=not args.quiet)
+    except (ScenarioError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: s[k] for k in ("scenario", "seed", "nodes", "events", "rentals_opened",
+                                          "match_rate")}, sort_keys=True))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_dir
+
+    for path in plot_dir(args.dir):
+        print(path)
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `simulate SCENARIO --out DIR` and `simulate plot DIR` to an argparse subparsers
+    object (node/cli.py's build_parser calls this)."""
+    sim = subparsers.add_parser("simulate", help="run the network simulator on a scenario, or plot results",
+                                description=__doc__)
+    _add_run_args(sim)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m simulations", description=__doc__)
+    _add_run_args(p)
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    return args.func(args)

@@ -1,0 +1,101 @@
+"""Benchmark of the network simulator.
+
+Run: PYTHONPATH=. python tests/benchmarks/bench_simulator.py [--nodes 10000] [--sim-s 3600]
+
+1. Engine alone: events/s with a trivial agent (each event schedules the next), one core.
+2. The real protocol core: events/s of the healthy-market scenario at a small size.
+3. A large run: wall time and peak memory (ru_maxrss) for N nodes (healthy-market proportions:
+   35% providers, 65% renters) over the simulated time asked for. If that is shorter than one
+   hour or fewer nodes than 10,000, the 10,000-node-hour figure is an EXTRAPOLATION, labelled so:
+   linear in simulated time, and linear in nodes for the per-node work plus quadratic for the
+   gossip-flood and book-ingest work (every offer reaches every node), using the measured split.
+Prints one JSON object on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import resource
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from simulations.config import resolve  # noqa: E402
+from simulations.engine import Engine  # noqa: E402
+from simulations.world import World  # noqa: E402
+
+
+def engine_only(n_events: int = 1_000_000) -> float:
+    e = Engine(0)
+    left = [n_events]
+
+    def tick(i: int) -> None:
+        left[0] -= 1
+        if left[0] > 0:
+            e.after(1 + (i * 7919) % 13, tick, i + 1)
+
+    for i in range(100):  # 100 concurrent "agents"
+        e.at(i, tick, i)
+    t = time.perf_counter()
+    e.run(10**15)
+    return e.events / (time.perf_counter() - t)
+
+
+def market(nodes: int, sim_s: int, seed: int = 1) -> dict:
+    cfg = resolve({
+        "run": {"name": f"bench-{nodes}", "duration_s": sim_s},
+        "providers": {"count": round(nodes * 0.35)},
+        "renters": {"count": nodes - round(nodes * 0.35)},
+    })
+    w = World(cfg, seed)
+    t = time.perf_counter()
+    res = w.run()["summary"]
+    wall = time.perf_counter() - t
+    return {"nodes": nodes, "sim_s": sim_s, "wall_s": round(wall, 2), "events": res["events"],
+            "events_per_s": round(res["events"] / wall), "rentals": res["rentals_opened"],
+            "floods": res["propagation_ms"]["floods"], "signatures": res["signatures"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nodes", type=int, default=2000)
+    ap.add_argument("--sim-s", type=int, default=1800)
+    ap.add_argument("--small", type=int, default=300)
+    args = ap.parse_args()
+    eng = engine_only()
+    print(f"engine alone, trivial agent: {eng:,.0f} events/s")
+    small = market(args.small, 1800)
+    print(f"protocol core, {args.small} nodes x 1800 s: {small}")
+    big = market(args.nodes, args.sim_s)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{args.nodes} nodes x {args.sim_s} s: {big}, peak RSS {peak_mib:.0f} MiB")
+    measured = args.nodes == 10_000 and args.sim_s >= 3600
+    scale_t = 3600 / args.sim_s
+    scale_n = 10_000 / args.nodes
+    # floods and book ingests grow with (publishers x receivers); the rest with nodes
+    extrap_wall = big["wall_s"] * scale_t * scale_n ** 2
+    extrap_low = big["wall_s"] * scale_t * scale_n
+    out = {
+        "engine_events_per_s_trivial_agent": round(eng),
+        "protocol_events_per_s": small["events_per_s"],
+        "protocol_events_per_s_large": big["events_per_s"],
+        "target_events_per_s": 300_000,
+        "large_run": {**big, "peak_rss_mib": round(peak_mib)},
+        "ten_k_node_hour": ({"measured": True, "wall_s": big["wall_s"], "peak_rss_mib": round(peak_mib)}
+                            if measured else
+                            {"measured": False, "EXTRAPOLATION": True,
+                             "wall_s_linear_bound": round(extrap_low),
+                             "wall_s_quadratic_bound": round(extrap_wall),
+                             "basis": f"{args.nodes} nodes x {args.sim_s} s"}),
+        "target_wall_s": 600, "target_rss_mib": 4096,
+    }
+    print(json.dumps(out, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
