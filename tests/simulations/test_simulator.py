@@ -161,3 +161,19 @@ def test_scenario_schema__rejects_unknown_keys_and_bad_types():
 def test_shipped_scenarios__validate():
     for path in sorted((HERE.parents[1] / "simulations" / "scenarios").glob("*.toml")):
         load(str(path))
+
+
+def test_sweep__one_run_per_value_and_one_table(tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    scenario = pathlib.Path(__file__).parent / "small.toml"
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "simulations", str(scenario), "--out", str(out),
+                           "--sweep", "providers.offline_frac=0.0,0.5", "--jobs", "2", "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [float(r["providers.offline_frac"]) for r in rows] == [0.0, 0.5]
+    assert (out / "providers.offline_frac=0.5" / "metrics.json").exists()
