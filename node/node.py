@@ -337,6 +337,14 @@ class Node:
         agreement, and start the rental session. Raises RentError."""
         if not entries:
             raise RentError("no offers to rent from")
+        # Check the wallet before negotiating: a provider would otherwise hold GPUs for us.
+        token = entries[0].offer.terms.token
+        needed = max_price_per_gpu_second * gpu_count * duration_s
+        have = await self.chain.run(self.chain.chain.balance, self.binding.wallet, token)
+        if have < needed:
+            symbol = entries[0].offer.terms.token_symbol
+            raise RentError(f"not enough funds: the deposit can be up to {needed} {symbol} units and "
+                            f"the wallet 0x{self.binding.wallet.hex()} holds {have}")
         group: FirstAgreementWins = await negotiate_first(
             self.host, self.key, self.binding, [Candidate(e.offer, e.digest) for e in entries],
             gpu_count=gpu_count, duration_s=duration_s,
@@ -345,8 +353,9 @@ class Node:
         )
         winner = group.winner
         if winner is None:
-            reasons = sorted({n.failure.reason_name for n in group.negotiations.values() if n.failure})
-            raise RentError("no provider agreed: " + ", ".join(reasons or ["no answer"]))
+            reasons = sorted({f"{n.failure.reason_name.lower()} ({n.failure.detail})"
+                              for n in group.negotiations.values() if n.failure})
+            raise RentError("no provider agreed: " + "; ".join(reasons or ["no answer"]))
         terms, details = winner.terms, winner.details
         aid = terms.agreement_id()
         await self._remember(aid, "renter", "agreed", terms, details)

@@ -102,7 +102,6 @@ def test_cli__provider_and_renter_rent_stop_and_verify(tmp_path):
             anvil.fund(address, 10**20)
             configure(d, anvil, escrow, token, provider)
         renter_addr = bytes.fromhex(json.loads((rent_dir / "wallet.json").read_text())["address"])
-        chain.fund(renter_addr, token_units=100 * 10**6, minter_key=deployer.key)
 
         # errors people meet, before any node runs
         out = gm(rent_dir, "offers", "search", "gpu=H100*")
@@ -121,6 +120,10 @@ def test_cli__provider_and_renter_rent_stop_and_verify(tmp_path):
 
             rows = wait_for(offers, 30, "the provider's offer at the renter")
             assert rows[0]["gpus"] == 2 and rows[0]["token"] == "tUSDC"
+            # no stablecoins yet: refused before negotiating, with the amounts
+            out = gm(rent_dir, "rent", rows[0]["offer_id"], "--seconds", "120", "--yes")
+            assert out.returncode == 1 and "not enough funds" in out.stderr, out.stderr
+            chain.fund(renter_addr, token_units=100 * 10**6, minter_key=deployer.key)
             out = gm(rent_dir, "rent", rows[0]["offer_id"], "--seconds", "120", "--yes", "--json",
                      "--access-key", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAItest renter@laptop")
             assert out.returncode == 0, out.stdout + out.stderr
@@ -179,6 +182,20 @@ def test_cli__corrupt_config_and_unknown_keys_are_one_line_errors(tmp_path):
     (d / "config.toml").write_text("[provider]\nprise_per_gpu_hour = 1\n")
     out = gm(d, "node", "run")
     assert out.returncode == 2 and re.search(r"unknown key 'prise_per_gpu_hour'", out.stderr)
+
+
+def test_cli__wrong_chain_id_is_refused_before_starting(tmp_path):
+    with AnvilProcess() as anvil:
+        d = tmp_path / "n"
+        assert gm(d, "init").returncode == 0
+        configure(d, anvil, b"\x01" * 20, b"\x02" * 20, provider=False)
+        text = (d / "config.toml").read_text().replace(f"chain_id = {anvil.chain_id}", "chain_id = 137")
+        (d / "config.toml").write_text(text)
+        out = gm(d, "node", "run", timeout=60)
+        assert out.returncode == 1 and "serves chain 31337, but the configuration says 137" in out.stderr
+        (d / "config.toml").write_text(text.replace("chain_id = 137", f"chain_id = {anvil.chain_id}"))
+        out = gm(d, "node", "run", timeout=60)
+        assert out.returncode == 1 and "no escrow contract at 0x0101" in out.stderr
 
 
 def test_cli__wrong_password_is_a_clear_error(tmp_path):

@@ -1,0 +1,1 @@
+"""Example provider hooks (see ssh_access.py)."""
