@@ -52,6 +52,7 @@ class Config:
     data_dir: Path
     listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)
     bootstrap: tuple[str, ...] = ()
+    mdns: bool = False
     chain: ChainSection = field(default_factory=ChainSection)
     provider: ProviderSection = field(default_factory=ProviderSection)
 
@@ -103,7 +104,7 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     _expect(doc, {"node": dict, "chain": dict, "provider": dict}, str(path))
     node = doc.get("node", {})
-    _expect(node, {"data_dir": str, "listen": list, "bootstrap": list}, "node")
+    _expect(node, {"data_dir": str, "listen": list, "bootstrap": list, "mdns": bool}, "node")
     chain = doc.get("chain", {})
     _expect(chain, {"rpc": str, "chain_id": int, "escrow": str, "token": str, "keystore": str}, "chain")
     prov = doc.get("provider", {})
@@ -132,6 +133,7 @@ def load_config(path: Path) -> Config:
         data_dir=data_dir,
         listen=tuple(str(a) for a in node.get("listen", ["/ip4/0.0.0.0/tcp/4001"])),
         bootstrap=tuple(str(a) for a in node.get("bootstrap", [])),
+        mdns=node.get("mdns", False),
         chain=ChainSection(
             rpc=chain.get("rpc", "embedded"),
             chain_id=chain.get("chain_id"),
@@ -149,6 +151,7 @@ def default_config_text(data_dir: Path, *, provider: bool = False) -> str:
 data_dir = "{data_dir}"
 listen = ["/ip4/0.0.0.0/tcp/4001"]
 bootstrap = []          # multiaddrs ending in /p2p/<peer id>
+mdns = false            # true: find and dial nodes on the same LAN by multicast DNS
 
 [chain]
 rpc = "embedded"        # "embedded" (an in-process EVM for this node alone) or a JSON-RPC URL

@@ -146,6 +146,7 @@ class GossipConfig:
 class HostConfig:
     listen_addrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/4001",)
     bootstrap: Sequence[str] = ()  # full multiaddrs ending in /p2p/<peer id>
+    mdns: bool = False  # discover (and dial) nodes on the same LAN by multicast DNS
     dial_timeout: float = 10.0
     negotiate_timeout: int = 5
     gossip: GossipConfig = field(default_factory=GossipConfig)
@@ -214,7 +215,8 @@ class GossipHost:
         self.identity = identity
         self.config = config
         self._listen = [multiaddr.Multiaddr(a) for a in config.listen_addrs]
-        self.host: IHost = build_libp2p_host(identity, self._listen, config.negotiate_timeout)
+        self.host: IHost = build_libp2p_host(identity, self._listen, config.negotiate_timeout,
+                                             mdns=config.mdns)
         g = config.gossip
         self.gossipsub = ScoredGossipSub(
             protocols=list(GOSSIPSUB_PROTOCOLS),
@@ -260,9 +262,12 @@ class GossipHost:
                         with trio.fail_after(10):
                             await self.pubsub.wait_until_ready()
                         task_status.started(self)
-                        if self.config.bootstrap:
-                            await self.connect_all(self.config.bootstrap)
-                        await trio.sleep_forever()
+                        async with trio.open_nursery() as nursery:
+                            if self.config.mdns:
+                                nursery.start_soon(self._dial_discovered)
+                            if self.config.bootstrap:
+                                await self.connect_all(self.config.bootstrap)
+                            await trio.sleep_forever()
         finally:
             with trio.move_on_after(2) as scope:
                 scope.shield = True
@@ -270,6 +275,40 @@ class GossipHost:
                     await self.host.close()
                 except Exception as exc:  # already closed or half-started: nothing more to do
                     log.debug("closing the host: %r", exc)
+
+    async def _dial_discovered(self) -> None:
+        """py-libp2p's mDNS only records discovered peers; dial them (one at a time, each once
+        per discovery) so that nodes on one LAN find the market without bootstrap addresses."""
+        from libp2p.discovery.events.peerDiscovery import peerDiscovery
+
+        token = trio.lowlevel.current_trio_token()
+        send, receive = trio.open_memory_channel[PeerInfo](64)
+
+        def on_discovered(info: PeerInfo) -> None:  # called from zeroconf's thread
+            def put() -> None:
+                try:
+                    send.send_nowait(info)
+                except (trio.WouldBlock, trio.ClosedResourceError):
+                    pass  # a burst beyond 64: those peers are rediscovered later
+
+            try:
+                token.run_sync_soon(put)
+            except trio.RunFinishedError:
+                pass
+
+        peerDiscovery.register_peer_discovered_handler(on_discovered)
+        try:
+            async with receive:
+                async for info in receive:
+                    if info.peer_id == self.peer_id or info.peer_id in self.host.get_network().connections:
+                        continue
+                    try:
+                        await self.connect(info)
+                        log.info("mDNS: connected to %s", info.peer_id)
+                    except Exception as exc:
+                        log.info("mDNS: dialling %s failed: %r", info.peer_id, exc)
+        finally:
+            peerDiscovery.unregister_peer_discovered_handler(on_discovered)
 
     async def connect(self, addr: str | multiaddr.Multiaddr | PeerInfo) -> None:
         """Dial one peer under ``dial_timeout``; raises on failure."""
@@ -326,7 +365,8 @@ class GossipHost:
 
 
 def build_libp2p_host(
-    identity: NodeIdentity, listen_addrs: Sequence[multiaddr.Multiaddr], negotiate_timeout: int = 5
+    identity: NodeIdentity, listen_addrs: Sequence[multiaddr.Multiaddr], negotiate_timeout: int = 5,
+    *, mdns: bool = False,
 ) -> IHost:
     """A BasicHost with Noise as the ONLY security transport and yamux as the only muxer."""
     noise = NoiseTransport(identity.key_pair, noise_privkey=create_x25519_key_pair().private_key)
@@ -336,6 +376,6 @@ def build_libp2p_host(
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         listen_addrs=listen_addrs,
         negotiate_timeout=negotiate_timeout,
-        enable_mDNS=False,
+        enable_mDNS=mdns,
         enable_upnp=False,
     )

@@ -76,6 +76,7 @@ class NodeConfig:
     wallet_key: bytes  # decrypted secp256k1 key (from the keystore); never written in clear
     listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)
     bootstrap: Sequence[str] = ()
+    mdns: bool = False
     params: Params = DEFAULT_PARAMS
     provider: ProviderSettings | None = None
     name: str = "node"
@@ -119,7 +120,8 @@ class Node:
         self.wallet_key = config.wallet_key
         self.binding = Binding.create(self.key, self.wallet_key, chain.chain.chain_id)
         self.host = GossipHost(self.identity, HostConfig(listen_addrs=tuple(config.listen),
-                                                         bootstrap=tuple(config.bootstrap)))
+                                                         bootstrap=tuple(config.bootstrap),
+                                                         mdns=config.mdns))
         self.escrow = WalletEscrow(chain, self.wallet_key)
         self.rentals: dict[bytes, Rental] = {}
         self.store: Store | None = None

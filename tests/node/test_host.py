@@ -203,3 +203,22 @@ async def test_bootstrap__dials_in_parallel_and_survives_a_dead_peer():
                 while not {s1.peer_id, s2.peer_id} <= set(node.host.get_network().connections):
                     await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
+
+
+async def test_host__mdns_finds_and_connects_a_node_on_the_same_lan():
+    import os
+
+    from node.host import GossipHost, HostConfig
+    from node.identity import NodeIdentity
+
+    config = HostConfig(listen_addrs=("/ip4/127.0.0.1/tcp/0",), mdns=True)
+    a = GossipHost(NodeIdentity.from_seed(os.urandom(32)), config)
+    b = GossipHost(NodeIdentity.from_seed(os.urandom(32)), config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await nursery.start(b.run)
+        with trio.fail_after(15):  # no bootstrap address anywhere: only multicast DNS
+            while b.peer_id not in a.host.get_network().connections and \
+                    a.peer_id not in b.host.get_network().connections:
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
