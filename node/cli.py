@@ -164,6 +164,8 @@ def cmd_node_run(args: argparse.Namespace) -> int:
                            bootstrap=tuple(args.bootstrap or config.bootstrap), mdns=config.mdns,
                            provider=provider, name=config.data_dir.name), AsyncChain(chain))
 
+    _node_logging(str(node.peer_id), args.debug)
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -179,6 +181,25 @@ def cmd_node_run(args: argparse.Namespace) -> int:
 
     trio.run(main)
     return 0
+
+
+def _node_logging(peer_id: str, debug: bool) -> None:
+    """A running node logs what it does at INFO, each line tagged with its (short) peer id;
+    py-libp2p's own chatter stays at WARNING unless --debug."""
+    tag = peer_id[-8:]
+
+    class PeerTag(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.peer = tag
+            return True
+
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.addFilter(PeerTag())
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)-7s peer=%(peer)s %(name)s: %(message)s"))
+    for name in ("node", "protocol", "gpumarket"):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.INFO)
 
 
 # ---------------------------------------------------------------------------------------------
