@@ -53,8 +53,9 @@ def configure(data_dir: Path, anvil: AnvilProcess, escrow: bytes, token: bytes, 
 
 
 def start_node(data_dir: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
+    log = open(data_dir / "node.log", "w")  # a pipe nobody reads would block the node
     proc = subprocess.Popen([EXE, "--data-dir", str(data_dir), "node", "run", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            stdout=subprocess.PIPE, stderr=log, text=True, env=ENV,
                             stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -64,7 +65,7 @@ def start_node(data_dir: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
         if proc.poll() is not None:
             break
     proc.kill()
-    raise AssertionError(f"node did not start: {proc.stderr.read()[-2000:]}")
+    raise AssertionError(f"node did not start: {(data_dir / 'node.log').read_text()[-2000:]}")
 
 
 def stop_node(proc: subprocess.Popen) -> float:
