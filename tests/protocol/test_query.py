@@ -151,6 +151,27 @@ def test_query__sorts_by_each_field(sort):
     assert book.query("gpu=RTX_4090,A100*", sort, 5) == brute(book, "gpu=RTX_4090,A100*", sort, 5)
 
 
+# Offers in one bucket (same model, count, region, ...) with repeated prices: the dearest-first
+# plan walks a bucket's (price, digest) order backwards and must keep equal prices in digest
+# order; the score and vram/count plans must keep the price-then-digest tie order too.
+TIED = [offer(200 + i, price_per_gpu_second=(100, 150, 150, 150, 200, 200)[i % 6],
+              count=(1, 2)[i % 2 == 0 and i > 8]).encode() for i in range(18)]
+
+
+@pytest.mark.parametrize("plan", [None, "stream", "score_walk", "score_range", "collect"])
+@pytest.mark.parametrize("sort", ["price", "-price", "score", "-score", "count", "-count"])
+def test_query__ties_within_a_bucket_keep_the_total_order(plan, sort):
+    scores = {provider(200 + i)[0].public: (0.5, 0.8)[i % 3 == 0] for i in range(len(TIED))}
+    book = OfferBook(Params(), bindings=BINDINGS, score_of=lambda p: scores[p])
+    for data in TIED:
+        book.ingest_offer(data, NOW)
+    assert len(book._buckets) == 2
+    book.force_plan = plan
+    for query in ("", "score>=0.8", "price<=0.54", "price!=0.54 score<0.8"):
+        for limit in (None, 1, 3, 7, 100):
+            assert book.query(query, sort, limit) == brute(book, query, sort, limit), (query, limit)
+
+
 def test_query__limit_cuts_after_sorting(full_book):
     cheapest = full_book.query("gpu=RTX_4090", "price", 3)
     assert len(cheapest) == 3
@@ -240,7 +261,7 @@ def term_strategy():
     )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     indices=st.lists(st.integers(0, len(POOL) - 1), unique=True, max_size=len(POOL)),
     score_values=st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.5, 0.8, 1.0]), min_size=len(POOL),
@@ -250,13 +271,15 @@ def term_strategy():
                           "-count"]),
     limit=st.one_of(st.none(), st.integers(1, 10)),
     walk_scores=st.booleans(),
+    plan=st.sampled_from([None, "stream", "score_walk", "score_range", "collect"]),
 )
 def test_query__random_queries_agree_with_brute_force(indices, score_values, terms, sort, limit,
-                                                      walk_scores):
+                                                      walk_scores, plan):
     scores = {provider(100 + i)[0].public: score_values[i] for i in range(len(POOL))}
     book = book_of(indices, scores)
     if walk_scores:  # force the score-index plan even on a small book
         book.score_walk_min_candidates = -10_000
+    book.force_plan = plan  # every plan must give the brute-force answer
     query = " ".join(terms)
     got = book.query(query, sort, limit)
     assert got == brute(book, query, sort, limit), query
