@@ -66,6 +66,15 @@ def model_token(name: str) -> str:
     return "_".join(words[i:]) or "UNKNOWN"
 
 
+@functools.lru_cache(maxsize=4096)
+def _models_of(names: tuple[str, ...]) -> tuple[str, ...]:
+    """An offer's model tokens, sorted, from its distinct NVML names."""
+    return tuple(sorted({model_token(n) for n in names}))
+
+
+_PRICE_SCALES = tuple(10 ** (PRICE_SCALE - d) for d in range(PRICE_SCALE + 1))
+
+
 def vram_gib(vram_mib: int) -> int:
     """VRAM in whole GiB, rounded half up: NVML's 24564 MiB for an RTX 4090 is 24 GiB."""
     return (vram_mib + 512) // 1024
@@ -76,45 +85,52 @@ class Entry:
     `Offer` is not kept (memory): `offer` decodes the held wire bytes again on demand."""
 
     __slots__ = (
-        "data", "digest", "offer_id", "provider", "seq", "expires_ms", "models", "gpu_count",
+        "data", "digest", "provider", "seq", "expires_ms", "models", "gpu_count",
         "vram_mib", "vram_gib", "region", "cuda_version", "cc", "token_symbol", "chain_id",
         "token_decimals", "price_per_gpu_hour", "price_key", "score", "bucket", "_pkey", "_skey",
     )
 
     def __init__(self, offer: Offer, data: bytes, digest: bytes, score: float) -> None:
+        # Runs once per ingested offer: kept cheap (single-GPU offers skip the loops, model
+        # tokens are cached per set of names, the price scale per token decimals).
         gpus = offer.gpus
         terms = offer.terms
         self.data = data
         self.digest = digest
-        self.offer_id = digest.hex()[:OFFER_ID_LEN]
         self.provider = offer.provider
         self.seq = offer.seq
         self.expires_ms = offer.expires_ms
         g0 = gpus[0]
-        names = {g0.model}
-        vram, cuda, cc = g0.vram_mib, g0.cuda_version, (g0.cc_major, g0.cc_minor)
-        for g in gpus[1:]:
-            names.add(g.model)
-            vram = min(vram, g.vram_mib)
-            cuda = min(cuda, g.cuda_version)
-            cc = min(cc, (g.cc_major, g.cc_minor))
-        self.models: tuple[str, ...] = tuple(sorted({model_token(n) for n in names}))
+        if len(gpus) == 1:
+            self.models = _models_of((g0.model,))
+            vram, cuda, cc = g0.vram_mib, g0.cuda_version, (g0.cc_major, g0.cc_minor)
+        else:
+            self.models = _models_of(tuple({g.model: None for g in gpus}))
+            vram = min([g.vram_mib for g in gpus])
+            cuda = min([g.cuda_version for g in gpus])
+            cc = min([(g.cc_major, g.cc_minor) for g in gpus])
         self.gpu_count = len(gpus)
         self.vram_mib = vram
-        self.vram_gib = vram_gib(vram)
+        self.vram_gib = (vram + 512) // 1024  # vram_gib(vram)
         self.region = offer.host.region
         self.cuda_version = cuda
         self.cc = cc
         self.token_symbol = terms.token_symbol
         self.chain_id = terms.chain_id
-        self.token_decimals = terms.token_decimals
-        self.price_per_gpu_hour = terms.price_per_gpu_second * 3600  # smallest token unit
+        decimals = self.token_decimals = terms.token_decimals
+        price = self.price_per_gpu_hour = terms.price_per_gpu_second * 3600  # smallest unit
         # Comparable across tokens of different decimals (validation caps decimals at 36).
-        self.price_key = self.price_per_gpu_hour * 10 ** (PRICE_SCALE - terms.token_decimals)
+        self.price_key = price * (_PRICE_SCALES[decimals] if decimals <= PRICE_SCALE
+                                  else 10 ** (PRICE_SCALE - decimals))
         self.score = score
         self.bucket: _Bucket | None = None
         self._pkey = (self.price_key, digest)
         self._skey = (score, self.expires_ms, digest)
+
+    @property
+    def offer_id(self) -> str:
+        """The display id: the digest's first OFFER_ID_LEN hex characters."""
+        return self.digest[:OFFER_ID_LEN // 2].hex()
 
     @property
     def offer(self) -> Offer:
@@ -374,7 +390,8 @@ class OfferBook:
     def _insert(self, entry: Entry, now_ms: int) -> None:
         self._by_provider[entry.provider] = entry
         self._by_digest[entry.digest] = entry
-        key = entry.bucket_key()
+        key = (entry.models, entry.gpu_count, entry.vram_gib, entry.region, entry.cuda_version,
+               entry.cc, entry.token_symbol, entry.chain_id)  # entry.bucket_key()
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = _Bucket(key)
