@@ -263,6 +263,9 @@ class OfferBook:
     # A score-sorted query with a limit walks the score index instead of sorting candidates
     # when there are more than this many candidates beyond 8 x limit (tests set 0 to force it).
     score_walk_min_candidates = 256
+    # ... and takes a tie at the limit from the price order when the tie holds more than this
+    # many offers beyond 8 x limit (tests set it negative to force it).
+    score_tie_min = 256
     # Tests set a plan name ("stream", "score_walk", "score_range", "collect") to check every
     # plan against the brute-force filter on small books; a plan that cannot serve the query
     # (e.g. "stream" for a score sort, or any plan but "score_range" without a limit) falls
@@ -594,11 +597,15 @@ class OfferBook:
                         s_hi: tuple | None = None) -> list[Entry]:
         # Walk the score index in the asked direction (within the score terms' range); stop once
         # `limit` matches are found and the score has moved past the last of them (ties are
-        # then ordered by the sort key).
+        # then ordered by the sort key). The index orders a tie by expiry, not price, so the
+        # walk would pass over the whole tie group; when that group is large (a book where
+        # most providers still have the unknown score 0.5), the tie's share of the result is
+        # taken from the buckets' price order instead, filtered to that score.
         chosen = set(buckets)
         slices = self._by_score.slices(s_lo, s_hi)
         walk = _chain_reversed(slices) if s.descending else _chain(slices)
         found: list[Entry] = []
+        key = s.key()
         for e in walk:
             if len(found) >= limit and e.score != found[-1].score:
                 break
@@ -609,7 +616,21 @@ class OfferBook:
             if residual is not None and not residual(e):
                 continue
             found.append(e)
-        found.sort(key=s.key())
+            if len(found) == limit:
+                tie = e.score
+                t_lo = (math.nextafter(tie, -math.inf),)
+                t_hi = (math.nextafter(tie, math.inf),)
+                n_tie = sum(map(len, self._by_score.slices(t_lo, t_hi)))
+                if n_tie > 8 * limit + self.score_tie_min:
+                    keep = sorted((f for f in found if f.score != tie), key=key)
+                    lo_key = None if lo is None else (lo,)
+                    hi_key = None if hi is None else (hi,)
+                    streams = [_chain(b.entries.slices(lo_key, hi_key)) for b in buckets]
+                    merged = heapq.merge(*streams, key=_pkey)
+                    same = filter(lambda x: x.score == tie and (residual is None or residual(x)),
+                                  merged)
+                    return keep + list(islice(same, limit - len(keep)))
+        found.sort(key=key)
         return found[:limit]
 
 

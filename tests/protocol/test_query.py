@@ -161,14 +161,18 @@ TIED = [offer(200 + i, price_per_gpu_second=(100, 150, 150, 150, 200, 200)[i % 6
 @pytest.mark.parametrize("plan", [None, "stream", "score_walk", "score_range", "collect"])
 @pytest.mark.parametrize("sort", ["price", "-price", "score", "-score", "count", "-count"])
 def test_query__ties_within_a_bucket_keep_the_total_order(plan, sort):
-    scores = {provider(200 + i)[0].public: (0.5, 0.8)[i % 3 == 0] for i in range(len(TIED))}
+    # Three score levels, the lowest on the cheapest offers: a tie at the limit must be filled
+    # from that score only.
+    scores = {provider(200 + i)[0].public: (0.2, 0.8, 0.5, 0.5, 0.8, 0.5)[i % 6]
+              for i in range(len(TIED))}
     book = OfferBook(Params(), bindings=BINDINGS, score_of=lambda p: scores[p])
     for data in TIED:
         book.ingest_offer(data, NOW)
     assert len(book._buckets) == 2
     book.force_plan = plan
+    book.score_tie_min = -10_000 if plan == "score_walk" else 256
     for query in ("", "score>=0.8", "price<=0.54", "price!=0.54 score<0.8"):
-        for limit in (None, 1, 3, 7, 100):
+        for limit in (None, 1, 3, 7, 9, 100):
             assert book.query(query, sort, limit) == brute(book, query, sort, limit), (query, limit)
 
 
@@ -272,13 +276,16 @@ def term_strategy():
     limit=st.one_of(st.none(), st.integers(1, 10)),
     walk_scores=st.booleans(),
     plan=st.sampled_from([None, "stream", "score_walk", "score_range", "collect"]),
+    stream_ties=st.booleans(),
 )
 def test_query__random_queries_agree_with_brute_force(indices, score_values, terms, sort, limit,
-                                                      walk_scores, plan):
+                                                      walk_scores, plan, stream_ties):
     scores = {provider(100 + i)[0].public: score_values[i] for i in range(len(POOL))}
     book = book_of(indices, scores)
     if walk_scores:  # force the score-index plan even on a small book
         book.score_walk_min_candidates = -10_000
+    if stream_ties:  # and its price-ordered handling of a tie at the limit
+        book.score_tie_min = -10_000
     book.force_plan = plan  # every plan must give the brute-force answer
     query = " ".join(terms)
     got = book.query(query, sort, limit)
