@@ -33,7 +33,7 @@ import re
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 
 from .encoding import decode
@@ -242,6 +242,32 @@ class _SortedList:
             out.append(vals[k][:m])
         return out
 
+    def count(self, lo: Any = None, hi: Any = None) -> int:
+        """How many keys lie in lo <= key < hi (no copying)."""
+        i, j = self._pos(lo)
+        k, m = (len(self._maxes), 0) if hi is None else self._pos(hi)
+        if (i, j) >= (k, m):
+            return 0
+        if i == k:
+            return m - j
+        vals = self._vals
+        return len(vals[i]) - j + sum(map(len, vals[i + 1:k])) + m
+
+    def irange(self, lo: Any = None, hi: Any = None) -> Iterator[Any]:
+        """The values with lo <= key < hi in key order, lazily (C-level iteration)."""
+        i, j = self._pos(lo)
+        k, m = (len(self._maxes), 0) if hi is None else self._pos(hi)
+        vals = self._vals
+        if (i, j) >= (k, m):
+            return iter(())
+        if i == k:
+            return islice(vals[i], j, m)
+        parts: list[Iterable[Any]] = [islice(vals[i], j, None) if j else vals[i]]
+        parts.extend(vals[i + 1:k])
+        if m:
+            parts.append(islice(vals[k], m))
+        return chain.from_iterable(parts)
+
 
 class _Bucket:
     """Entries that share every bucket-level fact; sorted by (price_key, digest)."""
@@ -264,7 +290,8 @@ class OfferBook:
     # when there are more than this many candidates beyond 8 x limit (tests set 0 to force it).
     score_walk_min_candidates = 256
     # ... and takes a tie at the limit from the price order when the tie holds more than this
-    # many offers beyond 8 x limit (tests set it negative to force it).
+    # many offers beyond 8 x limit and that is cheaper than walking the tie (tests set it
+    # negative to force it).
     score_tie_min = 256
     # Tests set a plan name ("stream", "score_walk", "score_range", "collect") to check every
     # plan against the brute-force filter on small books; a plan that cannot serve the query
@@ -500,20 +527,22 @@ class OfferBook:
         buckets = _choose_buckets(self._buckets.values(), bucket_terms)
         residual = _residual(price_ne + score_terms)
         def count_candidates() -> int:
-            return sum(len(sl) for b in buckets for sl in b.entries.slices(lo_key, hi_key))
+            return sum(b.entries.count(lo_key, hi_key) for b in buckets)
 
         plan = self.force_plan
         s_lo, s_hi = _score_keys(score_terms)
         n_candidates = 0
         if plan is None and score_terms and (s_lo is not None or s_hi is not None):
-            n_candidates = count_candidates()
             # A score range with few offers in it: scanning that range beats streaming the
-            # buckets, which would pass over about limit * len / n_score offers to find limit.
-            n_score = sum(map(len, self._by_score.slices(s_lo, s_hi)))
-            stream_cost = n_candidates if limit is None else min(
-                n_candidates, limit * len(self) // max(n_score, 1))
-            if n_score < stream_cost:
-                plan = "score_range"
+            # buckets, which would pass over about limit * len / n_score offers to find limit
+            # (and over every candidate without a limit).
+            n_score = self._by_score.count(s_lo, s_hi)
+            stream_cost = None if limit is None else limit * len(self) // max(n_score, 1)
+            if stream_cost is None or n_score < stream_cost:
+                n_candidates = count_candidates()
+                if n_score < (n_candidates if stream_cost is None
+                              else min(n_candidates, stream_cost)):
+                    plan = "score_range"
         if plan is None and limit is not None:
             if s.field == "score":
                 n_candidates = n_candidates or count_candidates()
@@ -547,7 +576,7 @@ class OfferBook:
                 streams = [_desc_price(b.entries.slices(lo_key, hi_key)) for b in buckets]
                 merged: Iterator[Entry] = heapq.merge(*streams, key=_neg_pkey)
             else:
-                streams = [_chain(b.entries.slices(lo_key, hi_key)) for b in buckets]
+                streams = [b.entries.irange(lo_key, hi_key) for b in buckets]
                 merged = heapq.merge(*streams, key=_pkey)
             if residual is not None:
                 merged = filter(residual, merged)
@@ -559,7 +588,7 @@ class OfferBook:
             groups.setdefault(getattr(b, attr), []).append(b)
         out: list[Entry] = []
         for value in sorted(groups, reverse=s.descending):
-            streams = [_chain(b.entries.slices(lo_key, hi_key)) for b in groups[value]]
+            streams = [b.entries.irange(lo_key, hi_key) for b in groups[value]]
             merged = heapq.merge(*streams, key=_pkey)
             if residual is not None:
                 merged = filter(residual, merged)
@@ -620,12 +649,16 @@ class OfferBook:
                 tie = e.score
                 t_lo = (math.nextafter(tie, -math.inf),)
                 t_hi = (math.nextafter(tie, math.inf),)
-                n_tie = sum(map(len, self._by_score.slices(t_lo, t_hi)))
-                if n_tie > 8 * limit + self.score_tie_min:
+                n_tie = self._by_score.count(t_lo, t_hi)
+                # Walking the rest of the tie costs up to n_tie; the price order passes over
+                # about limit * len / n_tie offers to find the tie's share. Scores spread over
+                # many values (ties of ~1,000 in 100,000) walk; a dominant score streams.
+                if n_tie > 8 * limit + self.score_tie_min and (
+                        self.score_tie_min < 0 or 4 * limit * len(self) < n_tie * n_tie):
                     keep = sorted((f for f in found if f.score != tie), key=key)
                     lo_key = None if lo is None else (lo,)
                     hi_key = None if hi is None else (hi,)
-                    streams = [_chain(b.entries.slices(lo_key, hi_key)) for b in buckets]
+                    streams = [b.entries.irange(lo_key, hi_key) for b in buckets]
                     merged = heapq.merge(*streams, key=_pkey)
                     same = filter(lambda x: x.score == tie and (residual is None or residual(x)),
                                   merged)
@@ -714,12 +747,45 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
     ">": operator.gt, ">=": operator.ge}
 
 
+def _never(_a: Any, _b: Any) -> bool:
+    return False
+
+
+def _always(_a: Any, _b: Any) -> bool:
+    return True
+
+
+def _score_check(t: Term) -> tuple[Callable[[Any, Any], bool], str, Any]:
+    """A score term as one float comparison, exactly equivalent to comparing Decimal(score)
+    with the term's Decimal (a float-Decimal comparison costs ~1 us, a float one ~30 ns):
+    Decimal(x) >= v iff x >= the smallest float >= v, Decimal(x) <= v iff x <= the largest
+    float <= v, and = holds only where v is itself a float."""
+    v: Decimal = t.value
+    f = float(v)
+    exact = Decimal(f) == v
+    ge = f if Decimal(f) >= v else math.nextafter(f, math.inf)  # smallest float >= v
+    le = f if Decimal(f) <= v else math.nextafter(f, -math.inf)  # largest float <= v
+    op = t.op
+    if op == ">=":
+        return operator.ge, "score", ge
+    if op == "<":
+        return operator.lt, "score", ge
+    if op == "<=":
+        return operator.le, "score", le
+    if op == ">":
+        return operator.gt, "score", le
+    if op == "=":
+        return (operator.eq if exact else _never), "score", f
+    return (operator.ne if exact else _always), "score", f
+
+
 def _residual(terms: list[Term]) -> Callable[[Entry], bool] | None:
     """The per-entry check of `price!=` and `score` terms: the same comparisons as
     `Term.test`, made directly (a float or int compares exactly with a Decimal)."""
     if not terms:
         return None
-    checks = [(_OPS[t.op], t.attr, t.value) for t in terms]
+    checks = [_score_check(t) if t.field == "score" else (_OPS[t.op], t.attr, t.value)
+              for t in terms]
     if len(checks) == 1:
         (op, attr, value), = checks
         getter = operator.attrgetter(attr)

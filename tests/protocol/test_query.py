@@ -290,3 +290,43 @@ def test_query__random_queries_agree_with_brute_force(indices, score_values, ter
     query = " ".join(terms)
     got = book.query(query, sort, limit)
     assert got == brute(book, query, sort, limit), query
+
+
+SCORE_VALUES = ["0", "1", "0.1", "0.3", "0.5", "0.81", "0.7", "0.2",
+                "0.1000000000000000055511151231257827021181583404541015625",  # float 0.1 exactly
+                "0.10000000000000001", "0.30000000000000004"]
+
+
+def _near(x, ulps):
+    import math
+
+    for _ in range(abs(ulps)):
+        x = math.nextafter(x, math.copysign(math.inf, ulps))
+    return x
+
+
+NEAR_SCORES = [0, 1] + [_near(float(v), u) for v in SCORE_VALUES for u in range(-2, 3)]
+
+
+@pytest.mark.parametrize("op", ["=", "!=", "<", "<=", ">", ">="])
+@pytest.mark.parametrize("value", SCORE_VALUES)
+def test_query__score_residual_matches_the_exact_decimal_comparison(value, op):
+    """The per-entry score check compares floats with precomputed float thresholds; it must
+    agree with Term.test's exact Decimal comparison, also one ulp either side of the value."""
+    from protocol.offerbook import _score_check
+
+    term = parse_query(f"score{op}{value}").terms[0]
+    check, _, threshold = _score_check(term)
+    for score in NEAR_SCORES:
+        assert check(score, threshold) == term.test(score), (score, op, value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(score=st.floats(0, 1), value=st.sampled_from(SCORE_VALUES),
+       op=st.sampled_from(["=", "!=", "<", "<=", ">", ">="]))
+def test_query__score_residual_matches_decimal_for_any_float(score, value, op):
+    from protocol.offerbook import _score_check
+
+    term = parse_query(f"score{op}{value}").terms[0]
+    check, _, threshold = _score_check(term)
+    assert check(score, threshold) == term.test(score)
