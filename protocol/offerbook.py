@@ -27,18 +27,21 @@ from __future__ import annotations
 
 import functools
 import heapq
+import math
+import operator
 import re
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 
 from .encoding import decode
 from .errors import Ignore, LocalProtocolError
 from .messages import Offer, OfferWithdrawal
 from .params import Params
-from .query import DEFAULT_SORT, PRICE_SCALE, Query, Sort, Term, parse_query, parse_sort, price_bounds
+from .query import (PRICE_SCALE, SORT_FIELDS, Query, Sort, Term, parse_query, parse_sort,
+                    price_bounds)
 from .validation import BindingCache, validate_offer, validate_withdrawal
 
 UNKNOWN_SCORE = 0.5
@@ -63,6 +66,15 @@ def model_token(name: str) -> str:
     return "_".join(words[i:]) or "UNKNOWN"
 
 
+@functools.lru_cache(maxsize=4096)
+def _models_of(names: tuple[str, ...]) -> tuple[str, ...]:
+    """An offer's model tokens, sorted, from its distinct NVML names."""
+    return tuple(sorted({model_token(n) for n in names}))
+
+
+_PRICE_SCALES = tuple(10 ** (PRICE_SCALE - d) for d in range(PRICE_SCALE + 1))
+
+
 def vram_gib(vram_mib: int) -> int:
     """VRAM in whole GiB, rounded half up: NVML's 24564 MiB for an RTX 4090 is 24 GiB."""
     return (vram_mib + 512) // 1024
@@ -73,45 +85,52 @@ class Entry:
     `Offer` is not kept (memory): `offer` decodes the held wire bytes again on demand."""
 
     __slots__ = (
-        "data", "digest", "offer_id", "provider", "seq", "expires_ms", "models", "gpu_count",
+        "data", "digest", "provider", "seq", "expires_ms", "models", "gpu_count",
         "vram_mib", "vram_gib", "region", "cuda_version", "cc", "token_symbol", "chain_id",
         "token_decimals", "price_per_gpu_hour", "price_key", "score", "bucket", "_pkey", "_skey",
     )
 
     def __init__(self, offer: Offer, data: bytes, digest: bytes, score: float) -> None:
+        # Runs once per ingested offer: kept cheap (single-GPU offers skip the loops, model
+        # tokens are cached per set of names, the price scale per token decimals).
         gpus = offer.gpus
         terms = offer.terms
         self.data = data
         self.digest = digest
-        self.offer_id = digest.hex()[:OFFER_ID_LEN]
         self.provider = offer.provider
         self.seq = offer.seq
         self.expires_ms = offer.expires_ms
         g0 = gpus[0]
-        names = {g0.model}
-        vram, cuda, cc = g0.vram_mib, g0.cuda_version, (g0.cc_major, g0.cc_minor)
-        for g in gpus[1:]:
-            names.add(g.model)
-            vram = min(vram, g.vram_mib)
-            cuda = min(cuda, g.cuda_version)
-            cc = min(cc, (g.cc_major, g.cc_minor))
-        self.models: tuple[str, ...] = tuple(sorted({model_token(n) for n in names}))
+        if len(gpus) == 1:
+            self.models = _models_of((g0.model,))
+            vram, cuda, cc = g0.vram_mib, g0.cuda_version, (g0.cc_major, g0.cc_minor)
+        else:
+            self.models = _models_of(tuple({g.model: None for g in gpus}))
+            vram = min([g.vram_mib for g in gpus])
+            cuda = min([g.cuda_version for g in gpus])
+            cc = min([(g.cc_major, g.cc_minor) for g in gpus])
         self.gpu_count = len(gpus)
         self.vram_mib = vram
-        self.vram_gib = vram_gib(vram)
+        self.vram_gib = (vram + 512) // 1024  # vram_gib(vram)
         self.region = offer.host.region
         self.cuda_version = cuda
         self.cc = cc
         self.token_symbol = terms.token_symbol
         self.chain_id = terms.chain_id
-        self.token_decimals = terms.token_decimals
-        self.price_per_gpu_hour = terms.price_per_gpu_second * 3600  # smallest token unit
+        decimals = self.token_decimals = terms.token_decimals
+        price = self.price_per_gpu_hour = terms.price_per_gpu_second * 3600  # smallest unit
         # Comparable across tokens of different decimals (validation caps decimals at 36).
-        self.price_key = self.price_per_gpu_hour * 10 ** (PRICE_SCALE - terms.token_decimals)
+        self.price_key = price * (_PRICE_SCALES[decimals] if decimals <= PRICE_SCALE
+                                  else 10 ** (PRICE_SCALE - decimals))
         self.score = score
         self.bucket: _Bucket | None = None
         self._pkey = (self.price_key, digest)
         self._skey = (score, self.expires_ms, digest)
+
+    @property
+    def offer_id(self) -> str:
+        """The display id: the digest's first OFFER_ID_LEN hex characters."""
+        return self.digest[:OFFER_ID_LEN // 2].hex()
 
     @property
     def offer(self) -> Offer:
@@ -223,9 +242,31 @@ class _SortedList:
             out.append(vals[k][:m])
         return out
 
-    def iter_from_top(self) -> Iterator[Any]:
-        for vals in reversed(self._vals):
-            yield from reversed(vals)
+    def count(self, lo: Any = None, hi: Any = None) -> int:
+        """How many keys lie in lo <= key < hi (no copying)."""
+        i, j = self._pos(lo)
+        k, m = (len(self._maxes), 0) if hi is None else self._pos(hi)
+        if (i, j) >= (k, m):
+            return 0
+        if i == k:
+            return m - j
+        vals = self._vals
+        return len(vals[i]) - j + sum(map(len, vals[i + 1:k])) + m
+
+    def irange(self, lo: Any = None, hi: Any = None) -> Iterator[Any]:
+        """The values with lo <= key < hi in key order, lazily (C-level iteration)."""
+        i, j = self._pos(lo)
+        k, m = (len(self._maxes), 0) if hi is None else self._pos(hi)
+        vals = self._vals
+        if (i, j) >= (k, m):
+            return iter(())
+        if i == k:
+            return islice(vals[i], j, m)
+        parts: list[Iterable[Any]] = [islice(vals[i], j, None) if j else vals[i]]
+        parts.extend(vals[i + 1:k])
+        if m:
+            parts.append(islice(vals[k], m))
+        return chain.from_iterable(parts)
 
 
 class _Bucket:
@@ -248,6 +289,15 @@ class OfferBook:
     # A score-sorted query with a limit walks the score index instead of sorting candidates
     # when there are more than this many candidates beyond 8 x limit (tests set 0 to force it).
     score_walk_min_candidates = 256
+    # ... and takes a tie at the limit from the price order when the tie holds more than this
+    # many offers beyond 8 x limit and that is cheaper than walking the tie (tests set it
+    # negative to force it).
+    score_tie_min = 256
+    # Tests set a plan name ("stream", "score_walk", "score_range", "collect") to check every
+    # plan against the brute-force filter on small books; a plan that cannot serve the query
+    # (e.g. "stream" for a score sort, or any plan but "score_range" without a limit) falls
+    # back to collecting.
+    force_plan: str | None = None
 
     def __init__(
         self,
@@ -370,7 +420,8 @@ class OfferBook:
     def _insert(self, entry: Entry, now_ms: int) -> None:
         self._by_provider[entry.provider] = entry
         self._by_digest[entry.digest] = entry
-        key = entry.bucket_key()
+        key = (entry.models, entry.gpu_count, entry.vram_gib, entry.region, entry.cuda_version,
+               entry.cc, entry.token_symbol, entry.chain_id)  # entry.bucket_key()
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = _Bucket(key)
@@ -450,7 +501,14 @@ class OfferBook:
     def query(self, query: str | Query = "", sort: str | Sort | None = None,
               limit: int | None = None) -> list[Entry]:
         """Entries matching every term, in `sort` order (default: price ascending), at most
-        `limit` of them. Raises QueryError for a malformed query or sort."""
+        `limit` of them. Raises QueryError for a malformed query or sort.
+
+        Plans (specs/offerbook.md, "Indexes"): with a limit, results are produced lazily in sort
+        order and the query stops at the limit: cheapest/dearest-first merge the chosen buckets'
+        price orders (forwards or backwards); vram/count sorts visit groups of buckets in that
+        field's order and merge prices within a group; score sorts walk the score index. A
+        score filter whose range holds few offers scans that range of the score index instead.
+        Without a limit every candidate is collected and sorted."""
         q = parse_query(query) if isinstance(query, str) else query
         s = sort if isinstance(sort, Sort) else parse_sort(sort)
         if limit is not None and limit < 0:
@@ -466,26 +524,96 @@ class OfferBook:
         lo_key = None if lo is None else (lo,)
         hi_key = None if hi is None else (hi,)
 
-        buckets = [b for b in self._buckets.values() if _bucket_ok(b, bucket_terms)]
-        slices = [sl for b in buckets for sl in b.entries.slices(lo_key, hi_key)]
-        n_candidates = sum(map(len, slices))
+        buckets = _choose_buckets(self._buckets.values(), bucket_terms)
         residual = _residual(price_ne + score_terms)
+        def count_candidates() -> int:
+            return sum(b.entries.count(lo_key, hi_key) for b in buckets)
 
-        if s.field == "score" and limit is not None and n_candidates > 8 * limit + self.score_walk_min_candidates:
-            return self._query_by_score(buckets, lo, hi, residual, s, limit)
-        if s == DEFAULT_SORT and limit is not None:
-            streams = [_chain(b.entries.slices(lo_key, hi_key)) for b in buckets]
-            merged = heapq.merge(*streams, key=_pkey)
+        plan = self.force_plan
+        s_lo, s_hi = _score_keys(score_terms)
+        n_candidates = 0
+        if plan is None and score_terms and (s_lo is not None or s_hi is not None):
+            # A score range with few offers in it: scanning that range beats streaming the
+            # buckets, which would pass over about limit * len / n_score offers to find limit
+            # (and over every candidate without a limit).
+            n_score = self._by_score.count(s_lo, s_hi)
+            stream_cost = None if limit is None else limit * len(self) // max(n_score, 1)
+            if stream_cost is None or n_score < stream_cost:
+                n_candidates = count_candidates()
+                if n_score < (n_candidates if stream_cost is None
+                              else min(n_candidates, stream_cost)):
+                    plan = "score_range"
+        if plan is None and limit is not None:
+            if s.field == "score":
+                n_candidates = n_candidates or count_candidates()
+                if n_candidates > 8 * limit + self.score_walk_min_candidates:
+                    plan = "score_walk"
+            else:
+                plan = "stream"
+        if plan == "score_range":
+            return self._query_score_range(buckets, lo, hi, residual, s, limit, s_lo, s_hi)
+        if plan == "score_walk" and s.field == "score" and limit is not None:
+            return self._query_by_score(buckets, lo, hi, residual, s, limit, s_lo, s_hi)
+        if plan == "stream" and s.field != "score" and limit is not None:
+            return self._query_stream(buckets, lo_key, hi_key, residual, s, limit)
+        out: list[Entry] = []
+        for b in buckets:
+            for sl in b.entries.slices(lo_key, hi_key):
+                out.extend(sl if residual is None else filter(residual, sl))
+        key = s.key()
+        if limit is not None and len(out) > 4 * limit:
+            return heapq.nsmallest(limit, out, key=key)
+        out.sort(key=key)
+        return out if limit is None else out[:limit]
+
+    def _query_stream(self, buckets: list[_Bucket], lo_key: tuple | None, hi_key: tuple | None,
+                      residual: Callable[[Entry], bool] | None, s: Sort,
+                      limit: int) -> list[Entry]:
+        # Results in sort order, lazily; stop after `limit`. Buckets are sorted by
+        # (price_key, digest), which is the tie order of every sort.
+        if s.field == "price":
+            if s.descending:
+                streams = [_desc_price(b.entries.slices(lo_key, hi_key)) for b in buckets]
+                merged: Iterator[Entry] = heapq.merge(*streams, key=_neg_pkey)
+            else:
+                streams = [b.entries.irange(lo_key, hi_key) for b in buckets]
+                merged = heapq.merge(*streams, key=_pkey)
             if residual is not None:
                 merged = filter(residual, merged)
             return list(islice(merged, limit))
+        # vram or count: constant within a bucket; visit groups of equal value in order.
+        attr = SORT_FIELDS[s.field]
+        groups: dict[Any, list[_Bucket]] = {}
+        for b in buckets:
+            groups.setdefault(getattr(b, attr), []).append(b)
         out: list[Entry] = []
-        if residual is None:
-            for sl in slices:
-                out.extend(sl)
-        else:
-            for sl in slices:
-                out.extend(filter(residual, sl))
+        for value in sorted(groups, reverse=s.descending):
+            streams = [b.entries.irange(lo_key, hi_key) for b in groups[value]]
+            merged = heapq.merge(*streams, key=_pkey)
+            if residual is not None:
+                merged = filter(residual, merged)
+            out.extend(islice(merged, limit - len(out)))
+            if len(out) >= limit:
+                break
+        return out
+
+    def _query_score_range(self, buckets: list[_Bucket], lo: int | None, hi: int | None,
+                           residual: Callable[[Entry], bool] | None, s: Sort,
+                           limit: int | None, s_lo: tuple | None,
+                           s_hi: tuple | None) -> list[Entry]:
+        # Every offer whose score may satisfy the score terms (a slightly wider float range;
+        # `residual` decides exactly), filtered by bucket and price, then sorted.
+        chosen = set(buckets)
+        out = []
+        for sl in self._by_score.slices(s_lo, s_hi):
+            for e in sl:
+                if e.bucket not in chosen:
+                    continue
+                if (lo is not None and e.price_key < lo) or (hi is not None and e.price_key >= hi):
+                    continue
+                if residual is not None and not residual(e):
+                    continue
+                out.append(e)
         key = s.key()
         if limit is not None and len(out) > 4 * limit:
             return heapq.nsmallest(limit, out, key=key)
@@ -494,23 +622,48 @@ class OfferBook:
 
     def _query_by_score(self, buckets: list[_Bucket], lo: int | None, hi: int | None,
                         residual: Callable[[Entry], bool] | None, s: Sort,
-                        limit: int) -> list[Entry]:
-        # Walk the score index in the asked direction; stop once `limit` matches are found and
-        # the score has moved past the last of them (ties are then ordered by the sort key).
-        chosen = {id(b) for b in buckets}
-        walk = self._by_score.iter_from_top() if s.descending else _chain(self._by_score.slices())
+                        limit: int, s_lo: tuple | None = None,
+                        s_hi: tuple | None = None) -> list[Entry]:
+        # Walk the score index in the asked direction (within the score terms' range); stop once
+        # `limit` matches are found and the score has moved past the last of them (ties are
+        # then ordered by the sort key). The index orders a tie by expiry, not price, so the
+        # walk would pass over the whole tie group; when that group is large (a book where
+        # most providers still have the unknown score 0.5), the tie's share of the result is
+        # taken from the buckets' price order instead, filtered to that score.
+        chosen = set(buckets)
+        slices = self._by_score.slices(s_lo, s_hi)
+        walk = _chain_reversed(slices) if s.descending else _chain(slices)
         found: list[Entry] = []
+        key = s.key()
         for e in walk:
             if len(found) >= limit and e.score != found[-1].score:
                 break
-            if id(e.bucket) not in chosen:
+            if e.bucket not in chosen:
                 continue
             if (lo is not None and e.price_key < lo) or (hi is not None and e.price_key >= hi):
                 continue
             if residual is not None and not residual(e):
                 continue
             found.append(e)
-        found.sort(key=s.key())
+            if len(found) == limit:
+                tie = e.score
+                t_lo = (math.nextafter(tie, -math.inf),)
+                t_hi = (math.nextafter(tie, math.inf),)
+                n_tie = self._by_score.count(t_lo, t_hi)
+                # Walking the rest of the tie costs up to n_tie; the price order passes over
+                # about limit * len / n_tie offers to find the tie's share. Scores spread over
+                # many values (ties of ~1,000 in 100,000) walk; a dominant score streams.
+                if n_tie > 8 * limit + self.score_tie_min and (
+                        self.score_tie_min < 0 or 4 * limit * len(self) < n_tie * n_tie):
+                    keep = sorted((f for f in found if f.score != tie), key=key)
+                    lo_key = None if lo is None else (lo,)
+                    hi_key = None if hi is None else (hi,)
+                    streams = [b.entries.irange(lo_key, hi_key) for b in buckets]
+                    merged = heapq.merge(*streams, key=_pkey)
+                    same = filter(lambda x: x.score == tie and (residual is None or residual(x)),
+                                  merged)
+                    return keep + list(islice(same, limit - len(keep)))
+        found.sort(key=key)
         return found[:limit]
 
 
@@ -518,30 +671,129 @@ def _pkey(e: Entry) -> tuple:
     return e._pkey
 
 
+def _neg_pkey(e: Entry) -> tuple:
+    return (-e.price_key, e.digest)
+
+
 def _chain(slices: list[list]) -> Iterator[Entry]:
     for sl in slices:
         yield from sl
+
+
+def _chain_reversed(slices: list[list]) -> Iterator[Entry]:
+    for sl in reversed(slices):
+        yield from reversed(sl)
+
+
+def _desc_price(slices: list[list]) -> Iterator[Entry]:
+    """A bucket's entries by (-price_key, digest): its (price_key, digest) order backwards,
+    with each run of equal prices turned back to ascending digests."""
+    run: list[Entry] = []
+    run_price = None
+    for e in _chain_reversed(slices):
+        if e.price_key != run_price:
+            if run:
+                yield from reversed(run)
+            run = [e]
+            run_price = e.price_key
+        else:
+            run.append(e)
+    yield from reversed(run)
+
+
+def _score_keys(terms: list[Term]) -> tuple[tuple | None, tuple | None]:
+    """Bounds [lo, hi) on the score index's keys that contain every offer whose score may
+    satisfy the score terms. Scores are floats and terms exact Decimals, so the float bounds
+    are widened by an ulp; the terms themselves are still checked per offer."""
+    lo: float | None = None
+    hi: float | None = None
+    for t in terms:
+        if t.op == "!=":
+            continue
+        f = float(t.value)
+        if t.op in (">", ">=", "="):
+            b = math.nextafter(f, -math.inf)
+            lo = b if lo is None else max(lo, b)
+        if t.op in ("<", "<=", "="):
+            b = math.nextafter(math.nextafter(f, math.inf), math.inf)
+            hi = b if hi is None else min(hi, b)
+    return (None if lo is None else (lo,)), (None if hi is None else (hi,))
 
 
 _BUCKET_ATTR = {"gpu": "models", "count": "gpu_count", "vram": "vram_gib", "region": "region",
                 "cuda": "cuda_version", "cc": "cc", "token": "token_symbol", "chain": "chain_id"}
 
 
-def _bucket_ok(bucket: _Bucket, terms: list[Term]) -> bool:
-    for t in terms:
-        if not t.test(getattr(bucket, _BUCKET_ATTR[t.field])):
-            return False
+def _choose_buckets(buckets: Iterable[_Bucket], terms: list[Term]) -> list[_Bucket]:
+    """The buckets every term accepts. Buckets share few distinct values per field (a handful
+    of models, counts, regions), so each term is tested once per distinct value."""
+    checks = [(t.test, _BUCKET_ATTR[t.field], {}) for t in terms]
+    out = []
+    for b in buckets:
+        for test, attr, memo in checks:
+            value = getattr(b, attr)
+            ok = memo.get(value)
+            if ok is None:
+                ok = memo[value] = test(value)
+            if not ok:
+                break
+        else:
+            out.append(b)
+    return out
+
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "=": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
+    ">": operator.gt, ">=": operator.ge}
+
+
+def _never(_a: Any, _b: Any) -> bool:
+    return False
+
+
+def _always(_a: Any, _b: Any) -> bool:
     return True
 
 
+def _score_check(t: Term) -> tuple[Callable[[Any, Any], bool], str, Any]:
+    """A score term as one float comparison, exactly equivalent to comparing Decimal(score)
+    with the term's Decimal (a float-Decimal comparison costs ~1 us, a float one ~30 ns):
+    Decimal(x) >= v iff x >= the smallest float >= v, Decimal(x) <= v iff x <= the largest
+    float <= v, and = holds only where v is itself a float."""
+    v: Decimal = t.value
+    f = float(v)
+    exact = Decimal(f) == v
+    ge = f if Decimal(f) >= v else math.nextafter(f, math.inf)  # smallest float >= v
+    le = f if Decimal(f) <= v else math.nextafter(f, -math.inf)  # largest float <= v
+    op = t.op
+    if op == ">=":
+        return operator.ge, "score", ge
+    if op == "<":
+        return operator.lt, "score", ge
+    if op == "<=":
+        return operator.le, "score", le
+    if op == ">":
+        return operator.gt, "score", le
+    if op == "=":
+        return (operator.eq if exact else _never), "score", f
+    return (operator.ne if exact else _always), "score", f
+
+
 def _residual(terms: list[Term]) -> Callable[[Entry], bool] | None:
+    """The per-entry check of `price!=` and `score` terms: the same comparisons as
+    `Term.test`, made directly (a float or int compares exactly with a Decimal)."""
     if not terms:
         return None
-    checks = [(t.test, t.attr) for t in terms]
+    checks = [_score_check(t) if t.field == "score" else (_OPS[t.op], t.attr, t.value)
+              for t in terms]
+    if len(checks) == 1:
+        (op, attr, value), = checks
+        getter = operator.attrgetter(attr)
+        return lambda e: op(getter(e), value)
 
     def ok(e: Entry) -> bool:
-        for test, attr in checks:
-            if not test(getattr(e, attr)):
+        for op, attr, value in checks:
+            if not op(getattr(e, attr), value):
                 return False
         return True
 

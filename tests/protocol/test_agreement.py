@@ -116,3 +116,13 @@ def test_terms__every_field_changes_the_id():
                          ("heartbeat_interval", 31), ("grace", 601), ("details_hash", b"\x34" * 32)]:
         ids.add(dataclasses.replace(base, **{field: value}).agreement_id())
     assert len(ids) == 7
+
+
+def test_agreement__cached_escrow_separator_matches_a_fresh_one():
+    from protocol.agreement import ESCROW_DOMAIN_NAME, ESCROW_DOMAIN_VERSION, EscrowDomain
+    from protocol.eth import contract_domain_separator
+
+    for chain_id, contract in ((1, b"\x01" * 20), (1, b"\x02" * 20), (8453, b"\x01" * 20),
+                               (1, b"\x01" * 20)):
+        assert EscrowDomain(chain_id, contract).separator() == contract_domain_separator(
+            ESCROW_DOMAIN_NAME, ESCROW_DOMAIN_VERSION, chain_id, contract)

@@ -211,3 +211,57 @@ def test_encoding__arbitrary_bytes_never_crash(data):
         decode(data)
     except DecodeError:
         pass
+
+
+def _leaf_paths(value, path=()):
+    """Every position in a nested wire list (containers too), as index paths."""
+    yield path
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _leaf_paths(item, path + (i,))
+
+
+def _reference_decode(cls, values):
+    """The plain decoder: each field through its kind's from_wire, in order (no generated code
+    for the top-level class), for comparing error messages with the generated one."""
+    from protocol.encoding import _schema
+
+    if len(values) != len(_schema(cls)):
+        raise FieldError(f"expected {len(_schema(cls))} fields, got {len(values)}")
+    out = []
+    for (name, kind), v in zip(_schema(cls), values):
+        try:
+            out.append(kind.from_wire(v))
+        except FieldError as exc:
+            raise exc.within(name) from None
+    return cls(*out)
+
+
+OFFER_WIRE = msgpack.unpackb(sample_offer(gpu_count=3).encode())
+OFFER_PATHS = list(_leaf_paths(OFFER_WIRE[2:]))[1:]
+BAD_VALUES = [None, -1, 0, 2**53, 2**64 - 1, "", "x" * 70, "a\x1b", b"", b"\x00" * 32,
+              b"\x00" * 65, [], [0], [[]], [None] * 10, True]
+
+
+@given(st.sampled_from(OFFER_PATHS), st.sampled_from(BAD_VALUES))
+@settings(max_examples=400)
+def test_encoding__generated_offer_decoder_fails_like_the_plain_one(path, bad):
+    """Nested structs and lists of structs are inlined in the generated decoder: any value
+    anywhere must give the same result or the same error (message and field path)."""
+    import copy
+
+    from protocol.encoding import _decoder
+
+    values = copy.deepcopy(OFFER_WIRE[2:])
+    target = values
+    for i in path[:-1]:
+        target = target[i]
+    target[path[-1]] = bad
+    try:
+        want = _reference_decode(Offer, copy.deepcopy(values))
+    except FieldError as exc:
+        with pytest.raises(FieldError) as err:
+            _decoder(Offer)(values)
+        assert str(err.value) == str(exc)
+    else:
+        assert _decoder(Offer)(values) == want

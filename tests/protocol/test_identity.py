@@ -106,3 +106,16 @@ def test_binding__eth_account_address_is_the_wallet():
     wallet_key = rng.randbytes(32)
     binding = Binding.create(PeerKey(rng.randbytes(32)), wallet_key, 1)
     assert binding.wallet.hex() == Account.from_key(wallet_key).address[2:].lower()
+
+
+def test_identity__cached_binding_domain_matches_a_fresh_one_per_chain():
+    from eth_utils import keccak
+
+    from protocol.eth import chain_domain_separator, typed_digest
+    from protocol.identity import PEER_BINDING_TYPEHASH, binding_digest
+
+    peer = b"\x07" * 32
+    for chain_id in (1, 8453, 31337, 1):  # 1 twice: the second comes from the cache
+        fresh = chain_domain_separator("gpumarket-binding", "1", chain_id)
+        assert binding_digest(peer, chain_id) == typed_digest(
+            fresh, keccak(PEER_BINDING_TYPEHASH + peer))

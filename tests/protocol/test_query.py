@@ -151,6 +151,31 @@ def test_query__sorts_by_each_field(sort):
     assert book.query("gpu=RTX_4090,A100*", sort, 5) == brute(book, "gpu=RTX_4090,A100*", sort, 5)
 
 
+# Offers in one bucket (same model, count, region, ...) with repeated prices: the dearest-first
+# plan walks a bucket's (price, digest) order backwards and must keep equal prices in digest
+# order; the score and vram/count plans must keep the price-then-digest tie order too.
+TIED = [offer(200 + i, price_per_gpu_second=(100, 150, 150, 150, 200, 200)[i % 6],
+              count=(1, 2)[i % 2 == 0 and i > 8]).encode() for i in range(18)]
+
+
+@pytest.mark.parametrize("plan", [None, "stream", "score_walk", "score_range", "collect"])
+@pytest.mark.parametrize("sort", ["price", "-price", "score", "-score", "count", "-count"])
+def test_query__ties_within_a_bucket_keep_the_total_order(plan, sort):
+    # Three score levels, the lowest on the cheapest offers: a tie at the limit must be filled
+    # from that score only.
+    scores = {provider(200 + i)[0].public: (0.2, 0.8, 0.5, 0.5, 0.8, 0.5)[i % 6]
+              for i in range(len(TIED))}
+    book = OfferBook(Params(), bindings=BINDINGS, score_of=lambda p: scores[p])
+    for data in TIED:
+        book.ingest_offer(data, NOW)
+    assert len(book._buckets) == 2
+    book.force_plan = plan
+    book.score_tie_min = -10_000 if plan == "score_walk" else 256
+    for query in ("", "score>=0.8", "price<=0.54", "price!=0.54 score<0.8"):
+        for limit in (None, 1, 3, 7, 9, 100):
+            assert book.query(query, sort, limit) == brute(book, query, sort, limit), (query, limit)
+
+
 def test_query__limit_cuts_after_sorting(full_book):
     cheapest = full_book.query("gpu=RTX_4090", "price", 3)
     assert len(cheapest) == 3
@@ -240,7 +265,7 @@ def term_strategy():
     )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     indices=st.lists(st.integers(0, len(POOL) - 1), unique=True, max_size=len(POOL)),
     score_values=st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.5, 0.8, 1.0]), min_size=len(POOL),
@@ -250,13 +275,58 @@ def term_strategy():
                           "-count"]),
     limit=st.one_of(st.none(), st.integers(1, 10)),
     walk_scores=st.booleans(),
+    plan=st.sampled_from([None, "stream", "score_walk", "score_range", "collect"]),
+    stream_ties=st.booleans(),
 )
 def test_query__random_queries_agree_with_brute_force(indices, score_values, terms, sort, limit,
-                                                      walk_scores):
+                                                      walk_scores, plan, stream_ties):
     scores = {provider(100 + i)[0].public: score_values[i] for i in range(len(POOL))}
     book = book_of(indices, scores)
     if walk_scores:  # force the score-index plan even on a small book
         book.score_walk_min_candidates = -10_000
+    if stream_ties:  # and its price-ordered handling of a tie at the limit
+        book.score_tie_min = -10_000
+    book.force_plan = plan  # every plan must give the brute-force answer
     query = " ".join(terms)
     got = book.query(query, sort, limit)
     assert got == brute(book, query, sort, limit), query
+
+
+SCORE_VALUES = ["0", "1", "0.1", "0.3", "0.5", "0.81", "0.7", "0.2",
+                "0.1000000000000000055511151231257827021181583404541015625",  # float 0.1 exactly
+                "0.10000000000000001", "0.30000000000000004"]
+
+
+def _near(x, ulps):
+    import math
+
+    for _ in range(abs(ulps)):
+        x = math.nextafter(x, math.copysign(math.inf, ulps))
+    return x
+
+
+NEAR_SCORES = [0, 1] + [_near(float(v), u) for v in SCORE_VALUES for u in range(-2, 3)]
+
+
+@pytest.mark.parametrize("op", ["=", "!=", "<", "<=", ">", ">="])
+@pytest.mark.parametrize("value", SCORE_VALUES)
+def test_query__score_residual_matches_the_exact_decimal_comparison(value, op):
+    """The per-entry score check compares floats with precomputed float thresholds; it must
+    agree with Term.test's exact Decimal comparison, also one ulp either side of the value."""
+    from protocol.offerbook import _score_check
+
+    term = parse_query(f"score{op}{value}").terms[0]
+    check, _, threshold = _score_check(term)
+    for score in NEAR_SCORES:
+        assert check(score, threshold) == term.test(score), (score, op, value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(score=st.floats(0, 1), value=st.sampled_from(SCORE_VALUES),
+       op=st.sampled_from(["=", "!=", "<", "<=", ">", ">="]))
+def test_query__score_residual_matches_decimal_for_any_float(score, value, op):
+    from protocol.offerbook import _score_check
+
+    term = parse_query(f"score{op}{value}").terms[0]
+    check, _, threshold = _score_check(term)
+    assert check(score, threshold) == term.test(score)
