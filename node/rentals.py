@@ -226,6 +226,12 @@ class RenterSession(_Session):
     async def run_connection(self, host: GossipHost, provider: ID) -> None:
         attempt = 0
         while not self.finished:
+            # py-libp2p (0.8.1) refuses to dial a peer for 60 s once all its addresses failed
+            # (a "negative cache"); a provider that restarts is back within seconds, and this
+            # loop paces its own redials, so lift the block for this one peer.
+            unblock = getattr(host.host.get_network(), "unblock_peer", None)
+            if unblock is not None:
+                unblock(provider)
             try:
                 with trio.fail_after(10):
                     stream = await host.host.new_stream(provider, [TProtocol(RENTAL_PROTOCOL)])
