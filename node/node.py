@@ -79,6 +79,7 @@ class ProviderSettings:
     nvml: Any = None  # the pynvml module (default) or a node.fake_nvml.FakeNvml
     access_hook: Sequence[str] | None = None  # command run when an agreement opens
     access_hook_timeout_s: float = 30.0
+    open_hold_ms: int = DEFAULT_OPEN_HOLD_MS  # accepted GPUs wait this long for the escrow
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,7 @@ class Node:
         self.desk = ProviderDesk(
             self.host, self.key, self.wallet_key, self.params, self._current_offer, self.capacity,
             lambda: settings.min_price_per_gpu_second or settings.price_per_gpu_second,
-            self._on_agreed,
+            self._on_agreed, open_hold_ms=settings.open_hold_ms,
         )
         self.rental_desk = RentalDesk(self.host, nursery, self._start_provider_session)
 
