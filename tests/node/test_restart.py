@@ -1,7 +1,9 @@
-"""Node restart, in one process on the embedded chain: agreements accepted in negotiation whose
-escrow was never opened are held for the rest of the open hold across a restart, then expire
-and their GPUs are offered again."""
+"""Node restart, in one process on the embedded chain (a node is "killed" by cancelling its
+scope: what it left on disk is what a restart reads). Agreements accepted in negotiation whose
+escrow was never opened are held for the rest of the open hold, then expire; a rental the
+renter closed while the provider was down is claimed when the provider starts."""
 
+import dataclasses
 import time
 
 import trio
@@ -10,6 +12,7 @@ from node.chain import AsyncChain, Chain
 from node.fake_nvml import FakeGpu, FakeNvml
 from node.negotiate import Candidate, negotiate_first
 from node.node import Node, NodeConfig, ProviderSettings
+from protocol.eth import private_key_address
 from protocol.params import Params
 
 PARAMS = Params(clock_skew_ms=2_000, min_heartbeat_interval_s=1, heartbeat_late_tolerance_ms=500,
@@ -25,9 +28,9 @@ def settings():
                             open_hold_ms=HOLD_MS)
 
 
-async def start(nursery, chain, path, key, provider=None, bootstrap=()):
+async def start(nursery, chain, path, key, provider=None, bootstrap=(), params=PARAMS):
     scope = trio.CancelScope()
-    node = Node(NodeConfig(data_dir=path, wallet_key=key, params=PARAMS, provider=provider,
+    node = Node(NodeConfig(data_dir=path, wallet_key=key, params=params, provider=provider,
                            bootstrap=bootstrap, name=path.name, chain_poll_s=0.1), chain)
 
     async def run(task_status=trio.TASK_STATUS_IGNORED):
@@ -79,4 +82,44 @@ async def test_restart__accepted_unopened_agreement_is_held_then_expires(tmp_pat
 
         provider, p_scope = await start(nursery, achain, tmp_path / "provider", keys[1], provider_settings)
         assert provider.resumed == {}  # expired is settled for good
+        nursery.cancel_scope.cancel()
+
+
+async def test_restart__renter_closed_while_provider_was_down__provider_claims_on_start(tmp_path):
+    chain = Chain.embedded()
+    keys = [k.to_bytes() for k in chain.tester.backend.account_keys]
+    chain.deploy_local_market(keys[0])
+    chain.fund(private_key_address(keys[2]), token_units=10**12, minter_key=keys[0])
+    await trio.sleep(max(0.0, chain.now_s() + 1 - time.time()))  # eth-tester runs ahead
+    achain = AsyncChain(chain)
+    fast = PARAMS.replace(clock_skew_ms=5_000, renter_heartbeat_timeout_intervals=2,
+                          provider_stop_after_missed_receipts=3)
+    provider_settings = dataclasses.replace(settings(), grace_s=20)  # the claim window after close
+    async with trio.open_nursery() as nursery:
+        provider, p_scope = await start(nursery, achain, tmp_path / "provider", keys[1],
+                                        provider_settings, params=fast)
+        renter, r_scope = await start(nursery, achain, tmp_path / "renter", keys[2],
+                                      bootstrap=(provider.addrs()[0],), params=fast)
+        with trio.fail_after(10):
+            while len(renter.book) == 0:
+                await renter.offers.sync()
+                await trio.sleep(0.1)
+        rental = await renter.rent(renter.book.query("", "price")[:1], gpu_count=1, duration_s=60,
+                                   max_price_per_gpu_second=1_000)
+        aid = rental.agreement_id
+        with trio.fail_after(10):
+            while rental.session.log.receipts < 2:
+                await trio.sleep(0.1)
+        p_scope.cancel()  # the provider goes down; the renter stops paying and closes
+        with trio.fail_after(15):
+            while chain.status(aid).state != "closed":
+                await trio.sleep(0.2)
+        provider, p_scope = await start(nursery, achain, tmp_path / "provider", keys[1],
+                                        provider_settings, params=fast)
+        assert provider.resumed == {"claimed": [aid.hex()]}
+        latest = await provider._latest_receipt(aid)
+        assert latest.acked_seconds >= 1
+        assert [e.name for e in chain.events() if e.agreement_id == aid] == ["Opened", "Closed", "Claimed"]
+        assert chain.token_balance(private_key_address(keys[1])) == 1_000 * latest.acked_seconds
+        assert (await provider.store.get_agreement(aid)).state == "settled"
         nursery.cancel_scope.cancel()
