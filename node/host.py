@@ -252,14 +252,36 @@ class GossipHost:
     async def run(self, *, task_status: trio.TaskStatus[GossipHost] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, start pubsub, dial bootstrap peers; ``started()`` once listening."""
         async with self.host.run(listen_addrs=self._listen):
-            async with background_trio_service(self.pubsub):
-                async with background_trio_service(self.gossipsub):
-                    with trio.fail_after(10):
-                        await self.pubsub.wait_until_ready()
-                    task_status.started(self)
-                    if self.config.bootstrap:
-                        await self.connect_all(self.config.bootstrap)
-                    await trio.sleep_forever()
+            try:
+                async with background_trio_service(self.pubsub):
+                    async with background_trio_service(self.gossipsub):
+                        with trio.fail_after(10):
+                            await self.pubsub.wait_until_ready()
+                        task_status.started(self)
+                        if self.config.bootstrap:
+                            await self.connect_all(self.config.bootstrap)
+                        await trio.sleep_forever()
+            finally:
+                with trio.move_on_after(2) as scope:
+                    scope.shield = True
+                    await self._close_network()
+
+    async def _close_network(self) -> None:
+        """Close listeners and connections. py-libp2p (0.8.1) does this when its service stops,
+        but unshielded: under cancellation the first await raises and the listening socket
+        stays open, so a node stopped in-process kept accepting on its port."""
+        network = self.host.get_network()
+        for listener in list(getattr(network, "listeners", {}).values()):
+            try:
+                await listener.close()
+            except Exception as exc:
+                log.debug("closing a listener failed: %r", exc)
+        for conns in list(getattr(network, "connections", {}).values()):
+            for conn in list(conns if isinstance(conns, list) else [conns]):
+                try:
+                    await conn.close()
+                except Exception as exc:
+                    log.debug("closing a connection failed: %r", exc)
 
     async def connect(self, addr: str | multiaddr.Multiaddr | PeerInfo) -> None:
         """Dial one peer under ``dial_timeout``; raises on failure."""

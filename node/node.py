@@ -55,6 +55,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 UNSETTLED_STATES = ("accepted", "agreed", "open", "stopped")  # what a restart looks at
+RENTER_OPEN_WAIT_S = 600  # a renter restarted before its open was mined watches this long for it
 PEER_ADDR_TTL_S = 30 * 24 * 3600  # a restored rental's provider address, re-added to the peerstore
 
 
@@ -156,6 +157,7 @@ class Node:
         self.desk: ProviderDesk | None = None
         self.rental_desk: RentalDesk | None = None
         self._pending: dict[bytes, PendingAgreement] = {}  # accepted, escrow not yet seen
+        self._renter_unopened: dict[bytes, Any] = {}  # renter rows whose open may still be mined
         self._nursery: trio.Nursery | None = None
         self._probe: GpuProbe | None = None
         self._all_gpus: tuple = ()
@@ -405,6 +407,9 @@ class Node:
                 continue
             for ev in events:
                 next_block = max(next_block, ev.block + 1)
+                if ev.name == "Opened" and ev.agreement_id in self._renter_unopened:
+                    await self._opened_late(self._renter_unopened.pop(ev.agreement_id))
+                    continue
                 rental = self.rentals.get(ev.agreement_id) if ev.agreement_id else None
                 if rental is None or rental.session is None:
                     continue
@@ -446,6 +451,11 @@ class Node:
             await self.store.set_agreement_state(aid, "settled", now)
             return "settled"
         if status.state == "none":
+            if row.role == "renter" and row.state == "agreed" \
+                    and now - row.updated_at < RENTER_OPEN_WAIT_S:
+                # Killed after sending the open transaction, perhaps: it may still be mined.
+                self._renter_unopened[aid] = row
+                return "awaiting_open"
             if row.role == "provider" and row.state == "accepted" and self.capacity is not None \
                     and (now - row.created_at) * 1000 < self._open_hold_ms:
                 accepted_ms = int(row.created_at * 1000)
@@ -554,8 +564,23 @@ class Node:
     def _open_hold_ms(self) -> int:
         return self.desk.open_hold_ms if self.desk is not None else DEFAULT_OPEN_HOLD_MS
 
+    async def _opened_late(self, row) -> None:
+        """A renter's open transaction was mined after this node restarted: resume the rental."""
+        try:
+            outcome = await self._resume_one(row)
+        except Exception as exc:
+            log.exception("resuming agreement %s failed", row.id.hex()[:12])
+            outcome = f"failed: {type(exc).__name__}"
+        log.info("%s: agreement %s opened after the restart: %s", self.config.name,
+                 row.id.hex()[:12], outcome)
+
     async def _expire_pending(self) -> None:
-        """Accepted agreements the renter did not open within the hold are dropped."""
+        """Accepted agreements the renter did not open within the hold are dropped; so are a
+        restarted renter's agreements whose open was not mined within RENTER_OPEN_WAIT_S."""
+        for aid, row in list(self._renter_unopened.items()):
+            if time.time() - row.updated_at >= RENTER_OPEN_WAIT_S:
+                del self._renter_unopened[aid]
+                await self.store.set_agreement_state(aid, "expired", time.time())
         cutoff = now_ms() - self._open_hold_ms
         for aid, pending in list(self._pending.items()):
             if pending.accepted_ms > cutoff:
