@@ -114,6 +114,11 @@ class Market:
         self.funds = 1_000_000_000
         self.chain.fund(self.wallets["renter"].address, token_units=self.funds,
                         minter_key=self.wallets["deployer"].key)
+        # Set up with instant mining, then a block every second, as on a real chain: with
+        # mining only on transactions, block time stands still while nobody transacts and a
+        # recover due "after end + grace" never becomes valid (eth_estimateGas runs against the
+        # latest block's timestamp).
+        self.chain.w3.provider.make_request("evm_setIntervalMining", [1])
         self.procs: list[NodeProc] = []
 
     def start(self, name: str, role: str, *extra: str, params: dict = FAST) -> NodeProc:
@@ -195,10 +200,7 @@ class Market:
 
 @pytest.fixture
 def market(tmp_path):
-    # A block every second, as on a real chain: with mining only on transactions, block time
-    # stands still while nobody transacts and a recover due "after end + grace" never becomes
-    # valid (eth_estimateGas runs against the latest block's timestamp).
-    with AnvilProcess(block_time=1) as anvil:
+    with AnvilProcess() as anvil:
         m = Market(tmp_path, anvil)
         try:
             yield m
