@@ -108,7 +108,9 @@ def _revert_reason(exc: Exception) -> str:
     text = str(exc)
     for marker in ("execution reverted: ", "revert: ", "reverted: "):
         if marker in text:
-            return text.split(marker, 1)[1].strip("'\" )")
+            reason = text.split(marker, 1)[1]
+            # anvil's error reads "('execution reverted: REASON', '0x08c379a0...')"
+            return reason.split("', ", 1)[0].strip("'\" )")
     return text
 
 

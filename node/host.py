@@ -252,11 +252,10 @@ class GossipHost:
         return [a.encapsulate(suffix) for a in self.host.get_transport_addrs()]
 
     async def run(self, *, task_status: trio.TaskStatus[GossipHost] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen, start pubsub, dial bootstrap peers; ``started()`` once listening. On exit the
-        host is closed, so peers see the connections end (cancelling ``host.run`` alone leaves
-        them open, and a node restarted with the same peer id was never re-meshed)."""
-        try:
-            async with self.host.run(listen_addrs=self._listen):
+        """Listen, start pubsub, dial bootstrap peers (and mDNS-discovered ones when enabled);
+        ``started()`` once listening. Listeners and connections are closed on the way out."""
+        async with self.host.run(listen_addrs=self._listen):
+            try:
                 async with background_trio_service(self.pubsub):
                     async with background_trio_service(self.gossipsub):
                         with trio.fail_after(10):
@@ -268,13 +267,27 @@ class GossipHost:
                             if self.config.bootstrap:
                                 await self.connect_all(self.config.bootstrap)
                             await trio.sleep_forever()
-        finally:
-            with trio.move_on_after(2) as scope:
-                scope.shield = True
+            finally:
+                with trio.move_on_after(2) as scope:
+                    scope.shield = True
+                    await self._close_network()
+
+    async def _close_network(self) -> None:
+        """Close listeners and connections. py-libp2p (0.8.1) does this when its service stops,
+        but unshielded: under cancellation the first await raises and the listening socket
+        stays open, so a node stopped in-process kept accepting on its port."""
+        network = self.host.get_network()
+        for listener in list(getattr(network, "listeners", {}).values()):
+            try:
+                await listener.close()
+            except Exception as exc:
+                log.debug("closing a listener failed: %r", exc)
+        for conns in list(getattr(network, "connections", {}).values()):
+            for conn in list(conns if isinstance(conns, list) else [conns]):
                 try:
-                    await self.host.close()
-                except Exception as exc:  # already closed or half-started: nothing more to do
-                    log.debug("closing the host: %r", exc)
+                    await conn.close()
+                except Exception as exc:
+                    log.debug("closing a connection failed: %r", exc)
 
     async def _dial_discovered(self) -> None:
         """py-libp2p's mDNS only records discovered peers; dial them (one at a time, each once

@@ -8,6 +8,12 @@ polls the escrow's events and tells the rental machines about closes and settlem
 
 Cancelling the node's scope shuts it down: the publisher withdraws the offer (shielded, 2 s),
 streams close, and the store is flushed and closed.
+
+Restart (specs/node.md, "Restart and resume"): on start, before the desks answer anyone, every
+agreement the store holds unsettled is checked against the escrow: open rentals get their machine
+rebuilt from the stored heartbeats and receipts and their session back; accepted agreements the
+renter never opened expire after the open hold; rentals that ended, closed or ran out while the
+node was down are settled (the provider claims with its latest receipt, the renter recovers).
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ import trio
 from libp2p.peer.id import ID
 
 from protocol.agreement import AgreementTerms
-from protocol.encoding import encode_struct, pack
+from protocol.agreement import EscrowDomain
+from protocol.effects import EscrowCall
+from protocol.encoding import Struct, decode, encode_struct, pack, unpack_canonical
 from protocol.identity import PeerKey, peer_id_from_public_key
-from protocol.messages import AccessGrant, AgreementDetails, Binding, GpuMetrics, OfferTerms, TermsWire
+from protocol.messages import (AccessGrant, AgreementDetails, Binding, GpuMetrics, Heartbeat,
+                               OfferTerms, TermsWire, UsageReceipt)
 from protocol.negotiation import FirstAgreementWins, ProviderNegotiation, escrow_domain
 from protocol.offerbook import Entry, OfferBook
 from protocol.params import DEFAULT_PARAMS, Params
@@ -38,13 +47,17 @@ from .chain import AsyncChain, ChainError, TxResult, WalletEscrow
 from .gpu import GpuProbe
 from .host import GossipHost, HostConfig
 from .identity import load_or_create_identity
-from .negotiate import Candidate, Capacity, ProviderDesk, negotiate_first
+from .negotiate import DEFAULT_OPEN_HOLD_MS, Candidate, Capacity, ProviderDesk, negotiate_first
 from .offers import OfferPublisher, OfferService, ProviderConfig
 from .rentals import ProviderSession, RentalDesk, RenterSession
 from .reputation import LocalReputation
 from .store import Store
 
 log = logging.getLogger(__name__)
+
+UNSETTLED_STATES = ("accepted", "agreed", "open", "stopped")  # what a restart looks at
+RENTER_OPEN_WAIT_S = 600  # a renter restarted before its open was mined watches this long for it
+PEER_ADDR_TTL_S = 30 * 24 * 3600  # a restored rental's provider address, re-added to the peerstore
 
 
 def now_ms() -> int:
@@ -68,6 +81,7 @@ class ProviderSettings:
     nvml: Any = None  # the pynvml module (default) or a node.fake_nvml.FakeNvml
     access_hook: Sequence[str] | None = None  # command run when an agreement opens
     access_hook_timeout_s: float = 30.0
+    open_hold_ms: int = DEFAULT_OPEN_HOLD_MS  # accepted GPUs wait this long for the escrow
 
 
 @dataclass(frozen=True)
@@ -104,6 +118,35 @@ class Rental:
         return self.terms.agreement_id()
 
 
+@dataclass(frozen=True)
+class PendingAgreement:
+    """Provider: accepted in negotiation, the escrow not yet seen open."""
+
+    terms: AgreementTerms
+    details: AgreementDetails
+    domain: EscrowDomain
+    accepted_ms: int
+    renter_binding: Binding | None = None  # for the evidence bundle
+
+
+def decode_bindings(blob: bytes) -> tuple[Binding | None, Binding | None]:
+    """The provider's and the renter's bindings from Node._remember's blob (absent: None)."""
+    parts = unpack_canonical(blob)
+    out: list[Binding | None] = []
+    for raw in (parts[2:4] if len(parts) >= 4 else [b"", b""]):
+        out.append(Struct(Binding).from_wire(unpack_canonical(raw)) if raw else None)
+    return out[0], out[1]
+
+
+def decode_agreement(blob: bytes) -> tuple[AgreementTerms, AgreementDetails]:
+    """The inverse of Node._remember's blob: [TermsWire struct bytes, details bytes,
+    provider binding bytes, renter binding bytes] (the bindings may be absent)."""
+    terms_raw, details_raw = unpack_canonical(blob)[:2]
+    terms = Struct(TermsWire).from_wire(unpack_canonical(terms_raw)).to_terms()
+    details = Struct(AgreementDetails).from_wire(unpack_canonical(details_raw))
+    return terms, details
+
+
 class RentError(Exception):
     """Renting failed for a reason a person can act on; str() is one line."""
 
@@ -130,11 +173,13 @@ class Node:
         self.capacity: Capacity | None = None
         self.desk: ProviderDesk | None = None
         self.rental_desk: RentalDesk | None = None
-        self._pending: dict[bytes, ProviderNegotiation] = {}  # accepted, escrow not yet seen
+        self._pending: dict[bytes, PendingAgreement] = {}  # accepted, escrow not yet seen
+        self._renter_unopened: dict[bytes, Any] = {}  # renter rows whose open may still be mined
         self._nursery: trio.Nursery | None = None
         self._probe: GpuProbe | None = None
         self._all_gpus: tuple = ()
         self.rng = random.Random()
+        self.resumed: dict[str, list[str]] = {}  # what the last start did: outcome -> agreement ids
 
     @property
     def peer_id(self) -> ID:
@@ -163,7 +208,14 @@ class Node:
                 await nursery.start(self.offers.run)
                 if self.config.provider is not None:
                     await self._start_provider(nursery, self.config.provider)
-                nursery.start_soon(self._watch_chain)
+                first_block = await self.chain.run(lambda: self.chain.chain.w3.eth.block_number)
+                await self._resume()
+                if self.config.provider is not None:
+                    self.desk.install()
+                    self.rental_desk.install()
+                    if self.rentals or self._pending:
+                        await self._republish()
+                nursery.start_soon(self._watch_chain, first_block)
                 nursery.start_soon(self._sync_on_join)
                 log.info("%s up: peer %s, wallet 0x%s", self.config.name, self.peer_id,
                          self.binding.wallet.hex())
@@ -208,11 +260,9 @@ class Node:
         self.desk = ProviderDesk(
             self.host, self.key, self.wallet_key, self.params, self._current_offer, self.capacity,
             lambda: settings.min_price_per_gpu_second or settings.price_per_gpu_second,
-            self._on_agreed,
+            self._on_agreed, open_hold_ms=settings.open_hold_ms,
         )
-        self.desk.install()
         self.rental_desk = RentalDesk(self.host, nursery, self._start_provider_session)
-        self.rental_desk.install()
 
     def _token_symbol(self) -> str:
         token = self.chain.chain.token
@@ -228,15 +278,17 @@ class Node:
         terms, details = machine.terms, machine.details
         assert terms is not None and details is not None
         aid = terms.agreement_id()
-        self._pending[aid] = machine
-        await self._remember(aid, "provider", "accepted", terms, details)
+        renter_binding = machine.proposal.renter_binding
+        self._pending[aid] = PendingAgreement(terms, details, escrow_domain(machine.offer), now_ms(),
+                                              renter_binding)
+        await self._remember(aid, "provider", "accepted", terms, details, self.binding, renter_binding)
         log.info("%s accepted agreement %s with %s", self.config.name, aid.hex()[:12], peer)
 
     async def _start_provider_session(self, agreement_id: bytes) -> ProviderSession | None:
-        machine = self._pending.get(agreement_id)
-        if machine is None:
+        pending = self._pending.get(agreement_id)
+        if pending is None:
             return None
-        terms, details = machine.terms, machine.details
+        terms, details = pending.terms, pending.details
         started_s = await self.escrow.started_s(terms)
         if started_s is None:
             log.warning("renter asked to start %s before the escrow is open", agreement_id.hex()[:12])
@@ -244,9 +296,9 @@ class Node:
         del self._pending[agreement_id]
         self.capacity.commit(agreement_id)
         rental = Rental("provider", terms, details, started_s=started_s,
-                        provider_binding=self.binding, renter_binding=machine.proposal.renter_binding)
+                        provider_binding=self.binding, renter_binding=pending.renter_binding)
         self.rentals[agreement_id] = rental
-        provider_machine = ProviderRental(terms, details, escrow_domain(machine.offer), self.key,
+        provider_machine = ProviderRental(terms, details, pending.domain, self.key,
                                           started_s * 1000, self.params)
         session = ProviderSession(
             provider_machine, terms, details, self.escrow, self.store, now_ms,
@@ -360,7 +412,7 @@ class Node:
             raise RentError("no provider agreed: " + "; ".join(reasons or ["no answer"]))
         terms, details = winner.terms, winner.details
         aid = terms.agreement_id()
-        await self._remember(aid, "renter", "agreed", terms, details)
+        await self._remember(aid, "renter", "agreed", terms, details, winner.offer.binding, self.binding)
         try:
             opened = await self.chain.open(self.wallet_key, terms, winner.consent_sig)
         except ChainError as exc:
@@ -370,11 +422,12 @@ class Node:
                         provider_binding=winner.offer.binding, renter_binding=self.binding)
         self.rentals[aid] = rental
         await self.store.set_agreement_state(aid, "open", time.time())
+        provider_peer = ID.from_base58(peer_id_from_public_key(details.provider_key))
+        await self._remember_peer(provider_peer)
         machine = RenterRental(terms, details, escrow_domain(winner.offer), self.key,
                                self.wallet_key, opened.timestamp * 1000, self.rng, self.params)
         session = RenterSession(machine, terms, details, self.escrow, self.store, now_ms)
         rental.session = session
-        provider_peer = ID.from_base58(peer_id_from_public_key(details.provider_key))
         self._nursery.start_soon(session.run_timers)
         self._nursery.start_soon(session.run_connection, self.host, provider_peer)
         return rental
@@ -400,10 +453,13 @@ class Node:
 
     # -- chain events -------------------------------------------------------------------------
 
-    async def _watch_chain(self) -> None:
-        next_block = await self.chain.run(lambda: self.chain.chain.w3.eth.block_number)
+    async def _watch_chain(self, next_block: int) -> None:
         while True:
             await trio.sleep(self.config.chain_poll_s)
+            try:
+                await self._expire_pending()
+            except Exception as exc:
+                log.warning("expiring unopened agreements failed: %r", exc)
             try:
                 events = await self.chain.events(next_block)
             except Exception as exc:
@@ -411,6 +467,9 @@ class Node:
                 continue
             for ev in events:
                 next_block = max(next_block, ev.block + 1)
+                if ev.name == "Opened" and ev.agreement_id in self._renter_unopened:
+                    await self._opened_late(self._renter_unopened.pop(ev.agreement_id))
+                    continue
                 rental = self.rentals.get(ev.agreement_id) if ev.agreement_id else None
                 if rental is None or rental.session is None:
                     continue
@@ -434,9 +493,187 @@ class Node:
                         except Exception:  # scoring is advisory: never let it stop the watcher
                             log.exception("scoring agreement %s failed", ev.agreement_id.hex()[:12])
 
+    # -- restart ------------------------------------------------------------------------------
+
+    async def _resume(self) -> None:
+        """Bring every unsettled agreement in the store back in line with the escrow."""
+        self.resumed = {}
+        for state in UNSETTLED_STATES:
+            for row in await self.store.agreements_in_state(state):
+                try:
+                    outcome = await self._resume_one(row)
+                except Exception as exc:  # one bad record must not keep the node down
+                    log.exception("resuming agreement %s failed", row.id.hex()[:12])
+                    outcome = f"failed: {type(exc).__name__}"
+                self.resumed.setdefault(outcome, []).append(row.id.hex())
+                log.info("%s restart: agreement %s (%s, %s): %s", self.config.name,
+                         row.id.hex()[:12], row.role, row.state, outcome)
+
+    async def _resume_one(self, row) -> str:
+        aid = row.id
+        terms, details = decode_agreement(row.terms)
+        if terms.agreement_id() != aid:
+            raise ValueError("stored terms do not hash to the agreement id")
+        status = await self.chain.status(aid)
+        now = time.time()
+        if status.state in ("claimed", "final"):
+            await self.store.set_agreement_state(aid, "settled", now)
+            return "settled"
+        if status.state == "none":
+            if row.role == "renter" and row.state == "agreed" \
+                    and now - row.updated_at < RENTER_OPEN_WAIT_S:
+                # Killed after sending the open transaction, perhaps: it may still be mined.
+                self._renter_unopened[aid] = row
+                return "awaiting_open"
+            if row.role == "provider" and row.state == "accepted" and self.capacity is not None \
+                    and (now - row.created_at) * 1000 < self._open_hold_ms:
+                accepted_ms = int(row.created_at * 1000)
+                self.capacity.reserve(aid, details.gpus, accepted_ms + self._open_hold_ms)
+                self._pending[aid] = PendingAgreement(
+                    terms, details, EscrowDomain(details.chain_id, details.escrow), accepted_ms,
+                    decode_bindings(row.terms)[1])
+                return "awaiting_open"
+            await self.store.set_agreement_state(aid, "expired", now)
+            return "expired"
+        if status.state not in ("open", "closed"):
+            return f"left: escrow {status.state}"  # disputed: the arbiter decides
+        domain = EscrowDomain(details.chain_id, details.escrow)
+        if row.role == "provider":
+            outcome = await self._resume_provider(row, terms, details, domain, status)
+        else:
+            outcome = await self._resume_renter(terms, details, domain, status)
+        if aid in self.rentals:
+            self.rentals[aid].provider_binding, self.rentals[aid].renter_binding = \
+                decode_bindings(row.terms)
+        return outcome
+
+    async def _resume_provider(self, row, terms, details, domain, status) -> str:
+        aid = terms.agreement_id()
+        latest = await self._latest_receipt(aid)
+        if (status.state == "open" and row.state in ("accepted", "open")
+                and self.rental_desk is not None and now_ms() < status.end_s * 1000):
+            started_s = status.end_s - terms.max_seconds
+            heartbeats = [decode(r.raw, Heartbeat) for r in await self.store.heartbeats(aid)]
+            machine = ProviderRental.restore(terms, details, domain, self.key, started_s * 1000,
+                                             self.params, heartbeats=heartbeats,
+                                             latest_receipt=latest, now_ms=now_ms())
+            self.capacity.reserve(aid, details.gpus, None)
+            rental = Rental("provider", terms, details, started_s=started_s)
+            self.rentals[aid] = rental
+            session = ProviderSession(
+                machine, terms, details, self.escrow, self.store, now_ms,
+                lambda: self._metrics(details.gpus), lambda effect: self._service(rental, effect),
+            )
+            rental.session = session
+            self.rental_desk.sessions[aid] = session
+            await self.store.set_agreement_state(aid, "open", time.time())
+            await session.carry_out(machine.start())  # the access hook runs again: make it idempotent
+            self._nursery.start_soon(session.run_timers)
+            return "resumed"
+        # Closed by the renter, past its end, or stopped before the crash: claim what we hold.
+        if latest is None:
+            await self.store.set_agreement_state(aid, "stopped", time.time())
+            return "nothing_to_claim"
+        try:
+            await self.escrow.execute(EscrowCall("claim", aid, {
+                "acked_seconds": latest.acked_seconds, "receipt_sig": latest.wallet_sig}), terms)
+        except ChainError as exc:
+            await self.store.set_agreement_state(aid, "stopped", time.time())
+            return f"claim_failed: {exc}"
+        await self.store.set_agreement_state(aid, "settled", time.time())
+        return "claimed"
+
+    async def _resume_renter(self, terms, details, domain, status) -> str:
+        aid = terms.agreement_id()
+        heartbeats = [(decode(r.raw, Heartbeat), int(r.received_at * 1000))
+                      for r in await self.store.heartbeats(aid)]
+        receipts = await self._receipts(aid)
+        if status.state == "closed":  # end_s is the close time: the machine only recovers
+            closed_ms, started_s = status.end_s * 1000, status.end_s
+        else:
+            closed_ms, started_s = None, status.end_s - terms.max_seconds
+        machine = RenterRental.restore(terms, details, domain, self.key, self.wallet_key,
+                                       started_s * 1000, self.rng, self.params,
+                                       heartbeats=heartbeats, receipts=receipts,
+                                       closed_ms=closed_ms)
+        rental = Rental("renter", terms, details, started_s=started_s)
+        self.rentals[aid] = rental
+        session = RenterSession(machine, terms, details, self.escrow, self.store, now_ms)
+        rental.session = session
+        await self.store.set_agreement_state(aid, "open", time.time())
+        self._nursery.start_soon(session.run_timers)
+        if closed_ms is not None:
+            return "recovering"
+        if now_ms() >= machine.end_ms:
+            return "ended"
+        provider_peer = ID.from_base58(peer_id_from_public_key(details.provider_key))
+        await self._restore_peer(provider_peer)
+        self._nursery.start_soon(session.run_connection, self.host, provider_peer)
+        return "resumed"
+
+    async def _receipts(self, aid: bytes) -> list[UsageReceipt]:
+        rows = await self.store.rental_receipts(aid)
+        if rows:
+            return [decode(raw, UsageReceipt) for _, _, raw, _ in rows]
+        old = await self.store.latest_receipt(aid)  # a store written before rental_receipts
+        return [decode(old.raw, UsageReceipt)] if old else []
+
+    async def _latest_receipt(self, aid: bytes) -> UsageReceipt | None:
+        receipts = await self._receipts(aid)
+        return max(receipts, key=lambda r: r.heartbeat_seq) if receipts else None
+
+    async def _remember_peer(self, peer: ID) -> None:
+        addrs = [str(a) for a in self.host.host.get_peerstore().addrs(peer)]
+        if addrs:
+            await self.store.upsert_peer(peer.to_base58(), addrs, time.time())
+
+    async def _restore_peer(self, peer: ID) -> None:
+        import multiaddr
+
+        for peer_id, addrs, _, _ in await self.store.peers():
+            if peer_id == peer.to_base58() and addrs:
+                self.host.host.get_peerstore().add_addrs(
+                    peer, [multiaddr.Multiaddr(a) for a in addrs], PEER_ADDR_TTL_S)
+
+    @property
+    def _open_hold_ms(self) -> int:
+        return self.desk.open_hold_ms if self.desk is not None else DEFAULT_OPEN_HOLD_MS
+
+    async def _opened_late(self, row) -> None:
+        """A renter's open transaction was mined after this node restarted: resume the rental."""
+        try:
+            outcome = await self._resume_one(row)
+        except Exception as exc:
+            log.exception("resuming agreement %s failed", row.id.hex()[:12])
+            outcome = f"failed: {type(exc).__name__}"
+        log.info("%s: agreement %s opened after the restart: %s", self.config.name,
+                 row.id.hex()[:12], outcome)
+
+    async def _expire_pending(self) -> None:
+        """Accepted agreements the renter did not open within the hold are dropped; so are a
+        restarted renter's agreements whose open was not mined within RENTER_OPEN_WAIT_S."""
+        for aid, row in list(self._renter_unopened.items()):
+            if time.time() - row.updated_at >= RENTER_OPEN_WAIT_S:
+                del self._renter_unopened[aid]
+                await self.store.set_agreement_state(aid, "expired", time.time())
+        cutoff = now_ms() - self._open_hold_ms
+        for aid, pending in list(self._pending.items()):
+            if pending.accepted_ms > cutoff:
+                continue
+            if await self.escrow.started_s(pending.terms) is not None:
+                continue  # opened after all: the renter's stream will start the session
+            del self._pending[aid]
+            if self.capacity is not None:
+                self.capacity.release(aid)
+            await self.store.set_agreement_state(aid, "expired", time.time())
+            log.info("%s: agreement %s expired unopened", self.config.name, aid.hex()[:12])
+
     # -- storage ------------------------------------------------------------------------------
 
     async def _remember(self, aid: bytes, role: str, state: str, terms: AgreementTerms,
-                        details: AgreementDetails) -> None:
-        blob = pack([encode_struct(TermsWire.from_terms(terms)), details.encode()])
+                        details: AgreementDetails, provider_binding: Binding | None = None,
+                        renter_binding: Binding | None = None) -> None:
+        blob = pack([encode_struct(TermsWire.from_terms(terms)), details.encode(),
+                     encode_struct(provider_binding) if provider_binding else b"",
+                     encode_struct(renter_binding) if renter_binding else b""])
         await self.store.put_agreement(aid, role, state, blob, time.time())

@@ -63,8 +63,8 @@ class RecordStore(Protocol):
     async def put_heartbeat(self, agreement_id: bytes, seq: int, raw: bytes, hash: bytes,
                             received_at: float) -> bool: ...
 
-    async def put_receipt(self, agreement_id: bytes, acked_seconds: int, raw: bytes,
-                          now: float) -> bool: ...
+    async def put_rental_receipt(self, agreement_id: bytes, heartbeat_seq: int,
+                                 acked_seconds: int, raw: bytes, now: float) -> bool: ...
 
 
 @dataclass
@@ -139,8 +139,9 @@ class _Session:
         elif isinstance(msg, UsageReceipt):
             self.log.receipts += 1
             if self.store is not None:
-                await self.store.put_receipt(effect.agreement_id, msg.acked_seconds, msg.encode(),
-                                             self.clock() / 1000)
+                await self.store.put_rental_receipt(effect.agreement_id, msg.heartbeat_seq,
+                                                    msg.acked_seconds, msg.encode(),
+                                                    self.clock() / 1000)
 
     async def _send(self, effect: Send) -> None:
         stream = self.stream
@@ -274,12 +275,21 @@ class RenterSession(_Session):
     async def run_connection(self, host: GossipHost, provider: ID) -> None:
         attempt = 0
         while not self.finished:
+            # py-libp2p (0.8.1) refuses to dial a peer for 60 s once all its addresses failed
+            # (a "negative cache"); a provider that restarts is back within seconds, and this
+            # loop paces its own redials, so lift the block for this one peer.
+            unblock = getattr(host.host.get_network(), "unblock_peer", None)
+            if unblock is not None:
+                unblock(provider)
             try:
                 with trio.fail_after(10):
                     stream = await host.host.new_stream(provider, [TProtocol(RENTAL_PROTOCOL)])
                 await write_frame(stream, self.agreement_id, max_frame=MAX_RENTAL_FRAME)
             except Exception as exc:
-                delay = RECONNECT_BACKOFF_S[min(attempt, len(RECONNECT_BACKOFF_S) - 1)]
+                # Back off, but redial at least once per heartbeat interval: a provider that
+                # restarts should find its renter again before it stops for missed receipts.
+                delay = min(RECONNECT_BACKOFF_S[min(attempt, len(RECONNECT_BACKOFF_S) - 1)],
+                            max(RECONNECT_BACKOFF_S[0], self.terms.heartbeat_interval / 2))
                 attempt += 1
                 log.info("rental %s: provider unreachable (%r), retry in %.1fs",
                          self.agreement_id.hex()[:12], exc, delay)

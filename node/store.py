@@ -96,6 +96,19 @@ MIGRATIONS: list[list[str]] = [
             value INTEGER NOT NULL
         )""",
     ],
+    # 2: every receipt of a rental by the heartbeat it answers. `receipts` keeps one row per
+    # acked_seconds (the first), which is enough to claim but loses the later receipts' nonces;
+    # restarting a rental needs them (node.node, specs/node.md "Restart and resume").
+    [
+        """CREATE TABLE rental_receipts (
+            agreement_id BLOB NOT NULL REFERENCES agreements (id),
+            heartbeat_seq INTEGER NOT NULL,
+            acked_seconds INTEGER NOT NULL,
+            raw BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (agreement_id, heartbeat_seq)
+        ) WITHOUT ROWID""",
+    ],
 ]
 
 
@@ -361,6 +374,36 @@ class Store:
             (agreement_id,),
         )
         return ReceiptRow(*row) if row else None
+
+    async def put_rental_receipt(self, agreement_id: bytes, heartbeat_seq: int, acked_seconds: int,
+                                 raw: bytes, now: float) -> bool:
+        """Record a rental receipt by the heartbeat it answers (and in `receipts`, first per
+        acked_seconds, as put_receipt does), in one transaction. False if a receipt for this
+        heartbeat is already stored (the first one is kept)."""
+
+        def go() -> bool:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("INSERT OR IGNORE INTO receipts VALUES (?, ?, ?, ?)",
+                             (agreement_id, acked_seconds, raw, now))
+                added = conn.execute(
+                    "INSERT OR IGNORE INTO rental_receipts VALUES (?, ?, ?, ?, ?)",
+                    (agreement_id, heartbeat_seq, acked_seconds, raw, now)).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return added == 1
+
+        return await self._run(go)
+
+    async def rental_receipts(self, agreement_id: bytes) -> list[tuple[int, int, bytes, float]]:
+        """(heartbeat_seq, acked_seconds, raw, created_at) of every rental receipt, by seq."""
+        return await self._run(
+            self._all,
+            "SELECT heartbeat_seq, acked_seconds, raw, created_at FROM rental_receipts"
+            " WHERE agreement_id = ? ORDER BY heartbeat_seq", (agreement_id,))
 
     # ---- evidence, reputation, counters ----
     async def add_evidence(self, subject_key: bytes, kind: str, raw: bytes, now: float) -> None:

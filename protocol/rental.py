@@ -140,6 +140,53 @@ class ProviderRental(_Machine):
         self.final_seq: int | None = None
         self.stopped_ms: int | None = None  # when StopService was emitted
 
+    @classmethod
+    def restore(
+        cls,
+        terms: AgreementTerms,
+        details: AgreementDetails,
+        domain: EscrowDomain,
+        provider: PeerKey,
+        started_ms: int,
+        params: Params = DEFAULT_PARAMS,
+        *,
+        heartbeats: Sequence[Heartbeat],
+        latest_receipt: UsageReceipt | None,
+        now_ms: int,
+        metrics: Sequence[GpuMetrics] | None = None,
+    ) -> "ProviderRental":
+        """A serving machine rebuilt from this provider's own records after a restart.
+
+        `heartbeats`: every heartbeat it stored, in seq order (a Store effect precedes each Send,
+        so no heartbeat the renter saw is missing); `latest_receipt`: the stored receipt
+        answering the highest heartbeat seq, or None. The next heartbeat continues the chain
+        (seq and prev_hash) and echoes that receipt's `next_nonce`, which the renter still holds
+        live. The stop timer restarts at `now_ms`: the renter gets N intervals to reconnect, so
+        a restart costs the provider at most the usual unpaid bound once more. Records that do
+        not fit together raise LocalProtocolError (a damaged or foreign store)."""
+        m = cls(terms, details, domain, provider, started_ms, params, metrics)
+        prev = ZERO_HASH
+        for i, hb in enumerate(heartbeats):
+            if hb.agreement_id != m.agreement_id or hb.seq != i or hb.prev_hash != prev:
+                raise LocalProtocolError("bad_record", f"stored heartbeat {i} does not continue the chain")
+            prev = heartbeat_hash(hb)
+            m.sent.append(prev)
+            m.sent_ms.append(hb.sent_ms)
+        if heartbeats and not heartbeats[-1].signature_valid(provider.public):
+            raise LocalProtocolError("bad_record", "stored heartbeats are not signed by this provider")
+        if latest_receipt is not None:
+            try:
+                m.latest = m._validate(latest_receipt)
+            except RemoteProtocolError as err:
+                raise LocalProtocolError("bad_record", f"stored receipt: {err.code}") from None
+            m.nonce = latest_receipt.next_nonce
+            m.progress_acked = latest_receipt.acked_seconds
+        if m.sent_ms:
+            slots = max(0, m.sent_ms[-1] - started_ms) // m.interval_ms + 1
+            m.next_heartbeat_ms = started_ms + slots * m.interval_ms
+        m.last_progress_ms = now_ms
+        return m
+
     # -- driver inputs ---------------------------------------------------------------------
 
     def start(self) -> list[Effect]:
@@ -374,6 +421,63 @@ class RenterRental(_Machine):
         self.nonces: list[bytes] = [initial_nonce(self.agreement_id)]
         self.recover_at_ms: int | None = None
         self.closed_ms: int | None = None
+
+    @classmethod
+    def restore(
+        cls,
+        terms: AgreementTerms,
+        details: AgreementDetails,
+        domain: EscrowDomain,
+        renter: PeerKey,
+        renter_wallet_key: bytes,
+        started_ms: int,
+        rng: RandomSource,
+        params: Params = DEFAULT_PARAMS,
+        *,
+        heartbeats: Sequence[tuple[Heartbeat, int]],
+        receipts: Sequence[UsageReceipt],
+        closed_ms: int | None = None,
+    ) -> "RenterRental":
+        """A machine rebuilt from this renter's own records after a restart.
+
+        `heartbeats`: the good heartbeats it stored, each with the renter-clock time it was
+        accepted at, in seq order; `receipts`: the receipts it stored, in heartbeat seq order.
+        The acked-seconds rule is replayed over the accept times (never below the last receipt
+        signed, so acked_seconds cannot go down). Live nonces are rebuilt exactly: the one the
+        last accepted heartbeat echoed, and every `next_nonce` issued after it. Each was stored
+        before its receipt was sent, so a nonce the provider can echo is never forgotten, and a
+        nonce that was never stored was never sent. `closed_ms`: the escrow was closed then
+        (block time): the machine waits to recover. The silence clock runs on from the last
+        good heartbeat: downtime is not paid for."""
+        m = cls(terms, details, domain, renter, renter_wallet_key, started_ms, rng, params)
+        for hb, accepted_ms in heartbeats:
+            if hb.agreement_id != m.agreement_id or (m.last_seq is not None and hb.seq <= m.last_seq):
+                raise LocalProtocolError("bad_record", f"stored heartbeat {hb.seq} out of order")
+            t = min(accepted_ms, m.end_ms)
+            if m.last_good_ms is not None:
+                m.acked_ms += min(max(0, t - m.last_good_ms), m.cap_ms)
+            m.last_good_ms = t if m.last_good_ms is None else max(m.last_good_ms, t)
+            m.last_seq, m.last_hash, m.last_sent_ms = hb.seq, heartbeat_hash(hb), hb.sent_ms
+        if heartbeats and not heartbeats[-1][0].signature_valid(details.provider_key):
+            raise LocalProtocolError("bad_record", "stored heartbeat not signed by the provider")
+        issued = [initial_nonce(m.agreement_id)]
+        for r in receipts:
+            if r.agreement_id != m.agreement_id or not r.signature_valid(renter.public):
+                raise LocalProtocolError("bad_record", "stored receipt is not ours")
+            m.acked_ms = max(m.acked_ms, r.acked_seconds * SECOND_MS)
+            issued.append(r.next_nonce)
+        if heartbeats:
+            echoed = heartbeats[-1][0].nonce
+            if echoed not in issued:
+                raise LocalProtocolError("bad_record", "last heartbeat echoes a nonce we never stored")
+            issued = issued[len(issued) - 1 - issued[::-1].index(echoed):]
+        m.nonces = issued[-MAX_LIVE_NONCES:]
+        m.acked_seconds = min(m.terms.max_seconds, m.acked_ms // SECOND_MS)
+        if closed_ms is not None:
+            m.state = m.CLOSED
+            m.closed_ms = closed_ms
+            m.recover_at_ms = m._recover_time(closed_ms)
+        return m
 
     # -- driver inputs ---------------------------------------------------------------------
 

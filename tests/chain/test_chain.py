@@ -111,3 +111,12 @@ async def test_chain__async_wrapper_serialises_calls_from_trio(chain):
     sig = sign_receipt(RENTER, chain.domain, t.agreement_id(), 7)
     await escrow.execute(EscrowCall("claim", t.agreement_id(), {"acked_seconds": 7, "receipt_sig": sig}), t)
     assert chain.status(t.agreement_id()).state == "final"
+
+
+def test_revert_reason__anvil_tuple_text_gives_the_bare_reason():
+    from node.chain import _revert_reason
+
+    anvil = ("('execution reverted: claim period not over', '0x08c379a0000000000000000000000000"
+             "0000000000000000000000000000000000000020')")
+    assert _revert_reason(Exception(anvil)) == "claim period not over"
+    assert _revert_reason(Exception("execution reverted: claim period not over")) == "claim period not over"

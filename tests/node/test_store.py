@@ -35,7 +35,7 @@ async def test_store__new_db_is_wal_at_latest_schema(tmp_path):
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"offers_seen", "peers", "agreements", "heartbeats", "receipts", "evidence",
-            "reputation", "counters"} <= tables
+            "reputation", "counters", "rental_receipts"} <= tables
     conn.close()
     async with await Store.open(path) as s:  # reopening applies nothing and keeps the version
         assert await s.schema_version() == len(MIGRATIONS)
@@ -189,3 +189,13 @@ async def test_store__sigkill_at_random_moments_loses_no_reported_commit(tmp_pat
             # only the one write in flight at each kill may be stored without being reported
             assert len(stored) - len(all_hbs) <= _round + 1
             start = max(stored) + 1
+
+
+async def test_store__rental_receipts_keep_every_heartbeat_answer_even_at_equal_acked(tmp_path):
+    async with await Store.open(tmp_path / "node.db") as s:
+        await s.put_agreement(AG, "renter", "open", b"terms", 1.0)
+        assert await s.put_rental_receipt(AG, 0, 0, b"r0", 1.0)
+        assert await s.put_rental_receipt(AG, 1, 0, b"r1", 2.0)  # same acked_seconds, later answer
+        assert not await s.put_rental_receipt(AG, 1, 0, b"dup", 3.0)
+        assert [(q, raw) for q, _, raw, _ in await s.rental_receipts(AG)] == [(0, b"r0"), (1, b"r1")]
+        assert [r.raw for r in await s.receipts(AG)] == [b"r0"]  # the claim table as before

@@ -1,0 +1,146 @@
+"""One node in its own OS process, for multi-process tests and benchmarks (not the user CLI).
+
+    python -m node.process --data-dir D --chain-url URL --escrow 0x.. [--token 0x..]
+        --wallet-key-file F --role provider|renter [--listen MULTIADDR] [--bootstrap ADDR ...]
+        [--params JSON] [provider: --fake-gpus N --price UNITS ...]
+        [renter: --rent QUERY --duration S --gpu-count N --max-price UNITS]
+
+It prints one JSON object per line on stdout:
+  {"event": "ready", "peer_id", "addrs", "wallet", "resumed"}  once the node runs (`resumed`:
+      what the restart did with each unsettled agreement in the data dir, node.Node.resumed)
+  {"event": "rented", "agreement_id", "started_s", "deposit", "provider"}  (renter with --rent)
+  {"event": "rent_failed", "error"}
+  {"event": "stopped", "signal"}  after SIGINT/SIGTERM and a clean shutdown
+and exits 0. The wallet key file holds the key as hex (a test wallet; the user CLI uses the
+keystore). The same data dir restarts the same node (identity, store, rentals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from protocol.params import Params
+
+from .chain import AsyncChain, Chain
+from .fake_nvml import FakeGpu, FakeNvml
+from .node import Node, NodeConfig, ProviderSettings, RentError
+
+FIND_POLL_S = 0.2
+
+
+def say(**fields: object) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def _hex(value: str) -> bytes:
+    return bytes.fromhex(value.removeprefix("0x"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m node.process", description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--chain-url", required=True)
+    p.add_argument("--escrow", required=True, type=_hex)
+    p.add_argument("--token", type=_hex)
+    p.add_argument("--wallet-key-file", required=True, type=Path)
+    p.add_argument("--role", required=True, choices=("provider", "renter"))
+    p.add_argument("--name", default=None)
+    p.add_argument("--listen", default="/ip4/127.0.0.1/tcp/0")
+    p.add_argument("--bootstrap", action="append", default=[])
+    p.add_argument("--params", default="{}", help="JSON object of protocol.params.Params fields")
+    p.add_argument("--chain-poll-s", type=float, default=0.3)
+    g = p.add_argument_group("provider")
+    g.add_argument("--fake-gpus", type=int, default=0, help="simulated GPUs (0: the real NVML)")
+    g.add_argument("--gpu-model", default="NVIDIA GeForce RTX 4090")
+    g.add_argument("--price", type=int, default=100, help="token units per GPU-second")
+    g.add_argument("--heartbeat-interval", type=int, default=1)
+    g.add_argument("--grace", type=int, default=3)
+    g.add_argument("--min-duration", type=int, default=5)
+    g.add_argument("--publish-interval", type=float, default=0.5)
+    r = p.add_argument_group("renter")
+    r.add_argument("--rent", default=None, help="rent the cheapest offer matching this query")
+    r.add_argument("--duration", type=int, default=10)
+    r.add_argument("--gpu-count", type=int, default=1)
+    r.add_argument("--max-price", type=int, default=10**6)
+    r.add_argument("--find-timeout", type=float, default=20.0)
+    return p.parse_args(argv)
+
+
+def build_node(args: argparse.Namespace) -> Node:
+    chain = Chain.connect(args.chain_url, escrow=args.escrow, token=args.token)
+    provider = None
+    if args.role == "provider":
+        name = args.name or "provider"
+        nvml = None
+        if args.fake_gpus:
+            nvml = FakeNvml([FakeGpu(name=args.gpu_model, uuid=f"GPU-{name}-{i:04d}",
+                                     memory_total_mib=24564, compute_capability=(8, 9),
+                                     utilization_pct=90, temperature_c=60, power_mw=300_000)
+                             for i in range(args.fake_gpus)])
+        provider = ProviderSettings(
+            price_per_gpu_second=args.price, min_duration_s=args.min_duration,
+            max_duration_s=3600, heartbeat_interval_s=args.heartbeat_interval,
+            grace_s=args.grace, region="local", offer_lifetime_ms=10 * 60 * 1000,
+            publish_interval_s=args.publish_interval, nvml=nvml)
+    key = _hex(args.wallet_key_file.read_text().strip())
+    config = NodeConfig(data_dir=args.data_dir, wallet_key=key, listen=(args.listen,),
+                        bootstrap=tuple(args.bootstrap), params=Params(**json.loads(args.params)),
+                        provider=provider, name=args.name or args.role,
+                        chain_poll_s=args.chain_poll_s)
+    return Node(config, AsyncChain(chain))
+
+
+async def rent_cheapest(node: Node, args: argparse.Namespace) -> None:
+    hits = []
+    with trio.move_on_after(args.find_timeout):
+        for _ in range(int(args.find_timeout / FIND_POLL_S) + 1):
+            hits = node.book.query(args.rent, "price")
+            if hits:
+                break
+            if node.config.bootstrap:  # started before its bootstrap peer was up: dial again
+                await node.host.connect_all(node.config.bootstrap)
+            await node.offers.sync()
+            await trio.sleep(FIND_POLL_S)
+    if not hits:
+        say(event="rent_failed", error=f"no offer matches {args.rent!r}")
+        return
+    try:
+        rental = await node.rent(hits[:1], gpu_count=args.gpu_count, duration_s=args.duration,
+                                 max_price_per_gpu_second=args.max_price)
+    except RentError as exc:
+        say(event="rent_failed", error=str(exc))
+        return
+    say(event="rented", agreement_id=rental.agreement_id.hex(), started_s=rental.started_s,
+        deposit=rental.terms.deposit, provider=rental.terms.provider.hex())
+
+
+async def main(args: argparse.Namespace) -> None:
+    node = build_node(args)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            say(event="ready", peer_id=str(node.peer_id), addrs=node.addrs(),
+                wallet=node.binding.wallet.hex(), resumed=node.resumed)
+            if args.role == "renter" and args.rent is not None:
+                nursery.start_soon(rent_cheapest, node, args)
+            got = None
+            async for got in signals:
+                break
+            nursery.cancel_scope.cancel()  # Node.run's finally withdraws, flushes, closes
+    say(event="stopped", signal=signal.Signals(got).name if got else None)
+
+
+if __name__ == "__main__":
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1)  # thread stacks to stderr, for a stuck test
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    trio.run(main, parse_args())
