@@ -42,14 +42,16 @@ def _configure(data_dir: Path, url: str, chain_id: int, escrow: bytes, token: by
     (data_dir / "config.toml").write_text(text)
 
 
-def _start(exe: str, data_dir: Path, env: dict, bootstrap: str | None) -> tuple[subprocess.Popen, dict]:
-    cmd = [exe, "--data-dir", str(data_dir), "node", "run"]
-    if bootstrap:
-        cmd += ["--bootstrap", bootstrap]
+def start_node_process(exe: str, data_dir: Path, env: dict, *extra: str,
+                       timeout_s: float = 60.0) -> tuple[subprocess.Popen, dict]:
+    """Start `gpumarket node run` for `data_dir` (its log goes to data_dir/node.log: a pipe
+    nobody reads would block the node) and return it with its JSON ready line."""
     log = open(data_dir / "node.log", "w")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+    proc = subprocess.Popen([exe, "--data-dir", str(data_dir), "node", "run", *extra],
+                            stdout=subprocess.PIPE, stderr=log, text=True, env=env,
                             stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
+    log.close()  # the child holds its own descriptor
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if line.startswith("{"):
@@ -57,7 +59,8 @@ def _start(exe: str, data_dir: Path, env: dict, bootstrap: str | None) -> tuple[
         if proc.poll() is not None:
             break
     proc.kill()
-    raise RuntimeError(f"node in {data_dir} did not start; see {data_dir / 'node.log'}")
+    tail = (data_dir / "node.log").read_text()[-2000:]
+    raise RuntimeError(f"node in {data_dir} did not start: {tail}")
 
 
 def run_devnet(root: Path, providers: int, renters: int) -> int:
@@ -90,7 +93,8 @@ def run_devnet(root: Path, providers: int, renters: int) -> int:
             first = None
             rows = []
             for name in names:
-                proc, ready = _start(exe, root / name, env, first)
+                proc, ready = start_node_process(exe, root / name, env,
+                                                 *(["--bootstrap", first] if first else []))
                 procs.append(proc)
                 first = first or ready["addrs"][0]
                 rows.append((name, ready["peer_id"], ready["wallet"]))

@@ -35,7 +35,7 @@ from protocol.negotiation import (
 from protocol.params import Params
 
 from .host import GossipHost
-from .reqresp import PeerClosed, ReadTimeout, ReqRespError, read_frame, write_frame
+from .reqresp import PeerClosed, ReadTimeout, ReqRespError, close_quietly, read_frame, write_frame
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +147,7 @@ class ProviderDesk:
             log.exception("negotiation stream from %s failed", peer)
             self.stats.count("driver_error")
         finally:
-            with trio.move_on_after(1):
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+            await close_quietly(stream)
 
     async def _drive(self, machine: ProviderNegotiation, stream: INetStream, peer: ID) -> None:
         while machine.state not in (State.AGREED, State.FAILED):
@@ -304,11 +300,7 @@ async def negotiate_first(
                     await dispatch(group.receive_data(machine.negotiation_id, data, clock()))
                     stop_finished(machine)
         finally:
-            with trio.move_on_after(1):
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+            await close_quietly(stream)
 
     async with trio.open_nursery() as nursery:
         for candidate, machine in zip(candidates, machines):

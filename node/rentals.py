@@ -33,7 +33,7 @@ from protocol.messages import AccessGrant, AgreementDetails, Heartbeat, UsageRec
 from protocol.rental import ProviderRental, RenterRental
 
 from .host import GossipHost
-from .reqresp import PeerClosed, ReadTimeout, ReqRespError, read_frame, write_frame
+from .reqresp import PeerClosed, ReadTimeout, ReqRespError, close_quietly, read_frame, write_frame
 
 log = logging.getLogger(__name__)
 
@@ -203,11 +203,7 @@ class ProviderSession(_Session):
         self.done.set()
         stream, self.stream = self.stream, None
         if stream is not None:
-            with trio.move_on_after(1):
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+            await close_quietly(stream)
 
     async def send_grant(self, grant: AccessGrant) -> None:
         self.grant = grant
@@ -235,11 +231,7 @@ class ProviderSession(_Session):
             await self._send(Send(self.details.renter_key, self.grant))
         if old is not None:
             self.log.reconnects += 1
-            with trio.move_on_after(1):
-                try:
-                    await old.close()
-                except Exception:
-                    pass
+            await close_quietly(old)
         idle = (self.terms.heartbeat_interval * 1000 * 4) / 1000 + 5
         while not self.finished and self.stream is stream:
             try:
@@ -312,11 +304,7 @@ class RenterSession(_Session):
                     await self.feed(data)
             finally:
                 self.stream = None
-                with trio.move_on_after(1):
-                    try:
-                        await stream.close()
-                    except Exception:
-                        pass
+                await close_quietly(stream)
             if not self.finished:
                 with trio.move_on_after(RECONNECT_BACKOFF_S[0]):
                     await self.done.wait()
@@ -367,8 +355,4 @@ class RentalDesk:
                 return
             await session.serve_stream(stream)
         finally:
-            with trio.move_on_after(1):
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+            await close_quietly(stream)

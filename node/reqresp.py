@@ -117,6 +117,17 @@ async def write_frame(stream: INetStream, payload: bytes, *, max_frame: int = DE
         raise PeerClosed(f"write failed: {exc!r}") from exc
 
 
+async def close_quietly(stream: INetStream) -> None:
+    """Close a stream, giving up after 1 s and ignoring errors (it may already be gone).
+    Shielded, so it also runs in a `finally` under cancellation."""
+    with trio.move_on_after(1) as scope:
+        scope.shield = True
+        try:
+            await stream.close()
+        except Exception:
+            pass
+
+
 async def _reset_quietly(stream: INetStream) -> None:
     with trio.move_on_after(1):
         try:

@@ -16,6 +16,7 @@ import pytest
 
 from node.anvil import AnvilProcess, find_anvil
 from node.chain import Chain
+from node.devnet import start_node_process
 from node.wallet import Wallet
 
 pytestmark = pytest.mark.skipif(find_anvil() is None, reason="anvil not installed (.ci/run installs it)")
@@ -53,19 +54,7 @@ def configure(data_dir: Path, anvil: AnvilProcess, escrow: bytes, token: bytes, 
 
 
 def start_node(data_dir: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
-    log = open(data_dir / "node.log", "w")  # a pipe nobody reads would block the node
-    proc = subprocess.Popen([EXE, "--data-dir", str(data_dir), "node", "run", *extra],
-                            stdout=subprocess.PIPE, stderr=log, text=True, env=ENV,
-                            stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("{"):
-            return proc, json.loads(line)
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError(f"node did not start: {(data_dir / 'node.log').read_text()[-2000:]}")
+    return start_node_process(EXE, data_dir, ENV, *extra)
 
 
 def stop_node(proc: subprocess.Popen) -> float:
