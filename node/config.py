@@ -53,6 +53,7 @@ class Config:
     listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)
     bootstrap: tuple[str, ...] = ()
     mdns: bool = False
+    announce: tuple[str, ...] = ()
     chain: ChainSection = field(default_factory=ChainSection)
     provider: ProviderSection = field(default_factory=ProviderSection)
 
@@ -104,7 +105,8 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     _expect(doc, {"node": dict, "chain": dict, "provider": dict}, str(path))
     node = doc.get("node", {})
-    _expect(node, {"data_dir": str, "listen": list, "bootstrap": list, "mdns": bool}, "node")
+    _expect(node, {"data_dir": str, "listen": list, "bootstrap": list, "mdns": bool,
+                   "announce": list}, "node")
     chain = doc.get("chain", {})
     _expect(chain, {"rpc": str, "chain_id": int, "escrow": str, "token": str, "keystore": str}, "chain")
     prov = doc.get("provider", {})
@@ -134,6 +136,7 @@ def load_config(path: Path) -> Config:
         listen=tuple(str(a) for a in node.get("listen", ["/ip4/0.0.0.0/tcp/4001"])),
         bootstrap=tuple(str(a) for a in node.get("bootstrap", [])),
         mdns=node.get("mdns", False),
+        announce=tuple(str(a) for a in node.get("announce", [])),
         chain=ChainSection(
             rpc=chain.get("rpc", "embedded"),
             chain_id=chain.get("chain_id"),
@@ -152,6 +155,7 @@ data_dir = "{data_dir}"
 listen = ["/ip4/0.0.0.0/tcp/4001"]
 bootstrap = []          # multiaddrs ending in /p2p/<peer id>
 mdns = false            # true: find and dial nodes on the same LAN by multicast DNS
+# announce = ["/ip4/203.0.113.7/tcp/4001"]  # provider: public address put in offers
 
 [chain]
 rpc = "embedded"        # "embedded" (an in-process EVM for this node alone) or a JSON-RPC URL

@@ -207,6 +207,21 @@ def _seconds_until(deadline: int | None, now: int, default_ms: int) -> float:
     return max(0.0, (deadline - now) / 1000) + 0.05  # a little slack: the machine decides
 
 
+async def _dial_offer(host: GossipHost, candidate: "Candidate") -> None:
+    """Connect to the provider through the addresses its signed offer names, unless already
+    connected: the offer may have reached us through relays, which do not pass addresses on.
+    (Validation guarantees each address ends in the provider's own /p2p/ id.)"""
+    peer = candidate.resolve_peer()
+    if peer in host.host.get_network().connections:
+        return
+    for addr in candidate.offer.addrs:
+        try:
+            await host.connect(addr)
+            return
+        except Exception as exc:
+            log.info("dialling %s failed: %r", addr, exc)
+
+
 @dataclass
 class Candidate:
     """An offer to negotiate for, and the libp2p peer to reach its provider at."""
@@ -271,6 +286,7 @@ async def negotiate_first(
         provider = candidate.offer.provider
         try:
             with trio.fail_after(params.negotiation_step_timeout_ms / 1000):
+                await _dial_offer(host, candidate)
                 stream = await host.host.new_stream(candidate.resolve_peer(),
                                                     [TProtocol(NEGOTIATE_PROTOCOL)])
         except Exception as exc:

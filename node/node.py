@@ -36,8 +36,9 @@ from protocol.agreement import EscrowDomain
 from protocol.effects import EscrowCall
 from protocol.encoding import Struct, decode, encode_struct, pack, unpack_canonical
 from protocol.identity import PeerKey, peer_id_from_public_key
-from protocol.messages import (AccessGrant, AgreementDetails, Binding, GpuMetrics, Heartbeat,
-                               OfferTerms, TermsWire, UsageReceipt)
+from protocol.messages import (MAX_ADDR_LEN, MAX_OFFER_ADDRS, AccessGrant, AgreementDetails,
+                               Binding, GpuMetrics, Heartbeat, OfferTerms, TermsWire,
+                               UsageReceipt)
 from protocol.negotiation import FirstAgreementWins, ProviderNegotiation, escrow_domain
 from protocol.offerbook import Entry, OfferBook
 from protocol.params import DEFAULT_PARAMS, Params
@@ -91,6 +92,7 @@ class NodeConfig:
     listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)
     bootstrap: Sequence[str] = ()
     mdns: bool = False
+    announce: Sequence[str] = ()  # public multiaddrs for offers (default: the dialable listen addrs)
     params: Params = DEFAULT_PARAMS
     provider: ProviderSettings | None = None
     name: str = "node"
@@ -193,6 +195,14 @@ class Node:
     def addrs(self) -> list[str]:
         return [str(a) for a in self.host.addrs()]
 
+    def announce_addrs(self) -> tuple[str, ...]:
+        """Addresses put in our offers: the configured public ones, else the listen addresses
+        a peer can dial (an unspecified 0.0.0.0 or :: is not), each with /p2p/<our peer id>."""
+        suffix = f"/p2p/{self.peer_id}"
+        given = [a if a.endswith(suffix) else a + suffix for a in self.config.announce]
+        found = [a for a in self.addrs() if "/ip4/0.0.0.0/" not in a and "/ip6/::/" not in a]
+        return tuple(a for a in (given or found) if len(a) <= MAX_ADDR_LEN)[:MAX_OFFER_ADDRS]
+
     # -- running ------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus["Node"] = trio.TASK_STATUS_IGNORED) -> None:
@@ -249,7 +259,7 @@ class Node:
                            bandwidth_mbps=settings.bandwidth_mbps,
                            lifetime_ms=settings.offer_lifetime_ms,
                            publish_interval_s=settings.publish_interval_s,
-                           data_dir=str(self.data_dir)),
+                           data_dir=str(self.data_dir), addrs=self.announce_addrs()),
             nvml=settings.nvml,
         )
         await nursery.start(self.publisher.run)  # raises NoGpuError before publishing anything

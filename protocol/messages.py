@@ -47,6 +47,8 @@ B16, B20, B32, B64, B65 = (FixedBytes(n) for n in (16, 20, 32, 64, 65))
 U8, U16, U32, U53 = UInt(8), UInt(16), UInt(32), UInt(53)
 
 MAX_GPUS_PER_OFFER = 64
+MAX_OFFER_ADDRS = 4
+MAX_ADDR_LEN = 128
 KIB = 1024
 MIB = 1024 * 1024
 
@@ -265,6 +267,9 @@ class Offer(Signed):
     host: HostInfo = wire(Struct(HostInfo))
     terms: OfferTerms = wire(Struct(OfferTerms))
     binding: Binding = wire(Struct(Binding))
+    # Where to dial the provider (multiaddrs ending in /p2p/<its peer id>): gossip relays do not
+    # pass addresses on, so without these a renter reaches only providers it is connected to.
+    addrs: tuple = wire(ListOf(Text(MAX_ADDR_LEN), MAX_OFFER_ADDRS), default=())
     signature: bytes = wire(B64, default=b"\x00" * ED25519_SIG_LEN)
 
 

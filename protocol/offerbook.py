@@ -25,6 +25,7 @@ global index by (score, expiry) serves score filters and sorts, and the eviction
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import math
@@ -36,7 +37,7 @@ from decimal import Decimal
 from itertools import chain, islice
 from typing import Any
 
-from .encoding import decode
+from .encoding import array_header, decode
 from .errors import Ignore, LocalProtocolError
 from .messages import Offer, OfferWithdrawal
 from .params import Params
@@ -46,9 +47,17 @@ from .validation import BindingCache, validate_offer, validate_withdrawal
 
 UNKNOWN_SCORE = 0.5
 OFFER_ID_LEN = 12
-# Every canonical Offer starts with: fixarray(11), type 1, version 1, bin8(32) provider key.
-_OFFER_PREFIX = b"\x9b\x01\x01\xc4\x20"
-_WITHDRAWAL_PREFIX = b"\x96\x02\x01\xc4\x20"  # fixarray(6), type 2, version 1, bin8(32)
+
+
+def _prefix(cls: type) -> bytes:
+    """The first bytes of every canonical message of `cls` whose first field is a 32-byte key:
+    array header, type, version, bin8(32). Derived from the class, so a new field cannot make
+    the peek disagree with the layout."""
+    return array_header(2 + len(dataclasses.fields(cls))) + bytes([cls.TYPE, cls.VERSION, 0xC4, 0x20])
+
+
+_OFFER_PREFIX = _prefix(Offer)
+_WITHDRAWAL_PREFIX = _prefix(OfferWithdrawal)
 _VENDOR_WORDS = frozenset({"NVIDIA", "AMD", "INTEL", "GEFORCE", "TESLA", "QUADRO"})
 _NON_ALNUM = re.compile(r"[^A-Z0-9]+")
 

@@ -8,15 +8,22 @@ the reason codes are stable.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 from .encoding import decode
 from .errors import Ignore, Reject
+from .identity import peer_id_from_public_key
 from .eth import ZERO_ADDRESS
 from .messages import Binding, Offer, OfferWithdrawal, digest
 from .params import Params
 
 UINT256_MAX = 2**256 - 1
+
+
+@functools.lru_cache(maxsize=4096)
+def peer_id_of(public_key: bytes) -> str:
+    return peer_id_from_public_key(public_key)
 
 
 class BindingCache:
@@ -79,6 +86,13 @@ def check_offer_static(offer: Offer, params: Params) -> None:
         raise Reject("bad_terms", "token decimals above 36")
     if terms.price_per_gpu_second * len(offer.gpus) * terms.max_duration_s > UINT256_MAX:
         raise Reject("bad_terms", "largest deposit overflows uint256")
+    # [REJECT] every address names the provider's own peer id (a renter dials these: an offer
+    # must not steer renters at someone else's host)
+    if offer.addrs:
+        suffix = "/p2p/" + peer_id_of(offer.provider)
+        for addr in offer.addrs:
+            if not addr.startswith("/") or not addr.endswith(suffix):
+                raise Reject("bad_addrs", f"address {addr[:60]!r} is not a multiaddr of this provider")
     # [REJECT] the binding names this provider on the offer's chain
     if offer.binding.peer_key != offer.provider:
         raise Reject("binding_peer_mismatch", "binding is for another peer key")

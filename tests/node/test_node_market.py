@@ -49,3 +49,41 @@ async def test_node__failing_access_hook_serves_nothing_and_the_renter_gets_ever
         nursery.cancel_scope.cancel()
     assert chain.token_balance(private_key_address(renter_key)) == renter_before
     assert chain.token_balance(private_key_address(provider_key)) == 0
+
+
+async def test_node__renter_rents_from_a_provider_it_only_heard_of_through_a_relay(tmp_path):
+    chain = Chain.embedded()
+    keys = [k.to_bytes() if hasattr(k, "to_bytes") else bytes(k) for k in chain.tester.backend.account_keys]
+    chain.deploy_local_market(keys[0])
+    chain.fund(private_key_address(keys[1]), token_units=10**9, minter_key=keys[0])
+    await trio.sleep(max(0.0, chain.now_s() + 1 - time.time()))
+    achain = AsyncChain(chain)
+
+    def provider(name, key, spec):
+        return Node(NodeConfig(tmp_path / name, key, params=DEMO_PARAMS, name=name, chain_poll_s=0.3,
+                               provider=ProviderSettings(
+                                   price_per_gpu_second=125, min_duration_s=5, max_duration_s=3600,
+                                   heartbeat_interval_s=1, grace_s=3, publish_interval_s=0.2,
+                                   nvml=fake_gpus(spec))), achain)
+
+    relay = provider("relay", keys[2], PROVIDERS[0])
+    far = provider("far", keys[3], PROVIDERS[1])
+    renter = Node(NodeConfig(tmp_path / "r", keys[1], params=DEMO_PARAMS, name="renter",
+                             chain_poll_s=0.3), achain)
+    async with trio.open_nursery() as nursery:
+        for n in (relay, far, renter):
+            await nursery.start(n.run)
+        await far.host.connect(relay.addrs()[0])
+        await renter.host.connect(relay.addrs()[0])  # the renter never dials `far` itself
+        with trio.fail_after(20):
+            while renter.book.held(far.key.public) is None:
+                await renter.offers.sync()
+                await trio.sleep(0.3)
+        assert far.peer_id not in renter.host.host.get_network().connections
+        entry = renter.book.held(far.key.public)
+        assert entry.offer.addrs and entry.offer.addrs[0].endswith(str(far.peer_id))
+        rental = await renter.rent([entry], gpu_count=1, duration_s=30, max_price_per_gpu_second=125)
+        with trio.fail_after(20):
+            while rental.session.log.receipts < 2:
+                await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()

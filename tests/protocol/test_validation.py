@@ -159,3 +159,15 @@ def test_validate_offer__any_single_byte_change_rejected(pos, flip):
     data = GOOD[:pos] + bytes([GOOD[pos] ^ flip]) + GOOD[pos + 1:]
     with pytest.raises(RemoteProtocolError):
         validate_offer(data, NOW, PARAMS, BindingCache(10))
+
+
+def test_validate_offer__reject_addresses_of_another_host():
+    from protocol.identity import peer_id_from_public_key
+
+    mine = f"/ip4/203.0.113.7/tcp/4001/p2p/{peer_id_from_public_key(PEER.public)}"
+    good = resign(offer(), addrs=(mine,))
+    validate_offer(good.encode(), NOW, PARAMS, BindingCache(10))
+    other = PeerKey(b"\x45" * 32)
+    steering = f"/ip4/198.51.100.9/tcp/80/p2p/{peer_id_from_public_key(other.public)}"
+    assert verdict(resign(offer(), addrs=(mine, steering)).encode()) == (REJECT, "bad_addrs")
+    assert verdict(resign(offer(), addrs=("not a multiaddr",)).encode()) == (REJECT, "bad_addrs")
