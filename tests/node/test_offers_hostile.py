@@ -38,8 +38,8 @@ def bad_gossip(rng, now):
     good = [seq2.encode(), seq3a.encode()]  # relayed by the attacker: valid, accepted
     bad = [
         (b"\xc1", "reject.malformed"),
-        (b"\x9b\xcc\x01" + seq2.encode()[2:], "reject.non_canonical"),  # type 1 as uint8
-        (b"\x9b\x01\x01\xc4\x20" + bytes(17 * 1024), "reject.oversized"),
+        (seq2.encode()[:1] + b"\xcc\x01" + seq2.encode()[2:], "reject.non_canonical"),  # type 1 as uint8
+        (seq2.encode()[:5] + bytes(17 * 1024), "reject.oversized"),
         (msgpack.packb([99, 1]), "reject.unknown_type"),
         (forged.encode(), "reject.bad_signature"),
         (seq3b.encode(), "reject.equivocation"),
