@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 NEGOTIATE_PROTOCOL = "/gpumarket/negotiate/1"
 MAX_NEGOTIATION_FRAME = 4096  # the largest negotiation message (Proposal) is 4 KiB
 DEFAULT_OPEN_HOLD_MS = 120_000  # how long accepted GPUs wait for the renter's escrow
+CANCEL_GRACE_S = 1.0  # a cancelled negotiation waits this long for the provider to close
 
 
 def now_ms() -> int:
@@ -222,6 +223,16 @@ async def _dial_offer(host: GossipHost, candidate: "Candidate") -> None:
             log.info("dialling %s failed: %r", addr, exc)
 
 
+async def _await_peer_close(stream: INetStream) -> None:
+    """After we sent a NegotiationReject, let the peer read it and close first (bounded):
+    closing at once can drop the frame, and a provider takes a plain close for agreement."""
+    with trio.move_on_after(CANCEL_GRACE_S):
+        try:
+            await read_frame(stream, max_frame=MAX_NEGOTIATION_FRAME, timeout=CANCEL_GRACE_S)
+        except ReqRespError:
+            pass
+
+
 @dataclass
 class Candidate:
     """An offer to negotiate for, and the libp2p peer to reach its provider at."""
@@ -263,10 +274,14 @@ async def negotiate_first(
     lock = trio.Lock()
 
     def stop_finished(current: RenterNegotiation) -> None:
-        # A machine ended by another's agreement (cancelled) need not wait for its stream.
+        # A machine ended by another's agreement (cancelled) need not wait out its step
+        # deadline, but it must not cut the stream at once either: the provider answers our
+        # NegotiationReject by closing its side, and closing ours first could drop the reject
+        # (the provider would then take the closed stream for an agreement that stands).
         for m in machines:
             if m is not current and m.state is State.FAILED and m.negotiation_id in scopes:
-                scopes[m.negotiation_id].cancel()
+                scope = scopes[m.negotiation_id]
+                scope.deadline = min(scope.deadline, trio.current_time() + CANCEL_GRACE_S)
 
     async def dispatch(effects: list[Effect]) -> None:
         for effect in effects:
@@ -315,6 +330,8 @@ async def negotiate_first(
                 async with lock:
                     await dispatch(group.receive_data(machine.negotiation_id, data, clock()))
                     stop_finished(machine)
+            if machine.state is State.FAILED:
+                await _await_peer_close(stream)
         finally:
             await close_quietly(stream)
 
