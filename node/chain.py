@@ -16,6 +16,7 @@ Errors a person can act on are `ChainError` subclasses with a one-line message.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -183,6 +184,19 @@ class Chain:
         return EscrowDomain(self.chain_id, self.escrow_address)
 
     # -- local chains: accounts, deployment, funding ------------------------------------------
+
+    def dev_keys(self) -> list[bytes]:
+        """Private keys of the embedded chain's prefunded dev accounts (tests and demos)."""
+        if self.tester is None:
+            raise ChainError("dev keys exist only on the embedded chain")
+        return [k.to_bytes() if hasattr(k, "to_bytes") else bytes(k)
+                for k in self.tester.backend.account_keys]
+
+    def lead_s(self) -> float:
+        """How far the latest block's time runs ahead of this machine's clock, plus one second.
+        eth-tester stamps a burst of blocks one second apart, ahead of the wall clock; rentals
+        time themselves by both, so callers sleep this long after a burst of setup blocks."""
+        return max(0.0, self.now_s() + 1 - time.time())
 
     def dev_accounts(self) -> list[str]:
         """Prefunded, unlocked accounts of a local chain (eth-tester or anvil)."""

@@ -113,8 +113,7 @@ def _build_chain(config, rpc_override: str | None, wallet_key: bytes):
     rpc = rpc_override or config.chain.rpc
     if rpc == "embedded":
         chain = Chain.embedded()
-        keys = [k.to_bytes() if hasattr(k, "to_bytes") else bytes(k)
-                for k in chain.tester.backend.account_keys]
+        keys = chain.dev_keys()
         chain.deploy_local_market(keys[0])
         from protocol.eth import private_key_address
 

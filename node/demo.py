@@ -110,8 +110,7 @@ class Demo:
         c = self.console
         c.rule("[bold]gpumarket demo[/bold]: a local market on an embedded EVM")
         chain = Chain.embedded()
-        dev_keys = [k.to_bytes() if hasattr(k, "to_bytes") else bytes(k)
-                    for k in chain.tester.backend.account_keys]
+        dev_keys = chain.dev_keys()
         deployer = dev_keys[0]
         escrow, token = chain.deploy_local_market(deployer)
         self.step("escrow contract and test stablecoin deployed",
@@ -123,9 +122,7 @@ class Demo:
         addresses = {name: _addr(key) for name, key in wallets.items()}
         addresses["escrow contract"] = escrow
         before = {name: chain.token_balance(a) for name, a in addresses.items()}
-        # eth-tester stamps a burst of blocks one second apart, running ahead of the wall
-        # clock; the rentals time themselves by both, so let the wall clock catch up.
-        await trio.sleep(max(0.0, chain.now_s() + 1 - time.time()))
+        await trio.sleep(chain.lead_s())  # let the wall clock catch up with block time
         achain = AsyncChain(chain)
 
         async with trio.open_nursery() as nursery:

@@ -60,7 +60,7 @@ def make_chain(kind: str, stack) -> tuple[Chain, bytes, bytes]:
     """A chain with the market deployed; returns it with a provider and a renter wallet key."""
     if kind == "embedded":
         chain = Chain.embedded()
-        keys = [k.to_bytes() for k in chain.tester.backend.account_keys]
+        keys = chain.dev_keys()
         deployer, provider, renter = keys[0], keys[1], keys[2]
     else:
         anvil = stack.enter_context(AnvilProcess())
@@ -78,7 +78,7 @@ async def run_chain(kind: str, args: argparse.Namespace, workdir: Path) -> dict:
 
     with ExitStack() as stack:
         chain, provider_key, renter_key = make_chain(kind, stack)
-        await trio.sleep(max(0.0, chain.now_s() + 1 - time.time()))
+        await trio.sleep(chain.lead_s())
         achain = AsyncChain(chain)
         nvml = FakeNvml([FakeGpu(name="NVIDIA GeForce RTX 4090", uuid=f"GPU-bench-{i:04d}",
                                  memory_total_mib=24564, compute_capability=(8, 9))

@@ -23,7 +23,7 @@ PROVIDER, RENTER, STRANGER = b"\x11" * 32, b"\x22" * 32, b"\x33" * 32
 @pytest.fixture(scope="module")
 def chain():
     c = Chain.embedded()
-    keys = [k.to_bytes() if hasattr(k, "to_bytes") else bytes(k) for k in c.tester.backend.account_keys]
+    keys = c.dev_keys()
     c.deploy_local_market(keys[0])
     for k in (PROVIDER, RENTER):
         c.fund(private_key_address(k), native_wei=10**18, token_units=10**12, minter_key=keys[0])

@@ -1,6 +1,5 @@
 """Whole nodes in one process on the embedded EVM: what the demo does not show."""
 
-import time
 
 import trio
 
@@ -12,11 +11,11 @@ from protocol.eth import private_key_address
 
 async def test_node__failing_access_hook_serves_nothing_and_the_renter_gets_everything_back(tmp_path):
     chain = Chain.embedded()
-    keys = [k.to_bytes() if hasattr(k, "to_bytes") else bytes(k) for k in chain.tester.backend.account_keys]
+    keys = chain.dev_keys()
     chain.deploy_local_market(keys[0])
     renter_key, provider_key = keys[1], keys[2]
     chain.fund(private_key_address(renter_key), token_units=10**9, minter_key=keys[0])
-    await trio.sleep(max(0.0, chain.now_s() + 1 - time.time()))  # eth-tester's clock runs ahead
+    await trio.sleep(chain.lead_s())  # eth-tester's clock runs ahead
     achain = AsyncChain(chain)
     spec = PROVIDERS[0]
     settings = ProviderSettings(price_per_gpu_second=125, min_duration_s=5, max_duration_s=3600,
@@ -53,10 +52,10 @@ async def test_node__failing_access_hook_serves_nothing_and_the_renter_gets_ever
 
 async def test_node__renter_rents_from_a_provider_it_only_heard_of_through_a_relay(tmp_path):
     chain = Chain.embedded()
-    keys = [k.to_bytes() if hasattr(k, "to_bytes") else bytes(k) for k in chain.tester.backend.account_keys]
+    keys = chain.dev_keys()
     chain.deploy_local_market(keys[0])
     chain.fund(private_key_address(keys[1]), token_units=10**9, minter_key=keys[0])
-    await trio.sleep(max(0.0, chain.now_s() + 1 - time.time()))
+    await trio.sleep(chain.lead_s())
     achain = AsyncChain(chain)
 
     def provider(name, key, spec):

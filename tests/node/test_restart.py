@@ -59,10 +59,10 @@ async def negotiate(renter, provider):
 
 async def test_restart__unopened_agreements__held_across_restart_late_open_resumes_rest_expire(tmp_path):
     chain = Chain.embedded()
-    keys = [k.to_bytes() for k in chain.tester.backend.account_keys]
+    keys = chain.dev_keys()
     chain.deploy_local_market(keys[0])
     chain.fund(private_key_address(keys[2]), token_units=10**12, minter_key=keys[0])
-    await trio.sleep(max(0.0, chain.now_s() + 1 - time.time()))  # eth-tester runs ahead
+    await trio.sleep(chain.lead_s())  # eth-tester runs ahead
     achain = AsyncChain(chain)
     provider_settings = settings()
     p_dir, r_dir = tmp_path / "provider", tmp_path / "renter"
@@ -111,10 +111,10 @@ async def test_restart__unopened_agreements__held_across_restart_late_open_resum
 
 async def test_restart__renter_closed_while_provider_was_down__provider_claims_on_start(tmp_path):
     chain = Chain.embedded()
-    keys = [k.to_bytes() for k in chain.tester.backend.account_keys]
+    keys = chain.dev_keys()
     chain.deploy_local_market(keys[0])
     chain.fund(private_key_address(keys[2]), token_units=10**12, minter_key=keys[0])
-    await trio.sleep(max(0.0, chain.now_s() + 1 - time.time()))  # eth-tester runs ahead
+    await trio.sleep(chain.lead_s())  # eth-tester runs ahead
     achain = AsyncChain(chain)
     fast = PARAMS.replace(clock_skew_ms=5_000, renter_heartbeat_timeout_intervals=2,
                           provider_stop_after_missed_receipts=3)
