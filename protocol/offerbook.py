@@ -569,11 +569,7 @@ class OfferBook:
         for b in buckets:
             for sl in b.entries.slices(lo_key, hi_key):
                 out.extend(sl if residual is None else filter(residual, sl))
-        key = s.key()
-        if limit is not None and len(out) > 4 * limit:
-            return heapq.nsmallest(limit, out, key=key)
-        out.sort(key=key)
-        return out if limit is None else out[:limit]
+        return _in_order(out, s, limit)
 
     def _query_stream(self, buckets: list[_Bucket], lo_key: tuple | None, hi_key: tuple | None,
                       residual: Callable[[Entry], bool] | None, s: Sort,
@@ -623,11 +619,7 @@ class OfferBook:
                 if residual is not None and not residual(e):
                     continue
                 out.append(e)
-        key = s.key()
-        if limit is not None and len(out) > 4 * limit:
-            return heapq.nsmallest(limit, out, key=key)
-        out.sort(key=key)
-        return out if limit is None else out[:limit]
+        return _in_order(out, s, limit)
 
     def _query_by_score(self, buckets: list[_Bucket], lo: int | None, hi: int | None,
                         residual: Callable[[Entry], bool] | None, s: Sort,
@@ -674,6 +666,15 @@ class OfferBook:
                     return keep + list(islice(same, limit - len(keep)))
         found.sort(key=key)
         return found[:limit]
+
+
+def _in_order(out: list[Entry], s: Sort, limit: int | None) -> list[Entry]:
+    """`out` sorted by `s`, cut at `limit`; a partial selection when only a few are wanted."""
+    key = s.key()
+    if limit is not None and len(out) > 4 * limit:
+        return heapq.nsmallest(limit, out, key=key)
+    out.sort(key=key)
+    return out if limit is None else out[:limit]
 
 
 def _pkey(e: Entry) -> tuple:
