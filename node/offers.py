@@ -42,7 +42,7 @@ from protocol.encoding import decode, unpack_canonical
 from protocol.errors import IGNORE, DecodeError, ProtocolError, Reject, RemoteProtocolError
 from protocol.identity import PeerKey
 from protocol.messages import Binding, GpuInfo, HostInfo, Offer, OfferTerms, OfferWithdrawal
-from protocol.offerbook import OfferBook
+from protocol.offerbook import Entry, OfferBook
 from protocol.params import DEFAULT_PARAMS, Params
 from protocol.validation import check_offer_static
 
@@ -205,10 +205,8 @@ class OfferService:
             if held is not None and held.digest == hashlib.sha256(data).digest():
                 # the same bytes again (another relay, another sync peer): skip the decode
                 raise _Duplicate()
-            offer = self.book.ingest_offer(data, now)
-            entry = self.book.held(offer.provider)
-            assert entry is not None
-            self._accepted(entry.digest, offer, data)
+            entry = self.book.ingest_offer(data, now)
+            self._accepted(entry)
             return "offer"
         if kind == OfferWithdrawal.TYPE and not offers_only:
             self.book.ingest_withdrawal(data, now)
@@ -216,11 +214,11 @@ class OfferService:
         msg = decode(data)  # raises the decoding REJECT (malformed, unknown_type, ...)
         raise DecodeError("unexpected_type", f"{type(msg).__name__} is not carried here")
 
-    def _accepted(self, digest: bytes, offer: Offer, data: bytes) -> None:
-        self._to_store.append((offer.provider, offer.seq, digest, data,
-                               self.now_ms() / 1000, offer.expires_ms / 1000))
+    def _accepted(self, entry: Entry) -> None:
+        self._to_store.append((entry.provider, entry.seq, entry.digest, entry.data,
+                               self.now_ms() / 1000, entry.expires_ms / 1000))
         self._store_wake.set()
-        deadline = offer.expires_ms + self.params.clock_skew_ms + 1
+        deadline = entry.expires_ms + self.params.clock_skew_ms + 1
         if deadline < self._wake_at_ms:
             self._expiry_wake.set()
 

@@ -43,7 +43,8 @@ from .messages import Offer, OfferWithdrawal
 from .params import Params
 from .query import (PRICE_SCALE, SORT_FIELDS, Query, Sort, Term, parse_query, parse_sort,
                     price_bounds)
-from .validation import BindingCache, validate_offer, validate_withdrawal
+from .validation import (BindingCache, offer_header, validate_offer, validate_reannouncement,
+                         validate_withdrawal)
 
 UNKNOWN_SCORE = 0.5
 OFFER_ID_LEN = 12
@@ -97,9 +98,11 @@ class Entry:
         "data", "digest", "provider", "seq", "expires_ms", "models", "gpu_count",
         "vram_mib", "vram_gib", "region", "cuda_version", "cc", "token_symbol", "chain_id",
         "token_decimals", "price_per_gpu_hour", "price_key", "score", "bucket", "_pkey", "_skey",
+        "body_at",
     )
 
-    def __init__(self, offer: Offer, data: bytes, digest: bytes, score: float) -> None:
+    def __init__(self, offer: Offer, data: bytes, digest: bytes, score: float,
+                 body_at: int) -> None:
         # Runs once per ingested offer: kept cheap (single-GPU offers skip the loops, model
         # tokens are cached per set of names, the price scale per token decimals).
         gpus = offer.gpus
@@ -135,6 +138,37 @@ class Entry:
         self.bucket: _Bucket | None = None
         self._pkey = (self.price_key, digest)
         self._skey = (score, self.expires_ms, digest)
+        self.body_at = body_at  # data[body_at:-66]: the body (see validation.offer_header)
+
+    def reannounced(self, data: bytes, digest: bytes, header: tuple[int, int, int, int],
+                    score: float) -> "Entry":
+        """The entry of a re-announcement with this entry's body: every derived fact reads the
+        body, so they carry over; only the header's facts are new."""
+        new = Entry.__new__(Entry)
+        new.provider = self.provider
+        new.models = self.models
+        new.gpu_count = self.gpu_count
+        new.vram_mib = self.vram_mib
+        new.vram_gib = self.vram_gib
+        new.region = self.region
+        new.cuda_version = self.cuda_version
+        new.cc = self.cc
+        new.token_symbol = self.token_symbol
+        new.chain_id = self.chain_id
+        new.token_decimals = self.token_decimals
+        new.price_per_gpu_hour = self.price_per_gpu_hour
+        new.price_key = self.price_key
+        new.data = data
+        new.digest = digest
+        new.seq, _, new.expires_ms, new.body_at = header
+        new.score = score
+        new.bucket = None
+        new._pkey = (self.price_key, digest)
+        new._skey = (score, new.expires_ms, digest)
+        return new
+
+    def body(self) -> bytes:
+        return self.data[self.body_at:-66]
 
     @property
     def offer_id(self) -> str:
@@ -223,6 +257,25 @@ class _SortedList:
             del self._keys[i], self._vals[i], maxes[i]
         elif j == len(keys):
             maxes[i] = keys[-1]
+
+    def replace(self, old: Any, new: Any, value: Any) -> None:
+        """remove(old) then add(new, value); in place when `new` sorts into `old`'s slot (a
+        re-announced offer whose price or score did not move: the usual case)."""
+        maxes = self._maxes
+        i = bisect_left(maxes, old)
+        keys = self._keys[i] if i < len(maxes) else None
+        j = bisect_left(keys, old) if keys else 0
+        if (keys is not None and keys[j] == old
+                and (keys[j - 1] < new if j else i == 0 or maxes[i - 1] < new)
+                and (new < keys[j + 1] if j + 1 < len(keys)
+                     else i + 1 == len(maxes) or new < self._keys[i + 1][0])):
+            keys[j] = new
+            self._vals[i][j] = value
+            if j + 1 == len(keys):
+                maxes[i] = new
+            return
+        self.remove(old)
+        self.add(new, value)
 
     def first(self) -> Any:
         return self._vals[0][0]
@@ -331,12 +384,26 @@ class OfferBook:
     # ----------------------------------------------------------------------------------------
     # Ingest
 
-    def ingest_offer(self, data: bytes, now_ms: int) -> Offer:
-        """Validate a gossiped offer against what the book holds and insert it. Raises the
-        validation error unchanged, or Ignore("book_full") when the cap refuses it."""
+    def ingest_offer(self, data: bytes, now_ms: int) -> Entry:
+        """Validate a gossiped offer against what the book holds and insert it; return its
+        entry. Raises the validation error unchanged, or Ignore("book_full") when the cap
+        refuses it."""
         provider = data[5:37] if data[:5] == _OFFER_PREFIX else b""
         held = self._by_provider.get(provider)
         wd = self._withdrawn.get(provider)
+        header = offer_header(data)
+        if (held is not None and header is not None
+                and data[header[3]:-66] == held.data[held.body_at:-66]):
+            # A re-announcement of the held body: validated and indexed from the held entry
+            # (equivalent to the full path below; see validation.validate_reannouncement).
+            digest = validate_reannouncement(
+                data, header, now_ms, self.params, known_seq=held.seq,
+                known_digest=held.digest, known_chain_id=held.chain_id,
+                withdrawn_seq=wd[0] if wd else -1, chain_ids=self.chain_ids,
+            )
+            entry = held.reannounced(data, digest, header, self.score_of(provider))
+            self._replace(held, entry)
+            return entry
         offer, digest = validate_offer(
             data, now_ms, self.params, self.bindings,
             known_seq=held.seq if held else -1,
@@ -346,13 +413,14 @@ class OfferBook:
         )
         if offer.provider != provider:  # unreachable for a canonical Offer; kept as a guard
             raise LocalProtocolError("offer_prefix", "offer layout differs from the peeked one")
-        entry = Entry(offer, data, digest, self.score_of(provider))
+        assert header is not None  # a canonical offer has the canonical shape
+        entry = Entry(offer, data, digest, self.score_of(provider), header[3])
         if held is not None:
             self._remove(held)
         elif len(self._by_provider) >= self.params.book_max_providers:
             self._make_room(entry)
         self._insert(entry, now_ms)
-        return offer
+        return entry
 
     def ingest_withdrawal(self, data: bytes, now_ms: int) -> OfferWithdrawal:
         """Validate a withdrawal, drop the provider's offer if it is covered, and keep a
@@ -437,11 +505,26 @@ class OfferBook:
         entry.bucket = bucket
         bucket.entries.add(entry._pkey, entry)
         self._by_score.add(entry._skey, entry)
+        self._push_expiry(entry)
+
+    def _push_expiry(self, entry: Entry) -> None:
         heap = self._expiry
         heapq.heappush(heap, (entry.expires_ms + self.params.clock_skew_ms + 1, entry.digest, entry))
         if len(heap) > 2 * len(self._by_digest) + 1024:  # replaced offers pile up: compact
             self._expiry = [x for x in heap if self._by_digest.get(x[1]) is x[2]]
             heapq.heapify(self._expiry)
+
+    def _replace(self, held: Entry, entry: Entry) -> None:
+        """_remove(held) + _insert(entry) for an entry with held's provider and bucket."""
+        self._by_provider[entry.provider] = entry
+        del self._by_digest[held.digest]
+        self._by_digest[entry.digest] = entry
+        bucket = entry.bucket = held.bucket
+        held.bucket = None
+        assert bucket is not None
+        bucket.entries.replace(held._pkey, entry._pkey, entry)
+        self._by_score.replace(held._skey, entry._skey, entry)
+        self._push_expiry(entry)
 
     def _remove(self, entry: Entry) -> None:
         del self._by_provider[entry.provider]

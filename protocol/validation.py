@@ -8,14 +8,15 @@ the reason codes are stable.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import OrderedDict
 
-from .encoding import decode
+from .encoding import MAX_SAFE_INTEGER, array_header, decode
 from .errors import Ignore, Reject
-from .identity import peer_id_from_public_key
+from .identity import peer_id_from_public_key, verify_ed25519
 from .eth import ZERO_ADDRESS
-from .messages import Binding, Offer, OfferWithdrawal, digest
+from .messages import Binding, Offer, OfferWithdrawal, _unsigned_from_wire, digest
 from .params import Params
 
 UINT256_MAX = 2**256 - 1
@@ -147,6 +148,106 @@ def validate_offer(
     if offer.seq <= withdrawn_seq:
         raise Ignore("withdrawn", f"provider withdrew offers up to seq {withdrawn_seq}")
     return offer, offer_digest
+
+
+# ------------------------------------------------------------------------------------------------
+# Re-announcements: the same offer body under a new header
+#
+# A provider re-announces its offer (new seq, created_ms, expires_ms, signature) long before it
+# expires, and its GPUs, host, terms, binding and addresses rarely change between two. Those
+# fields are encoded back to back between `expires_ms` and the signature (the "body"). When the
+# body's bytes equal those of the offer the book holds from the same provider, every check of
+# `validate_offer` that reads only the body has already passed (on the same bytes, with the same
+# params and provider), and the message is canonical exactly when its header integers are
+# minimally encoded. `validate_reannouncement` runs the remaining checks in `validate_offer`'s
+# order, so it returns what `validate_offer` would, without decoding the body or building an
+# `Offer`. Anything not in the expected shape takes the full path (`offer_header` -> None).
+
+_OFFER_FIELDS = len(dataclasses.fields(Offer))
+_OFFER_HEAD = array_header(2 + _OFFER_FIELDS) + bytes([Offer.TYPE, Offer.VERSION, 0xC4, 0x20])
+_SIG_TAIL = 66  # bin8 header (c4 40) + a 64-byte ed25519 signature, the last field
+_UINT_SIZES = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}  # uint8/16/32/64 headers
+
+
+def _uint_at(data: bytes, i: int) -> tuple[int, int]:
+    """The minimally encoded msgpack unsigned integer at data[i], and the index after it.
+    Raises ValueError for any other encoding (the caller falls back to the full decoder)."""
+    b = data[i]
+    if b < 0x80:
+        return b, i + 1
+    size = _UINT_SIZES.get(b)
+    if size is None or i + 1 + size > len(data):
+        raise ValueError
+    value = int.from_bytes(data[i + 1:i + 1 + size], "big")
+    if value < (0x80 if size == 1 else 1 << (4 * size)):  # a smaller header would fit
+        raise ValueError
+    return value, i + 1 + size
+
+
+def offer_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(seq, created_ms, expires_ms, body_at) of an offer with the canonical head and tail
+    shape, where data[body_at:-66] is its body; None when the bytes are shaped otherwise."""
+    if (data[:5] != _OFFER_HEAD or len(data) > Offer.MAX_SIZE
+            or data[-_SIG_TAIL:-_SIG_TAIL + 2] != b"\xc4\x40"):
+        return None
+    try:
+        seq, i = _uint_at(data, 37)
+        created_ms, i = _uint_at(data, i)
+        expires_ms, i = _uint_at(data, i)
+    except (ValueError, IndexError):
+        return None
+    if max(seq, created_ms, expires_ms) > MAX_SAFE_INTEGER or i > len(data) - _SIG_TAIL:
+        return None
+    return seq, created_ms, expires_ms, i
+
+
+def validate_reannouncement(
+    data: bytes,
+    header: tuple[int, int, int, int],
+    now_ms: int,
+    params: Params,
+    *,
+    known_seq: int,
+    known_digest: bytes,
+    known_chain_id: int,
+    withdrawn_seq: int = -1,
+    chain_ids: frozenset[int] | None = None,
+) -> bytes:
+    """`validate_offer` for an offer whose body (see above) is byte for byte the body of the
+    offer held from the same provider (`known_*`), which passed `validate_offer` with these
+    params. `header` is `offer_header(data)`. Returns the digest; raises what `validate_offer`
+    raises, in its order."""
+    seq, created_ms, expires_ms, _ = header
+    # [REJECT] canonical encoding: the header integers are minimal (offer_header) and the body
+    # and signature encodings are those of an offer that decoded
+    offer_digest = digest(data)
+    # [IGNORE] duplicate
+    if seq == known_seq and offer_digest == known_digest:
+        raise Ignore("duplicate", "offer already held")
+    # [IGNORE] from the future / expired
+    if created_ms > now_ms + params.clock_skew_ms:
+        raise Ignore("from_future", "offer created in the future beyond clock skew")
+    if expires_ms + params.clock_skew_ms < now_ms:
+        raise Ignore("expired", "offer has expired")
+    # [IGNORE] a chain this node does not trade on
+    if chain_ids is not None and known_chain_id not in chain_ids:
+        raise Ignore("wrong_chain", f"chain {known_chain_id} not traded here")
+    # [REJECT] lifetime: the one static check that reads the header (the rest read the body)
+    lifetime = expires_ms - created_ms
+    if lifetime < params.offer_min_lifetime_ms or lifetime > params.offer_max_lifetime_ms:
+        raise Reject("bad_lifetime", f"offer lifetime {lifetime} ms outside the allowed range")
+    # [REJECT] signature by the provider key (the binding is the held offer's: verified)
+    unsigned = _unsigned_from_wire(data, _OFFER_FIELDS)
+    if unsigned is None or not verify_ed25519(data[5:37], Offer.DOMAIN, unsigned, data[-64:]):
+        raise Reject("bad_signature", "offer signature does not verify")
+    # [REJECT] equivocation; [IGNORE] stale, withdrawn
+    if seq == known_seq:
+        raise Reject("equivocation", "two different offers with the same sequence number")
+    if seq < known_seq:
+        raise Ignore("stale_seq", f"seq {seq} older than held {known_seq}")
+    if seq <= withdrawn_seq:
+        raise Ignore("withdrawn", f"provider withdrew offers up to seq {withdrawn_seq}")
+    return offer_digest
 
 
 def validate_withdrawal(
