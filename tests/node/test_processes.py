@@ -246,7 +246,9 @@ def test_processes__renter_sigkilled__provider_stops_within_bound_and_claims_las
 
 
 def test_processes__provider_then_renter_restarted_mid_rental__rental_resumes_and_settles(market):
-    provider, renter, listen, aid = market.rental(params=PATIENT, duration=24)
+    # 36 s: two restarts must fit inside the rental even on a loaded machine (at 24 s a slow
+    # renter restart once found the rental over and settled it instead of resuming).
+    provider, renter, listen, aid = market.rental(params=PATIENT, duration=36)
     before = market.wait_receipts("provider", aid, 2)
     provider.kill()
     provider = market.start("provider", "provider", "--listen", listen, params=PATIENT)
@@ -261,12 +263,12 @@ def test_processes__provider_then_renter_restarted_mid_rental__rental_resumes_an
     seen = market.receipts("renter", aid)[-1][0]
     market.wait_receipts("renter", aid, 2, after_seq=seen)
 
-    events = market.wait_final(aid, timeout=25)
+    events = market.wait_final(aid, timeout=40)
     assert [e.name for e in events] == ["Opened", "Claimed"]
     last = market.latest_receipt("provider", aid)
     assert events[1].args["acked_seconds"] == last.acked_seconds
-    # two outages of a few seconds each are not paid; the rest of the 24 s is
-    assert 8 <= last.acked_seconds <= 24
+    # two outages of a few seconds each are not paid; the rest of the 36 s is
+    assert 20 <= last.acked_seconds <= 36
     assert market.chain.token_balance(market.wallets["provider"].address) == PRICE * last.acked_seconds
     for p in (provider, renter):
         assert p.terminate() < 5
