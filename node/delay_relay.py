@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import trio
 
 CHUNK = 65536
+LATE_SAMPLES = 100_000
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class DelayRelay:
         self.port: int | None = None
         self.connections = 0  # accepted so far
         self.bytes = 0  # forwarded, both directions
+        # how late chunks left compared with their due time (ms): the relay's own scheduling
+        # error (a CPU-starved relay adds delay that was not configured); first `LATE_SAMPLES`
+        self.late_ms: list[float] = []
         self._rng = random.Random(delay.seed)
 
     async def run(self, *, task_status: trio.TaskStatus[DelayRelay] = trio.TASK_STATUS_IGNORED) -> None:
@@ -118,6 +122,8 @@ class DelayRelay:
             async with receive:
                 async for due, data in receive:
                     await trio.sleep_until(due)
+                    if len(self.late_ms) < LATE_SAMPLES:
+                        self.late_ms.append((trio.current_time() - due) * 1000.0)
                     if not data:
                         await dst.send_eof()
                         return
