@@ -57,19 +57,20 @@ def region_names(regions: Sequence[int]) -> list[str]:
     return [REGIONS[r] for r in regions]
 
 
-def one_way_ms(regions: Sequence[int], intra_region_rtt_ms: float = 2.0) -> np.ndarray:
-    """Mean one-way delay (ms) between every two nodes: RTT/2 from the simulator's table."""
+def one_way_ms(regions: Sequence[int], intra_region_rtt_ms: float = 2.0, scale: float = 1.0) -> np.ndarray:
+    """Mean one-way delay (ms) between every two nodes: RTT/2 from the simulator's table,
+    times `scale`."""
     rtt = load_rtt(intra_region_rtt_ms)
     idx = np.asarray(regions)
-    return rtt[np.ix_(idx, idx)] / 2.0
+    return rtt[np.ix_(idx, idx)] / 2.0 * scale
 
 
 def path_delay_bound(pairs: Sequence[tuple[int, int]], regions: Sequence[int], jitter_frac: float,
-                     intra_region_rtt_ms: float = 2.0) -> np.ndarray:
+                     intra_region_rtt_ms: float = 2.0, scale: float = 1.0) -> np.ndarray:
     """[a, b] = the smallest delay any path from a to b over the connections can have: the sum
     of (1 - jitter_frac) x one-way delays along the shortest path (Floyd-Warshall, n small)."""
     n = len(regions)
-    w = one_way_ms(regions, intra_region_rtt_ms) * (1.0 - jitter_frac)
+    w = one_way_ms(regions, intra_region_rtt_ms, scale) * (1.0 - jitter_frac)
     d = np.full((n, n), np.inf)
     np.fill_diagonal(d, 0.0)
     for i, j in pairs:
@@ -95,17 +96,19 @@ class FixedTopologyModel:
 
     `mesh`: None to let the model's own heartbeat form the mesh from the connections (what the
     simulator does), or per node the set of peers it pushes to eagerly (e.g. the mesh that real
-    nodes reported), which isolates the latency model from mesh formation."""
+    nodes reported), which isolates the latency model from mesh formation. `rtt_scale`
+    multiplies the RTT table (for runs whose real links were scaled the same way)."""
 
     def __init__(self, pairs: Sequence[tuple[int, int]], regions: Sequence[int], *, seed: int = 1,
                  network: dict | None = None, gossip: dict | None = None,
-                 mesh: Sequence[set[int]] | None = None) -> None:
+                 mesh: Sequence[set[int]] | None = None, rtt_scale: float = 1.0) -> None:
         self.cfg = resolve({"network": dict(network or {}), "gossip": dict(gossip or {})})
         n = len(regions)
         self.n = n
         self.engine = Engine(start_ms=0)
         self.net = Network(self.cfg, self.engine, stream_rng(seed, "network"), list(regions),
                            [True] * n, 0)
+        self.net.rtt = self.net.rtt * rtt_scale  # read by the overlay when it builds its edges
         nprng = np.random.Generator(np.random.PCG64(derive_seed(seed, "network/np")))
         self.overlay = Overlay(self.cfg, self.net, nprng, stream_rng(seed, "overlay"), n)
         for i, j in pairs:

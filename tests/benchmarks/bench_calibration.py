@@ -7,7 +7,7 @@ The same topology is run twice:
 
 * real: GossipHost nodes (py-libp2p, TCP + Noise + yamux, our gossipsub settings) in
   ``--processes`` processes on 127.0.0.1. Every connection goes through a delaying TCP relay
-  (node/delay_relay.py, all relays in one more process) that adds the one-way delay of the two
+  (node/delay_relay.py, run in the process of the dialled node) that adds the one-way delay of the two
   nodes' regions, RTT/2 from simulations/data/region_rtt_ms.csv, with the model's jitter
   (``--jitter``, per chunk). netem would be the usual tool; it is not available here (the
   error is recorded in the JSON). Each message is a real signed Offer (protocol.samples.make_offer)
@@ -79,26 +79,6 @@ def node_seed(seed: int, index: int) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------
-# relay process: one DelayRelay per dialled pair
-
-
-async def relay_main(args) -> None:
-    plan = json.loads(await trio.to_thread.run_sync(sys.stdin.readline))
-    with trio.fail_after(args.budget):
-        async with trio.open_nursery() as nursery:
-            relays = await start_relays(nursery, [
-                (("127.0.0.1", port), LinkDelay(ms, jitter, seed)) for port, ms, jitter, seed in plan["links"]])
-            print(json.dumps({"ports": [r.port for r in relays]}), flush=True)
-            await trio.to_thread.run_sync(sys.stdin.readline)  # EOF or a line: stop
-            late = [x for r in relays for x in r.late_ms]
-            print(json.dumps({"connections": [r.connections for r in relays],
-                              "bytes": sum(r.bytes for r in relays), "chunks": len(late),
-                              "late_ms": percentiles(late), "late_max_ms": round(max(late, default=0), 2),
-                              "cpu_s": round(time.process_time(), 2)}), flush=True)
-            nursery.cancel_scope.cancel()
-
-
-# ------------------------------------------------------------------------------------------
 # worker process: nodes [first, first + count)
 
 
@@ -150,6 +130,12 @@ async def worker_main(args) -> None:
                 nodes.append({"host": host, "peer": peer, "binding": binding})
             print(json.dumps({"ports": [int(n["host"].addrs()[0].value_for_protocol("tcp")) for n in nodes],
                               "peer_ids": [n["host"].peer_id.to_base58() for n in nodes]}), flush=True)
+            # the relays in front of this process's nodes (one per connection dialled to them)
+            links = json.loads(await trio.to_thread.run_sync(sys.stdin.readline))["links"]
+            relays = await start_relays(nursery, [
+                (("127.0.0.1", port), LinkDelay(ms, jitter, seed)) for _, port, ms, jitter, seed in links])
+            print(json.dumps({"relay_ports": {str(k): r.port for (k, *_), r in zip(links, relays)}}),
+                  flush=True)
 
             plan = json.loads(await trio.to_thread.run_sync(sys.stdin.readline))
             index_of = {ID.from_base58(p): i for i, p in enumerate(plan["peer_ids"])}
@@ -193,7 +179,9 @@ async def worker_main(args) -> None:
                 await node["host"].publish(TOPIC, data)
             await trio.sleep(max(0.0, t0 + plan["end"] - time.time()))
             cpu_frac = (time.process_time() - cpu0) / max(1e-9, time.time() - wall0)
-            print(json.dumps({"cpu_frac": round(cpu_frac, 3), "sent": sent, "recv": recv, "sizes": sizes, "rejected": rejected[0],
+            late = [x for r in relays for x in r.late_ms]
+            print(json.dumps({"cpu_frac": round(cpu_frac, 3), "relay_late_ms": late,
+                              "relay_bytes": sum(r.bytes for r in relays), "sent": sent, "recv": recv, "sizes": sizes, "rejected": rejected[0],
                               "mesh_at_start": mesh_at_start, "mesh_at_end": mesh_snapshot()}),
                   flush=True)
             nursery.cancel_scope.cancel()
@@ -265,14 +253,15 @@ def run_real(plan: dict, *, processes: int, jitter: float, seed: int, drain: flo
              settle: float = 2.0, mesh_timeout: float = 30.0, budget: float = 170.0,
              delay_scale: float = 1.0, direct: bool = False) -> dict:
     """Run the plan on real nodes behind delaying relays. Returns the latency matrix [message,
-    node] in ms (nan: publisher / not delivered) and what the nodes reported. `delay_scale` 0:
+    node] in ms (nan: publisher / not delivered) and what the nodes reported. The links get the
+    plan's delays (times plan["delay_scale"], default 1); `delay_scale` 0:
     the same relays with no delay (what the stack and the relays cost); `direct`: no relays at all,
     nodes dial each other's loopback ports (what the stack alone costs)."""
     regions, pairs, schedule = plan["regions"], plan["pairs"], plan["schedule"]
     n = len(regions)
     per = [n // processes + (1 if k < n % processes else 0) for k in range(processes)]
     starts = [sum(per[:k]) for k in range(processes)]
-    delay = one_way_ms(regions) * delay_scale
+    delay = one_way_ms(regions, scale=plan.get("delay_scale", 1.0) * delay_scale)
     end = (schedule[-1][2] if schedule else 0.0) + drain
     kids = Children(budget)
     t_start = time.time()
@@ -280,16 +269,18 @@ def run_real(plan: dict, *, processes: int, jitter: float, seed: int, drain: flo
         workers = [kids.spawn("--worker", "--first", str(starts[k]), "--count", str(per[k]),
                               "--seed", str(seed), "--budget", str(budget), "--mesh-timeout",
                               str(mesh_timeout)) for k in range(processes)]
-        relay = kids.spawn("--relay", "--budget", str(budget))
         ports, peer_ids = [], []
         for w in workers:
             r = receive(w)
             ports += r["ports"]
             peer_ids += r["peer_ids"]
-        # one relay per connection, targeting the dialled node, with that pair's delay
-        send(relay, {"links": [[ports[j], float(delay[i, j]), jitter, seed * 100_003 + k]
-                               for k, (i, j) in enumerate(pairs)]})
-        relay_ports = receive(relay)["ports"]
+        # one relay per connection, in the process of the dialled node, with that pair's delay
+        owner = [w for w in range(processes) for _ in range(per[w])]
+        for w, worker in enumerate(workers):
+            send(worker, {"links": [] if direct else [
+                [k, ports[j], float(delay[i, j]), jitter, seed * 100_003 + k]
+                for k, (i, j) in enumerate(pairs) if owner[j] == w]})
+        relay_ports = {int(k): v for w in workers for k, v in receive(w)["relay_ports"].items()}
         dials = [[i, f"/ip4/127.0.0.1/tcp/{ports[j] if direct else relay_ports[k]}/p2p/{peer_ids[j]}"]
                  for k, (i, j) in enumerate(pairs)]
         for w in workers:
@@ -300,11 +291,11 @@ def run_real(plan: dict, *, processes: int, jitter: float, seed: int, drain: flo
         for w in workers:
             send(w, {"t0": time.time() + settle})
         outs = [receive(w) for w in workers]
-        send(relay, {"stop": True})
-        relay_stats = receive(relay)
     finally:
         kids.close()
-    relay_stats.pop("connections")
+    late = [x for o in outs for x in o["relay_late_ms"]]
+    relay_stats = {"bytes": sum(o["relay_bytes"] for o in outs), "chunks": len(late),
+                   "late_ms": percentiles(late), "late_max_ms": round(max(late, default=0.0), 2)}
     sent, recv, sizes, mesh_start, mesh_end, rejected = {}, {}, {}, [], [], 0
     for o in outs:
         sent.update(o["sent"])
@@ -327,8 +318,9 @@ def run_real(plan: dict, *, processes: int, jitter: float, seed: int, drain: flo
 def simulate(plan: dict, sizes, *, reps: int, jitter: float, mesh=None, **network) -> np.ndarray:
     """[rep, message, node] latencies (ms) from the simulator's model, `reps` seeds."""
     sched = [(p, t) for _, p, t in plan["schedule"]]
+    scale = plan.get("delay_scale", 1.0)
     return np.stack([
-        FixedTopologyModel(plan["pairs"], plan["regions"], seed=s, mesh=mesh,
+        FixedTopologyModel(plan["pairs"], plan["regions"], seed=s, mesh=mesh, rtt_scale=scale,
                            network={"jitter_frac": jitter, **network}).latencies(sched, sizes)
         for s in range(1, reps + 1)])
 
@@ -341,7 +333,8 @@ def fit(plan: dict, sizes, real: np.ndarray, *, param: str, grid, reps: int, jit
         d = ks_distance(real, sim[np.isfinite(sim)])
         if best is None or d < best[1]:
             best = (float(v), d, percentiles(sim))
-    return {"value_ms": best[0], "ks": round(best[1], 4), "sim": best[2]}
+    return {"value_ms": best[0], "ks": round(best[1], 4), "sim": best[2],
+            "at_grid_edge": best[0] in (float(grid[0]), float(grid[-1]))}
 
 
 def compare(plan: dict, real: dict, *, jitter: float, reps: int, fit_reps: int = 5) -> dict:
@@ -359,7 +352,7 @@ def compare(plan: dict, real: dict, *, jitter: float, reps: int, fit_reps: int =
                       mesh=[set(m) for m in real["mesh_at_start"]])
     pure = simulate(plan, real["sizes"], reps=reps, jitter=jitter, per_message_cpu_ms=0.0,
                     validate_ms=0.0, bandwidth_mbps=1e6)
-    bound = path_delay_bound(pairs, regions, jitter)
+    bound = path_delay_bound(pairs, regions, jitter, scale=plan.get("delay_scale", 1.0))
     bound_mr = np.array([bound[p] for _, p, _ in schedule])  # [message, receiver]
     hops = hop_counts(pairs, n)
     hops_mr = np.array([hops[p] for _, p, _ in schedule])
@@ -368,7 +361,7 @@ def compare(plan: dict, real: dict, *, jitter: float, reps: int, fit_reps: int =
         diff = lat - np.nanmean(sim, axis=0)  # real - modelled (mean over reps), per delivery
         over = lat - np.nanmean(pure, axis=0)  # real - pure propagation (no CPU in the model)
     f = np.isfinite(lat)
-    grid = np.arange(0.0, 30.01, 0.5)
+    grid = np.arange(0.0, 60.01, 1.0)
     return {
         "expected": int(others.sum()),
         "real_delivered": int(f.sum()),
@@ -402,6 +395,7 @@ def main(args) -> None:
     method = "netem" if not err else f"userspace relay (netem unavailable: {err})"
     print(f"delay method: {method}", flush=True)
     plan = make_plan(args.nodes, args.dials, args.messages, args.rate, args.seed)
+    plan["delay_scale"] = args.delay_scale
     load0 = os.getloadavg()
     real = run_real(plan, processes=args.processes, jitter=args.jitter, seed=args.seed,
                     drain=args.drain, budget=args.budget)
@@ -423,8 +417,8 @@ def main(args) -> None:
     print(f"{args.nodes} nodes in {args.processes} processes, {len(plan['pairs'])} connections, "
           f"regions {region_names(plan['regions'])}")
     print(f"mesh sizes when publishing started: {[len(m) for m in real['mesh_at_start']]}")
-    print(f"CPU while publishing (fraction of a core): workers {real['worker_cpu_frac']}; relay "
-          f"process {real['relay']['cpu_s']} s in all; relay lateness over the configured delay "
+    print(f"CPU while publishing (fraction of a core, relays included): workers {real['worker_cpu_frac']}; "
+          f"relay lateness over the configured delay "
           f"{real['relay']['late_ms']} (max {real['relay']['late_max_ms']} ms, {real['relay']['chunks']} chunks); "
           f"load average {load0[0]:.2f} before, {load1[0]:.2f} after")
     print(f"delivered: real {c['real_delivered']}/{c['expected']}, "
@@ -445,7 +439,7 @@ def main(args) -> None:
         "bench": "calibration", "delay_method": method, "nodes": args.nodes,
         "processes": args.processes, "dials_per_node": args.dials, "connections": len(plan["pairs"]),
         "messages": args.messages, "published": real["published"], "rate_per_s": args.rate,
-        "jitter_frac": args.jitter, "sim_reps": args.sim_reps, "seed": args.seed,
+        "jitter_frac": args.jitter, "delay_scale": args.delay_scale, "sim_reps": args.sim_reps, "seed": args.seed,
         "offer_bytes_mean": round(float(np.mean(real["sizes"])), 1),
         "mesh_at_start": [len(m) for m in real["mesh_at_start"]],
         "rejected": real["rejected"], "relay": real["relay"],
@@ -467,7 +461,6 @@ def main(args) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     p.add_argument("--worker", action="store_true")
-    p.add_argument("--relay", action="store_true")
     p.add_argument("--first", type=int)
     p.add_argument("--count", type=int)
     p.add_argument("--nodes", type=int, default=20)
@@ -476,6 +469,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--messages", type=int, default=40)
     p.add_argument("--rate", type=float, default=1.0)
     p.add_argument("--jitter", type=float, default=0.1, help="as network.jitter_frac")
+    p.add_argument("--delay-scale", type=float, default=1.0,
+                   help="multiply every link's delay (real and simulated) by this")
     p.add_argument("--sim-reps", type=int, default=20)
     p.add_argument("--drain", type=float, default=4.0)
     p.add_argument("--mesh-timeout", type=float, default=30.0)
@@ -492,7 +487,5 @@ if __name__ == "__main__":
     a = parser().parse_args()
     if a.worker:
         trio.run(worker_main, a)
-    elif a.relay:
-        trio.run(relay_main, a)
     else:
         main(a)
