@@ -7,8 +7,8 @@ The same topology is run twice:
 
 * real: GossipHost nodes (py-libp2p, TCP + Noise + yamux, our gossipsub settings) in
   ``--processes`` processes on 127.0.0.1. Every connection goes through a delaying TCP relay
-  (node/delay_relay.py, run in the process of the dialled node) that adds the one-way delay of the two
-  nodes' regions, RTT/2 from simulations/data/region_rtt_ms.csv, with the model's jitter
+  (node/delay_relay.py, run in the process of the dialled node) that adds the one-way delay of
+  the two nodes' regions, RTT/2 from simulations/data/region_rtt_ms.csv, with the model's jitter
   (``--jitter``, per chunk). netem would be the usual tool; it is not available here (the
   error is recorded in the JSON). Each message is a real signed Offer (protocol.samples.make_offer)
   from a random node; every node validates it with protocol.validation.validate_offer before it
@@ -21,8 +21,11 @@ The same topology is run twice:
 
 Reported: p50/p90/p99 of both, the two-sample KS distance, real minus modelled per (message,
 receiver), and the `per_message_cpu_ms` / `validate_ms` values that make the model fit best.
-Prints a summary, then one JSON line (the last line). Every child process is killed on the way
-out and a watchdog kills them all after ``--budget`` seconds.
+``--control direct|zero`` adds a run of the same plan with zero delay (no relays / zero-delay
+relays): what the stack costs without propagation. On a small shared machine CPU contention
+dominates the real figures; measured results and their reading: simulations/README.md,
+"Calibration against real nodes". Prints a summary, then one JSON line (the last line). Every
+child process is killed on the way out and a watchdog kills them all after ``--budget`` seconds.
 """
 
 from __future__ import annotations
@@ -181,7 +184,8 @@ async def worker_main(args) -> None:
             cpu_frac = (time.process_time() - cpu0) / max(1e-9, time.time() - wall0)
             late = [x for r in relays for x in r.late_ms]
             print(json.dumps({"cpu_frac": round(cpu_frac, 3), "relay_late_ms": late,
-                              "relay_bytes": sum(r.bytes for r in relays), "sent": sent, "recv": recv, "sizes": sizes, "rejected": rejected[0],
+                              "relay_bytes": sum(r.bytes for r in relays), "sent": sent, "recv": recv,
+                              "sizes": sizes, "rejected": rejected[0],
                               "mesh_at_start": mesh_at_start, "mesh_at_end": mesh_snapshot()}),
                   flush=True)
             nursery.cancel_scope.cancel()
@@ -417,9 +421,10 @@ def main(args) -> None:
     print(f"{args.nodes} nodes in {args.processes} processes, {len(plan['pairs'])} connections, "
           f"regions {region_names(plan['regions'])}")
     print(f"mesh sizes when publishing started: {[len(m) for m in real['mesh_at_start']]}")
-    print(f"CPU while publishing (fraction of a core, relays included): workers {real['worker_cpu_frac']}; "
-          f"relay lateness over the configured delay "
-          f"{real['relay']['late_ms']} (max {real['relay']['late_max_ms']} ms, {real['relay']['chunks']} chunks); "
+    relay = real["relay"]
+    print(f"CPU while publishing (fraction of a core, relays included): workers "
+          f"{real['worker_cpu_frac']}; relay lateness over the configured delay {relay['late_ms']} "
+          f"(max {relay['late_max_ms']} ms, {relay['chunks']} chunks); "
           f"load average {load0[0]:.2f} before, {load1[0]:.2f} after")
     print(f"delivered: real {c['real_delivered']}/{c['expected']}, "
           f"simulated {c['sim_delivered_per_rep']}/{c['expected']} per rep")
@@ -439,7 +444,8 @@ def main(args) -> None:
         "bench": "calibration", "delay_method": method, "nodes": args.nodes,
         "processes": args.processes, "dials_per_node": args.dials, "connections": len(plan["pairs"]),
         "messages": args.messages, "published": real["published"], "rate_per_s": args.rate,
-        "jitter_frac": args.jitter, "delay_scale": args.delay_scale, "sim_reps": args.sim_reps, "seed": args.seed,
+        "jitter_frac": args.jitter, "delay_scale": args.delay_scale, "sim_reps": args.sim_reps,
+        "seed": args.seed,
         "offer_bytes_mean": round(float(np.mean(real["sizes"])), 1),
         "mesh_at_start": [len(m) for m in real["mesh_at_start"]],
         "rejected": real["rejected"], "relay": real["relay"],
@@ -452,7 +458,8 @@ def main(args) -> None:
     }
     if args.dump:
         with open(args.dump, "w") as fh:
-            json.dump({"plan": plan, "lat_ms": np.where(np.isfinite(real["lat"]), real["lat"], -1).round(3).tolist(),
+            raw = np.where(np.isfinite(real["lat"]), real["lat"], -1).round(3)  # -1: none
+            json.dump({"plan": plan, "lat_ms": raw.tolist(),
                        "sizes": real["sizes"], "mesh_at_start": real["mesh_at_start"],
                        "mesh_at_end": real["mesh_at_end"], "result": result}, fh)
     print(json.dumps(result))
