@@ -38,7 +38,7 @@ def test_calibration__small_topology_delivers_everything_and_respects_the_link_d
     # regions far apart: the fastest link (Dallas-Toronto) is 17 ms one way, several times what
     # loopback alone takes, so a connection that bypassed its relay would break the bound below
     plan["regions"] = [0, 3, 6, 7, 9, 1]
-    real = run_real(plan, processes=2, jitter=JITTER, seed=5, drain=3.0, settle=1.0, budget=60)
+    real = run_real(plan, processes=2, jitter=JITTER, seed=5, drain=5.0, settle=1.0, budget=60)
     lat = real["lat"]
     others = np.ones_like(lat, dtype=bool)
     for m, publisher, _ in plan["schedule"]:
