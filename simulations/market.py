@@ -21,7 +21,9 @@ The world keeps one real `OfferBook` (the shared book) into which every valid me
 ingested once, when it is published: it holds the state every node reaches once it has the
 newest message of every provider. For a renter shopping at t the store finds, with one column
 gather, the providers whose newest offer or newest withdrawal has NOT reached the renter by t
-(in flight, missed while offline, never synced). For exactly those providers the shared book's
+(in flight, missed while offline, never synced). (A provider whose newest offer reached the renter while an older withdrawal did not differs only
+by a watermark below the held offer's seq, which neither a query nor the book's size reads: it
+is not swapped.) For exactly those providers the shared book's
 state is taken out and replaced by the renter's own: its latest offer and withdrawal of that
 provider are ingested for real (`ingest_offer`/`ingest_withdrawal` at t, which decode and
 validate). `shared_book.expire(t)` runs first: the book evicts an offer exactly when
@@ -170,13 +172,17 @@ class GossipStore:
         return o, w
 
     def behind(self, node: int, at_rel: int) -> np.ndarray:
-        """Providers whose newest offer or newest withdrawal has not reached `node` by at_rel."""
+        """Providers whose newest offer, or newest withdrawal if it is newer than their newest
+        offer, has not reached `node` by at_rel. (A node that has a provider's newest offer but
+        not an older withdrawal differs from the shared book only by a watermark below the held
+        offer's seq, which no query and no book size reads.)"""
         lat = self.latest[: len(self.providers)]
-        flat = lat.ravel()
+        need = lat.copy()
+        need[lat[:, WITHDRAWAL] < lat[:, OFFER], WITHDRAWAL] = -1
+        flat = need.ravel()
         has = flat >= 0
-        rows = flat[has]
         missing = np.zeros(len(flat), bool)
-        missing[has] = self.col(rows, node) > at_rel
+        missing[has] = self.col(flat[has], node) > at_rel
         return np.flatnonzero(missing.reshape(-1, 2).any(axis=1))
 
     def arrival(self, r: int) -> np.ndarray:

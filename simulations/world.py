@@ -22,6 +22,7 @@ Verification strategy (what the simulator does and does not re-verify)
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import csv
 import io
@@ -226,6 +227,8 @@ class World:
                 expanded.append((role, name, prof, extra, reg))
         n = len(expanded)
         self.online = [False] * n
+        self.online_np = np.zeros(n, dtype=bool)  # the same, for numpy
+        self.online_sorted: list[int] = []  # indices of the online nodes, ascending
         self.regions = [e[4] for e in expanded]
         self.net = Network(cfg, self.engine, stream_rng(self.seed, "network"), self.regions, self.online, self.start_ms)
         self.overlay = Overlay(cfg, self.net, self.ncfg_np, stream_rng(self.seed, "overlay"), n)
@@ -295,8 +298,9 @@ class World:
         if getattr(a, "left_for_good", False):
             return
         self.online[idx] = True
-        online_nodes = [i for i, o in enumerate(self.online) if o]
-        self.overlay.join(idx, online_nodes)
+        self.online_np[idx] = True
+        bisect.insort(self.online_sorted, idx)
+        self.overlay.join(idx, self.online_sorted)
         if not first:
             self.churn_events["join"] += 1
         self.log(f"join {a.name}")
@@ -313,6 +317,8 @@ class World:
         a = self.nodes[idx]
         a.go_offline()
         self.online[idx] = False
+        self.online_np[idx] = False
+        del self.online_sorted[bisect.bisect_left(self.online_sorted, idx)]
         self.overlay.leave(idx)
         self.churn_events["leave"] += 1
         self.log(f"leave {a.name}")
@@ -348,7 +354,7 @@ class World:
             self.metrics.count("own_publish_invalid." + exc.code)
         if not valid:
             return
-        forwards = np.array(self.online, dtype=bool)
+        forwards = self.online_np.copy()
         arr = self.overlay.flood(agent.idx, len(data), now, forwards)
         rel = arr - self.start_ms
         rel32 = np.where(arr >= INF, I32_NEVER, rel).astype(np.int32)
@@ -444,7 +450,7 @@ class World:
         ok = newest >= 0
         safe = np.where(ok, newest, 0)
         ok &= (st.r_kind[safe] == OFFER) & (st.r_exp[safe] > now)
-        ok &= np.array([self.online[n] for n in st.p_node], dtype=bool) if np_ else ok
+        ok &= self.online_np[np.array(st.p_node, dtype=np.int64)] if np_ else ok
         market = np.flatnonzero(ok)
         horizon = (self.cfg["market"]["reannounce_s"] + 120) * 1000
         self.engine.after(horizon, self._eval_new_renter, idx, now, market)
