@@ -21,17 +21,17 @@ The world keeps one real `OfferBook` (the shared book) into which every valid me
 ingested once, when it is published: it holds the state every node reaches once it has the
 newest message of every provider. For a renter shopping at t the store finds, with one column
 gather, the providers whose newest offer or newest withdrawal has NOT reached the renter by t
-(in flight, missed while offline, never synced). (A provider whose newest offer reached the renter while an older withdrawal did not differs only
-by a watermark below the held offer's seq, which neither a query nor the book's size reads: it
-is not swapped.) For exactly those providers the shared book's
-state is taken out and replaced by the renter's own: its latest offer and withdrawal of that
-provider are ingested for real (`ingest_offer`/`ingest_withdrawal` at t, which decode and
-validate). `shared_book.expire(t)` runs first: the book evicts an offer exactly when
-`validate_offer` would start ignoring it as expired, and a withdrawal watermark exactly when
-`validate_withdrawal` would. The renter's real `OfferBook.query` runs on that state; then the
-swapped providers are put back. tests/simulations checks, for every shopping trip of two
-scenarios (one with churn, spam and Sybils), that the query answer and the book size equal
-those of a book built from scratch (`World(check_books=True)`).
+(in flight, missed while offline, never synced). (A provider whose newest offer reached the
+renter while an older withdrawal did not differs only by a watermark below the held offer's seq,
+which neither a query nor the book's size reads: it is not swapped.) For exactly those providers
+the shared book's state is taken out and replaced by the renter's own: its latest offer and
+withdrawal of that provider are ingested for real (`ingest_offer`/`ingest_withdrawal` at t,
+which decode and validate). `shared_book.expire(t)` runs first: the book evicts an offer exactly
+when `validate_offer` would start ignoring it as expired, and a withdrawal watermark exactly
+when `validate_withdrawal` would. The renter's real `OfferBook.query` runs on that state; then
+the swapped providers are put back. tests/simulations checks, for every shopping trip of two
+scenarios (one with churn, spam and Sybils), that the query answer and the book size equal those
+of a book built from scratch (`World(check_books=True)`).
 
 The swap uses the book's private `_insert`/`_remove`/`_withdrawn` (protocol/offerbook.py): the
 simulator borrows them, the protocol package is unchanged.

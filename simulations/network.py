@@ -117,8 +117,8 @@ class Overlay:
     first, then sends its copies one after another on its uplink), and advertised lazily
     (IHAVE) to D_lazy non-mesh peers at each of the next `mcache_gossip` heartbeats of each
     holder; a peer that lacks it answers IWANT and gets it: 3 one-way trips after the
-    heartbeat. The arrival time at every node is computed at publish time by a vectorised
-    shortest-path relaxation over these edges (exact for eager push with independent link
+    heartbeat. The arrival time at every node is computed at publish time by a label-correcting
+    shortest-path pass over these edges in numpy (exact for eager push with independent link
     delays; see README "Gossip model" for what that assumes)."""
 
     def __init__(self, cfg: dict, net: Network, nprng: np.random.Generator, rng: random.Random,
