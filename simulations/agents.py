@@ -20,10 +20,9 @@ from protocol.messages import Binding, GpuMetrics, Offer, OfferWithdrawal, diges
 from protocol.negotiation import (
     FirstAgreementWins, ProviderNegotiation, RenterNegotiation, State, escrow_domain,
 )
-from protocol.offerbook import OfferBook, model_token
+from protocol.offerbook import model_token
 from protocol.rental import ProviderRental, RenterRental
 from protocol.samples import GPU_MODELS, make_offer, make_provider, usd_per_hour_to_units_per_second
-from protocol.validation import BindingCache
 
 if TYPE_CHECKING:
     from .world import World
@@ -427,12 +426,12 @@ class Renter(Agent):
         want = self.want
         assert want is not None
         self.attempts += 1
-        book = OfferBook(w.params, bindings=BindingCache(w.params.binding_cache_size))
-        w.fill_book(self.idx, book)
+        # this renter's own book at `now` (world.query_book: the shared book in this node's state)
         q = f"gpu={model_token(want['model'])} count>={want['gpus']}"
-        entries = [e for e in book.query(q, limit=50)
+        found, size = w.query_book(self.idx, q, 50)
+        entries = [e for e in found
                    if e.price_per_gpu_hour <= want["max_price"] * 3600][: w.cfg["renters"]["parallel"]]
-        w.metrics.book_sizes.append(len(book))
+        w.metrics.book_sizes.append(size)
         if not entries:
             w.metrics.fail("renter", "NO_MATCHING_OFFER")
             return self._attempt_failed()

@@ -13,6 +13,7 @@ The gossip overlay (a model of gossipsub v1.0/1.1, see simulations/README.md) is
 
 from __future__ import annotations
 
+import bisect
 import csv
 import pathlib
 import random
@@ -116,8 +117,8 @@ class Overlay:
     first, then sends its copies one after another on its uplink), and advertised lazily
     (IHAVE) to D_lazy non-mesh peers at each of the next `mcache_gossip` heartbeats of each
     holder; a peer that lacks it answers IWANT and gets it: 3 one-way trips after the
-    heartbeat. The arrival time at every node is computed at publish time by a vectorised
-    shortest-path relaxation over these edges (exact for eager push with independent link
+    heartbeat. The arrival time at every node is computed at publish time by a label-correcting
+    shortest-path pass over these edges in numpy (exact for eager push with independent link
     delays; see README "Gossip model" for what that assumes)."""
 
     def __init__(self, cfg: dict, net: Network, nprng: np.random.Generator, rng: random.Random,
@@ -134,6 +135,12 @@ class Overlay:
         self.invalid_from: dict[tuple[int, int], int] = {}
         self.phase = nprng.integers(0, self.g["heartbeat_ms"], size=n_nodes)  # heartbeat phases
         self.dirty: set[int] = set()
+        # out-edges of each node (mesh then lazy), rebuilt only for nodes marked in edge_dirty
+        self.edge_dirty: set[int] = set(range(n_nodes))
+        self._out: list[tuple] = [(np.zeros(0, np.int64), np.zeros(0, np.int64), 0)] * n_nodes
+        self.rtt_half = net.rtt / 2.0
+        self.node_region = np.array(net.regions, dtype=np.int64)
+        self.node_side = np.array([net.side(i) for i in range(n_nodes)], dtype=bool)
         self._edges_version = -1
         self.version = 0
         self.grafts = 0
@@ -143,12 +150,16 @@ class Overlay:
 
     def join(self, u: int, online_nodes: list[int]) -> None:
         k = self.ncfg["connections"]
-        candidates = [v for v in online_nodes if v != u]
+        i = bisect.bisect_left(online_nodes, u)  # online_nodes is sorted
+        candidates = (online_nodes[:i] + online_nodes[i + 1:]
+                      if i < len(online_nodes) and online_nodes[i] == u else list(online_nodes))
         for v in (self.rng.sample(candidates, k) if len(candidates) > k else candidates):
             self.conn[u].add(v)
             self.conn[v].add(u)
             self.dirty.add(v)
+            self.edge_dirty.add(v)
         self.dirty.add(u)
+        self.edge_dirty.add(u)
         self.version += 1
 
     def leave(self, u: int) -> None:
@@ -157,6 +168,8 @@ class Overlay:
             if u in self.mesh[v]:
                 self.mesh[v].discard(u)
             self.dirty.add(v)
+            self.edge_dirty.add(v)
+        self.edge_dirty.add(u)
         self.conn[u].clear()
         self.mesh[u].clear()
         self.dirty.discard(u)
@@ -177,6 +190,7 @@ class Overlay:
                 for v in cands[: g["D"] - len(mesh)]:
                     mesh.add(v)
                     self.mesh[v].add(u)
+                    self.edge_dirty.update((u, v))
                     self.grafts += 1
                     if len(self.mesh[v]) > g["D_high"]:
                         self.dirty.add(v)
@@ -187,6 +201,7 @@ class Overlay:
                 for v in drop[: len(mesh) - g["D"]]:
                     mesh.discard(v)
                     self.mesh[v].discard(u)
+                    self.edge_dirty.update((u, v))
                     self.prunes += 1
                     if len(self.mesh[v]) < g["D_low"]:
                         self.dirty.add(v)
@@ -194,89 +209,129 @@ class Overlay:
 
     # -- edges ------------------------------------------------------------------------------
 
+    def _node_out(self, u: int) -> tuple:
+        """u's out-edges: mesh peers (sorted; the k-th gets the k-th copy), then the other
+        connections (lazy); per edge its destination and code k (0 = lazy), and the number of
+        lazy edges; plus which of them ignore u (graylist)."""
+        mesh = sorted(self.mesh[u])
+        lazy = sorted(self.conn[u] - self.mesh[u])
+        dst = np.array(mesh + lazy, dtype=np.int64)
+        k = np.zeros(len(dst), np.int64)
+        k[: len(mesh)] = np.arange(1, len(mesh) + 1)
+        gray = [i for i, v in enumerate(mesh + lazy) if u in self.graylist[v]]
+        if gray:
+            k[gray] = -1  # v ignores u: the edge carries nothing
+        return dst, k, len(lazy)
+
     def _rebuild(self) -> None:
-        src, dst, k, lazy = [], [], [], []
-        for u in range(self.n):
-            if not self.conn[u]:
-                continue
-            for i, v in enumerate(sorted(self.mesh[u])):
-                src.append(u); dst.append(v); k.append(i + 1); lazy.append(False)
-            for v in sorted(self.conn[u] - self.mesh[u]):
-                src.append(u); dst.append(v); k.append(1); lazy.append(True)
-        src_a, dst_a = np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64)
-        order = np.lexsort((src_a, dst_a))
-        self.e_src = src_a[order]
-        self.e_dst = dst_a[order]
-        self.e_k = np.array(k, dtype=np.float64)[order]
-        self.e_lazy = np.array(lazy, dtype=bool)[order]
-        regions = np.array(self.net.regions)
-        self.e_base = self.net.rtt[regions[self.e_src], regions[self.e_dst]] / 2.0
-        self.e_side = np.array([self.net.side(i) for i in range(self.n)])
-        self.e_gray = np.array([int(s) in self.graylist[int(d)] for s, d in zip(self.e_src, self.e_dst)],
-                               dtype=bool) if any(self.graylist) else np.zeros(len(self.e_dst), dtype=bool)
-        if len(self.e_dst):
-            starts = np.flatnonzero(np.r_[True, self.e_dst[1:] != self.e_dst[:-1]])
+        """The overlay as arrays by source (CSR), from the per-node out-edges."""
+        for u in sorted(self.edge_dirty):
+            self._out[u] = self._node_out(u) if self.conn[u] else (np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
+        self.edge_dirty.clear()
+        out = self._out
+        counts = np.fromiter((len(o[0]) for o in out), dtype=np.int64, count=self.n)
+        self.indptr = np.zeros(self.n + 1, np.int64)
+        np.cumsum(counts, out=self.indptr[1:])
+        m = int(self.indptr[-1])
+        if m:
+            self.e_dst = np.concatenate([o[0] for o in out])
+            k = np.concatenate([o[1] for o in out])
         else:
-            starts = np.zeros(0, dtype=np.int64)
-        self.starts = starts
-        self.targets = self.e_dst[starts] if len(starts) else starts
-        n_lazy = np.bincount(self.e_src[self.e_lazy], minlength=self.n)
-        self.p_lazy = np.minimum(1.0, self.g["D_lazy"] / np.maximum(n_lazy, 1))
+            self.e_dst = np.zeros(0, np.int64)
+            k = np.zeros(0, np.int64)
+        self.e_src = np.repeat(np.arange(self.n), counts)
+        self.e_lazy = k == 0
+        self.e_dead = k < 0  # graylisted by the destination
+        self.dead_idx = np.flatnonzero(self.e_dead)
+        self.lazy_idx = np.flatnonzero(self.e_lazy)
+        base = self.rtt_half[self.node_region[self.e_src], self.node_region[self.e_dst]]
+        self.e_base = base
+        self.e_cross = self.node_side[self.e_src] != self.node_side[self.e_dst]
+        # per-link constants of this message-independent part of the delay model
+        c, g = self.ncfg, self.g
+        jf = c["jitter_frac"]
+        self.e_k = np.maximum(k, 0).astype(np.float32)
+        self.e_a = (c["validate_ms"] + base * (1.0 - jf)).astype(np.float32)  # one_way = base(1-jf) + b*U
+        self.e_b = (2.0 * jf * base).astype(np.float32)
+        n_lazy = np.fromiter((o[2] for o in out), dtype=np.int64, count=self.n)
+        p = np.minimum(1.0, g["D_lazy"] / np.maximum(n_lazy, 1))[self.e_src[self.lazy_idx]]
+        G = g["mcache_gossip"] if g["D_lazy"] > 0 else 0
+        with np.errstate(divide="ignore"):
+            # slot = floor(log(1-U) / log(1-p)) is the first of the heartbeats 0, 1, ... at
+            # which the link is chosen (each with probability p); used if slot < G, i.e. U < q
+            self.l_inv = np.where(p >= 1.0, 0.0, 1.0 / np.log1p(-p)).astype(np.float32) \
+                if len(p) else np.zeros(0, np.float32)
+        self.l_q = 1.0 - (1.0 - p) ** G
+        self.l_a = (c["validate_ms"] + 3.0 * base[self.lazy_idx] * (1.0 - jf)).astype(np.float32)
+        self.l_b = (3.0 * self.e_b[self.lazy_idx]).astype(np.float32)
         self._edges_version = self.version
 
     def flood(self, origin: int, size: int, t0: int, forwards: np.ndarray) -> np.ndarray:
         """Arrival times (absolute ms, INF where never) of one message published by `origin` at
-        t0. `forwards[v]`: v relays it (online and judging it valid). The origin always sends."""
+        t0. `forwards[v]`: v relays it (online and judging it valid). The origin always sends.
+
+        Every link's delay for this message is drawn first (eager: validate, then the k-th copy
+        after k transmissions, plus the one-way delay; lazy: the holder's next heartbeat after it
+        has the message, plus `slot` heartbeats, then IHAVE/IWANT/message, three one-way trips;
+        a lazy link is used at the first of the next `mcache_gossip` heartbeats at which it is
+        chosen, each with probability p). Then a label-correcting shortest-path pass: each round
+        relaxes only the out-links of the nodes whose arrival improved in the round before.
+        Times inside are float32 ms relative to t0 (sub-microsecond precision at these delays)."""
         if self._edges_version != self.version:
             self._rebuild()
         n = self.n
-        arr = np.full(n, INF, dtype=np.int64)
-        arr[origin] = t0
-        if not len(self.e_dst):
-            return arr
-        g, c = self.g, self.ncfg
+        arr = np.full(n, np.inf, dtype=np.float32)
+        arr[origin] = 0.0
         m = len(self.e_dst)
-        jit = c["jitter_frac"] * (2.0 * self.np.random(m) - 1.0)
-        one_way = self.e_base * (1.0 + jit)
-        tx = size * 8 / self.net.bits_per_ms + c["per_message_cpu_ms"]
-        hb = g["heartbeat_ms"]
-        # eager: validate, then the k-th copy leaves after k transmissions
-        delay = c["validate_ms"] + self.e_k * tx + one_way
-        # lazy: IHAVE, IWANT, then the message: three one-way trips after a heartbeat
-        delay = np.where(self.e_lazy, c["validate_ms"] + 3 * one_way + tx, delay)
-        lazy_slot = np.full(m, np.inf)
-        if g["mcache_gossip"] > 0 and g["D_lazy"] > 0:
-            p = self.p_lazy[self.e_src]
-            for j in range(g["mcache_gossip"] - 1, -1, -1):  # the first selected heartbeat wins
-                chosen = self.np.random(m) < p
-                lazy_slot = np.where(chosen, float(j), lazy_slot)
-        delay = np.where(self.e_lazy & np.isinf(lazy_slot), np.inf, delay)
-        if c["loss"] > 0:
-            delay = np.where(self.np.random(m) < c["loss"], np.inf, delay)
-        if self.net.partitioned_now():
-            delay = np.where(self.e_side[self.e_src] != self.e_side[self.e_dst], np.inf, delay)
-        ok_src = forwards[self.e_src] | (self.e_src == origin)
-        delay = np.where(ok_src, delay, np.inf)
-        if self.e_gray.any():
-            delay = np.where(self.e_gray, np.inf, delay)
-        phase = self.phase[self.e_src]
-        lazy_mask = self.e_lazy
-        arr_f = arr.astype(np.float64)
-        arr_f[arr == INF] = np.inf
-        for _ in range(n):
-            a = arr_f[self.e_src]
-            # the holder's next heartbeat after it has the message (and validated it)
-            nxt = np.ceil((a - phase) / hb) * hb + phase + lazy_slot * hb
-            cand = np.where(lazy_mask, nxt, a) + delay
-            best = np.minimum.reduceat(cand, self.starts)
-            cur = arr_f[self.targets]
-            better = best < cur
-            if not better.any():
-                break
-            arr_f[self.targets[better]] = best[better]
+        if m:
+            g, c = self.g, self.ncfg
+            rnd = self.np.random
+            tx = np.float32(size * 8 / self.net.bits_per_ms + c["per_message_cpu_ms"])
+            hb = np.float32(g["heartbeat_ms"])
+            r = rnd(m, dtype=np.float32)
+            delay = self.e_k * tx
+            delay += self.e_a
+            delay += self.e_b * r
+            li = self.lazy_idx
+            if len(li):
+                u = rnd(len(li), dtype=np.float32)
+                slot = np.floor(np.log1p(-u) * self.l_inv)
+                dl = self.l_a + self.l_b * r[li] + tx + slot * hb
+                dl[u >= self.l_q] = np.inf
+                delay[li] = dl
+            if len(self.dead_idx):
+                delay[self.dead_idx] = np.inf
+            if c["loss"] > 0:
+                delay[rnd(m) < c["loss"]] = np.inf
+            if self.net.partitioned_now():
+                delay[self.e_cross] = np.inf
+            indptr, dst, lazy = self.indptr, self.e_dst, self.e_lazy
+            # each node's heartbeat phase relative to t0, in [0, hb)
+            phase = ((self.phase - t0) % g["heartbeat_ms"]).astype(np.float32)
+            relay = forwards.copy()
+            relay[origin] = True
+            frontier = np.array([origin], dtype=np.int64)
+            while len(frontier):
+                lo = indptr[frontier]
+                cnt = indptr[frontier + 1] - lo
+                tot = int(cnt.sum())
+                if not tot:
+                    break
+                eid = np.repeat(lo - (np.cumsum(cnt) - cnt), cnt) + np.arange(tot)
+                a = np.repeat(arr[frontier], cnt)
+                lz = lazy[eid]
+                if lz.any():
+                    ph = np.repeat(phase[frontier], cnt)
+                    # the holder's next heartbeat at or after it has the message
+                    a = np.where(lz, np.ceil((a - ph) / hb) * hb + ph, a)
+                cand = a + delay[eid]
+                prev = arr.copy()
+                np.minimum.at(arr, dst[eid], cand)
+                better = np.flatnonzero(arr < prev)
+                frontier = better[relay[better]]
         out = np.full(n, INF, dtype=np.int64)
-        fin = np.isfinite(arr_f)
-        out[fin] = np.ceil(arr_f[fin]).astype(np.int64)
+        fin = np.isfinite(arr)
+        out[fin] = t0 + np.ceil(arr[fin]).astype(np.int64)
         return out
 
     def invalid_flood(self, origin: int, colluders: set[int], honest_online) -> list[int]:
@@ -309,6 +364,7 @@ class Overlay:
                             self.mesh[v].discard(u)
                             self.mesh[u].discard(v)
                             self.dirty.update((u, v))
+                            self.edge_dirty.update((u, v))
                             self.version += 1
             frontier = nxt
         return hops_at_drop

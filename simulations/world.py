@@ -8,18 +8,21 @@ Verification strategy (what the simulator does and does not re-verify)
   whether honest relays forward it. Each relay's validation CPU is charged as a delay
   (`network.validate_ms`) instead of being recomputed per relay: the result is a pure function
   of the bytes.
-* A renter's OfferBook is real: when the renter shops, every offer and withdrawal that had
-  reached it (the latest per provider) is ingested with `OfferBook.ingest_offer`, which decodes
-  and runs `validate_offer` again. Inside the simulator the ed25519 checks of *offer* and
-  *binding* signatures and the binding's ecrecover are memoised by their exact inputs
-  (`memo_signatures`): the first check of a given signature is real, later ones with the same
-  bytes return the same (pure) answer. Negotiation, heartbeat, receipt and consent signatures
+* A renter's OfferBook is real: when the renter shops, `OfferBook.query` runs on a book in
+  exactly the state its own book would have, the latest offer and withdrawal of every provider
+  that had reached it (market.SharedBook: one shared book, ingested once per message, with the
+  providers the renter is behind on swapped for its own messages, ingested for real). Inside the
+  simulator the ed25519 checks of *offer* and *binding* signatures and the binding's ecrecover
+  are memoised by their exact inputs (`memo_signatures`): the first check of a given signature
+  is real, later ones with the same bytes return the same (pure) answer. Negotiation,
+  heartbeat, receipt and consent signatures
   are never memoised: each is made and checked for real by the machines.
 * The chain recovers every claim's receipt signature like the contract's ecrecover.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import csv
 import io
@@ -35,6 +38,7 @@ import numpy as np
 import protocol.messages as pm
 from protocol.errors import Ignore, LocalProtocolError, Reject, RemoteProtocolError
 from protocol.messages import Offer
+from protocol.offerbook import OfferBook
 from protocol.params import Params
 from protocol.samples import REGIONS
 from protocol.validation import BindingCache, validate_offer, validate_withdrawal
@@ -42,6 +46,7 @@ from protocol.validation import BindingCache, validate_offer, validate_withdrawa
 from .agents import Provider, RentalRecord, Renter, Spammer
 from .chain import Chain, Tx
 from .engine import EPOCH_MS, Engine, derive_seed, stream_rng
+from .market import OFFER, GossipStore, SharedBook
 from .network import INF, Network, Overlay
 
 I32_NEVER = np.iinfo(np.int32).max
@@ -99,7 +104,8 @@ class GossipMsg:
     data: bytes
     published_ms: int
     expires_ms: int
-    arrival: np.ndarray  # int32 ms since start, I32_NEVER = never
+    arrival: np.ndarray  # int32 ms since start, I32_NEVER = never (a row of the GossipStore)
+    row: int = -1
 
 
 def pct(values, qs=(50, 90, 99)) -> dict:
@@ -152,8 +158,9 @@ class Metrics:
 
 
 class World:
-    def __init__(self, cfg: dict, seed: int, progress: bool = False) -> None:
+    def __init__(self, cfg: dict, seed: int, progress: bool = False, check_books: bool = False) -> None:
         self.cfg = cfg
+        self.check_books = check_books  # also build every renter's book from scratch and compare
         self.seed = seed
         self.progress = progress
         self.start_ms = EPOCH_MS
@@ -168,8 +175,6 @@ class World:
         self.online: list[bool] = []
         self.regions: list[int] = []
         self.key_to_node: dict[bytes, int] = {}
-        self.msgs_by_provider: dict[bytes, list[GossipMsg]] = {}
-        self.live_msgs: list[GossipMsg] = []
         self.relay_bindings = BindingCache(1_000_000)
         self.series: list[dict] = []
         self.churn_events = {"leave": 0, "join": 0}
@@ -222,9 +227,14 @@ class World:
                 expanded.append((role, name, prof, extra, reg))
         n = len(expanded)
         self.online = [False] * n
+        self.online_np = np.zeros(n, dtype=bool)  # the same, for numpy
+        self.online_sorted: list[int] = []  # indices of the online nodes, ascending
         self.regions = [e[4] for e in expanded]
         self.net = Network(cfg, self.engine, stream_rng(self.seed, "network"), self.regions, self.online, self.start_ms)
         self.overlay = Overlay(cfg, self.net, self.ncfg_np, stream_rng(self.seed, "overlay"), n)
+        self.store = GossipStore(n)
+        self.shared_book = SharedBook(OfferBook(self.params, bindings=BindingCache(self.params.binding_cache_size)),
+                                      self.store, self.metrics.count)
         self.chain = Chain(cfg, self.engine, self.start_ms, self._chain_event)
         sybil_host: dict[int, tuple] = {}
         models = cfg["providers"]["models"]
@@ -288,8 +298,9 @@ class World:
         if getattr(a, "left_for_good", False):
             return
         self.online[idx] = True
-        online_nodes = [i for i, o in enumerate(self.online) if o]
-        self.overlay.join(idx, online_nodes)
+        self.online_np[idx] = True
+        bisect.insort(self.online_sorted, idx)
+        self.overlay.join(idx, self.online_sorted)
         if not first:
             self.churn_events["join"] += 1
         self.log(f"join {a.name}")
@@ -306,6 +317,8 @@ class World:
         a = self.nodes[idx]
         a.go_offline()
         self.online[idx] = False
+        self.online_np[idx] = False
+        del self.online_sorted[bisect.bisect_left(self.online_sorted, idx)]
         self.overlay.leave(idx)
         self.churn_events["leave"] += 1
         self.log(f"leave {a.name}")
@@ -341,13 +354,13 @@ class World:
             self.metrics.count("own_publish_invalid." + exc.code)
         if not valid:
             return
-        forwards = np.array(self.online, dtype=bool)
+        forwards = self.online_np.copy()
         arr = self.overlay.flood(agent.idx, len(data), now, forwards)
         rel = arr - self.start_ms
         rel32 = np.where(arr >= INF, I32_NEVER, rel).astype(np.int32)
         msg = GossipMsg(agent.idx, agent.peer.public, kind, seq, data, now, expires_ms, rel32)
-        self.msgs_by_provider.setdefault(msg.provider, []).append(msg)
-        self.live_msgs.append(msg)
+        msg.arrival = self.store.add(msg, agent.idx, rel32)
+        self.shared_book.publish(msg, now)
         # metrics: latency to each other online node, coverage
         others = forwards.copy()
         others[agent.idx] = False
@@ -382,23 +395,12 @@ class World:
     def _view(self, idx: int, at_rel: int) -> list[GossipMsg]:
         """What has reached node idx by `at_rel`: the latest offer and latest withdrawal of
         every provider, in arrival order."""
-        out = []
-        for msgs in self.msgs_by_provider.values():
-            best_o = best_w = None
-            for m in msgs:
-                if m.arrival[idx] <= at_rel:
-                    if m.kind == "offer":
-                        if best_o is None or m.seq > best_o.seq:
-                            best_o = m
-                    elif best_w is None or m.seq > best_w.seq:
-                        best_w = m
-            for m in (best_o, best_w):
-                if m is not None:
-                    out.append(m)
+        out = [self.store.msgs[r] for r in self.store.view(idx, at_rel).tolist()]
         out.sort(key=lambda m: (int(m.arrival[idx]), m.seq, m.provider))
         return out
 
     def fill_book(self, idx: int, book: Any) -> None:
+        """The from-scratch book (the reference `query_book` is checked against)."""
         now = self.engine.now
         for m in self._view(idx, now - self.start_ms):
             try:
@@ -407,7 +409,21 @@ class World:
                 else:
                     book.ingest_withdrawal(m.data, now)
             except RemoteProtocolError as exc:
-                self.metrics.count("book_ingest." + exc.code)
+                self.metrics.count("check_book_ingest." + exc.code)
+
+    def query_book(self, idx: int, q: str, limit: int) -> tuple[list, int]:
+        """Run `q` on node idx's offer book now (market.SharedBook); returns (entries, size)."""
+        now = self.engine.now
+        got = self.shared_book.run_for(idx, now, now - self.start_ms,
+                                       lambda book: (list(book.query(q, limit=limit)), len(book)))
+        if self.check_books:
+            ref = OfferBook(self.params, bindings=BindingCache(self.params.binding_cache_size))
+            self.fill_book(idx, ref)
+            want = ([e.digest for e in ref.query(q, limit=limit)], len(ref))
+            if ([e.digest for e in got[0]], got[1]) != want:
+                raise AssertionError(f"shared book differs from node {idx}'s own book at {now}")
+            self.metrics.count("check_book_ok")
+        return got
 
     def _sync(self, idx: int) -> None:
         peers = sorted(v for v in self.overlay.conn[idx] if self.online[v])
@@ -415,51 +431,52 @@ class World:
             return
         p = self.nodes[idx].rng.choice(peers)
         now_rel = self.engine.now - self.start_ms
-        snap = [m for m in self._view(p, now_rel) if m.kind == "offer"
-                and m.expires_ms > self.engine.now]
-        size = sum(len(m.data) for m in snap) + 64
+        st = self.store
+        rows = st.view(p, now_rel)
+        rows = rows[(st.r_kind[rows] == OFFER) & (st.r_exp[rows] > self.engine.now)]
+        size = int(st.r_size[rows].sum()) + 64
         rtt = self.net.rtt[self.regions[idx], self.regions[p]]
         t = now_rel + int(rtt + size * 8 / self.net.bits_per_ms + 2 * self.cfg["network"]["per_message_cpu_ms"]) + 1
-        for m in snap:
-            if m.arrival[idx] > t:
-                m.arrival[idx] = t
-        self.metrics.count("sync_offers", len(snap))
+        if len(rows):
+            st.set_min(rows, idx, t)
+        self.metrics.count("sync_offers", len(rows))
 
     def _track_new_renter(self, idx: int) -> None:
         now = self.engine.now
-        market = []
-        for prov, msgs in self.msgs_by_provider.items():
-            if not self.online[self.key_to_node[prov]]:
-                continue
-            latest = max(msgs, key=lambda m: m.seq)
-            if latest.kind == "offer" and latest.expires_ms > now:
-                market.append(prov)
+        st = self.store
+        np_ = len(st.providers)
+        lat = st.latest[:np_]
+        newest = lat.max(axis=1)  # newest alive row of each provider, either kind
+        ok = newest >= 0
+        safe = np.where(ok, newest, 0)
+        ok &= (st.r_kind[safe] == OFFER) & (st.r_exp[safe] > now)
+        ok &= self.online_np[np.array(st.p_node, dtype=np.int64)] if np_ else ok
+        market = np.flatnonzero(ok)
         horizon = (self.cfg["market"]["reannounce_s"] + 120) * 1000
-        self.engine.after(horizon, self._eval_new_renter, idx, now, tuple(market))
+        self.engine.after(horizon, self._eval_new_renter, idx, now, market)
 
-    def _eval_new_renter(self, idx: int, joined: int, market: tuple) -> None:
-        worst = 0
+    def _eval_new_renter(self, idx: int, joined: int, market: np.ndarray) -> None:
         j = joined - self.start_ms
-        for prov in market:
-            seen = min((int(m.arrival[idx]) for m in self.msgs_by_provider.get(prov, ())), default=I32_NEVER)
-            seen = min([int(m.arrival[idx]) for m in self.msgs_by_provider.get(prov, ()) if m.arrival[idx] >= 0]
-                       or [I32_NEVER])
-            if seen == I32_NEVER:
-                self.metrics.new_renter_incomplete += 1
-                return
-            worst = max(worst, seen - j)
-        self.metrics.new_renter_full_view_ms.append(max(0, worst))
+        if not len(market):
+            self.metrics.new_renter_full_view_ms.append(0)
+            return
+        st = self.store
+        rows = st.alive_rows()
+        rows = rows[np.isin(st.r_pid[rows], market)]
+        a = st.col(rows, idx).astype(np.int64)
+        seen = np.full(len(st.providers), I32_NEVER, np.int64)
+        keep = a >= 0
+        np.minimum.at(seen, st.r_pid[rows][keep], a[keep])
+        seen = seen[market]
+        if (seen == I32_NEVER).any():
+            self.metrics.new_renter_incomplete += 1
+            return
+        self.metrics.new_renter_full_view_ms.append(max(0, int((seen - j).max())))
 
     def _prune(self) -> None:
         now = self.engine.now
         keep_after = now - self.params.clock_skew_ms - (self.cfg["market"]["reannounce_s"] + 300) * 1000
-        dead = [m for m in self.live_msgs if m.expires_ms < keep_after]
-        if not dead:
-            return
-        dead_ids = {id(m) for m in dead}
-        self.live_msgs = [m for m in self.live_msgs if id(m) not in dead_ids]
-        for prov in {m.provider for m in dead}:
-            self.msgs_by_provider[prov] = [m for m in self.msgs_by_provider[prov] if id(m) not in dead_ids]
+        self.store.prune(keep_after)
 
     # -- chain --------------------------------------------------------------------------------
 

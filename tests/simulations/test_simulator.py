@@ -177,3 +177,13 @@ def test_sweep__one_run_per_value_and_one_table(tmp_path):
     rows = list(csv.DictReader((out / "sweep.csv").open()))
     assert [float(r["providers.offline_frac"]) for r in rows] == [0.0, 0.5]
     assert (out / "providers.offline_frac=0.5" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("scenario,seed", [("small.toml", 7), ("faults.toml", 3)])
+def test_shared_book__every_shopping_trip_sees_the_renters_own_book(scenario, seed):
+    # check_books: every query also runs on a book built from scratch from what reached the
+    # renter (the pre-SharedBook way) and the answers and sizes must be equal (else it raises)
+    from simulations.world import World
+    w = World(load(str(HERE / scenario)), seed, check_books=True)
+    s = w.run()["summary"]
+    assert s["counts"]["check_book_ok"] == len(w.metrics.book_sizes) > 0
