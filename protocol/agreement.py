@@ -152,9 +152,8 @@ def receipt_struct_hash(agreement_id: bytes, acked_seconds: int) -> bytes:
         raise LocalProtocolError("bad_receipt", "agreement_id must be 32 bytes")
     if not 0 <= acked_seconds <= UINT64_MAX:
         raise LocalProtocolError("bad_receipt", "acked_seconds out of uint64 range")
-    return keccak(
-        abi_encode(["bytes32", "bytes32", "uint64"], [RECEIPT_TYPEHASH, agreement_id, acked_seconds])
-    )
+    # abi.encode(bytes32, bytes32, uint64): three 32-byte words (eth_abi took 60 of 85 us)
+    return keccak(RECEIPT_TYPEHASH + agreement_id + acked_seconds.to_bytes(32, "big"))
 
 
 def receipt_digest(domain: EscrowDomain, agreement_id: bytes, acked_seconds: int) -> bytes:

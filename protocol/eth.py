@@ -7,8 +7,8 @@ one valid encoding and cannot be re-used in a malleated form.
 
 from __future__ import annotations
 
+import coincurve
 from eth_abi import encode as abi_encode
-from eth_keys import keys as eth_keys_keys
 from eth_utils import keccak
 
 from .errors import LocalProtocolError, Reject
@@ -54,17 +54,25 @@ def typed_digest(domain_separator: bytes, struct_hash: bytes) -> bytes:
     return keccak(b"\x19\x01" + domain_separator + struct_hash)
 
 
+# libsecp256k1 through coincurve, directly: eth-keys wraps the same calls (with coincurve
+# installed) in objects and checks that cost more than the curve work. Measured per call:
+# sign 319 -> ~80 us, recover 180 -> ~70 us. Same bytes: RFC 6979 nonces, low-s normalised.
+
+
+def _address(public_key: coincurve.PublicKey) -> bytes:
+    return keccak(public_key.format(compressed=False)[1:])[12:]
+
+
 def private_key_address(private_key: bytes) -> bytes:
-    return eth_keys_keys.PrivateKey(private_key).public_key.to_canonical_address()
+    return _address(coincurve.PrivateKey(private_key).public_key)
 
 
 def sign_digest(private_key: bytes, digest: bytes) -> bytes:
     """Sign a 32-byte digest; returns r||s||v (v = 27/28), always low-s."""
     if len(digest) != 32:
         raise LocalProtocolError("bad_digest", "digest must be 32 bytes")
-    sig = eth_keys_keys.PrivateKey(private_key).sign_msg_hash(digest)
-    # eth-keys produces canonical (low-s) signatures; v is 0/1 there.
-    return sig.r.to_bytes(32, "big") + sig.s.to_bytes(32, "big") + bytes([sig.v + 27])
+    sig = coincurve.PrivateKey(private_key).sign_recoverable(digest, hasher=None)
+    return sig[:64] + bytes([sig[64] + 27])  # libsecp256k1: low-s, recovery id 0/1
 
 
 def recover_signer(digest: bytes, signature: bytes) -> bytes:
@@ -79,7 +87,7 @@ def recover_signer(digest: bytes, signature: bytes) -> bytes:
     if not (0 < r < SECP256K1_N) or not (0 < s <= SECP256K1_HALF_N):
         raise Reject("bad_signature_high_s", "s must be in the lower half of the curve order")
     try:
-        sig = eth_keys_keys.Signature(vrs=(v - 27, r, s))
-        return sig.recover_public_key_from_msg_hash(digest).to_canonical_address()
-    except Exception as exc:  # eth-keys raises BadSignature and ValidationError
+        return _address(coincurve.PublicKey.from_signature_and_message(
+            bytes(signature[:64]) + bytes([v - 27]), digest, hasher=None))
+    except Exception as exc:  # no point on the curve for this r, or a malformed digest
         raise Reject("bad_signature", f"cannot recover signer: {exc}") from None

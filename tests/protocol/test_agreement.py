@@ -3,6 +3,8 @@
 import dataclasses
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 
@@ -126,3 +128,19 @@ def test_agreement__cached_escrow_separator_matches_a_fresh_one():
                                (1, b"\x01" * 20)):
         assert EscrowDomain(chain_id, contract).separator() == contract_domain_separator(
             ESCROW_DOMAIN_NAME, ESCROW_DOMAIN_VERSION, chain_id, contract)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(min_size=32, max_size=32).filter(lambda k: 0 < int.from_bytes(k, "big") < SECP256K1_N),
+       st.binary(min_size=32, max_size=32))
+def test_eth__secp256k1_signatures_equal_eth_keys_bytes_and_recover_alike(key, digest):
+    """protocol.eth calls libsecp256k1 through coincurve directly; eth-keys is the reference."""
+    from eth_keys import keys
+
+    from protocol.eth import recover_signer, sign_digest
+
+    ref = keys.PrivateKey(key).sign_msg_hash(digest)
+    expected = ref.r.to_bytes(32, "big") + ref.s.to_bytes(32, "big") + bytes([ref.v + 27])
+    assert sign_digest(key, digest) == expected
+    address = keys.PrivateKey(key).public_key.to_canonical_address()
+    assert private_key_address(key) == address == recover_signer(digest, expected)
