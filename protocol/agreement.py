@@ -15,13 +15,13 @@ import functools
 from dataclasses import dataclass
 
 from eth_abi import encode as abi_encode
-from eth_utils import keccak
 
 from .errors import LocalProtocolError, Reject
 from .eth import (
     ZERO_ADDRESS,
     check_address,
     contract_domain_separator,
+    keccak,
     recover_signer,
     sign_digest,
     typed_digest,

@@ -14,10 +14,10 @@ import hashlib
 import nacl.exceptions
 import nacl.signing
 from nacl.bindings import crypto_sign_open as _crypto_sign_open
-from eth_utils import keccak
 
 from .errors import LocalProtocolError, Reject
-from .eth import chain_domain_separator, recover_signer, sign_digest, typed_digest
+from .eth import (chain_domain_separator, keccak, recover_signer, sign_digest,
+                  typed_digest)
 
 ED25519_SIG_LEN = 64
 

@@ -15,7 +15,6 @@ import hashlib
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
-from eth_utils import keccak
 
 from .agreement import AgreementTerms
 from .encoding import (
@@ -34,7 +33,7 @@ from .encoding import (
     wire,
 )
 from .errors import Reject
-from .eth import ZERO_ADDRESS
+from .eth import ZERO_ADDRESS, keccak
 from .identity import (
     ED25519_SIG_LEN,
     PeerKey,

@@ -144,3 +144,13 @@ def test_eth__secp256k1_signatures_equal_eth_keys_bytes_and_recover_alike(key, d
     assert sign_digest(key, digest) == expected
     address = keys.PrivateKey(key).public_key.to_canonical_address()
     assert private_key_address(key) == address == recover_signer(digest, expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_eth__keccak_equals_eth_utils(data):
+    from eth_utils import keccak as reference
+
+    from protocol.eth import keccak
+
+    assert keccak(data) == reference(data)
