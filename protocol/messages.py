@@ -76,6 +76,12 @@ class Signed(Message):
             payload = self.unsigned_bytes()
         return verify_ed25519(public_key, self.DOMAIN, payload, self.signature)  # type: ignore[attr-defined]
 
+    @classmethod
+    def wire_signature_valid(cls, public_key: bytes, data: bytes) -> bool:
+        """The signature check on a message's canonical wire bytes, without decoding them."""
+        payload = _unsigned_from_wire(data, len(_field_names(cls)))
+        return payload is not None and verify_ed25519(public_key, cls.DOMAIN, payload, data[-64:])
+
 
 _SIG_TRAILER = b"\xc4\x40"  # msgpack bin8 header of a 64-byte signature
 

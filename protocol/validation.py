@@ -14,9 +14,9 @@ from collections import OrderedDict
 
 from .encoding import MAX_SAFE_INTEGER, array_header, decode
 from .errors import Ignore, Reject
-from .identity import peer_id_from_public_key, verify_ed25519
+from .identity import peer_id_from_public_key
 from .eth import ZERO_ADDRESS
-from .messages import Binding, Offer, OfferWithdrawal, _unsigned_from_wire, digest
+from .messages import Binding, Offer, OfferWithdrawal, digest
 from .params import Params
 
 UINT256_MAX = 2**256 - 1
@@ -237,8 +237,7 @@ def validate_reannouncement(
     if lifetime < params.offer_min_lifetime_ms or lifetime > params.offer_max_lifetime_ms:
         raise Reject("bad_lifetime", f"offer lifetime {lifetime} ms outside the allowed range")
     # [REJECT] signature by the provider key (the binding is the held offer's: verified)
-    unsigned = _unsigned_from_wire(data, _OFFER_FIELDS)
-    if unsigned is None or not verify_ed25519(data[5:37], Offer.DOMAIN, unsigned, data[-64:]):
+    if not Offer.wire_signature_valid(data[5:37], data):
         raise Reject("bad_signature", "offer signature does not verify")
     # [REJECT] equivocation; [IGNORE] stale, withdrawn
     if seq == known_seq:
