@@ -14,7 +14,8 @@ Verification strategy (what the simulator does and does not re-verify)
   providers the renter is behind on swapped for its own messages, ingested for real). Inside the
   simulator the ed25519 checks of *offer* and *binding* signatures and the binding's ecrecover
   are memoised by their exact inputs (`memo_signatures`): the first check of a given signature
-  is real, later ones with the same bytes return the same (pure) answer. Negotiation,
+  is real, later ones with the same bytes return the same (pure) answer. So is the decoding of
+  an offer or withdrawal (the validation around it runs every time). Negotiation,
   heartbeat, receipt and consent signatures
   are never memoised: each is made and checked for real by the machines.
 * The chain recovers every claim's receipt signature like the contract's ecrecover.
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 
 import protocol.messages as pm
+import protocol.validation as pv
 from protocol.errors import Ignore, LocalProtocolError, Reject, RemoteProtocolError
 from protocol.messages import Offer
 from protocol.offerbook import OfferBook
@@ -51,14 +53,34 @@ from .network import INF, Network, Overlay
 
 I32_NEVER = np.iinfo(np.int32).max
 _MEMO_DOMAINS = (Offer.DOMAIN, pm.Binding.DOMAIN, pm.OfferWithdrawal.DOMAIN)
+DECODE_MEMO_SIZE = 65_536  # decoded gossip messages kept (an offer is ~2-3 KB decoded)
 
 
 @contextlib.contextmanager
 def memo_signatures(stats: dict):
-    """Memoise offer/binding/withdrawal ed25519 checks and binding ecrecovers (pure functions)
-    for the duration of a run; restore the originals afterwards."""
+    """Memoise offer/binding/withdrawal ed25519 checks and binding ecrecovers, and the decoding
+    of gossiped offers and withdrawals (pure functions of their bytes) for the duration of a
+    run; restore the originals afterwards."""
     real_verify, real_wallet = pm.verify_ed25519, pm.check_wallet_signed_peer
+    real_decode = pv.decode
     cache: dict = {}
+    decoded: dict = {}
+
+    def decode(data, expect=None):
+        # validate_offer / validate_withdrawal decode the same bytes once per renter that
+        # ingests them: the decoded (frozen) message is shared. Failures are not kept: they
+        # decode again and raise afresh.
+        key = (data, expect)
+        hit = decoded.get(key)
+        if hit is None:
+            stats["decode_real"] += 1
+            hit = real_decode(data, expect)
+            if len(decoded) >= DECODE_MEMO_SIZE:
+                del decoded[next(iter(decoded))]  # the oldest: offers expire in publish order
+            decoded[key] = hit
+        else:
+            stats["decode_memo"] += 1
+        return hit
 
     def verify(public_key, domain, payload, signature):
         if domain not in _MEMO_DOMAINS:
@@ -88,11 +110,11 @@ def memo_signatures(stats: dict):
         if hit[0] == "err":
             raise hit[1]
 
-    pm.verify_ed25519, pm.check_wallet_signed_peer = verify, wallet
+    pm.verify_ed25519, pm.check_wallet_signed_peer, pv.decode = verify, wallet, decode
     try:
         yield
     finally:
-        pm.verify_ed25519, pm.check_wallet_signed_peer = real_verify, real_wallet
+        pm.verify_ed25519, pm.check_wallet_signed_peer, pv.decode = real_verify, real_wallet, real_decode
 
 
 @dataclass
@@ -169,7 +191,8 @@ class World:
             offer_max_lifetime_ms=max(2 * 3600_000, cfg["market"]["offer_lifetime_s"] * 1000))
         self.metrics = Metrics()
         self.log_lines: list[str] = []
-        self.sigstats = {"ed25519_real": 0, "ed25519_memo": 0, "ecrecover_real": 0, "ecrecover_memo": 0}
+        self.sigstats = {"ed25519_real": 0, "ed25519_memo": 0, "ecrecover_real": 0, "ecrecover_memo": 0,
+                         "decode_real": 0, "decode_memo": 0}
         self.records: dict[bytes, RentalRecord] = {}
         self.nodes: list[Any] = []
         self.online: list[bool] = []
