@@ -15,21 +15,19 @@ Prints one JSON object on the last line.
 Measured on a 2-core box shared with other engineers (load average 2-3.5 during the runs, so
 wall times are noisy; compare within one run):
 
-| | before (395bdb7) | after (sim-perf) |
-|---|---|---|
-| engine, trivial agent (old vs new engine in one process: 235-350k vs 510-690k) | 167k events/s | 258k-691k events/s |
-| protocol core, 300 nodes x 1800 s | 1,039 events/s (31 s) | 756-1,198 events/s (27-43 s) |
-| 1,000 nodes x 600 s (run back to back) | 122 s wall, 89 s CPU (whole script) | 60 s wall, 51 s CPU (whole script) |
-| 10,000 nodes x 3600 s | not run: extrapolated 2-20 h | MEASURED: 1,618 s wall, peak RSS 1,363 MiB |
+| | before (395bdb7) | after (sim-perf) | + faster protocol crypto/encoding, decode memo |
+|---|---|---|---|
+| engine, trivial agent (old vs new engine in one process: 235-350k vs 510-690k) | 167k events/s | 258k-691k events/s | 753k-768k events/s |
+| protocol core, 300 nodes x 1800 s | 1,039 events/s (31 s) | 756-1,198 events/s (27-43 s) | 3,466-3,786 events/s (8.5-9.3 s) |
+| 1,000 nodes x 600 s (run back to back) | 122 s wall, 89 s CPU (whole script) | 60 s wall, 51 s CPU (whole script) | - |
+| 10,000 nodes x 3600 s | not run: extrapolated 2-20 h | MEASURED: 1,618 s wall, peak RSS 1,363 MiB | MEASURED: 1,352 s wall (1,337 s CPU), peak RSS 1,425 MiB |
 
-The 10,000-node hour (seed 1): 1,084,507 events, 24,321 gossip floods, 5,531 rentals opened.
-Targets: wall < 600 s NOT met (27 min); RSS < 4 GB met. Where the time goes at that size
-(cProfile, 3,000 nodes x 600 s, 263 s wall; simulations/README.md "Performance"): renters'
-shopping 40% (SharedBook swaps: the real re-ingest, decode + validate, of ~150 providers per
-trip whose newest message has not reached the renter), the rental and negotiation machines' real
-signatures ~35% (every heartbeat, EIP-712 receipt and its recovery), gossip floods 19% (one
-label-correcting pass over ~240k overlay links per message, ~30 ms each at 10k nodes); the
-engine itself is under 1%.
+The 10,000-node hour (seed 1): 1,084,507 events, 24,321 gossip floods, 5,531 rentals opened
+(the same in both measured runs: the run is deterministic). Targets: engine >= 300k events/s
+met; RSS < 4 GB met; wall < 600 s NOT met (22.5 min). Where the time goes at that size: the
+gossip floods, about 30 ms each (one label-correcting pass over ~240k overlay links), about
+730 s of the 1,352; then renters' shopping (SharedBook swaps re-ingesting providers a renter is
+behind on) and the rental machines' real signatures (simulations/README.md, "Performance").
 """
 
 from __future__ import annotations
