@@ -25,8 +25,8 @@ wall times are noisy; compare within one run):
 The 10,000-node hour (seed 1): 1,084,507 events, 24,321 gossip floods, 5,531 rentals opened
 (the same in both measured runs: the run is deterministic). Targets: engine >= 300k events/s
 met; RSS < 4 GB met; wall < 600 s NOT met (22.5 min). Where the time goes at that size: the
-gossip floods, about 30 ms each (one label-correcting pass over ~240k overlay links), about
-730 s of the 1,352; then renters' shopping (SharedBook swaps re-ingesting providers a renter is
+gossip floods, about 30 ms each (one label-correcting pass over ~240k overlay links, timed per
+flood at 10k), so about 730 s of the 1,352 (an estimate from that time, not a profile of the run); then renters' shopping (SharedBook swaps re-ingesting providers a renter is
 behind on) and the rental machines' real signatures (simulations/README.md, "Performance").
 """
 
