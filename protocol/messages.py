@@ -83,7 +83,15 @@ class Signed(Message):
         return payload is not None and verify_ed25519(public_key, cls.DOMAIN, payload, data[-64:])
 
 
-_SIG_TRAILER = b"\xc4\x40"  # msgpack bin8 header of a 64-byte signature
+SIG_TRAILER = b"\xc4\x40"  # msgpack bin8 header of a 64-byte signature
+SIG_TAIL = len(SIG_TRAILER) + ED25519_SIG_LEN  # the encoded signature: a signed message's end
+
+
+def key_prefix(cls: type) -> bytes:
+    """The first bytes of every canonical message of `cls` whose first field is a 32-byte key:
+    array header, type, version, bin8(32). Derived from the class, so a new field cannot make
+    a peek at the key disagree with the layout."""
+    return array_header(2 + len(dataclasses.fields(cls))) + bytes([cls.TYPE, cls.VERSION, 0xC4, 0x20])
 
 
 @functools.cache
@@ -94,10 +102,10 @@ def _field_names(cls: type) -> tuple[str, ...]:
 def _unsigned_from_wire(data: bytes, n_fields: int) -> bytes | None:
     # The canonical array is header + element encodings; dropping the last element (the
     # 66-byte encoded signature) and rewriting the count gives the unsigned encoding.
-    if data[-66:-64] != _SIG_TRAILER:
+    if data[-SIG_TAIL:-ED25519_SIG_LEN] != SIG_TRAILER:
         return None
     head = array_header(2 + n_fields)
-    return array_header(1 + n_fields) + data[len(head):-66]
+    return array_header(1 + n_fields) + data[len(head):-SIG_TAIL]
 
 
 def digest(data: bytes) -> bytes:

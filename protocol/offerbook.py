@@ -25,7 +25,6 @@ global index by (score, expiry) serves score filters and sorts, and the eviction
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import heapq
 import math
@@ -37,9 +36,9 @@ from decimal import Decimal
 from itertools import chain, islice
 from typing import Any
 
-from .encoding import array_header, decode
+from .encoding import decode
 from .errors import Ignore, LocalProtocolError
-from .messages import Offer, OfferWithdrawal
+from .messages import SIG_TAIL, Offer, OfferWithdrawal, key_prefix
 from .params import Params
 from .query import (PRICE_SCALE, SORT_FIELDS, Query, Sort, Term, parse_query, parse_sort,
                     price_bounds)
@@ -50,15 +49,8 @@ UNKNOWN_SCORE = 0.5
 OFFER_ID_LEN = 12
 
 
-def _prefix(cls: type) -> bytes:
-    """The first bytes of every canonical message of `cls` whose first field is a 32-byte key:
-    array header, type, version, bin8(32). Derived from the class, so a new field cannot make
-    the peek disagree with the layout."""
-    return array_header(2 + len(dataclasses.fields(cls))) + bytes([cls.TYPE, cls.VERSION, 0xC4, 0x20])
-
-
-_OFFER_PREFIX = _prefix(Offer)
-_WITHDRAWAL_PREFIX = _prefix(OfferWithdrawal)
+_OFFER_PREFIX = key_prefix(Offer)
+_WITHDRAWAL_PREFIX = key_prefix(OfferWithdrawal)
 _VENDOR_WORDS = frozenset({"NVIDIA", "AMD", "INTEL", "GEFORCE", "TESLA", "QUADRO"})
 _NON_ALNUM = re.compile(r"[^A-Z0-9]+")
 
@@ -138,7 +130,7 @@ class Entry:
         self.bucket: _Bucket | None = None
         self._pkey = (self.price_key, digest)
         self._skey = (score, self.expires_ms, digest)
-        self.body_at = body_at  # data[body_at:-66]: the body (see validation.offer_header)
+        self.body_at = body_at  # where the body starts (see validation.offer_header)
 
     def reannounced(self, data: bytes, digest: bytes, header: tuple[int, int, int, int],
                     score: float) -> "Entry":
@@ -168,7 +160,7 @@ class Entry:
         return new
 
     def body(self) -> bytes:
-        return self.data[self.body_at:-66]
+        return self.data[self.body_at:-SIG_TAIL]
 
     @property
     def offer_id(self) -> str:
@@ -393,7 +385,7 @@ class OfferBook:
         wd = self._withdrawn.get(provider)
         header = offer_header(data)
         if (held is not None and header is not None
-                and data[header[3]:-66] == held.data[held.body_at:-66]):
+                and data[header[3]:-SIG_TAIL] == held.body()):
             # A re-announcement of the held body: validated and indexed from the held entry
             # (equivalent to the full path below; see validation.validate_reannouncement).
             digest = validate_reannouncement(

@@ -8,15 +8,14 @@ the reason codes are stable.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections import OrderedDict
 
-from .encoding import MAX_SAFE_INTEGER, array_header, decode
+from .encoding import MAX_SAFE_INTEGER, decode
 from .errors import Ignore, Reject
 from .identity import peer_id_from_public_key
 from .eth import ZERO_ADDRESS
-from .messages import Binding, Offer, OfferWithdrawal, digest
+from .messages import SIG_TAIL, SIG_TRAILER, Binding, Offer, OfferWithdrawal, digest, key_prefix
 from .params import Params
 
 UINT256_MAX = 2**256 - 1
@@ -163,9 +162,7 @@ def validate_offer(
 # order, so it returns what `validate_offer` would, without decoding the body or building an
 # `Offer`. Anything not in the expected shape takes the full path (`offer_header` -> None).
 
-_OFFER_FIELDS = len(dataclasses.fields(Offer))
-_OFFER_HEAD = array_header(2 + _OFFER_FIELDS) + bytes([Offer.TYPE, Offer.VERSION, 0xC4, 0x20])
-_SIG_TAIL = 66  # bin8 header (c4 40) + a 64-byte ed25519 signature, the last field
+_OFFER_HEAD = key_prefix(Offer)
 _UINT_SIZES = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}  # uint8/16/32/64 headers
 
 
@@ -186,9 +183,9 @@ def _uint_at(data: bytes, i: int) -> tuple[int, int]:
 
 def offer_header(data: bytes) -> tuple[int, int, int, int] | None:
     """(seq, created_ms, expires_ms, body_at) of an offer with the canonical head and tail
-    shape, where data[body_at:-66] is its body; None when the bytes are shaped otherwise."""
+    shape, where data[body_at:-SIG_TAIL] is its body; None when the bytes are shaped otherwise."""
     if (data[:5] != _OFFER_HEAD or len(data) > Offer.MAX_SIZE
-            or data[-_SIG_TAIL:-_SIG_TAIL + 2] != b"\xc4\x40"):
+            or data[-SIG_TAIL:-SIG_TAIL + len(SIG_TRAILER)] != SIG_TRAILER):
         return None
     try:
         seq, i = _uint_at(data, 37)
@@ -196,7 +193,7 @@ def offer_header(data: bytes) -> tuple[int, int, int, int] | None:
         expires_ms, i = _uint_at(data, i)
     except (ValueError, IndexError):
         return None
-    if max(seq, created_ms, expires_ms) > MAX_SAFE_INTEGER or i > len(data) - _SIG_TAIL:
+    if max(seq, created_ms, expires_ms) > MAX_SAFE_INTEGER or i > len(data) - SIG_TAIL:
         return None
     return seq, created_ms, expires_ms, i
 
