@@ -212,6 +212,19 @@ class GossipStore:
         return len(dead)
 
 
+def ingest_message(book: OfferBook, msg: Any, now: int) -> str | None:
+    """Ingest a gossiped offer or withdrawal (a GossipMsg) into `book`; the reason code if the
+    book refused it, else None."""
+    try:
+        if msg.kind == "offer":
+            book.ingest_offer(msg.data, now)
+        else:
+            book.ingest_withdrawal(msg.data, now)
+    except RemoteProtocolError as exc:
+        return exc.code
+    return None
+
+
 class SharedBook:
     """One real OfferBook holding the newest state of every provider, swapped per renter (see
     the module docstring)."""
@@ -222,13 +235,9 @@ class SharedBook:
         self.count = count
 
     def _ingest(self, book: OfferBook, msg: Any, now: int) -> None:
-        try:
-            if msg.kind == "offer":
-                book.ingest_offer(msg.data, now)
-            else:
-                book.ingest_withdrawal(msg.data, now)
-        except RemoteProtocolError as exc:
-            self.count("book_ingest." + exc.code)
+        refused = ingest_message(book, msg, now)
+        if refused is not None:
+            self.count("book_ingest." + refused)
 
     def publish(self, msg: Any, now: int) -> None:
         """A valid message was published: the shared book takes it (once, for every node)."""

@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import csv
-import io
-import json
 import math
 import sys
 import time
@@ -38,7 +35,7 @@ import numpy as np
 
 import protocol.messages as pm
 import protocol.validation as pv
-from protocol.errors import Ignore, LocalProtocolError, Reject, RemoteProtocolError
+from protocol.errors import Ignore, Reject, RemoteProtocolError
 from protocol.messages import Offer
 from protocol.offerbook import OfferBook
 from protocol.params import Params
@@ -48,7 +45,7 @@ from protocol.validation import BindingCache, validate_offer, validate_withdrawa
 from .agents import Provider, RentalRecord, Renter, Spammer
 from .chain import Chain, Tx
 from .engine import EPOCH_MS, Engine, derive_seed, stream_rng
-from .market import OFFER, GossipStore, SharedBook
+from .market import OFFER, GossipStore, SharedBook, ingest_message
 from .network import INF, Network, Overlay
 
 I32_NEVER = np.iinfo(np.int32).max
@@ -426,13 +423,9 @@ class World:
         """The from-scratch book (the reference `query_book` is checked against)."""
         now = self.engine.now
         for m in self._view(idx, now - self.start_ms):
-            try:
-                if m.kind == "offer":
-                    book.ingest_offer(m.data, now)
-                else:
-                    book.ingest_withdrawal(m.data, now)
-            except RemoteProtocolError as exc:
-                self.metrics.count("check_book_ingest." + exc.code)
+            refused = ingest_message(book, m, now)
+            if refused is not None:
+                self.metrics.count("check_book_ingest." + refused)
 
     def query_book(self, idx: int, q: str, limit: int) -> tuple[list, int]:
         """Run `q` on node idx's offer book now (market.SharedBook); returns (entries, size)."""
