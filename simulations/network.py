@@ -19,6 +19,7 @@ import pathlib
 import random
 from typing import Any, Callable
 
+import numba
 import numpy as np
 
 from protocol.samples import REGIONS
@@ -117,8 +118,8 @@ class Overlay:
     first, then sends its copies one after another on its uplink), and advertised lazily
     (IHAVE) to D_lazy non-mesh peers at each of the next `mcache_gossip` heartbeats of each
     holder; a peer that lacks it answers IWANT and gets it: 3 one-way trips after the
-    heartbeat. The arrival time at every node is computed at publish time by a label-correcting
-    shortest-path pass over these edges in numpy (exact for eager push with independent link
+    heartbeat. The arrival time at every node is computed at publish time by a shortest-path
+    pass over these links (`earliest_arrivals`; exact for eager push with independent link
     delays; see README "Gossip model" for what that assumes)."""
 
     def __init__(self, cfg: dict, net: Network, nprng: np.random.Generator, rng: random.Random,
@@ -233,103 +234,70 @@ class Overlay:
         self.indptr = np.zeros(self.n + 1, np.int64)
         np.cumsum(counts, out=self.indptr[1:])
         m = int(self.indptr[-1])
-        if m:
-            self.e_dst = np.concatenate([o[0] for o in out])
-            k = np.concatenate([o[1] for o in out])
-        else:
-            self.e_dst = np.zeros(0, np.int64)
-            k = np.zeros(0, np.int64)
-        self.e_src = np.repeat(np.arange(self.n), counts)
-        self.e_lazy = k == 0
-        self.e_dead = k < 0  # graylisted by the destination
-        self.dead_idx = np.flatnonzero(self.e_dead)
-        self.lazy_idx = np.flatnonzero(self.e_lazy)
-        base = self.rtt_half[self.node_region[self.e_src], self.node_region[self.e_dst]]
-        self.e_base = base
-        self.e_cross = self.node_side[self.e_src] != self.node_side[self.e_dst]
-        # per-link constants of this message-independent part of the delay model
+        self.e_dst = np.concatenate([o[0] for o in out]).astype(np.int32) if m else np.zeros(0, np.int32)
+        k = np.concatenate([o[1] for o in out]) if m else np.zeros(0, np.int64)
+        src = np.repeat(np.arange(self.n), counts)
+        base = self.rtt_half[self.node_region[src], self.node_region[self.e_dst]]
+        self.e_cross = self.node_side[src] != self.node_side[self.e_dst]
+        # per link, the message-independent part of its delay, in one row so that a node's
+        # links are one contiguous block (the pass reads them in node order, not link order):
+        # code k (the k-th eager copy; 0 lazy; -1 graylisted, carries nothing), then a and b of
+        # a + b*U: eager one way = validate + base(1-jf) + 2 jf base U; lazy: three such trips
         c, g = self.ncfg, self.g
         jf = c["jitter_frac"]
-        self.e_k = np.maximum(k, 0).astype(np.float32)
-        self.e_a = (c["validate_ms"] + base * (1.0 - jf)).astype(np.float32)  # one_way = base(1-jf) + b*U
-        self.e_b = (2.0 * jf * base).astype(np.float32)
+        lazy = k == 0
+        self.e_par = np.empty((m, 3), np.float32)
+        self.e_par[:, 0] = k
+        self.e_par[:, 1] = c["validate_ms"] + np.where(lazy, 3.0, 1.0) * base * (1.0 - jf)
+        self.e_par[:, 2] = np.where(lazy, 3.0, 1.0) * 2.0 * jf * base
+        # a holder advertises to each lazy peer at a heartbeat with probability p = D_lazy/#lazy;
+        # the link is used at the first of the next G heartbeats at which it is chosen: at slot
+        # s (0-based) when q[s-1] <= U < q[s], q[s] = 1 - (1-p)^(s+1); never when U >= q[G-1]
         n_lazy = np.fromiter((o[2] for o in out), dtype=np.int64, count=self.n)
-        p = np.minimum(1.0, g["D_lazy"] / np.maximum(n_lazy, 1))[self.e_src[self.lazy_idx]]
+        p = np.minimum(1.0, g["D_lazy"] / np.maximum(n_lazy, 1))
         G = g["mcache_gossip"] if g["D_lazy"] > 0 else 0
-        with np.errstate(divide="ignore"):
-            # slot = floor(log(1-U) / log(1-p)) is the first of the heartbeats 0, 1, ... at
-            # which the link is chosen (each with probability p); used if slot < G, i.e. U < q
-            self.l_inv = np.where(p >= 1.0, 0.0, 1.0 / np.log1p(-p)).astype(np.float32) \
-                if len(p) else np.zeros(0, np.float32)
-        self.l_q = 1.0 - (1.0 - p) ** G
-        self.l_a = (c["validate_ms"] + 3.0 * base[self.lazy_idx] * (1.0 - jf)).astype(np.float32)
-        self.l_b = (3.0 * self.e_b[self.lazy_idx]).astype(np.float32)
+        self.node_q = (1.0 - (1.0 - p[:, None]) ** np.arange(1, G + 1)[None, :]).astype(np.float32)
         self._edges_version = self.version
+
+    def draw(self, size: int, t0: int) -> tuple:
+        """This message's random part of every link's delay, and the constants of the flood:
+        (ru, blocked, tx, hb, phase). ru[e]: U of the jitter, U of the lazy slot; blocked: lost or cut (empty
+        when neither can happen); phase: each node's heartbeat phase relative to t0. Call
+        `links` first (it brings the links up to date)."""
+        g, c = self.g, self.ncfg
+        m = len(self.e_dst)
+        rnd = self.np.random
+        ru = rnd((m, 2), dtype=np.float32)
+        blocked = np.zeros(0, dtype=bool)
+        if c["loss"] > 0:
+            blocked = rnd(m) < c["loss"]
+        if self.net.partitioned_now():
+            blocked = (blocked | self.e_cross) if len(blocked) else self.e_cross
+        tx = np.float32(size * 8 / self.net.bits_per_ms + c["per_message_cpu_ms"])
+        hb = np.float32(g["heartbeat_ms"])
+        phase = ((self.phase - t0) % g["heartbeat_ms"]).astype(np.float32)
+        return ru, blocked, tx, hb, phase
+
+    def links(self) -> tuple:
+        """The overlay's links for `earliest_arrivals` (CSR by source), rebuilt if it changed."""
+        if self._edges_version != self.version:
+            self._rebuild()
+        return self.indptr, self.e_dst, self.e_par, self.node_q
 
     def flood(self, origin: int, size: int, t0: int, forwards: np.ndarray) -> np.ndarray:
         """Arrival times (absolute ms, INF where never) of one message published by `origin` at
         t0. `forwards[v]`: v relays it (online and judging it valid). The origin always sends.
 
-        Every link's delay for this message is drawn first (eager: validate, then the k-th copy
-        after k transmissions, plus the one-way delay; lazy: the holder's next heartbeat after it
-        has the message, plus `slot` heartbeats, then IHAVE/IWANT/message, three one-way trips;
-        a lazy link is used at the first of the next `mcache_gossip` heartbeats at which it is
-        chosen, each with probability p). Then a label-correcting shortest-path pass: each round
-        relaxes only the out-links of the nodes whose arrival improved in the round before.
-        Times inside are float32 ms relative to t0 (sub-microsecond precision at these delays)."""
-        if self._edges_version != self.version:
-            self._rebuild()
-        n = self.n
-        arr = np.full(n, np.inf, dtype=np.float32)
-        arr[origin] = 0.0
-        m = len(self.e_dst)
-        if m:
-            g, c = self.g, self.ncfg
-            rnd = self.np.random
-            tx = np.float32(size * 8 / self.net.bits_per_ms + c["per_message_cpu_ms"])
-            hb = np.float32(g["heartbeat_ms"])
-            r = rnd(m, dtype=np.float32)
-            delay = self.e_k * tx
-            delay += self.e_a
-            delay += self.e_b * r
-            li = self.lazy_idx
-            if len(li):
-                u = rnd(len(li), dtype=np.float32)
-                slot = np.floor(np.log1p(-u) * self.l_inv)
-                dl = self.l_a + self.l_b * r[li] + tx + slot * hb
-                dl[u >= self.l_q] = np.inf
-                delay[li] = dl
-            if len(self.dead_idx):
-                delay[self.dead_idx] = np.inf
-            if c["loss"] > 0:
-                delay[rnd(m) < c["loss"]] = np.inf
-            if self.net.partitioned_now():
-                delay[self.e_cross] = np.inf
-            indptr, dst, lazy = self.indptr, self.e_dst, self.e_lazy
-            # each node's heartbeat phase relative to t0, in [0, hb)
-            phase = ((self.phase - t0) % g["heartbeat_ms"]).astype(np.float32)
-            relay = forwards.copy()
-            relay[origin] = True
-            frontier = np.array([origin], dtype=np.int64)
-            while len(frontier):
-                lo = indptr[frontier]
-                cnt = indptr[frontier + 1] - lo
-                tot = int(cnt.sum())
-                if not tot:
-                    break
-                eid = np.repeat(lo - (np.cumsum(cnt) - cnt), cnt) + np.arange(tot)
-                a = np.repeat(arr[frontier], cnt)
-                lz = lazy[eid]
-                if lz.any():
-                    ph = np.repeat(phase[frontier], cnt)
-                    # the holder's next heartbeat at or after it has the message
-                    a = np.where(lz, np.ceil((a - ph) / hb) * hb + ph, a)
-                cand = a + delay[eid]
-                prev = arr.copy()
-                np.minimum.at(arr, dst[eid], cand)
-                better = np.flatnonzero(arr < prev)
-                frontier = better[relay[better]]
-        out = np.full(n, INF, dtype=np.int64)
+        Every link's random part is drawn first (`draw`), so the random stream does not depend
+        on the path the message takes. A link's delay: eager, validate, then the k-th copy after
+        k transmissions, plus the one-way delay; lazy, the holder's next heartbeat after it has
+        the message, plus `slot` heartbeats, then IHAVE/IWANT/message, three one-way trips.
+        Then the earliest arrival at every node, Dijkstra with those delays
+        (`earliest_arrivals`). Times inside are float32 ms relative to t0 (sub-microsecond
+        precision at these delays)."""
+        links = self.links()
+        arr = earliest_arrivals(*links, *self.draw(size, t0), forwards, origin)
+        out = np.full(self.n, INF, dtype=np.int64)
         fin = np.isfinite(arr)
         out[fin] = t0 + np.ceil(arr[fin]).astype(np.int64)
         return out
@@ -368,3 +336,83 @@ class Overlay:
                             self.version += 1
             frontier = nxt
         return hops_at_drop
+
+
+@numba.njit(cache=True, nogil=True)
+def earliest_arrivals(indptr, dst, par, node_q, ru, blocked, tx, hb, phase, relays, origin):
+    """Dijkstra from `origin` (time 0) over the overlay's links (Overlay.links: CSR by source),
+    with this message's draws (Overlay.draw). A link's delay is computed when its source is
+    settled (k, a, b = par[e]; r, u = ru[e]): eager k-th copy  k*tx + a + b*r;  lazy  a + b*r + tx +
+    slot*hb, departing at
+    the holder's next heartbeat (phase[u] + j*hb) at or after it has the message. Later arrival,
+    later departure, so Dijkstra stays exact. Only `relays` (and the origin) send on. float32
+    throughout, in the order written here; tests/simulations/test_gossip_model.py checks it
+    against a vectorised label-correcting pass in numpy, bit for bit.
+    Compiled by numba: per node a loop over ~24 links and a heap, which numpy can only do as
+    many rounds of whole-frontier arrays (33.8 ms a flood at 10,000 nodes, against this pass's
+    figure in simulations/README.md "Performance")."""
+    n = len(indptr) - 1
+    G = node_q.shape[1]
+    check_blocked = len(blocked) > 0
+    arr = np.full(n, np.inf, dtype=np.float32)
+    done = np.zeros(n, dtype=np.bool_)
+    # binary min-heap of (time, node); a stale entry is skipped when popped; each improvement
+    # pushes once, so it never holds more than links + 1 entries
+    ht = np.empty(len(dst) + 1, dtype=np.float32)
+    hv = np.empty(len(dst) + 1, dtype=np.int64)
+    arr[origin] = np.float32(0.0)
+    ht[0], hv[0] = np.float32(0.0), origin
+    size = 1
+    while size:
+        t, x = ht[0], hv[0]
+        size -= 1
+        if size:  # move the last entry to the root and sift it down
+            lt, lv = ht[size], hv[size]
+            i = 0
+            while True:
+                c = 2 * i + 1
+                if c >= size:
+                    break
+                if c + 1 < size and ht[c + 1] < ht[c]:
+                    c += 1
+                if ht[c] < lt:
+                    ht[i], hv[i] = ht[c], hv[c]
+                    i = c
+                else:
+                    break
+            ht[i], hv[i] = lt, lv
+        if done[x] or t > arr[x]:
+            continue
+        done[x] = True
+        if x != origin and not relays[x]:
+            continue
+        ph = phase[x]
+        dep_lazy = np.ceil((t - ph) / hb) * hb + ph
+        for e in range(indptr[x], indptr[x + 1]):
+            k = par[e, 0]
+            if k < 0 or (check_blocked and blocked[e]):
+                continue
+            if k == 0:
+                u = ru[e, 1]
+                slot = 0
+                while slot < G and u >= node_q[x, slot]:
+                    slot += 1
+                if slot == G:
+                    continue  # never advertised to this peer while x still gossips the id
+                cand = dep_lazy + (par[e, 1] + par[e, 2] * ru[e, 0] + tx + np.float32(slot) * hb)
+            else:
+                cand = t + (k * tx + par[e, 1] + par[e, 2] * ru[e, 0])
+            v = dst[e]
+            if cand < arr[v]:
+                arr[v] = cand
+                i = size  # push and sift up
+                size += 1
+                while i:
+                    p = (i - 1) >> 1
+                    if ht[p] > cand:
+                        ht[i], hv[i] = ht[p], hv[p]
+                        i = p
+                    else:
+                        break
+                ht[i], hv[i] = cand, v
+    return arr

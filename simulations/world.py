@@ -153,7 +153,6 @@ class Metrics:
         self.invalid_reasons: dict[str, int] = {}
         self.book_sizes: list[int] = []
         self.stores = 0
-        self.flood_transmissions = 0
 
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
@@ -396,7 +395,6 @@ class World:
                 if got.sum() >= 0.99 * n_online:
                     self.metrics.prop_t99.append(int(np.sort(arr[got] - now)[int(math.ceil(0.99 * n_online)) - 1]))
         self.metrics.count("gossip_published." + kind)
-        self.metrics.flood_transmissions += int(self.overlay.e_src.size) if hasattr(self.overlay, "e_src") else 0
 
     def gossip_invalid(self, agent: Any, data: bytes) -> None:
         now = self.engine.now
