@@ -21,9 +21,11 @@ The world keeps one real `OfferBook` (the shared book) into which every valid me
 ingested once, when it is published: it holds the state every node reaches once it has the
 newest message of every provider. For a renter shopping at t the store finds, with one column
 gather, the providers whose newest offer or newest withdrawal has NOT reached the renter by t
-(in flight, missed while offline, never synced). (A provider whose newest offer reached the
-renter while an older withdrawal did not differs only by a watermark below the held offer's seq,
-which neither a query nor the book's size reads: it is not swapped.) For exactly those providers
+(in flight, missed while offline, never synced). Two cases of those differ only by a withdrawal
+watermark, which neither a query nor the book's size reads, and are not swapped: the renter has
+the provider's newest offer but not an older withdrawal; or neither book holds an offer of the
+provider (in each, its newest offer is missing or covered by a newer withdrawal; e.g. a renter
+that joined after the provider withdrew). For exactly the other providers
 the shared book's state is taken out and replaced by the renter's own: its latest offer and
 withdrawal of that provider are ingested for real (`ingest_offer`/`ingest_withdrawal` at t,
 which decode and validate). `shared_book.expire(t)` runs first: the book evicts an offer exactly
@@ -39,6 +41,7 @@ simulator borrows them, the protocol package is unchanged.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable
 
 import numpy as np
@@ -160,22 +163,27 @@ class GossipStore:
         np.maximum.at(best, key, got)
         return best[best >= 0]
 
-    def own_latest(self, p: int, node: int, at_rel: int) -> tuple[int, int]:
-        """Newest offer row and newest withdrawal row of provider p that reached `node`."""
-        o = w = -1
-        for r in self.by_pid[p]:
-            if self.chunks[r >> self.CHUNK_BITS][r & (self.CHUNK - 1), node] <= at_rel:
-                if self.r_kind[r] == OFFER:
-                    o = r
-                else:
-                    w = r
-        return o, w
+    def held_offers(self, node: int, at_rel: int, now: int) -> np.ndarray:
+        """Rows of the offers `node`'s book holds at `now` (what a book sync sends): of every
+        provider, the newest offer that reached it by at_rel, unless the newest withdrawal that
+        reached it is newer (a provider's rows are in publish order, so in seq order) or the
+        offer has expired."""
+        rows = self.view(node, at_rel)
+        withdrawn = np.full(len(self.providers), -1, np.int64)
+        wd = rows[self.r_kind[rows] == WITHDRAWAL]
+        withdrawn[self.r_pid[wd]] = wd
+        rows = rows[self.r_kind[rows] == OFFER]
+        return rows[(withdrawn[self.r_pid[rows]] < rows) & (self.r_exp[rows] > now)]
 
-    def behind(self, node: int, at_rel: int) -> np.ndarray:
-        """Providers whose newest offer, or newest withdrawal if it is newer than their newest
-        offer, has not reached `node` by at_rel. (A node that has a provider's newest offer but
-        not an older withdrawal differs from the shared book only by a watermark below the held
-        offer's seq, which no query and no book size reads.)"""
+    def behind(self, node: int, at_rel: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The providers on which `node`'s book may differ from the shared book, with the newest
+        offer row and the newest withdrawal row of each that reached `node` (-1: none).
+
+        A provider is behind when its newest offer, or its newest withdrawal if that is newer,
+        has not reached `node` by at_rel, except when neither book holds an offer of it (in
+        both the newest offer is missing or covered by a newer withdrawal): the two then differ
+        at most by a withdrawal watermark, which no query and no book size reads. (The same
+        holds for a node that has a provider's newest offer but not an older withdrawal.)"""
         lat = self.latest[: len(self.providers)]
         need = lat.copy()
         need[lat[:, WITHDRAWAL] < lat[:, OFFER], WITHDRAWAL] = -1
@@ -183,7 +191,19 @@ class GossipStore:
         has = flat >= 0
         missing = np.zeros(len(flat), bool)
         missing[has] = self.col(flat[has], node) > at_rel
-        return np.flatnonzero(missing.reshape(-1, 2).any(axis=1))
+        cand = np.flatnonzero(missing.reshape(-1, 2).any(axis=1))
+        none = np.zeros(0, np.int64)
+        if not len(cand):
+            return cand, none, none
+        rows = np.fromiter(itertools.chain.from_iterable(self.by_pid[p] for p in cand.tolist()), np.int64)
+        got = rows[self.col(rows, node) <= at_rel]
+        newest = np.full((len(self.providers), 2), -1, np.int64)
+        np.maximum.at(newest, (self.r_pid[got], self.r_kind[got]), got)
+        o, w = newest[cand, OFFER], newest[cand, WITHDRAWAL]
+        node_holds = (o >= 0) & (w < o)
+        shared_holds = lat[cand, WITHDRAWAL] < lat[cand, OFFER]
+        keep = node_holds | shared_holds
+        return cand[keep], o[keep], w[keep]
 
     def arrival(self, r: int) -> np.ndarray:
         return self.chunks[r >> self.CHUNK_BITS][r & (self.CHUNK - 1)]
@@ -229,7 +249,7 @@ class SharedBook:
     """One real OfferBook holding the newest state of every provider, swapped per renter (see
     the module docstring)."""
 
-    def __init__(self, book: OfferBook, store: GossipStore, count: Callable[[str], None]) -> None:
+    def __init__(self, book: OfferBook, store: GossipStore, count: Callable[..., None]) -> None:
         self.book = book
         self.store = store
         self.count = count
@@ -249,22 +269,22 @@ class SharedBook:
         if len(store.providers) >= book.params.book_max_providers:
             raise RuntimeError("SharedBook assumes fewer providers than the book's cap")
         book.expire(now)
-        behind = store.behind(node, at_rel).tolist()
-        if not behind:
+        behind, own_offer, own_withdrawal = store.behind(node, at_rel)
+        if not len(behind):
             return fn(book)
+        self.count("shared_book.swapped", len(behind))
         # the expiry heaps stay as they are: what the swap pushes goes to throwaway heaps, so the
         # held entries' heap items are still theirs once they are back
         heaps = book._expiry, book._withdrawn_heap
         book._expiry, book._withdrawn_heap = [], []
         saved = []
         try:
-            for p in behind:
+            for p, o, w in zip(behind.tolist(), own_offer.tolist(), own_withdrawal.tolist()):
                 prov = store.providers[p]
                 entry = book._by_provider.get(prov)
                 if entry is not None:
                     book._remove(entry)
                 saved.append((prov, entry, book._withdrawn.pop(prov, None)))
-                o, w = store.own_latest(p, node, at_rel)
                 own = [store.msgs[r] for r in (o, w) if r >= 0]
                 own.sort(key=lambda m: (int(store.arrival(m.row)[node]), m.seq))
                 for m in own:

@@ -446,8 +446,7 @@ class World:
         p = self.nodes[idx].rng.choice(peers)
         now_rel = self.engine.now - self.start_ms
         st = self.store
-        rows = st.view(p, now_rel)
-        rows = rows[(st.r_kind[rows] == OFFER) & (st.r_exp[rows] > self.engine.now)]
+        rows = st.held_offers(p, now_rel, self.engine.now)  # node/offers.py sends book.snapshot()
         size = int(st.r_size[rows].sum()) + 64
         rtt = self.net.rtt[self.regions[idx], self.regions[p]]
         t = now_rel + int(rtt + size * 8 / self.net.bits_per_ms + 2 * self.cfg["network"]["per_message_cpu_ms"]) + 1
