@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from eth_abi import encode as abi_encode
 
 from .errors import LocalProtocolError, Reject
 from .eth import (
@@ -124,13 +123,16 @@ class AgreementTerms:
 
     def agreement_id(self) -> bytes:
         """The EIP-712 struct hash of the terms; the contract's key for this agreement."""
-        return keccak(
-            abi_encode(
-                ["bytes32", "address", "address", "address", "uint256", "uint64", "uint32",
-                 "uint32", "address", "uint32", "bytes32"],
-                [AGREEMENT_TYPEHASH, *self.as_tuple()],
-            )
-        )
+        # abi.encode of the typehash and the fields: all static, one 32-byte word each
+        # (addresses left-padded, uints big-endian); __post_init__ checked every size and
+        # range. eth_abi took ~0.2 ms a call, and every negotiation message needs the id.
+        pad = bytes(12)
+        return keccak(b"".join((
+            AGREEMENT_TYPEHASH, pad, self.provider, pad, self.renter, pad, self.token,
+            self.price_per_second.to_bytes(32, "big"), self.max_seconds.to_bytes(32, "big"),
+            self.heartbeat_interval.to_bytes(32, "big"), self.grace.to_bytes(32, "big"),
+            pad, self.arbiter, self.dispute_window.to_bytes(32, "big"), self.details_hash,
+        )))
 
 
 def consent_digest(domain: EscrowDomain, terms: AgreementTerms) -> bytes:

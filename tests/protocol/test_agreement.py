@@ -154,3 +154,26 @@ def test_eth__keccak_equals_eth_utils(data):
     from protocol.eth import keccak
 
     assert keccak(data) == reference(data)
+
+
+ADDR = st.binary(min_size=20, max_size=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ADDR.filter(any), ADDR.filter(any), ADDR, st.integers(1, 2**128), st.integers(1, 2**64 - 1),
+       st.integers(1, 2**32 - 1), st.integers(0, 2**32 - 1), st.binary(min_size=32, max_size=32))
+def test_agreement_id__equals_the_eth_abi_struct_hash(provider, renter, token, price, seconds,
+                                                      interval, grace, details):
+    from eth_abi import encode as abi_encode
+
+    from protocol.agreement import AGREEMENT_TYPEHASH
+    from protocol.eth import keccak
+
+    if provider == renter:
+        renter = bytes([renter[0] ^ 1]) + renter[1:]
+    t = terms(provider=provider, renter=renter, token=token, price_per_second=price,
+              max_seconds=seconds, heartbeat_interval=interval, grace=grace, details_hash=details)
+    want = keccak(abi_encode(
+        ["bytes32", "address", "address", "address", "uint256", "uint64", "uint32", "uint32",
+         "address", "uint32", "bytes32"], [AGREEMENT_TYPEHASH, *t.as_tuple()]))
+    assert t.agreement_id() == want
