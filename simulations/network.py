@@ -260,41 +260,35 @@ class Overlay:
         self._edges_version = self.version
 
     def draw(self, size: int, t0: int) -> tuple:
-        """This message's random part of every link's delay, and the constants of the flood:
-        (ru, blocked, tx, hb, phase). ru[e]: U of the jitter, U of the lazy slot; blocked: lost or cut (empty
-        when neither can happen); phase: each node's heartbeat phase relative to t0. Call
-        `links` first (it brings the links up to date)."""
+        """This message's part of the link model: (key, loss, cut, tx, hb, phase). key: the
+        message's random key (each link's uniforms are a hash of it and the link's index, see
+        `link_uniform`); loss: a gossip copy is lost with this probability; cut: the partition
+        is on now (links in `e_cross` carry nothing); phase: each node's heartbeat phase
+        relative to t0."""
         g, c = self.g, self.ncfg
-        m = len(self.e_dst)
-        rnd = self.np.random
-        ru = rnd((m, 2), dtype=np.float32)
-        blocked = np.zeros(0, dtype=bool)
-        if c["loss"] > 0:
-            blocked = rnd(m) < c["loss"]
-        if self.net.partitioned_now():
-            blocked = (blocked | self.e_cross) if len(blocked) else self.e_cross
+        key = np.uint64(self.np.integers(0, 2**63))
         tx = np.float32(size * 8 / self.net.bits_per_ms + c["per_message_cpu_ms"])
         hb = np.float32(g["heartbeat_ms"])
         phase = ((self.phase - t0) % g["heartbeat_ms"]).astype(np.float32)
-        return ru, blocked, tx, hb, phase
+        return key, np.float32(c["loss"]), self.net.partitioned_now(), tx, hb, phase
 
     def links(self) -> tuple:
         """The overlay's links for `earliest_arrivals` (CSR by source), rebuilt if it changed."""
         if self._edges_version != self.version:
             self._rebuild()
-        return self.indptr, self.e_dst, self.e_par, self.node_q
+        return self.indptr, self.e_dst, self.e_par, self.e_cross, self.node_q
 
     def flood(self, origin: int, size: int, t0: int, forwards: np.ndarray) -> np.ndarray:
         """Arrival times (absolute ms, INF where never) of one message published by `origin` at
         t0. `forwards[v]`: v relays it (online and judging it valid). The origin always sends.
 
-        Every link's random part is drawn first (`draw`), so the random stream does not depend
-        on the path the message takes. A link's delay: eager, validate, then the k-th copy after
-        k transmissions, plus the one-way delay; lazy, the holder's next heartbeat after it has
+        A link's delay for this message: eager, validate, then the k-th copy after k
+        transmissions, plus the one-way delay; lazy, the holder's next heartbeat after it has
         the message, plus `slot` heartbeats, then IHAVE/IWANT/message, three one-way trips.
-        Then the earliest arrival at every node, Dijkstra with those delays
-        (`earliest_arrivals`). Times inside are float32 ms relative to t0 (sub-microsecond
-        precision at these delays)."""
+        Its random parts (jitter, slot, loss) are a hash of the message's key and the link, so
+        they do not depend on the path the message takes. Then the earliest arrival at every
+        node, Dijkstra with those delays (`earliest_arrivals`). Times inside are float32 ms
+        relative to t0 (sub-microsecond precision at these delays)."""
         links = self.links()
         arr = earliest_arrivals(*links, *self.draw(size, t0), forwards, origin)
         out = np.full(self.n, INF, dtype=np.int64)
@@ -338,32 +332,109 @@ class Overlay:
         return hops_at_drop
 
 
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+MIX2 = np.uint64(0x94D049BB133111EB)
+JITTER, SLOT, LOSS = 0, 1, 2  # a link's three uniforms
+
+
+@numba.njit(cache=True, inline="always")
+def splitmix64(key: np.uint64, i: np.uint64) -> np.uint64:
+    """The i-th output (from 0) of SplitMix64 seeded with key (Steele, Lea, Flood 2014)."""
+    z = key + (i + np.uint64(1)) * GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * MIX1
+    z = (z ^ (z >> np.uint64(27))) * MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@numba.njit(cache=True, inline="always")
+def link_uniform(key: np.uint64, link: int, which: int) -> np.float32:
+    """U[0, 1) on a 2^-24 grid, exact in float32: uniform `which` of `link` for the message
+    with this key. A hash, not a stream: the pass reads only the links it relaxes, in an order
+    that depends on the draws, and still gets what a draw of every link up front would give."""
+    z = splitmix64(key, np.uint64(3 * link + which))
+    return np.float32(z >> np.uint64(40)) * np.float32(2.0 ** -24)
+
+
 @numba.njit(cache=True, nogil=True)
-def earliest_arrivals(indptr, dst, par, node_q, ru, blocked, tx, hb, phase, relays, origin):
-    """Dijkstra from `origin` (time 0) over the overlay's links (Overlay.links: CSR by source),
-    with this message's draws (Overlay.draw). A link's delay is computed when its source is
-    settled (k, a, b = par[e]; r, u = ru[e]): eager k-th copy  k*tx + a + b*r;  lazy  a + b*r + tx +
-    slot*hb, departing at
-    the holder's next heartbeat (phase[u] + j*hb) at or after it has the message. Later arrival,
-    later departure, so Dijkstra stays exact. Only `relays` (and the origin) send on. float32
-    throughout, in the order written here; tests/simulations/test_gossip_model.py checks it
-    against a vectorised label-correcting pass in numpy, bit for bit.
-    Compiled by numba: per node a loop over ~24 links and a heap, which numpy can only do as
-    many rounds of whole-frontier arrays (33.8 ms a flood at 10,000 nodes, against this pass's
-    figure in simulations/README.md "Performance")."""
+def earliest_arrivals(indptr, dst, par, cross, node_q, key, loss, cut, tx, hb, phase, relays,
+                      origin):
+    """Dijkstra from `origin` (time 0) over the overlay's links (Overlay.links: CSR by source)
+    for one message (Overlay.draw). A link's delay is computed when its source is settled
+    (k, a, b = par[e]; r, s = its JITTER and SLOT uniforms): eager k-th copy  k*tx + a + b*r;
+    lazy  a + b*r + tx + slot*hb, departing at the holder's next heartbeat (phase[u] + j*hb)
+    at or after it has the message, slot = the first j with s < node_q[u, j] (none: never).
+    A link carries nothing if k < 0 (graylisted), its LOSS uniform is < loss, or `cut` and
+    `cross[e]`. Later arrival means later departure, so Dijkstra stays exact. Only `relays`
+    (and the origin) send on. float32 throughout, in the order written here;
+    tests/simulations/test_gossip_model.py checks it against a vectorised label-correcting pass
+    in numpy, bit for bit.
+
+    The queue: times are bucketed by width w (about the smallest link delay); the current
+    bucket's entries go through a small binary heap, later buckets are linked lists in a ring
+    that spans the longest link delay. Exact for any w; with w near the smallest delay few
+    entries share a bucket. Compiled by numba: per node a loop over ~24 links, which numpy can
+    only do as rounds of whole-frontier arrays (33.8 ms a flood at 10,000 nodes; this pass:
+    simulations/README.md "Performance")."""
     n = len(indptr) - 1
+    m = len(dst)
     G = node_q.shape[1]
-    check_blocked = len(blocked) > 0
+    # the ring must span the longest delay a link can add (a lazy link waits for the next
+    # heartbeat, then up to G-1 more)
+    span = np.float32(1.0)
+    for e in range(m):
+        k = par[e, 0]
+        if k > 0:
+            d = k * tx + par[e, 1] + par[e, 2]
+        elif k == 0:
+            d = par[e, 1] + par[e, 2] + tx + np.float32(G + 1) * hb
+        else:
+            continue
+        span = max(span, d)
+    w = max(np.float32(tx), span / np.float32(65536.0))
+    nb = 1
+    while nb < span / w + 3:
+        nb *= 2
+    head = np.full(nb, -1, np.int64)
+    nxt = np.empty(m + 1, np.int64)
+    et = np.empty(m + 1, np.float32)
+    ev = np.empty(m + 1, np.int64)
+    used = 0
+    pending = 0
+    ht = np.empty(m + 1, np.float32)  # the current bucket's heap
+    hv = np.empty(m + 1, np.int64)
     arr = np.full(n, np.inf, dtype=np.float32)
     done = np.zeros(n, dtype=np.bool_)
-    # binary min-heap of (time, node); a stale entry is skipped when popped; each improvement
-    # pushes once, so it never holds more than links + 1 entries
-    ht = np.empty(len(dst) + 1, dtype=np.float32)
-    hv = np.empty(len(dst) + 1, dtype=np.int64)
     arr[origin] = np.float32(0.0)
     ht[0], hv[0] = np.float32(0.0), origin
     size = 1
-    while size:
+    cur = 0  # the current bucket, absolute
+    while True:
+        if size == 0:  # the bucket is spent: load the next non-empty one into the heap
+            if pending == 0:
+                break
+            cur += 1
+            while head[cur & (nb - 1)] < 0:
+                cur += 1
+            j = head[cur & (nb - 1)]
+            head[cur & (nb - 1)] = -1
+            while j >= 0:
+                pending -= 1
+                t, v = et[j], ev[j]
+                j = nxt[j]
+                if t > arr[v]:
+                    continue  # improved since
+                i = size
+                size += 1
+                while i:
+                    p = (i - 1) >> 1
+                    if ht[p] > t:
+                        ht[i], hv[i] = ht[p], hv[p]
+                        i = p
+                    else:
+                        break
+                ht[i], hv[i] = t, v
+            continue
         t, x = ht[0], hv[0]
         size -= 1
         if size:  # move the last entry to the root and sift it down
@@ -390,29 +461,40 @@ def earliest_arrivals(indptr, dst, par, node_q, ru, blocked, tx, hb, phase, rela
         dep_lazy = np.ceil((t - ph) / hb) * hb + ph
         for e in range(indptr[x], indptr[x + 1]):
             k = par[e, 0]
-            if k < 0 or (check_blocked and blocked[e]):
+            v = dst[e]
+            if k < 0 or done[v] or (cut and cross[e]):
+                continue  # a settled node cannot improve
+            if loss > 0 and link_uniform(key, e, LOSS) < loss:
                 continue
+            r = link_uniform(key, e, JITTER)
             if k == 0:
-                u = ru[e, 1]
+                s = link_uniform(key, e, SLOT)
                 slot = 0
-                while slot < G and u >= node_q[x, slot]:
+                while slot < G and s >= node_q[x, slot]:
                     slot += 1
                 if slot == G:
                     continue  # never advertised to this peer while x still gossips the id
-                cand = dep_lazy + (par[e, 1] + par[e, 2] * ru[e, 0] + tx + np.float32(slot) * hb)
+                cand = dep_lazy + (par[e, 1] + par[e, 2] * r + tx + np.float32(slot) * hb)
             else:
-                cand = t + (k * tx + par[e, 1] + par[e, 2] * ru[e, 0])
-            v = dst[e]
+                cand = t + (k * tx + par[e, 1] + par[e, 2] * r)
             if cand < arr[v]:
                 arr[v] = cand
-                i = size  # push and sift up
-                size += 1
-                while i:
-                    p = (i - 1) >> 1
-                    if ht[p] > cand:
-                        ht[i], hv[i] = ht[p], hv[p]
-                        i = p
-                    else:
-                        break
-                ht[i], hv[i] = cand, v
+                b = np.int64(cand / w)
+                if b <= cur:  # the current bucket (or, by rounding, an earlier one): the heap
+                    i = size
+                    size += 1
+                    while i:
+                        p = (i - 1) >> 1
+                        if ht[p] > cand:
+                            ht[i], hv[i] = ht[p], hv[p]
+                            i = p
+                        else:
+                            break
+                    ht[i], hv[i] = cand, v
+                else:
+                    sl = b & (nb - 1)
+                    et[used], ev[used], nxt[used] = cand, v, head[sl]
+                    head[sl] = used
+                    used += 1
+                    pending += 1
     return arr
