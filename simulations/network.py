@@ -32,6 +32,8 @@ CITY = {
     "jp-osaka": "Osaka", "au-sydney": "Sydney", "jp-tokyo": "Tokyo", "br-saopaulo": "Sao Paulo",
 }
 INF = np.iinfo(np.int64).max // 4
+LINK_SLACK = 8  # room for links beyond a node's connections in the link arrays (Overlay._rebuild)
+PAD = -2  # the link code of the unused room at the end of a node's block
 
 
 def load_rtt(intra_ms: float) -> np.ndarray:
@@ -136,9 +138,9 @@ class Overlay:
         self.invalid_from: dict[tuple[int, int], int] = {}
         self.phase = nprng.integers(0, self.g["heartbeat_ms"], size=n_nodes)  # heartbeat phases
         self.dirty: set[int] = set()
-        # out-edges of each node (mesh then lazy), rebuilt only for nodes marked in edge_dirty
+        # nodes whose out-links changed since the link arrays were last brought up to date
         self.edge_dirty: set[int] = set(range(n_nodes))
-        self._out: list[tuple] = [(np.zeros(0, np.int64), np.zeros(0, np.int64), 0)] * n_nodes
+        self._room: list[int] = []  # links each node's block has room for
         self.rtt_half = net.rtt / 2.0
         self.node_region = np.array(net.regions, dtype=np.int64)
         self.node_side = np.array([net.side(i) for i in range(n_nodes)], dtype=bool)
@@ -210,54 +212,87 @@ class Overlay:
 
     # -- edges ------------------------------------------------------------------------------
 
-    def _node_out(self, u: int) -> tuple:
+    def _node_out(self, u: int) -> tuple[list[int], list[int], int]:
         """u's out-edges: mesh peers (sorted; the k-th gets the k-th copy), then the other
-        connections (lazy); per edge its destination and code k (0 = lazy), and the number of
-        lazy edges; plus which of them ignore u (graylist)."""
+        connections (lazy); per edge its destination and code k (0 = lazy, -1 = the peer
+        ignores u: graylisted), and the number of lazy edges."""
         mesh = sorted(self.mesh[u])
         lazy = sorted(self.conn[u] - self.mesh[u])
-        dst = np.array(mesh + lazy, dtype=np.int64)
-        k = np.zeros(len(dst), np.int64)
-        k[: len(mesh)] = np.arange(1, len(mesh) + 1)
-        gray = [i for i, v in enumerate(mesh + lazy) if u in self.graylist[v]]
-        if gray:
-            k[gray] = -1  # v ignores u: the edge carries nothing
+        dst = mesh + lazy
+        k = [i + 1 for i in range(len(mesh))] + [0] * len(lazy)
+        for i, v in enumerate(dst):
+            if u in self.graylist[v]:
+                k[i] = -1
         return dst, k, len(lazy)
 
-    def _rebuild(self) -> None:
-        """The overlay as arrays by source (CSR), from the per-node out-edges."""
-        for u in sorted(self.edge_dirty):
-            self._out[u] = self._node_out(u) if self.conn[u] else (np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
-        self.edge_dirty.clear()
-        out = self._out
-        counts = np.fromiter((len(o[0]) for o in out), dtype=np.int64, count=self.n)
-        self.indptr = np.zeros(self.n + 1, np.int64)
-        np.cumsum(counts, out=self.indptr[1:])
-        m = int(self.indptr[-1])
-        self.e_dst = np.concatenate([o[0] for o in out]).astype(np.int32) if m else np.zeros(0, np.int32)
-        k = np.concatenate([o[1] for o in out]) if m else np.zeros(0, np.int64)
-        src = np.repeat(np.arange(self.n), counts)
-        base = self.rtt_half[self.node_region[src], self.node_region[self.e_dst]]
-        self.e_cross = self.node_side[src] != self.node_side[self.e_dst]
-        # per link, the message-independent part of its delay, in one row so that a node's
-        # links are one contiguous block (the pass reads them in node order, not link order):
-        # code k (the k-th eager copy; 0 lazy; -1 graylisted, carries nothing), then a and b of
-        # a + b*U: eager one way = validate + base(1-jf) + 2 jf base U; lazy: three such trips
-        c, g = self.ncfg, self.g
+    def _link_params(self, src: np.ndarray, dst: np.ndarray, k: np.ndarray) -> tuple:
+        """Per link, the message-independent part of its delay, in one row so that a node's
+        links are one contiguous block (the pass reads them by node, not in link order): code k
+        (the k-th eager copy; 0 lazy; -1 carries nothing), then a and b of a + b*U: eager one
+        way = validate + base(1-jf) + 2 jf base U; lazy: three such trips. And whether the link
+        crosses the partition. Elementwise, so a block computed alone equals the same links
+        computed with all the others."""
+        c = self.ncfg
         jf = c["jitter_frac"]
-        lazy = k == 0
-        self.e_par = np.empty((m, 3), np.float32)
-        self.e_par[:, 0] = k
-        self.e_par[:, 1] = c["validate_ms"] + np.where(lazy, 3.0, 1.0) * base * (1.0 - jf)
-        self.e_par[:, 2] = np.where(lazy, 3.0, 1.0) * 2.0 * jf * base
-        # a holder advertises to each lazy peer at a heartbeat with probability p = D_lazy/#lazy;
-        # the link is used at the first of the next G heartbeats at which it is chosen: at slot
-        # s (0-based) when q[s-1] <= U < q[s], q[s] = 1 - (1-p)^(s+1); never when U >= q[G-1]
-        n_lazy = np.fromiter((o[2] for o in out), dtype=np.int64, count=self.n)
+        base = self.rtt_half[self.node_region[src], self.node_region[dst]]
+        trips = np.where(k == 0, 3.0, 1.0)
+        par = np.empty((len(dst), 3), np.float32)
+        par[:, 0] = k
+        par[:, 1] = c["validate_ms"] + trips * base * (1.0 - jf)
+        par[:, 2] = trips * 2.0 * jf * base
+        return par, self.node_side[src] != self.node_side[dst]
+
+    def _lazy_thresholds(self, n_lazy: np.ndarray) -> np.ndarray:
+        """A holder advertises to each lazy peer at a heartbeat with probability
+        p = D_lazy/#lazy; the link is used at the first of the next G heartbeats at which it is
+        chosen: at slot s (0-based) when q[s-1] <= U < q[s], q[s] = 1 - (1-p)^(s+1); never when
+        U >= q[G-1]. One row of q per node."""
+        g = self.g
         p = np.minimum(1.0, g["D_lazy"] / np.maximum(n_lazy, 1))
         G = g["mcache_gossip"] if g["D_lazy"] > 0 else 0
-        self.node_q = (1.0 - (1.0 - p[:, None]) ** np.arange(1, G + 1)[None, :]).astype(np.float32)
+        return (1.0 - (1.0 - p[:, None]) ** np.arange(1, G + 1)[None, :]).astype(np.float32)
+
+    def _rebuild(self) -> None:
+        """Bring the link arrays (CSR by source) up to date. Each node's block has room for
+        LINK_SLACK links beyond its connections (at least `connections`, what a join opens), the
+        rest padded with code PAD: a changed node is rewritten in its block, and the whole layout
+        is redone only when some node outgrows its room."""
+        dirty = sorted(self.edge_dirty)
+        self.edge_dirty.clear()
+        if self._edges_version < 0 or any(len(self.conn[u]) > self._room[u] for u in dirty):
+            self._layout()
+        else:
+            for u in dirty:
+                dst, k, n_lazy = self._node_out(u)
+                lo, hi = self.indptr[u], self.indptr[u + 1]
+                pad = hi - lo - len(dst)
+                dst = np.array(dst + [0] * pad, np.int32)
+                k = np.array(k + [PAD] * pad, np.int64)
+                self.e_dst[lo:hi] = dst
+                self.e_par[lo:hi], self.e_cross[lo:hi] = self._link_params(np.full(hi - lo, u), dst, k)
+                self.node_q[u] = self._lazy_thresholds(np.array([n_lazy]))[0]
         self._edges_version = self.version
+
+    def _layout(self) -> None:
+        """The whole link layout, every node's block sized anew."""
+        room = np.array([max(len(c), self.ncfg["connections"]) + LINK_SLACK for c in self.conn], np.int64)
+        self._room = room.tolist()
+        self.indptr = np.zeros(self.n + 1, np.int64)
+        np.cumsum(room, out=self.indptr[1:])
+        dst_all: list[int] = []
+        k_all: list[int] = []
+        n_lazy = np.zeros(self.n, np.int64)
+        for u in range(self.n):
+            dst, k, n_lazy[u] = self._node_out(u)
+            pad = self._room[u] - len(dst)
+            dst_all += dst
+            dst_all += [0] * pad
+            k_all += k
+            k_all += [PAD] * pad
+        self.e_dst = np.array(dst_all, np.int32)
+        src = np.repeat(np.arange(self.n), room)
+        self.e_par, self.e_cross = self._link_params(src, self.e_dst, np.array(k_all, np.int64))
+        self.node_q = self._lazy_thresholds(n_lazy)
 
     def draw(self, size: int, t0: int) -> tuple:
         """This message's part of the link model: (key, loss, cut, tx, hb, phase). key: the
@@ -364,7 +399,7 @@ def earliest_arrivals(indptr, dst, par, cross, node_q, key, loss, cut, tx, hb, p
     (k, a, b = par[e]; r, s = its JITTER and SLOT uniforms): eager k-th copy  k*tx + a + b*r;
     lazy  a + b*r + tx + slot*hb, departing at the holder's next heartbeat (phase[u] + j*hb)
     at or after it has the message, slot = the first j with s < node_q[u, j] (none: never).
-    A link carries nothing if k < 0 (graylisted), its LOSS uniform is < loss, or `cut` and
+    A link carries nothing if k = -1 (graylisted; PAD: unused room), its LOSS uniform is < loss, or `cut` and
     `cross[e]`. Later arrival means later departure, so Dijkstra stays exact. Only `relays`
     (and the origin) send on. float32 throughout, in the order written here;
     tests/simulations/test_gossip_model.py checks it against a vectorised label-correcting pass
@@ -461,6 +496,8 @@ def earliest_arrivals(indptr, dst, par, cross, node_q, key, loss, cut, tx, hb, p
         dep_lazy = np.ceil((t - ph) / hb) * hb + ph
         for e in range(indptr[x], indptr[x + 1]):
             k = par[e, 0]
+            if k == PAD:
+                break  # the rest of x's block is unused room
             v = dst[e]
             if k < 0 or done[v] or (cut and cross[e]):
                 continue  # a settled node cannot improve

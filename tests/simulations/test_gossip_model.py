@@ -15,12 +15,13 @@ import numpy as np
 
 from simulations.config import resolve
 from simulations.engine import EPOCH_MS, Engine
+from simulations import network
 from simulations.network import INF, Network, Overlay, earliest_arrivals, link_uniform, splitmix64
 
 
-def _overlay(n: int, seed: int):
+def _overlay(n: int, seed: int, d_lazy: int = 1000):
     cfg = resolve({"network": {"jitter_frac": 0.0, "connections": 5},
-                   "gossip": {"D_lazy": 1000, "mcache_gossip": 1, "D": 3, "D_low": 2, "D_high": 5}})
+                   "gossip": {"D_lazy": d_lazy, "mcache_gossip": 1, "D": 3, "D_low": 2, "D_high": 5}})
     rng = random.Random(seed)
     regions = [rng.randrange(10) for _ in range(n)]
     online = [True] * n
@@ -190,3 +191,51 @@ def test_flood__compiled_pass_equals_a_label_correcting_pass_bit_for_bit():
             seen_slots.update(_lazy_slots_used(links, draws, relays, seed, got))
             assert np.array_equal(got, want), (seed, t0)
     assert seen_slots >= {0, 1, 2}  # the first arrival came over a lazy link at each slot
+
+
+def test_links__rewritten_blocks_equal_a_fresh_layout(monkeypatch):
+    # joins, leaves, mesh repairs and graylisting rewrite single nodes' blocks in place; the
+    # arrays must then hold what laying the whole overlay out afresh gives (little room, so
+    # that some joins also overflow a block and force a new layout)
+    monkeypatch.setattr(network, "LINK_SLACK", 1)
+    cfg, net, ov = _overlay(120, 3, d_lazy=2)
+    rng = random.Random(9)
+    online = list(range(120))
+    ov.links()
+    rewrites = layouts = 0
+    for step in range(200):
+        op = rng.random()
+        if op < 0.3 and len(online) > 20:
+            u = online.pop(rng.randrange(len(online)))
+            ov.leave(u)
+        elif op < 0.6:
+            off = sorted(set(range(120)) - set(online))
+            if off:
+                u = rng.choice(off)
+                ov.join(u, online)
+                online = sorted(online + [u])
+        elif op < 0.7:
+            v = rng.choice(online)
+            if ov.conn[v]:
+                ov.graylist[v].add(rng.choice(sorted(ov.conn[v])))
+                ov.edge_dirty.update(ov.conn[v] | {v})
+                ov.version += 1
+        ov.heartbeat()
+        before = ov.indptr
+        ov.links()
+        if ov.indptr is before:
+            rewrites += 1
+        else:
+            layouts += 1
+        if step % 20 == 19:
+            got = (ov.indptr, ov.e_dst.copy(), ov.e_par.copy(), ov.e_cross.copy(), ov.node_q.copy())
+            ov._layout()
+            for u in range(120):
+                n = len(ov.conn[u])
+                a, b = got[0][u], ov.indptr[u]
+                assert np.array_equal(got[1][a:a + n], ov.e_dst[b:b + n]), u
+                assert np.array_equal(got[2][a:a + n], ov.e_par[b:b + n]), u
+                assert np.array_equal(got[3][a:a + n], ov.e_cross[b:b + n]), u
+                assert (got[2][a + n:got[0][u + 1], 0] == network.PAD).all()
+            assert np.array_equal(got[4], ov.node_q)
+    assert rewrites > 100 and layouts >= 1
