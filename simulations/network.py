@@ -228,9 +228,9 @@ class Overlay:
     def _link_params(self, src: np.ndarray, dst: np.ndarray, k: np.ndarray) -> tuple:
         """Per link, the message-independent part of its delay, in one row so that a node's
         links are one contiguous block (the pass reads them by node, not in link order): code k
-        (the k-th eager copy; 0 lazy; -1 carries nothing), then a and b of a + b*U: eager one
-        way = validate + base(1-jf) + 2 jf base U; lazy: three such trips. And whether the link
-        crosses the partition. Elementwise, so a block computed alone equals the same links
+        (the k-th eager copy; 0 lazy; -1 graylisted and PAD carry nothing), then a and b of
+        a + b*U: eager one way = validate + base(1-jf) + 2 jf base U; lazy: three such trips.
+        And whether the link crosses the partition. Elementwise, so a block computed alone equals the same links
         computed with all the others."""
         c = self.ncfg
         jf = c["jitter_frac"]
