@@ -73,11 +73,12 @@ def _address(public_key: coincurve.PublicKey) -> bytes:
     return keccak(public_key.format(compressed=False)[1:])[12:]
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=16384)
 def _signer(private_key: bytes) -> coincurve.PrivateKey:
     # Building a coincurve key derives two public keys (~80 us); a node signs with one wallet
-    # key, the simulator with one per agent, so the few in use are kept (in this process's
-    # memory, where the wallet holds them anyway).
+    # key, the simulator with one per agent, so the ones in use are kept (in this process's
+    # memory, where the wallet holds them anyway). Room for a 10,000-node simulation: at 1,024
+    # its renters' keys thrashed the cache (38,814 rebuilt keys in a 3,000-node, 900 s run).
     return coincurve.PrivateKey(private_key)
 
 
