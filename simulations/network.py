@@ -503,16 +503,19 @@ def earliest_arrivals(indptr, dst, par, cross, node_q, key, loss, cut, tx, hb, p
                 continue  # a settled node cannot improve
             if loss > 0 and link_uniform(key, e, LOSS) < loss:
                 continue
-            r = link_uniform(key, e, JITTER)
             if k == 0:
+                if dep_lazy + (par[e, 1] + tx) >= arr[v]:
+                    continue  # cannot win even with no jitter and the first slot: spare the hashes
                 s = link_uniform(key, e, SLOT)
                 slot = 0
                 while slot < G and s >= node_q[x, slot]:
                     slot += 1
                 if slot == G:
                     continue  # never advertised to this peer while x still gossips the id
+                r = link_uniform(key, e, JITTER)
                 cand = dep_lazy + (par[e, 1] + par[e, 2] * r + tx + np.float32(slot) * hb)
             else:
+                r = link_uniform(key, e, JITTER)
                 cand = t + (k * tx + par[e, 1] + par[e, 2] * r)
             if cand < arr[v]:
                 arr[v] = cand
