@@ -74,6 +74,10 @@ class GossipStore:
         self.p_node: list[int] = []
         self.by_pid: list[list[int]] = []  # pid -> alive rows, publish order
         self.latest = np.full((64, 2), -1, np.int64)  # pid, kind -> newest alive row
+        # rows whose arrival times are still being computed (World: the flood runs on another
+        # thread while the run goes on): (row, result) with result() -> int32 row; every read
+        # of arrival times settles them first, in publish order
+        self._pending: list[tuple[int, Callable[[], np.ndarray]]] = []
 
     # -- adding --------------------------------------------------------------------------------
 
@@ -98,8 +102,9 @@ class GossipStore:
                 self.latest = lat
         return p
 
-    def add(self, msg: Any, node: int, arrival_rel: np.ndarray) -> np.ndarray:
-        """Store `msg` (a GossipMsg) with its arrival row; returns the stored row (a view)."""
+    def add(self, msg: Any, node: int, arrival_rel: np.ndarray | Callable[[], np.ndarray]) -> np.ndarray:
+        """Store `msg` (a GossipMsg) with its arrival row, or with a function that will give it
+        (called when arrival times are next read); returns the stored row (a view)."""
         r = self.rows
         c, off = r >> self.CHUNK_BITS, r & (self.CHUNK - 1)
         if c == len(self.chunks):
@@ -107,7 +112,11 @@ class GossipStore:
         if r == len(self.r_pid):
             self._grow()
         row = self.chunks[c][off]
-        row[:] = arrival_rel
+        if callable(arrival_rel):
+            row[:] = NEVER
+            self._pending.append((r, arrival_rel))
+        else:
+            row[:] = arrival_rel
         p = self.pid(msg.provider, node)
         k = KINDS[msg.kind]
         self.r_pid[r], self.r_kind[r], self.r_exp[r] = p, k, msg.expires_ms
@@ -121,8 +130,16 @@ class GossipStore:
 
     # -- reading -------------------------------------------------------------------------------
 
+    def settle(self) -> None:
+        """Write the arrival rows still being computed (waiting for them), oldest first."""
+        pending, self._pending = self._pending, []
+        for r, result in pending:
+            self.chunks[r >> self.CHUNK_BITS][r & (self.CHUNK - 1)] = result()
+
     def col(self, rows: np.ndarray, node: int) -> np.ndarray:
         """Arrival times at `node` of the messages in `rows`."""
+        if self._pending:
+            self.settle()
         out = np.empty(len(rows), np.int32)
         if not len(rows):
             return out
@@ -140,6 +157,8 @@ class GossipStore:
 
     def set_min(self, rows: np.ndarray, node: int, t: int) -> None:
         """Arrival at `node` of these messages: at the latest t (a book sync)."""
+        if self._pending:
+            self.settle()
         ch = rows >> self.CHUNK_BITS
         off = rows & (self.CHUNK - 1)
         for c in np.unique(ch):
@@ -206,12 +225,15 @@ class GossipStore:
         return cand[keep], o[keep], w[keep]
 
     def arrival(self, r: int) -> np.ndarray:
+        if self._pending:
+            self.settle()
         return self.chunks[r >> self.CHUNK_BITS][r & (self.CHUNK - 1)]
 
     # -- pruning -------------------------------------------------------------------------------
 
     def prune(self, keep_after: int) -> int:
         """Forget messages that expired before keep_after; returns how many."""
+        self.settle()
         rows = self.alive_rows()
         dead = rows[self.r_exp[rows] < keep_after]
         if not len(dead):

@@ -17,6 +17,7 @@ import bisect
 import csv
 import pathlib
 import random
+from concurrent.futures import Executor
 from typing import Any, Callable
 
 import numba
@@ -324,12 +325,29 @@ class Overlay:
         they do not depend on the path the message takes. Then the earliest arrival at every
         node, Dijkstra with those delays (`earliest_arrivals`). Times inside are float32 ms
         relative to t0 (sub-microsecond precision at these delays)."""
+        return self.flood_later(origin, size, t0, forwards, None)()
+
+    def flood_later(self, origin: int, size: int, t0: int, forwards: np.ndarray,
+                    pool: Executor | None) -> Callable[[], np.ndarray]:
+        """`flood`, with the pass run on `pool` (None: now, here): returns a function that gives
+        the arrival times, waiting for them. The links and this message's draws are taken now,
+        so the result is the same; the caller must call it before the overlay's links are next
+        read (`links`), since they may then be rewritten in place."""
         links = self.links()
-        arr = earliest_arrivals(*links, *self.draw(size, t0), forwards, origin)
-        out = np.full(self.n, INF, dtype=np.int64)
-        fin = np.isfinite(arr)
-        out[fin] = t0 + np.ceil(arr[fin]).astype(np.int64)
-        return out
+        args = (*links, *self.draw(size, t0), forwards, origin)
+        if pool is None:
+            arr = earliest_arrivals(*args)
+            result = lambda: arr  # noqa: E731
+        else:
+            result = pool.submit(earliest_arrivals, *args).result  # the pass releases the GIL
+
+        def absolute() -> np.ndarray:
+            arr = result()
+            out = np.full(self.n, INF, dtype=np.int64)
+            fin = np.isfinite(arr)
+            out[fin] = t0 + np.ceil(arr[fin]).astype(np.int64)
+            return out
+        return absolute
 
     def invalid_flood(self, origin: int, colluders: set[int], honest_online) -> list[int]:
         """An invalid message: colluders relay it to their mesh peers, honest nodes validate,

@@ -28,6 +28,7 @@ import contextlib
 import math
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,8 +177,13 @@ class Metrics:
 
 
 class World:
-    def __init__(self, cfg: dict, seed: int, progress: bool = False, check_books: bool = False) -> None:
+    def __init__(self, cfg: dict, seed: int, progress: bool = False, check_books: bool = False,
+                 flood_thread: bool = True) -> None:
         self.cfg = cfg
+        # run each gossip flood's shortest-path pass on a second thread while the run goes on
+        # (the pass releases the GIL); the results are the same either way
+        self.flood_thread = flood_thread
+        self._flood_pool: ThreadPoolExecutor | None = None
         self.check_books = check_books  # also build every renter's book from scratch and compare
         self.seed = seed
         self.progress = progress
@@ -374,15 +380,24 @@ class World:
         if not valid:
             return
         forwards = self.online_np.copy()
-        arr = self.overlay.flood(agent.idx, len(data), now, forwards)
-        rel = arr - self.start_ms
-        rel32 = np.where(arr >= INF, I32_NEVER, rel).astype(np.int32)
-        msg = GossipMsg(agent.idx, agent.peer.public, kind, seq, data, now, expires_ms, rel32)
-        msg.arrival = self.store.add(msg, agent.idx, rel32)
+        # the previous message's arrivals are written first: the overlay's links may change now
+        self.store.settle()
+        arrivals = self.overlay.flood_later(agent.idx, len(data), now, forwards, self._flood_pool)
+
+        def arrival_row() -> np.ndarray:  # called when arrival times are next read
+            arr = arrivals()
+            self._propagation_metrics(agent.idx, now, forwards, arr)
+            return np.where(arr >= INF, I32_NEVER, arr - self.start_ms).astype(np.int32)
+
+        msg = GossipMsg(agent.idx, agent.peer.public, kind, seq, data, now, expires_ms, np.zeros(0, np.int32))
+        msg.arrival = self.store.add(msg, agent.idx, arrival_row)
         self.shared_book.publish(msg, now)
-        # metrics: latency to each other online node, coverage
+        self.metrics.count("gossip_published." + kind)
+
+    def _propagation_metrics(self, origin: int, now: int, forwards: np.ndarray, arr: np.ndarray) -> None:
+        """Latency to each other node online at publish time, coverage, time to 99%."""
         others = forwards.copy()
-        others[agent.idx] = False
+        others[origin] = False
         n_online = int(others.sum())
         if n_online:
             got = others & (arr < INF)
@@ -393,8 +408,8 @@ class World:
                     lat = self.ncfg_np.choice(lat, 64, replace=False)
                 self.metrics.prop_samples.extend(int(x) for x in lat)
                 if got.sum() >= 0.99 * n_online:
-                    self.metrics.prop_t99.append(int(np.sort(arr[got] - now)[int(math.ceil(0.99 * n_online)) - 1]))
-        self.metrics.count("gossip_published." + kind)
+                    k = int(math.ceil(0.99 * n_online)) - 1
+                    self.metrics.prop_t99.append(int(np.partition(arr[got] - now, k)[k]))
 
     def gossip_invalid(self, agent: Any, data: bytes) -> None:
         now = self.engine.now
@@ -542,9 +557,12 @@ class World:
 
     def run(self) -> dict:
         self._wall0 = time.perf_counter()
-        with memo_signatures(self.sigstats):
+        with memo_signatures(self.sigstats), contextlib.ExitStack() as stack:
+            if self.flood_thread:
+                self._flood_pool = stack.enter_context(ThreadPoolExecutor(1, "flood"))
             self.build()
             self.engine.run(self.start_ms + self.cfg["run"]["duration_s"] * 1000)
+            self.store.settle()
             self._finish_serving()
             return self.summarise()
 

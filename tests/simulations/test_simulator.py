@@ -201,3 +201,15 @@ def test_shared_book__every_shopping_trip_sees_the_renters_own_book(scenario, se
     if overrides:
         assert s["counts"]["shared_book.swapped"] > 300
     assert s["counts"]["check_book_ok"] == len(w.metrics.book_sizes) > 0
+
+
+def test_flood_thread__same_results_as_floods_run_in_line():
+    # the floods' passes on a second thread (the default) or in the run's own thread: the same
+    # arrival rows, book answers and metrics (the rows are written before they are read)
+    from simulations.world import World
+    cfg = load(str(HERE / "faults.toml"))
+    cfg["run"]["duration_s"] = 1500
+    on = World(cfg, 4).run()
+    off = World(cfg, 4, flood_thread=False).run()
+    assert on["summary"]["propagation_ms"]["floods"] > 100
+    assert json.dumps(on, sort_keys=True, default=str) == json.dumps(off, sort_keys=True, default=str)
