@@ -12,22 +12,21 @@ Run: PYTHONPATH=. python tests/benchmarks/bench_simulator.py [--nodes 10000] [--
    reaches every node).
 Prints one JSON object on the last line.
 
-Measured on a 2-core box shared with other engineers (load average 2-3.5 during the runs, so
-wall times are noisy; compare within one run):
+Measured on a 2-core box shared with other engineers (wall times are noisy; compare within
+one run):
 
-| | before (395bdb7) | after (sim-perf) | + faster protocol crypto/encoding, decode memo |
-|---|---|---|---|
-| engine, trivial agent (old vs new engine in one process: 235-350k vs 510-690k) | 167k events/s | 258k-691k events/s | 753k-768k events/s |
-| protocol core, 300 nodes x 1800 s | 1,039 events/s (31 s) | 756-1,198 events/s (27-43 s) | 3,466-3,786 events/s (8.5-9.3 s) |
-| 1,000 nodes x 600 s (run back to back) | 122 s wall, 89 s CPU (whole script) | 60 s wall, 51 s CPU (whole script) | - |
-| 10,000 nodes x 3600 s | not run: extrapolated 2-20 h | MEASURED: 1,618 s wall, peak RSS 1,363 MiB | MEASURED: 1,352 s wall (1,337 s CPU), peak RSS 1,425 MiB |
+| | before (395bdb7) | after (sim-perf) | + faster protocol crypto/encoding, decode memo (9bbcf58) | + compiled flood, sync fix (b2aaefc, one thread) | + flood thread (494b81d) |
+|---|---|---|---|---|---|
+| engine, trivial agent | 167k events/s | 258k-691k events/s | 753k-768k events/s | 794k events/s | 788k events/s |
+| protocol core, 300 nodes x 1800 s | 1,039 events/s (31 s) | 756-1,198 events/s (27-43 s) | 3,466-3,786 events/s (8.5-9.3 s) | 4,231 events/s (7.8 s) | 3,982 events/s |
+| 10,000 nodes x 3600 s | not run: extrapolated 2-20 h | MEASURED: 1,618 s wall, peak RSS 1,363 MiB | MEASURED: 1,352 s wall (1,337 s CPU), 1,425 MiB | MEASURED: 548.9 s wall (548.5 s CPU), 1,581 MiB | MEASURED: 489.8 s wall (548.9 s CPU, two threads), 1,583 MiB |
 
-The 10,000-node hour (seed 1): 1,084,507 events, 24,321 gossip floods, 5,531 rentals opened
-(the same in both measured runs: the run is deterministic). Targets: engine >= 300k events/s
-met; RSS < 4 GB met; wall < 600 s NOT met (22.5 min). Where the time goes at that size: the
-gossip floods, about 30 ms each (one label-correcting pass over ~240k overlay links, timed per
-flood at 10k), so about 730 s of the 1,352 (an estimate from that time, not a profile of the run); then renters' shopping (SharedBook swaps re-ingesting providers a renter is
-behind on) and the rental machines' real signatures (simulations/README.md, "Performance").
+The 10,000-node hour (seed 1): up to 9bbcf58, 1,084,507 events, 24,321 gossip floods, 5,531
+rentals; since 68e4c5f (a book sync no longer copies withdrawn offers, so more renters find a
+live offer) 1,238,701 events, 27,594 floods, 6,500 rentals (every renter rents once), the same
+with and without the flood thread. Targets: engine >= 300k events/s met; RSS < 4 GB met;
+wall < 600 s met (490 s; 549 s on one thread, `--no-flood-thread`). Where the time goes:
+simulations/README.md, "Performance".
 """
 
 from __future__ import annotations
@@ -64,13 +63,13 @@ def engine_only(n_events: int = 1_000_000) -> float:
     return e.events / (time.perf_counter() - t)
 
 
-def market(nodes: int, sim_s: int, seed: int = 1, progress: bool = False) -> dict:
+def market(nodes: int, sim_s: int, seed: int = 1, progress: bool = False, flood_thread: bool = True) -> dict:
     cfg = resolve({
         "run": {"name": f"bench-{nodes}", "duration_s": sim_s},
         "providers": {"count": round(nodes * 0.35)},
         "renters": {"count": nodes - round(nodes * 0.35)},
     })
-    w = World(cfg, seed, progress=progress)
+    w = World(cfg, seed, progress=progress, flood_thread=flood_thread)
     t = time.perf_counter()
     c = time.process_time()
     res = w.run()["summary"]
@@ -79,6 +78,7 @@ def market(nodes: int, sim_s: int, seed: int = 1, progress: bool = False) -> dic
     return {"nodes": nodes, "sim_s": sim_s, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
             "events": res["events"],
             "events_per_s": round(res["events"] / wall), "rentals": res["rentals_opened"],
+            "flood_thread": flood_thread,
             "floods": res["propagation_ms"]["floods"], "signatures": res["signatures"]}
 
 
@@ -88,12 +88,14 @@ def main() -> None:
     ap.add_argument("--sim-s", type=int, default=1800)
     ap.add_argument("--small", type=int, default=300)
     ap.add_argument("--progress", action="store_true", help="progress lines of the large run on stderr")
+    ap.add_argument("--no-flood-thread", action="store_true",
+                    help="run the floods' passes in the run's own thread (one core), not beside it")
     args = ap.parse_args()
     eng = engine_only()
     print(f"engine alone, trivial agent: {eng:,.0f} events/s")
     small = market(args.small, 1800)
     print(f"protocol core, {args.small} nodes x 1800 s: {small}")
-    big = market(args.nodes, args.sim_s, progress=args.progress)
+    big = market(args.nodes, args.sim_s, progress=args.progress, flood_thread=not args.no_flood_thread)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{args.nodes} nodes x {args.sim_s} s: {big}, peak RSS {peak_mib:.0f} MiB")
     measured = args.nodes == 10_000 and args.sim_s >= 3600
