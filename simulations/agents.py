@@ -24,6 +24,8 @@ from protocol.offerbook import model_token
 from protocol.rental import ProviderRental, RenterRental
 from protocol.samples import GPU_MODELS, make_offer, make_provider, usd_per_hour_to_units_per_second
 
+from .chain import Tx
+
 if TYPE_CHECKING:
     from .world import World
 
@@ -147,6 +149,11 @@ class Provider(Agent):
             lifetime_ms=cfg["market"]["offer_lifetime_s"] * 1000,
             heartbeat_interval_s=cfg["market"]["heartbeat_interval_s"],
         )
+        arb = cfg["market"]["arbiter_frac"]
+        if arb > 0 and self.rng.random() < arb:  # no draw at 0: runs without arbiters unchanged
+            self.base = dataclasses.replace(self.base, terms=dataclasses.replace(
+                self.base.terms, arbiter=world.arbiter_wallet,
+                dispute_window_s=cfg["market"]["dispute_window_s"]))
         self.model = model_name
         self.all_gpus = self.base.gpus
         self.price = self.base.terms.price_per_gpu_second
@@ -353,6 +360,17 @@ class Provider(Agent):
             if m is not None:
                 self.effects(m.escrow_closed(now), ("rent", aid))
                 self.schedule(("rent", aid), m.next_deadline())
+        elif event == "claimed":
+            # the claim waits out the dispute window: a provider that served well beyond what the
+            # renter's receipts acknowledge disputes (the arbiter rules), else it finalizes
+            w = self.world
+            rec = self.records.get(aid)
+            hb = w.cfg["market"]["heartbeat_interval_s"]
+            if rec is not None and rec.served_ms // 1000 > data["acked_seconds"] + 2 * hb:
+                w.chain.submit(Tx("dispute", aid, self.idx, {}))
+            else:
+                w.engine.after((w.cfg["market"]["dispute_window_s"] + 1) * 1000 + w.chain.block_ms,
+                               w.chain.submit, Tx("finalize", aid, self.idx, {}))
 
     def fault(self, aid: bytes) -> None:
         if self.faulted:
@@ -551,10 +569,20 @@ class Renter(Agent):
             if self.profile == "stop_ack":
                 fa = w.cfg["providers"]["fault_after_s"] * 1000
                 self.schedule("fault", now + int(fa * (0.5 + self.rng.random())))
+        elif event == "claimed":
+            # finalize is anyone's call: the renter does it (for its refund) if the provider has
+            # not within a minute after the window
+            w.engine.after((w.cfg["market"]["dispute_window_s"] + 61) * 1000 + w.chain.block_ms,
+                           self._finalize_if_open, aid)
         elif event == "settled" and self.rental is not None and self.rental.agreement_id == aid:
             self.effects(self.rental.escrow_settled(now), aid)
             self.schedule("rent", self.rental.next_deadline())
             self._maybe_done()
+
+    def _finalize_if_open(self, aid: bytes) -> None:
+        esc = self.world.chain.escrows.get(aid)
+        if esc is not None and esc.model.state == "claimed" and self.world.online[self.idx]:
+            self.world.chain.submit(Tx("finalize", aid, self.idx, {}))
 
     def _maybe_done(self) -> None:
         if self.rental is not None and self.rental.state == RenterRental.DONE:

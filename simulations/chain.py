@@ -3,7 +3,8 @@ gas per operation, and the escrow's rules from protocol.settlement.EscrowModel (
 of node/contracts/Escrow.vy).
 
 Gas per operation is taken from tests/benchmarks/bench_escrow_gas.py's results (ERC-20 token):
-open 91,861; claim that settles 74,651; close 31,086; recover ~40,748. A reverted transaction is
+open 91,861; claim that settles 74,651; close 31,086; recover ~40,748; with an arbiter, claim
+38,747, dispute 31,770, arbitrate 51,306, finalize 51,499 (specs/escrow.md). A reverted transaction is
 charged the same gas as a successful one (an over-estimate: real reverts stop early).
 
 What the model checks like the contract: the EscrowModel state machine and deadlines (block time,
@@ -19,7 +20,9 @@ from typing import Any, Callable
 
 from protocol.agreement import AgreementTerms, EscrowDomain, recover_receipt_signer
 from protocol.errors import LocalProtocolError, Reject
-from protocol.settlement import EscrowModel
+from protocol.settlement import EscrowModel, claim_payout
+
+ARBITER = -1  # the node index of the market's arbiter (a service of the world, not an agent)
 
 
 @dataclass
@@ -50,6 +53,10 @@ class ChainStats:
     deposited: int = 0
     paid_provider: int = 0
     paid_renter: int = 0
+    claims_with_arbiter: int = 0
+    disputes: dict[str, int] = field(default_factory=dict)  # by whom
+    verdicts: list[tuple[int, int]] = field(default_factory=list)  # (claimed, awarded) to the provider
+    finalized: int = 0  # claims settled as claimed after the window (or an unanswered dispute)
 
 
 class Chain:
@@ -69,8 +76,11 @@ class Chain:
         self.gas_by_node: dict[int, int] = {}
         self.blocks = 0
 
-    def gas_of(self, method: str) -> int:
-        return self.cfg[f"gas_{method}"]
+    def gas_of(self, tx: Tx) -> int:
+        esc = self.escrows.get(tx.agreement_id)
+        if tx.method == "claim" and esc is not None and esc.terms.has_arbiter:
+            return self.cfg["gas_claim_arbiter"]  # starts the dispute window, pays nobody yet
+        return self.cfg[f"gas_{tx.method}"]
 
     def submit(self, tx: Tx) -> None:
         self.pending.append(tx)
@@ -85,7 +95,7 @@ class Chain:
         now_s = self.engine.now // 1000
         txs, self.pending = self.pending, []
         for tx in txs:
-            gas = self.gas_of(tx.method)
+            gas = self.gas_of(tx)
             s = self.stats
             s.txs[tx.method] = s.txs.get(tx.method, 0) + 1
             s.gas[tx.method] = s.gas.get(tx.method, 0) + gas
@@ -143,6 +153,35 @@ class Chain:
         payout = esc.model.claim(acked, now_s)
         if payout is not None:
             self._pay(esc, payout)
+            return [(esc.renter, "settled", {}), (esc.provider, "settled", {})]
+        self.stats.claims_with_arbiter += 1
+        data = {"acked_seconds": acked, "claimed_s": now_s}
+        return [(esc.renter, "claimed", data), (esc.provider, "claimed", data)]
+
+    def _dispute(self, tx: Tx, now_s: int) -> list:
+        esc = self._esc(tx)
+        if tx.sender not in (esc.renter, esc.provider):
+            raise LocalProtocolError("not_party", "only the renter or the provider disputes")
+        esc.model.dispute(now_s)
+        by = "provider" if tx.sender == esc.provider else "renter"
+        self.stats.disputes[by] = self.stats.disputes.get(by, 0) + 1
+        data = {"by": by, "disputed_s": now_s}
+        return [(esc.renter, "disputed", data), (esc.provider, "disputed", data), (ARBITER, "disputed", data)]
+
+    def _arbitrate(self, tx: Tx, now_s: int) -> list:
+        esc = self._esc(tx)
+        if tx.sender != ARBITER:
+            raise LocalProtocolError("not_arbiter", "only the arbiter arbitrates")
+        claimed = claim_payout(esc.terms, esc.model.acked_seconds).provider
+        payout = esc.model.arbitrate(tx.args["provider_amount"], now_s)
+        self._pay(esc, payout)
+        self.stats.verdicts.append((claimed, payout.provider))
+        return [(esc.renter, "settled", {}), (esc.provider, "settled", {})]
+
+    def _finalize(self, tx: Tx, now_s: int) -> list:
+        esc = self._esc(tx)
+        self._pay(esc, esc.model.finalize(now_s))
+        self.stats.finalized += 1
         return [(esc.renter, "settled", {}), (esc.provider, "settled", {})]
 
     def _close(self, tx: Tx, now_s: int) -> list:

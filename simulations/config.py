@@ -76,6 +76,10 @@ SCHEMA: dict[str, dict[str, P]] = {
         "gas_claim": P(int, 74651, "gas", "claim that settles, ERC-20 (claim_erc20_settle)", 0),
         "gas_close": P(int, 31086, "gas", "close (bench_escrow_gas.py)", 0),
         "gas_recover": P(int, 40748, "gas", "recover, ERC-20 (bench_escrow_gas.py, ~40,748)", 0),
+        "gas_claim_arbiter": P(int, 38747, "gas", "claim that starts a dispute window (specs/escrow.md)", 0),
+        "gas_dispute": P(int, 31770, "gas", "dispute (specs/escrow.md)", 0),
+        "gas_arbitrate": P(int, 51306, "gas", "arbitrate, ERC-20, pays both (specs/escrow.md)", 0),
+        "gas_finalize": P(int, 51499, "gas", "finalize, ERC-20, pays both (specs/escrow.md)", 0),
     },
     "market": {
         "offer_lifetime_s": P(int, 3600, "s", "expires_ms - created_ms of every offer", 60, 7200),
@@ -84,6 +88,9 @@ SCHEMA: dict[str, dict[str, P]] = {
         "sync_on_join": P(bool, True, "-", "a joining node fetches a snapshot of one peer's book", ),
         "first_publish_after_s": P(int, 60, "s", "providers present at the start publish their first offer at this time (once the overlay has formed); later joiners publish when they join", 0),
         "reservation_hold_s": P(int, 120, "s", "provider holds accepted GPUs this long for the escrow to open", 1),
+        "arbiter_frac": P(float, 0.0, "fraction", "providers whose offers name the market's arbiter: their claims wait out a dispute window, and an underpaid provider disputes", 0, 1),
+        "dispute_window_s": P(int, 600, "s", "dispute window in offers that name the arbiter", 1),
+        "arbitration_delay_s": P(int, 300, "s", "the arbiter rules this long after a dispute (under the contract's timeout)", 0),
     },
     "providers": {
         "count": P(int, 300, "nodes", "honest-or-faulty providers (profiles below)", 0),

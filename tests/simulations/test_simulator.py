@@ -35,6 +35,18 @@ def faults(tmp_path_factory):
     return summary, rentals
 
 
+@pytest.fixture(scope="module")
+def faults_arbiter(tmp_path_factory):
+    """The faults scenario and seed again, with every provider naming the arbiter."""
+    cfg = load(str(HERE / "faults.toml"))
+    cfg["market"]["arbiter_frac"] = 1.0
+    out = tmp_path_factory.mktemp("faults_arbiter")
+    summary = run_scenario(cfg, 3, out)
+    with (out / "rentals.csv").open() as f:
+        rentals = list(csv.DictReader(f))
+    return summary, rentals
+
+
 def test_engine__equal_times_run_in_scheduling_order():
     e = Engine(0)
     seen = []
@@ -213,3 +225,19 @@ def test_flood_thread__same_results_as_floods_run_in_line():
     off = World(cfg, 4, flood_thread=False).run()
     assert on["summary"]["propagation_ms"]["floods"] > 100
     assert json.dumps(on, sort_keys=True, default=str) == json.dumps(off, sort_keys=True, default=str)
+
+
+def test_disputes__the_arbiter_pays_underpaid_honest_providers_what_they_served(faults, faults_arbiter):
+    without, _ = faults
+    s, _ = faults_arbiter
+    d = s["disputes"]
+    assert without["disputes"]["claims_with_arbiter"] == 0
+    assert d["claims_with_arbiter"] > 10 and d["finalized"] > 0
+    assert d["disputed_by"].get("provider", 0) > 0 and "renter" not in d["disputed_by"]
+    assert 0 < d["verdicts"] <= d["disputed_by"]["provider"]
+    assert d["verdicts_above_claim"] > 0 and d["verdict_awarded_units"] > d["verdict_claimed_units"]
+    # renters that stop acknowledging cost honest providers much less once the arbiter rules
+    lost_without = without["money_units"]["provider_loss_to_faulty_renters"]
+    assert lost_without > 0
+    assert s["money_units"]["provider_loss_to_faulty_renters"] < 0.05 * lost_without
+    assert s["escrow"]["conserved"] and s["escrow"]["txs"]["arbitrate"] == d["verdicts"]
