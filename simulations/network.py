@@ -409,6 +409,21 @@ def link_uniform(key: np.uint64, link: int, which: int) -> np.float32:
     return np.float32(z >> np.uint64(40)) * np.float32(2.0 ** -24)
 
 
+@numba.njit(cache=True, inline="always")
+def _heap_push(ht: np.ndarray, hv: np.ndarray, size: int, t: np.float32, v: int) -> int:
+    """Push (t, v) on the binary min-heap ht/hv of `size` entries; returns the new size."""
+    i = size
+    while i:
+        p = (i - 1) >> 1
+        if ht[p] > t:
+            ht[i], hv[i] = ht[p], hv[p]
+            i = p
+        else:
+            break
+    ht[i], hv[i] = t, v
+    return size + 1
+
+
 @numba.njit(cache=True, nogil=True)
 def earliest_arrivals(indptr, dst, par, cross, node_q, key, loss, cut, tx, hb, phase, relays,
                       origin):
@@ -477,16 +492,7 @@ def earliest_arrivals(indptr, dst, par, cross, node_q, key, loss, cut, tx, hb, p
                 j = nxt[j]
                 if t > arr[v]:
                     continue  # improved since
-                i = size
-                size += 1
-                while i:
-                    p = (i - 1) >> 1
-                    if ht[p] > t:
-                        ht[i], hv[i] = ht[p], hv[p]
-                        i = p
-                    else:
-                        break
-                ht[i], hv[i] = t, v
+                size = _heap_push(ht, hv, size, t, v)
             continue
         t, x = ht[0], hv[0]
         size -= 1
@@ -539,16 +545,7 @@ def earliest_arrivals(indptr, dst, par, cross, node_q, key, loss, cut, tx, hb, p
                 arr[v] = cand
                 b = np.int64(cand / w)
                 if b <= cur:  # the current bucket (or, by rounding, an earlier one): the heap
-                    i = size
-                    size += 1
-                    while i:
-                        p = (i - 1) >> 1
-                        if ht[p] > cand:
-                            ht[i], hv[i] = ht[p], hv[p]
-                            i = p
-                        else:
-                            break
-                    ht[i], hv[i] = cand, v
+                    size = _heap_push(ht, hv, size, cand, v)
                 else:
                     sl = b & (nb - 1)
                     et[used], ev[used], nxt[used] = cand, v, head[sl]
