@@ -48,3 +48,19 @@ async def wait_for_mesh(hosts: list[GossipHost], pairs: list[tuple[int, int]], t
         for i, j in pairs:
             await hosts[i].pubsub.wait_for_mesh(hosts[j].peer_id, topic, timeout=timeout)
             await hosts[j].pubsub.wait_for_mesh(hosts[i].peer_id, topic, timeout=timeout)
+
+
+async def settle_meshes(hosts: list[GossipHost], topic: str, timeout: float, d_low: int = 4) -> list[int]:
+    """The barrier a benchmark takes before its clock starts: wait (at most ``timeout``, then go
+    on) until every host's connections all subscribe to ``topic`` and its mesh holds
+    min(``d_low``, its connections) of them. Returns each host's mesh size."""
+
+    def meshed(h: GossipHost) -> bool:
+        connected = len(h.host.get_network().connections)
+        subscribed = len(h.pubsub.peer_topics.get(topic, ()))
+        return 0 < connected == subscribed and len(h.mesh_peers(topic)) >= min(d_low, connected)
+
+    with trio.move_on_after(timeout):
+        while not all(meshed(h) for h in hosts):
+            await trio.sleep(0.1)
+    return [len(h.mesh_peers(topic)) for h in hosts]

@@ -90,7 +90,7 @@ async def worker_main(args) -> None:
 
     from node.host import GossipHost, HostConfig
     from node.identity import NodeIdentity
-    from node.testing import LOOPBACK
+    from node.testing import LOOPBACK, settle_meshes
     from protocol.errors import RemoteProtocolError
     from protocol.identity import PeerKey
     from protocol.messages import Binding
@@ -147,16 +147,8 @@ async def worker_main(args) -> None:
                     if first <= i < first + count:
                         dials.start_soon(nodes[i - first]["host"].connect_all, [addr])
 
-            def meshed(n) -> bool:
-                h = n["host"]
-                connected = len(h.host.get_network().connections)
-                subscribed = len(h.pubsub.peer_topics.get(TOPIC, ()))
-                return 0 < connected == subscribed and len(h.mesh_peers(TOPIC)) >= min(4, connected)
-
-            with trio.move_on_after(args.mesh_timeout):
-                while not all(meshed(n) for n in nodes):
-                    await trio.sleep(0.1)
-            print(json.dumps({"ready": [len(n["host"].mesh_peers(TOPIC)) for n in nodes]}), flush=True)
+            ready = await settle_meshes([n["host"] for n in nodes], TOPIC, args.mesh_timeout)
+            print(json.dumps({"ready": ready}), flush=True)
             t0 = json.loads(await trio.to_thread.run_sync(sys.stdin.readline))["t0"]
             await trio.sleep(max(0.0, t0 - time.time()))
 

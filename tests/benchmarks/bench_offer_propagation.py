@@ -39,7 +39,7 @@ from node.host import GossipHost, HostConfig, Verdict
 from node.identity import NodeIdentity
 from node.offers import OFFER_TOPIC, OfferPublisher, OfferService, offer_facts
 from node.store import Store
-from node.testing import LOOPBACK
+from node.testing import LOOPBACK, settle_meshes
 from protocol.identity import PeerKey
 from protocol.messages import Binding, Offer
 from protocol.samples import sample_terms
@@ -147,16 +147,8 @@ async def worker(args) -> None:
                 if first <= i < first + count:
                     dials.start_soon(nodes[i - first]["host"].connect_all, [addrs[j]])
         # barrier: every node's mesh holds min(D_low, its subscribed peers) before the clock starts
-        def meshed(n):
-            h = n["host"]
-            connected = len(h.host.get_network().connections)
-            subscribed = len(h.pubsub.peer_topics.get(OFFER_TOPIC, ()))
-            return 0 < connected == subscribed and len(h.mesh_peers(OFFER_TOPIC)) >= min(4, connected)
-
-        with trio.move_on_after(args.mesh_timeout):
-            while not all(meshed(n) for n in nodes):
-                await trio.sleep(0.1)
-        print(json.dumps({"ready": [len(n["host"].mesh_peers(OFFER_TOPIC)) for n in nodes]}), flush=True)
+        ready = await settle_meshes([n["host"] for n in nodes], OFFER_TOPIC, args.mesh_timeout)
+        print(json.dumps({"ready": ready}), flush=True)
         t0 = json.loads(await trio.to_thread.run_sync(sys.stdin.readline))["t0"]
         await trio.sleep(max(0.0, t0 - time.time()))
         mesh = [len(n["host"].mesh_peers(OFFER_TOPIC)) for n in nodes]
