@@ -11,6 +11,13 @@ endpoint (anvil on loopback, or a public testnet) after checking the chain id an
 address holds code.
 
 Errors a person can act on are `ChainError` subclasses with a one-line message.
+
+Hung endpoints: an RPC endpoint that accepts the connection and never answers must not hang the
+node. Every HTTP request has its own timeout (`Chain.connect(timeout_s=...)`, a few attempts:
+`RPC_ATTEMPTS`), so a worker thread always ends; and `AsyncChain.run` abandons a call that runs
+past its own timeout (trio's `abandon_on_cancel`) and raises `RpcUnavailableError`. The abandoned
+thread keeps the one-thread limiter until its HTTP request times out, so calls made meanwhile
+wait for it within their own timeouts: threads never pile up.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import requests
 import trio
 from eth_account import Account
 from web3 import EthereumTesterProvider, HTTPProvider, Web3
 from web3.exceptions import ContractLogicError, TimeExhausted, Web3RPCError
+from web3.providers.rpc.utils import ExceptionRetryConfiguration
 
 from node.contracts import load
 from protocol.agreement import AgreementTerms, EscrowDomain
@@ -40,6 +49,7 @@ EVENT_NAMES = ("Opened", "Closed", "Claimed", "Disputed", "Arbitrated", "Finaliz
                "Credited", "Withdrawn")
 GAS_HEADROOM = 1.25  # estimate * this: state can change between estimate and inclusion
 PRIORITY_FEE_WEI = 1_000_000_000  # 1 gwei tip where the chain has EIP-1559 fees
+RPC_ATTEMPTS = 3  # tries per read-only JSON-RPC request (web3's retry list) before it fails
 
 
 class ChainError(Exception):
@@ -125,7 +135,7 @@ class Chain:
         try:
             self.chain_id = w3.eth.chain_id
         except Exception as exc:
-            raise RpcUnavailableError(f"the RPC endpoint does not answer: {exc}") from None
+            raise RpcUnavailableError(f"the RPC endpoint does not answer: {_why(exc)}") from None
         self._escrow_abi = load("Escrow")["abi"]
         self._token_abi = load("TestToken")["abi"]
         self.escrow = None
@@ -146,9 +156,16 @@ class Chain:
     @classmethod
     def connect(cls, url: str, *, chain_id: int | None = None, escrow: bytes | None = None,
                 token: bytes | None = None, timeout_s: float = 10.0) -> "Chain":
-        """An EVM JSON-RPC endpoint; checks the chain id and the contracts' code."""
-        w3 = Web3(HTTPProvider(url, request_kwargs={"timeout": timeout_s},
-                               cache_allowed_requests=True))
+        """An EVM JSON-RPC endpoint; checks the chain id and the contracts' code.
+
+        `timeout_s` bounds each HTTP request (connecting, and each wait for response bytes);
+        web3 retries read-only requests, so one of them gives up after at most
+        `RPC_ATTEMPTS * timeout_s` plus under a second of back-off."""
+        w3 = Web3(HTTPProvider(
+            url, request_kwargs={"timeout": timeout_s}, cache_allowed_requests=True,
+            exception_retry_configuration=ExceptionRetryConfiguration(
+                errors=(requests.ConnectionError, requests.HTTPError, requests.Timeout),
+                retries=RPC_ATTEMPTS, backoff_factor=0.125)))
         chain = cls(w3)
         if chain_id is not None and chain.chain_id != chain_id:
             raise WrongChainError(
@@ -414,8 +431,21 @@ class Chain:
         return receipt
 
 
+def _why(exc: Exception) -> str:
+    """One line for a failed request: requests' messages repeat the whole URL and pool state."""
+    if isinstance(exc, requests.Timeout):
+        return f"no answer within the request timeout ({type(exc).__name__})"
+    if isinstance(exc, requests.ConnectionError):
+        return f"cannot connect ({type(exc).__name__})"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 class AsyncChain:
-    """The chain client for trio code: every call runs on one worker thread, in order."""
+    """The chain client for trio code: every call runs on one worker thread, in order.
+
+    Each call fails with `RpcUnavailableError` once it has run (or waited for the thread) for
+    `timeout_s`, even while the worker thread is stuck in a request: the thread is abandoned and
+    ends when its HTTP request times out (see the module docstring)."""
 
     def __init__(self, chain: Chain, *, timeout_s: float = 90.0) -> None:
         self.chain = chain
@@ -423,8 +453,18 @@ class AsyncChain:
         self._limiter = trio.CapacityLimiter(1)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        with trio.fail_after(self.timeout_s):
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        name = getattr(fn, "__name__", "call")
+        try:
+            with trio.fail_after(self.timeout_s):
+                return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter,
+                                                     abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise RpcUnavailableError(
+                f"chain call {name} got no answer within {self.timeout_s:g} s: the RPC endpoint "
+                f"is not answering (check [chain] rpc)") from None
+        except (requests.RequestException, TimeExhausted) as exc:
+            raise RpcUnavailableError(f"chain call {name} failed: the RPC endpoint gave "
+                                      f"{_why(exc)}") from None
 
     def __getattr__(self, name: str) -> Any:
         target = getattr(self.chain, name)

@@ -44,7 +44,7 @@ from protocol.offerbook import Entry, OfferBook
 from protocol.params import DEFAULT_PARAMS, Params
 from protocol.rental import ProviderRental, RenterRental
 
-from .chain import AsyncChain, ChainError, TxResult, WalletEscrow
+from .chain import AsyncChain, ChainError, RpcUnavailableError, TxResult, WalletEscrow
 from .gpu import GpuProbe
 from .host import GossipHost, HostConfig
 from .identity import load_or_create_identity
@@ -425,6 +425,14 @@ class Node:
         await self._remember(aid, "renter", "agreed", terms, details, winner.offer.binding, self.binding)
         try:
             opened = await self.chain.open(self.wallet_key, terms, winner.consent_sig)
+        except RpcUnavailableError as exc:
+            # No answer is not a refusal: the transaction may have been sent and still be
+            # mined. Watch for its Opened event as after a restart (RENTER_OPEN_WAIT_S).
+            row = await self.store.get_agreement(aid)
+            if row is not None:
+                self._renter_unopened[aid] = row
+            raise RentError(f"opening the escrow failed: {exc}; if the transaction went out, "
+                            f"the rental starts when it is mined") from None
         except ChainError as exc:
             await self.store.set_agreement_state(aid, "open_failed", time.time())
             raise RentError(f"opening the escrow failed: {exc}") from None
