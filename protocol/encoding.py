@@ -138,26 +138,52 @@ class VarBytes(Kind):
         return value
 
 
+# Text on the wire is printable ASCII: every character U+0020 (space) to U+007E (~). The rule
+# is exact and does not depend on a Unicode database version (Python's `str.isprintable` does:
+# it follows the interpreter's Unicode tables), and it keeps controls, bidi overrides,
+# zero-width and look-alike characters out of logs, terminals and search results.
+TEXT_MIN_CHAR = 0x20
+TEXT_MAX_CHAR = 0x7E
+
+
+def is_wire_text(value: str) -> bool:
+    """True when every character of `value` is printable ASCII (U+0020..U+007E)."""
+    # For ASCII strings `isprintable` is exactly 0x20..0x7E, in every Python version.
+    return value.isascii() and value.isprintable()
+
+
+def to_wire_text(value: str, limit: int) -> str:
+    """`value` made fit for a text field of `limit` bytes: tabs and line breaks become spaces,
+    every other character outside U+0020..U+007E becomes "?"; cut at `limit` characters."""
+    out = []
+    for ch in value[:limit]:
+        if TEXT_MIN_CHAR <= ord(ch) <= TEXT_MAX_CHAR:
+            out.append(ch)
+        else:
+            out.append(" " if ch in "\t\n\r" else "?")
+    return "".join(out)[:limit]
+
+
 class Text(Kind):
-    """UTF-8 text with a byte limit; control characters are refused (they end up in logs and
-    terminals)."""
+    """Printable-ASCII text (see TEXT_MIN_CHAR) with a byte limit; one character is one byte."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.name = f"text<={max_bytes}"
 
     def inline_bad(self, var: str) -> str:
-        m = self.max_bytes
-        return (f"type({var}) is not str or len({var}) > {m} or not {var}.isprintable() "
-                f"or (not {var}.isascii() and len({var}.encode()) > {m})")
+        return (f"type({var}) is not str or len({var}) > {self.max_bytes} or not {var}.isascii() "
+                f"or not {var}.isprintable()")
 
     def from_wire(self, value: Any) -> str:
         if type(value) is not str:
             raise FieldError(f"expected str, got {type(value).__name__}")
-        if len(value) > self.max_bytes or len(value.encode()) > self.max_bytes:
+        if not is_wire_text(value):
+            bad = next(ch for ch in value if not TEXT_MIN_CHAR <= ord(ch) <= TEXT_MAX_CHAR)
+            raise FieldError(f"text contains U+{ord(bad):04X}: only printable ASCII "
+                             f"(U+0020..U+007E) is allowed")
+        if len(value) > self.max_bytes:
             raise FieldError(f"text longer than {self.max_bytes} bytes")
-        if not value.isprintable():
-            raise FieldError("text contains control characters")
         return value
 
 
@@ -426,13 +452,56 @@ def pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
 
-def _no_ext(code: int, data: bytes) -> Any:
-    raise DecodeError("malformed", f"msgpack extension type {code} is not allowed")
+class _Forbidden:
+    """What the parser returns for a msgpack map or extension value: valid msgpack, never valid
+    here (`malformed`). Kept as a value so that parsing goes on left to right and the input's
+    first parse error, or its truncation, decides the code exactly as for any other value."""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+
+def _map_value(pairs: Any) -> _Forbidden:
+    return _Forbidden("a map")
+
+
+def _ext_value(code: int, data: bytes) -> _Forbidden:
+    return _Forbidden(f"extension type {code}")
+
+
+def forbidden_value(value: Any) -> str | None:
+    """What makes a parsed value `malformed` (a float, a map or an extension value anywhere in
+    it), or None. Only error paths call this: a value that decodes into a message holds
+    neither (every field kind checks its type), so the success path pays nothing."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        t = type(v)
+        if t is list:
+            stack.extend(v)
+        elif t is float:
+            return "a float"
+        elif t is _Forbidden:
+            return v.what
+        elif t is msgpack.Timestamp:  # extension type -1, which msgpack decodes itself
+            return "extension type -1"
+    return None
+
+
+def _malformed_or(value: Any, error: DecodeError) -> DecodeError:
+    """`malformed` if the value holds a float, map or extension, else `error`."""
+    what = forbidden_value(value)
+    if what is not None:
+        return DecodeError("malformed", f"{what} is not allowed")
+    return error
 
 
 def unpack_canonical(data: bytes, max_size: int = MAX_MESSAGE_SIZE) -> Any:
     """Unpack one msgpack value, refusing maps, floats, ext types, trailing and non-canonical
-    bytes. Returns plain lists/ints/bytes/str."""
+    bytes. Returns plain lists/ints/bytes/str. The order of the checks (and so which code wins
+    when an input has several faults) is specified in specs/wire.md, "Decoding errors"."""
     if type(data) is not bytes:
         raise LocalProtocolError("bad_argument", "decode takes bytes")
     if len(data) > max_size:
@@ -441,26 +510,34 @@ def unpack_canonical(data: bytes, max_size: int = MAX_MESSAGE_SIZE) -> Any:
         raise DecodeError("truncated", "empty input")
     try:
         value = msgpack.unpackb(
-            data, raw=False, use_list=True, strict_map_key=True, ext_hook=_no_ext,
-            max_map_len=0,
+            data, raw=False, use_list=True, strict_map_key=False, ext_hook=_ext_value,
+            object_pairs_hook=_map_value,
         )
-    except DecodeError:
-        raise
-    except msgpack.ExtraData:
-        raise DecodeError("trailing_bytes", "bytes after the end of the message") from None
+    except msgpack.ExtraData as exc:
+        # The value before the extra bytes parsed: a forbidden value in it comes first.
+        raise _malformed_or(exc.unpacked, DecodeError(
+            "trailing_bytes", "bytes after the end of the message")) from None
     except (msgpack.OutOfData, ValueError) as exc:
-        # msgpack raises ValueError for truncation ("Unpack failed: incomplete input") and for
-        # limits; UnicodeDecodeError (a ValueError) for invalid UTF-8 in a str.
+        # msgpack raises ValueError for truncation ("Unpack failed: incomplete input"), for a
+        # header declaring more items or bytes than the whole input holds ("... exceeds
+        # max_..._len", the limits default to the input's length: it must be truncated), and
+        # UnicodeDecodeError (a ValueError) for invalid UTF-8 in a str.
         text = str(exc)
-        if "incomplete" in text or isinstance(exc, msgpack.OutOfData):
+        if "incomplete" in text or "exceeds max_" in text or isinstance(exc, msgpack.OutOfData):
             raise DecodeError("truncated", "input ends inside a value") from None
         raise DecodeError("malformed", text) from None
-    except Exception as exc:  # FormatError, StackError, TypeError on unhashable keys, ...
+    except Exception as exc:  # FormatError (byte 0xc1), StackError (nesting over 1024), ...
         raise DecodeError("malformed", f"{type(exc).__name__}: {exc}") from None
     # msgpack's packer always picks the smallest header; re-packing shows any other encoding
-    # (padded integers, str8 for a short string, float32 vs float64, ...).
-    if pack(value) != data:
-        raise DecodeError("non_canonical", "bytes are not the canonical encoding of their value")
+    # (padded integers, str8 for a short string, ...). A map or extension cannot be re-packed,
+    # and a float can be canonical float64: forbidden values are named before canonicity.
+    try:
+        canonical = pack(value) == data
+    except TypeError:
+        canonical = False
+    if not canonical:
+        raise _malformed_or(value, DecodeError(
+            "non_canonical", "bytes are not the canonical encoding of their value"))
     return value
 
 
@@ -469,6 +546,14 @@ def decode(data: bytes, expect: type[Message] | None = None) -> Message:
     that only carries heartbeats passes Heartbeat)."""
     limit = expect.MAX_SIZE if expect is not None else MAX_MESSAGE_SIZE
     value = unpack_canonical(data, limit)
+    try:
+        return _decode_value(data, value, expect)
+    except DecodeError as exc:
+        # A float (canonical float64) reaches this far; it is `malformed` wherever it sits.
+        raise _malformed_or(value, exc) from None
+
+
+def _decode_value(data: bytes, value: Any, expect: type[Message] | None) -> Message:
     if type(value) is not list or len(value) < 2:
         raise DecodeError("malformed", "a message is an array [type, version, fields...]")
     type_id, version = value[0], value[1]

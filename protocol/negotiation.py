@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 from .agreement import UINT256_MAX, AgreementTerms, EscrowDomain, sign_consent, verify_consent
 from .effects import Effect, EscrowCall, Report, Send, Store
-from .encoding import Message, decode
+from .encoding import Message, decode, to_wire_text
 from .errors import DecodeError, LocalProtocolError, Reject, RemoteProtocolError
 from .eth import private_key_address
 from .identity import PeerKey
@@ -329,10 +329,7 @@ class _Negotiation:
 
 
 def _clip(text: str, limit: int) -> str:
-    text = "".join(ch if ch.isprintable() else "?" for ch in text)
-    while len(text.encode()) > limit:
-        text = text[:-1]
-    return text
+    return to_wire_text(text, limit)
 
 
 # --------------------------------------------------------------------------------------------

@@ -74,12 +74,36 @@ def test_encoding__padded_integer_is_non_canonical():
     assert err.value.code == "non_canonical"
 
 
-def test_encoding__float_field_rejected():
-    value = msgpack.unpackb(OfferWithdrawal(b"\x01" * 32, 2, 5, b"\x00" * 64).encode())
-    value[3] = 2.0
+def test_encoding__float_or_map_anywhere_is_malformed_not_bad_field():
+    withdrawal = OfferWithdrawal(b"\x01" * 32, 2, 5, b"\x00" * 64).encode()
+    value = msgpack.unpackb(withdrawal)
+    for bad in (2.0, {}, {1: 2}, msgpack.ExtType(1, b"x")):
+        value[3] = bad
+        with pytest.raises(DecodeError) as err:
+            decode(msgpack.packb(value, use_bin_type=True))
+        assert err.value.code == "malformed", bad
+    # float32 re-packs as float64 (non-canonical), but a float is malformed first
+    float32 = withdrawal.replace(b"\x02\x05", b"\xca\x40\x00\x00\x00\x05", 1)
     with pytest.raises(DecodeError) as err:
-        decode(msgpack.packb(value, use_bin_type=True))
-    assert err.value.code == "bad_field" and "seq" in str(err.value)
+        decode(float32)
+    assert err.value.code == "malformed"
+    # ... even when another field fails first, or the type is unknown
+    value = msgpack.unpackb(withdrawal)
+    value[2], value[4] = b"short", 1.5
+    for data in (msgpack.packb(value, use_bin_type=True), msgpack.packb([99, 1, 1.5])):
+        with pytest.raises(DecodeError) as err:
+            decode(data)
+        assert err.value.code == "malformed"
+
+
+def test_encoding__a_map_before_a_truncation_is_truncated():
+    # parsing comes first: the input ends inside the array
+    with pytest.raises(DecodeError) as err:
+        decode(b"\x93\x01\x80")
+    assert err.value.code == "truncated"
+    with pytest.raises(DecodeError) as err:
+        decode(b"\x92\x01\x80\x00")  # ... and a forbidden value before trailing bytes
+    assert err.value.code == "malformed"
 
 
 def test_encoding__str_where_bytes_expected_rejected_with_field_path():
@@ -117,6 +141,23 @@ def test_encoding__ext_type_rejected():
     with pytest.raises(DecodeError) as err:
         decode(data)
     assert err.value.code == "malformed"
+
+
+@pytest.mark.parametrize("char, ok", [
+    ("\x1f", False), (" ", True), ("~", True), ("\x7f", False), ("\x80", False),
+    ("\u00a0", False), ("\u3000", False), ("\u2028", False), ("\u202e", False),
+    ("\U0001fae8", False), ("\u00e9", False), ("\ufeff", False),
+])
+def test_encoding__text_is_printable_ascii_only(char, ok):
+    value = msgpack.unpackb(sample_offer().encode())
+    value[7][4] = "eu" + char  # host.region
+    data = msgpack.packb(value, use_bin_type=True)
+    if ok:
+        assert decode(data).host.region == "eu" + char
+    else:
+        with pytest.raises(DecodeError) as err:
+            decode(data)
+        assert err.value.code == "bad_field" and f"U+{ord(char):04X}" in str(err.value)
 
 
 def test_encoding__control_characters_in_text_rejected():

@@ -13,11 +13,17 @@ import pathlib
 import random
 import sys
 
+import msgpack
+
 from protocol.agreement import AgreementTerms, EscrowDomain, consent_digest, receipt_digest, sign_consent, sign_receipt
 from protocol.encoding import pack
-from protocol.identity import PeerKey, peer_id_from_public_key
+from protocol.eth import CHAIN_DOMAIN_TYPE, CHAIN_DOMAIN_TYPEHASH, keccak
+from protocol.identity import (
+    BINDING_DOMAIN_NAME, BINDING_DOMAIN_VERSION, PEER_BINDING_TYPE, PEER_BINDING_TYPEHASH, PeerKey,
+    _binding_domain_separator, binding_digest, peer_id_from_public_key,
+)
 from protocol.messages import (
-    Accept, AgreementDetails, Binding, CounterProposal, GpuMetrics, Heartbeat, NegotiationReject,
+    AccessGrant, Accept, AgreementDetails, Binding, CounterProposal, GpuMetrics, Heartbeat, NegotiationReject,
     Offer, OfferWithdrawal, Proposal, UsageReceipt, digest,
 )
 from protocol.samples import GPU_MODELS, make_offer
@@ -113,6 +119,8 @@ def build() -> dict[str, dict]:
          "verdict": "ignore", "code": "expired"},
         {"name": "from_future", "wire_hex": offer_bytes.hex(), "now_ms": NOW_MS - 30_001,
          "verdict": "ignore", "code": "from_future"},
+        {"name": "wrong_chain", "wire_hex": offer_bytes.hex(), "now_ms": NOW_MS,
+         "chain_ids": [1, 8453], "verdict": "ignore", "code": "wrong_chain"},
     ]
     agreement = {
         "chain_id": CHAIN_ID, "escrow": ESCROW.hex(),
@@ -134,9 +142,156 @@ def build() -> dict[str, dict]:
         "renter_wallet_private_key": RENTER_WALLET_KEY.hex(), "renter_wallet": r_binding.wallet.hex(),
     }
     return {
+        "decoding.json": {"keys": keys, "cases": decoding_cases(provider)},
+        "text.json": {"keys": keys, "rule": TEXT_RULE, "now_ms": NOW_MS,
+                      "cases": text_cases(provider, offer)},
+        "binding.json": {"keys": keys, "binding": binding_vector(provider, p_binding)},
         "wire.json": {"keys": keys, "valid": valid},
         "validation.json": {"keys": keys, "params": {"clock_skew_ms": 30_000}, "offers": invalid},
         "agreement.json": {"keys": keys, "agreement": agreement},
+    }
+
+
+def resign(value: list, cls, signer: PeerKey) -> bytes:
+    """The canonical bytes of a message given as a raw msgpack list (possibly holding values our
+    encoder refuses), signed again so that its only fault is the one put in on purpose."""
+    unsigned = pack(value[:-1])
+    return pack(value[:-1] + [signer.sign(cls.DOMAIN, unsigned)])
+
+
+def decoding_cases(provider: PeerKey) -> list[dict]:
+    """Inputs to `decode` and the error code each must give (specs/wire.md, Decoding errors)."""
+    w = OfferWithdrawal(provider.public, 7, NOW_MS, b"\x00" * 64).sign(provider)
+    good = w.encode()
+    fields = [2, 1, provider.public, 7, NOW_MS, w.signature]
+
+    def with_field(index: int, raw: bytes) -> str:
+        # `raw` spliced in as the encoded value of fields[index]: built by hand, since our
+        # packer would not produce most of these
+        head = bytes([0x90 | len(fields)])
+        return (head + b"".join(raw if i == index else pack(v) for i, v in enumerate(fields))).hex()
+
+    def nested(depth: int) -> bytes:
+        return b"\x91" * depth + b"\x00"
+
+    cases = [
+        ("valid_withdrawal", good.hex(), None, None),
+        ("float64_in_a_field", with_field(3, bytes.fromhex("cb401c000000000000")), None, "malformed"),
+        ("float32_in_a_field", with_field(3, bytes.fromhex("ca40e00000")), None, "malformed"),
+        ("empty_map_in_a_field", with_field(3, b"\x80"), None, "malformed"),
+        ("map_in_a_field", with_field(3, b"\x81\x01\x02"), None, "malformed"),
+        ("ext_in_a_field", with_field(3, b"\xd4\x05\x00"), None, "malformed"),
+        ("timestamp_ext_in_a_field", with_field(3, b"\xd6\xff\x00\x00\x00\x01"), None, "malformed"),
+        ("float_top_level", "cb3ff8000000000000", None, "malformed"),
+        ("map_top_level", "81a16101", None, "malformed"),
+        ("float_after_a_bad_field", (bytes([0x96]) + pack(2) + pack(1) + pack(b"short") + bytes.fromhex("cb401c000000000000") + pack(NOW_MS) + pack(w.signature)).hex(), None, "malformed"),
+        ("float_in_unknown_type", "9363" "01" "cb3ff8000000000000", None, "malformed"),
+        ("map_then_truncated", "930180", None, "truncated"),
+        ("map_then_trailing_bytes", "92018000", None, "malformed"),
+        ("trailing_bytes", (good + b"\x00").hex(), None, "trailing_bytes"),
+        ("empty", "", None, "truncated"),
+        ("truncated_in_signature", good[:-1].hex(), None, "truncated"),
+        ("array_header_longer_than_input", "9c01", None, "truncated"),
+        # a header announcing more than the whole input can hold is truncated at once; one that
+        # could fit goes on parsing, and the 0xc1 after it decides
+        ("array_count_over_input_length", "930199c100000000", None, "truncated"),
+        ("array_count_equal_to_input_length", "930198c100000000", None, "malformed"),
+        ("map_pairs_over_half_input_length", "930185c10000000000", None, "truncated"),
+        ("map_pairs_half_input_length", "930184c10000000000", None, "malformed"),
+        ("bin_longer_than_rest", "9302c4ff00", None, "truncated"),
+        ("byte_c1_then_truncated", "9302c1", None, "malformed"),
+        ("invalid_utf8_str", "9302a1ff", None, "malformed"),
+        # an Offer (16 KiB) holding arrays nested 1 + 1023 = 1024 deep: parses, wrong fields
+        ("nesting_1024_then_bad_field", (b"\x93\x01\x01" + nested(1023)).hex(), None, "bad_field"),
+        ("nesting_1025", (b"\x93\x01\x01" + nested(1024)).hex(), None, "malformed"),
+        ("padded_integer", with_field(3, b"\xce\x00\x00\x00\x07"), None, "non_canonical"),
+        ("str8_for_short_text", "9202d90161", None, "non_canonical"),
+        ("bool_in_a_field", with_field(3, b"\xc3"), None, "bad_field"),
+        ("nil_in_a_field", with_field(3, b"\xc0"), None, "bad_field"),
+        ("str_where_bin_expected", with_field(2, pack("x" * 32)), None, "bad_field"),
+        ("integer_above_2_53", with_field(3, pack(2**53)), None, "bad_field"),
+        ("negative_integer", with_field(3, b"\xff"), None, "bad_field"),
+        ("type_not_integer", "92a16101", None, "malformed"),
+        ("one_element", "9102", None, "malformed"),
+        ("unknown_type", "92fa01", None, "unknown_type"),
+        ("unsupported_version", with_field(1, b"\x02"), None, "unsupported_version"),
+        ("unexpected_type", good.hex(), "Offer", "unexpected_type"),
+        ("oversized_for_expected_type", (good + b"\x00" * 256).hex(), "OfferWithdrawal", "oversized"),
+        ("oversized_type_limit", "93" "02" "01" "c5" "0100" + "00" * 256, None, "oversized"),
+    ]
+    return [{"name": n, "wire_hex": h, "expect": e, "code": c} for n, h, e, c in cases]
+
+
+TEXT_RULE = ("a text field is a msgpack str whose every character is in U+0020..U+007E "
+             "(printable ASCII; one byte each); anything else is bad_field")
+TEXT_EDGES = (0x00, 0x09, 0x0A, 0x1F, 0x20, 0x21, 0x7E, 0x7F, 0x80, 0x9F, 0xA0, 0xAD, 0xE9,
+              0x2028, 0x202E, 0x3000, 0xFEFF, 0xE000, 0x1FAE8)
+
+
+def text_cases(provider: PeerKey, offer) -> list[dict]:
+    """Offers whose region is "eu" + one edge character (signed, so the character is the only
+    fault), then one non-ASCII character (U+00A0) in every other text field."""
+    cases = []
+
+    def case(name: str, cls, value: list, where: str, ch: str, signer: PeerKey) -> None:
+        ok = 0x20 <= ord(ch) <= 0x7E
+        cases.append({"name": name, "message": cls.__name__, "field": where,
+                      "codepoint": f"U+{ord(ch):04X}", "wire_hex": resign(value, cls, signer).hex(),
+                      "valid": ok, "code": None if ok else "bad_field"})
+
+    for cp in TEXT_EDGES:
+        v = msgpack_list(offer)
+        v[7][4] = "eu" + chr(cp)
+        case(f"offer_region_U+{cp:04X}", Offer, v, "host.region", chr(cp), provider)
+    nbsp = "\u00a0"
+    for path, where in (((6, 0, 0), "gpus[0].model"), ((6, 0, 5), "gpus[0].driver_version"),
+                        ((8, 2), "terms.token_symbol")):
+        v = msgpack_list(offer)
+        target = v
+        for i in path[:-1]:
+            target = target[i]
+        target[path[-1]] = target[path[-1]][:8] + nbsp
+        case(f"offer_{where}_U+00A0", Offer, v, where, nbsp, provider)
+    v = msgpack_list(offer)
+    v[10] = ["/ip4/127.0.0.1/tcp/4001" + nbsp + "/p2p/" + provider.peer_id]
+    case("offer_addrs_U+00A0", Offer, v, "addrs[0]", nbsp, provider)
+    nid = bytes(range(16))
+    reject = msgpack_list(NegotiationReject(nid, 1, 1, "price below ask", NOW_MS).sign(provider))
+    reject[5] = "price" + nbsp + "below ask"
+    case("reject_detail_U+00A0", NegotiationReject, reject, "detail", nbsp, provider)
+    grant = msgpack_list(AccessGrant(b"\x01" * 32, "ssh -p 2222 user@host", NOW_MS).sign(provider))
+    grant[3] = "ssh -p 2222 user@host" + nbsp
+    case("access_grant_U+00A0", AccessGrant, grant, "access", nbsp, provider)
+    grant[3] = "ssh -p 2222 user@host\n"
+    case("access_grant_line_feed", AccessGrant, grant, "access", "\n", provider)
+    return cases
+
+
+def msgpack_list(msg) -> list:
+    return msgpack.unpackb(msg.encode(), raw=False)
+
+
+def binding_vector(provider: PeerKey, binding: Binding) -> dict:
+    """The binding's two signatures, with every intermediate value of the EIP-712 digest."""
+    domain_sep = _binding_domain_separator(binding.chain_id)
+    struct_hash = keccak(PEER_BINDING_TYPEHASH + binding.peer_key)
+    payload = pack([binding.peer_key, binding.wallet, binding.chain_id])
+    return {
+        "binding_wire_hex": pack([binding.peer_key, binding.wallet, binding.chain_id,
+                                  binding.wallet_sig, binding.peer_sig]).hex(),
+        "peer_key": binding.peer_key.hex(), "wallet": binding.wallet.hex(),
+        "chain_id": binding.chain_id,
+        "eip712": {
+            "domain": {"name": BINDING_DOMAIN_NAME, "version": BINDING_DOMAIN_VERSION,
+                       "chainId": binding.chain_id},
+            "domain_type": CHAIN_DOMAIN_TYPE.decode(), "domain_typehash": CHAIN_DOMAIN_TYPEHASH.hex(),
+            "struct_type": PEER_BINDING_TYPE.decode(), "struct_typehash": PEER_BINDING_TYPEHASH.hex(),
+            "domain_separator": domain_sep.hex(), "struct_hash": struct_hash.hex(),
+            "digest": binding_digest(binding.peer_key, binding.chain_id).hex(),
+        },
+        "wallet_sig": binding.wallet_sig.hex(),
+        "peer_sig_domain_hex": Binding.DOMAIN.hex(), "peer_sig_payload_hex": payload.hex(),
+        "peer_sig": binding.peer_sig.hex(), "peer_public_key": provider.public.hex(),
     }
 
 
