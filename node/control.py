@@ -138,7 +138,7 @@ class ControlServer:
         }
 
     async def op_search(self, query: str = "", sort: str | None = "price", limit: int = 50) -> list:
-        entries = self.node.book.query(query, sort, limit=limit)
+        entries = self.node.search(query, sort, limit=limit)
         return [offer_row(e) for e in entries]
 
     async def op_quote(self, offer_id: str, seconds: int, gpu_count: int = 1) -> dict:
@@ -146,6 +146,9 @@ class ControlServer:
         o = entry.offer
         if now_ms() > o.expires_ms:
             raise ControlError(f"offer {offer_id} expired; search again")
+        why = self.node.not_rentable(entry)
+        if why is not None:
+            raise ControlError(f"offer {offer_id} cannot be rented from this node: {why}")
         deposit = o.terms.price_per_gpu_second * gpu_count * seconds
         return {"offer": offer_row(entry), "deposit": deposit,
                 "deposit_tokens": str(Decimal(deposit) / 10**o.terms.token_decimals),

@@ -171,7 +171,7 @@ class Demo:
 
             # -- search ---------------------------------------------------------------------------
             query, sort = "gpu=RTX_4090,RTX_3090 price<=0.50 vram>=24", "price"
-            hits = renter.book.query(query, sort)
+            hits = renter.search(query, sort)
             c.print(f"  search: [bold]{query}[/bold] --sort {sort}")
             self.step("search finds the two consumer GPUs under $0.50/h, cheapest first",
                       [h.offer.gpus[0].model for h in hits] ==

@@ -34,7 +34,7 @@ from libp2p.peer.id import ID
 from protocol.agreement import AgreementTerms
 from protocol.agreement import EscrowDomain
 from protocol.effects import EscrowCall
-from protocol.encoding import Struct, decode, encode_struct, pack, unpack_canonical
+from protocol.encoding import Struct, decode, encode_struct, is_wire_text, pack, to_wire_text, unpack_canonical
 from protocol.identity import PeerKey, peer_id_from_public_key
 from protocol.messages import (MAX_ADDR_LEN, MAX_OFFER_ADDRS, AccessGrant, AgreementDetails,
                                Binding, GpuMetrics, Heartbeat, OfferTerms, TermsWire,
@@ -213,8 +213,10 @@ class Node:
                 await nursery.start(self.host.run)
                 self.reputation = LocalReputation(self.store)
                 await self.reputation.load()
+                # The book keeps (and the node relays) only offers for the chain it serves.
                 self.offers = OfferService(self.host, self.store, self.params, book=OfferBook(
-                    self.params, score_of=self.reputation.score_of))
+                    self.params, score_of=self.reputation.score_of,
+                    chain_ids=frozenset({self.chain.chain.chain_id})))
                 await nursery.start(self.offers.run)
                 if self.config.provider is not None:
                     await self._start_provider(nursery, self.config.provider)
@@ -276,7 +278,8 @@ class Node:
 
     def _token_symbol(self) -> str:
         token = self.chain.chain.token
-        return token.functions.symbol().call() if token is not None else "ETH"
+        symbol = token.functions.symbol().call() if token is not None else "ETH"
+        return to_wire_text(symbol, 12)  # a contract's symbol may be anything; the wire's is not
 
     def _current_offer(self):
         entry = self.book.held(self.key.public)
@@ -374,8 +377,8 @@ class Node:
         if out.returncode != 0:
             log.warning("access hook exited %d: %s", out.returncode, out.stderr.decode()[-200:])
             return None
-        text = out.stdout.decode(errors="replace").strip()[:4096]
-        text = "".join(ch for ch in text if ch.isprintable() or ch == " ")  # wire Text: no controls
+        # AccessGrant.access is wire text: printable ASCII, at most 4096 bytes
+        text = to_wire_text(out.stdout.decode(errors="replace").strip(), 4096).strip()
         return text or None
 
     async def _republish(self) -> None:
@@ -401,6 +404,13 @@ class Node:
         agreement, and start the rental session. Raises RentError."""
         if not entries:
             raise RentError("no offers to rent from")
+        for entry in entries:
+            why = self.not_rentable(entry)
+            if why is not None:
+                raise RentError(f"offer {entry.offer_id} cannot be rented from this node: {why}")
+        if not is_wire_text(access_key) or len(access_key) > 1024:
+            raise RentError("the access key must be printable ASCII (U+0020..U+007E, no line "
+                            "breaks), at most 1024 characters")
         # Check the wallet before negotiating: a provider would otherwise hold GPUs for us.
         token = entries[0].offer.terms.token
         needed = max_price_per_gpu_second * gpu_count * duration_s
@@ -449,6 +459,27 @@ class Node:
         self._nursery.start_soon(session.run_timers)
         self._nursery.start_soon(session.run_connection, self.host, provider_peer)
         return rental
+
+    def not_rentable(self, entry: Entry) -> str | None:
+        """Why this node cannot rent `entry` (None: it can). The escrow `open` checks the
+        provider's consent in the domain of this node's escrow contract, on this node's chain:
+        an offer naming another escrow would be negotiated (and its token approved) only for
+        `open` to revert. Such offers are valid, kept and relayed (specs/node.md)."""
+        chain = self.chain.chain
+        if entry.chain_id != chain.chain_id:
+            return f"it is for chain {entry.chain_id}, this node uses chain {chain.chain_id}"
+        if entry.escrow != chain.escrow_address:
+            return (f"it names escrow 0x{entry.escrow.hex()}, this node uses escrow "
+                    f"0x{chain.escrow_address.hex()} on chain {chain.chain_id}")
+        return None
+
+    def search(self, query: str = "", sort: str | None = "price",
+               limit: int | None = None) -> list[Entry]:
+        """Offers this node can rent that match `query` (the book also holds valid offers for
+        other escrows on this chain, which it relays but never lists)."""
+        chain_id, escrow = self.chain.chain.chain_id, self.chain.chain.escrow_address
+        return self.book.query(query, sort, limit=limit,
+                               where=lambda e: e.escrow == escrow and e.chain_id == chain_id)
 
     async def stop_rental(self, agreement_id: bytes) -> None:
         rental = self.rentals[agreement_id]

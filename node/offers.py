@@ -38,7 +38,7 @@ from node.host import GossipHost, Verdict
 from node.identity import NodeIdentity
 from node.reqresp import ReqRespError, read_frame, write_frame
 from node.store import Store
-from protocol.encoding import decode, unpack_canonical
+from protocol.encoding import decode, to_wire_text, unpack_canonical
 from protocol.errors import IGNORE, DecodeError, ProtocolError, Reject, RemoteProtocolError
 from protocol.identity import PeerKey
 from protocol.messages import Binding, GpuInfo, HostInfo, Offer, OfferTerms, OfferWithdrawal
@@ -422,8 +422,8 @@ async def _reset(stream: INetStream) -> None:
 
 
 def _clip(text: str, limit: int) -> str:
-    """At most ``limit`` bytes of UTF-8, cut at a character boundary."""
-    return text.encode()[:limit].decode(errors="ignore")
+    """Wire text (printable ASCII, specs/wire.md) of at most ``limit`` bytes."""
+    return to_wire_text(text, limit)
 
 
 def offer_facts(facts: StaticFacts, *, region: str, bandwidth_mbps: int) -> tuple[tuple[GpuInfo, ...], HostInfo]:

@@ -101,7 +101,7 @@ async def rent_cheapest(node: Node, args: argparse.Namespace) -> None:
     hits = []
     with trio.move_on_after(args.find_timeout):
         for _ in range(int(args.find_timeout / FIND_POLL_S) + 1):
-            hits = node.book.query(args.rent, "price")
+            hits = node.search(args.rent, "price")
             if hits:
                 break
             if node.config.bootstrap:  # started before its bootstrap peer was up: dial again

@@ -38,7 +38,9 @@ from .reqresp import PeerClosed, ReadTimeout, ReqRespError, close_quietly, read_
 log = logging.getLogger(__name__)
 
 RENTAL_PROTOCOL = "/gpumarket/rental/1"
-MAX_RENTAL_FRAME = 4096  # the largest rental message (Heartbeat) is 4 KiB
+# Frames carry Heartbeat (4 KiB), UsageReceipt (512 B) and AccessGrant (8 KiB: up to 4096
+# bytes of access text plus its envelope, 4211 bytes at most): the limit is the largest.
+MAX_RENTAL_FRAME = AccessGrant.MAX_SIZE
 HELLO_TIMEOUT_S = 10.0  # the renter must name the agreement this soon after opening the stream
 RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 

@@ -89,7 +89,7 @@ class Entry:
     __slots__ = (
         "data", "digest", "provider", "seq", "expires_ms", "models", "gpu_count",
         "vram_mib", "vram_gib", "region", "cuda_version", "cc", "token_symbol", "chain_id",
-        "token_decimals", "price_per_gpu_hour", "price_key", "score", "bucket", "_pkey", "_skey",
+        "escrow", "token_decimals", "price_per_gpu_hour", "price_key", "score", "bucket", "_pkey", "_skey",
         "body_at",
     )
 
@@ -121,6 +121,7 @@ class Entry:
         self.cc = cc
         self.token_symbol = terms.token_symbol
         self.chain_id = terms.chain_id
+        self.escrow = terms.escrow
         decimals = self.token_decimals = terms.token_decimals
         price = self.price_per_gpu_hour = terms.price_per_gpu_second * 3600  # smallest unit
         # Comparable across tokens of different decimals (validation caps decimals at 36).
@@ -147,6 +148,7 @@ class Entry:
         new.cc = self.cc
         new.token_symbol = self.token_symbol
         new.chain_id = self.chain_id
+        new.escrow = self.escrow
         new.token_decimals = self.token_decimals
         new.price_per_gpu_hour = self.price_per_gpu_hour
         new.price_key = self.price_key
@@ -583,9 +585,11 @@ class OfferBook:
     # Queries
 
     def query(self, query: str | Query = "", sort: str | Sort | None = None,
-              limit: int | None = None) -> list[Entry]:
-        """Entries matching every term, in `sort` order (default: price ascending), at most
-        `limit` of them. Raises QueryError for a malformed query or sort.
+              limit: int | None = None,
+              where: Callable[[Entry], bool] | None = None) -> list[Entry]:
+        """Entries matching every term (and `where`, when given), in `sort` order (default:
+        price ascending), at most `limit` of them. Raises QueryError for a malformed query or
+        sort.
 
         Plans (specs/offerbook.md, "Indexes"): with a limit, results are produced lazily in sort
         order and the query stops at the limit: cheapest/dearest-first merge the chosen buckets'
@@ -610,6 +614,8 @@ class OfferBook:
 
         buckets = _choose_buckets(self._buckets.values(), bucket_terms)
         residual = _residual(price_ne + score_terms)
+        if where is not None:
+            residual = where if residual is None else _both(residual, where)
         def count_candidates() -> int:
             return sum(b.entries.count(lo_key, hi_key) for b in buckets)
 
@@ -862,6 +868,10 @@ def _score_check(t: Term) -> tuple[Callable[[Any, Any], bool], str, Any]:
     if op == "=":
         return (operator.eq if exact else _never), "score", f
     return (operator.ne if exact else _always), "score", f
+
+
+def _both(first: Callable[[Entry], bool], second: Callable[[Entry], bool]) -> Callable[[Entry], bool]:
+    return lambda e: first(e) and second(e)
 
 
 def _residual(terms: list[Term]) -> Callable[[Entry], bool] | None:

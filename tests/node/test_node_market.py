@@ -1,12 +1,19 @@
 """Whole nodes in one process on the embedded EVM: what the demo does not show."""
 
+import random
+import time
 
+import pytest
 import trio
 
 from node.chain import AsyncChain, Chain
 from node.demo import DEMO_PARAMS, PROVIDERS, fake_gpus
-from node.node import Node, NodeConfig, ProviderSettings
+from node.host import Verdict
+from node.node import Node, NodeConfig, ProviderSettings, RentError
 from protocol.eth import private_key_address
+from protocol.identity import PeerKey
+from protocol.messages import Binding
+from protocol.samples import make_offer
 
 
 async def test_node__failing_access_hook_serves_nothing_and_the_renter_gets_everything_back(tmp_path):
@@ -85,4 +92,51 @@ async def test_node__renter_rents_from_a_provider_it_only_heard_of_through_a_rel
         with trio.fail_after(20):
             while rental.session.log.receipts < 2:
                 await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()
+
+
+async def test_node__keeps_only_its_chain_and_lists_and_rents_only_its_escrow(tmp_path):
+    """An offer for another chain is ignored (wrong_chain): not held, so neither listed nor
+    served by sync. An offer naming another escrow on this chain is valid and held (relayed),
+    but search does not list it and rent refuses it before negotiating or approving anything."""
+    chain = Chain.embedded()
+    keys = chain.dev_keys()
+    chain.deploy_local_market(keys[0])
+    renter_wallet = private_key_address(keys[1])
+    chain.fund(renter_wallet, token_units=10**12, minter_key=keys[0])
+    renter = Node(NodeConfig(tmp_path / "r", keys[1], params=DEMO_PARAMS, name="renter",
+                             chain_poll_s=0.3), AsyncChain(chain))
+    rng = random.Random(12)
+
+    def offer(chain_id: int, escrow: bytes, price: int) -> bytes:
+        peer = PeerKey(rng.randbytes(32))
+        binding = Binding.create(peer, rng.randbytes(32), chain_id)
+        return make_offer(peer, binding, rng, int(time.time() * 1000), escrow=escrow,
+                          token=chain.token_address, price_per_gpu_second=price).encode()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(renter.run)
+        ours = offer(chain.chain_id, chain.escrow_address, 200)
+        other_escrow = offer(chain.chain_id, b"\x42" * 20, 100)  # cheaper, another escrow
+        other_chain = offer(chain.chain_id + 1, chain.escrow_address, 50)  # cheapest, another chain
+        assert renter.offers.ingest(ours, "gossip", None) is Verdict.ACCEPT
+        assert renter.offers.ingest(other_escrow, "gossip", None) is Verdict.ACCEPT
+        assert renter.offers.ingest(other_chain, "gossip", None) is Verdict.IGNORE
+        assert renter.offers.counters["offers.gossip.ignore.wrong_chain"] == 1
+        assert len(renter.book) == 2 and other_chain not in renter.book.snapshot()
+        assert other_escrow in renter.book.snapshot()  # held: served by sync, relayed
+
+        hits = renter.search("", "price")
+        assert [h.data for h in hits] == [ours]
+        assert [h.data for h in renter.search("", "price", limit=1)] == [ours]
+        foreign = next(e for e in renter.book if e.data == other_escrow)
+        assert "0x" + (b"\x42" * 20).hex() in renter.not_rentable(foreign)
+        allowance = chain.token.functions.allowance(
+            chain.w3.to_checksum_address(renter_wallet), chain.escrow.address).call()
+        with trio.fail_after(5), pytest.raises(RentError) as err:
+            await renter.rent([foreign], gpu_count=1, duration_s=600, max_price_per_gpu_second=100)
+        assert "names escrow 0x4242" in str(err.value) and foreign.offer_id in str(err.value)
+        assert chain.token.functions.allowance(
+            chain.w3.to_checksum_address(renter_wallet), chain.escrow.address).call() == allowance
+        assert await renter.store.agreements_in_state("agreed") == []
         nursery.cancel_scope.cancel()

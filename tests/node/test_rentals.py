@@ -12,6 +12,7 @@ from node.host import GossipHost, HostConfig
 from node.identity import NodeIdentity
 from node.rentals import ProviderSession, RentalDesk, RenterSession
 from node.store import Store
+from protocol.messages import AccessGrant
 from protocol.params import Params
 from protocol.rental import ProviderRental, RenterRental
 from tests.rental_fixtures import make_agreement
@@ -40,7 +41,7 @@ def hosts_for(agreement):
     return provider, renter
 
 
-async def run_rental(tmp_path, *, max_seconds, drop_at_s=None):
+async def run_rental(tmp_path, *, max_seconds, drop_at_s=None, access=None):
     a = make_agreement(7, max_seconds=max_seconds, interval=1, grace=5)
     started_ms = int(trio.current_time() * 0) + __import__("time").time_ns() // 1_000_000
     escrow = RecordingEscrow(started_ms // 1000)
@@ -63,6 +64,8 @@ async def run_rental(tmp_path, *, max_seconds, drop_at_s=None):
             machine = ProviderRental(a.terms, a.details, a.domain, a.provider, started_ms, PARAMS)
             session = ProviderSession(machine, a.terms, a.details, escrow, p_store,
                                       lambda: __import__("time").time_ns() // 1_000_000, None, service)
+            if access is not None:  # attached streams get it first (as the node's hook does)
+                await session.send_grant(AccessGrant(a.agreement_id, access, started_ms).sign(a.provider))
             await session.carry_out(machine.start())
             return session
 
@@ -98,6 +101,17 @@ async def test_rentals__heartbeats_and_receipts_flow_and_the_provider_claims(tmp
     assert len(p_hb) >= 4 and len(r_hb) >= 4
     latest = await p_store.latest_receipt(a.agreement_id)
     assert latest.acked_seconds == claim.args["acked_seconds"]
+    await p_store.close()
+    await r_store.close()
+
+
+async def test_rentals__the_longest_access_grant_crosses_the_stream(tmp_path):
+    access = "ssh -p 2222 gpu@203.0.113.7 " + "x" * (4096 - 28)  # the field's limit: 4096
+    assert len(access) == 4096
+    a, escrow, desk, renter, p_store, r_store, services = await run_rental(
+        tmp_path, max_seconds=3, access=access)
+    assert renter.access == access
+    assert len(AccessGrant(a.agreement_id, access, 2**53 - 1).sign(a.provider).encode()) > 4096
     await p_store.close()
     await r_store.close()
 
