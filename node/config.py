@@ -84,6 +84,14 @@ def _decimal(value: Any, where: str) -> Decimal:
     return out
 
 
+def _region(value: str) -> str:
+    # published in every offer as wire text (specs/wire.md): printable ASCII, at most 32
+    if not (value.isascii() and value.isprintable()) or len(value) > 32:
+        raise ConfigError(f"provider.region: {value!r} must be printable ASCII (letters, digits, "
+                          f"'-' and the like), at most 32 characters")
+    return value
+
+
 def _expect(section: dict, allowed: dict[str, type | tuple], where: str) -> None:
     for key, value in section.items():
         if key not in allowed:
@@ -125,7 +133,7 @@ def load_config(path: Path) -> Config:
         max_duration_s=prov.get("max_duration_s", 7 * 24 * 3600),
         heartbeat_interval_s=prov.get("heartbeat_interval_s", 30),
         grace_s=prov.get("grace_s", 600),
-        region=prov.get("region", "unknown"),
+        region=_region(prov.get("region", "unknown")),
         bandwidth_mbps=prov.get("bandwidth_mbps", 1000),
         access_hook=tuple(str(a) for a in prov.get("access_hook", [])),
         fake_gpus=prov.get("fake_gpus", 0),
