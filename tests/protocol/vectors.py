@@ -182,6 +182,10 @@ def decoding_cases(provider: PeerKey) -> list[dict]:
         ("map_in_a_field", with_field(3, b"\x81\x01\x02"), None, "malformed"),
         ("ext_in_a_field", with_field(3, b"\xd4\x05\x00"), None, "malformed"),
         ("timestamp_ext_in_a_field", with_field(3, b"\xd6\xff\x00\x00\x00\x01"), None, "malformed"),
+        # an invalid timestamp stops parsing where it is met; a valid one does not
+        ("invalid_timestamp_then_truncated", "93c703ff000000", None, "malformed"),
+        ("timestamp_nanoseconds_over_1e9", "92d7ff" + "ff" * 8, None, "malformed"),
+        ("valid_timestamp_then_truncated", "93d6ffffffffff", None, "truncated"),
         ("float_top_level", "cb3ff8000000000000", None, "malformed"),
         ("map_top_level", "81a16101", None, "malformed"),
         ("float_after_a_bad_field", (bytes([0x96]) + pack(2) + pack(1) + pack(b"short") + bytes.fromhex("cb401c000000000000") + pack(NOW_MS) + pack(w.signature)).hex(), None, "malformed"),
@@ -201,6 +205,10 @@ def decoding_cases(provider: PeerKey) -> list[dict]:
         ("bin_longer_than_rest", "9302c4ff00", None, "truncated"),
         ("byte_c1_then_truncated", "9302c1", None, "malformed"),
         ("invalid_utf8_str", "9302a1ff", None, "malformed"),
+        ("utf8_surrogate_str", "9202a3eda080", None, "malformed"),
+        ("utf8_overlong_str", "9202a2c0af", None, "malformed"),
+        ("valid_utf8_non_ascii_text_is_bad_field",  # NegotiationReject.detail = "é"
+         pack([13, 1, bytes(16), 1, 1, "\u00e9", NOW_MS, bytes(64)]).hex(), None, "bad_field"),
         # an Offer (16 KiB) holding arrays nested 1 + 1023 = 1024 deep: parses, wrong fields
         ("nesting_1024_then_bad_field", (b"\x93\x01\x01" + nested(1023)).hex(), None, "bad_field"),
         ("nesting_1025", (b"\x93\x01\x01" + nested(1024)).hex(), None, "malformed"),
