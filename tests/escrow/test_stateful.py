@@ -23,7 +23,7 @@ from protocol.agreement import AgreementTerms
 from protocol.eth import ZERO_ADDRESS
 
 from .helpers import (
-    ADDR, ARBITRATION_TIMEOUT, ZERO, consent, deploy_escrow, deploy_hostile, fund, hexaddr,
+    ADDR, ARBITRATION_TIMEOUT, MIN_DISPUTE_WINDOW, MIN_GRACE, ZERO, consent, deploy_escrow, deploy_hostile, fund, hexaddr,
     receipt, tup,
 )
 
@@ -118,8 +118,8 @@ class EscrowMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: len(self.agreements) < 4)
     @rule(use_token=st.booleans(), arbiter=st.booleans(), price=st.integers(1, 10**6),
-          max_seconds=st.integers(1, 7_200), grace=st.integers(0, 1_200),
-          window=st.integers(1, 3_600), p=st.sampled_from(["provider", "provider2"]),
+          max_seconds=st.integers(1, 7_200), grace=st.integers(MIN_GRACE, 1_200),
+          window=st.integers(MIN_DISPUTE_WINDOW, 3_600), p=st.sampled_from(["provider", "provider2"]),
           r=st.sampled_from(["renter", "renter2"]))
     def open(self, use_token, arbiter, price, max_seconds, grace, window, p, r):
         self.salt += 1
@@ -128,7 +128,8 @@ class EscrowMachine(RuleBasedStateMachine):
             provider=ADDR[p], renter=ADDR[r], token=tk, price_per_second=price,
             max_seconds=max_seconds, heartbeat_interval=30, grace=grace,
             arbiter=ADDR["arbiter"] if arbiter else ZERO_ADDRESS,
-            dispute_window=window if arbiter else 0, details_hash=keccak(b"%d" % self.salt))
+            dispute_window=window if arbiter else 0, details_hash=keccak(b"%d" % self.salt),
+            open_by=self.now())  # the last second the consent is good for
         if use_token:
             self.token.mint(hexaddr(t.renter), t.deposit)
             self.wallet[(tk, t.renter)] += t.deposit
