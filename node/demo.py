@@ -149,7 +149,8 @@ class Demo:
             for p in PROVIDERS:
                 settings = ProviderSettings(
                     price_per_gpu_second=usd_per_hour_to_units_per_second(float(p.usd_per_hour)),
-                    min_duration_s=5, max_duration_s=3600, heartbeat_interval_s=1, grace_s=3,
+                    min_duration_s=5, max_duration_s=3600, heartbeat_interval_s=1,
+                    grace_s=DEMO_PARAMS.min_grace_s,  # the escrow's minimum: 5 minutes
                     region=p.region, offer_lifetime_ms=10 * 60 * 1000, publish_interval_s=0.2,
                     nvml=fake_gpus(p),
                 )
@@ -213,11 +214,20 @@ class Demo:
             # -- both rentals end -------------------------------------------------------------
             aid_doomed, aid_healthy = doomed.agreement_id, healthy.agreement_id
             with trio.move_on_after(45):
-                while not (chain.status(aid_doomed).state == "final"
-                           and chain.status(aid_healthy).state == "final"):
+                while not (await achain.run(chain.status, aid_doomed)).state == "closed" \
+                        or (await achain.run(chain.status, aid_healthy)).state != "final":
                     await trio.sleep(0.2)
-            doomed_events = [e.name for e in chain.events() if e.agreement_id == aid_doomed]
-            healthy_events = [e for e in chain.events() if e.agreement_id == aid_healthy]
+            # The deposit of the closed escrow is recoverable once the grace (at least 5 minutes:
+            # the provider's time to claim) has passed: fast-forward the local chain's clock
+            # past it, and recover with the renter's wallet, as its node would at that time.
+            closed = await achain.run(chain.status, aid_doomed)
+            if closed.state == "closed":
+                lag = max(0, closed.end_s + doomed.terms.grace + 1 - await achain.run(chain.now_s))
+                await achain.run(chain.time_travel, lag)
+                c.print(f"  [yellow]local chain clock fast-forwarded {lag} s past the grace[/yellow]")
+                await achain.run(chain.recover, wallets["renter"], doomed.terms)
+            doomed_events = [e.name for e in await achain.run(chain.events) if e.agreement_id == aid_doomed]
+            healthy_events = [e for e in await achain.run(chain.events) if e.agreement_id == aid_healthy]
             self.step("renter stopped paying provider-b, closed the escrow and recovered its deposit",
                       doomed_events[:3] == ["Opened", "Closed", "Recovered"],
                       f"events {doomed_events}; {acked_before_failure} s had been acknowledged, "

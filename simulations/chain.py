@@ -118,7 +118,7 @@ class Chain:
         if tx.agreement_id in self.escrows:
             raise LocalProtocolError("exists", "agreement already opened")
         terms: AgreementTerms = tx.args["terms"]
-        esc = Escrow(terms, tx.args["domain"], EscrowModel(terms, now_s), tx.sender,
+        esc = Escrow(terms, tx.args["domain"], EscrowModel.open(terms, now_s), tx.sender,
                      tx.args["provider_node"], now_s, tx.args.get("record"))
         self.escrows[tx.agreement_id] = esc
         self.stats.deposited += terms.deposit

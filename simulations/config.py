@@ -89,7 +89,7 @@ SCHEMA: dict[str, dict[str, P]] = {
         "first_publish_after_s": P(int, 60, "s", "providers present at the start publish their first offer at this time (once the overlay has formed); later joiners publish when they join", 0),
         "reservation_hold_s": P(int, 120, "s", "provider holds accepted GPUs this long for the escrow to open", 1),
         "arbiter_frac": P(float, 0.0, "fraction", "providers whose offers name the market's arbiter: their claims wait out a dispute window, and an underpaid provider disputes", 0, 1),
-        "dispute_window_s": P(int, 600, "s", "dispute window in offers that name the arbiter", 1),
+        "dispute_window_s": P(int, 600, "s", "dispute window in offers that name the arbiter (the escrow's bounds)", 300, 604800),
         "arbitration_delay_s": P(int, 300, "s", "the arbiter rules this long after a dispute (under the contract's timeout)", 0),
     },
     "providers": {

@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 
 import pytest
@@ -25,6 +26,7 @@ def _terms(price: int, max_seconds: int, arbiter: bool = False) -> AgreementTerm
     return AgreementTerms(
         base.provider, base.renter, base.token, price, max_seconds, 10, 300,
         ARBITER if arbiter else b"\x00" * 20, 3600 if arbiter else 0, base.details_hash,
+        base.open_by,
     )
 
 
