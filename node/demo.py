@@ -30,6 +30,7 @@ from protocol.settlement import claim_payout
 from .chain import AsyncChain, Chain
 from .fake_nvml import FakeGpu, FakeNvml
 from .node import Node, NodeConfig, ProviderSettings, RentError
+from .testing import recover_past_grace
 
 USDC = 10**6
 # Fast protocol timing so a whole rental fits in seconds (the defaults are 30 s heartbeats).
@@ -220,12 +221,9 @@ class Demo:
             # The deposit of the closed escrow is recoverable once the grace (at least 5 minutes:
             # the provider's time to claim) has passed: fast-forward the local chain's clock
             # past it, and recover with the renter's wallet, as its node would at that time.
-            closed = await achain.run(chain.status, aid_doomed)
-            if closed.state == "closed":
-                lag = max(0, closed.end_s + doomed.terms.grace + 1 - await achain.run(chain.now_s))
-                await achain.run(chain.time_travel, lag)
-                c.print(f"  [yellow]local chain clock fast-forwarded {lag} s past the grace[/yellow]")
-                await achain.run(chain.recover, wallets["renter"], doomed.terms)
+            if (await achain.run(chain.status, aid_doomed)).state == "closed":
+                skipped = await achain.run(recover_past_grace, chain, wallets["renter"], doomed.terms)
+                c.print(f"  [yellow]local chain clock fast-forwarded {skipped} s past the grace[/yellow]")
             doomed_events = [e.name for e in await achain.run(chain.events) if e.agreement_id == aid_doomed]
             healthy_events = [e for e in await achain.run(chain.events) if e.agreement_id == aid_healthy]
             self.step("renter stopped paying provider-b, closed the escrow and recovered its deposit",
