@@ -413,6 +413,8 @@ def _push_token(agreement_id: bytes32, token: address, to: address, amount: uint
     """
     if amount == 0:
         return before
+    # `ok` is deliberately unused: a revert shows as nothing sent, a lie in either direction
+    # is caught by the balance.
     ok: bool = raw_call(
         token,
         abi_encode(to, amount, method_id=method_id("transfer(address,uint256)")),
