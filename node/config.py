@@ -177,6 +177,10 @@ rpc = "embedded"        # "embedded" (an in-process EVM for this node alone) or 
 # token = "0x..."       # the stablecoin (ERC-20) offers are priced in
 keystore = "wallet.json" # encrypted wallet keystore, relative to data_dir; never a plain key
 
+[renter]
+arbiters = []           # arbiter wallets you trust ("0x..."); offers naming any other arbiter
+                        # are refused before negotiating (an arbiter rules on the whole deposit)
+
 [provider]
 enabled = {"true" if provider else "false"}
 price_per_gpu_hour = "0.50"   # in whole token units (e.g. USDC)
@@ -187,8 +191,4 @@ grace_s = 600
 region = "unknown"
 bandwidth_mbps = 1000
 # access_hook = ["/usr/local/bin/gpumarket-access-hook"]  # gets the agreement as JSON on stdin
-
-[renter]
-arbiters = []           # arbiter wallets you trust ("0x..."); offers naming any other arbiter
-                        # are refused before negotiating (an arbiter rules on the whole deposit)
 """
