@@ -316,6 +316,10 @@ class Chain:
         renter = private_key_address(key)
         if renter != terms.renter:
             raise ChainError("this wallet is not the agreement's renter")
+        chain_now = self.now_s()
+        if chain_now > terms.open_by:  # the escrow would revert: refuse before sending anything
+            raise ChainError(f"the provider's consent expired: open_by {terms.open_by} is before "
+                             f"the chain's time {chain_now}")
         deposit = terms.deposit
         value = 0
         if terms.token == ZERO_ADDRESS:

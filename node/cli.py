@@ -161,7 +161,7 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     node = Node(NodeConfig(data_dir=config.data_dir, wallet_key=wallet.key,
                            listen=tuple(args.listen or config.listen),
                            bootstrap=tuple(args.bootstrap or config.bootstrap), mdns=config.mdns,
-                           announce=config.announce,
+                           announce=config.announce, arbiters=frozenset(config.renter.arbiters),
                            provider=provider, name=config.data_dir.name), AsyncChain(chain))
 
     _node_logging(str(node.peer_id), args.debug)

@@ -47,6 +47,14 @@ class ProviderSection:
 
 
 @dataclass(frozen=True)
+class RenterSection:
+    # Arbiter wallets this renter accepts in an offer. An arbiter decides who gets the whole
+    # deposit of a disputed agreement and nothing on chain stops a provider from naming its own
+    # sock puppet, so the default trusts none: offers that name an arbiter are refused.
+    arbiters: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     data_dir: Path
@@ -56,6 +64,7 @@ class Config:
     announce: tuple[str, ...] = ()
     chain: ChainSection = field(default_factory=ChainSection)
     provider: ProviderSection = field(default_factory=ProviderSection)
+    renter: RenterSection = field(default_factory=RenterSection)
 
     @property
     def keystore_path(self) -> Path:
@@ -111,7 +120,7 @@ def load_config(path: Path) -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    _expect(doc, {"node": dict, "chain": dict, "provider": dict}, str(path))
+    _expect(doc, {"node": dict, "chain": dict, "provider": dict, "renter": dict}, str(path))
     node = doc.get("node", {})
     _expect(node, {"data_dir": str, "listen": list, "bootstrap": list, "mdns": bool,
                    "announce": list}, "node")
@@ -123,6 +132,9 @@ def load_config(path: Path) -> Config:
                    "max_duration_s": int, "heartbeat_interval_s": int, "grace_s": int,
                    "region": str, "bandwidth_mbps": int, "access_hook": list, "fake_gpus": int},
             "provider")
+    renter = doc.get("renter", {})
+    _expect(renter, {"arbiters": list}, "renter")
+    arbiters = tuple(_address(a, "renter.arbiters") for a in renter.get("arbiters", []))
     data_dir = Path(node.get("data_dir", str(path.parent))).expanduser()
     provider = ProviderSection(
         enabled=prov.get("enabled", False),
@@ -153,6 +165,7 @@ def load_config(path: Path) -> Config:
             keystore=chain.get("keystore", "wallet.json"),
         ),
         provider=provider,
+        renter=RenterSection(arbiters=arbiters),
     )
 
 
@@ -171,6 +184,10 @@ rpc = "embedded"        # "embedded" (an in-process EVM for this node alone) or 
 # escrow = "0x..."      # the escrow contract's address on that chain
 # token = "0x..."       # the stablecoin (ERC-20) offers are priced in
 keystore = "wallet.json" # encrypted wallet keystore, relative to data_dir; never a plain key
+
+[renter]
+arbiters = []           # arbiter wallets you trust ("0x..."); offers naming any other arbiter
+                        # are refused before negotiating (an arbiter rules on the whole deposit)
 
 [provider]
 enabled = {"true" if provider else "false"}

@@ -30,6 +30,7 @@ from protocol.settlement import claim_payout
 from .chain import AsyncChain, Chain
 from .fake_nvml import FakeGpu, FakeNvml
 from .node import Node, NodeConfig, ProviderSettings, RentError
+from .testing import recover_past_grace
 
 USDC = 10**6
 # Fast protocol timing so a whole rental fits in seconds (the defaults are 30 s heartbeats).
@@ -149,7 +150,8 @@ class Demo:
             for p in PROVIDERS:
                 settings = ProviderSettings(
                     price_per_gpu_second=usd_per_hour_to_units_per_second(float(p.usd_per_hour)),
-                    min_duration_s=5, max_duration_s=3600, heartbeat_interval_s=1, grace_s=3,
+                    min_duration_s=5, max_duration_s=3600, heartbeat_interval_s=1,
+                    grace_s=DEMO_PARAMS.min_grace_s,  # the escrow's minimum: 5 minutes
                     region=p.region, offer_lifetime_ms=10 * 60 * 1000, publish_interval_s=0.2,
                     nvml=fake_gpus(p),
                 )
@@ -213,11 +215,17 @@ class Demo:
             # -- both rentals end -------------------------------------------------------------
             aid_doomed, aid_healthy = doomed.agreement_id, healthy.agreement_id
             with trio.move_on_after(45):
-                while not (chain.status(aid_doomed).state == "final"
-                           and chain.status(aid_healthy).state == "final"):
+                while not (await achain.run(chain.status, aid_doomed)).state == "closed" \
+                        or (await achain.run(chain.status, aid_healthy)).state != "final":
                     await trio.sleep(0.2)
-            doomed_events = [e.name for e in chain.events() if e.agreement_id == aid_doomed]
-            healthy_events = [e for e in chain.events() if e.agreement_id == aid_healthy]
+            # The deposit of the closed escrow is recoverable once the grace (at least 5 minutes:
+            # the provider's time to claim) has passed: fast-forward the local chain's clock
+            # past it, and recover with the renter's wallet, as its node would at that time.
+            if (await achain.run(chain.status, aid_doomed)).state == "closed":
+                skipped = await achain.run(recover_past_grace, chain, wallets["renter"], doomed.terms)
+                c.print(f"  [yellow]local chain clock fast-forwarded {skipped} s past the grace[/yellow]")
+            doomed_events = [e.name for e in await achain.run(chain.events) if e.agreement_id == aid_doomed]
+            healthy_events = [e for e in await achain.run(chain.events) if e.agreement_id == aid_healthy]
             self.step("renter stopped paying provider-b, closed the escrow and recovered its deposit",
                       doomed_events[:3] == ["Opened", "Closed", "Recovered"],
                       f"events {doomed_events}; {acked_before_failure} s had been acknowledged, "

@@ -37,7 +37,7 @@ def _configure(data_dir: Path, url: str, chain_id: int, escrow: bytes, token: by
         text = text.replace('price_per_gpu_hour = "0.50"', f'price_per_gpu_hour = "{prices[index % 4]}"')
         text = text.replace("min_duration_s = 600", "min_duration_s = 60")
         text = text.replace("heartbeat_interval_s = 30", "heartbeat_interval_s = 5")
-        text = text.replace("grace_s = 600", "grace_s = 60")
+        text = text.replace("grace_s = 600", "grace_s = 300")  # the escrow's minimum
         text += f"fake_gpus = {1 + index % 4}\n"
     (data_dir / "config.toml").write_text(text)
 

@@ -141,7 +141,7 @@ class ProviderDesk:
             offer, digest = current
             machine = ProviderNegotiation(
                 offer, digest, self.key, self.wallet_key, self.capacity.free(self.clock()),
-                self.min_price(), self.params,
+                self.min_price(), self.params, open_hold_ms=self.open_hold_ms,
             )
             await self._drive(machine, stream, peer)
         except Exception:
@@ -168,8 +168,9 @@ class ProviderDesk:
                 effects = machine.receive_data(data, self.clock())
                 if machine.state is State.AGREED:
                     assert machine.terms is not None and machine.accept is not None
+                    # Held while the consent can open the escrow (block time <= open_by).
                     self.capacity.reserve(machine.terms.agreement_id(), machine.accept.gpus,
-                                          self.clock() + self.open_hold_ms)
+                                          (machine.terms.open_by + 1) * 1000)
             await _send_all(stream, effects)
         if machine.state is State.AGREED:
             await self._await_close_or_cancel(machine, stream)

@@ -39,7 +39,7 @@ from protocol.identity import PeerKey, peer_id_from_public_key
 from protocol.messages import (MAX_ADDR_LEN, MAX_OFFER_ADDRS, AccessGrant, AgreementDetails,
                                Binding, GpuMetrics, Heartbeat, OfferTerms, TermsWire,
                                UsageReceipt)
-from protocol.negotiation import FirstAgreementWins, ProviderNegotiation, escrow_domain
+from protocol.negotiation import FirstAgreementWins, ProviderNegotiation, escrow_domain, renter_refusal
 from protocol.offerbook import Entry, OfferBook
 from protocol.params import DEFAULT_PARAMS, Params
 from protocol.rental import ProviderRental, RenterRental
@@ -95,6 +95,8 @@ class NodeConfig:
     announce: Sequence[str] = ()  # public multiaddrs for offers (default: the dialable listen addrs)
     params: Params = DEFAULT_PARAMS
     provider: ProviderSettings | None = None
+    # Renter: arbiter wallets it accepts in offers (config renter.arbiters); none by default
+    arbiters: frozenset[bytes] = frozenset()
     name: str = "node"
     chain_poll_s: float = 0.5
 
@@ -411,6 +413,12 @@ class Node:
         if not is_wire_text(access_key) or len(access_key) > 1024:
             raise RentError("the access key must be printable ASCII (U+0020..U+007E, no line "
                             "breaks), at most 1024 characters")
+        # Offers this renter must not take at all (an untrusted arbiter, a refused token): say
+        # why before negotiating, so no provider holds GPUs for an agreement we would refuse.
+        refusals = [(e, renter_refusal(e.offer, self.config.arbiters)) for e in entries]
+        entries = [e for e, why in refusals if why is None]
+        if not entries:
+            raise RentError("refused every offer: " + "; ".join(sorted({why for _, why in refusals if why})))
         # Check the wallet before negotiating: a provider would otherwise hold GPUs for us.
         token = entries[0].offer.terms.token
         needed = max_price_per_gpu_second * gpu_count * duration_s
@@ -433,6 +441,10 @@ class Node:
         terms, details = winner.terms, winner.details
         aid = terms.agreement_id()
         await self._remember(aid, "renter", "agreed", terms, details, winner.offer.binding, self.binding)
+        if time.time() > terms.open_by:  # the escrow would revert: the provider's consent expired
+            await self.store.set_agreement_state(aid, "open_failed", time.time())
+            raise RentError(f"the provider's consent expired at {terms.open_by} (open_by) before "
+                            "the escrow could be opened")
         try:
             opened = await self.chain.open(self.wallet_key, terms, winner.consent_sig)
         except RpcUnavailableError as exc:
@@ -575,9 +587,9 @@ class Node:
                 self._renter_unopened[aid] = row
                 return "awaiting_open"
             if row.role == "provider" and row.state == "accepted" and self.capacity is not None \
-                    and (now - row.created_at) * 1000 < self._open_hold_ms:
+                    and now <= terms.open_by + 1:
                 accepted_ms = int(row.created_at * 1000)
-                self.capacity.reserve(aid, details.gpus, accepted_ms + self._open_hold_ms)
+                self.capacity.reserve(aid, details.gpus, (terms.open_by + 1) * 1000)
                 self._pending[aid] = PendingAgreement(
                     terms, details, EscrowDomain(details.chain_id, details.escrow), accepted_ms,
                     decode_bindings(row.terms)[1])
@@ -684,10 +696,6 @@ class Node:
                 self.host.host.get_peerstore().add_addrs(
                     peer, [multiaddr.Multiaddr(a) for a in addrs], PEER_ADDR_TTL_S)
 
-    @property
-    def _open_hold_ms(self) -> int:
-        return self.desk.open_hold_ms if self.desk is not None else DEFAULT_OPEN_HOLD_MS
-
     async def _opened_late(self, row) -> None:
         """A renter's open transaction was mined after this node restarted: resume the rental."""
         try:
@@ -705,9 +713,11 @@ class Node:
             if time.time() - row.updated_at >= RENTER_OPEN_WAIT_S:
                 del self._renter_unopened[aid]
                 await self.store.set_agreement_state(aid, "expired", time.time())
-        cutoff = now_ms() - self._open_hold_ms
+        now = now_ms()
         for aid, pending in list(self._pending.items()):
-            if pending.accepted_ms > cutoff:
+            # The consent is good while block time <= open_by (the escrow refuses later): keep
+            # the GPUs until then, then free them unless the escrow opened.
+            if now <= (pending.terms.open_by + 1) * 1000:
                 continue
             if await self.escrow.started_s(pending.terms) is not None:
                 continue  # opened after all: the renter's stream will start the session

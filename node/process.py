@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--gpu-model", default="NVIDIA GeForce RTX 4090")
     g.add_argument("--price", type=int, default=100, help="token units per GPU-second")
     g.add_argument("--heartbeat-interval", type=int, default=1)
-    g.add_argument("--grace", type=int, default=3)
+    g.add_argument("--grace", type=int, default=300, help="seconds (the escrow's minimum: 300)")
     g.add_argument("--min-duration", type=int, default=5)
     g.add_argument("--publish-interval", type=float, default=0.5)
     r = p.add_argument_group("renter")

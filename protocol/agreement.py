@@ -32,11 +32,18 @@ ESCROW_DOMAIN_VERSION = "1"
 AGREEMENT_TYPE = (
     b"Agreement(address provider,address renter,address token,uint256 pricePerSecond,"
     b"uint64 maxSeconds,uint32 heartbeatInterval,uint32 grace,address arbiter,"
-    b"uint32 disputeWindow,bytes32 detailsHash)"
+    b"uint32 disputeWindow,bytes32 detailsHash,uint64 openBy)"
 )
 AGREEMENT_TYPEHASH = keccak(AGREEMENT_TYPE)
 RECEIPT_TYPE = b"Receipt(bytes32 agreementId,uint64 ackedSeconds)"
 RECEIPT_TYPEHASH = keccak(RECEIPT_TYPE)
+
+# The escrow contract's bounds on the terms (constants in node/contracts/Escrow.vy; offers are
+# validated against Params, whose defaults are these: specs/parameters.md).
+ESCROW_MIN_GRACE_S = 300
+ESCROW_MAX_GRACE_S = 7 * 24 * 3600
+ESCROW_MIN_DISPUTE_WINDOW_S = 300
+ESCROW_MAX_DISPUTE_WINDOW_S = 7 * 24 * 3600
 
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
@@ -79,6 +86,9 @@ class AgreementTerms:
     arbiter: bytes  # 20 zero bytes: no arbiter, the receipt rule is final
     dispute_window: int  # seconds after a claim during which either side may dispute
     details_hash: bytes  # keccak256 of the canonical off-chain agreement details
+    # Unix seconds: the escrow refuses to open after this (block time). The provider sets it when
+    # it accepts (accept time + how long it holds the GPUs), so its consent dies with the hold.
+    open_by: int
 
     def __post_init__(self) -> None:
         for name in ("provider", "renter", "token", "arbiter"):
@@ -102,6 +112,10 @@ class AgreementTerms:
             raise LocalProtocolError(
                 "bad_terms", "an arbiter needs a dispute window, and no arbiter means none"
             )
+        if self.arbiter != ZERO_ADDRESS and self.arbiter in (self.provider, self.renter):
+            raise LocalProtocolError("bad_terms", "the arbiter is a party to the agreement")
+        if not 0 < self.open_by <= UINT64_MAX:
+            raise LocalProtocolError("bad_terms", "open_by out of uint64 range")
         if len(self.details_hash) != 32:
             raise LocalProtocolError("bad_terms", "details_hash must be 32 bytes")
 
@@ -118,7 +132,7 @@ class AgreementTerms:
         return (
             self.provider, self.renter, self.token, self.price_per_second, self.max_seconds,
             self.heartbeat_interval, self.grace, self.arbiter, self.dispute_window,
-            self.details_hash,
+            self.details_hash, self.open_by,
         )
 
     def agreement_id(self) -> bytes:
@@ -132,6 +146,7 @@ class AgreementTerms:
             self.price_per_second.to_bytes(32, "big"), self.max_seconds.to_bytes(32, "big"),
             self.heartbeat_interval.to_bytes(32, "big"), self.grace.to_bytes(32, "big"),
             pad, self.arbiter, self.dispute_window.to_bytes(32, "big"), self.details_hash,
+            self.open_by.to_bytes(32, "big"),
         )))
 
 

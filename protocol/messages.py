@@ -230,6 +230,7 @@ class TermsWire:
     arbiter: bytes = wire(B20)
     dispute_window: int = wire(U32)
     details_hash: bytes = wire(B32)
+    open_by: int = wire(U53)  # unix seconds (uint64 on chain; a date fits 53 bits)
 
     @classmethod
     def from_terms(cls, terms: AgreementTerms) -> "TermsWire":
@@ -361,6 +362,9 @@ class Accept(Signed):
     agreement_id: bytes = wire(B32)
     gpus: tuple = wire(ListOf(B32, MAX_GPUS_PER_OFFER))  # uuid digests assigned to the renter
     consent_sig: bytes = wire(B65)
+    # Unix seconds: the terms' open_by (part of the agreement id and the consent): the renter
+    # must open the escrow by then; afterwards the provider frees the GPUs.
+    open_by: int = wire(U53)
     sent_ms: int = wire(U53)
     signature: bytes = wire(B64, default=b"\x00" * ED25519_SIG_LEN)
 

@@ -27,7 +27,7 @@ from .agreement import UINT256_MAX, AgreementTerms, EscrowDomain, sign_consent, 
 from .effects import Effect, EscrowCall, Report, Send, Store
 from .encoding import Message, decode, to_wire_text
 from .errors import DecodeError, LocalProtocolError, Reject, RemoteProtocolError
-from .eth import private_key_address
+from .eth import ZERO_ADDRESS, private_key_address
 from .identity import PeerKey
 from .messages import (
     MAX_GPUS_PER_OFFER,
@@ -40,10 +40,12 @@ from .messages import (
     Proposal,
 )
 from .params import Params
+from .tokens import refused_token
 
 UINT8_MAX = 2**8 - 1
 UINT32_MAX = 2**32 - 1
 NEGOTIATION_ID_LEN = 16
+DEFAULT_OPEN_HOLD_MS = 120_000  # a provider's default hold (node/negotiate.py passes its own)
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,6 +72,7 @@ class Reason(enum.IntEnum):
     TERMS_MISMATCH = 15  # Accept.agreement_id differs from the id the renter computes
     BAD_CONSENT = 16  # Accept.consent_sig is not the provider wallet's signature over the terms
     STALE_MESSAGE = 17  # sent_ms outside [now - skew - step timeout, now + skew]
+    BAD_OPEN_BY = 18  # renter: Accept.open_by leaves less than min_open_window_ms to open the escrow
 
 
 def reason_name(code: int) -> str:
@@ -133,11 +136,35 @@ def escrow_domain(offer: Offer) -> EscrowDomain:
     return EscrowDomain(offer.terms.chain_id, offer.terms.escrow)
 
 
+def renter_refusal(offer: Offer, arbiters: frozenset[bytes] | set[bytes]) -> str | None:
+    """Why a renter must not negotiate for `offer` at all, or None. `arbiters` is the renter's
+    own allowlist of arbiter wallets: an arbiter rules on the whole deposit, and nothing on
+    chain stops a provider from naming a sock puppet, so only arbiters the renter chose are
+    acceptable (an empty allowlist refuses every offer that names one)."""
+    t = offer.terms
+    if t.arbiter != ZERO_ADDRESS and t.arbiter not in arbiters:
+        if not arbiters:
+            return (f"the offer names arbiter 0x{t.arbiter.hex()} and this renter trusts no "
+                    "arbiter (add it to renter.arbiters to accept it)")
+        return f"the offer names arbiter 0x{t.arbiter.hex()}, which is not in renter.arbiters"
+    why = refused_token(t.chain_id, t.token)
+    if why is not None:
+        return f"the offer's token 0x{t.token.hex()} is refused: {why}"
+    return None
+
+
+def open_by_for(now_ms: int, open_hold_ms: int) -> int:
+    """The open_by a provider puts in the terms it accepts at `now_ms` (unix seconds, inclusive:
+    the escrow opens while block time <= open_by): the end of its hold, rounded down."""
+    return (now_ms + open_hold_ms) // 1000
+
+
 def build_agreement(
-    offer: Offer, offer_digest: bytes, proposal: Proposal, gpus: Sequence[bytes]
+    offer: Offer, offer_digest: bytes, proposal: Proposal, gpus: Sequence[bytes], open_by: int
 ) -> tuple[AgreementTerms, AgreementDetails]:
     """The terms exactly as the escrow contract will see them, and the off-chain details they
-    commit to. Both sides call this with the same inputs and must get the same agreement id.
+    commit to. Both sides call this with the same inputs and must get the same agreement id
+    (`open_by` is the provider's, carried in Accept).
 
     Raises LocalProtocolError if the inputs cannot form valid terms (e.g. provider wallet ==
     renter wallet, deposit overflow, wrong number of GPUs)."""
@@ -167,6 +194,7 @@ def build_agreement(
         arbiter=t.arbiter,
         dispute_window=t.dispute_window_s,
         details_hash=details.details_hash(),
+        open_by=open_by,
     )
     return terms, details
 
@@ -395,6 +423,8 @@ class RenterNegotiation(_Negotiation):
             raise bad("renter_binding is for another chain than the offer")
         if self.binding.wallet == self.offer.binding.wallet:
             raise bad("renter and provider wallets must differ")
+        if self.binding.wallet == self.offer.terms.arbiter:
+            raise bad("the offer's arbiter is this renter's wallet")
         if self._key.public == self.offer.provider:
             raise bad("renter and provider keys must differ")
         if not 1 <= self.min_gpu_count <= self.gpu_count <= MAX_GPUS_PER_OFFER:
@@ -489,7 +519,17 @@ class RenterNegotiation(_Negotiation):
                 f"accept assigns {len(msg.gpus)} GPUs, need {proposal.gpu_count} distinct ones "
                 "from the offer",
             )
-        terms, details = build_agreement(self.offer, self.offer_digest, proposal, msg.gpus)
+        # [violation] a consent the renter cannot use in time (the escrow refuses after open_by)
+        if msg.open_by * 1000 < now_ms + self.params.min_open_window_ms:
+            raise NegotiationViolation(
+                Reason.BAD_OPEN_BY,
+                f"open_by {msg.open_by} leaves less than {self.params.min_open_window_ms} ms "
+                "to open the escrow")
+        try:
+            terms, details = build_agreement(self.offer, self.offer_digest, proposal, msg.gpus,
+                                             msg.open_by)
+        except LocalProtocolError as exc:  # e.g. open_by beyond uint64
+            raise NegotiationViolation(Reason.INVALID_MESSAGE, str(exc)) from None
         agreement_id = terms.agreement_id()
         if msg.agreement_id != agreement_id:
             raise NegotiationViolation(Reason.TERMS_MISMATCH,
@@ -546,8 +586,12 @@ class ProviderNegotiation(_Negotiation):
         free_gpus: Sequence[bytes],
         min_price_per_gpu_second: int,
         params: Params,
+        *,
+        open_hold_ms: int = DEFAULT_OPEN_HOLD_MS,
     ) -> None:
         super().__init__(provider, params)
+        if open_hold_ms < 1:
+            raise LocalProtocolError("bad_argument", "open_hold_ms must be positive")
         if provider.public != offer.provider:
             raise LocalProtocolError("bad_argument", "the offer is not this provider's")
         if private_key_address(wallet_private_key) != offer.binding.wallet:
@@ -561,6 +605,7 @@ class ProviderNegotiation(_Negotiation):
         self.offer = offer
         self.offer_digest = offer_digest
         self.min_price = min_price_per_gpu_second
+        self.open_hold_ms = open_hold_ms  # the accepted terms' open_by is now + this
         self._wallet_key = wallet_private_key
         self.free_gpus: tuple[bytes, ...] = ()
         self.set_free_gpus(free_gpus)
@@ -599,6 +644,8 @@ class ProviderNegotiation(_Negotiation):
             raise NegotiationViolation(Reason.BAD_BINDING, str(exc)) from None
         if binding.wallet == self.offer.binding.wallet:
             raise NegotiationViolation(Reason.INVALID_MESSAGE, "renter wallet is the provider's")
+        if binding.wallet == self.offer.terms.arbiter:
+            raise NegotiationViolation(Reason.INVALID_MESSAGE, "renter wallet is the offer's arbiter")
         return self._decide(msg, now_ms)
 
     def _on_next_proposal(self, msg: Proposal, now_ms: int) -> list[Effect]:
@@ -658,12 +705,13 @@ class ProviderNegotiation(_Negotiation):
         gpus = self.free_gpus[: msg.gpu_count]
         # Everything the renter controls was checked above (counts, overflow, its wallet), so a
         # LocalProtocolError here would be this provider's own bug (e.g. its offer) and propagates.
-        terms, details = build_agreement(self.offer, self.offer_digest, msg, gpus)
+        open_by = open_by_for(now_ms, self.open_hold_ms)
+        terms, details = build_agreement(self.offer, self.offer_digest, msg, gpus, open_by)
         agreement_id = terms.agreement_id()
         consent = sign_consent(self._wallet_key, escrow_domain(self.offer), terms)
         accept = Accept(
             negotiation_id=self.negotiation_id, round=msg.round, agreement_id=agreement_id,
-            gpus=tuple(gpus), consent_sig=consent, sent_ms=now_ms,
+            gpus=tuple(gpus), consent_sig=consent, open_by=open_by, sent_ms=now_ms,
         ).sign(self._key)
         self.state = State.AGREED
         self._deadline = None

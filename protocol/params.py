@@ -27,9 +27,16 @@ class Params:
     min_heartbeat_interval_s: int = 5
     max_heartbeat_interval_s: int = 600
     max_rental_s: int = 30 * 24 * 3600  # a single agreement lasts 30 days at most
+    # grace and dispute window: the escrow contract's own bounds (constants there, so a value
+    # outside them here only makes offers that can never be opened)
+    min_grace_s: int = 300  # the provider must see the end and get its claim mined
+    max_grace_s: int = 7 * 24 * 3600  # an unclaimed deposit is locked at most this long past the end
+    min_dispute_window_s: int = 300  # a party must see the claim and get its dispute mined
+    max_dispute_window_s: int = 7 * 24 * 3600
     # Negotiation
     negotiation_step_timeout_ms: int = 10 * SECOND_MS  # each step must be answered within this
     negotiation_max_rounds: int = 4  # proposals, counting the first
+    min_open_window_ms: int = 5 * SECOND_MS  # Accept.open_by must leave the renter this long
     # Heartbeats and receipts
     provider_stop_after_missed_receipts: int = 3  # intervals without a receipt, then stop serving
     renter_heartbeat_timeout_intervals: int = 2  # intervals without a heartbeat: stop receipts

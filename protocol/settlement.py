@@ -25,7 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .agreement import UINT64_MAX, AgreementTerms
+from .agreement import (
+    ESCROW_MAX_DISPUTE_WINDOW_S,
+    ESCROW_MAX_GRACE_S,
+    ESCROW_MIN_DISPUTE_WINDOW_S,
+    ESCROW_MIN_GRACE_S,
+    UINT64_MAX,
+    AgreementTerms,
+)
 from .errors import LocalProtocolError
 
 # The arbiter has this long after a dispute to rule; afterwards anyone may finalize at the
@@ -163,6 +170,20 @@ OPEN, CLOSED, CLAIMED, DISPUTED, FINAL = "open", "closed", "claimed", "disputed"
 class EscrowModel:
     """One agreement in the escrow contract. Each method returns the Payout it makes (or None)
     and raises LocalProtocolError with the contract's reason where the contract would revert."""
+
+    @classmethod
+    def open(cls, terms: AgreementTerms, now_s: int) -> "EscrowModel":
+        """The contract's `open` checks that AgreementTerms does not make itself (the consent's
+        deadline and the bounds on grace and the dispute window), then the open agreement."""
+        if now_s > terms.open_by:
+            raise LocalProtocolError("consent_expired", f"open at {now_s} after open_by {terms.open_by}")
+        if not ESCROW_MIN_GRACE_S <= terms.grace <= ESCROW_MAX_GRACE_S:
+            raise LocalProtocolError("grace_out_of_bounds", f"grace {terms.grace} s")
+        if terms.has_arbiter and not (ESCROW_MIN_DISPUTE_WINDOW_S <= terms.dispute_window
+                                      <= ESCROW_MAX_DISPUTE_WINDOW_S):
+            raise LocalProtocolError("dispute_window_out_of_bounds",
+                                     f"dispute window {terms.dispute_window} s")
+        return cls(terms, now_s)
 
     def __init__(self, terms: AgreementTerms, started_s: int) -> None:
         self.terms = terms

@@ -78,10 +78,17 @@ def check_offer_static(offer: Offer, params: Params) -> None:
         raise Reject("bad_terms", "heartbeat interval outside the allowed range")
     if terms.grace_s < terms.heartbeat_interval_s:
         raise Reject("bad_terms", "grace must be at least one heartbeat interval")
+    if not params.min_grace_s <= terms.grace_s <= params.max_grace_s:
+        raise Reject("bad_terms", "grace outside the allowed range")
     if terms.escrow == ZERO_ADDRESS:
         raise Reject("bad_terms", "no escrow contract")
     if (terms.arbiter == ZERO_ADDRESS) != (terms.dispute_window_s == 0):
         raise Reject("bad_terms", "an arbiter needs a dispute window and vice versa")
+    if terms.arbiter != ZERO_ADDRESS:
+        if not params.min_dispute_window_s <= terms.dispute_window_s <= params.max_dispute_window_s:
+            raise Reject("bad_terms", "dispute window outside the allowed range")
+        if terms.arbiter == offer.binding.wallet:
+            raise Reject("bad_terms", "the arbiter is the provider's own wallet")
     if terms.token_decimals > 36:
         raise Reject("bad_terms", "token decimals above 36")
     if terms.price_per_gpu_second * len(offer.gpus) * terms.max_duration_s > UINT256_MAX:

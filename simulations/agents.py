@@ -19,6 +19,7 @@ from protocol.identity import PeerKey
 from protocol.messages import Binding, GpuMetrics, Offer, OfferWithdrawal, digest
 from protocol.negotiation import (
     FirstAgreementWins, ProviderNegotiation, RenterNegotiation, State, escrow_domain,
+    renter_refusal,
 )
 from protocol.offerbook import model_token
 from protocol.rental import ProviderRental, RenterRental
@@ -239,7 +240,8 @@ class Provider(Agent):
                     return
                 free = [g for g in self.free() if g in {x.uuid_digest for x in self.offer.gpus}]
                 n = ProviderNegotiation(self.offer, self.offer_digest, self.peer, self.wallet_key,
-                                        free, self.floor, self.world.params)
+                                        free, self.floor, self.world.params,
+                                        open_hold_ms=self.world.cfg["market"]["reservation_hold_s"] * 1000)
                 self.negs[key] = n
             self.effects(n.receive_data(data, now), ("neg", key))
             self.schedule(("neg", key), n.next_deadline())
@@ -296,7 +298,7 @@ class Provider(Agent):
                 if e.event == "negotiation_agreed":
                     n = self.negs[stream[1]]
                     aid = e.detail["agreement_id"]
-                    hold = now + w.cfg["market"]["reservation_hold_s"] * 1000
+                    hold = (n.terms.open_by + 1) * 1000  # the consent is dead after open_by
                     for g in e.detail["gpus"]:
                         self.taken[g] = (aid, hold)
                     self.pending[aid] = n
@@ -447,8 +449,10 @@ class Renter(Agent):
         # this renter's own book at `now` (world.query_book: the shared book in this node's state)
         q = f"gpu={model_token(want['model'])} count>={want['gpus']}"
         found, size = w.query_book(self.idx, q, 50)
+        # Every renter trusts the market's arbiter (renter.arbiters on a node), no other.
         entries = [e for e in found
-                   if e.price_per_gpu_hour <= want["max_price"] * 3600][: w.cfg["renters"]["parallel"]]
+                   if e.price_per_gpu_hour <= want["max_price"] * 3600
+                   and renter_refusal(e.offer, w.trusted_arbiters) is None][: w.cfg["renters"]["parallel"]]
         w.metrics.book_sizes.append(size)
         if not entries:
             w.metrics.fail("renter", "NO_MATCHING_OFFER")

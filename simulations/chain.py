@@ -3,14 +3,16 @@ gas per operation, and the escrow's rules from protocol.settlement.EscrowModel (
 of node/contracts/Escrow.vy).
 
 Gas per operation is taken from tests/benchmarks/bench_escrow_gas.py's results (ERC-20 token):
-open 91,861; claim that settles 74,651; close 31,086; recover ~40,748; with an arbiter, claim
-38,747, dispute 31,770, arbitrate 51,306, finalize 51,499 (specs/escrow.md). A reverted transaction is
+open 92,295; claim that settles 76,326; close 31,295; recover 40,926; with an arbiter, claim
+39,075, dispute 32,024, arbitrate 52,931, finalize 53,119 (specs/escrow.md). A reverted transaction is
 charged the same gas as a successful one (an over-estimate: real reverts stop early).
 
 What the model checks like the contract: the EscrowModel state machine and deadlines (block time,
-seconds); a claim's EIP-712 receipt signature is recovered (`recover_receipt_signer`) and must be
-the renter's wallet, as the contract's ecrecover does. What it does not: the consent signature on
-open (the renter's negotiation machine verified it already), token allowances, nonces, reorgs.
+seconds); `open` after `open_by` and grace / dispute window out of the escrow's bounds are
+refused (`EscrowModel.open`); a claim's EIP-712 receipt signature is recovered
+(`recover_receipt_signer`) and must be the renter's wallet, as the contract's ecrecover does. What
+it does not: the consent signature on open (the renter's negotiation machine verified it
+already), token allowances, nonces, reorgs.
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ class Chain:
         if tx.agreement_id in self.escrows:
             raise LocalProtocolError("exists", "agreement already opened")
         terms: AgreementTerms = tx.args["terms"]
-        esc = Escrow(terms, tx.args["domain"], EscrowModel(terms, now_s), tx.sender,
+        esc = Escrow(terms, tx.args["domain"], EscrowModel.open(terms, now_s), tx.sender,
                      tx.args["provider_node"], now_s, tx.args.get("record"))
         self.escrows[tx.agreement_id] = esc
         self.stats.deposited += terms.deposit

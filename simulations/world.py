@@ -204,6 +204,7 @@ class World:
         self.relay_bindings = BindingCache(1_000_000)
         # the market's arbiter, named in offers by a fraction of providers (market.arbiter_frac)
         self.arbiter_wallet = private_key_address(derive_seed(seed, "arbiter").to_bytes(32, "big"))
+        self.trusted_arbiters = frozenset({self.arbiter_wallet})
         self.series: list[dict] = []
         self.churn_events = {"leave": 0, "join": 0}
         self._wall0 = 0.0

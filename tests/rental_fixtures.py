@@ -44,6 +44,7 @@ def make_agreement(
     gpu_count: int = 2,
     arbiter: bytes = ZERO_ADDRESS,
     dispute_window: int = 0,
+    open_by: int = 4_102_444_800,  # 2100-01-01: these agreements are never opened on a chain
 ) -> Agreement:
     rng = random.Random(seed)
     provider, renter = PeerKey(rng.randbytes(32)), PeerKey(rng.randbytes(32))
@@ -70,6 +71,7 @@ def make_agreement(
         arbiter=arbiter,
         dispute_window=dispute_window,
         details_hash=details.details_hash(),
+        open_by=open_by,
     )
     return Agreement(
         terms=terms,

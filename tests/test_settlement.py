@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 
 import pytest
@@ -25,6 +26,7 @@ def _terms(price: int, max_seconds: int, arbiter: bool = False) -> AgreementTerm
     return AgreementTerms(
         base.provider, base.renter, base.token, price, max_seconds, 10, 300,
         ARBITER if arbiter else b"\x00" * 20, 3600 if arbiter else 0, base.details_hash,
+        base.open_by,
     )
 
 
@@ -179,3 +181,21 @@ def test_escrow_model__disputed_claim_is_arbitrated_or_finalized_after_timeout()
     with pytest.raises(LocalProtocolError):
         m2.finalize(1000 + ARBITRATION_TIMEOUT_S)
     assert m2.finalize(1001 + ARBITRATION_TIMEOUT_S) == Payout(500, 1500)
+
+
+def test_escrow_model__open_checks_the_consent_deadline_and_the_bounds():
+    terms = dataclasses.replace(_terms(price=1, max_seconds=100), open_by=5_000)
+    assert EscrowModel.open(terms, 5_000).state == settlement.OPEN  # block time == open_by: ok
+    with pytest.raises(LocalProtocolError) as exc:
+        EscrowModel.open(terms, 5_001)
+    assert exc.value.code == "consent_expired"
+    for grace in (299, 604_801):
+        with pytest.raises(LocalProtocolError) as exc:
+            EscrowModel.open(dataclasses.replace(terms, grace=grace), 4_000)
+        assert exc.value.code == "grace_out_of_bounds"
+    arb = dataclasses.replace(_terms(price=1, max_seconds=100, arbiter=True), open_by=5_000)
+    assert EscrowModel.open(arb, 4_000).state == settlement.OPEN
+    for window in (299, 604_801):
+        with pytest.raises(LocalProtocolError) as exc:
+            EscrowModel.open(dataclasses.replace(arb, dispute_window=window), 4_000)
+        assert exc.value.code == "dispute_window_out_of_bounds"

@@ -14,7 +14,9 @@
         A FINAL agreement keeps its slot non-zero so its id (and the provider's consent
         signature) can never be used again.
         Payouts are pushed at settlement; a push that fails (reverting recipient or token,
-        re-entry attempt, out of gas) becomes a credit the recipient withdraws later.
+        re-entry attempt, out of gas) becomes a credit the recipient withdraws later. A token
+        payout counts as paid by the escrow's own balance: whatever the token returns, only what
+        actually left the escrow is paid; the rest is credited (specs/escrow.md, tokens).
         Every state-changing function holds the transient-storage re-entrancy lock.
 """
 
@@ -31,6 +33,7 @@ struct Terms:
     arbiter: address
     disputeWindow: uint32
     detailsHash: bytes32
+    openBy: uint64
 
 event Opened:
     agreement_id: indexed(bytes32)
@@ -84,8 +87,8 @@ event Withdrawn:
 
 # keccak256("Agreement(address provider,address renter,address token,uint256 pricePerSecond,"
 #           "uint64 maxSeconds,uint32 heartbeatInterval,uint32 grace,address arbiter,"
-#           "uint32 disputeWindow,bytes32 detailsHash)")
-AGREEMENT_TYPEHASH: constant(bytes32) = keccak256("Agreement(address provider,address renter,address token,uint256 pricePerSecond,uint64 maxSeconds,uint32 heartbeatInterval,uint32 grace,address arbiter,uint32 disputeWindow,bytes32 detailsHash)")
+#           "uint32 disputeWindow,bytes32 detailsHash,uint64 openBy)")
+AGREEMENT_TYPEHASH: constant(bytes32) = keccak256("Agreement(address provider,address renter,address token,uint256 pricePerSecond,uint64 maxSeconds,uint32 heartbeatInterval,uint32 grace,address arbiter,uint32 disputeWindow,bytes32 detailsHash,uint64 openBy)")
 RECEIPT_TYPEHASH: constant(bytes32) = keccak256("Receipt(bytes32 agreementId,uint64 ackedSeconds)")
 DOMAIN_TYPEHASH: constant(bytes32) = keccak256("EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
 NAME_HASH: constant(bytes32) = keccak256("gpumarket-escrow")
@@ -107,6 +110,14 @@ MASK64: constant(uint256) = 18446744073709551615
 # claimed (receipt-backed) amounts, so funds are never stuck behind an absent arbiter.
 ARBITRATION_TIMEOUT: constant(uint256) = 1209600  # 14 days
 
+# Bounds on the terms (specs/parameters.md says why). grace: long enough for the provider to see
+# the end and get its claim mined; short enough that an unclaimed deposit returns within a week.
+# disputeWindow: the same reasoning for the party that contests a claim.
+MIN_GRACE: constant(uint32) = 300  # 5 minutes
+MAX_GRACE: constant(uint32) = 604800  # 7 days
+MIN_DISPUTE_WINDOW: constant(uint32) = 300  # 5 minutes
+MAX_DISPUTE_WINDOW: constant(uint32) = 604800  # 7 days
+
 # Gas forwarded to a recipient / token on a push payout; a push that fails for any reason
 # (including running out of this gas) becomes a credit for withdraw().
 NATIVE_PUSH_GAS: constant(uint256) = 100000
@@ -116,12 +127,14 @@ agreements: public(HashMap[bytes32, uint256])
 credits: public(HashMap[address, HashMap[address, uint256]])  # token -> holder -> amount
 
 _CACHED_CHAIN_ID: immutable(uint256)
+_CACHED_SELF: immutable(address)
 _CACHED_DOMAIN_SEPARATOR: immutable(bytes32)
 
 
 @deploy
 def __init__():
     _CACHED_CHAIN_ID = chain.id
+    _CACHED_SELF = self
     _CACHED_DOMAIN_SEPARATOR = keccak256(
         abi_encode(DOMAIN_TYPEHASH, NAME_HASH, VERSION_HASH, chain.id, self)
     )
@@ -160,9 +173,15 @@ def open(terms: Terms, consent_sig: Bytes[65]):
     assert msg.sender == terms.renter, "only the renter can open"
     assert terms.provider != empty(address), "provider is the zero address"
     assert terms.provider != terms.renter, "provider is the renter"
+    assert block.timestamp <= convert(terms.openBy, uint256), "consent expired (open_by passed)"
     assert terms.pricePerSecond != 0, "price_per_second is zero"
     assert terms.maxSeconds != 0, "max_seconds is zero"
+    assert terms.grace >= MIN_GRACE and terms.grace <= MAX_GRACE, "grace out of bounds"
     assert (terms.arbiter == empty(address)) == (terms.disputeWindow == 0), "arbiter and dispute_window must be set together"
+    if terms.arbiter != empty(address):
+        # An arbiter who is a party could claim, dispute its own claim and award itself the deposit.
+        assert terms.arbiter != terms.provider and terms.arbiter != terms.renter, "arbiter is a party"
+        assert terms.disputeWindow >= MIN_DISPUTE_WINDOW and terms.disputeWindow <= MAX_DISPUTE_WINDOW, "dispute_window out of bounds"
     assert terms.pricePerSecond <= max_value(uint256) // convert(terms.maxSeconds, uint256), "deposit overflows"
     agreement_id: bytes32 = self._agreement_id(terms)
     assert self.agreements[agreement_id] == 0, "agreement id already used"
@@ -232,8 +251,7 @@ def claim(terms: Terms, acked_seconds: uint64, receipt_sig: Bytes[65]):
     if terms.arbiter == empty(address):
         self.agreements[agreement_id] = FINAL
         log Claimed(agreement_id=agreement_id, acked_seconds=convert(acked_seconds, uint256), provider_amount=provider_amount, renter_amount=renter_amount, settled=True)
-        self._pay(agreement_id, terms.token, terms.provider, provider_amount)
-        self._pay(agreement_id, terms.token, terms.renter, renter_amount)
+        self._pay_both(agreement_id, terms, provider_amount, renter_amount)
     else:
         self.agreements[agreement_id] = CLAIMED | (packed & (MASK64 << 8)) | (convert(acked_seconds, uint256) << 72) | (block.timestamp << 136)
         log Claimed(agreement_id=agreement_id, acked_seconds=convert(acked_seconds, uint256), provider_amount=provider_amount, renter_amount=renter_amount, settled=False)
@@ -271,8 +289,7 @@ def arbitrate(terms: Terms, provider_amount: uint256):
     renter_amount: uint256 = deposit - provider_amount
     self.agreements[agreement_id] = FINAL
     log Arbitrated(agreement_id=agreement_id, provider_amount=provider_amount, renter_amount=renter_amount)
-    self._pay(agreement_id, terms.token, terms.provider, provider_amount)
-    self._pay(agreement_id, terms.token, terms.renter, renter_amount)
+    self._pay_both(agreement_id, terms, provider_amount, renter_amount)
 
 
 @external
@@ -298,8 +315,7 @@ def finalize(terms: Terms):
     renter_amount: uint256 = deposit - provider_amount
     self.agreements[agreement_id] = FINAL
     log Finalized(agreement_id=agreement_id, acked_seconds=acked, provider_amount=provider_amount, renter_amount=renter_amount)
-    self._pay(agreement_id, terms.token, terms.provider, provider_amount)
-    self._pay(agreement_id, terms.token, terms.renter, renter_amount)
+    self._pay_both(agreement_id, terms, provider_amount, renter_amount)
 
 
 @external
@@ -316,7 +332,10 @@ def recover(terms: Terms):
     deposit: uint256 = terms.pricePerSecond * convert(terms.maxSeconds, uint256)
     self.agreements[agreement_id] = FINAL
     log Recovered(agreement_id=agreement_id, renter_amount=deposit)
-    self._pay(agreement_id, terms.token, terms.renter, deposit)
+    if terms.token == empty(address):
+        self._push_native(agreement_id, terms.renter, deposit)
+    else:
+        self._push_token(agreement_id, terms.token, terms.renter, deposit, staticcall IERC20(terms.token).balanceOf(self))
 
 
 @external
@@ -335,6 +354,7 @@ def withdrawTo(token: address, to: address):
     @notice Pay out the caller's credit in `token` to `to` (for a caller that cannot receive).
     """
     assert to != empty(address), "to is the zero address"
+    assert to != self, "to is the escrow"
     self._withdraw(token, to)
 
 
@@ -349,41 +369,79 @@ def _withdraw(token: address, to: address):
     if token == empty(address):
         assert raw_call(to, b"", value=amount, revert_on_failure=False), "native transfer failed"
     else:
-        assert self._token_transfer(token, to, amount, msg.gas), "token transfer failed"
+        # Paid means: exactly `amount` left the escrow (whatever the token returns). Otherwise
+        # revert, and the credit stays for a later try.
+        before: uint256 = staticcall IERC20(token).balanceOf(self)
+        ok: bool = raw_call(
+            token,
+            abi_encode(to, amount, method_id=method_id("transfer(address,uint256)")),
+            revert_on_failure=False,
+        )
+        after: uint256 = staticcall IERC20(token).balanceOf(self)
+        assert ok and after <= before and before - after == amount, "token transfer failed"
 
 
 @internal
-def _pay(agreement_id: bytes32, token: address, to: address, amount: uint256):
+def _pay_both(agreement_id: bytes32, terms: Terms, provider_amount: uint256, renter_amount: uint256):
+    if terms.token == empty(address):
+        self._push_native(agreement_id, terms.provider, provider_amount)
+        self._push_native(agreement_id, terms.renter, renter_amount)
+    else:
+        # One balance read before and one after each push (the read after the first push is
+        # the read before the second).
+        balance: uint256 = staticcall IERC20(terms.token).balanceOf(self)
+        balance = self._push_token(agreement_id, terms.token, terms.provider, provider_amount, balance)
+        self._push_token(agreement_id, terms.token, terms.renter, renter_amount, balance)
+
+
+@internal
+def _push_native(agreement_id: bytes32, to: address, amount: uint256):
     if amount == 0:
         return
-    ok: bool = False
-    if token == empty(address):
-        ok = raw_call(to, b"", value=amount, gas=NATIVE_PUSH_GAS, revert_on_failure=False)
-    else:
-        ok = self._token_transfer(token, to, amount, TOKEN_PUSH_GAS)
-    if not ok:
-        self.credits[token][to] += amount
-        log Credited(agreement_id=agreement_id, recipient=to, token=token, amount=amount)
+    if not raw_call(to, b"", value=amount, gas=NATIVE_PUSH_GAS, revert_on_failure=False):
+        self._credit(agreement_id, empty(address), to, amount)
 
 
 @internal
-def _token_transfer(token: address, to: address, amount: uint256, gas_limit: uint256) -> bool:
-    ok: bool = False
-    resp: Bytes[32] = b""
-    ok, resp = raw_call(
+def _push_token(agreement_id: bytes32, token: address, to: address, amount: uint256, before: uint256) -> uint256:
+    """
+    @dev Push `amount` of `token` to `to`; `before` is the escrow's balance now. What left the
+         escrow's balance is what was paid, whatever the call returned (a token may move funds
+         and return false, or return true and move nothing); the unpaid rest becomes a credit.
+         A token that takes more than `amount` would be spending other agreements' deposits:
+         the settlement reverts. Returns the escrow's balance after the push.
+    """
+    if amount == 0:
+        return before
+    # `ok` is deliberately unused: a revert shows as nothing sent, a lie in either direction
+    # is caught by the balance.
+    ok: bool = raw_call(
         token,
         abi_encode(to, amount, method_id=method_id("transfer(address,uint256)")),
-        max_outsize=32,
-        gas=gas_limit,
+        gas=TOKEN_PUSH_GAS,
         revert_on_failure=False,
     )
-    return ok and self._returned_true(resp)
+    after: uint256 = staticcall IERC20(token).balanceOf(self)
+    sent: uint256 = 0
+    if after < before:
+        sent = before - after
+    assert sent <= amount, "token took more than the payout"
+    if sent < amount:
+        self._credit(agreement_id, token, to, amount - sent)
+    return after
+
+
+@internal
+def _credit(agreement_id: bytes32, token: address, to: address, amount: uint256):
+    self.credits[token][to] += amount
+    log Credited(agreement_id=agreement_id, recipient=to, token=token, amount=amount)
 
 
 @internal
 @pure
 def _returned_true(resp: Bytes[32]) -> bool:
-    # Tokens that return nothing are accepted (USDT-style); otherwise the word must be 1.
+    # transferFrom at open: no return value (USDT-style) or a word equal to 1. (The balance
+    # check after it decides what arrived.)
     if len(resp) == 0:
         return True
     if len(resp) < 32:
@@ -394,7 +452,9 @@ def _returned_true(resp: Bytes[32]) -> bool:
 @internal
 @view
 def _domain_separator() -> bytes32:
-    if chain.id == _CACHED_CHAIN_ID:
+    # Both re-checked: a chain split changes chain.id, a DELEGATECALL from another contract
+    # changes self (its consents must not verify against this deployment's domain).
+    if chain.id == _CACHED_CHAIN_ID and self == _CACHED_SELF:
         return _CACHED_DOMAIN_SEPARATOR
     return keccak256(abi_encode(DOMAIN_TYPEHASH, NAME_HASH, VERSION_HASH, chain.id, self))
 
@@ -411,7 +471,7 @@ def _agreement_id(terms: Terms) -> bytes32:
     return keccak256(abi_encode(
         AGREEMENT_TYPEHASH, terms.provider, terms.renter, terms.token, terms.pricePerSecond,
         terms.maxSeconds, terms.heartbeatInterval, terms.grace, terms.arbiter,
-        terms.disputeWindow, terms.detailsHash,
+        terms.disputeWindow, terms.detailsHash, terms.openBy,
     ))
 
 

@@ -71,8 +71,11 @@ class Bench:
             provider=self.provider, renter=self.renter, token=token,
             price_per_second=1_000 if token != ZERO_ADDRESS else 10**12, max_seconds=3_600,
             heartbeat_interval=30, grace=600, arbiter=arbiter, dispute_window=window,
-            details_hash=keccak(b"details %d" % self.nonce),
+            details_hash=keccak(b"details %d" % self.nonce), open_by=self.now() + 120,
         )
+
+    def now(self) -> int:
+        return self.w3.eth.get_block("latest").timestamp
 
     def open(self, t: AgreementTerms) -> int:
         sig = sign_consent(self.keys[self.provider], self.domain, t)
@@ -218,7 +221,7 @@ def credit_withdraw(b: Bench) -> dict[str, int]:
     t = AgreementTerms(
         provider=b.provider, renter=proxy_addr, token=ZERO_ADDRESS, price_per_second=10**12,
         max_seconds=3_600, heartbeat_interval=30, grace=600, arbiter=ZERO_ADDRESS,
-        dispute_window=0, details_hash=keccak(b"contract renter"))
+        dispute_window=0, details_hash=keccak(b"contract renter"), open_by=b.now() + 120)
     sig = sign_consent(b.keys[b.provider], b.domain, t)
     data = b.escrow.encode_abi("open", args=[t.as_tuple(), sig])
     b.tx(proxy.functions.call(b.escrow.address, data), b.other, t.deposit)

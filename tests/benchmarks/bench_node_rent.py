@@ -84,7 +84,7 @@ async def run_chain(kind: str, args: argparse.Namespace, workdir: Path) -> dict:
                                  memory_total_mib=24564, compute_capability=(8, 9))
                          for i in range(GPUS)])
         settings = ProviderSettings(price_per_gpu_second=PRICE, min_duration_s=5,
-                                    max_duration_s=3600, heartbeat_interval_s=5, grace_s=30,
+                                    max_duration_s=3600, heartbeat_interval_s=5, grace_s=300,
                                     publish_interval_s=0.5, nvml=nvml)
         result: dict = {}
         async with trio.open_nursery() as nursery:

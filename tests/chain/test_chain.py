@@ -31,10 +31,12 @@ def chain():
     return c
 
 
-def terms(chain, tag: bytes, *, token=None, price=1000, max_seconds=3600, grace=600) -> AgreementTerms:
+def terms(chain, tag: bytes, *, token=None, price=1000, max_seconds=3600, grace=600,
+          open_by=None) -> AgreementTerms:
     return AgreementTerms(private_key_address(PROVIDER), private_key_address(RENTER),
                           chain.token_address if token is None else token, price, max_seconds,
-                          30, grace, ZERO_ADDRESS, 0, keccak(tag))
+                          30, grace, ZERO_ADDRESS, 0, keccak(tag),
+                          chain.now_s() + 120 if open_by is None else open_by)
 
 
 def test_chain__open_then_claim_pays_both_sides(chain):
@@ -53,14 +55,14 @@ def test_chain__open_then_claim_pays_both_sides(chain):
 
 
 def test_chain__close_then_recover_refunds_everything(chain):
-    t = terms(chain, b"recover", grace=60)
+    t = terms(chain, b"recover", grace=300)
     r0 = chain.token_balance(t.renter)
     chain.open(RENTER, t, sign_consent(PROVIDER, chain.domain, t))
     chain.close(RENTER, t)
     with pytest.raises(RevertedError) as err:
         chain.recover(RENTER, t)
     assert err.value.reason == "claim period not over"
-    chain.time_travel(61)
+    chain.time_travel(301)
     chain.recover(STRANGER, t)  # anyone may recover on the renter's behalf
     assert chain.token_balance(t.renter) == r0
 
@@ -120,3 +122,14 @@ def test_revert_reason__anvil_tuple_text_gives_the_bare_reason():
              "0000000000000000000000000000000000000020')")
     assert _revert_reason(Exception(anvil)) == "claim period not over"
     assert _revert_reason(Exception("execution reverted: claim period not over")) == "claim period not over"
+
+
+def test_chain__open_after_open_by_is_refused_before_sending(chain):
+    t = terms(chain, b"late", open_by=chain.now_s() + 10)
+    chain.time_travel(11)
+    nonce = chain.w3.eth.get_transaction_count(chain.w3.to_checksum_address(t.renter))
+    with pytest.raises(ChainError, match="consent expired"):
+        chain.open(RENTER, t, sign_consent(PROVIDER, chain.domain, t))
+    # nothing was sent (no approve, no open): the renter paid no gas for a sure revert
+    assert chain.w3.eth.get_transaction_count(chain.w3.to_checksum_address(t.renter)) == nonce
+    assert chain.status(t.agreement_id()).state == "none"

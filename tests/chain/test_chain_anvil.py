@@ -37,7 +37,7 @@ def test_anvil__erc20_lifecycle_pays_both_sides(anvil):
     t = AgreementTerms(provider=provider.address, renter=renter.address, token=token,
                        price_per_second=1_000, max_seconds=3_600, heartbeat_interval=30,
                        grace=600, arbiter=b"\0" * 20, dispute_window=0,
-                       details_hash=keccak(b"anvil"))
+                       details_hash=keccak(b"anvil"), open_by=chain.now_s() + 120)
     chain.fund(renter.address, token_units=t.deposit, minter_key=deployer.key)
     opened = chain.open(renter.key, t, sign_consent(provider.key, chain.domain, t))  # approves first
     assert [name for name, _ in opened.events] == ["Opened"]
@@ -55,12 +55,12 @@ def test_anvil__recover_after_the_claim_window(anvil):
     chain.use_escrow(chain.deploy("Escrow", deployer.key))
     t = AgreementTerms(provider=provider.address, renter=renter.address, token=b"\0" * 20,
                        price_per_second=10**9, max_seconds=100, heartbeat_interval=30,
-                       grace=10, arbiter=b"\0" * 20, dispute_window=0,
-                       details_hash=keccak(b"anvil recover"))
+                       grace=300, arbiter=b"\0" * 20, dispute_window=0,
+                       details_hash=keccak(b"anvil recover"), open_by=chain.now_s() + 120)
     chain.open(renter.key, t, sign_consent(provider.key, chain.domain, t))
     with pytest.raises(RevertedError, match="claim period not over"):
         chain.recover(deployer.key, t)
-    chain.time_travel(111)
+    chain.time_travel(100 + 300 + 1)
     chain.recover(deployer.key, t)
     assert chain.status(t.agreement_id()).state == "final"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
 from dataclasses import replace
 
@@ -38,8 +39,13 @@ def deployer(path: str):
     return boa.load_partial(path)
 
 
+# Another escrow source to run these tests against (e.g. the pre-fix contract, to see the
+# regression tests fail there); default: the committed contract.
+ESCROW_SOURCE = os.environ.get("GPUMARKET_ESCROW_SOURCE") or str(CONTRACTS / "Escrow.vy")
+
+
 def deploy_escrow():
-    return deployer(str(CONTRACTS / "Escrow.vy")).deploy()
+    return deployer(ESCROW_SOURCE).deploy()
 
 
 def deploy_token():
@@ -54,13 +60,25 @@ def domain_of(escrow) -> EscrowDomain:
     return EscrowDomain(boa.env.evm.patch.chain_id, raw(escrow.address))
 
 
+MIN_GRACE = 300  # the contract's bounds (Escrow.vy constants)
+MAX_GRACE = 7 * 24 * 3600
+MIN_DISPUTE_WINDOW = 300
+MAX_DISPUTE_WINDOW = 7 * 24 * 3600
+OPEN_HOLD = 120  # make_terms' default open_by: this long after the current block time
+
+
+def now() -> int:
+    return boa.env.evm.patch.timestamp
+
+
 def make_terms(*, token=ZERO_ADDRESS, price=10**12, max_seconds=3_600, grace=600,
                arbiter=ZERO_ADDRESS, window=0, provider="provider", renter="renter",
-               salt: bytes = b"") -> AgreementTerms:
+               salt: bytes = b"", open_by: int | None = None) -> AgreementTerms:
     return AgreementTerms(
         provider=ADDR[provider], renter=ADDR[renter], token=token if isinstance(token, bytes) else raw(token.address),
         price_per_second=price, max_seconds=max_seconds, heartbeat_interval=30, grace=grace,
         arbiter=arbiter, dispute_window=window, details_hash=keccak(b"details" + salt),
+        open_by=now() + OPEN_HOLD if open_by is None else open_by,
     )
 
 
@@ -121,3 +139,12 @@ def tup(terms: AgreementTerms) -> tuple:
     """The terms as boa wants them for the `Terms` struct (addresses as 0x strings)."""
     return tuple(hexaddr(v) if isinstance(v, bytes) and len(v) == 20 else v
                  for v in terms.as_tuple())
+
+
+def unchecked(terms: AgreementTerms, **changes) -> AgreementTerms:
+    """`terms` with fields changed past AgreementTerms' own checks (which refuse, e.g., an
+    arbiter who is a party): what a hostile client could send, to test the contract's checks."""
+    out = replace(terms)
+    for name, value in changes.items():
+        object.__setattr__(out, name, value)
+    return out

@@ -20,3 +20,29 @@ def test_loader_returns_abi_and_bytecode():
     assert {"open", "claim", "close", "recover", "dispute", "arbitrate", "finalize",
             "withdraw", "withdrawTo", "status", "Opened", "Claimed"} <= names
     assert json.loads((HERE / "TestToken.json").read_text())["abi"] == load("TestToken")["abi"]
+
+
+def test_spec_abi_table_matches_the_committed_abi():
+    """specs/escrow.md lists every function with its exact types, selector and returns."""
+    import re
+
+    from eth_utils import keccak
+
+    def typ(x):
+        if x["type"].startswith("tuple"):
+            return "(" + ",".join(typ(c) for c in x["components"]) + ")" + x["type"][5:]
+        return x["type"]
+
+    spec = (HERE.parents[1] / "specs" / "escrow.md").read_text()
+    rows = re.findall(r"^\| `(\w+)\(([^`]*)\)` \| `(0x[0-9a-f]{8})` \| (\w+) \|", spec, re.M)
+    terms = "(address,address,address,uint256,uint64,uint32,uint32,address,uint32,bytes32,uint64)"
+    functions = {f["name"]: f for f in load("Escrow")["abi"] if f["type"] == "function"}
+    assert sorted(name for name, *_ in rows) == sorted(functions)
+    for name, args, selector, mutability in rows:
+        f = functions[name]
+        spec_args = [a.rsplit(" ", 1) for a in args.split(", ")] if args else []
+        assert [(t.replace("Terms", terms), n) for t, n in spec_args] == \
+            [(typ(i), i["name"]) for i in f["inputs"]], name
+        signature = f"{name}({','.join(typ(i) for i in f['inputs'])})"
+        assert "0x" + keccak(text=signature)[:4].hex() == selector, name
+        assert f["stateMutability"] == mutability, name

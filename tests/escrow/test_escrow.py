@@ -75,8 +75,8 @@ def test_open_twice_rejected_even_after_final(escrow):
 
 def _raw_terms(**over):
     fields = dict(provider=hexaddr(ADDR["provider"]), renter=hexaddr(ADDR["renter"]), token=ZERO,
-                  price=10, max_seconds=100, hb=30, grace=10, arbiter=ZERO, window=0,
-                  details=keccak(b"x"))
+                  price=10, max_seconds=100, hb=30, grace=600, arbiter=ZERO, window=0,
+                  details=keccak(b"x"), open_by=2**64 - 1)
     fields.update(over)
     return tuple(fields.values())
 

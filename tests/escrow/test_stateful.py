@@ -23,8 +23,8 @@ from protocol.agreement import AgreementTerms
 from protocol.eth import ZERO_ADDRESS
 
 from .helpers import (
-    ADDR, ARBITRATION_TIMEOUT, ZERO, consent, deploy_escrow, deploy_hostile, fund, hexaddr,
-    receipt, tup,
+    ADDR, ARBITRATION_TIMEOUT, MIN_DISPUTE_WINDOW, MIN_GRACE, ZERO, consent, deploy_escrow, deploy_hostile, fund, hexaddr,
+    make_terms, receipt, tup, unchecked,
 )
 
 OPEN, CLOSED, CLAIMED, DISPUTED, FINAL = 1, 2, 3, 4, 5
@@ -118,8 +118,8 @@ class EscrowMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: len(self.agreements) < 4)
     @rule(use_token=st.booleans(), arbiter=st.booleans(), price=st.integers(1, 10**6),
-          max_seconds=st.integers(1, 7_200), grace=st.integers(0, 1_200),
-          window=st.integers(1, 3_600), p=st.sampled_from(["provider", "provider2"]),
+          max_seconds=st.integers(1, 7_200), grace=st.integers(MIN_GRACE, 1_200),
+          window=st.integers(MIN_DISPUTE_WINDOW, 3_600), p=st.sampled_from(["provider", "provider2"]),
           r=st.sampled_from(["renter", "renter2"]))
     def open(self, use_token, arbiter, price, max_seconds, grace, window, p, r):
         self.salt += 1
@@ -128,7 +128,8 @@ class EscrowMachine(RuleBasedStateMachine):
             provider=ADDR[p], renter=ADDR[r], token=tk, price_per_second=price,
             max_seconds=max_seconds, heartbeat_interval=30, grace=grace,
             arbiter=ADDR["arbiter"] if arbiter else ZERO_ADDRESS,
-            dispute_window=window if arbiter else 0, details_hash=keccak(b"%d" % self.salt))
+            dispute_window=window if arbiter else 0, details_hash=keccak(b"%d" % self.salt),
+            open_by=self.now())  # the last second the consent is good for
         if use_token:
             self.token.mint(hexaddr(t.renter), t.deposit)
             self.wallet[(tk, t.renter)] += t.deposit
@@ -140,6 +141,32 @@ class EscrowMachine(RuleBasedStateMachine):
         self.wallet[(tk, t.renter)] -= t.deposit
         self.entered[tk] += t.deposit
         self.agreements.append(Agreement(t, self.now() + max_seconds))
+
+    @rule(kind=st.sampled_from(["expired", "grace_low", "grace_high", "window_low",
+                                "window_high", "arbiter_provider", "arbiter_renter"]),
+          late=st.integers(1, 10**6))
+    def open_refused(self, kind, late):
+        """Terms the escrow must refuse whatever state it is in (issue 12): nothing moves."""
+        self.salt += 1
+        base = dict(provider=ADDR["provider"], renter=ADDR["renter"], token=ZERO_ADDRESS,
+                    price_per_second=1_000, max_seconds=600, heartbeat_interval=30, grace=600,
+                    arbiter=ZERO_ADDRESS, dispute_window=0,
+                    details_hash=keccak(b"refused %d" % self.salt), open_by=self.now())
+        change, reason = {
+            "expired": ({"open_by": self.now() - late}, "consent expired (open_by passed)"),
+            "grace_low": ({"grace": MIN_GRACE - late % MIN_GRACE - 1}, "grace out of bounds"),
+            "grace_high": ({"grace": 604_800 + late}, "grace out of bounds"),
+            "window_low": ({"arbiter": ADDR["arbiter"], "dispute_window": late % MIN_DISPUTE_WINDOW or 1},
+                           "dispute_window out of bounds"),
+            "window_high": ({"arbiter": ADDR["arbiter"], "dispute_window": 604_800 + late},
+                            "dispute_window out of bounds"),
+            "arbiter_provider": ({"arbiter": ADDR["provider"], "dispute_window": 600}, "arbiter is a party"),
+            "arbiter_renter": ({"arbiter": ADDR["renter"], "dispute_window": 600}, "arbiter is a party"),
+        }[kind]
+        t = unchecked(make_terms(), **{**base, **change})
+        with boa.env.prank(hexaddr(t.renter)), boa.reverts(reason):
+            self.escrow.open(tup(t), consent(self.escrow, t), value=t.deposit)
+        event(f"open: {reason}")
 
     @precondition(lambda self: self.agreements)
     @rule(i=index, percent=st.integers(0, 110), sender=sender_choice)

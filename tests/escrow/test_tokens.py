@@ -74,9 +74,9 @@ def test_reentering_token_cannot_reenter(escrow):
     tok = deploy_hostile("ReentrantToken")
     # A victim agreement that anyone may recover right now: the token's re-entry payload
     # would succeed if the escrow were not locked during the token call.
-    victim = make_terms(salt=b"victim", max_seconds=10, grace=0)
+    victim = make_terms(salt=b"victim", max_seconds=10, grace=300)
     open_agreement(escrow, victim)
-    boa.env.time_travel(seconds=11)
+    boa.env.time_travel(seconds=311)
     tok.arm(escrow.address, escrow.recover.prepare_calldata(tup(victim)))
     t = make_terms(token=tok, price=10, salt=b"t")
     open_agreement(escrow, t, tok)  # transferFrom re-enters

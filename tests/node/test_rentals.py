@@ -42,7 +42,7 @@ def hosts_for(agreement):
 
 
 async def run_rental(tmp_path, *, max_seconds, drop_at_s=None, access=None):
-    a = make_agreement(7, max_seconds=max_seconds, interval=1, grace=5)
+    a = make_agreement(7, max_seconds=max_seconds, interval=1, grace=300)
     started_ms = int(trio.current_time() * 0) + __import__("time").time_ns() // 1_000_000
     escrow = RecordingEscrow(started_ms // 1000)
     provider_host, renter_host = hosts_for(a)

@@ -18,14 +18,14 @@ from protocol.params import Params
 
 PARAMS = Params(clock_skew_ms=2_000, min_heartbeat_interval_s=1, heartbeat_late_tolerance_ms=500,
                 negotiation_step_timeout_ms=5_000)
-HOLD_MS = 4_000
+HOLD_MS = 10_000  # the consent's open_by is accept time + this: the late open must fit in it
 
 
 def settings():
     nvml = FakeNvml([FakeGpu(name="NVIDIA GeForce RTX 4090", uuid=f"GPU-restart-{i}",
                              memory_total_mib=24564, compute_capability=(8, 9)) for i in range(2)])
     return ProviderSettings(price_per_gpu_second=1_000, min_duration_s=5, max_duration_s=3600,
-                            heartbeat_interval_s=1, grace_s=3, publish_interval_s=0.2, nvml=nvml,
+                            heartbeat_interval_s=1, grace_s=300, publish_interval_s=0.2, nvml=nvml,
                             open_hold_ms=HOLD_MS)
 
 
@@ -118,7 +118,7 @@ async def test_restart__renter_closed_while_provider_was_down__provider_claims_o
     achain = AsyncChain(chain)
     fast = PARAMS.replace(clock_skew_ms=5_000, renter_heartbeat_timeout_intervals=2,
                           provider_stop_after_missed_receipts=3)
-    provider_settings = dataclasses.replace(settings(), grace_s=20)  # the claim window after close
+    provider_settings = settings()  # grace 300 s: the claim window after close
     async with trio.open_nursery() as nursery:
         provider, p_scope = await start(nursery, achain, tmp_path / "provider", keys[1],
                                         provider_settings, params=fast)

@@ -28,6 +28,7 @@ def terms(**kw):
         provider=private_key_address(PROVIDER_KEY), renter=private_key_address(RENTER_KEY),
         token=b"\x00" * 20, price_per_second=417, max_seconds=7200, heartbeat_interval=30,
         grace=600, arbiter=b"\x00" * 20, dispute_window=0, details_hash=b"\x33" * 32,
+        open_by=1_767_225_720,
     )
     base.update(kw)
     return AgreementTerms(**base)
@@ -55,7 +56,7 @@ def test_consent__matches_eth_account_typed_data():
     fields = [("provider", "address"), ("renter", "address"), ("token", "address"),
               ("pricePerSecond", "uint256"), ("maxSeconds", "uint64"),
               ("heartbeatInterval", "uint32"), ("grace", "uint32"), ("arbiter", "address"),
-              ("disputeWindow", "uint32"), ("detailsHash", "bytes32")]
+              ("disputeWindow", "uint32"), ("detailsHash", "bytes32"), ("openBy", "uint64")]
     message = {name: ("0x" + v.hex() if isinstance(v, bytes) and len(v) == 20 else v)
                for (name, _), v in zip(fields, t.as_tuple())}
     expected = Account.sign_message(eip712("Agreement", fields, message), PROVIDER_KEY).signature
@@ -105,6 +106,10 @@ def test_receipt__high_s_twin_rejected():
     {"provider": b"\x00" * 20}, {"price_per_second": 0}, {"max_seconds": 0},
     {"heartbeat_interval": 0}, {"dispute_window": 60}, {"arbiter": b"\x01" * 20},
     {"price_per_second": 2**200, "max_seconds": 2**60}, {"details_hash": b"\x00"},
+    {"open_by": 0}, {"open_by": 2**64},
+    # an arbiter who is a party could award itself the deposit
+    {"arbiter": private_key_address(PROVIDER_KEY), "dispute_window": 3600},
+    {"arbiter": private_key_address(RENTER_KEY), "dispute_window": 3600},
 ])
 def test_terms__impossible_terms_are_a_local_error(change):
     with pytest.raises(LocalProtocolError):
@@ -115,9 +120,10 @@ def test_terms__every_field_changes_the_id():
     base = terms()
     ids = {base.agreement_id()}
     for field, value in [("token", b"\x01" * 20), ("price_per_second", 418), ("max_seconds", 7201),
-                         ("heartbeat_interval", 31), ("grace", 601), ("details_hash", b"\x34" * 32)]:
+                         ("heartbeat_interval", 31), ("grace", 601), ("details_hash", b"\x34" * 32),
+                         ("open_by", base.open_by + 1)]:
         ids.add(dataclasses.replace(base, **{field: value}).agreement_id())
-    assert len(ids) == 7
+    assert len(ids) == 8
 
 
 def test_agreement__cached_escrow_separator_matches_a_fresh_one():
@@ -161,9 +167,10 @@ ADDR = st.binary(min_size=20, max_size=20)
 
 @settings(max_examples=200, deadline=None)
 @given(ADDR.filter(any), ADDR.filter(any), ADDR, st.integers(1, 2**128), st.integers(1, 2**64 - 1),
-       st.integers(1, 2**32 - 1), st.integers(0, 2**32 - 1), st.binary(min_size=32, max_size=32))
+       st.integers(1, 2**32 - 1), st.integers(0, 2**32 - 1), st.binary(min_size=32, max_size=32),
+       st.integers(1, 2**64 - 1))
 def test_agreement_id__equals_the_eth_abi_struct_hash(provider, renter, token, price, seconds,
-                                                      interval, grace, details):
+                                                      interval, grace, details, open_by):
     from eth_abi import encode as abi_encode
 
     from protocol.agreement import AGREEMENT_TYPEHASH
@@ -172,8 +179,9 @@ def test_agreement_id__equals_the_eth_abi_struct_hash(provider, renter, token, p
     if provider == renter:
         renter = bytes([renter[0] ^ 1]) + renter[1:]
     t = terms(provider=provider, renter=renter, token=token, price_per_second=price,
-              max_seconds=seconds, heartbeat_interval=interval, grace=grace, details_hash=details)
+              max_seconds=seconds, heartbeat_interval=interval, grace=grace, details_hash=details,
+              open_by=open_by)
     want = keccak(abi_encode(
         ["bytes32", "address", "address", "address", "uint256", "uint64", "uint32", "uint32",
-         "address", "uint32", "bytes32"], [AGREEMENT_TYPEHASH, *t.as_tuple()]))
+         "address", "uint32", "bytes32", "uint64"], [AGREEMENT_TYPEHASH, *t.as_tuple()]))
     assert t.agreement_id() == want

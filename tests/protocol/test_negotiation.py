@@ -44,6 +44,7 @@ from protocol.samples import make_offer, make_provider
 NOW = 1_760_000_000_000
 PARAMS = Params()
 STEP = PARAMS.negotiation_step_timeout_ms
+OPEN_BY = NOW // 1000 + 120  # what a provider with the default 120 s hold puts in at NOW
 
 PROVIDER_KEY, PROVIDER_WALLET, PROVIDER_BINDING = make_provider(random.Random("provider"))
 RENTER_KEY, RENTER_WALLET, RENTER_BINDING = make_provider(random.Random("renter"))
@@ -155,14 +156,15 @@ def counter(nid: bytes, round_: int, *, price=ASK, gpu_count=2, duration_s=3600,
 
 
 def accept_for(prop: Proposal, *, sent_ms=NOW, key=PROVIDER_KEY, wallet=PROVIDER_WALLET,
-               tamper_terms=False) -> Accept:
+               tamper_terms=False, open_by=OPEN_BY, claimed_open_by=None) -> Accept:
     gpus = GPUS[: prop.gpu_count]
-    terms, _ = build_agreement(OFFER, OFFER_DIGEST, prop, gpus)
+    terms, _ = build_agreement(OFFER, OFFER_DIGEST, prop, gpus, open_by)
     if tamper_terms:  # the provider signs other terms than the proposal's (twice the price)
         terms = dataclasses.replace(terms, price_per_second=terms.price_per_second * 2)
     return Accept(negotiation_id=prop.negotiation_id, round=prop.round,
                   agreement_id=terms.agreement_id(), gpus=gpus,
                   consent_sig=sign_consent(wallet, escrow_domain(OFFER), terms),
+                  open_by=open_by if claimed_open_by is None else claimed_open_by,
                   sent_ms=sent_ms).sign(key)
 
 
@@ -201,13 +203,13 @@ def sent_reject(effects, reason: Reason, key: bytes) -> NegotiationReject:
 
 def test_build_agreement__maps_offer_and_proposal_field_by_field():
     prop = proposal(nid(7), price=123, gpu_count=3, duration_s=7200)
-    terms, details = build_agreement(OFFER, OFFER_DIGEST, prop, GPUS[1:4])
+    terms, details = build_agreement(OFFER, OFFER_DIGEST, prop, GPUS[1:4], OPEN_BY)
     t = OFFER.terms
     assert terms == AgreementTerms(
         provider=PROVIDER_BINDING.wallet, renter=RENTER_BINDING.wallet, token=t.token,
         price_per_second=123 * 3, max_seconds=7200, heartbeat_interval=t.heartbeat_interval_s,
         grace=t.grace_s, arbiter=t.arbiter, dispute_window=t.dispute_window_s,
-        details_hash=details.details_hash(),
+        details_hash=details.details_hash(), open_by=OPEN_BY,
     )
     assert details == AgreementDetails(
         negotiation_id=nid(7), offer_digest=OFFER_DIGEST, provider_key=PROVIDER_KEY.public,
@@ -221,14 +223,14 @@ def test_build_agreement__maps_offer_and_proposal_field_by_field():
 
 def test_build_agreement__gpus_change_the_agreement_id():
     prop = proposal(nid(7))
-    a, _ = build_agreement(OFFER, OFFER_DIGEST, prop, GPUS[:2])
-    b, _ = build_agreement(OFFER, OFFER_DIGEST, prop, GPUS[2:4])
+    a, _ = build_agreement(OFFER, OFFER_DIGEST, prop, GPUS[:2], OPEN_BY)
+    b, _ = build_agreement(OFFER, OFFER_DIGEST, prop, GPUS[2:4], OPEN_BY)
     assert a.agreement_id() != b.agreement_id()
 
 
 def test_build_agreement__refuses_wrong_number_of_gpus():
     with pytest.raises(LocalProtocolError):
-        build_agreement(OFFER, OFFER_DIGEST, proposal(nid(7), gpu_count=2), GPUS[:3])
+        build_agreement(OFFER, OFFER_DIGEST, proposal(nid(7), gpu_count=2), GPUS[:3], OPEN_BY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1080,3 +1082,114 @@ def test_first_agreement_wins__cancels_negotiations_still_in_flight():
     assert group.on_timer(NOW + STEP) == [] and group.done
     with pytest.raises(LocalProtocolError):
         group.handle(nid(5), accept.message, NOW)
+
+
+# --------------------------------------------------------------------------------------------
+# open_by: the provider's consent dies with its hold (issue 12)
+
+
+def test_open_by__provider_sets_accept_time_plus_its_hold():
+    pair = negotiate(renter_for(), provider_for())
+    assert_agreed_identically(pair)
+    accepted_at = NOW + 5  # ConnectionPair.run delivers the proposal 5 ms after NOW
+    assert pair.provider.accept.open_by == (accepted_at + 120_000) // 1000
+    assert pair.renter.terms.open_by == pair.provider.terms.open_by == pair.provider.accept.open_by
+    short = ProviderNegotiation(OFFER, OFFER_DIGEST, PROVIDER_KEY, PROVIDER_WALLET, GPUS, ASK,
+                                PARAMS, open_hold_ms=30_000)
+    pair = negotiate(renter_for(), short)
+    assert_agreed_identically(pair)
+    assert pair.renter.terms.open_by == (accepted_at + 30_000) // 1000
+
+
+def test_open_by__is_part_of_the_agreement_id_and_the_consent():
+    prop = proposal(nid(7))
+    a, _ = build_agreement(OFFER, OFFER_DIGEST, prop, GPUS[:2], OPEN_BY)
+    b, _ = build_agreement(OFFER, OFFER_DIGEST, prop, GPUS[:2], OPEN_BY + 1)
+    assert a.agreement_id() != b.agreement_id()
+    # An Accept that names another open_by than the one its consent covers does not agree.
+    renter = renter_for()
+    (send,) = renter.start(NOW)
+    renter.handle(accept_for(send.message, open_by=OPEN_BY, claimed_open_by=OPEN_BY + 600), NOW)
+    failed_with(renter, Reason.TERMS_MISMATCH, Fault.REMOTE, violation=True)
+
+
+@pytest.mark.parametrize("open_by", [
+    NOW // 1000 - 1,  # already past
+    (NOW + PARAMS.min_open_window_ms) // 1000 - 1,  # leaves less than min_open_window_ms
+])
+def test_renter__reject_accept_whose_open_by_leaves_no_time_to_open(open_by):
+    renter = renter_for()
+    (send,) = renter.start(NOW)
+    effects = renter.handle(accept_for(send.message, open_by=open_by), NOW)
+    failed_with(renter, Reason.BAD_OPEN_BY, Fault.REMOTE, violation=True)
+    assert not [e for e in effects if isinstance(e, EscrowCall)]
+    sent_reject(effects, Reason.BAD_OPEN_BY, RENTER_KEY.public)
+
+
+def test_renter__accepts_open_by_just_at_the_minimum_window():
+    renter = renter_for()
+    (send,) = renter.start(NOW)
+    open_by = -(-(NOW + PARAMS.min_open_window_ms) // 1000)  # ceil
+    renter.handle(accept_for(send.message, open_by=open_by), NOW)
+    assert renter.state is State.AGREED and renter.terms.open_by == open_by
+
+
+def test_provider__open_hold_must_be_positive():
+    with pytest.raises(LocalProtocolError):
+        ProviderNegotiation(OFFER, OFFER_DIGEST, PROVIDER_KEY, PROVIDER_WALLET, GPUS, ASK, PARAMS,
+                            open_hold_ms=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Arbiters: a party can never be the arbiter; a renter takes only arbiters it trusts (issue 12)
+
+def offer_with_arbiter(arbiter: bytes):
+    terms = dataclasses.replace(OFFER.terms, arbiter=arbiter, dispute_window_s=3600)
+    return dataclasses.replace(OFFER, terms=terms).sign(PROVIDER_KEY)
+
+
+ARBITER_OFFER = offer_with_arbiter(OTHER_BINDING.wallet)
+
+
+def test_renter_refusal__arbiter_must_be_on_the_renters_allowlist():
+    from protocol.negotiation import renter_refusal
+
+    assert renter_refusal(OFFER, frozenset()) is None  # no arbiter: nothing to trust
+    why = renter_refusal(ARBITER_OFFER, frozenset())
+    assert why is not None and "trusts no arbiter" in why and OTHER_BINDING.wallet.hex() in why
+    why = renter_refusal(ARBITER_OFFER, frozenset({b"\x01" * 20}))
+    assert why is not None and "not in renter.arbiters" in why
+    assert renter_refusal(ARBITER_OFFER, frozenset({OTHER_BINDING.wallet})) is None
+
+
+def test_renter_refusal__known_rebasing_token_is_refused():
+    from protocol.negotiation import renter_refusal
+    from protocol.tokens import REFUSED_TOKENS
+
+    (chain_id, token), _ = next(iter(REFUSED_TOKENS.items()))
+    terms = dataclasses.replace(OFFER.terms, chain_id=chain_id, token=token)
+    why = renter_refusal(dataclasses.replace(OFFER, terms=terms), frozenset())
+    assert why is not None and "rebasing" in why
+
+
+def test_renter__offer_whose_arbiter_is_the_renters_wallet_is_a_local_error():
+    offer = offer_with_arbiter(RENTER_BINDING.wallet)
+    with pytest.raises(LocalProtocolError):
+        renter_for(offer, digest(offer.encode()))
+
+
+def test_provider__renter_whose_wallet_is_the_arbiter_is_refused():
+    offer = offer_with_arbiter(RENTER_BINDING.wallet)
+    d = digest(offer.encode())
+    provider = provider_for(offer, d)
+    effects = provider.handle(proposal(nid(9), offer_digest=d), NOW)
+    failed_with(provider, Reason.INVALID_MESSAGE, Fault.REMOTE, violation=True)
+    assert "arbiter" in provider.failure.detail
+    assert not [e for e in effects if isinstance(e, Send) and isinstance(e.message, Accept)]
+
+
+def test_negotiation__with_a_trusted_arbiter_agrees():
+    d = digest(ARBITER_OFFER.encode())
+    pair = negotiate(renter_for(ARBITER_OFFER, d), provider_for(ARBITER_OFFER, d))
+    assert pair.renter.state is State.AGREED
+    assert pair.renter.terms.arbiter == OTHER_BINDING.wallet

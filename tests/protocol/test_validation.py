@@ -88,6 +88,17 @@ def test_validate_offer__reject_forged_wallet_binding():
     (lambda o: {"terms": dataclasses.replace(o.terms, dispute_window_s=60)}, "bad_terms"),
     (lambda o: {"terms": dataclasses.replace(o.terms, price_per_gpu_second=2**250)}, "bad_terms"),
     (lambda o: {"host": dataclasses.replace(o.host, cpu_cores=0)}, "bad_host"),
+    # the escrow's bounds (issue 12): grace in [300 s, 7 days], dispute window likewise, and an
+    # arbiter who is the provider's own wallet
+    (lambda o: {"terms": dataclasses.replace(o.terms, grace_s=299)}, "bad_terms"),
+    (lambda o: {"terms": dataclasses.replace(o.terms, grace_s=604_801)}, "bad_terms"),
+    (lambda o: {"terms": dataclasses.replace(o.terms, grace_s=2**32 - 1)}, "bad_terms"),
+    (lambda o: {"terms": dataclasses.replace(o.terms, arbiter=b"\xab" * 20, dispute_window_s=299)},
+     "bad_terms"),
+    (lambda o: {"terms": dataclasses.replace(o.terms, arbiter=b"\xab" * 20,
+                                             dispute_window_s=604_801)}, "bad_terms"),
+    (lambda o: {"terms": dataclasses.replace(o.terms, arbiter=o.binding.wallet,
+                                             dispute_window_s=3_600)}, "bad_terms"),
 ])
 def test_validate_offer__reject_impossible_values(change, code):
     o = offer(gpu_count=1)
@@ -171,3 +182,17 @@ def test_validate_offer__reject_addresses_of_another_host():
     steering = f"/ip4/198.51.100.9/tcp/80/p2p/{peer_id_from_public_key(other.public)}"
     assert verdict(resign(offer(), addrs=(mine, steering)).encode()) == (REJECT, "bad_addrs")
     assert verdict(resign(offer(), addrs=("not a multiaddr",)).encode()) == (REJECT, "bad_addrs")
+
+
+@pytest.mark.parametrize("grace, window", [(300, 300), (604_800, 604_800), (600, 3_600)])
+def test_validate_offer__grace_and_dispute_window_bounds_are_inclusive(grace, window):
+    o = offer(gpu_count=1)
+    terms = dataclasses.replace(o.terms, grace_s=grace, arbiter=b"\xab" * 20, dispute_window_s=window)
+    validate_offer(resign(o, terms=terms).encode(), NOW, PARAMS, BindingCache(1))
+
+
+def test_validate_offer__bounds_come_from_params():
+    o = offer(gpu_count=1)
+    data = resign(o, terms=dataclasses.replace(o.terms, grace_s=60)).encode()
+    assert verdict(data) == (REJECT, "bad_terms")
+    validate_offer(data, NOW, PARAMS.replace(min_grace_s=30), BindingCache(1))

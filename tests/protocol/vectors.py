@@ -75,8 +75,10 @@ def build() -> dict[str, dict]:
                         NOW_MS + 1000).sign(renter)
     details = AgreementDetails(nid, digest(offer_bytes), provider.public, renter.public, CHAIN_ID,
                                ESCROW, (offer.gpus[0].uuid_digest,), proposal.access_key)
+    accept_ms = NOW_MS + 2000
+    open_by = (accept_ms + 120_000) // 1000  # the provider's hold: 120 s
     terms = AgreementTerms(p_binding.wallet, r_binding.wallet, TOKEN, 139, 3600, 30, 600,
-                           b"\x00" * 20, 0, details.details_hash())
+                           b"\x00" * 20, 0, details.details_hash(), open_by)
     domain = EscrowDomain(CHAIN_ID, ESCROW)
     aid = terms.agreement_id()
     consent = sign_consent(PROVIDER_WALLET_KEY, domain, terms)
@@ -91,7 +93,7 @@ def build() -> dict[str, dict]:
         message_vector("proposal", proposal, renter),
         message_vector("counter", CounterProposal(nid, 1, 1, 3600, 150, NOW_MS + 1500).sign(provider), provider),
         message_vector("accept", Accept(nid, 2, aid, (offer.gpus[0].uuid_digest,), consent,
-                                        NOW_MS + 2000).sign(provider), provider),
+                                        open_by, accept_ms).sign(provider), provider),
         message_vector("reject", NegotiationReject(nid, 1, 1, "price below ask", NOW_MS + 1500).sign(renter), renter),
         message_vector("heartbeat_0", hb0, provider),
         message_vector("receipt_30s", receipt, renter),
@@ -99,6 +101,11 @@ def build() -> dict[str, dict]:
 
     def tamper(data: bytes, pos: int) -> str:
         return (data[:pos] + bytes([data[pos] ^ 0x01]) + data[pos + 1:]).hex()
+
+    def with_terms(**changes) -> str:
+        """The offer with other terms, signed again: only the terms check can fail."""
+        changed = dataclasses.replace(offer, terms=dataclasses.replace(offer.terms, **changes))
+        return changed.sign(provider).encode().hex()
 
     big_seq = bytearray(offer_bytes)
     invalid = [
@@ -121,6 +128,22 @@ def build() -> dict[str, dict]:
          "verdict": "ignore", "code": "from_future"},
         {"name": "wrong_chain", "wire_hex": offer_bytes.hex(), "now_ms": NOW_MS,
          "chain_ids": [1, 8453], "verdict": "ignore", "code": "wrong_chain"},
+        # grace and dispute window bounds (the escrow's constants, Params defaults)
+        {"name": "grace_below_min", "wire_hex": with_terms(grace_s=299),
+         "now_ms": NOW_MS, "verdict": "reject", "code": "bad_terms"},
+        {"name": "grace_above_max", "wire_hex": with_terms(grace_s=604_801),
+         "now_ms": NOW_MS, "verdict": "reject", "code": "bad_terms"},
+        {"name": "grace_uint32_max", "wire_hex": with_terms(grace_s=2**32 - 1),
+         "now_ms": NOW_MS, "verdict": "reject", "code": "bad_terms"},
+        {"name": "dispute_window_below_min",
+         "wire_hex": with_terms(arbiter=bytes([0xab] * 20), dispute_window_s=299),
+         "now_ms": NOW_MS, "verdict": "reject", "code": "bad_terms"},
+        {"name": "dispute_window_above_max",
+         "wire_hex": with_terms(arbiter=bytes([0xab] * 20), dispute_window_s=604_801),
+         "now_ms": NOW_MS, "verdict": "reject", "code": "bad_terms"},
+        {"name": "arbiter_is_the_provider_wallet",
+         "wire_hex": with_terms(arbiter=p_binding.wallet, dispute_window_s=3600),
+         "now_ms": NOW_MS, "verdict": "reject", "code": "bad_terms"},
     ]
     agreement = {
         "chain_id": CHAIN_ID, "escrow": ESCROW.hex(),

@@ -18,6 +18,7 @@ struct Terms:
     arbiter: address
     disputeWindow: uint32
     detailsHash: bytes32
+    openBy: uint64
 
 event Accepted:
     agreement_id: indexed(bytes32)
@@ -30,7 +31,7 @@ event Opened:
     deposit: uint256
     end: uint256
 
-AGREEMENT_TYPEHASH: constant(bytes32) = keccak256("Agreement(address provider,address renter,address token,uint256 pricePerSecond,uint64 maxSeconds,uint32 heartbeatInterval,uint32 grace,address arbiter,uint32 disputeWindow,bytes32 detailsHash)")
+AGREEMENT_TYPEHASH: constant(bytes32) = keccak256("Agreement(address provider,address renter,address token,uint256 pricePerSecond,uint64 maxSeconds,uint32 heartbeatInterval,uint32 grace,address arbiter,uint32 disputeWindow,bytes32 detailsHash,uint64 openBy)")
 ACCEPTED: constant(uint256) = 6
 OPEN: constant(uint256) = 1
 MASK64: constant(uint256) = 18446744073709551615
@@ -76,5 +77,5 @@ def _agreement_id(terms: Terms) -> bytes32:
     return keccak256(abi_encode(
         AGREEMENT_TYPEHASH, terms.provider, terms.renter, terms.token, terms.pricePerSecond,
         terms.maxSeconds, terms.heartbeatInterval, terms.grace, terms.arbiter,
-        terms.disputeWindow, terms.detailsHash,
+        terms.disputeWindow, terms.detailsHash, terms.openBy,
     ))
