@@ -193,6 +193,7 @@ class Node:
         self.rng = random.Random()
         self.resumed: dict[str, list[str]] = {}  # what the last start did: outcome -> agreement ids
         self.accept_to_open_s: float | None = None  # renter: the last rent's Accept-to-Opened time
+        self.hold_used_ms: list[int] = []  # provider: Accept to the renter's hello on the open escrow
 
     @property
     def peer_id(self) -> ID:
@@ -340,6 +341,12 @@ class Node:
         if self._pending.pop(agreement_id, None) is None:
             return None  # another hello for it got here first
         self._forget_pending(agreement_id)
+        hold = self.capacity.unopened(now_ms()).get(agreement_id)
+        if hold is not None and hold.until_ms is not None:
+            used = now_ms() - (hold.until_ms - self._open_hold_ms)
+            self.hold_used_ms.append(used)
+            log.info("%s: agreement %s opened %d ms into its %d ms hold", self.config.name,
+                     agreement_id.hex()[:12], used, self._open_hold_ms)
         self.capacity.commit(agreement_id)
         rental = Rental("provider", terms, details, started_s=started_s,
                         provider_binding=self.binding, renter_binding=pending.renter_binding)
