@@ -338,15 +338,23 @@ class Node:
             if started_s is None:
                 log.info("renter asked to start %s before the escrow is open", agreement_id.hex()[:12])
                 raise HelloRefused("not_open")
-        if self._pending.pop(agreement_id, None) is None:
+        if agreement_id not in self._pending:
             return None  # another hello for it got here first
-        self._forget_pending(agreement_id)
         hold = self.capacity.unopened(now_ms()).get(agreement_id)
-        if hold is not None and hold.until_ms is not None:
+        if hold is None:
+            # Opened after its hold ended: serve it only if its GPUs are still free (never two
+            # renters on one GPU); otherwise the renter gets no heartbeat and recovers it all.
+            try:
+                self.capacity.reserve(agreement_id, details.gpus, now_ms() + self._open_hold_ms)
+            except ValueError:
+                raise HelloRefused("hold_expired") from None
+        else:
             used = now_ms() - (hold.until_ms - self._open_hold_ms)
             self.hold_used_ms.append(used)
             log.info("%s: agreement %s opened %d ms into its %d ms hold", self.config.name,
                      agreement_id.hex()[:12], used, self._open_hold_ms)
+        del self._pending[agreement_id]
+        self._forget_pending(agreement_id)
         self.capacity.commit(agreement_id)
         rental = Rental("provider", terms, details, started_s=started_s,
                         provider_binding=self.binding, renter_binding=pending.renter_binding)

@@ -708,7 +708,7 @@ class ProviderNegotiation(_Negotiation):
 # Why a provider may withhold an Accept its machine reached (the checks the node makes between
 # the machine's decision and sending the consent: specs/node.md, "Negotiation stream").
 WITHHOLD_REASONS = frozenset({Reason.INSUFFICIENT_FUNDS, Reason.TOO_MANY_PENDING,
-                              Reason.PROVIDER_BUSY, Reason.NO_CAPACITY})
+                              Reason.PROVIDER_BUSY})
 
 RENTER_TRANSITIONS = RenterNegotiation.TRANSITIONS
 PROVIDER_TRANSITIONS = ProviderNegotiation.TRANSITIONS

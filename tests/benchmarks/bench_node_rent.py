@@ -110,6 +110,8 @@ async def run_chain(kind: str, args: argparse.Namespace, workdir: Path) -> dict:
                 for _ in range(args.negotiations):
                     with trio.fail_after(10):  # each hold re-announces the offer: use the newest
                         while (entry := renter.book.held(provider.key.public)) is None or \
+                                len(entry.offer.gpus) != len(provider.capacity.free(
+                                    int(time.time() * 1000))) or \
                                 entry.digest != provider.book.held(provider.key.public).digest:
                             await trio.sleep(0.02)
                     t0 = time.perf_counter()

@@ -47,6 +47,7 @@ async def start(nursery, chain, path, key, provider=None, bootstrap=(), params=P
 async def negotiate(renter, provider):
     with trio.fail_after(5):  # the provider re-announces its offer without the GPUs it holds
         while (entry := renter.book.held(provider.key.public)) is None \
+                or len(entry.offer.gpus) != len(provider.capacity.free(int(time.time() * 1000))) \
                 or entry.digest != provider.book.held(provider.key.public).digest:
             await trio.sleep(0.05)
     group = await negotiate_first(renter.host, renter.key, renter.binding,
