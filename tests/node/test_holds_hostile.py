@@ -56,7 +56,8 @@ class CountingChain(AsyncChain):
 class Market:
     """The embedded chain, one provider node with `gpus` GPUs, one honest renter node."""
 
-    def __init__(self, tmp_path, *, gpus: int = 4, open_hold_ms: int = 30_000) -> None:
+    def __init__(self, tmp_path, *, gpus: int = 4, open_hold_ms: int = 30_000,
+                 provider_poll_s: float = 0.2) -> None:
         self.chain = Chain.embedded()
         keys = self.chain.dev_keys()
         self.keys = keys
@@ -72,7 +73,7 @@ class Market:
             open_hold_ms=open_hold_ms)
         self.provider = Node(NodeConfig(tmp_path / "provider", keys[1], params=PARAMS,
                                         provider=self.settings, name="provider",
-                                        chain_poll_s=0.2), self.provider_chain)
+                                        chain_poll_s=provider_poll_s), self.provider_chain)
         self.renter = Node(NodeConfig(tmp_path / "renter", keys[2], params=PARAMS, name="renter",
                                       chain_poll_s=0.2), self.achain)
         self.chain.fund(private_key_address(keys[2]), token_units=10**12, minter_key=keys[0])
@@ -310,4 +311,43 @@ async def test_holds__rental_hello_flood_with_unknown_and_unopened_ids_costs_no_
         assert refused == sent, desk.rejected
         assert reads <= 1 + int(elapsed / OPEN_RECHECK_S), (calls, desk.rejected, elapsed)
         assert desk.rejected.get("rate_limited", 0) >= 1 and desk.rejected.get("not_renter", 0) >= 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_holds__an_open_after_the_hold_ended_is_not_served_on_a_gpu_rented_since(tmp_path):
+    # One GPU. The attacker's hold runs out and an honest renter rents the GPU; then the
+    # attacker opens its escrow with the consent it kept and says hello. The provider must not
+    # put two renters on one GPU. (The provider's chain watcher polls slowly here, so the
+    # unopened agreement is still on its books when the late hello comes.)
+    hold_ms = 1_500
+    market = Market(tmp_path, gpus=1, open_hold_ms=hold_ms, provider_poll_s=60)
+    rng = random.Random(16)
+    wallet = market.funded_wallet(3)
+    attacker = Attacker(rng, market.chain.chain_id, wallet)
+    async with trio.open_nursery() as nursery:
+        await market.start(nursery)
+        await nursery.start(attacker.host.run)
+        late = await negotiate_as(attacker, market, rng)
+        assert late.state is State.AGREED
+        with trio.fail_after(hold_ms / 1000 + 5):  # the hold ends: the GPU is offered again
+            while market.offered_gpus() != 1 or market.unopened():
+                await trio.sleep(0.05)
+        rental = await market.renter.rent([market.renter.book.held(market.provider.key.public)],
+                                          gpu_count=1, duration_s=DURATION_S,
+                                          max_price_per_gpu_second=PRICE)
+        with trio.fail_after(15):
+            while rental.session.log.receipts < 1:
+                await trio.sleep(0.1)
+        await market.achain.open(wallet, late.terms, late.consent_sig)  # the late open
+        aid = late.terms.agreement_id()
+        stream = await attacker.host.host.new_stream(market.provider.peer_id,
+                                                     [TProtocol(RENTAL_PROTOCOL)])
+        await write_frame(stream, aid)
+        desk = market.provider.rental_desk
+        with trio.fail_after(10):
+            while desk.rejected.get("hold_expired", 0) < 1:
+                await trio.sleep(0.05)
+        await close_quietly(stream)
+        assert aid not in desk.sessions and aid not in market.provider.rentals
+        assert list(market.provider.rentals) == [rental.agreement_id]
         nursery.cancel_scope.cancel()
