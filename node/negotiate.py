@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,6 +30,7 @@ from protocol.effects import Effect, Send
 from protocol.identity import PeerKey, peer_id_from_public_key
 from protocol.messages import Binding, Offer
 from protocol.negotiation import (
+    Fault,
     FirstAgreementWins,
     ProviderNegotiation,
     Reason,
@@ -52,6 +54,8 @@ MAX_NEGOTIATION_FRAME = 4096  # the largest negotiation message (Proposal) is 4 
 DEFAULT_OPEN_HOLD_MS = 30_000
 DEFAULT_MAX_PENDING_PER_PEER = 2  # unopened agreements one renter peer may hold at this provider
 DEFAULT_MAX_PENDING_PER_WALLET = 2  # ... and one renter wallet, whatever peer ids it uses
+# A hold that ended unopened counts against its renter peer's and wallet's caps this long.
+DEFAULT_UNOPENED_MEMORY_MS = 3_600_000
 CANCEL_GRACE_S = 1.0  # a cancelled negotiation waits this long for the provider to close
 
 
@@ -72,11 +76,20 @@ class Hold:
 
 
 class Capacity:
-    """Which of the provider's GPUs are free, held for an accepted agreement, or rented."""
+    """Which of the provider's GPUs are free, held for an accepted agreement, or rented.
 
-    def __init__(self, gpus: Sequence[bytes]) -> None:
+    It also remembers, for `unopened_memory_ms`, which renter peers and wallets let a hold end
+    unopened (it ran out, or the renter cancelled after Accept): the desk counts those against
+    the same caps as the holds still open, so one wallet cannot hold the GPUs again and again."""
+
+    def __init__(self, gpus: Sequence[bytes], *,
+                 unopened_memory_ms: int = DEFAULT_UNOPENED_MEMORY_MS,
+                 max_remembered: int = 10_000) -> None:
         self.gpus = tuple(gpus)
+        self.unopened_memory_ms = unopened_memory_ms
+        self.max_remembered = max_remembered
         self._holds: dict[bytes, Hold] = {}  # agreement id -> hold
+        self._ended: OrderedDict[str | bytes, list[int]] = OrderedDict()  # peer/wallet -> times
 
     def free(self, now: int) -> tuple[bytes, ...]:
         self._expire(now)
@@ -90,25 +103,33 @@ class Capacity:
             raise ValueError("GPU already reserved")
         self._holds[agreement_id] = Hold(tuple(gpus), until_ms, peer, wallet, deposit)
 
-    def hold_until(self, agreement_id: bytes, until_ms: int) -> None:
-        """Move an unopened hold's end (the funds check passed: the open hold starts)."""
-        hold = self._holds.get(agreement_id)
-        if hold is not None and hold.until_ms is not None:
-            self._holds[agreement_id] = replace(hold, until_ms=until_ms)
-
     def commit(self, agreement_id: bytes) -> None:
         """The escrow is open: the reservation no longer expires."""
         hold = self._holds.get(agreement_id)
         if hold is not None:
             self._holds[agreement_id] = replace(hold, until_ms=None)
 
-    def release(self, agreement_id: bytes) -> None:
-        self._holds.pop(agreement_id, None)
+    def release(self, agreement_id: bytes, *, ended_unopened_at: int | None = None) -> None:
+        """Free the GPUs. `ended_unopened_at`: the renter walked away from an accepted, unopened
+        agreement at this time (cancelled after Accept): remembered like a hold that ran out."""
+        hold = self._holds.pop(agreement_id, None)
+        if hold is not None and hold.until_ms is not None and ended_unopened_at is not None:
+            self._remember_ended(hold, ended_unopened_at)
 
     def unopened(self, now: int) -> dict[bytes, Hold]:
         """The holds still waiting for their escrow, by agreement id."""
         self._expire(now)
         return {aid: h for aid, h in self._holds.items() if h.until_ms is not None}
+
+    def ended_unopened(self, who: str | bytes, now: int) -> int:
+        """How many of `who`'s (a peer id or a wallet) holds ended unopened within the memory."""
+        self._expire(now)
+        times = self._ended.get(who)
+        if not times:
+            return 0
+        cutoff = now - self.unopened_memory_ms
+        times[:] = [t for t in times if t > cutoff]
+        return len(times)
 
     def next_expiry(self) -> int | None:
         ends = [h.until_ms for h in self._holds.values() if h.until_ms is not None]
@@ -118,6 +139,16 @@ class Capacity:
         for aid, hold in list(self._holds.items()):
             if hold.until_ms is not None and hold.until_ms <= now:
                 del self._holds[aid]
+                self._remember_ended(hold, hold.until_ms)
+
+    def _remember_ended(self, hold: Hold, at: int) -> None:
+        for who in (hold.peer, hold.wallet):
+            if who:
+                times = self._ended.pop(who, [])
+                times.append(at)
+                self._ended[who] = times[-16:]  # more than any cap: enough to count
+        while len(self._ended) > self.max_remembered:  # the least recently struck goes first
+            self._ended.popitem(last=False)
 
 
 class FundsUnavailable(Exception):
@@ -308,26 +339,34 @@ class ProviderDesk:
             self.stats.count("agreed")
             await self.on_agreed(machine, peer)
         else:
-            if machine.terms is not None:  # accepted, then cancelled: free the GPUs now
-                self.capacity.release(machine.terms.agreement_id())
+            if machine.terms is not None:  # accepted, then it ended: free the GPUs now
+                # The renter walked away after our Accept (its cancel): remembered against its
+                # caps. A refusal of ours (withheld Accept) is not the renter's doing.
+                walked_away = machine.failure is not None and machine.failure.fault is Fault.REMOTE
+                self.capacity.release(machine.terms.agreement_id(),
+                                      ended_unopened_at=self.clock() if walked_away else None)
                 self.on_holds_changed()
             failure = machine.failure
             self.stats.count(failure.reason_name if failure else "failed")
 
     def _over_cap(self, machine: ProviderNegotiation, peer: ID) -> tuple[Reason, str] | None:
         assert machine.terms is not None
-        holds = self.capacity.unopened(self.clock()).values()
-        by_peer = sum(1 for h in holds if h.peer == peer.to_base58())
+        # Holds still waiting for an escrow, plus those that ended unopened lately.
+        now = self.clock()
+        holds = self.capacity.unopened(now).values()
+        who = peer.to_base58()
+        by_peer = sum(1 for h in holds if h.peer == who) + self.capacity.ended_unopened(who, now)
         if by_peer >= self.policy.max_pending_per_peer:
             return (Reason.TOO_MANY_PENDING,
-                    f"this peer already holds {by_peer} unopened agreements here "
-                    f"(at most {self.policy.max_pending_per_peer}): open them or let them expire")
+                    f"this peer has {by_peer} agreements here unopened or lately left unopened "
+                    f"(at most {self.policy.max_pending_per_peer})")
         wallet = machine.terms.renter
-        by_wallet = sum(1 for h in holds if h.wallet == wallet)
+        by_wallet = sum(1 for h in holds if h.wallet == wallet) + \
+            self.capacity.ended_unopened(wallet, now)
         if by_wallet >= self.policy.max_pending_per_wallet:
             return (Reason.TOO_MANY_PENDING,
-                    f"wallet 0x{wallet.hex()} already holds {by_wallet} unopened agreements here "
-                    f"(at most {self.policy.max_pending_per_wallet})")
+                    f"wallet 0x{wallet.hex()} has {by_wallet} agreements here unopened or lately "
+                    f"left unopened (at most {self.policy.max_pending_per_wallet})")
         return None
 
     async def _check_funds(self, machine: ProviderNegotiation) -> tuple[Reason, str] | None:

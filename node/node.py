@@ -49,7 +49,7 @@ from .gpu import GpuProbe
 from .host import GossipHost, HostConfig
 from .identity import load_or_create_identity
 from .negotiate import (DEFAULT_MAX_PENDING_PER_PEER, DEFAULT_MAX_PENDING_PER_WALLET,
-                        DEFAULT_OPEN_HOLD_MS, Candidate, Capacity, HoldPolicy, ProviderDesk,
+                        DEFAULT_OPEN_HOLD_MS, DEFAULT_UNOPENED_MEMORY_MS, Candidate, Capacity, HoldPolicy, ProviderDesk,
                         RenterFunds, negotiate_first)
 from .offers import OfferPublisher, OfferService, ProviderConfig
 from .rentals import HelloRefused, ProviderSession, RentalDesk, RenterSession
@@ -90,6 +90,7 @@ class ProviderSettings:
     open_hold_ms: int = DEFAULT_OPEN_HOLD_MS  # accepted GPUs wait this long for the escrow
     max_pending_per_peer: int = DEFAULT_MAX_PENDING_PER_PEER  # unopened agreements per renter peer
     max_pending_per_wallet: int = DEFAULT_MAX_PENDING_PER_WALLET  # ... and per renter wallet
+    unopened_memory_ms: int = DEFAULT_UNOPENED_MEMORY_MS  # a hold left unopened counts this long
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,8 @@ class Node:
         )
         await nursery.start(self.publisher.run)  # raises NoGpuError before publishing anything
         self._all_gpus = self.publisher.gpus  # the inventory; the offer lists the free part
-        self.capacity = Capacity([g.uuid_digest for g in self._all_gpus])
+        self.capacity = Capacity([g.uuid_digest for g in self._all_gpus],
+                                 unopened_memory_ms=settings.unopened_memory_ms)
         self._probe = GpuProbe(settings.nvml)
         self._probe.open()
         self.desk = ProviderDesk(

@@ -18,14 +18,15 @@ from node.chain import AsyncChain, Chain
 from node.fake_nvml import FakeGpu, FakeNvml
 from node.host import GossipHost, HostConfig
 from node.identity import NodeIdentity
-from node.negotiate import Candidate, negotiate_first
+from node.negotiate import NEGOTIATE_PROTOCOL, Candidate, negotiate_first
 from node.node import OPEN_RECHECK_S, Node, NodeConfig, ProviderSettings
 from node.rentals import RENTAL_PROTOCOL
-from node.reqresp import close_quietly, write_frame
+from node.reqresp import ReqRespError, close_quietly, read_frame, write_frame
 from protocol.eth import private_key_address
 from protocol.identity import PeerKey
 from protocol.messages import Binding
-from protocol.negotiation import Reason, State
+from protocol.effects import Send
+from protocol.negotiation import Reason, RenterNegotiation, State
 from protocol.params import Params
 
 PARAMS = Params(clock_skew_ms=2_000, min_heartbeat_interval_s=1, heartbeat_late_tolerance_ms=500,
@@ -350,4 +351,71 @@ async def test_holds__an_open_after_the_hold_ended_is_not_served_on_a_gpu_rented
         await close_quietly(stream)
         assert aid not in desk.sessions and aid not in market.provider.rentals
         assert list(market.provider.rentals) == [rental.agreement_id]
+        nursery.cancel_scope.cancel()
+
+
+async def settled_offer(market: Market):
+    """The provider's own offer once it lists exactly its free GPUs (re-announced)."""
+    with trio.fail_after(5):
+        while True:
+            entry = market.provider.book.held(market.provider.key.public)
+            if entry is not None and \
+                    len(entry.offer.gpus) == len(market.provider.capacity.free(_now_ms())):
+                return entry
+            await trio.sleep(0.05)
+
+
+async def accept_then_cancel(attacker: Attacker, market: Market, rng: random.Random):
+    """Negotiate to the provider's Accept, then send NegotiationReject CANCELLED (as a renter
+    whose cancel crossed the Accept would) and close: the provider frees the GPUs at once."""
+    entry = await settled_offer(market)
+    machine = RenterNegotiation(entry.offer, entry.digest, attacker.key, attacker.binding, 1,
+                                DURATION_S, PRICE, "", PARAMS, rng)
+    await attacker.host.connect(market.provider.addrs()[0])
+    stream = await attacker.host.host.new_stream(market.provider.peer_id,
+                                                 [TProtocol(NEGOTIATE_PROTOCOL)])
+    try:
+        for effect in machine.start(_now_ms()):
+            await write_frame(stream, effect.message.encode())
+        machine.receive_data(await read_frame(stream, max_frame=4096, timeout=5), _now_ms())
+        assert machine.state is State.AGREED, machine.failure
+        for effect in machine.cancel(_now_ms(), "took another provider's agreement"):
+            if isinstance(effect, Send):
+                await write_frame(stream, effect.message.encode())
+        try:
+            await read_frame(stream, max_frame=4096, timeout=2)  # the provider closes
+        except ReqRespError:
+            pass
+    finally:
+        await close_quietly(stream)
+
+
+async def test_holds__a_wallet_that_leaves_holds_unopened_cannot_hold_again(tmp_path):
+    # One hold of every GPU at a time would keep the provider off the market if the wallet
+    # could hold again as soon as the last hold ran out (or right after cancelling it).
+    hold_ms = 1_500
+    market = Market(tmp_path, gpus=2, open_hold_ms=hold_ms)
+    rng = random.Random(17)
+    wallet = market.funded_wallet(3)
+    async with trio.open_nursery() as nursery:
+        await market.start(nursery)
+        first = await attack_once(market, rng, wallet, gpu_count=2)  # all the GPUs
+        assert first.state is State.AGREED
+        with trio.fail_after(hold_ms / 1000 + 5):
+            while market.unopened():
+                await trio.sleep(0.05)
+        await settled_offer(market)
+        canceller = Attacker(rng, market.chain.chain_id, wallet)
+        await nursery.start(canceller.host.run)
+        await accept_then_cancel(canceller, market, rng)  # a fresh peer, the same wallet
+        assert market.unopened() == 0
+        await settled_offer(market)
+        third = await attack_once(market, rng, wallet, gpu_count=2)
+        assert third.state is State.FAILED and third.failure.reason == Reason.TOO_MANY_PENDING
+        assert "lately left unopened" in third.failure.detail
+        # ... while an honest renter's wallet rents at once
+        rental = await market.renter.rent([market.renter.book.held(market.provider.key.public)],
+                                          gpu_count=2, duration_s=DURATION_S,
+                                          max_price_per_gpu_second=PRICE)
+        assert rental.opened is not None
         nursery.cancel_scope.cancel()
