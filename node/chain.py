@@ -275,6 +275,18 @@ class Chain:
         contract = self.w3.eth.contract(address=_cs(token), abi=self._token_abi)
         return int(contract.functions.balanceOf(_cs(address)).call())
 
+    def allowance(self, owner: bytes, token: bytes) -> int:
+        """What the escrow may move of `owner`'s ERC-20 tokens (unbounded for the native coin,
+        which the deposit carries as the call's value)."""
+        if token == ZERO_ADDRESS:
+            return 2**256 - 1
+        contract = self.w3.eth.contract(address=_cs(token), abi=self._token_abi)
+        return int(contract.functions.allowance(_cs(owner), self._need_escrow().address).call())
+
+    def funds(self, owner: bytes, token: bytes) -> tuple[int, int]:
+        """(balance, allowance to the escrow): what a provider checks before Accept."""
+        return self.balance(owner, token), self.allowance(owner, token)
+
     def credits(self, address: bytes, token: bytes) -> int:
         return int(self._need_escrow().functions.credits(_cs(token), _cs(address)).call())
 
@@ -469,6 +481,14 @@ class AsyncChain:
         except (requests.RequestException, TimeExhausted) as exc:
             raise RpcUnavailableError(f"chain call {name} failed: the RPC endpoint gave "
                                       f"{_why(exc)}") from None
+
+    async def read(self, fn: Callable[..., T], *args: Any, timeout_s: float) -> T:
+        """A read that must not hold its caller longer than `timeout_s`: on timeout the caller
+        gets TooSlowError at once and the thread is left to finish (it keeps the chain's
+        single worker slot until then, so calls stay serialised)."""
+        with trio.fail_after(timeout_s):
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter,
+                                                 abandon_on_cancel=True)
 
     def __getattr__(self, name: str) -> Any:
         target = getattr(self.chain, name)

@@ -6,16 +6,19 @@ NegotiationReject) until the negotiation ends. Every read waits at most until th
 machine's own step deadline, so a silent peer costs one step timeout, never more; a stream that
 ends early or carries bytes that do not decode fails the negotiation with a counted reason.
 
-A provider reserves the GPUs it accepted until the renter opens the escrow (or the hold runs
-out), so two renters can never be promised the same GPU.
+A provider reserves the GPUs it accepted until the renter opens the escrow (or the open hold runs
+out), so two renters can never be promised the same GPU. Holds cost the holder: before Accept the
+renter's wallet must show the deposit and an allowance to the escrow on chain, and one renter
+peer or wallet may hold only a few unopened agreements at a time.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
@@ -27,8 +30,10 @@ from protocol.effects import Effect, Send
 from protocol.identity import PeerKey, peer_id_from_public_key
 from protocol.messages import Binding, Offer
 from protocol.negotiation import (
+    Fault,
     FirstAgreementWins,
     ProviderNegotiation,
+    Reason,
     RenterNegotiation,
     State,
 )
@@ -41,7 +46,16 @@ log = logging.getLogger(__name__)
 
 NEGOTIATE_PROTOCOL = "/gpumarket/negotiate/1"
 MAX_NEGOTIATION_FRAME = 4096  # the largest negotiation message (Proposal) is 4 KiB
-DEFAULT_OPEN_HOLD_MS = 120_000  # how long accepted GPUs wait for the renter's escrow
+# How long accepted GPUs wait for the renter's escrow: the provider's open hold. An honest
+# renter's node approves the escrow before it proposes and opens as soon as Accept arrives,
+# in about 0.1 s on a local chain (node.md, "Negotiation stream": measured figures); 30 s leaves
+# room for a few blocks of a public chain. One setting: the node, the desk and the consent's
+# deadline all read this value (ProviderSettings.open_hold_ms).
+DEFAULT_OPEN_HOLD_MS = 30_000
+DEFAULT_MAX_PENDING_PER_PEER = 2  # unopened agreements one renter peer may hold at this provider
+DEFAULT_MAX_PENDING_PER_WALLET = 2  # ... and one renter wallet, whatever peer ids it uses
+# A hold that ended unopened counts against its renter peer's and wallet's caps this long.
+DEFAULT_UNOPENED_MEMORY_MS = 3_600_000
 CANCEL_GRACE_S = 1.0  # a cancelled negotiation waits this long for the provider to close
 
 
@@ -49,39 +63,148 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class Capacity:
-    """Which of the provider's GPUs are free, reserved for an accepted agreement, or rented."""
+@dataclass(frozen=True)
+class Hold:
+    """GPUs taken by one agreement. `until_ms` None: the escrow is open (a rental, not a hold).
+    Unopened holds name the renter peer and wallet they count against, and the deposit."""
 
-    def __init__(self, gpus: Sequence[bytes]) -> None:
+    gpus: tuple[bytes, ...]
+    until_ms: int | None
+    peer: str = ""
+    wallet: bytes = b""
+    deposit: int = 0
+
+
+class Capacity:
+    """Which of the provider's GPUs are free, held for an accepted agreement, or rented.
+
+    It also remembers, for `unopened_memory_ms`, which renter peers and wallets let a hold end
+    unopened (it ran out, or the renter cancelled after Accept): the desk counts those against
+    the same caps as the holds still open, so one wallet cannot hold the GPUs again and again."""
+
+    def __init__(self, gpus: Sequence[bytes], *,
+                 unopened_memory_ms: int = DEFAULT_UNOPENED_MEMORY_MS,
+                 max_remembered: int = 10_000) -> None:
         self.gpus = tuple(gpus)
-        self._taken: dict[bytes, tuple[bytes, int | None]] = {}  # gpu -> (agreement id, hold until)
+        self.unopened_memory_ms = unopened_memory_ms
+        self.max_remembered = max_remembered
+        self._holds: dict[bytes, Hold] = {}  # agreement id -> hold
+        self._ended: OrderedDict[str | bytes, list[int]] = OrderedDict()  # peer/wallet -> times
 
     def free(self, now: int) -> tuple[bytes, ...]:
         self._expire(now)
-        return tuple(g for g in self.gpus if g not in self._taken)
+        taken = {g for h in self._holds.values() for g in h.gpus}
+        return tuple(g for g in self.gpus if g not in taken)
 
-    def reserve(self, agreement_id: bytes, gpus: Sequence[bytes], until_ms: int) -> None:
-        for g in gpus:
-            if g in self._taken:
-                raise ValueError("GPU already reserved")
-        for g in gpus:
-            self._taken[g] = (agreement_id, until_ms)
+    def reserve(self, agreement_id: bytes, gpus: Sequence[bytes], until_ms: int | None, *,
+                peer: str = "", wallet: bytes = b"", deposit: int = 0) -> None:
+        taken = {g for h in self._holds.values() for g in h.gpus}
+        if any(g in taken for g in gpus) or agreement_id in self._holds:
+            raise ValueError("GPU already reserved")
+        self._holds[agreement_id] = Hold(tuple(gpus), until_ms, peer, wallet, deposit)
 
     def commit(self, agreement_id: bytes) -> None:
         """The escrow is open: the reservation no longer expires."""
-        for g, (aid, _) in list(self._taken.items()):
-            if aid == agreement_id:
-                self._taken[g] = (aid, None)
+        hold = self._holds.get(agreement_id)
+        if hold is not None:
+            self._holds[agreement_id] = replace(hold, until_ms=None)
 
-    def release(self, agreement_id: bytes) -> None:
-        for g, (aid, _) in list(self._taken.items()):
-            if aid == agreement_id:
-                del self._taken[g]
+    def release(self, agreement_id: bytes, *, ended_unopened_at: int | None = None) -> None:
+        """Free the GPUs. `ended_unopened_at`: the renter walked away from an accepted, unopened
+        agreement at this time (cancelled after Accept): remembered like a hold that ran out."""
+        hold = self._holds.pop(agreement_id, None)
+        if hold is not None and hold.until_ms is not None and ended_unopened_at is not None:
+            self._remember_ended(hold, ended_unopened_at)
+
+    def unopened(self, now: int) -> dict[bytes, Hold]:
+        """The holds still waiting for their escrow, by agreement id."""
+        self._expire(now)
+        return {aid: h for aid, h in self._holds.items() if h.until_ms is not None}
+
+    def ended_unopened(self, who: str | bytes, now: int) -> int:
+        """How many of `who`'s (a peer id or a wallet) holds ended unopened within the memory."""
+        self._expire(now)
+        times = self._ended.get(who)
+        if not times:
+            return 0
+        cutoff = now - self.unopened_memory_ms
+        times[:] = [t for t in times if t > cutoff]
+        return len(times)
+
+    def next_expiry(self) -> int | None:
+        ends = [h.until_ms for h in self._holds.values() if h.until_ms is not None]
+        return min(ends) if ends else None
 
     def _expire(self, now: int) -> None:
-        for g, (_, until) in list(self._taken.items()):
-            if until is not None and until <= now:
-                del self._taken[g]
+        for aid, hold in list(self._holds.items()):
+            if hold.until_ms is not None and hold.until_ms <= now:
+                del self._holds[aid]
+                self._remember_ended(hold, hold.until_ms)
+
+    def _remember_ended(self, hold: Hold, at: int) -> None:
+        for who in (hold.peer, hold.wallet):
+            if who:
+                times = self._ended.pop(who, [])
+                times.append(at)
+                self._ended[who] = times[-16:]  # more than any cap: enough to count
+        while len(self._ended) > self.max_remembered:  # the least recently struck goes first
+            self._ended.popitem(last=False)
+
+
+class FundsUnavailable(Exception):
+    """The renter's funds could not be read in time (slow chain, or too many checks at once)."""
+
+
+ReadFunds = Callable[[bytes, bytes], Awaitable[tuple[int, int]]]
+
+
+class RenterFunds:
+    """A renter wallet's token balance and allowance to the escrow, read from the chain before
+    the provider sends Accept. Reads run through `read` (a worker thread: the caller's chain
+    client) under `timeout_s`; at most `at_once` run together; each answer is kept `ttl_s` so a
+    renter that negotiates again (or a flood from one wallet) costs one read per `ttl_s`."""
+
+    def __init__(self, read: ReadFunds, *, ttl_s: float = 2.0, timeout_s: float = 5.0,
+                 at_once: int = 4, max_cached: int = 4096) -> None:
+        self._read = read
+        self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+        self.max_cached = max_cached
+        self._limiter = trio.CapacityLimiter(at_once)
+        self._cache: dict[tuple[bytes, bytes], tuple[float, tuple[int, int]]] = {}
+        self.reads = 0  # chain reads made (for metrics and tests)
+
+    async def get(self, wallet: bytes, token: bytes) -> tuple[int, int]:
+        """(balance, allowance); raises FundsUnavailable."""
+        key = (wallet, token)
+        hit = self._cache.get(key)
+        if hit is not None and trio.current_time() - hit[0] < self.ttl_s:
+            return hit[1]
+        with trio.move_on_after(self.timeout_s):
+            async with self._limiter:
+                hit = self._cache.get(key)  # another stream may have read it meanwhile
+                if hit is not None and trio.current_time() - hit[0] < self.ttl_s:
+                    return hit[1]
+                self.reads += 1
+                try:
+                    value = await self._read(wallet, token)
+                except Exception as exc:
+                    raise FundsUnavailable(f"reading the renter's funds failed: {exc!r}") from None
+                if len(self._cache) >= self.max_cached:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[key] = (trio.current_time(), value)
+                return value
+        raise FundsUnavailable(f"the chain did not answer within {self.timeout_s:g} s")
+
+
+@dataclass(frozen=True)
+class HoldPolicy:
+    """What a provider asks before it sends Accept and how long it then holds the GPUs
+    (specs/node.md, "Negotiation stream")."""
+
+    open_hold_ms: int = DEFAULT_OPEN_HOLD_MS
+    max_pending_per_peer: int = DEFAULT_MAX_PENDING_PER_PEER
+    max_pending_per_wallet: int = DEFAULT_MAX_PENDING_PER_WALLET
 
 
 @dataclass
@@ -98,7 +221,14 @@ OnAgreed = Callable[[ProviderNegotiation, ID], Awaitable[None]]
 
 
 class ProviderDesk:
-    """Answers negotiation streams for this provider's current offer."""
+    """Answers negotiation streams for this provider's current offer.
+
+    Between the machine's decision to accept and the Accept leaving, the desk checks what the
+    machine cannot (specs/node.md, "Negotiation stream"): the renter peer and wallet are under
+    their caps of unopened agreements (TOO_MANY_PENDING), and the renter wallet's token balance
+    covers this deposit plus its other unopened ones here and its allowance to the escrow covers
+    this deposit (INSUFFICIENT_FUNDS; PROVIDER_BUSY when the chain does not answer in time). The
+    GPUs are held meanwhile; a refusal frees them and the machine withholds the Accept."""
 
     def __init__(
         self,
@@ -111,7 +241,10 @@ class ProviderDesk:
         min_price_per_gpu_second: Callable[[], int],
         on_agreed: OnAgreed,
         *,
-        open_hold_ms: int = DEFAULT_OPEN_HOLD_MS,
+        open_hold_ms: int | None = None,
+        policy: HoldPolicy = HoldPolicy(),
+        funds: RenterFunds | None = None,
+        on_holds_changed: Callable[[], None] | None = None,
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self.host = host
@@ -122,14 +255,28 @@ class ProviderDesk:
         self.capacity = capacity
         self.min_price = min_price_per_gpu_second
         self.on_agreed = on_agreed
-        self.open_hold_ms = open_hold_ms
+        if open_hold_ms is not None:
+            policy = replace(policy, open_hold_ms=open_hold_ms)
+        self.policy = policy
+        self.funds = funds  # None: no chain to ask (tests of the stream layer alone)
+        self.on_holds_changed = on_holds_changed or (lambda: None)
         self.clock = clock
         self.stats = NegotiationStats()
         # Streams run concurrently; GPU choice and reservation must not interleave.
         self._capacity_lock = trio.Lock()
 
+    @property
+    def open_hold_ms(self) -> int:
+        return self.policy.open_hold_ms
+
     def install(self) -> None:
         self.host.host.set_stream_handler(TProtocol(NEGOTIATE_PROTOCOL), self._on_stream)
+
+    def _free_for(self, offer: Offer) -> tuple[bytes, ...]:
+        # Only GPUs the renter's offer lists: right after a hold ends the free GPUs may include
+        # one that the current offer (announced while it was held) leaves out.
+        listed = {g.uuid_digest for g in offer.gpus}
+        return tuple(g for g in self.capacity.free(self.clock()) if g in listed)
 
     async def _on_stream(self, stream: INetStream) -> None:
         peer = stream.muxed_conn.peer_id
@@ -140,7 +287,7 @@ class ProviderDesk:
                 return  # closing the stream tells the renter there is nothing to negotiate
             offer, digest = current
             machine = ProviderNegotiation(
-                offer, digest, self.key, self.wallet_key, self.capacity.free(self.clock()),
+                offer, digest, self.key, self.wallet_key, self._free_for(offer),
                 self.min_price(), self.params, open_hold_ms=self.open_hold_ms,
             )
             await self._drive(machine, stream, peer)
@@ -162,15 +309,30 @@ class ProviderDesk:
             except ReqRespError as exc:  # closed, oversized frame, bad prefix
                 self.stats.count(f"stream_{type(exc).__name__}")
                 return
+            refusal = None
             async with self._capacity_lock:
                 if machine.state is not State.AGREED:
-                    machine.set_free_gpus(self.capacity.free(self.clock()))
-                effects = machine.receive_data(data, self.clock())
+                    machine.set_free_gpus(self._free_for(machine.offer))
+                accepted_ms = self.clock()
+                effects = machine.receive_data(data, accepted_ms)
                 if machine.state is State.AGREED:
-                    assert machine.terms is not None and machine.accept is not None
-                    # Held while the consent can open the escrow (block time <= open_by).
-                    self.capacity.reserve(machine.terms.agreement_id(), machine.accept.gpus,
-                                          (machine.terms.open_by + 1) * 1000)
+                    refusal = self._over_cap(machine, peer)
+                    if refusal is None:
+                        assert machine.terms is not None and machine.accept is not None
+                        # Held while the consent can open the escrow (block time <= open_by).
+                        self.capacity.reserve(
+                            machine.terms.agreement_id(), machine.accept.gpus,
+                            (machine.terms.open_by + 1) * 1000, peer=peer.to_base58(),
+                            wallet=machine.terms.renter, deposit=machine.terms.deposit)
+            if machine.state is State.AGREED:
+                if refusal is None:
+                    refusal = await self._check_funds(machine)  # GPUs held meanwhile
+                if refusal is not None:
+                    assert machine.terms is not None
+                    self.capacity.release(machine.terms.agreement_id())
+                    effects = machine.withhold(self.clock(), *refusal)
+                else:
+                    self.on_holds_changed()  # the offer is re-announced without these GPUs
             await _send_all(stream, effects)
         if machine.state is State.AGREED:
             await self._await_close_or_cancel(machine, stream)
@@ -178,10 +340,58 @@ class ProviderDesk:
             self.stats.count("agreed")
             await self.on_agreed(machine, peer)
         else:
-            if machine.terms is not None:  # accepted, then cancelled: free the GPUs now
-                self.capacity.release(machine.terms.agreement_id())
+            if machine.terms is not None:  # accepted, then it ended: free the GPUs now
+                # The renter walked away after our Accept (its cancel): remembered against its
+                # caps. A refusal of ours (withheld Accept) is not the renter's doing.
+                walked_away = machine.failure is not None and machine.failure.fault is Fault.REMOTE
+                self.capacity.release(machine.terms.agreement_id(),
+                                      ended_unopened_at=self.clock() if walked_away else None)
+                self.on_holds_changed()
             failure = machine.failure
             self.stats.count(failure.reason_name if failure else "failed")
+
+    def _over_cap(self, machine: ProviderNegotiation, peer: ID) -> tuple[Reason, str] | None:
+        assert machine.terms is not None
+        # Holds still waiting for an escrow, plus those that ended unopened lately.
+        now = self.clock()
+        holds = self.capacity.unopened(now).values()
+        who = peer.to_base58()
+        by_peer = sum(1 for h in holds if h.peer == who) + self.capacity.ended_unopened(who, now)
+        if by_peer >= self.policy.max_pending_per_peer:
+            return (Reason.TOO_MANY_PENDING,
+                    f"this peer has {by_peer} agreements here unopened or lately left unopened "
+                    f"(at most {self.policy.max_pending_per_peer})")
+        wallet = machine.terms.renter
+        by_wallet = sum(1 for h in holds if h.wallet == wallet) + \
+            self.capacity.ended_unopened(wallet, now)
+        if by_wallet >= self.policy.max_pending_per_wallet:
+            return (Reason.TOO_MANY_PENDING,
+                    f"wallet 0x{wallet.hex()} has {by_wallet} agreements here unopened or lately "
+                    f"left unopened (at most {self.policy.max_pending_per_wallet})")
+        return None
+
+    async def _check_funds(self, machine: ProviderNegotiation) -> tuple[Reason, str] | None:
+        if self.funds is None:
+            return None
+        terms = machine.terms
+        assert terms is not None
+        aid = terms.agreement_id()
+        others = sum(h.deposit for a, h in self.capacity.unopened(self.clock()).items()
+                     if h.wallet == terms.renter and a != aid)
+        try:
+            balance, allowance = await self.funds.get(terms.renter, terms.token)
+        except FundsUnavailable as exc:
+            return Reason.PROVIDER_BUSY, str(exc)
+        need = terms.deposit + others
+        if balance < need:
+            return (Reason.INSUFFICIENT_FUNDS,
+                    f"balance {balance} < {need} (deposit {terms.deposit} + {others} for this "
+                    "wallet's other unopened agreements here)")
+        if allowance < terms.deposit:
+            return (Reason.INSUFFICIENT_FUNDS,
+                    f"allowance to the escrow {allowance} < deposit {terms.deposit}: approve "
+                    "before proposing")
+        return None
 
     async def _await_close_or_cancel(self, machine: ProviderNegotiation, stream: INetStream) -> None:
         """After Accept the renter closes the stream, unless its cancel crossed our Accept

@@ -48,9 +48,11 @@ from .chain import AsyncChain, ChainError, RpcUnavailableError, TxResult, Wallet
 from .gpu import GpuProbe
 from .host import GossipHost, HostConfig
 from .identity import load_or_create_identity
-from .negotiate import DEFAULT_OPEN_HOLD_MS, Candidate, Capacity, ProviderDesk, negotiate_first
+from .negotiate import (DEFAULT_MAX_PENDING_PER_PEER, DEFAULT_MAX_PENDING_PER_WALLET,
+                        DEFAULT_OPEN_HOLD_MS, DEFAULT_UNOPENED_MEMORY_MS, Candidate, Capacity, HoldPolicy, ProviderDesk,
+                        RenterFunds, negotiate_first)
 from .offers import OfferPublisher, OfferService, ProviderConfig
-from .rentals import ProviderSession, RentalDesk, RenterSession
+from .rentals import HelloRefused, ProviderSession, RentalDesk, RenterSession
 from .reputation import LocalReputation
 from .store import Store
 
@@ -59,6 +61,9 @@ log = logging.getLogger(__name__)
 UNSETTLED_STATES = ("accepted", "agreed", "open", "stopped")  # what a restart looks at
 RENTER_OPEN_WAIT_S = 600  # a renter restarted before its open was mined watches this long for it
 PEER_ADDR_TTL_S = 30 * 24 * 3600  # a restored rental's provider address, re-added to the peerstore
+OPEN_RECHECK_S = 2.0  # provider: at most one chain read per unopened agreement this often
+FUNDS_TIMEOUT_S = 5.0  # provider: the renter's balance and allowance must be read within this
+STALE_RETRY_WAIT_S = 2.0  # renter: after OFFER_STALE, wait this long for the provider's new offer
 
 
 def now_ms() -> int:
@@ -83,6 +88,9 @@ class ProviderSettings:
     access_hook: Sequence[str] | None = None  # command run when an agreement opens
     access_hook_timeout_s: float = 30.0
     open_hold_ms: int = DEFAULT_OPEN_HOLD_MS  # accepted GPUs wait this long for the escrow
+    max_pending_per_peer: int = DEFAULT_MAX_PENDING_PER_PEER  # unopened agreements per renter peer
+    max_pending_per_wallet: int = DEFAULT_MAX_PENDING_PER_WALLET  # ... and per renter wallet
+    unopened_memory_ms: int = DEFAULT_UNOPENED_MEMORY_MS  # a hold left unopened counts this long
 
 
 @dataclass(frozen=True)
@@ -178,12 +186,17 @@ class Node:
         self.desk: ProviderDesk | None = None
         self.rental_desk: RentalDesk | None = None
         self._pending: dict[bytes, PendingAgreement] = {}  # accepted, escrow not yet seen
+        self._opened_seen: dict[bytes, int] = {}  # pending ids the watcher saw Opened -> start (s)
+        self._open_checked: dict[bytes, float] = {}  # pending id -> when the chain was last asked
+        self._offer_dirty = trio.Event()  # the free GPUs may have changed: re-announce
         self._renter_unopened: dict[bytes, Any] = {}  # renter rows whose open may still be mined
         self._nursery: trio.Nursery | None = None
         self._probe: GpuProbe | None = None
         self._all_gpus: tuple = ()
         self.rng = random.Random()
         self.resumed: dict[str, list[str]] = {}  # what the last start did: outcome -> agreement ids
+        self.accept_to_open_s: float | None = None  # renter: the last rent's Accept-to-Opened time
+        self.hold_used_ms: list[int] = []  # provider: Accept to the renter's hello on the open escrow
 
     @property
     def peer_id(self) -> ID:
@@ -230,6 +243,8 @@ class Node:
                     if self.rentals or self._pending:
                         await self._republish()
                 nursery.start_soon(self._watch_chain, first_block)
+                if self.config.provider is not None:
+                    nursery.start_soon(self._keep_offer_current)
                 nursery.start_soon(self._sync_on_join)
                 log.info("%s up: peer %s, wallet 0x%s", self.config.name, self.peer_id,
                          self.binding.wallet.hex())
@@ -268,15 +283,25 @@ class Node:
         )
         await nursery.start(self.publisher.run)  # raises NoGpuError before publishing anything
         self._all_gpus = self.publisher.gpus  # the inventory; the offer lists the free part
-        self.capacity = Capacity([g.uuid_digest for g in self._all_gpus])
+        self.capacity = Capacity([g.uuid_digest for g in self._all_gpus],
+                                 unopened_memory_ms=settings.unopened_memory_ms)
         self._probe = GpuProbe(settings.nvml)
         self._probe.open()
         self.desk = ProviderDesk(
             self.host, self.key, self.wallet_key, self.params, self._current_offer, self.capacity,
             lambda: settings.min_price_per_gpu_second or settings.price_per_gpu_second,
-            self._on_agreed, open_hold_ms=settings.open_hold_ms,
+            self._on_agreed,
+            policy=HoldPolicy(open_hold_ms=settings.open_hold_ms,
+                              max_pending_per_peer=settings.max_pending_per_peer,
+                              max_pending_per_wallet=settings.max_pending_per_wallet),
+            funds=RenterFunds(self._read_funds, timeout_s=FUNDS_TIMEOUT_S),
+            on_holds_changed=self._offer_changed,
         )
         self.rental_desk = RentalDesk(self.host, nursery, self._start_provider_session)
+
+    async def _read_funds(self, wallet: bytes, token: bytes) -> tuple[int, int]:
+        return await self.chain.read(self.chain.chain.funds, wallet, token,
+                                     timeout_s=FUNDS_TIMEOUT_S)
 
     def _token_symbol(self) -> str:
         token = self.chain.chain.token
@@ -299,16 +324,44 @@ class Node:
         await self._remember(aid, "provider", "accepted", terms, details, self.binding, renter_binding)
         log.info("%s accepted agreement %s with %s", self.config.name, aid.hex()[:12], peer)
 
-    async def _start_provider_session(self, agreement_id: bytes) -> ProviderSession | None:
+    async def _start_provider_session(self, agreement_id: bytes, peer: ID) -> ProviderSession | None:
+        """A rental hello for an agreement we accepted. Answered from memory where possible: an
+        unknown id or another peer than the renter costs nothing; an agreement the chain watcher
+        saw `Opened` costs nothing; otherwise the chain is asked at most once per
+        OPEN_RECHECK_S per agreement (the hello may beat the watcher's next poll)."""
         pending = self._pending.get(agreement_id)
         if pending is None:
             return None
         terms, details = pending.terms, pending.details
-        started_s = await self.escrow.started_s(terms)
+        if peer_id_from_public_key(details.renter_key) != peer.to_base58():
+            raise HelloRefused("not_renter")
+        started_s = self._opened_seen.get(agreement_id)
         if started_s is None:
-            log.warning("renter asked to start %s before the escrow is open", agreement_id.hex()[:12])
-            return None
+            last = self._open_checked.get(agreement_id)
+            if last is not None and trio.current_time() - last < OPEN_RECHECK_S:
+                raise HelloRefused("not_open")
+            self._open_checked[agreement_id] = trio.current_time()
+            started_s = await self.escrow.started_s(terms)
+            if started_s is None:
+                log.info("renter asked to start %s before the escrow is open", agreement_id.hex()[:12])
+                raise HelloRefused("not_open")
+        if agreement_id not in self._pending:
+            return None  # another hello for it got here first
+        hold = self.capacity.unopened(now_ms()).get(agreement_id)
+        if hold is None:
+            # Opened after its hold ended: serve it only if its GPUs are still free (never two
+            # renters on one GPU); otherwise the renter gets no heartbeat and recovers it all.
+            try:
+                self.capacity.reserve(agreement_id, details.gpus, now_ms() + self._open_hold_ms)
+            except ValueError:
+                raise HelloRefused("hold_expired") from None
+        else:
+            used = now_ms() - (hold.until_ms - self._open_hold_ms)
+            self.hold_used_ms.append(used)
+            log.info("%s: agreement %s opened %d ms into its %d ms hold", self.config.name,
+                     agreement_id.hex()[:12], used, self._open_hold_ms)
         del self._pending[agreement_id]
+        self._forget_pending(agreement_id)
         self.capacity.commit(agreement_id)
         rental = Rental("provider", terms, details, started_s=started_s,
                         provider_binding=self.binding, renter_binding=pending.renter_binding)
@@ -322,11 +375,11 @@ class Node:
         rental.session = session
         await self.store.set_agreement_state(agreement_id, "open", time.time())
         await session.carry_out(provider_machine.start())
-        await self._republish()
+        self._offer_changed()
         return session
 
     def _metrics(self, gpus: Sequence[bytes]) -> tuple[GpuMetrics, ...]:
-        by_index = {g.uuid_digest: i for i, g in enumerate(self.publisher.gpus)}
+        by_index = {g.uuid_digest: i for i, g in enumerate(self._all_gpus)}  # NVML order
         live = {m.index: m for m in self._probe.live_metrics()}
         out = []
         for uuid in gpus:
@@ -348,14 +401,14 @@ class Node:
                     await session.halt("access hook failed")
                     self.capacity.release(rental.agreement_id)
                     await self.store.set_agreement_state(rental.agreement_id, "aborted", time.time())
-                    await self._republish()
+                    self._offer_changed()
                     return
                 rental.access = access
                 await session.send_grant(AccessGrant(rental.agreement_id, access, now_ms()).sign(self.key))
         elif name == "StopService":
             self.capacity.release(rental.agreement_id)
             await self.store.set_agreement_state(rental.agreement_id, "stopped", time.time())
-            await self._republish()
+            self._offer_changed()
 
     async def _run_access_hook(self, rental: Rental) -> str | None:
         settings = self.config.provider
@@ -383,12 +436,31 @@ class Node:
         text = to_wire_text(out.stdout.decode(errors="replace").strip(), 4096).strip()
         return text or None
 
-    async def _republish(self) -> None:
+    def _offer_changed(self) -> None:
+        """The free GPUs may have changed (a hold placed or freed, a rental started or ended):
+        _keep_offer_current re-announces, so no caller waits for the publisher's rate limit."""
+        self._offer_dirty.set()
+
+    async def _keep_offer_current(self) -> None:
+        """Re-announce the offer with the free GPUs only: held and rented GPUs are left out,
+        and held ones come back when their hold ends (woken at the next hold's end)."""
+        while True:
+            end = self.capacity.next_expiry()
+            wait = float("inf") if end is None else max(0.0, (end - now_ms()) / 1000) + 0.01
+            with trio.move_on_after(wait):
+                await self._offer_dirty.wait()
+            self._offer_dirty = trio.Event()  # a change from here on wakes the next round
+            await self._republish(only_if_changed=True)
+
+    async def _republish(self, *, only_if_changed: bool = False) -> None:
         """The free GPUs changed: announce what is left, or withdraw when nothing is."""
         if self.publisher is None:
             return
         free = set(self.capacity.free(now_ms()))
         gpus = tuple(g for g in self._all_gpus if g.uuid_digest in free)
+        live = self.publisher.live is not None
+        if only_if_changed and ((live and gpus == self.publisher.gpus) or (not live and not gpus)):
+            return
         try:
             if gpus:
                 self.publisher.gpus = gpus
@@ -422,22 +494,27 @@ class Node:
         # Check the wallet before negotiating: a provider would otherwise hold GPUs for us.
         token = entries[0].offer.terms.token
         needed = max_price_per_gpu_second * gpu_count * duration_s
-        have = await self.chain.run(self.chain.chain.balance, self.binding.wallet, token)
+        have, allowed = await self.chain.run(self.chain.chain.funds, self.binding.wallet, token)
         if have < needed:
             symbol = entries[0].offer.terms.token_symbol
             raise RentError(f"not enough funds: the deposit can be up to {needed} {symbol} units and "
                             f"the wallet 0x{self.binding.wallet.hex()} holds {have}")
-        group: FirstAgreementWins = await negotiate_first(
-            self.host, self.key, self.binding, [Candidate(e.offer, e.digest) for e in entries],
-            gpu_count=gpu_count, duration_s=duration_s,
-            max_price_per_gpu_second=max_price_per_gpu_second, access_key=access_key,
-            params=self.params, rng=self.rng,
-        )
+        if allowed < needed:
+            # Before proposing: a provider checks the allowance before it sends Accept, and the
+            # open after Accept is then one transaction, well inside the provider's open hold.
+            try:
+                await self.chain.run(self.chain.chain.approve, self.wallet_key, needed)
+            except ChainError as exc:
+                raise RentError(f"approving the escrow failed: {exc}") from None
+        group = await self._negotiate(entries, gpu_count=gpu_count, duration_s=duration_s,
+                                      max_price_per_gpu_second=max_price_per_gpu_second,
+                                      access_key=access_key)
         winner = group.winner
         if winner is None:
             reasons = sorted({f"{n.failure.reason_name.lower()} ({n.failure.detail})"
                               for n in group.negotiations.values() if n.failure})
             raise RentError("no provider agreed: " + "; ".join(reasons or ["no answer"]))
+        agreed_at = time.monotonic()
         terms, details = winner.terms, winner.details
         aid = terms.agreement_id()
         await self._remember(aid, "renter", "agreed", terms, details, winner.offer.binding, self.binding)
@@ -458,6 +535,9 @@ class Node:
         except ChainError as exc:
             await self.store.set_agreement_state(aid, "open_failed", time.time())
             raise RentError(f"opening the escrow failed: {exc}") from None
+        self.accept_to_open_s = time.monotonic() - agreed_at
+        log.info("%s opened %s %.3f s after Accept", self.config.name, aid.hex()[:12],
+                 self.accept_to_open_s)
         rental = Rental("renter", terms, details, opened=opened, started_s=opened.timestamp,
                         provider_binding=winner.offer.binding, renter_binding=self.binding)
         self.rentals[aid] = rental
@@ -492,6 +572,33 @@ class Node:
         chain_id, escrow = self.chain.chain.chain_id, self.chain.chain.escrow_address
         return self.book.query(query, sort, limit=limit,
                                where=lambda e: e.escrow == escrow and e.chain_id == chain_id)
+
+    async def _negotiate(self, entries: Sequence[Entry], **terms: Any) -> FirstAgreementWins:
+        """Negotiate with every entry at once. A provider that answered OFFER_STALE re-announced
+        meanwhile (its free GPUs changed): once its newer offer is in the book (waiting up to
+        STALE_RETRY_WAIT_S), negotiate once more with those providers."""
+        group = await negotiate_first(
+            self.host, self.key, self.binding, [Candidate(e.offer, e.digest) for e in entries],
+            params=self.params, rng=self.rng, **terms)
+        if group.winner is not None:
+            return group
+        stale = {n.offer.provider: n.offer_digest for n in group.negotiations.values()
+                 if n.failure is not None and n.failure.reason_name == "OFFER_STALE"}
+        if not stale:
+            return group
+        fresh: list[Entry] = []
+        with trio.move_on_after(STALE_RETRY_WAIT_S):
+            while True:
+                fresh = [e for p, d in stale.items()
+                         if (e := self.book.held(p)) is not None and e.digest != d]
+                if len(fresh) == len(stale):
+                    break
+                await trio.sleep(0.05)
+        if not fresh:
+            return group
+        return await negotiate_first(
+            self.host, self.key, self.binding, [Candidate(e.offer, e.digest) for e in fresh],
+            params=self.params, rng=self.rng, **terms)
 
     async def stop_rental(self, agreement_id: bytes) -> None:
         rental = self.rentals[agreement_id]
@@ -530,6 +637,12 @@ class Node:
                 next_block = max(next_block, ev.block + 1)
                 if ev.name == "Opened" and ev.agreement_id in self._renter_unopened:
                     await self._opened_late(self._renter_unopened.pop(ev.agreement_id))
+                    continue
+                if ev.name == "Opened" and ev.agreement_id in self._pending:
+                    # The renter's hello is answered from this, without asking the chain.
+                    pending = self._pending[ev.agreement_id]
+                    self._opened_seen[ev.agreement_id] = \
+                        int(ev.args["end"]) - pending.terms.max_seconds
                     continue
                 rental = self.rentals.get(ev.agreement_id) if ev.agreement_id else None
                 if rental is None or rental.session is None:
@@ -589,7 +702,9 @@ class Node:
             if row.role == "provider" and row.state == "accepted" and self.capacity is not None \
                     and now <= terms.open_by + 1:
                 accepted_ms = int(row.created_at * 1000)
-                self.capacity.reserve(aid, details.gpus, (terms.open_by + 1) * 1000)
+                self.capacity.reserve(aid, details.gpus, (terms.open_by + 1) * 1000,
+                                      peer=peer_id_from_public_key(details.renter_key),
+                                      wallet=terms.renter, deposit=terms.deposit)
                 self._pending[aid] = PendingAgreement(
                     terms, details, EscrowDomain(details.chain_id, details.escrow), accepted_ms,
                     decode_bindings(row.terms)[1])
@@ -719,13 +834,23 @@ class Node:
             # the GPUs until then, then free them unless the escrow opened.
             if now <= (pending.terms.open_by + 1) * 1000:
                 continue
-            if await self.escrow.started_s(pending.terms) is not None:
-                continue  # opened after all: the renter's stream will start the session
+            if aid in self._opened_seen:
+                continue  # opened: the renter's stream will start the session
+            started_s = await self.escrow.started_s(pending.terms)
+            if started_s is not None:  # opened after all: the renter's stream will start it
+                self._opened_seen[aid] = started_s  # ... and nobody asks the chain again
+                continue
             del self._pending[aid]
+            self._forget_pending(aid)
             if self.capacity is not None:
                 self.capacity.release(aid)
+                self._offer_changed()
             await self.store.set_agreement_state(aid, "expired", time.time())
             log.info("%s: agreement %s expired unopened", self.config.name, aid.hex()[:12])
+
+    def _forget_pending(self, aid: bytes) -> None:
+        self._opened_seen.pop(aid, None)
+        self._open_checked.pop(aid, None)
 
     # -- storage ------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ from protocol.agreement import AgreementTerms
 from protocol.effects import Effect, EscrowCall, Report, Send, StartService, StopService, Store
 from protocol.encoding import decode
 from protocol.errors import DecodeError
+from protocol.identity import peer_id_from_public_key
 from protocol.messages import AccessGrant, AgreementDetails, Heartbeat, UsageReceipt, digest
 from protocol.rental import ProviderRental, RenterRental
 
@@ -43,6 +45,9 @@ RENTAL_PROTOCOL = "/gpumarket/rental/1"
 MAX_RENTAL_FRAME = AccessGrant.MAX_SIZE
 HELLO_TIMEOUT_S = 10.0  # the renter must name the agreement this soon after opening the stream
 RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+HELLO_RATE_PER_S = 2.0  # provider: rental hellos per second one peer may send ...
+HELLO_BURST = 10  # ... with this burst (a renter redials at most every 0.2 s)
+MAX_HELLO_PEERS = 4096  # peers whose hello rate is remembered
 
 
 def now_ms() -> int:
@@ -317,16 +322,36 @@ class RenterSession(_Session):
             await self.carry_out(self.machine.stop(self.clock()))  # type: ignore[union-attr]
 
 
-class RentalDesk:
-    """Provider: answers `/gpumarket/rental/1` streams and runs one session per agreement."""
+class HelloRefused(Exception):
+    """start_session's refusal of a rental hello, with the reason counted by the desk."""
 
-    def __init__(self, host: GossipHost, nursery: trio.Nursery,
-                 start_session: Callable[[bytes], Awaitable[ProviderSession | None]]) -> None:
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+StartSession = Callable[[bytes, ID], Awaitable[ProviderSession | None]]
+
+
+class RentalDesk:
+    """Provider: answers `/gpumarket/rental/1` streams and runs one session per agreement.
+
+    A hello costs the provider nothing it does not already have: each peer gets a token bucket
+    of hellos (`hello_rate_per_s`, `hello_burst`; beyond it the stream is closed unread); a
+    stream for a running session must come from the agreement's renter; anything else goes to
+    `start_session`, which answers unknown agreements from memory (None) and decides how often
+    it asks the chain (node.Node._start_provider_session)."""
+
+    def __init__(self, host: GossipHost, nursery: trio.Nursery, start_session: StartSession, *,
+                 hello_rate_per_s: float = HELLO_RATE_PER_S, hello_burst: int = HELLO_BURST) -> None:
         self.host = host
         self.nursery = nursery
         self.start_session = start_session
         self.sessions: dict[bytes, ProviderSession] = {}
         self.rejected: dict[str, int] = {}
+        self.hello_rate_per_s = hello_rate_per_s
+        self.hello_burst = hello_burst
+        self._buckets: OrderedDict[ID, tuple[float, float]] = OrderedDict()  # peer -> (tokens, at)
 
     def install(self) -> None:
         self.host.host.set_stream_handler(TProtocol(RENTAL_PROTOCOL), self._on_stream)
@@ -334,8 +359,22 @@ class RentalDesk:
     def _count(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
+    def _allow_hello(self, peer: ID) -> bool:
+        now = trio.current_time()
+        tokens, at = self._buckets.pop(peer, (float(self.hello_burst), now))
+        tokens = min(float(self.hello_burst), tokens + (now - at) * self.hello_rate_per_s)
+        allowed = tokens >= 1
+        self._buckets[peer] = (tokens - 1 if allowed else tokens, now)
+        while len(self._buckets) > MAX_HELLO_PEERS:  # the least recently seen peer goes first
+            self._buckets.popitem(last=False)
+        return allowed
+
     async def _on_stream(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id
         try:
+            if not self._allow_hello(peer):
+                self._count("rate_limited")
+                return
             try:
                 hello = await read_frame(stream, max_frame=64, timeout=HELLO_TIMEOUT_S)
             except ReqRespError as exc:
@@ -345,8 +384,16 @@ class RentalDesk:
                 self._count("bad_hello")
                 return
             session = self.sessions.get(hello)
+            if session is not None and \
+                    peer_id_from_public_key(session.details.renter_key) != peer.to_base58():
+                self._count("not_renter")  # another peer must not take the renter's stream
+                return
             if session is None:
-                session = await self.start_session(hello)
+                try:
+                    session = await self.start_session(hello, peer)
+                except HelloRefused as refused:
+                    self._count(refused.reason)
+                    return
                 if session is None:
                     self._count("unknown_agreement")
                     return

@@ -73,6 +73,9 @@ class Reason(enum.IntEnum):
     BAD_CONSENT = 16  # Accept.consent_sig is not the provider wallet's signature over the terms
     STALE_MESSAGE = 17  # sent_ms outside [now - skew - step timeout, now + skew]
     BAD_OPEN_BY = 18  # renter: Accept.open_by leaves less than min_open_window_ms to open the escrow
+    INSUFFICIENT_FUNDS = 19  # provider: the renter wallet's balance or allowance to the escrow is below the deposit
+    TOO_MANY_PENDING = 20  # provider: this renter peer or wallet already holds its cap of unopened agreements
+    PROVIDER_BUSY = 21  # provider: it could not check the renter's funds in time; try again later
 
 
 def reason_name(code: int) -> str:
@@ -727,6 +730,17 @@ class ProviderNegotiation(_Negotiation):
             }),
         ]
 
+    def withhold(self, now_ms: int, reason: Reason, detail: str) -> list[Effect]:
+        """The driver does not send the Accept after all (the renter's wallet cannot fund the
+        deposit, or the renter already holds its cap of unopened agreements): end FAILED with
+        `reason`, fault local, and tell the renter with a NegotiationReject. Only in AGREED, and
+        only while the Accept has not left: once it has, the consent cannot be taken back."""
+        if self.state is not State.AGREED:
+            raise LocalProtocolError("wrong_state", f"withhold in state {self.state.name}")
+        if reason not in WITHHOLD_REASONS:
+            raise LocalProtocolError("bad_argument", f"{reason.name} is not a reason to withhold")
+        return self._fail(now_ms, reason, Fault.LOCAL, detail, tell=True)
+
     TRANSITIONS = {
         # (state, message type) -> handler. Anything else: FAILED, INVALID_MESSAGE.
         (State.IDLE, Proposal): _on_first_proposal,
@@ -735,6 +749,11 @@ class ProviderNegotiation(_Negotiation):
         (State.AGREED, NegotiationReject): _Negotiation._on_reject,
     }
 
+
+# Why a provider may withhold an Accept its machine reached (the checks the node makes between
+# the machine's decision and sending the consent: specs/node.md, "Negotiation stream").
+WITHHOLD_REASONS = frozenset({Reason.INSUFFICIENT_FUNDS, Reason.TOO_MANY_PENDING,
+                              Reason.PROVIDER_BUSY})
 
 RENTER_TRANSITIONS = RenterNegotiation.TRANSITIONS
 PROVIDER_TRANSITIONS = ProviderNegotiation.TRANSITIONS

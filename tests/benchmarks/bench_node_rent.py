@@ -12,6 +12,10 @@ share one Python thread, so a round trip includes both sides' CPU time). Measure
   (SQLite, synchronous=FULL), the ERC-20 approve and the escrow open mined, the session started.
   On the embedded chain (py-evm in-process) and on anvil with automine (a transaction is mined at
   once: a public chain adds its block time on top).
+- accept_to_open: inside rent(), from the Accept (negotiation agreed) to the open transaction
+  mined (the renter approved the escrow before proposing, so this is the open alone).
+- hold_used: on the provider, from its Accept (the hold's start) to the renter's rental hello on
+  the open escrow, which ends the hold: what the provider's open hold must cover.
 Prints one line per measurement, then one JSON line (the last line) with millisecond percentiles.
 """
 
@@ -99,10 +103,17 @@ async def run_chain(kind: str, args: argparse.Namespace, workdir: Path) -> dict:
                     await renter.offers.sync()
                     await trio.sleep(0.1)
 
+            # The provider checks the allowance before Accept (rent() approves by itself).
+            await achain.run(chain.approve, renter_key, 10**15)
             if kind == "embedded":  # the negotiation does not touch the chain: measure it once
                 samples = []
                 for _ in range(args.negotiations):
-                    entry = renter.book.query("", "price")[0]
+                    with trio.fail_after(10):  # each hold re-announces the offer: use the newest
+                        while (entry := renter.book.held(provider.key.public)) is None or \
+                                len(entry.offer.gpus) != len(provider.capacity.free(
+                                    int(time.time() * 1000))) or \
+                                entry.digest != provider.book.held(provider.key.public).digest:
+                            await trio.sleep(0.02)
                     t0 = time.perf_counter()
                     group = await negotiate_first(
                         renter.host, renter.key, renter.binding, [Candidate(entry.offer, entry.digest)],
@@ -116,10 +127,11 @@ async def run_chain(kind: str, args: argparse.Namespace, workdir: Path) -> dict:
                             await trio.sleep(0.005)
                     provider._pending.pop(aid)
                     provider.capacity.release(aid)
+                    provider._offer_changed()
                 result["negotiate"] = summary(samples)
                 print(f"negotiate (loopback, one process): {result['negotiate']}")
 
-            samples = []
+            samples, accept_to_open = [], []
             for _ in range(args.rentals):
                 with trio.fail_after(10):
                     while not (hits := renter.book.query("", "price")):
@@ -128,9 +140,18 @@ async def run_chain(kind: str, args: argparse.Namespace, workdir: Path) -> dict:
                 rental = await renter.rent(hits[:1], gpu_count=1, duration_s=60,
                                            max_price_per_gpu_second=PRICE)
                 samples.append(time.perf_counter() - t0)
+                accept_to_open.append(renter.accept_to_open_s)
                 assert rental.opened is not None
+            with trio.fail_after(10):
+                while len(provider.hold_used_ms) < args.rentals:
+                    await trio.sleep(0.05)
             result["rent_to_open"] = summary(samples)
+            result["accept_to_open"] = summary(accept_to_open)
+            result["hold_used"] = summary([ms / 1000 for ms in provider.hold_used_ms])
             print(f"rent -> escrow open ({kind}): {result['rent_to_open']}")
+            print(f"Accept -> open mined, renter ({kind}): {result['accept_to_open']}")
+            print(f"Accept -> rental hello on the open escrow, provider ({kind}): "
+                  f"{result['hold_used']}")
             nursery.cancel_scope.cancel()
         return result
 

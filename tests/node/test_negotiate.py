@@ -11,8 +11,10 @@ from node.negotiate import (
     Candidate,
     Capacity,
     ProviderDesk,
+    RenterFunds,
     negotiate_first,
 )
+from protocol.eth import private_key_address
 from node.reqresp import write_frame
 from protocol.agreement import verify_consent
 from protocol.identity import PeerKey
@@ -35,7 +37,7 @@ class Party:
         self.host = GossipHost(NodeIdentity.from_seed(self.seed), CONFIG)
 
 
-def provider_desk(party: Party, rng: random.Random, *, gpu_count=2, price=100):
+def provider_desk(party: Party, rng: random.Random, *, gpu_count=2, price=100, **desk_args):
     offer = make_offer(party.key, party.binding, rng, int(trio.current_time() * 0) + 1_000,
                        gpu_count=gpu_count, price_per_gpu_second=price)
     data = offer.encode()
@@ -48,7 +50,8 @@ def provider_desk(party: Party, rng: random.Random, *, gpu_count=2, price=100):
         agreed.append(machine)
 
     desk = ProviderDesk(party.host, party.key, party.wallet_key, PARAMS,
-                        lambda: (offer, digest(data)), capacity, lambda: price, on_agreed)
+                        lambda: (offer, digest(data)), capacity, lambda: price, on_agreed,
+                        **desk_args)
     desk.install()
     return desk, offer, digest(data), capacity, agreed
 
@@ -181,4 +184,69 @@ async def test_negotiate__two_acceptable_providers_one_wins_the_other_is_freed()
             while len(desks[1 - win][3].free(0)) != 2 or not desks[win][4]:
                 await trio.sleep(0.01)
         assert desks[1 - win][4] == [] and desks[win][3].free(0) == ()
+        nursery.cancel_scope.cancel()
+
+
+async def test_negotiate__a_slow_funds_read_for_one_renter_does_not_hold_up_another():
+    # The chain is the edge here: a read that hangs for one wallet (a slow RPC endpoint for
+    # that call) stands in for it; the desk, the streams and both renters are real.
+    rng = random.Random(7)
+    provider, slow, quick = Party(rng), Party(rng), Party(rng)
+    slow_wallet = private_key_address(slow.wallet_key)
+
+    async def read(wallet, token):
+        if wallet == slow_wallet:
+            await trio.sleep(30)
+        return 10**18, 10**18
+
+    funds = RenterFunds(read, timeout_s=1.5)
+    async with trio.open_nursery() as nursery:
+        await start(nursery, [provider, slow, quick])
+        desk, offer, d, capacity, agreed = provider_desk(provider, rng, funds=funds)
+        await slow.host.connect(provider.host.addrs()[0])
+        await quick.host.connect(provider.host.addrs()[0])
+        results = {}
+
+        async def rent(name, party):
+            t0 = trio.current_time()
+            group = await negotiate_first(
+                party.host, party.key, party.binding, [Candidate(offer, d)], gpu_count=1,
+                duration_s=3600, max_price_per_gpu_second=100, access_key="k", params=PARAMS,
+                rng=random.Random(name))
+            (m,) = group.negotiations.values()
+            results[name] = (m, trio.current_time() - t0)
+
+        async with trio.open_nursery() as both:
+            both.start_soon(rent, "slow", slow)
+            await trio.sleep(0.2)  # the slow renter's read is under way
+            both.start_soon(rent, "quick", quick)
+        quick_m, quick_s = results["quick"]
+        slow_m, slow_s = results["slow"]
+        assert quick_m.state is State.AGREED and quick_s < 1.5  # not queued behind the slow read
+        assert slow_m.failure.reason == Reason.PROVIDER_BUSY and slow_s < 1.5 + 1.0
+        assert len(capacity.free(0)) == 1  # the slow renter's GPUs were freed
+        nursery.cancel_scope.cancel()
+
+
+async def test_negotiate__funds_are_read_once_per_wallet_within_the_cache_time():
+    rng = random.Random(8)
+    provider, renter = Party(rng), Party(rng)
+    reads = []
+
+    async def read(wallet, token):
+        reads.append(wallet)
+        return 10**18, 10**18
+
+    async with trio.open_nursery() as nursery:
+        await start(nursery, [provider, renter])
+        desk, offer, d, capacity, agreed = provider_desk(
+            provider, rng, gpu_count=3, funds=RenterFunds(read, ttl_s=30))
+        await renter.host.connect(provider.host.addrs()[0])
+        for i in range(2):
+            group = await negotiate_first(
+                renter.host, renter.key, renter.binding, [Candidate(offer, d)], gpu_count=1,
+                duration_s=3600, max_price_per_gpu_second=100, access_key="k", params=PARAMS,
+                rng=random.Random(i))
+            assert group.winner is not None
+        assert len(reads) == 1 and desk.funds.reads == 1
         nursery.cancel_scope.cancel()

@@ -58,7 +58,7 @@ async def run_rental(tmp_path, *, max_seconds, drop_at_s=None, access=None):
         async def service(effect):
             services.append(type(effect).__name__)
 
-        async def start_session(agreement_id):
+        async def start_session(agreement_id, peer):
             if agreement_id != a.agreement_id:
                 return None
             machine = ProviderRental(a.terms, a.details, a.domain, a.provider, started_ms, PARAMS)
@@ -139,7 +139,7 @@ async def test_rentals__unknown_agreement_and_silent_streams_are_refused(tmp_pat
         await nursery.start(provider_host.run)
         await nursery.start(other.run)
 
-        async def start_session(agreement_id):
+        async def start_session(agreement_id, peer):
             return None
 
         desk = RentalDesk(provider_host, nursery, start_session)

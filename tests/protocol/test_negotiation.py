@@ -1193,3 +1193,59 @@ def test_negotiation__with_a_trusted_arbiter_agrees():
     pair = negotiate(renter_for(ARBITER_OFFER, d), provider_for(ARBITER_OFFER, d))
     assert pair.renter.state is State.AGREED
     assert pair.renter.terms.arbiter == OTHER_BINDING.wallet
+
+
+# The provider's driver withholding an Accept (node checks between decision and consent)
+
+
+def test_negotiation__provider_withholds_the_accept__renter_fails_with_the_providers_reason():
+    renter, provider = renter_for(), provider_for()
+    pair = ConnectionPair(renter, provider)
+    pair.start(NOW)
+    effects = provider.receive_data(pair.to["provider"].popleft(), NOW + 5)
+    assert provider.state is State.AGREED  # decided, but the driver has not sent the Accept
+    assert any(isinstance(e, Send) and isinstance(e.message, Accept) for e in effects)
+    withheld = pair.absorb("provider", provider.withhold(NOW + 6, Reason.INSUFFICIENT_FUNDS,
+                                                         "balance 0 < deposit 720000"))
+    msg = sent_reject(withheld, Reason.INSUFFICIENT_FUNDS, PROVIDER_KEY.public)
+    assert msg.round == 1
+    failed_with(provider, Reason.INSUFFICIENT_FUNDS, Fault.LOCAL, violation=False)
+    pair.deliver("renter", NOW + 10)
+    failed_with(renter, Reason.INSUFFICIENT_FUNDS, Fault.REMOTE, violation=False)
+    assert renter.failure.detail == "balance 0 < deposit 720000"
+    assert not [e for e in pair.effects["renter"] if isinstance(e, EscrowCall)]
+
+
+@pytest.mark.parametrize("reason", [Reason.TOO_MANY_PENDING, Reason.PROVIDER_BUSY])
+def test_negotiation__withhold_reasons_reach_the_renter_by_code(reason):
+    renter, provider = renter_for(), provider_for()
+    pair = ConnectionPair(renter, provider)
+    pair.start(NOW)
+    provider.receive_data(pair.to["provider"].popleft(), NOW + 5)
+    pair.absorb("provider", provider.withhold(NOW + 6, reason, "x"))
+    pair.deliver("renter", NOW + 10)
+    failed_with(renter, reason, Fault.REMOTE, violation=False)
+    assert renter.failure.reason_name == reason.name
+
+
+def test_negotiation__withhold_outside_agreed_or_with_a_protocol_reason_is_a_local_error():
+    provider = provider_for()
+    with pytest.raises(LocalProtocolError):
+        provider.withhold(NOW, Reason.INSUFFICIENT_FUNDS, "not agreed yet")
+    renter = renter_for()
+    pair = ConnectionPair(renter, provider)
+    pair.start(NOW)
+    provider.receive_data(pair.to["provider"].popleft(), NOW + 5)
+    with pytest.raises(LocalProtocolError):
+        provider.withhold(NOW + 6, Reason.BAD_SIGNATURE, "not a reason to withhold")
+    assert provider.state is State.AGREED
+
+
+def test_negotiation__reason_codes_match_the_spec_table():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[2] / "specs" / "negotiation.md").read_text()
+    section = text.split("## Reason codes", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\d+) \| `([A-Z_]+)` \|", section, re.M)
+    assert {int(code): name for code, name in rows} == {r.value: r.name for r in Reason}
