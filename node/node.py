@@ -811,6 +811,10 @@ class Node:
                 self.host.host.get_peerstore().add_addrs(
                     peer, [multiaddr.Multiaddr(a) for a in addrs], PEER_ADDR_TTL_S)
 
+    @property
+    def _open_hold_ms(self) -> int:
+        return self.desk.open_hold_ms if self.desk is not None else DEFAULT_OPEN_HOLD_MS
+
     async def _opened_late(self, row) -> None:
         """A renter's open transaction was mined after this node restarted: resume the rental."""
         try:
