@@ -297,6 +297,54 @@ class Store:
     async def prune_expired_offers(self, now: float) -> int:
         return await self._run(self._write, "DELETE FROM offers_seen WHERE expires_at <= ?", (now,))
 
+    async def prune_offers(self, now: float) -> int:
+        """Delete offers that expired at or before ``now`` and offers superseded by a higher seq
+        of the same provider, in one transaction; returns how many rows went. With
+        :meth:`delete_offers_upto` for offers the book dropped, this keeps ``offers_seen`` to
+        about the offers the book holds (specs/node.md, "Offer store")."""
+
+        def go() -> int:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                before = conn.total_changes
+                conn.execute("DELETE FROM offers_seen WHERE expires_at <= ?", (now,))
+                conn.execute(
+                    """DELETE FROM offers_seen WHERE EXISTS (
+                           SELECT 1 FROM offers_seen n WHERE n.provider_key = offers_seen.provider_key
+                           AND n.seq > offers_seen.seq)""")
+                deleted = conn.total_changes - before
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return deleted
+
+        return await self._run(go)
+
+    async def delete_offers_upto(self, rows: list[tuple[bytes, int]]) -> int:
+        """Delete each provider's offers with seq <= the given one (offers the book evicted or
+        saw withdrawn), in one transaction; returns how many rows went."""
+
+        def go() -> int:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                before = conn.total_changes
+                conn.executemany("DELETE FROM offers_seen WHERE provider_key = ? AND seq <= ?", rows)
+                deleted = conn.total_changes - before
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return deleted
+
+        return await self._run(go) if rows else 0
+
+    async def offer_rows(self) -> tuple[int, int]:
+        """(rows, bytes of raw offers) in offers_seen."""
+        return await self._run(self._one, "SELECT COUNT(*), COALESCE(SUM(LENGTH(raw)), 0) FROM offers_seen")
+
     # ---- peers ----
     async def upsert_peer(self, peer_id: str, addrs: list[str], now: float) -> None:
         await self._run(

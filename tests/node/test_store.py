@@ -75,6 +75,19 @@ async def test_store__offers_dedupe_and_expire(store):
     assert await store.get_offer(b"P" * 32, 1) is None
 
 
+async def test_store__prune_offers_keeps_only_each_providers_newest_live_offer(store):
+    rows = [(b"P" * 32, seq, b"d", b"x" * 100, 100.0, 1000.0 + seq) for seq in range(1, 6)]
+    rows += [(b"Q" * 32, 1, b"d", b"y" * 100, 100.0, 150.0)]  # expired at 200
+    rows += [(b"R" * 32, 3, b"d", b"z" * 100, 100.0, 900.0)]
+    assert await store.put_offers(rows) == 7
+    assert await store.offer_rows() == (7, 700)
+    assert await store.prune_offers(now=200.0) == 5  # P 1..4 superseded, Q expired
+    assert [(o.provider_key[:1], o.seq) for o in await store.live_offers(now=200.0)] == [
+        (b"P", 5), (b"R", 3)]
+    assert await store.delete_offers_upto([(b"R" * 32, 3), (b"P" * 32, 4)]) == 1  # R evicted
+    assert await store.offer_rows() == (1, 100)
+
+
 async def test_store__agreements_heartbeats_receipts(store):
     await store.put_agreement(AG, "renter", "proposed", b"terms-bytes", 10.0)
     with pytest.raises(sqlite3.IntegrityError):
