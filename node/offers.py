@@ -129,10 +129,10 @@ class OfferServiceConfig:
     sync_max_concurrent: int = 8  # server: responses being sent at once, all peers
     sync_max_per_peer: int = 2  # server: sync streams open from one peer (waiting or served)
     sync_peer_bytes_per_s: float = 1024 * 1024  # server: each peer's byte budget refills at this
-    sync_peer_burst_bytes: int = 64 * 1024 * 1024  # ... up to this many bytes
+    sync_peer_burst_bytes: int = 128 * 1024 * 1024  # ... up to this (a full book: book_max_bytes)
     sync_budget_peers: int = 10_000  # server: byte budgets remembered (full ones go first)
     sync_max_offers: int = 200_000  # server sends at most, client accepts at most this many
-    sync_max_bytes: int = 128 * 1024 * 1024  # client: accepts at most this many frame bytes
+    sync_max_bytes: int = 136 * 1024 * 1024  # client: frame bytes accepted (a full book + framing)
     sync_peers: int = 3  # client: peers asked in parallel
     sync_timeout_s: float = 10.0  # client: deadline for the whole fetch from one peer
     sync_max_rejects: int = 16  # client: drop a sync peer after this many REJECTed offers
@@ -237,6 +237,7 @@ class OfferService:
                                   config.sync_budget_peers)
         # (provider, seq): offers the book evicted or saw withdrawn, to delete from the store
         self._to_delete: list[tuple[bytes, int]] = []
+        self._flush_lock = trio.Lock()  # flushes in order: a delete never overtakes its insert
         self.book.on_evict = self._evicted
         self.ready = trio.Event()
 
@@ -371,13 +372,17 @@ class OfferService:
             self._unflushed.clear()
             self._to_delete.clear()
             return
+        async with self._flush_lock:
+            await self._flush(self.store)
+
+    async def _flush(self, store: Store) -> None:
         rows, self._to_store = self._to_store, []
         deltas, self._unflushed = dict(self._unflushed), collections.Counter()
         gone, self._to_delete = self._to_delete, []
         try:
-            await self.store.put_offers(rows)
-            await self.store.add_counters(deltas)
-            await self.store.delete_offers_upto(gone)
+            await store.put_offers(rows)
+            await store.add_counters(deltas)
+            await store.delete_offers_upto(gone)
         except BaseException:
             self._to_store[:0] = rows
             self._unflushed.update(deltas)

@@ -353,10 +353,10 @@ class OfferBook:
     # many offers beyond 8 x limit and that is cheaper than walking the tie (tests set it
     # negative to force it).
     score_tie_min = 256
-    # Tests set a plan name ("stream", "score_walk", "score_range", "collect") to check every
-    # plan against the brute-force filter on small books; a plan that cannot serve the query
-    # (e.g. "stream" for a score sort, or any plan but "score_range" without a limit) falls
-    # back to collecting.
+    # Tests set a plan name ("stream", "score_walk", "score_range", "collect"; for the rank
+    # sort "rank_scan", "rank_stream", "collect") to check every plan against the brute-force
+    # filter on small books; a plan that cannot serve the query (e.g. "stream" for a score
+    # sort, or any plan but "score_range" without a limit) falls back to collecting.
     force_plan: str | None = None
 
     def __init__(
@@ -375,6 +375,7 @@ class OfferBook:
         self._by_digest: dict[bytes, Entry] = {}
         self._buckets: dict[tuple, _Bucket] = {}
         self._by_score = _SortedList()  # keep order (score, -since_ms, expires_ms, digest) -> Entry
+        self._by_since = _SortedList()  # (since_ms, provider) -> Entry: the rank sort's tiers
         self._bytes = 0  # wire bytes of the live offers
         # Called with each entry the caps evict (not expiry, not replacement, not withdrawal):
         # the node deletes its stored copy.
@@ -533,6 +534,7 @@ class OfferBook:
         entry.bucket = bucket
         bucket.entries.add(entry._pkey, entry)
         self._by_score.add(entry._skey, entry)
+        self._by_since.add((entry.since_ms, entry.provider), entry)
         self._push_expiry(entry)
 
     def _push_expiry(self, entry: Entry) -> None:
@@ -553,6 +555,8 @@ class OfferBook:
         assert bucket is not None
         bucket.entries.replace(held._pkey, entry._pkey, entry)
         self._by_score.replace(held._skey, entry._skey, entry)
+        since_key = (held.since_ms, held.provider)  # the same for both: in place
+        self._by_since.replace(since_key, since_key, entry)
         self._push_expiry(entry)
 
     def _remove(self, entry: Entry) -> None:
@@ -565,6 +569,7 @@ class OfferBook:
         if not len(bucket.entries):
             del self._buckets[bucket.key]
         self._by_score.remove(entry._skey)
+        self._by_since.remove((entry.since_ms, entry.provider))
         entry.bucket = None
 
     def rescore(self, provider: bytes | None = None) -> None:
@@ -741,8 +746,9 @@ class OfferBook:
                     cutoff: int) -> list[Entry]:
         # Tier by tier (query.rank_tier), each in price order. Known-good and known-bad
         # providers are ranges of the score index (few: only providers this node rented
-        # from); the unknown ones stream from the buckets' price order, established ones taken
-        # as they come and newer ones kept aside until the established ones are found.
+        # from). Unknown ones: when established providers are few, scan them in the since
+        # index, then stream new ones from the buckets' price order; otherwise stream both,
+        # established ones taken as they come and new ones kept aside until enough are found.
         key = RANK_SORT.key(cutoff)
         lo_key = None if lo is None else (lo,)
         hi_key = None if hi is None else (hi,)
@@ -763,9 +769,31 @@ class OfferBook:
         above = (math.nextafter(UNKNOWN_SCORE, math.inf),)
         out = score_range(above, None)[:limit]
         need = limit - len(out)
-        if need:
+        est_hi = (cutoff + 1,)  # (since_ms, provider) keys with since_ms <= cutoff lie below
+        n_est = self._by_since.count(None, est_hi)
+        scan = n_est * n_est < need * len(self)
+        if self.force_plan in ("rank_scan", "rank_stream"):
+            scan = self.force_plan == "rank_scan"
+        if need and scan:
+            # Few established providers (a flood of new ones, or a node that just started):
+            # scan them, then stream the new ones, which are then most of the unknown offers.
+            # Streaming for the established ones would pass over about need * len / n_est.
+            est = [e for sl in self._by_since.slices(None, est_hi) for e in sl
+                   if e.score == UNKNOWN_SCORE and e.bucket in chosen
+                   and (lo is None or e.price_key >= lo) and (hi is None or e.price_key < hi)
+                   and (residual is None or residual(e))]
+            est.sort(key=_pkey)
+            out += est[:need]
+            need = limit - len(out)
+            if need:
+                merged = heapq.merge(*[b.entries.irange(lo_key, hi_key) for b in buckets],
+                                     key=_pkey)
+                newer = filter(lambda e: e.score == UNKNOWN_SCORE and e.since_ms > cutoff
+                               and (residual is None or residual(e)), merged)
+                out += islice(newer, need)
+        elif need:
             established: list[Entry] = []
-            newer: list[Entry] = []
+            newer_kept: list[Entry] = []
             merged = heapq.merge(*[b.entries.irange(lo_key, hi_key) for b in buckets], key=_pkey)
             for e in merged:
                 if e.score != UNKNOWN_SCORE or (residual is not None and not residual(e)):
@@ -774,10 +802,10 @@ class OfferBook:
                     established.append(e)
                     if len(established) == need:
                         break
-                elif len(newer) < need:
-                    newer.append(e)
+                elif len(newer_kept) < need:
+                    newer_kept.append(e)
             out += established
-            out += newer[:limit - len(out)]
+            out += newer_kept[:limit - len(out)]
         if len(out) < limit:
             out += score_range(None, (UNKNOWN_SCORE,))[:limit - len(out)]
         return out

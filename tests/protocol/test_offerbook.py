@@ -183,6 +183,7 @@ def test_offerbook__byte_cap_holds_under_fat_sybil_flood_and_keeps_known_provide
             assert exc.code == "book_full"
             refused += 1
         assert book.bytes == sum(len(e.data) for e in book) <= cap
+        assert len(book._by_since) == len(book._by_score) == len(book)
     assert honest <= {e.provider for e in book}
     assert refused > 190  # after the first few fill the room, later (newer) ones are refused
     assert book.bytes <= cap

@@ -357,7 +357,7 @@ def brute_rank(book, query, limit, now, established_ms):
     arrivals=st.lists(st.sampled_from([0, 1000, 2000]), min_size=len(POOL), max_size=len(POOL)),
     terms=st.lists(term_strategy(), max_size=3),
     limit=st.one_of(st.none(), st.integers(1, 10)),
-    plan=st.sampled_from([None, "collect"]),
+    plan=st.sampled_from([None, "collect", "rank_scan", "rank_stream"]),
 )
 def test_query__rank_sort_agrees_with_brute_force(indices, score_values, arrivals, terms, limit,
                                                    plan):
