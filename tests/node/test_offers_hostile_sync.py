@@ -194,8 +194,8 @@ async def test_sync_hostile__byte_budget_per_peer_is_enforced(tmp_path):
             stream = await open_sync(attacker, victim)
             await write_frame(stream, encode_sync_request(0))
             got.append(await read_response(stream, 16 * 1024, timeout=5))
-        print(f"book {book_bytes} B; budget {budget} B; first request got {got[0][0]} B, "
-              f"second {got[1][0]} B")
+        print(f"book {book_bytes} B; budget {budget} B; server sent {c['offers.sync_serve.bytes']} B;"
+              f" the reader got {got[0][0]} B before the stream was reset, then {got[1][0]} B")
         assert got[0][0] <= budget and not got[0][1]  # cut at the budget, no end frame
         assert got[1] == (0, False)
         assert c["offers.sync_serve.budget_exhausted"] == 1
