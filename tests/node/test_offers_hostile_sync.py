@@ -209,12 +209,18 @@ async def test_sync_hostile__byte_budget_per_peer_is_enforced(tmp_path):
 
 
 async def test_sync_hostile__fat_sybil_flood_over_gossip_stays_under_the_byte_bound(tmp_path):
-    # book_max_bytes 60 kB; an honest provider's slim offer is held first; then 30 fat Sybil
-    # offers (9.9 kB each, 297 kB) arrive over gossip from fresh keys. The book and the store
-    # stay under the bound and keep the honest offer; a provider with a good record still gets
-    # in, evicting the newest Sybils, whose stored copies are deleted.
+    # book_max_bytes 60 kB; an honest provider's slim offer is held first (for longer than
+    # book_established_ms, 3 s here); then 30 fat, cheaper Sybil offers (9.9 kB each, 297 kB)
+    # arrive over gossip from fresh keys. The book and the store stay under the bound and keep
+    # the honest offer, the node's search (default sort) lists it above the Sybils; a provider
+    # with a good record still gets in, evicting the newest Sybils, whose stored copies are
+    # deleted.
+    from types import SimpleNamespace
+
+    from node.control import ControlServer
+
     cap = 60_000
-    params = TEST_PARAMS.replace(book_max_bytes=cap)
+    params = TEST_PARAMS.replace(book_max_bytes=cap, book_established_ms=3000)
     good = provider(61_000)[0].public
     async with trio.open_nursery() as nursery:
         identity = NodeIdentity.from_seed(os.urandom(32))
@@ -227,14 +233,22 @@ async def test_sync_hostile__fat_sybil_flood_over_gossip_stays_under_the_byte_bo
         victim = Node(host, service, store, identity)
         attacker = await start_attacker(nursery, victim)
         await wait_until(lambda: victim.host.peer_id in attacker.pubsub.peer_topics.get(OFFER_TOPIC, ()))
-        honest = offer(60_000, now=service.now_ms())
+        honest = offer(60_000, now=service.now_ms(), price_per_gpu_second=300)
         await attacker.publish(OFFER_TOPIC, honest.encode())  # relayed: accepted like any relay
         await wait_until(lambda: book.held(honest.provider) is not None)
+        await trio.sleep(3.1)  # the honest provider is now established
         c = service.counters
         for n in range(30):
             await attacker.publish(OFFER_TOPIC, fat_offer(60_001 + n, now=service.now_ms()).encode())
             await trio.sleep(0.01)
         await wait_until(lambda: c["offers.gossip.accept.offer"] + c["offers.gossip.ignore.book_full"] == 31)
+        control = ControlServer(SimpleNamespace(book=book), tmp_path)  # only its book is read
+        ranked = await control.op_search("")
+        by_price = await control.op_search("", sort="price")
+        honest_id = book.held(honest.provider).offer_id
+        assert ranked[0]["offer_id"] == honest_id and ranked[0]["tier"] == "established"
+        assert {r["tier"] for r in ranked[1:]} == {"new"}
+        assert by_price[-1]["offer_id"] == honest_id  # by price alone the Sybils come first
         await service.flush()
         rows, stored = await store.offer_rows()
         print(f"after the flood: book {len(book)} offers {book.bytes} B (cap {cap}); store {rows} "
