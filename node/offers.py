@@ -356,11 +356,11 @@ class OfferService:
             await self.prune()
 
     async def prune(self) -> int:
-        """Delete expired and superseded offers from the store; returns how many rows went."""
+        """Delete expired offers from the store; returns how many rows went."""
         if self.store is None:
             return 0
         now_s = (self.now_ms() - self.params.clock_skew_ms) / 1000
-        deleted = await self.store.prune_offers(now_s)
+        deleted = await self.store.prune_expired_offers(now_s)
         self.count("offers.store_pruned", deleted)
         return deleted
 

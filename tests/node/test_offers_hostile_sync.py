@@ -267,8 +267,8 @@ async def test_sync_hostile__fat_sybil_flood_over_gossip_stays_under_the_byte_bo
 
 
 async def test_sync_hostile__offers_seen_is_pruned_on_a_schedule(tmp_path):
-    # Offers that expired and offers superseded by a higher seq leave the store within a prune
-    # interval; only each provider's newest live offer stays.
+    # Offers superseded by a higher seq leave the store when the newer one is written, offers
+    # that expired within a prune interval; only each provider's newest live offer stays.
     cfg = OfferServiceConfig(flush_interval_s=0.1, prune_interval_s=0.3)
     async with trio.open_nursery() as nursery:
         victim = await start_node(nursery, tmp_path / "victim.db", config=cfg)
@@ -280,7 +280,7 @@ async def test_sync_hostile__offers_seen_is_pruned_on_a_schedule(tmp_path):
             raw = offer(70_010, seq=seq, now=now).encode()
             assert victim.service.ingest(raw, "test", None).value == "accept"
         await victim.service.flush()
-        assert (await victim.store.offer_rows())[0] == 8
+        assert (await victim.store.offer_rows())[0] == 6  # seq 1 and 2 of 70_010 are gone
         key = provider(70_010)[0].public
 
         async def rows():
@@ -290,5 +290,5 @@ async def test_sync_hostile__offers_seen_is_pruned_on_a_schedule(tmp_path):
         with trio.fail_after(5):
             while await rows() != [(key, 3)]:
                 await trio.sleep(0.1)
-        assert victim.service.counters["offers.store_pruned"] == 7
+        assert victim.service.counters["offers.store_pruned"] == 5
         nursery.cancel_scope.cancel()
