@@ -39,7 +39,7 @@ from node.identity import NodeIdentity
 from node.reqresp import ReqRespError, read_frame, write_frame
 from node.store import Store
 from protocol.encoding import decode, unpack_canonical
-from protocol.errors import IGNORE, DecodeError, ProtocolError, Reject, RemoteProtocolError
+from protocol.errors import IGNORE, DecodeError, Ignore, ProtocolError, Reject, RemoteProtocolError
 from protocol.identity import PeerKey
 from protocol.messages import Binding, GpuInfo, HostInfo, Offer, OfferTerms, OfferWithdrawal
 from protocol.offerbook import Entry, OfferBook
@@ -133,6 +133,7 @@ class OfferServiceConfig:
     sync_budget_peers: int = 10_000  # server: byte budgets remembered (full ones go first)
     sync_max_offers: int = 200_000  # server sends at most, client accepts at most this many
     sync_max_bytes: int = 136 * 1024 * 1024  # client: frame bytes accepted (a full book + framing)
+    sync_peer_share: float = 1 / 3  # client: new offers taken from one peer, x book_max_bytes
     sync_peers: int = 3  # client: peers asked in parallel
     sync_timeout_s: float = 10.0  # client: deadline for the whole fetch from one peer
     sync_max_rejects: int = 16  # client: drop a sync peer after this many REJECTed offers
@@ -194,6 +195,7 @@ class SyncResult:
     offers: int = 0
     bytes: int = 0
     accepted: int = 0
+    accepted_bytes: int = 0
     rejected: int = 0
     error: str | None = None
 
@@ -508,6 +510,7 @@ class OfferService:
 
     async def _sync_one(self, result: SyncResult, deadline: float) -> None:
         cfg = self.config
+        share = cfg.sync_peer_share * self.params.book_max_bytes
         stream: INetStream | None = None
         with trio.move_on_after(deadline) as scope:
             try:
@@ -530,6 +533,13 @@ class OfferService:
                         verdict = self.ingest(raw, "sync", result.peer, offers_only=True)
                         if verdict is Verdict.ACCEPT:
                             result.accepted += 1
+                            result.accepted_bytes += len(raw)
+                            if result.accepted_bytes >= share:
+                                # One peer fills at most this share of the book: a hostile
+                                # peer that answers first cannot fill it with offers that the
+                                # book's keep order would then hold against honest ones.
+                                raise Ignore("sync_share_full",
+                                             f"{result.accepted_bytes} bytes of new offers")
                         elif verdict is Verdict.REJECT:
                             result.rejected += 1
                     if result.rejected > cfg.sync_max_rejects:

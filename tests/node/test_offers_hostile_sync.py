@@ -292,3 +292,38 @@ async def test_sync_hostile__offers_seen_is_pruned_on_a_schedule(tmp_path):
                 await trio.sleep(0.1)
         assert victim.service.counters["offers.store_pruned"] == 5
         nursery.cancel_scope.cancel()
+
+
+async def test_sync_hostile__one_sync_peer_fills_at_most_its_share_of_the_book(tmp_path):
+    # A joining node (book_max_bytes 60 kB) syncs first from a hostile peer that serves 30 fat
+    # offers of fresh keys (297 kB), then from an honest peer with 10 slim offers. The hostile
+    # peer's offers stop at a third of the book (sync_peer_share), so the honest ones, which
+    # arrive later and rank below the held ones, still fit.
+    from node.offers import chunk_offers
+
+    cap = 60_000
+    params = TEST_PARAMS.replace(book_max_bytes=cap)
+    async with trio.open_nursery() as nursery:
+        victim = await start_node(nursery, tmp_path / "victim.db", params=params)
+        honest = await start_node(nursery, tmp_path / "honest.db")
+        honest_bytes = fill_book(honest, 80_000, 10, fat=False)
+        attacker = await start_attacker(nursery, victim)
+        now = victim.service.now_ms()
+        sybils = [fat_offer(80_100 + i, now=now).encode() for i in range(30)]
+
+        async def hostile_server(stream):
+            await read_frame(stream, timeout=2)
+            for frame in chunk_offers(sybils, 256 * 1024):
+                await write_frame(stream, frame, max_frame=256 * 1024)
+            await write_frame(stream, b"\x90")
+
+        attacker.host.set_stream_handler(TProtocol(SYNC_PROTOCOL), hostile_server)
+        await victim.host.connect(honest.host.addrs()[0])
+        (r1,) = await victim.service.sync([attacker.peer_id], timeout=5)
+        (r2,) = await victim.service.sync([honest.host.peer_id], timeout=5)
+        print(f"hostile peer: {r1.accepted} offers, {r1.accepted_bytes} B taken ({r1.error}); "
+              f"honest peer: {r2.accepted} of 10 ({r2.error}); book {victim.book.bytes} B of {cap}")
+        assert r1.error == "sync_share_full" and r1.accepted_bytes < cap / 3 + FAT
+        assert r2.error is None and r2.accepted == 10 and r2.accepted_bytes == honest_bytes
+        assert victim.book.bytes <= cap
+        nursery.cancel_scope.cancel()
