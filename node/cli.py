@@ -230,12 +230,12 @@ def cmd_offers_search(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"offers matching {args.query!r}" if args.query else "offers")
-    for col in ("offer", "GPUs", "VRAM", "CUDA", "region", "price/GPU-h", "score", "provider"):
+    for col in ("offer", "GPUs", "VRAM", "CUDA", "region", "price/GPU-h", "score", "tier", "provider"):
         table.add_column(col)
     for r in rows:
         table.add_row(r["offer_id"], f"{r['gpus']}x {r['model']}", f"{r['vram_gib']} GiB", r["cuda"],
                       r["region"], f"{r['price_per_gpu_hour']} {r['token']}", f"{r['score']:.2f}",
-                      r["provider"])
+                      r["tier"], r["provider"])
     _console().print(table)
     if not rows:
         print("no offers match; try a broader query, or wait for offers to arrive")
@@ -472,7 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     osub = p.add_subparsers(dest="offers_command", metavar="SUBCOMMAND", required=True)
     s = osub.add_parser("search", help="search the offer book, e.g. 'gpu=RTX_4090 vram>=24 price<=0.60'")
     s.add_argument("query", nargs="?", default="")
-    s.add_argument("--sort", default="price", help="price, -price, score, -score, vram, count")
+    s.add_argument("--sort", default="rank",
+                   help="rank (default: known-good, established, new, known-bad providers, each by "
+                        "price), price, -price, score, -score, vram, count")
     s.add_argument("--limit", type=int, default=50)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_offers_search)

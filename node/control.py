@@ -29,6 +29,7 @@ from protocol.encoding import decode
 from protocol.evidence import build_bundle
 from protocol.messages import UsageReceipt
 from protocol.identity import short_id
+from protocol.query import rank_tier
 
 from .chain import ChainError
 from .node import Node, RentError, now_ms
@@ -137,9 +138,14 @@ class ControlServer:
             "counters": dict(n.offers.counters) if n.offers is not None else {},
         }
 
-    async def op_search(self, query: str = "", sort: str | None = "price", limit: int = 50) -> list:
-        entries = self.node.search(query, sort, limit=limit)
-        return [offer_row(e) for e in entries]
+    async def op_search(self, query: str = "", sort: str | None = "rank", limit: int = 50) -> list:
+        # rank (the default): known-good providers, then established, then new unknown ones,
+        # then known-bad, each by price (specs/offerbook.md, "Ranking"): a flood of fresh cheap
+        # identities does not bury the providers this node knows.
+        now = now_ms()
+        entries = self.node.search(query, sort or "rank", limit=limit, at_ms=now)
+        cutoff = now - self.node.book.params.book_established_ms
+        return [offer_row(e, now, cutoff) for e in entries]
 
     async def op_quote(self, offer_id: str, seconds: int, gpu_count: int = 1) -> dict:
         entry = self.node.book.get(offer_id)
@@ -150,7 +156,9 @@ class ControlServer:
         if why is not None:
             raise ControlError(f"offer {offer_id} cannot be rented from this node: {why}")
         deposit = o.terms.price_per_gpu_second * gpu_count * seconds
-        return {"offer": offer_row(entry), "deposit": deposit,
+        now = now_ms()
+        return {"offer": offer_row(entry, now, now - self.node.book.params.book_established_ms),
+                "deposit": deposit,
                 "deposit_tokens": str(Decimal(deposit) / 10**o.terms.token_decimals),
                 "token": o.terms.token_symbol}
 
@@ -238,7 +246,12 @@ class ControlServer:
         return matches[0]
 
 
-def offer_row(entry) -> dict:
+TIER_NAMES = ("known-good", "established", "new", "known-bad")  # query.rank_tier's order
+
+
+def offer_row(entry, now: int, established_before_ms: int) -> dict:
+    """A search result; `tier` is its rank tier (query.rank_tier), `held_s` how long this
+    node's book has held offers of the provider."""
     o = entry.offer
     g = o.gpus[0]
     return {
@@ -247,7 +260,9 @@ def offer_row(entry) -> dict:
         "cuda": f"{g.cuda_version // 1000}.{g.cuda_version % 1000 // 10}",
         "price_per_gpu_hour": f"{entry.price_per_gpu_hour_tokens():.4f}",
         "token": o.terms.token_symbol, "score": round(entry.score, 3),
-        "expires_in_s": max(0, (o.expires_ms - now_ms()) // 1000),
+        "tier": TIER_NAMES[rank_tier(entry.score, entry.since_ms, established_before_ms)],
+        "held_s": max(0, (now - entry.since_ms) // 1000),
+        "expires_in_s": max(0, (o.expires_ms - now) // 1000),
     }
 
 

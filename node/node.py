@@ -565,13 +565,14 @@ class Node:
                     f"0x{chain.escrow_address.hex()} on chain {chain.chain_id}")
         return None
 
-    def search(self, query: str = "", sort: str | None = "price",
-               limit: int | None = None) -> list[Entry]:
-        """Offers this node can rent that match `query` (the book also holds valid offers for
-        other escrows on this chain, which it relays but never lists)."""
+    def search(self, query: str = "", sort: str | None = "rank", limit: int | None = None,
+               at_ms: int | None = None) -> list[Entry]:
+        """Offers this node can rent that match `query`, by default in rank order (the book also
+        holds valid offers for other escrows on this chain, which it relays but never lists)."""
         chain_id, escrow = self.chain.chain.chain_id, self.chain.chain.escrow_address
         return self.book.query(query, sort, limit=limit,
-                               where=lambda e: e.escrow == escrow and e.chain_id == chain_id)
+                               where=lambda e: e.escrow == escrow and e.chain_id == chain_id,
+                               now_ms=now_ms() if at_ms is None else at_ms)
 
     async def _negotiate(self, entries: Sequence[Entry], **terms: Any) -> FirstAgreementWins:
         """Negotiate with every entry at once. A provider that answered OFFER_STALE re-announced

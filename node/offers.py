@@ -24,7 +24,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import msgpack
@@ -39,7 +39,7 @@ from node.identity import NodeIdentity
 from node.reqresp import ReqRespError, read_frame, write_frame
 from node.store import Store
 from protocol.encoding import decode, to_wire_text, unpack_canonical
-from protocol.errors import IGNORE, DecodeError, ProtocolError, Reject, RemoteProtocolError
+from protocol.errors import IGNORE, DecodeError, Ignore, ProtocolError, Reject, RemoteProtocolError
 from protocol.identity import PeerKey
 from protocol.messages import Binding, GpuInfo, HostInfo, Offer, OfferTerms, OfferWithdrawal
 from protocol.offerbook import Entry, OfferBook
@@ -83,19 +83,25 @@ def decode_sync_request(data: bytes) -> int:
     return value[1]
 
 
-def chunk_offers(offers: Sequence[bytes], max_frame: int) -> list[bytes]:
-    """Pack raw offers into msgpack arrays of bin, each at most ``max_frame`` bytes."""
-    frames, batch, size = [], [], 5  # 5: the largest array header
+def iter_frames(offers: Iterable[bytes], max_frame: int) -> Iterator[bytes]:
+    """Pack raw offers into msgpack arrays of bin, each at most ``max_frame`` bytes, one frame
+    at a time: a response is encoded as it is sent, never all at once."""
+    batch: list[bytes] = []
+    size = 5  # 5: the largest array header
     for raw in offers:
         item = len(raw) + (2 if len(raw) < 256 else 3 if len(raw) < 65536 else 5)
         if batch and size + item > max_frame:
-            frames.append(msgpack.packb(batch, use_bin_type=True))
+            yield msgpack.packb(batch, use_bin_type=True)
             batch, size = [], 5
         batch.append(raw)
         size += item
     if batch:
-        frames.append(msgpack.packb(batch, use_bin_type=True))
-    return frames
+        yield msgpack.packb(batch, use_bin_type=True)
+
+
+def chunk_offers(offers: Sequence[bytes], max_frame: int) -> list[bytes]:
+    """Every frame of :func:`iter_frames` (for tests and small batches)."""
+    return list(iter_frames(offers, max_frame))
 
 
 def decode_sync_frame(frame: bytes, max_frame: int) -> list[bytes]:
@@ -111,17 +117,74 @@ def decode_sync_frame(frame: bytes, max_frame: int) -> list[bytes]:
 
 @dataclass(frozen=True)
 class OfferServiceConfig:
+    """Offer sync limits are in specs/node.md ("Offer sync", limits table)."""
+
     topic: str = OFFER_TOPIC
     sync_protocol: str = SYNC_PROTOCOL
     sync_max_frame: int = 256 * 1024
-    sync_request_timeout_s: float = 5.0  # server: the request frame must arrive within this
+    sync_request_timeout_s: float = 1.0  # server: the request frame must arrive within this
     sync_serve_timeout_s: float = 30.0  # server: the whole response, a slow reader included
-    sync_max_concurrent: int = 8  # server: sync streams answered at once; more are reset
+    sync_write_timeout_s: float = 5.0  # server: each frame must be taken by the reader within this
+    sync_max_pending: int = 64  # server: streams waiting for their request, all peers
+    sync_max_concurrent: int = 8  # server: responses being sent at once, all peers
+    sync_max_per_peer: int = 2  # server: sync streams open from one peer (waiting or served)
+    sync_peer_bytes_per_s: float = 1024 * 1024  # server: each peer's byte budget refills at this
+    sync_peer_burst_bytes: int = 128 * 1024 * 1024  # ... up to this (a full book: book_max_bytes)
+    sync_budget_peers: int = 10_000  # server: byte budgets remembered (full ones go first)
     sync_max_offers: int = 200_000  # server sends at most, client accepts at most this many
+    sync_max_bytes: int = 136 * 1024 * 1024  # client: frame bytes accepted (a full book + framing)
+    sync_peer_share: float = 1 / 3  # client: new offers taken from one peer, x book_max_bytes
     sync_peers: int = 3  # client: peers asked in parallel
     sync_timeout_s: float = 10.0  # client: deadline for the whole fetch from one peer
     sync_max_rejects: int = 16  # client: drop a sync peer after this many REJECTed offers
     flush_interval_s: float = 5.0  # counters and offers to the store
+    prune_interval_s: float = 60.0  # expired and superseded offers out of the store
+
+
+class ByteBudget:
+    """A token bucket of bytes per peer: ``burst`` bytes, refilled at ``rate`` per second.
+    Sans-I/O (the caller passes ``now``). At most ``max_peers`` buckets are kept: a new peer
+    beyond that drops the buckets that have refilled (they hold no state worth keeping), else
+    the least recently used one."""
+
+    def __init__(self, rate: float, burst: int, max_peers: int) -> None:
+        if rate <= 0 or burst < 1 or max_peers < 1:
+            raise ValueError("a byte budget needs rate > 0, burst >= 1 and max_peers >= 1")
+        self.rate, self.burst, self.max_peers = rate, burst, max_peers
+        self._buckets: collections.OrderedDict[object, list[float]] = collections.OrderedDict()
+
+    def available(self, peer: object, now: float) -> float:
+        b = self._buckets.get(peer)
+        if b is None:
+            return float(self.burst)
+        b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
+        b[1] = max(b[1], now)
+        self._buckets.move_to_end(peer)
+        return b[0]
+
+    def take(self, peer: object, n: int, now: float) -> bool:
+        """Spend ``n`` bytes of ``peer``'s budget; False (nothing spent) if it holds fewer."""
+        tokens = self.available(peer, now)
+        if tokens < n:
+            return False
+        b = self._buckets.get(peer)
+        if b is None:
+            if len(self._buckets) >= self.max_peers:
+                self._forget(now)
+            b = self._buckets[peer] = [tokens, now]
+        b[0] -= n
+        return True
+
+    def _forget(self, now: float) -> None:
+        full = [p for p, (t, u) in self._buckets.items()
+                if min(self.burst, t + (now - u) * self.rate) >= self.burst]
+        for p in full:
+            del self._buckets[p]
+        if len(self._buckets) >= self.max_peers:
+            self._buckets.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 @dataclass
@@ -130,7 +193,9 @@ class SyncResult:
 
     peer: ID
     offers: int = 0
+    bytes: int = 0
     accepted: int = 0
+    accepted_bytes: int = 0
     rejected: int = 0
     error: str | None = None
 
@@ -168,6 +233,14 @@ class OfferService:
         self._expiry_wake = trio.Event()
         self._wake_at_ms: float = math.inf
         self._serving = trio.CapacityLimiter(config.sync_max_concurrent)
+        self._sync_pending = 0  # server: streams waiting for their request
+        self._sync_open: dict[ID, int] = {}  # server: sync streams open per peer
+        self._budget = ByteBudget(config.sync_peer_bytes_per_s, config.sync_peer_burst_bytes,
+                                  config.sync_budget_peers)
+        # (provider, seq): offers the book evicted or saw withdrawn, to delete from the store
+        self._to_delete: list[tuple[bytes, int]] = []
+        self._flush_lock = trio.Lock()  # flushes in order: a delete never overtakes its insert
+        self.book.on_evict = self._evicted
         self.ready = trio.Event()
 
     # ---- counting ----
@@ -209,10 +282,15 @@ class OfferService:
             self._accepted(entry)
             return "offer"
         if kind == OfferWithdrawal.TYPE and not offers_only:
-            self.book.ingest_withdrawal(data, now)
+            msg = self.book.ingest_withdrawal(data, now)
+            self._to_delete.append((msg.provider, msg.seq))
             return "withdrawal"
         msg = decode(data)  # raises the decoding REJECT (malformed, unknown_type, ...)
         raise DecodeError("unexpected_type", f"{type(msg).__name__} is not carried here")
+
+    def _evicted(self, entry: Entry) -> None:
+        self.count("offers.evicted")
+        self._to_delete.append((entry.provider, entry.seq))
 
     def _accepted(self, entry: Entry) -> None:
         self._to_store.append((entry.provider, entry.seq, entry.digest, entry.data,
@@ -237,6 +315,7 @@ class OfferService:
                 nursery.start_soon(self._drain, sub)
                 nursery.start_soon(self._expiry_loop)
                 nursery.start_soon(self._flush_loop)
+                nursery.start_soon(self._prune_loop)
                 self.ready.set()
                 task_status.started(self)
         finally:
@@ -273,47 +352,93 @@ class OfferService:
             self._store_wake = trio.Event()
             await self.flush()
 
+    async def _prune_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.prune_interval_s)
+            await self.prune()
+
+    async def prune(self) -> int:
+        """Delete expired offers from the store; returns how many rows went."""
+        if self.store is None:
+            return 0
+        now_s = (self.now_ms() - self.params.clock_skew_ms) / 1000
+        deleted = await self.store.prune_expired_offers(now_s)
+        self.count("offers.store_pruned", deleted)
+        return deleted
+
     async def flush(self) -> None:
-        """Write pending accepted offers and counter deltas to the store."""
+        """Write pending accepted offers and counter deltas to the store, then delete the
+        offers the book evicted or saw withdrawn since the last flush."""
         if self.store is None:
             self._to_store.clear()
             self._unflushed.clear()
+            self._to_delete.clear()
             return
+        async with self._flush_lock:
+            await self._flush(self.store)
+
+    async def _flush(self, store: Store) -> None:
         rows, self._to_store = self._to_store, []
         deltas, self._unflushed = dict(self._unflushed), collections.Counter()
+        gone, self._to_delete = self._to_delete, []
         try:
-            await self.store.put_offers(rows)
-            await self.store.add_counters(deltas)
+            await store.put_offers(rows)
+            await store.add_counters(deltas)
+            await store.delete_offers_upto(gone)
         except BaseException:
             self._to_store[:0] = rows
             self._unflushed.update(deltas)
+            self._to_delete[:0] = gone
             raise
 
     # ---- offer sync: server ----
     async def _serve_sync(self, stream: INetStream) -> None:
+        # Limits (specs/node.md, "Offer sync"): a peer holds at most sync_max_per_peer streams;
+        # a stream waits at most sync_request_timeout_s for its request and holds no serving
+        # slot while it waits; a response takes one of sync_max_concurrent slots, is encoded
+        # frame by frame from a snapshot of references, and spends the peer's byte budget.
         peer = stream.muxed_conn.peer_id
         cfg = self.config
-        try:
-            self._serving.acquire_nowait()
-        except trio.WouldBlock:
+        if self._sync_open.get(peer, 0) >= cfg.sync_max_per_peer:
+            self.count("offers.sync_serve.busy_peer")
+            await _reset(stream)
+            return
+        if self._sync_pending >= cfg.sync_max_pending:
             self.count("offers.sync_serve.busy")
             await _reset(stream)
             return
+        self._sync_open[peer] = self._sync_open.get(peer, 0) + 1
         try:
-            with trio.move_on_after(cfg.sync_serve_timeout_s) as scope:
+            self._sync_pending += 1
+            try:
                 req = await read_frame(stream, max_frame=SYNC_MAX_REQUEST,
                                        timeout=cfg.sync_request_timeout_s)
-                limit = decode_sync_request(req)
-                offers = self.book.snapshot()
-                cap = min(limit or cfg.sync_max_offers, cfg.sync_max_offers)
-                for frame in chunk_offers(offers[:cap], cfg.sync_max_frame):
-                    await write_frame(stream, frame, max_frame=cfg.sync_max_frame)
-                await write_frame(stream, SYNC_END, max_frame=cfg.sync_max_frame)
-                self.count("offers.sync_serve.ok")
-            if scope.cancelled_caught:
-                self.count("offers.sync_serve.timeout")
-                log.info("sync to %s: not finished within %s s", peer, cfg.sync_serve_timeout_s)
+            finally:
+                self._sync_pending -= 1
+            limit = decode_sync_request(req)
+            if self._budget.available(peer, trio.current_time()) < cfg.sync_max_frame:
+                self.count("offers.sync_serve.budget_refused")
+                log.info("sync request from %s: byte budget spent", peer)
                 await _reset(stream)
+                return
+            try:
+                self._serving.acquire_nowait()
+            except trio.WouldBlock:
+                self.count("offers.sync_serve.busy")
+                await _reset(stream)
+                return
+            try:
+                with trio.move_on_after(cfg.sync_serve_timeout_s) as scope:
+                    if await self._send_book(stream, peer, limit):
+                        self.count("offers.sync_serve.ok")
+                    else:
+                        await _reset(stream)
+                if scope.cancelled_caught:
+                    self.count("offers.sync_serve.timeout")
+                    log.info("sync to %s: not finished within %s s", peer, cfg.sync_serve_timeout_s)
+                    await _reset(stream)
+            finally:
+                self._serving.release()
         except ReqRespError as exc:
             self.count(f"offers.sync_serve.{_reqresp_code(exc)}")
             log.info("sync request from %s: %s", peer, exc)
@@ -322,14 +447,51 @@ class OfferService:
             self.count(f"offers.sync_serve.{exc.code}")
             log.info("sync request from %s: REJECT %s", peer, exc)
             await _reset(stream)
+        except Exception as exc:  # the peer reset or closed the stream under us
+            self.count("offers.sync_serve.stream_failed")
+            log.info("sync to %s: %r", peer, exc)
+            await _reset(stream)
         finally:
-            self._serving.release()
+            n = self._sync_open[peer] - 1
+            if n:
+                self._sync_open[peer] = n
+            else:
+                del self._sync_open[peer]
             with trio.move_on_after(1) as scope:
                 scope.shield = True
                 try:
                     await stream.close()
                 except Exception:
                     pass
+
+    async def _send_book(self, stream: INetStream, peer: ID, limit: int) -> bool:
+        """Stream the book to ``peer``: at most one frame is encoded at a time, from references
+        to the entries live when the request arrived (strongest first). False if the peer's byte
+        budget ran out or a frame stalled (the caller resets the stream)."""
+        cfg = self.config
+        cap = min(limit or cfg.sync_max_offers, cfg.sync_max_offers)
+        entries = self.book.snapshot_entries()
+        del entries[cap:]
+        sent = 0
+        try:
+            for frame in iter_frames((e.data for e in entries), cfg.sync_max_frame):
+                if not self._budget.take(peer, len(frame), trio.current_time()):
+                    self.count("offers.sync_serve.budget_exhausted")
+                    log.info("sync to %s: byte budget spent after %d bytes", peer, sent)
+                    return False
+                with trio.move_on_after(cfg.sync_write_timeout_s) as scope:
+                    await write_frame(stream, frame, max_frame=cfg.sync_max_frame)
+                if scope.cancelled_caught:
+                    self.count("offers.sync_serve.stalled")
+                    log.info("sync to %s: a frame not taken within %s s", peer,
+                             cfg.sync_write_timeout_s)
+                    return False
+                sent += len(frame)
+                del frame
+            await write_frame(stream, SYNC_END, max_frame=cfg.sync_max_frame)
+            return True
+        finally:
+            self.count("offers.sync_serve.bytes", sent)
 
     # ---- offer sync: client ----
     def sync_candidates(self) -> list[ID]:
@@ -348,6 +510,7 @@ class OfferService:
 
     async def _sync_one(self, result: SyncResult, deadline: float) -> None:
         cfg = self.config
+        share = cfg.sync_peer_share * self.params.book_max_bytes
         stream: INetStream | None = None
         with trio.move_on_after(deadline) as scope:
             try:
@@ -356,7 +519,11 @@ class OfferService:
                 while True:
                     remaining = max(0.0, scope.deadline - trio.current_time())
                     frame = await read_frame(stream, max_frame=cfg.sync_max_frame, timeout=remaining)
+                    result.bytes += len(frame)
+                    if result.bytes > cfg.sync_max_bytes:
+                        raise Reject("sync_too_large", f"more than {cfg.sync_max_bytes} bytes")
                     offers = decode_sync_frame(frame, cfg.sync_max_frame)
+                    del frame
                     if not offers:
                         break
                     result.offers += len(offers)
@@ -366,6 +533,13 @@ class OfferService:
                         verdict = self.ingest(raw, "sync", result.peer, offers_only=True)
                         if verdict is Verdict.ACCEPT:
                             result.accepted += 1
+                            result.accepted_bytes += len(raw)
+                            if result.accepted_bytes >= share:
+                                # One peer fills at most this share of the book: a hostile
+                                # peer that answers first cannot fill it with offers that the
+                                # book's keep order would then hold against honest ones.
+                                raise Ignore("sync_share_full",
+                                             f"{result.accepted_bytes} bytes of new offers")
                         elif verdict is Verdict.REJECT:
                             result.rejected += 1
                     if result.rejected > cfg.sync_max_rejects:
@@ -625,6 +799,7 @@ def _probe_static(nvml: object | None, data_dir: str) -> StaticFacts:
 
 __all__ = [
     "OFFER_TOPIC", "SYNC_PROTOCOL", "OfferService", "OfferServiceConfig", "OfferPublisher",
-    "ProviderConfig", "SyncResult", "TokenBucket", "offer_facts", "encode_sync_request",
-    "decode_sync_request", "chunk_offers", "decode_sync_frame", "wall_clock_ms",
+    "ProviderConfig", "SyncResult", "TokenBucket", "ByteBudget", "offer_facts",
+    "encode_sync_request", "decode_sync_request", "chunk_offers", "iter_frames",
+    "decode_sync_frame", "wall_clock_ms",
 ]

@@ -270,8 +270,9 @@ class Store:
 
     async def put_offers(self, rows: list[tuple[bytes, int, bytes, bytes, float, float]]) -> int:
         """Record many offers (provider_key, seq, digest, raw, received_at, expires_at) in one
-        transaction; rows whose (provider_key, seq) is already stored are skipped. Returns how
-        many were inserted."""
+        transaction; rows whose (provider_key, seq) is already stored are skipped. Each row
+        replaces its provider's offers of lower seq (superseded: the book holds one offer per
+        provider, and so does the table). Returns how many were inserted."""
 
         def go() -> int:
             conn = self._conn
@@ -280,6 +281,8 @@ class Store:
                 before = conn.total_changes
                 conn.executemany("INSERT OR IGNORE INTO offers_seen VALUES (?, ?, ?, ?, ?, ?)", rows)
                 inserted = conn.total_changes - before
+                conn.executemany("DELETE FROM offers_seen WHERE provider_key = ? AND seq < ?",
+                                 [(r[0], r[1]) for r in rows])
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -296,6 +299,31 @@ class Store:
 
     async def prune_expired_offers(self, now: float) -> int:
         return await self._run(self._write, "DELETE FROM offers_seen WHERE expires_at <= ?", (now,))
+
+    async def delete_offers_upto(self, rows: list[tuple[bytes, int]]) -> int:
+        """Delete each provider's offers with seq <= the given one (offers the book evicted or
+        saw withdrawn), in one transaction; returns how many rows went. With put_offers (one row
+        per provider) and prune_expired_offers (on a schedule), ``offers_seen`` holds about the
+        offers the book holds (specs/node.md, "Offer store bound")."""
+
+        def go() -> int:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                before = conn.total_changes
+                conn.executemany("DELETE FROM offers_seen WHERE provider_key = ? AND seq <= ?", rows)
+                deleted = conn.total_changes - before
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return deleted
+
+        return await self._run(go) if rows else 0
+
+    async def offer_rows(self) -> tuple[int, int]:
+        """(rows, bytes of raw offers) in offers_seen."""
+        return await self._run(self._one, "SELECT COUNT(*), COALESCE(SUM(LENGTH(raw)), 0) FROM offers_seen")
 
     # ---- peers ----
     async def upsert_peer(self, peer_id: str, addrs: list[str], now: float) -> None:

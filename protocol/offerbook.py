@@ -11,16 +11,19 @@ Rules (specs/offerbook.md is the prose twin):
 - Expiry: an offer leaves the book once `now_ms > expires_ms + clock_skew_ms`, exactly when
   `validate_offer` would start ignoring it as expired. A heap by deadline, cleaned lazily;
   `next_deadline()` says when to call `expire` next.
-- Caps: at most `params.book_max_providers` offers and as many withdrawal watermarks. When the
-  book is full, a new provider's offer displaces the held offer of lowest (score, expiry) only
-  if its own (score, expiry) is higher; otherwise it is IGNOREd with `book_full`. Providers with
-  a track record (score above the unknown 0.5) are never pushed out by fresh identities, which
-  cost an attacker nothing to make; among equals the offer that would expire first goes.
+- Caps: at most `params.book_max_providers` offers and as many withdrawal watermarks, and at
+  most `params.book_max_bytes` wire bytes of live offers. An offer that does not fit displaces
+  the weakest held offers by the keep order (score, then the provider first seen longest ago,
+  then the later expiry) only if it outranks every one of them; otherwise it is IGNOREd with
+  `book_full`. Providers with a track record (score above the unknown 0.5) are never pushed out
+  by fresh identities, which cost an attacker nothing to make, and among unknown providers the
+  ones the book has held longest stay.
 
 Indexes: entries are grouped in buckets by every low-cardinality fact a query can filter on
 (model tokens, GPU count, VRAM, region, CUDA, compute capability, token, chain); a query decides
 each bucket once, then takes a price range from the bucket, which is kept sorted by price. A
-global index by (score, expiry) serves score filters and sorts, and the eviction policy.
+global index by the keep order (score, -since, expiry) serves score filters and sorts, the
+eviction policy and the `rank` sort's known-good and known-bad tiers.
 """
 
 from __future__ import annotations
@@ -40,12 +43,11 @@ from .encoding import decode
 from .errors import Ignore, LocalProtocolError
 from .messages import SIG_TAIL, Offer, OfferWithdrawal, key_prefix
 from .params import Params
-from .query import (PRICE_SCALE, SORT_FIELDS, Query, Sort, Term, parse_query, parse_sort,
-                    price_bounds)
+from .query import (PRICE_SCALE, RANK_SORT, SORT_FIELDS, UNKNOWN_SCORE, Query, Sort, Term,
+                    parse_query, parse_sort, price_bounds)
 from .validation import (BindingCache, offer_header, validate_offer, validate_reannouncement,
                          validate_withdrawal)
 
-UNKNOWN_SCORE = 0.5
 OFFER_ID_LEN = 12
 
 
@@ -90,11 +92,11 @@ class Entry:
         "data", "digest", "provider", "seq", "expires_ms", "models", "gpu_count",
         "vram_mib", "vram_gib", "region", "cuda_version", "cc", "token_symbol", "chain_id",
         "escrow", "token_decimals", "price_per_gpu_hour", "price_key", "score", "bucket", "_pkey", "_skey",
-        "body_at",
+        "body_at", "since_ms",
     )
 
     def __init__(self, offer: Offer, data: bytes, digest: bytes, score: float,
-                 body_at: int) -> None:
+                 body_at: int, since_ms: int = 0) -> None:
         # Runs once per ingested offer: kept cheap (single-GPU offers skip the loops, model
         # tokens are cached per set of names, the price scale per token decimals).
         gpus = offer.gpus
@@ -129,8 +131,11 @@ class Entry:
                                   else 10 ** (PRICE_SCALE - decimals))
         self.score = score
         self.bucket: _Bucket | None = None
+        # since_ms: when this book first held an offer of this provider (kept while it holds
+        # one without a break); the keep order puts the longest-held first among equal scores.
+        self.since_ms = since_ms
         self._pkey = (self.price_key, digest)
-        self._skey = (score, self.expires_ms, digest)
+        self._skey = (score, -since_ms, self.expires_ms, digest)
         self.body_at = body_at  # where the body starts (see validation.offer_header)
 
     def reannounced(self, data: bytes, digest: bytes, header: tuple[int, int, int, int],
@@ -157,8 +162,9 @@ class Entry:
         new.seq, _, new.expires_ms, new.body_at = header
         new.score = score
         new.bucket = None
+        new.since_ms = self.since_ms
         new._pkey = (self.price_key, digest)
-        new._skey = (score, new.expires_ms, digest)
+        new._skey = (score, -new.since_ms, new.expires_ms, digest)
         return new
 
     def body(self) -> bytes:
@@ -349,10 +355,10 @@ class OfferBook:
     # many offers beyond 8 x limit and that is cheaper than walking the tie (tests set it
     # negative to force it).
     score_tie_min = 256
-    # Tests set a plan name ("stream", "score_walk", "score_range", "collect") to check every
-    # plan against the brute-force filter on small books; a plan that cannot serve the query
-    # (e.g. "stream" for a score sort, or any plan but "score_range" without a limit) falls
-    # back to collecting.
+    # Tests set a plan name ("stream", "score_walk", "score_range", "collect"; for the rank
+    # sort "rank_scan", "rank_stream", "collect") to check every plan against the brute-force
+    # filter on small books; a plan that cannot serve the query (e.g. "stream" for a score
+    # sort, or any plan but "score_range" without a limit) falls back to collecting.
     force_plan: str | None = None
 
     def __init__(
@@ -370,7 +376,12 @@ class OfferBook:
         self._by_provider: dict[bytes, Entry] = {}
         self._by_digest: dict[bytes, Entry] = {}
         self._buckets: dict[tuple, _Bucket] = {}
-        self._by_score = _SortedList()  # (score, expires_ms, digest) -> Entry
+        self._by_score = _SortedList()  # keep order (score, -since_ms, expires_ms, digest) -> Entry
+        self._by_since = _SortedList()  # (since_ms, provider) -> Entry: the rank sort's tiers
+        self._bytes = 0  # wire bytes of the live offers
+        # Called with each entry the caps evict (not expiry, not replacement, not withdrawal):
+        # the node deletes its stored copy.
+        self.on_evict: Callable[[Entry], None] | None = None
         self._expiry: list[tuple[int, bytes, Entry]] = []  # (deadline, digest, entry), lazy
         self._withdrawn: dict[bytes, tuple[int, int]] = {}  # provider -> (seq, keep_until_ms)
         self._withdrawn_heap: list[tuple[int, bytes, int]] = []  # (keep_until, provider, seq)
@@ -396,6 +407,7 @@ class OfferBook:
                 withdrawn_seq=wd[0] if wd else -1, chain_ids=self.chain_ids,
             )
             entry = held.reannounced(data, digest, header, self.score_of(provider))
+            self._make_room(entry, held)
             self._replace(held, entry)
             return entry
         offer, digest = validate_offer(
@@ -408,11 +420,11 @@ class OfferBook:
         if offer.provider != provider:  # unreachable for a canonical Offer; kept as a guard
             raise LocalProtocolError("offer_prefix", "offer layout differs from the peeked one")
         assert header is not None  # a canonical offer has the canonical shape
-        entry = Entry(offer, data, digest, self.score_of(provider), header[3])
+        entry = Entry(offer, data, digest, self.score_of(provider), header[3],
+                      held.since_ms if held is not None else now_ms)
+        self._make_room(entry, held)
         if held is not None:
             self._remove(held)
-        elif len(self._by_provider) >= self.params.book_max_providers:
-            self._make_room(entry)
         self._insert(entry, now_ms)
         return entry
 
@@ -435,13 +447,37 @@ class OfferBook:
         heapq.heappush(self._withdrawn_heap, (keep_until, msg.provider, msg.seq))
         return msg
 
-    def _make_room(self, newcomer: Entry) -> None:
-        if not len(self._by_score):
-            raise Ignore("book_full", "offer book holds no offers at all (cap 0)")
-        weakest: Entry = self._by_score.first()
-        if (newcomer.score, newcomer.expires_ms) <= (weakest.score, weakest.expires_ms):
-            raise Ignore("book_full", "offer book full and this offer ranks below every held one")
-        self._remove(weakest)
+    def _make_room(self, newcomer: Entry, held: Entry | None) -> None:
+        """Evict what `newcomer` (replacing `held`, if any) needs under both caps, weakest first
+        by the keep order, or raise Ignore("book_full") and change nothing if it does not
+        outrank every offer it would displace."""
+        params = self.params
+        need_slot = held is None and len(self._by_provider) >= params.book_max_providers
+        size = len(newcomer.data)
+        over = self._bytes - (len(held.data) if held is not None else 0) + size - params.book_max_bytes
+        if not need_slot and over <= 0:
+            return
+        if size > params.book_max_bytes or params.book_max_providers < 1:
+            raise Ignore("book_full", f"an offer of {size} bytes exceeds the book's caps")
+        victims: list[Entry] = []
+        freed = 0
+        rank = newcomer._skey[:3]  # (score, -since_ms, expires_ms): an equal one is no weaker
+        for e in self._by_score.irange():  # weakest first; stops at the first equal or stronger
+            if e is held:
+                continue
+            if e._skey[:3] >= rank:
+                break
+            victims.append(e)
+            freed += len(e.data)
+            if freed >= over:
+                break
+        if not victims or freed < over:
+            raise Ignore("book_full", "offer book full and this offer does not outrank the "
+                         "held offers it would displace")
+        for e in victims:
+            self._remove(e)
+            if self.on_evict is not None:
+                self.on_evict(e)
 
     def _drop_oldest_watermark(self) -> None:
         while True:
@@ -489,6 +525,7 @@ class OfferBook:
     # Bookkeeping
 
     def _insert(self, entry: Entry, now_ms: int) -> None:
+        self._bytes += len(entry.data)
         self._by_provider[entry.provider] = entry
         self._by_digest[entry.digest] = entry
         key = (entry.models, entry.gpu_count, entry.vram_gib, entry.region, entry.cuda_version,
@@ -499,6 +536,7 @@ class OfferBook:
         entry.bucket = bucket
         bucket.entries.add(entry._pkey, entry)
         self._by_score.add(entry._skey, entry)
+        self._by_since.add((entry.since_ms, entry.provider), entry)
         self._push_expiry(entry)
 
     def _push_expiry(self, entry: Entry) -> None:
@@ -510,6 +548,7 @@ class OfferBook:
 
     def _replace(self, held: Entry, entry: Entry) -> None:
         """_remove(held) + _insert(entry) for an entry with held's provider and bucket."""
+        self._bytes += len(entry.data) - len(held.data)
         self._by_provider[entry.provider] = entry
         del self._by_digest[held.digest]
         self._by_digest[entry.digest] = entry
@@ -518,9 +557,12 @@ class OfferBook:
         assert bucket is not None
         bucket.entries.replace(held._pkey, entry._pkey, entry)
         self._by_score.replace(held._skey, entry._skey, entry)
+        since_key = (held.since_ms, held.provider)  # the same for both: in place
+        self._by_since.replace(since_key, since_key, entry)
         self._push_expiry(entry)
 
     def _remove(self, entry: Entry) -> None:
+        self._bytes -= len(entry.data)
         del self._by_provider[entry.provider]
         del self._by_digest[entry.digest]
         bucket = entry.bucket
@@ -529,6 +571,7 @@ class OfferBook:
         if not len(bucket.entries):
             del self._buckets[bucket.key]
         self._by_score.remove(entry._skey)
+        self._by_since.remove((entry.since_ms, entry.provider))
         entry.bucket = None
 
     def rescore(self, provider: bytes | None = None) -> None:
@@ -540,7 +583,7 @@ class OfferBook:
             if score != e.score:
                 self._by_score.remove(e._skey)
                 e.score = score
-                e._skey = (score, e.expires_ms, e.digest)
+                e._skey = (score, -e.since_ms, e.expires_ms, e.digest)
                 self._by_score.add(e._skey, e)
 
     # ----------------------------------------------------------------------------------------
@@ -558,9 +601,23 @@ class OfferBook:
     def held(self, provider: bytes) -> Entry | None:
         return self._by_provider.get(provider)
 
+    @property
+    def bytes(self) -> int:
+        """Wire bytes of the live offers (at most params.book_max_bytes)."""
+        return self._bytes
+
     def snapshot(self) -> list[bytes]:
-        """The wire bytes of every live offer (re-served to joining peers as they came)."""
-        return [e.data for e in self._by_provider.values()]
+        """The wire bytes of every live offer, strongest first by the keep order."""
+        return [e.data for e in self.snapshot_entries()]
+
+    def snapshot_entries(self) -> list[Entry]:
+        """References to every live entry, strongest first by the keep order (known-good
+        providers, then the longest held): a sync response cut short by a byte budget carries
+        the offers worth most. One list of references: no offer bytes are copied."""
+        out: list[Entry] = []
+        for sl in reversed(self._by_score.slices()):
+            out.extend(reversed(sl))
+        return out
 
     def get(self, offer_id: str) -> Entry:
         """Resolve a display id or any unique prefix of the digest in hex."""
@@ -586,10 +643,12 @@ class OfferBook:
 
     def query(self, query: str | Query = "", sort: str | Sort | None = None,
               limit: int | None = None,
-              where: Callable[[Entry], bool] | None = None) -> list[Entry]:
+              where: Callable[[Entry], bool] | None = None, *,
+              now_ms: int | None = None) -> list[Entry]:
         """Entries matching every term (and `where`, when given), in `sort` order (default:
         price ascending), at most `limit` of them. Raises QueryError for a malformed query or
-        sort.
+        sort. The `rank` sort needs `now_ms` (its tiers depend on how long the book has held
+        each provider).
 
         Plans (specs/offerbook.md, "Indexes"): with a limit, results are produced lazily in sort
         order and the query stops at the limit: cheapest/dearest-first merge the chosen buckets'
@@ -616,6 +675,12 @@ class OfferBook:
         residual = _residual(price_ne + score_terms)
         if where is not None:
             residual = where if residual is None else _both(residual, where)
+        if s.field == "rank":
+            if now_ms is None:
+                raise LocalProtocolError("bad_argument", "a rank sort needs now_ms")
+            return self._query_rank(buckets, lo, hi, residual, limit,
+                                    now_ms - self.params.book_established_ms)
+
         def count_candidates() -> int:
             return sum(b.entries.count(lo_key, hi_key) for b in buckets)
 
@@ -681,6 +746,75 @@ class OfferBook:
             out.extend(islice(merged, limit - len(out)))
             if len(out) >= limit:
                 break
+        return out
+
+    def _query_rank(self, buckets: list[_Bucket], lo: int | None, hi: int | None,
+                    residual: Callable[[Entry], bool] | None, limit: int | None,
+                    cutoff: int) -> list[Entry]:
+        # Tier by tier (query.rank_tier), each in price order. Known-good and known-bad
+        # providers are ranges of the score index (few: only providers this node rented
+        # from). Unknown ones: when established providers are few, scan them in the since
+        # index, then stream new ones from the buckets' price order; otherwise stream both,
+        # established ones taken as they come and new ones kept aside until enough are found.
+        key = RANK_SORT.key(cutoff)
+        lo_key = None if lo is None else (lo,)
+        hi_key = None if hi is None else (hi,)
+        if limit is None or self.force_plan == "collect":
+            out = [e for b in buckets for sl in b.entries.slices(lo_key, hi_key)
+                   for e in (sl if residual is None else filter(residual, sl))]
+            return _in_order(out, RANK_SORT, limit, key)
+        chosen = set(buckets)
+
+        def score_range(s_lo: tuple | None, s_hi: tuple | None) -> list[Entry]:
+            found = [e for sl in self._by_score.slices(s_lo, s_hi) for e in sl
+                     if e.bucket in chosen
+                     and (lo is None or e.price_key >= lo) and (hi is None or e.price_key < hi)
+                     and (residual is None or residual(e))]
+            found.sort(key=_pkey)
+            return found
+
+        above = (math.nextafter(UNKNOWN_SCORE, math.inf),)
+        out = score_range(above, None)[:limit]
+        need = limit - len(out)
+        est_hi = (cutoff + 1,)  # (since_ms, provider) keys with since_ms <= cutoff lie below
+        n_est = self._by_since.count(None, est_hi)
+        scan = n_est * n_est < need * len(self)
+        if self.force_plan in ("rank_scan", "rank_stream"):
+            scan = self.force_plan == "rank_scan"
+        if need and scan:
+            # Few established providers (a flood of new ones, or a node that just started):
+            # scan them, then stream the new ones, which are then most of the unknown offers.
+            # Streaming for the established ones would pass over about need * len / n_est.
+            est = [e for sl in self._by_since.slices(None, est_hi) for e in sl
+                   if e.score == UNKNOWN_SCORE and e.bucket in chosen
+                   and (lo is None or e.price_key >= lo) and (hi is None or e.price_key < hi)
+                   and (residual is None or residual(e))]
+            est.sort(key=_pkey)
+            out += est[:need]
+            need = limit - len(out)
+            if need:
+                merged = heapq.merge(*[b.entries.irange(lo_key, hi_key) for b in buckets],
+                                     key=_pkey)
+                newer = filter(lambda e: e.score == UNKNOWN_SCORE and e.since_ms > cutoff
+                               and (residual is None or residual(e)), merged)
+                out += islice(newer, need)
+        elif need:
+            established: list[Entry] = []
+            newer_kept: list[Entry] = []
+            merged = heapq.merge(*[b.entries.irange(lo_key, hi_key) for b in buckets], key=_pkey)
+            for e in merged:
+                if e.score != UNKNOWN_SCORE or (residual is not None and not residual(e)):
+                    continue
+                if e.since_ms <= cutoff:
+                    established.append(e)
+                    if len(established) == need:
+                        break
+                elif len(newer_kept) < need:
+                    newer_kept.append(e)
+            out += established
+            out += newer_kept[:limit - len(out)]
+        if len(out) < limit:
+            out += score_range(None, (UNKNOWN_SCORE,))[:limit - len(out)]
         return out
 
     def _query_score_range(self, buckets: list[_Bucket], lo: int | None, hi: int | None,
@@ -749,9 +883,11 @@ class OfferBook:
         return found[:limit]
 
 
-def _in_order(out: list[Entry], s: Sort, limit: int | None) -> list[Entry]:
-    """`out` sorted by `s`, cut at `limit`; a partial selection when only a few are wanted."""
-    key = s.key()
+def _in_order(out: list[Entry], s: Sort, limit: int | None,
+              key: Callable[[Entry], tuple] | None = None) -> list[Entry]:
+    """`out` sorted by `s` (or `key`), cut at `limit`; a partial selection when only a few are
+    wanted."""
+    key = key or s.key()
     if limit is not None and len(out) > 4 * limit:
         return heapq.nsmallest(limit, out, key=key)
     out.sort(key=key)

@@ -223,13 +223,36 @@ def _parse_value(field: Field, value: str, col: int, text: str) -> Any:
 # Sorting
 
 
+UNKNOWN_SCORE = 0.5  # the reputation module's score of a provider with no history
+
+# Tiers of the `rank` sort, best first (specs/offerbook.md, "Ranking").
+TIER_KNOWN_GOOD, TIER_ESTABLISHED, TIER_NEW, TIER_KNOWN_BAD = 0, 1, 2, 3
+
+
+def rank_tier(score: float, since_ms: int, established_before_ms: int) -> int:
+    """The `rank` tier of an offer: a provider with a good record (score above unknown) first,
+    then unknown providers the book has held since `established_before_ms` or earlier, then
+    newer unknown ones, then providers with a bad record."""
+    if score > UNKNOWN_SCORE:
+        return TIER_KNOWN_GOOD
+    if score < UNKNOWN_SCORE:
+        return TIER_KNOWN_BAD
+    return TIER_ESTABLISHED if since_ms <= established_before_ms else TIER_NEW
+
+
 @dataclass(frozen=True)
 class Sort:
-    field: str  # "price", "score", "vram", "count"
+    field: str  # "price", "score", "vram", "count", "rank"
     descending: bool
 
-    def key(self) -> Callable[[Any], tuple]:
-        """Total order: the field (in the asked direction), then price ascending, then digest."""
+    def key(self, established_before_ms: int | None = None) -> Callable[[Any], tuple]:
+        """Total order: the field (in the asked direction), then price ascending, then digest.
+        `rank` needs `established_before_ms` (now - book_established_ms)."""
+        if self.field == "rank":
+            if established_before_ms is None:
+                raise LocalProtocolError("bad_argument", "a rank sort needs the current time")
+            cut = established_before_ms
+            return lambda e: (rank_tier(e.score, e.since_ms, cut), e.price_key, e.digest)
         attr = SORT_FIELDS[self.field]
         if self.field == "price":
             if self.descending:
@@ -241,20 +264,26 @@ class Sort:
 
 
 SORT_FIELDS = {"price": "price_key", "score": "score", "vram": "vram_gib", "count": "gpu_count"}
+SORT_NAMES = (*SORT_FIELDS, "rank")
 DEFAULT_SORT = Sort("price", False)
+RANK_SORT = Sort("rank", False)  # the default of a renter's search (node/control.py)
 
 
 def parse_sort(text: str | None) -> Sort:
-    """`price`, `-price`, `score`, `-score`, `vram`, `-vram`, `count`, `-count` (`-`: descending).
-    None or empty: price ascending."""
+    """`price`, `-price`, `score`, `-score`, `vram`, `-vram`, `count`, `-count` (`-`: descending),
+    or `rank` (one direction only). None or empty: price ascending."""
     if not text:
         return DEFAULT_SORT
     descending = text.startswith("-")
     name = text[1:] if descending else text.lstrip("+")
     col = len(text) - len(name)
+    if name.lower() == "rank":
+        if descending:
+            raise QueryError("'rank' sorts best first only: drop the '-'", text, 0)
+        return RANK_SORT
     if name.lower() not in SORT_FIELDS:
-        near = difflib.get_close_matches(name.lower(), SORT_FIELDS, n=1, cutoff=0.5)
-        hint = f"did you mean '{near[0]}'?" if near else "sort by " + ", ".join(SORT_FIELDS)
+        near = difflib.get_close_matches(name.lower(), SORT_NAMES, n=1, cutoff=0.5)
+        hint = f"did you mean '{near[0]}'?" if near else "sort by " + ", ".join(SORT_NAMES)
         raise QueryError(f"cannot sort by '{name}' at column {col}: {hint}", text, col)
     return Sort(name.lower(), descending)
 

@@ -9,7 +9,8 @@ import trio
 
 from node.fake_nvml import FakeNvml
 from node.gpu import NoGpuError
-from node.offers import OFFER_TOPIC, OfferPublisher, OfferServiceConfig, TokenBucket, chunk_offers, decode_sync_frame
+from node.offers import (OFFER_TOPIC, ByteBudget, OfferPublisher, OfferServiceConfig, TokenBucket, chunk_offers,
+                         decode_sync_frame, iter_frames)
 from protocol.identity import PeerKey
 from protocol.samples import make_offer, make_provider
 from tests.node.offer_helpers import (
@@ -57,11 +58,12 @@ async def test_offers__published_offers_reach_every_renter_then_reannounce_repla
                 assert held_seq(node, keys[1]) == first[1]
             nursery.cancel_scope.cancel()
 
-        # accepted offers were persisted, and the counters were flushed
+        # accepted offers were persisted, withdrawn ones deleted again, and the counters were
+        # flushed
         renter = nodes[3]
         await renter.service.flush()
-        rows = await renter.store.offers_of(keys[0])
-        assert [r.seq for r in rows] == [first[0], first[0] + 1]
+        assert await renter.store.offers_of(keys[0]) == []
+        assert [r.seq for r in await renter.store.offers_of(keys[1])] == [first[1]]
         counters = await renter.store.counters("offers.gossip.")
         assert counters["offers.gossip.accept.offer"] >= 3
         assert counters["offers.gossip.accept.withdrawal"] >= 1
@@ -211,3 +213,25 @@ async def test_sync__joining_renter_gets_the_whole_market_published_before_it_st
                 assert joiner.service.counters["offers.sync.ignore.duplicate"] == len(expected)
                 late.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
+
+
+def test_byte_budget__spends_refills_and_forgets_refilled_peers_first():
+    b = ByteBudget(rate=100, burst=1000, max_peers=2)
+    assert b.take("a", 800, now=0) and not b.take("a", 300, now=0)  # 200 left
+    assert b.take("a", 300, now=1)  # +100 after 1 s
+    assert b.available("a", now=100) == 1000  # never above the burst
+    assert b.take("b", 1000, now=100) and b.available("b", now=100) == 0
+    assert b.take("c", 10, now=100) and len(b) == 2  # "a" was full again: forgotten first
+    assert b.available("b", now=100) == 0  # the spent budget of "b" is remembered
+    assert b.take("d", 10, now=100) and len(b) == 2  # none full: the least recently used goes
+    with pytest.raises(ValueError):
+        ByteBudget(rate=0, burst=1, max_peers=1)
+
+
+def test_iter_frames__lazy_and_equal_to_chunk_offers():
+    offers = [bytes([i]) * (100 + 7 * i) for i in range(200)]  # 100 .. 1,493 bytes
+    frames = iter_frames(iter(offers), 4096)
+    first = next(frames)  # one frame encoded, the rest not yet
+    assert [first, *frames] == chunk_offers(offers, 4096)
+    assert all(len(f) <= 4096 for f in chunk_offers(offers, 4096))
+    assert [x for f in chunk_offers(offers, 4096) for x in decode_sync_frame(f, 4096)] == offers

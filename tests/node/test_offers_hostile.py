@@ -139,13 +139,18 @@ async def test_hostile__bad_gossip_and_bad_sync_are_counted_and_never_stored(tmp
             assert c["offers.gossip.accept.offer"] == 3
             # ---- nothing invalid in the book ...
             assert {e.digest for e in victim.book} == {d(good[1]), d(valid_raw), honest_digest}
+            await victim.service.flush()
+            stored = await victim.store._run(lambda: {
+                row[0] for row in victim.store._conn.execute("SELECT digest FROM offers_seen")})
             prov.cancel_scope.cancel()
-
-        # ---- ... nor in the store, and the counters were flushed there
+        # ---- ... nor in the store (good[0] was superseded by good[1]), and the counters were
+        # flushed there
+        assert stored == {d(good[1]), d(valid_raw), honest_digest}
+        await wait_until(lambda: victim.book.held(honest.identity.public_key) is None)  # withdrawn
         await victim.service.flush()
-        stored = await victim.store._run(
-            lambda: {row[0] for row in victim.store._conn.execute("SELECT digest FROM offers_seen")})
-        assert stored == {d(good[0]), d(good[1]), d(valid_raw), honest_digest}
+        assert await victim.store._run(lambda: {
+            row[0] for row in victim.store._conn.execute("SELECT digest FROM offers_seen")}
+        ) == {d(good[1]), d(valid_raw)}  # the withdrawn offer's row went with it
         counters = await victim.store.counters("offers.")
         for k, v in expected.items():
             assert counters[k] == v, k

@@ -75,6 +75,22 @@ async def test_store__offers_dedupe_and_expire(store):
     assert await store.get_offer(b"P" * 32, 1) is None
 
 
+async def test_store__put_offers_keeps_each_providers_newest_and_deletes_what_the_book_dropped(store):
+    rows = [(b"P" * 32, seq, b"d", b"x" * 100, 100.0, 1000.0 + seq) for seq in range(1, 6)]
+    rows += [(b"Q" * 32, 1, b"d", b"y" * 100, 100.0, 150.0)]  # expires at 150
+    rows += [(b"R" * 32, 3, b"d", b"z" * 100, 100.0, 900.0)]
+    assert await store.put_offers(rows[:3]) == 3
+    assert await store.put_offers(rows[3:]) == 4
+    assert await store.offer_rows() == (3, 300)  # P 1..4 superseded as they were replaced
+    assert await store.put_offers([(b"P" * 32, 2, b"d", b"old", 100.0, 1002.0)]) == 1
+    assert [o.seq for o in await store.offers_of(b"P" * 32)] == [2, 5]  # an older one is kept
+    await store.delete_offers_upto([(b"P" * 32, 2)])
+    assert await store.prune_expired_offers(now=200.0) == 1  # Q
+    assert await store.delete_offers_upto([(b"R" * 32, 3), (b"P" * 32, 4)]) == 1  # R evicted
+    assert [(o.provider_key[:1], o.seq) for o in await store.live_offers(now=200.0)] == [(b"P", 5)]
+    assert await store.offer_rows() == (1, 100)
+
+
 async def test_store__agreements_heartbeats_receipts(store):
     await store.put_agreement(AG, "renter", "proposed", b"terms-bytes", 10.0)
     with pytest.raises(sqlite3.IntegrityError):

@@ -42,3 +42,13 @@ def withdrawal(i: int, seq: int, created_ms: int = NOW) -> bytes:
 def per_hour_to_per_second(units_per_hour: int) -> int:
     assert units_per_hour % 3600 == 0
     return units_per_hour // 3600
+
+
+def fat_offer(i: int, **kw):
+    """An offer padded to ~10.6 KB within the rules (64 GPUs, 64-byte model names, 32-byte
+    driver strings): what a Sybil flood sends to spend a renter's memory per offer."""
+    o = offer(i, count=64, **kw)
+    peer, _, _ = provider(i)
+    gpus = tuple(dataclasses.replace(g, model=("NVIDIA H100 80GB HBM3 " + "X" * 64)[:64],
+                                     driver_version="5" * 32) for g in o.gpus)
+    return dataclasses.replace(o, gpus=gpus).sign(peer)

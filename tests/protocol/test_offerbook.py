@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from tests.protocol.book_helpers import NOW, offer, provider, withdrawal
+from tests.protocol.book_helpers import NOW, fat_offer, offer, provider, withdrawal
 from protocol.errors import Ignore, LocalProtocolError, Reject
 from protocol.offerbook import OfferBook, model_token, vram_gib
 from protocol.params import Params
@@ -163,6 +163,83 @@ def test_offerbook__full_book_evicts_soonest_expiring_among_equals():
     book.ingest_offer(offer(2, lifetime_ms=120_000).encode(), NOW)
     book.ingest_offer(offer(3, lifetime_ms=180_000).encode(), NOW)
     assert {e.provider for e in book} == {provider(2)[0].public, provider(3)[0].public}
+
+
+def test_offerbook__byte_cap_holds_under_fat_sybil_flood_and_keeps_known_providers():
+    # 20 honest slim offers (517 B) held since NOW; then 200 fat Sybil offers (9.9 KB) from
+    # fresh keys, one a second. The book never holds more than book_max_bytes of offers, and
+    # the Sybils displace none of the honest offers (all unknown, but held longer).
+    cap = 64 * 1024
+    book = new_book(PARAMS.replace(book_max_bytes=cap))
+    honest = {provider(i)[0].public for i in range(20)}
+    for i in range(20):
+        book.ingest_offer(offer(i).encode(), NOW)
+    refused = 0
+    for n in range(200):
+        i = 1000 + n
+        try:
+            book.ingest_offer(fat_offer(i, now=NOW + n * 1000).encode(), NOW + n * 1000)
+        except Ignore as exc:
+            assert exc.code == "book_full"
+            refused += 1
+        assert book.bytes == sum(len(e.data) for e in book) <= cap
+        assert len(book._by_since) == len(book._by_score) == len(book)
+    assert honest <= {e.provider for e in book}
+    assert refused > 190  # after the first few fill the room, later (newer) ones are refused
+    assert book.bytes <= cap
+
+
+def test_offerbook__byte_cap_evicts_newest_unknown_first_and_a_known_provider_gets_in():
+    # Three unknown fat offers first seen at NOW, NOW+1s, NOW+2s fill the byte cap; a known-good
+    # provider's offer evicts the newest (NOW+2s) one; an unknown newcomer is refused.
+    size = len(fat_offer(1).encode())
+    evicted = []
+    good = provider(9)[0].public
+    book = new_book(PARAMS.replace(book_max_bytes=3 * size + 100),
+                    score_of=lambda p: 0.9 if p == good else 0.5)
+    book.on_evict = evicted.append
+    for k in range(3):
+        book.ingest_offer(fat_offer(1 + k, now=NOW + k * 1000).encode(), NOW + k * 1000)
+    with pytest.raises(Ignore) as exc:
+        book.ingest_offer(fat_offer(5, now=NOW + 3000).encode(), NOW + 3000)
+    assert exc.value.code == "book_full" and len(book) == 3 and not evicted
+    book.ingest_offer(fat_offer(9, now=NOW + 4000).encode(), NOW + 4000)
+    assert [e.provider for e in evicted] == [provider(3)[0].public]
+    assert {e.provider for e in book} == {provider(1)[0].public, provider(2)[0].public, good}
+    assert book.bytes == sum(len(e.data) for e in book) <= 3 * size + 100
+
+
+def test_offerbook__offer_larger_than_the_byte_cap_is_refused():
+    book = new_book(PARAMS.replace(book_max_bytes=4096))
+    with pytest.raises(Ignore) as exc:
+        book.ingest_offer(fat_offer(1).encode(), NOW)
+    assert exc.value.code == "book_full" and len(book) == 0 and book.bytes == 0
+
+
+def test_offerbook__bytes_follow_replacement_withdrawal_and_expiry():
+    book = new_book()
+    book.ingest_offer(offer(1, seq=1).encode(), NOW)
+    book.ingest_offer(fat_offer(2).encode(), NOW)
+    assert book.bytes == len(offer(1, seq=1).encode()) + len(fat_offer(2).encode())
+    book.ingest_offer(fat_offer(1, seq=2).encode(), NOW)  # a bigger re-announcement
+    assert book.bytes == len(fat_offer(1, seq=2).encode()) + len(fat_offer(2).encode())
+    book.ingest_withdrawal(withdrawal(2, seq=1), NOW)
+    assert book.bytes == len(fat_offer(1, seq=2).encode())
+    book.expire(NOW + 3_600_000 + PARAMS.clock_skew_ms + 1)
+    assert book.bytes == 0 and len(book) == 0
+
+
+def test_offerbook__since_survives_reannouncement_and_snapshot_is_strongest_first():
+    good = provider(3)[0].public
+    book = new_book(score_of=lambda p: 0.9 if p == good else 0.5)
+    book.ingest_offer(offer(1, seq=1).encode(), NOW)
+    book.ingest_offer(offer(2, seq=1, now=NOW + 5000).encode(), NOW + 5000)
+    book.ingest_offer(offer(3, seq=1, now=NOW + 9000).encode(), NOW + 9000)
+    book.ingest_offer(offer(1, seq=2, now=NOW + 10_000).encode(), NOW + 10_000)
+    assert book.held(provider(1)[0].public).since_ms == NOW
+    order = [e.provider for e in book.snapshot_entries()]
+    assert order == [good, provider(1)[0].public, provider(2)[0].public]
+    assert book.snapshot() == [e.data for e in book.snapshot_entries()]
 
 
 def test_offerbook__watermarks_bounded():

@@ -1,0 +1,101 @@
+"""Builds specs/vectors/offerbook.json (run: python -m tests.protocol.offerbook_vectors).
+
+One scenario a second implementation can replay against its own offer book: a sequence of
+signed offers, each ingested at a given time with given provider scores, with the verdict and
+the offers evicted to make room under `book_max_providers` and `book_max_bytes`
+(specs/offerbook.md, "Caps and eviction"), then the order of the `rank` sort and of the price
+sort (specs/offerbook.md, "Ranking"). Every key here is a fixed test key: never use them for
+real funds.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+
+from protocol.errors import Ignore
+from protocol.offerbook import OfferBook
+from protocol.params import Params
+from protocol.samples import GPU_MODELS, make_offer, make_provider
+
+VECTOR = pathlib.Path(__file__).resolve().parents[2] / "specs" / "vectors" / "offerbook.json"
+T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+ESTABLISHED_MS = 60_000
+
+
+def _offers() -> tuple[dict[str, float], list[tuple[str, int, bytes]]]:
+    """(score per provider name, [(provider name, now_ms, wire bytes)] in ingest order)."""
+    keys = {name: make_provider(random.Random(f"offerbook-vector-{name}"))
+            for name in ("A", "B", "C", "D", "E", "G", "X")}
+
+    def wire(name: str, now: int, *, seq: int = 1, price: int, gpus: int = 1) -> bytes:
+        peer, _, binding = keys[name]
+        return make_offer(peer, binding, random.Random(f"{name}-{seq}"), now, seq=seq,
+                          model=GPU_MODELS[3], gpu_count=gpus, region="eu-frankfurt",
+                          price_per_gpu_second=price, lifetime_ms=3_600_000).encode()
+
+    scores = {"G": 0.9, "X": 0.2}
+    steps = [
+        ("A", T0, wire("A", T0, price=120)),
+        ("B", T0 + 1_000, wire("B", T0 + 1_000, price=130)),
+        ("C", T0 + 2_000, wire("C", T0 + 2_000, price=100, gpus=16)),  # fat, fills the bytes
+        ("D", T0 + 3_000, wire("D", T0 + 3_000, price=90)),  # newest unknown: book_full
+        ("G", T0 + 4_000, wire("G", T0 + 4_000, price=200)),  # known-good: evicts C
+        ("D", T0 + 5_000, wire("D", T0 + 5_000, seq=2, price=90)),  # fits now
+        ("E", T0 + 6_000, wire("E", T0 + 6_000, price=80)),  # no slot, newest: book_full
+        ("X", T0 + 6_500, wire("X", T0 + 6_500, price=70)),  # known-bad, no slot: book_full
+        ("A", T0 + 7_000, wire("A", T0 + 7_000, seq=2, price=120)),  # re-announce: since kept
+    ]
+    return {keys[n][0].public.hex(): s for n, s in scores.items()}, [
+        (keys[n][0].public.hex(), now, data) for n, now, data in steps]
+
+
+def build() -> dict:
+    scores, steps = _offers()
+    slim, fat = len(steps[0][2]), len(steps[2][2])
+    params = Params().replace(book_max_providers=4, book_max_bytes=2 * slim + fat + 64,
+                              book_established_ms=ESTABLISHED_MS)
+    book = OfferBook(params, score_of=lambda p: scores.get(p.hex(), 0.5))
+    evicted: list[str] = []
+    book.on_evict = lambda e: evicted.append(e.provider.hex())
+    out_steps = []
+    for provider, now, data in steps:
+        evicted.clear()
+        try:
+            book.ingest_offer(data, now)
+            verdict = "accept"
+        except Ignore as exc:
+            verdict = f"ignore:{exc.code}"
+        out_steps.append({"provider": provider, "now_ms": now, "wire_hex": data.hex(),
+                          "size": len(data), "verdict": verdict, "evicted": list(evicted),
+                          "book_bytes_after": book.bytes})
+    now = T0 + ESTABLISHED_MS + 1_500  # A (T0) and B (T0 + 1 s) are established, D is not
+    return {
+        "params": {"book_max_providers": params.book_max_providers,
+                   "book_max_bytes": params.book_max_bytes,
+                   "book_established_ms": params.book_established_ms,
+                   "clock_skew_ms": params.clock_skew_ms},
+        "scores": scores,
+        "unknown_score": 0.5,
+        "steps": out_steps,
+        "held": sorted(({"provider": e.provider.hex(), "seq": e.seq, "since_ms": e.since_ms,
+                         "digest": e.digest.hex()} for e in book), key=lambda r: r["provider"]),
+        "rank": {"now_ms": now, "query": "", "order": [e.provider.hex() for e in
+                                                       book.query("", "rank", now_ms=now)]},
+        "price": {"query": "", "order": [e.provider.hex() for e in book.query("", "price")]},
+    }
+
+
+def render(doc: dict) -> str:
+    return json.dumps(doc, indent=1, sort_keys=True) + "\n"
+
+
+def main() -> int:
+    VECTOR.write_text(render(build()))
+    print(f"wrote {VECTOR}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
