@@ -242,7 +242,10 @@ async def test_sync_hostile__fat_sybil_flood_over_gossip_stays_under_the_byte_bo
             await attacker.publish(OFFER_TOPIC, fat_offer(60_001 + n, now=service.now_ms()).encode())
             await trio.sleep(0.01)
         await wait_until(lambda: c["offers.gossip.accept.offer"] + c["offers.gossip.ignore.book_full"] == 31)
-        control = ControlServer(SimpleNamespace(book=book), tmp_path)  # only its book is read
+        # only its book is read (Node.search also keeps only offers for its own escrow)
+        node = SimpleNamespace(book=book, search=lambda q, s, *, limit, at_ms: book.query(
+            q, s, limit=limit, now_ms=at_ms))
+        control = ControlServer(node, tmp_path)
         ranked = await control.op_search("")
         by_price = await control.op_search("", sort="price")
         honest_id = book.held(honest.provider).offer_id

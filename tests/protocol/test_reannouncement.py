@@ -78,8 +78,12 @@ def test_reannouncement__takes_the_shortcut_and_matches_a_fresh_entry(monkeypatc
     assert calls == []  # the full path did not run
     monkeypatch.undo()
     fresh = OfferBook(PARAMS, bindings=BINDINGS).ingest_offer(data, NOW + 2000)
+    # since_ms is when the book first held the provider: a re-announcement keeps it, a fresh
+    # book starts it now (and the keep-order key _skey carries it)
+    assert entry.since_ms == NOW and fresh.since_ms == NOW + 2000
+    assert entry._skey == (fresh._skey[0], -NOW, *fresh._skey[2:])
     for name in Entry.__slots__:
-        if name != "bucket":
+        if name not in ("bucket", "since_ms", "_skey"):
             assert getattr(entry, name) == getattr(fresh, name), name
     assert entry.bucket is not None and entry.bucket.key == fresh.bucket.key
     assert len(book) == 1 and book.held(HELD.provider) is entry
