@@ -16,7 +16,8 @@ attackers on 127.0.0.1 with real libp2p hosts and raw sockets:
 - sync abuse: silent offer-sync streams held open and reopened, and full-book requests;
 - negotiation abuse: fresh renter keys (each with a valid wallet binding, no funds) negotiate
   for the victim's GPUs and never open an escrow;
-- rental hellos with random agreement ids.
+- rental hellos with random agreement ids;
+- a frame that is not a protobuf RPC on a gossipsub stream, every 10 s.
 
 Every `--rent-every` seconds the renter searches its book and rents one GPU for 20 s from the
 first 8 matches of the victim's GPU model (Sybils offer the same model, cheaper). Measured: honest
@@ -53,7 +54,7 @@ from node.host import GossipHost, HostConfig  # noqa: E402
 from node.identity import NodeIdentity, load_or_create_identity  # noqa: E402
 from node.negotiate import NEGOTIATE_PROTOCOL, Candidate, negotiate_first  # noqa: E402
 from node.offers import OFFER_TOPIC, SYNC_PROTOCOL, OfferService, encode_sync_request  # noqa: E402
-from node.reqresp import close_quietly, read_frame, write_frame  # noqa: E402
+from node.reqresp import close_quietly, encode_uvarint, read_frame, write_frame  # noqa: E402
 from node.rentals import RENTAL_PROTOCOL  # noqa: E402
 from node.wallet import Wallet  # noqa: E402
 from protocol.identity import PeerKey, peer_id_from_public_key  # noqa: E402
@@ -267,6 +268,26 @@ async def rental_hellos(host: GossipHost, victim: ID, rate: float, attack: Attac
         await trio.sleep(1 / rate)
 
 
+async def bad_protobuf(host: GossipHost, victim: ID, every_s: float, attack: Attack, stop_at: float) -> None:
+    """A pubsub stream carrying a frame that is not a protobuf RPC (py-libp2p 0.8.1 let the
+    DecodeError end the process)."""
+    rng = random.Random(6)
+    while trio.current_time() < stop_at:
+        stream = None
+        try:
+            with trio.fail_after(5):
+                stream = await host.host.new_stream(victim, [TProtocol("/meshsub/1.1.0")])
+                junk = b"\xff" + rng.randbytes(64)
+                await stream.write(encode_uvarint(len(junk)) + junk)
+            attack.count("bad_protobuf")
+        except Exception as exc:
+            attack.error("bad_protobuf_error", exc)
+        finally:
+            if stream is not None:
+                await close_quietly(stream)
+        await trio.sleep(every_s)
+
+
 class Victim:
     """RSS and CPU of the victim process, sampled."""
 
@@ -355,6 +376,7 @@ async def main(args: argparse.Namespace) -> dict:
             nursery.start_soon(negotiation_abuse, hosts[0], victim_offer, params, anvil.chain_id,
                                1.0, attack, stop_at)
             nursery.start_soon(rental_hellos, hosts[1], vpid, args.hello_rate, attack, stop_at)
+            nursery.start_soon(bad_protobuf, hosts[1], vpid, 10.0, attack, stop_at)
 
             alive = True
             while trio.current_time() < stop_at + 40:
