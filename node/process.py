@@ -70,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--gpu-count", type=int, default=1)
     r.add_argument("--max-price", type=int, default=10**6)
     r.add_argument("--find-timeout", type=float, default=20.0)
+    r.add_argument("--rent-every", type=float, default=0.0,
+                   help="rent again every S seconds (0: once); each round prints a 'round' event")
+    r.add_argument("--rent-rounds", type=int, default=1)
+    r.add_argument("--rent-candidates", type=int, default=1,
+                   help="negotiate with the first N matching offers at once")
     return p.parse_args(argv)
 
 
@@ -121,6 +126,32 @@ async def rent_cheapest(node: Node, args: argparse.Namespace) -> None:
         deposit=rental.terms.deposit, provider=rental.terms.provider.hex())
 
 
+async def rent_repeatedly(node: Node, args: argparse.Namespace) -> None:
+    """A steady honest renter (benchmarks): every `rent_every` seconds, search the book and
+    rent from the first `rent_candidates` hits; one `round` event per round with the search
+    time, the outcome and how long the rent took."""
+    start = trio.current_time()
+    for n in range(args.rent_rounds):
+        await trio.sleep_until(start + (n + 1) * args.rent_every)
+        t0 = trio.current_time()
+        hits = node.book.query(args.rent, None, limit=args.rent_candidates)
+        search_ms = (trio.current_time() - t0) * 1000
+        outcome: dict = {"round": n, "search_ms": round(search_ms, 3), "book": len(node.book),
+                         "hits": len(hits)}
+        t0 = trio.current_time()
+        try:
+            if not hits:
+                raise RentError(f"no offer matches {args.rent!r}")
+            with trio.fail_after(max(args.rent_every, 30.0)):
+                rental = await node.rent(hits, gpu_count=args.gpu_count, duration_s=args.duration,
+                                         max_price_per_gpu_second=args.max_price)
+            outcome.update(ok=True, provider=rental.terms.provider.hex())
+        except (RentError, trio.TooSlowError) as exc:
+            outcome.update(ok=False, error=str(exc) or type(exc).__name__)
+        outcome["rent_s"] = round(trio.current_time() - t0, 3)
+        say(event="round", **outcome)
+
+
 async def main(args: argparse.Namespace) -> None:
     node = build_node(args)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -129,7 +160,7 @@ async def main(args: argparse.Namespace) -> None:
             say(event="ready", peer_id=str(node.peer_id), addrs=node.addrs(),
                 wallet=node.binding.wallet.hex(), resumed=node.resumed)
             if args.role == "renter" and args.rent is not None:
-                nursery.start_soon(rent_cheapest, node, args)
+                nursery.start_soon(rent_repeatedly if args.rent_every else rent_cheapest, node, args)
             got = None
             async for got in signals:
                 break

@@ -1,0 +1,444 @@
+"""Soak: one provider node under a mixed hostile load while an honest renter searches and rents.
+
+Run from the repository root (anvil needed, as for the process tests):
+
+    PYTHONPATH=. python tests/benchmarks/bench_soak.py [--seconds 600] [--rent-every 30]
+
+Three OS processes on one anvil chain: the victim (a provider, `python -m node.process`, 4 fake
+GPUs), an honest renter (`python -m node.process --rent-every`), and this process, which runs the
+attackers on 127.0.0.1 with real libp2p hosts and raw sockets:
+
+- gossip flood: forged, expired and malformed messages on the offer topic (REJECT / IGNORE work);
+- Sybil offers: valid, fat offers (8 GPUs, 4 long addresses) from fresh provider keys, for the
+  market's own chain and escrow, so they pass validation, fill the book and reach the renter;
+- connection churn: raw TCP connect-and-drop (half of them after a multistream header) and
+  full libp2p connect/disconnect of fresh hosts;
+- sync abuse: silent offer-sync streams held open and reopened, and full-book requests;
+- negotiation abuse: fresh renter keys (each with a valid wallet binding, no funds) negotiate
+  for the victim's GPUs and never open an escrow;
+- rental hellos with random agreement ids;
+- a frame that is not a protobuf RPC on a gossipsub stream, every 10 s.
+
+Every `--rent-every` seconds the renter searches its book and rents one GPU for 20 s from the
+first 8 matches of the victim's GPU model (Sybils offer the same model, cheaper). Measured: honest
+rents succeeded / tried, search time p50/p99, rent time, the victim's RSS (start, max, end),
+its CPU share, whether it stayed up, and what each attacker managed to send. The last line
+is JSON. Nothing here is asserted: the figures are reported as measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import trio
+from eth_utils import keccak
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from node.anvil import AnvilProcess  # noqa: E402
+from node.chain import Chain  # noqa: E402
+from node.host import GossipHost, HostConfig  # noqa: E402
+from node.identity import NodeIdentity, load_or_create_identity  # noqa: E402
+from node.negotiate import NEGOTIATE_PROTOCOL, Candidate, negotiate_first  # noqa: E402
+from node.offers import OFFER_TOPIC, SYNC_PROTOCOL, OfferService, encode_sync_request  # noqa: E402
+from node.reqresp import close_quietly, encode_uvarint, read_frame, write_frame  # noqa: E402
+from node.rentals import RENTAL_PROTOCOL  # noqa: E402
+from node.wallet import Wallet  # noqa: E402
+from protocol.identity import PeerKey, peer_id_from_public_key  # noqa: E402
+from protocol.messages import Binding, Offer  # noqa: E402
+from protocol.params import Params  # noqa: E402
+from protocol.samples import GPU_MODELS, make_offer, make_provider  # noqa: E402
+from tests.node.test_processes import NodeProc, _free_port  # noqa: E402
+
+PRICE = 1_000  # victim's price, token units per GPU-second
+MODEL = GPU_MODELS[0]  # the victim's model; Sybils offer it too
+PARAMS = {"clock_skew_ms": 5_000, "min_heartbeat_interval_s": 1, "heartbeat_late_tolerance_ms": 1_000,
+          "negotiation_step_timeout_ms": 5_000}
+LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
+
+
+def pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return round(s[min(len(s) - 1, int(p / 100 * len(s)))], 3)
+
+
+class Attack:
+    """Counters of what the attackers sent and how it went."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, int] = {}
+
+        self.first_error: dict[str, str] = {}
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.sent[name] = self.sent.get(name, 0) + n
+
+    def error(self, name: str, exc: BaseException) -> None:
+        self.count(name)
+        self.first_error.setdefault(name, repr(exc)[:200])
+
+
+async def gossip_flood(host: GossipHost, rate: float, chain_id: int, escrow: bytes, token: bytes,
+                       attack: Attack, stop_at: float) -> None:
+    rng = random.Random(1)
+    peer, _, binding = make_provider(rng, chain_id)
+    while trio.current_time() < stop_at:
+        now = int(time.time() * 1000)
+        offer = make_offer(peer, binding, rng, now, seq=now, escrow=escrow, token=token)
+        kind = rng.randrange(3)
+        if kind == 0:  # forged: a changed price under the old signature (REJECT bad_signature)
+            forged = dataclasses.replace(offer, terms=dataclasses.replace(offer.terms, price_per_gpu_second=1))
+            payload = forged.encode()
+        elif kind == 1:  # expired (IGNORE)
+            payload = make_offer(peer, binding, rng, now - 3 * 3_600_000, seq=now,
+                                 lifetime_ms=3_600_000, escrow=escrow, token=token).encode()
+        else:  # malformed msgpack (REJECT malformed)
+            payload = b"\xc1" + rng.randbytes(40)
+        try:
+            await host.publish(OFFER_TOPIC, payload)
+            attack.count("flood")
+        except Exception as exc:
+            attack.error("flood_error", exc)
+        await trio.sleep(1 / rate)
+
+
+def fat_sybil_offer(rng: random.Random, chain_id: int, escrow: bytes, token: bytes) -> bytes:
+    peer, _, binding = make_provider(rng, chain_id)
+    now = int(time.time() * 1000)
+    offer = make_offer(peer, binding, rng, now, seq=now, model=MODEL, gpu_count=8,
+                       price_per_gpu_second=rng.randint(1, PRICE - 1), escrow=escrow, token=token,
+                       lifetime_ms=3_600_000, heartbeat_interval_s=1)
+    pid = peer_id_from_public_key(peer.public)
+    addrs = tuple(f"/dns4/{'x' * (60 - len(pid))}{i}.example/tcp/4001/p2p/{pid}"[:128] for i in range(4))
+    return dataclasses.replace(offer, addrs=addrs).sign(peer).encode()
+
+
+async def sybils(host: GossipHost, rate: float, chain_id: int, escrow: bytes, token: bytes,
+                 attack: Attack, stop_at: float) -> None:
+    rng = random.Random(2)
+    while trio.current_time() < stop_at:
+        payload = fat_sybil_offer(rng, chain_id, escrow, token)
+        try:
+            await host.publish(OFFER_TOPIC, payload)
+            attack.count("sybil_offers")
+            attack.count("sybil_bytes", len(payload))
+        except Exception as exc:
+            attack.error("sybil_error", exc)
+        await trio.sleep(1 / rate)
+
+
+def _tcp_connect_drop(port: int, header: bool) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            if header:
+                s.sendall(b"\x13/multistream/1.0.0\n")
+        return True
+    except OSError:
+        return False
+
+
+async def churn(port: int, rate: float, attack: Attack, stop_at: float) -> None:
+    n = 0
+    while trio.current_time() < stop_at:
+        ok = await trio.to_thread.run_sync(_tcp_connect_drop, port, n % 2 == 0)
+        attack.count("tcp_churn" if ok else "tcp_churn_refused")
+        n += 1
+        await trio.sleep(1 / rate)
+
+
+async def libp2p_churn(victim_addr: str, every_s: float, attack: Attack, stop_at: float) -> None:
+    """Fresh hosts that complete Noise + yamux, then go away (each one a new peer id)."""
+    rng = random.Random(3)
+    while trio.current_time() < stop_at:
+        host = GossipHost(NodeIdentity.from_seed(rng.randbytes(32)), HostConfig(listen_addrs=LOOPBACK))
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                with trio.move_on_after(10):
+                    await host.connect(victim_addr)
+                    attack.count("libp2p_churn")
+                nursery.cancel_scope.cancel()
+        except Exception as exc:
+            attack.error("libp2p_churn_error", exc)
+        await trio.sleep(every_s)
+
+
+async def sync_abuse(host: GossipHost, victim: ID, silent: int, attack: Attack, stop_at: float) -> None:
+    async def hold_silent() -> None:
+        while trio.current_time() < stop_at:
+            stream = None
+            try:
+                with trio.fail_after(5):
+                    stream = await host.host.new_stream(victim, [TProtocol(SYNC_PROTOCOL)])
+                attack.count("sync_silent")
+                with trio.move_on_after(30):
+                    try:
+                        await stream.read(1)  # wait until the victim cuts it
+                    except Exception:
+                        attack.count("sync_silent_cut")
+            except Exception as exc:
+                attack.error("sync_silent_error", exc)
+                await trio.sleep(0.5)
+            finally:
+                if stream is not None:
+                    await close_quietly(stream)
+
+    async def full_requests() -> None:
+        while trio.current_time() < stop_at:
+            stream = None
+            try:
+                with trio.fail_after(5):
+                    stream = await host.host.new_stream(victim, [TProtocol(SYNC_PROTOCOL)])
+                await write_frame(stream, encode_sync_request(0), max_frame=64)
+                got = 0
+                with trio.move_on_after(30):
+                    while True:
+                        frame = await read_frame(stream, max_frame=1 << 20, timeout=30)
+                        got += len(frame)
+                        if frame == b"\x90":
+                            break
+                attack.count("sync_full")
+                attack.count("sync_full_bytes", got)
+            except Exception as exc:
+                attack.error("sync_full_refused", exc)
+            finally:
+                if stream is not None:
+                    await close_quietly(stream)
+            await trio.sleep(0.2)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(silent):
+            nursery.start_soon(hold_silent)
+        nursery.start_soon(full_requests)
+
+
+async def negotiation_abuse(host: GossipHost, victim_offer, params: Params, chain_id: int,
+                            every_s: float, attack: Attack, stop_at: float) -> None:
+    rng = random.Random(4)
+    while trio.current_time() < stop_at:
+        offer = victim_offer()
+        if offer is not None:
+            key = PeerKey(rng.randbytes(32))
+            binding = Binding.create(key, rng.randbytes(32), chain_id)  # a fresh, unfunded wallet
+            try:
+                group = await negotiate_first(
+                    host, key, binding, [Candidate(offer.offer, offer.digest)], gpu_count=1,
+                    duration_s=60, max_price_per_gpu_second=PRICE, access_key="", params=params,
+                    rng=rng)
+                attack.count("negotiation_accepted" if group.winner else "negotiation_refused")
+            except Exception as exc:
+                attack.error("negotiation_error", exc)
+        await trio.sleep(every_s)
+
+
+async def rental_hellos(host: GossipHost, victim: ID, rate: float, attack: Attack, stop_at: float) -> None:
+    rng = random.Random(5)
+    while trio.current_time() < stop_at:
+        stream = None
+        try:
+            with trio.fail_after(5):
+                stream = await host.host.new_stream(victim, [TProtocol(RENTAL_PROTOCOL)])
+                await write_frame(stream, rng.randbytes(32), max_frame=4096)
+            attack.count("rental_hello_sent")
+            with trio.move_on_after(2):
+                try:
+                    await stream.read(1)  # the victim answers an unknown id by closing the stream
+                except Exception:
+                    attack.count("rental_hello_cut")
+        except Exception as exc:
+            attack.error("rental_hello_error", exc)
+        finally:
+            if stream is not None:
+                await close_quietly(stream)
+        await trio.sleep(1 / rate)
+
+
+async def bad_protobuf(host: GossipHost, victim: ID, every_s: float, attack: Attack, stop_at: float) -> None:
+    """A pubsub stream carrying a frame that is not a protobuf RPC (py-libp2p 0.8.1 let the
+    DecodeError end the process)."""
+    rng = random.Random(6)
+    while trio.current_time() < stop_at:
+        stream = None
+        try:
+            with trio.fail_after(5):
+                stream = await host.host.new_stream(victim, [TProtocol("/meshsub/1.1.0")])
+                junk = b"\xff" + rng.randbytes(64)
+                await stream.write(encode_uvarint(len(junk)) + junk)
+            attack.count("bad_protobuf")
+        except Exception as exc:
+            attack.error("bad_protobuf_error", exc)
+        finally:
+            if stream is not None:
+                await close_quietly(stream)
+        await trio.sleep(every_s)
+
+
+class Victim:
+    """RSS and CPU of the victim process, sampled."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.samples: list[tuple[float, int, float]] = []  # (t, rss, cpu seconds)
+
+    def sample(self) -> bool:
+        try:
+            t = self.proc.cpu_times()
+            self.samples.append((time.monotonic(), self.proc.memory_info().rss, t.user + t.system))
+            return True
+        except psutil.NoSuchProcess:
+            return False
+
+
+async def main(args: argparse.Namespace) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="soak-"))
+    with AnvilProcess() as anvil:
+        wallets = {n: Wallet.from_key(keccak(b"soak wallet " + n.encode()))
+                   for n in ("deployer", "provider", "renter")}
+        for w in wallets.values():
+            anvil.fund(w.address, 10**21)
+        chain = Chain.connect(anvil.url, chain_id=anvil.chain_id)
+        escrow, token = chain.deploy_local_market(wallets["deployer"].key)
+        chain = Chain.connect(anvil.url, escrow=escrow, token=token)
+        chain.fund(wallets["renter"].address, token_units=10**15, minter_key=wallets["deployer"].key)
+        chain.w3.provider.make_request("evm_setIntervalMining", [1])
+
+        def start(name: str, role: str, *extra: str) -> NodeProc:
+            key_file = tmp / f"{name}.key"
+            key_file.write_text(wallets[name].key.hex())
+            return NodeProc(tmp, name, [
+                "--data-dir", str(tmp / name), "--chain-url", anvil.url, "--escrow", escrow.hex(),
+                "--token", token.hex(), "--wallet-key-file", str(key_file), "--role", role,
+                "--name", name, "--params", json.dumps(PARAMS), *extra])
+
+        port = _free_port()
+        listen = f"/ip4/127.0.0.1/tcp/{port}"
+        victim_peer = load_or_create_identity(tmp / "provider" / "identity.seed").peer_id
+        victim_addr = f"{listen}/p2p/{victim_peer}"
+        provider = start("provider", "provider", "--listen", listen, "--fake-gpus", "4",
+                         "--gpu-model", MODEL.name, "--price", str(PRICE), "--heartbeat-interval", "1",
+                         "--grace", "600", "--min-duration", "5")
+        provider.wait("ready", 60)
+        rounds = int(args.seconds // args.rent_every)
+        renter = start("renter", "renter", "--bootstrap", victim_addr,
+                       "--rent", "gpu=RTX_4090", "--duration", "20",
+                       "--max-price", str(PRICE), "--rent-every", str(args.rent_every),
+                       "--rent-rounds", str(rounds), "--rent-candidates", "8")
+        renter.wait("ready", 60)
+        victim = Victim(provider.proc.pid)
+        victim.sample()
+        attack = Attack()
+        params = Params(**PARAMS)
+        rounds_seen: list[dict] = []
+        t_start = time.monotonic()
+
+        async with trio.open_nursery() as nursery:
+            hosts = []
+            for i in range(2):
+                h = GossipHost(NodeIdentity.from_seed(keccak(b"attacker %d" % i)),
+                               HostConfig(listen_addrs=LOOPBACK))
+                await nursery.start(h.run)
+                await h.connect(victim_addr)
+                hosts.append(h)
+            # the attackers' own offer book, to learn the victim's current offer and digest
+            svc = OfferService(hosts[0], None, params)
+            await nursery.start(svc.run)
+            synced = await svc.sync([victim_peer])
+            print(f"attackers synced from the victim: {synced}", flush=True)
+            victim_key = victim_peer.extract_public_key().to_bytes()
+
+            def victim_offer():
+                return svc.book.held(victim_key)
+
+            stop_at = trio.current_time() + args.seconds
+            vpid = victim_peer
+            nursery.start_soon(gossip_flood, hosts[0], args.flood_rate, anvil.chain_id, escrow, token,
+                               attack, stop_at)
+            nursery.start_soon(sybils, hosts[1], args.sybil_rate, anvil.chain_id, escrow, token,
+                               attack, stop_at)
+            nursery.start_soon(churn, port, args.churn_rate, attack, stop_at)
+            nursery.start_soon(libp2p_churn, victim_addr, 5.0, attack, stop_at)
+            nursery.start_soon(sync_abuse, hosts[1], vpid, 8, attack, stop_at)
+            nursery.start_soon(negotiation_abuse, hosts[0], victim_offer, params, anvil.chain_id,
+                               1.0, attack, stop_at)
+            nursery.start_soon(rental_hellos, hosts[1], vpid, args.hello_rate, attack, stop_at)
+            nursery.start_soon(bad_protobuf, hosts[1], vpid, 10.0, attack, stop_at)
+
+            alive = True
+            while trio.current_time() < stop_at + 40:
+                await trio.sleep(5)
+                alive = victim.sample() and alive
+                while not renter.events.empty():
+                    ev = renter.events.get_nowait()
+                    if ev.get("event") == "round":
+                        rounds_seen.append(ev)
+                        if args.progress:
+                            print(json.dumps(ev), flush=True)
+                if args.progress:
+                    t, rss, cpu = victim.samples[-1]
+                    print(f"t={t - t_start:.0f}s victim rss={rss >> 20} MiB cpu={cpu:.1f}s "
+                          f"attack={attack.sent}", flush=True)
+                if len(rounds_seen) >= rounds and trio.current_time() >= stop_at:
+                    break
+            nursery.cancel_scope.cancel()
+
+        victim_up = provider.proc.poll() is None
+        stop_s = None
+        if victim_up:
+            stop_s = provider.terminate(10)
+        renter.close()
+        provider.close()
+
+    (t0, rss0, cpu0), (t1, rss1, cpu1) = victim.samples[0], victim.samples[-1]
+    ok = [r for r in rounds_seen if r.get("ok")]
+    errors: dict[str, int] = {}
+    for r in rounds_seen:
+        if not r.get("ok"):
+            errors[r["error"][:120]] = errors.get(r["error"][:120], 0) + 1
+    return {
+        "seconds": args.seconds,
+        "honest_rents": {"ok": len(ok), "tried": len(rounds_seen), "errors": errors},
+        "search_ms": {"p50": pct([r["search_ms"] for r in rounds_seen], 50),
+                      "p99": pct([r["search_ms"] for r in rounds_seen], 99),
+                      "max": pct([r["search_ms"] for r in rounds_seen], 100)},
+        "rent_s": {"p50": pct([r["rent_s"] for r in ok], 50), "max": pct([r["rent_s"] for r in ok], 100)},
+        "renter_book": [r["book"] for r in rounds_seen][-1:] or None,
+        "victim": {"up": victim_up, "rss_start_mib": rss0 >> 20,
+                   "rss_max_mib": max(s[1] for s in victim.samples) >> 20, "rss_end_mib": rss1 >> 20,
+                   "cpu_share": round((cpu1 - cpu0) / max(t1 - t0, 1e-9), 3),
+                   "sigterm_exit_s": None if stop_s is None else round(stop_s, 2)},
+        "attack": attack.sent,
+        "attack_first_errors": attack.first_error,
+        "logs": str(tmp),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=600.0)
+    p.add_argument("--rent-every", type=float, default=30.0)
+    p.add_argument("--flood-rate", type=float, default=200.0, help="bad gossip messages per second")
+    p.add_argument("--sybil-rate", type=float, default=20.0, help="fat Sybil offers per second")
+    p.add_argument("--churn-rate", type=float, default=20.0, help="TCP connect/drop per second")
+    p.add_argument("--hello-rate", type=float, default=20.0, help="rental hellos per second")
+    p.add_argument("--progress", action="store_true")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    result = trio.run(main, parse_args())
+    print(json.dumps(result))
