@@ -127,14 +127,14 @@ async def rent_cheapest(node: Node, args: argparse.Namespace) -> None:
 
 
 async def rent_repeatedly(node: Node, args: argparse.Namespace) -> None:
-    """A steady honest renter (benchmarks): every `rent_every` seconds, search the book and
-    rent from the first `rent_candidates` hits; one `round` event per round with the search
+    """A steady honest renter (benchmarks): every `rent_every` seconds, search the book as the
+    CLI does (rank order) and rent from the first `rent_candidates` hits; one `round` event per round with the search
     time, the outcome and how long the rent took."""
     start = trio.current_time()
     for n in range(args.rent_rounds):
         await trio.sleep_until(start + (n + 1) * args.rent_every)
         t0 = trio.current_time()
-        hits = node.book.query(args.rent, None, limit=args.rent_candidates)
+        hits = node.search(args.rent, "rank", limit=args.rent_candidates)  # as `offers search`
         search_ms = (trio.current_time() - t0) * 1000
         outcome: dict = {"round": n, "search_ms": round(search_ms, 3), "book": len(node.book),
                          "hits": len(hits)}
