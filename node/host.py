@@ -63,6 +63,8 @@ import enum
 import hashlib
 import logging
 import math
+import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,7 +79,6 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.score import PeerScorer, ScoreParams, TopicScoreParams
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -86,8 +87,11 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 from node.identity import NodeIdentity
+from node.libp2p_patches import ConnLimitsConfig, GuardedPubsub, PubsubLimits, apply_host_patches
+from node.ratelimit import KeyedBuckets, RateLimitedLog
 
 log = logging.getLogger(__name__)
+rlog = RateLimitedLog(log, burst=5, interval=60.0)
 
 GOSSIPSUB_PROTOCOLS = (PROTOCOL_ID_V12, PROTOCOL_ID_V11)
 """1.2 and 1.1 only: both interoperate with js-libp2p; offering 1.1/1.0 alone to a 1.2-only
@@ -120,7 +124,15 @@ class GossipConfig:
     degree: int = 6
     degree_low: int = 4
     degree_high: int = 12
-    max_messages_per_topic_per_second: float = 50.0
+    max_messages_per_peer_per_second: float = 50.0  # new messages, counted before validation
+    message_burst: float = 100.0
+    max_rpcs_per_peer_per_second: float = 200.0  # RPC frames of any kind, before parsing
+    rpc_burst: float = 400.0
+    ignore_allowance_per_second: float = 5.0  # IGNORE verdicts a forwarder may cause for free
+    ignore_burst: float = 50.0
+    misbehaviour_threshold: float = 20.0  # points tolerated before the score goes down
+    misbehaviour_weight: float = 1.0  # score per point above the threshold
+    malformed_rpc_penalty: float = 1000.0  # points for an unparsable RPC: graylisted at once
     seen_ttl: int = 120  # seconds a message id is remembered for dedup
     prune_back_off: int = 60  # seconds a pruned peer may not re-GRAFT
     reject_weight: float = 1.0
@@ -141,6 +153,15 @@ class GossipConfig:
             accept_px_threshold=math.inf,  # peer exchange is off; never accept PX
         )
 
+    def pubsub_limits(self) -> PubsubLimits:
+        return PubsubLimits(
+            messages_per_second=self.max_messages_per_peer_per_second,
+            message_burst=self.message_burst,
+            rpcs_per_second=self.max_rpcs_per_peer_per_second,
+            rpc_burst=self.rpc_burst,
+            malformed_rpc_penalty=self.malformed_rpc_penalty,
+        )
+
 
 @dataclass(frozen=True)
 class HostConfig:
@@ -149,11 +170,29 @@ class HostConfig:
     mdns: bool = False  # discover (and dial) nodes on the same LAN by multicast DNS
     dial_timeout: float = 10.0
     negotiate_timeout: int = 5
+    max_inbound_per_ip: int = 32  # concurrent inbound connections from one IP address
+    max_inbound_per_peer: int = 3  # concurrent inbound connections of one peer id
     gossip: GossipConfig = field(default_factory=GossipConfig)
+
+    def conn_limits(self) -> ConnLimitsConfig:
+        return ConnLimitsConfig(max_inbound_per_ip=self.max_inbound_per_ip,
+                                max_inbound_per_peer=self.max_inbound_per_peer)
 
 
 class RejectOnlyScorer(PeerScorer):
-    """P4 counts only REJECT verdicts (see module docstring), with decay to zero."""
+    """P4 counts only REJECT verdicts (see module docstring), with decay to zero; plus a
+    topic-independent misbehaviour term (malformed RPCs, rate-limit excess, IGNOREs above the
+    allowance) that lowers the score once it passes ``misbehaviour_threshold``."""
+
+    def __init__(self, params: ScoreParams, config: GossipConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(params)
+        config = config or GossipConfig()
+        self.misbehaviour_threshold = config.misbehaviour_threshold
+        self.misbehaviour_weight = config.misbehaviour_weight
+        self.misbehaviour: dict[ID, float] = {}
+        self._ignore_allowance = KeyedBuckets(config.ignore_allowance_per_second,
+                                              config.ignore_burst, clock=clock)
 
     def on_invalid_message(self, peer: ID, topic: str) -> None:
         # Called by py-libp2p for every False from a validator, IGNORE included: not counted.
@@ -162,12 +201,50 @@ class RejectOnlyScorer(PeerScorer):
     def record_reject(self, peer: ID, topic: str) -> None:
         self.invalid_messages[peer][topic] += 1.0
 
+    def record_misbehaviour(self, peer: ID, amount: float) -> None:
+        self.misbehaviour[peer] = self.misbehaviour.get(peer, 0.0) + amount
+
+    def record_ignore(self, peer: ID, topic: str) -> bool:
+        """An IGNORE verdict for a message ``peer`` forwarded: free within the allowance, a
+        misbehaviour point beyond it. Returns whether it was within the allowance."""
+        if self._ignore_allowance.allow(peer):
+            return True
+        self.record_misbehaviour(peer, 1.0)
+        return False
+
+    def misbehaviour_penalty(self, peer: ID) -> float:
+        excess = self.misbehaviour.get(peer, 0.0) - self.misbehaviour_threshold
+        return excess * self.misbehaviour_weight if excess > 0 else 0.0
+
+    def topic_score(self, peer: ID, topic: str) -> float:
+        # Every gate (allow_publish, allow_gossip, score, graylist) goes through topic_score.
+        return super().topic_score(peer, topic) - self.misbehaviour_penalty(peer)
+
+    def graylisted(self, peer: ID, topics: list[str]) -> bool:
+        """Below ``graylist_threshold`` on any of ``topics`` (or on misbehaviour alone)."""
+        threshold = self.params.graylist_threshold
+        if -self.misbehaviour_penalty(peer) < threshold:
+            return True
+        return any(self.score(peer, [t]) < threshold for t in topics if peer in self.invalid_messages)
+
+    def remove_peer(self, peer: ID) -> None:
+        super().remove_peer(peer)
+        self.misbehaviour.pop(peer, None)
+        self._ignore_allowance.forget(peer)
+
     def on_heartbeat(self, dt_seconds: float = 1.0) -> None:
         super().on_heartbeat(dt_seconds)
         for topics in self.invalid_messages.values():
             for topic, value in topics.items():
                 if value < SCORE_DECAY_TO_ZERO:
                     topics[topic] = 0.0
+        decay = self.params.p4_invalid_messages.decay
+        for peer, value in list(self.misbehaviour.items()):
+            value *= decay
+            if value < SCORE_DECAY_TO_ZERO:
+                del self.misbehaviour[peer]
+            else:
+                self.misbehaviour[peer] = value
 
 
 class ScoredGossipSub(GossipSub):
@@ -215,8 +292,10 @@ class GossipHost:
         self.identity = identity
         self.config = config
         self._listen = [multiaddr.Multiaddr(a) for a in config.listen_addrs]
+        self.counters: Counter[str] = Counter()  # p2p.* events: refusals, drops, penalties
         self.host: IHost = build_libp2p_host(identity, self._listen, config.negotiate_timeout,
                                              mdns=config.mdns)
+        apply_host_patches(self.host, conn_limits=config.conn_limits(), counters=self.counters)
         g = config.gossip
         self.gossipsub = ScoredGossipSub(
             protocols=list(GOSSIPSUB_PROTOCOLS),
@@ -228,12 +307,12 @@ class GossipHost:
             do_px=False,
             adaptive_gossip_enabled=False,
             eclipse_protection_enabled=False,
-            spam_protection_enabled=True,
-            max_messages_per_topic_per_second=g.max_messages_per_topic_per_second,
+            # replaced by GuardedPubsub's limit, which runs before validation (module docstring)
+            spam_protection_enabled=False,
         )
         # GossipSub builds a plain PeerScorer; swap in ours before anything is scored.
-        self.gossipsub.scorer = RejectOnlyScorer(g.score_params())
-        self.pubsub = Pubsub(
+        self.gossipsub.scorer = RejectOnlyScorer(g.score_params(), g)
+        self.pubsub = GuardedPubsub(
             self.host,
             self.gossipsub,
             strict_signing=True,
@@ -241,6 +320,7 @@ class GossipHost:
             seen_ttl=g.seen_ttl,
             max_inbound_rpc_size=g.max_message_bytes,
         )
+        self.pubsub.configure_guard(g.pubsub_limits(), self.counters)
 
     @property
     def peer_id(self) -> ID:
@@ -352,14 +432,19 @@ class GossipHost:
             try:
                 verdict = validate(msg.data, forwarder)
             except Exception:
-                log.exception("topic validator for %s raised; treating as IGNORE", topic)
+                self.counters["p2p.pubsub.validator_error"] += 1
+                rlog.error(("validator_error", topic), "topic validator for %s raised; treating "
+                           "as IGNORE", topic, exc_info=True)
                 return False
             if verdict is True:
                 verdict = Verdict.ACCEPT
             elif verdict is False:
                 verdict = Verdict.REJECT
-            if verdict is Verdict.REJECT and forwarder != self.peer_id:
-                scorer.record_reject(forwarder, topic)
+            if forwarder != self.peer_id:
+                if verdict is Verdict.REJECT:
+                    scorer.record_reject(forwarder, topic)
+                elif verdict is Verdict.IGNORE and not scorer.record_ignore(forwarder, topic):
+                    self.counters["p2p.pubsub.ignore_over_allowance"] += 1
             return verdict is Verdict.ACCEPT
 
         self.pubsub.set_topic_validator(topic, validator, is_async_validator=False)
