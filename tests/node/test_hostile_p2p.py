@@ -1,0 +1,329 @@
+"""A hostile peer speaking real libp2p (TCP + Noise + yamux from a real py-libp2p host, or raw
+TCP) against a running node (GossipHost + OfferService) on 127.0.0.1. Each attack must leave the
+node running and serving an honest peer, and cost the attacker (issue 11, items 1, 2 and 6).
+
+The attacks: malformed and truncated pubsub frames; exceptions in stream handlers and garbage
+on identify/ping/multistream-select and at the yamux layer; more than 250 connect/drop cycles;
+per-IP and per-peer inbound limits; floods of bad-signature, IGNORE-verdict and valid messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import multiaddr
+import pytest
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
+
+from node.host import GossipHost, HostConfig
+from node.identity import NodeIdentity
+from node.offers import OFFER_TOPIC
+from node.reqresp import encode_uvarint
+from node.testing import LOOPBACK
+from protocol.samples import make_offer, make_provider
+from tests.node.offer_helpers import Node, connect_and_mesh, publisher, start_node, wait_until
+
+HOUR_MS = 3_600_000
+
+
+async def start_attacker(nursery: trio.Nursery, config: HostConfig | None = None) -> GossipHost:
+    config = config or HostConfig(listen_addrs=LOOPBACK)
+    return await nursery.start(GossipHost(NodeIdentity.from_seed(os.urandom(32)), config).run)
+
+
+async def honest_offer_arrives(victim: Node, honest: Node) -> None:
+    """The victim still ingests an honest provider's gossiped offer."""
+    async with trio.open_nursery() as prov:
+        await prov.start(publisher(honest).run)
+        await wait_until(lambda: victim.book.held(honest.identity.public_key) is not None, timeout=10)
+        prov.cancel_scope.cancel()
+
+
+def frame(payload: bytes) -> bytes:
+    return encode_uvarint(len(payload)) + payload
+
+
+def envelope(attacker: GossipHost, data: bytes, seqno: int, *, bad_signature: bool = False,
+             topic: str = OFFER_TOPIC) -> rpc_pb2.Message:
+    """A pubsub message as py-libp2p's ``publish`` builds it (strict signing), optionally with
+    the signature broken."""
+    msg = rpc_pb2.Message(from_id=attacker.peer_id.to_bytes(), data=data,
+                          seqno=seqno.to_bytes(8, "big"), topicIDs=[topic])
+    key = attacker.identity.key_pair
+    signature = key.private_key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
+    if bad_signature:
+        signature = bytes([signature[0] ^ 1]) + signature[1:]
+    msg.signature = signature
+    msg.key = key.public_key.serialize()
+    return msg
+
+
+async def send_rpcs(attacker: GossipHost, victim: GossipHost, messages: list[rpc_pb2.Message],
+                    per_rpc: int = 10) -> None:
+    """Write ``messages`` as fast as the stream takes them, ``per_rpc`` per RPC frame, on a
+    pubsub stream of the attacker's own."""
+    stream = await attacker.host.new_stream(victim.peer_id, [PROTOCOL_ID_V12])
+    for i in range(0, len(messages), per_rpc):
+        rpc = rpc_pb2.RPC(publish=messages[i:i + per_rpc])
+        await stream.write(frame(rpc.SerializeToString()))
+
+
+def warnings_from(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# ---------------------------------------------------------------------------------------------
+# item 1: one frame must not kill the node
+# ---------------------------------------------------------------------------------------------
+
+BAD_PROTOBUF = b"\xff" * 65  # field 31, wire type 7: not protobuf
+TRUNCATED = b"\x0a\x64" + b"\x01" * 40  # field 1 announces 100 bytes, 40 follow
+
+
+@pytest.mark.parametrize("protocol", [PROTOCOL_ID_V12, PROTOCOL_ID_V11])
+async def test_malformed_and_truncated_pubsub_frames_reset_the_stream_and_graylist_the_sender(
+        tmp_path, protocol):
+    async with trio.open_nursery() as nursery:
+        victim = await start_node(nursery, tmp_path / "victim.db")
+        honest = await start_node(nursery, tmp_path / "honest.db")
+        await connect_and_mesh([victim, honest], [(1, 0)])
+        attackers = []
+        for payload in (BAD_PROTOBUF, TRUNCATED):  # one attacker each: the first is graylisted
+            attacker = await start_attacker(nursery)
+            attackers.append(attacker)
+            await attacker.connect(victim.host.addrs()[0])
+            stream = await attacker.host.new_stream(victim.host.peer_id, [TProtocol(protocol)])
+            await stream.write(frame(payload))
+        await wait_until(lambda: victim.host.counters["p2p.pubsub.malformed_rpc"] == 2)
+
+        # the node runs on and serves an honest peer ...
+        await honest_offer_arrives(victim, honest)
+        for attacker in attackers:
+            # ... and each attacker paid: below the graylist threshold (its RPCs are dropped)
+            assert victim.host.score(attacker.peer_id, OFFER_TOPIC) < victim.host.config.gossip.graylist_threshold
+            assert attacker.peer_id in victim.host.host.get_network().connections  # not disconnected
+        nursery.cancel_scope.cancel()
+
+
+async def test_exceptions_and_garbage_in_any_stream_handler_stay_in_that_stream(tmp_path):
+    """Audit of what the node registers or relies on: a handler that raises, garbage on
+    identify-push and ping, a broken multistream-select, and an identify *response* of garbage
+    from the attacker's side; then garbage frames straight into the yamux session."""
+    async with trio.open_nursery() as nursery:
+        victim = await start_node(nursery, tmp_path / "victim.db")
+        honest = await start_node(nursery, tmp_path / "honest.db")
+        attacker = await start_attacker(nursery)
+        await connect_and_mesh([victim, honest], [(1, 0)])
+
+        async def buggy_handler(stream):
+            raise ValueError("a handler bug triggered by the peer's bytes")
+
+        victim.host.host.set_stream_handler(TProtocol("/test/buggy/1"), buggy_handler)
+
+        async def garbage_identify(stream):  # the victim identifies us on connect
+            await stream.write(frame(b"\xff" * 40))
+            await stream.close()
+
+        attacker.host.set_stream_handler(TProtocol("/ipfs/id/1.0.0"), garbage_identify)
+        await attacker.connect(victim.host.addrs()[0])
+
+        for proto, payload in [("/test/buggy/1", b"x"), ("/ipfs/id/push/1.0.0", frame(b"\xff" * 40)),
+                               ("/ipfs/ping/1.0.0", b"\x00" * 7)]:
+            try:  # the victim may reset before we are done: the attacker's problem
+                stream = await attacker.host.new_stream(victim.host.peer_id, [TProtocol(proto)])
+                await stream.write(payload)
+                await stream.close()
+            except Exception:
+                pass
+        # multistream-select garbage: a stream whose first bytes are not a protocol header
+        conn = attacker.host.get_network().connections[victim.host.peer_id][0]
+        raw = await conn.muxed_conn.open_stream()
+        await raw.write(b"\x7f" + b"\xfe" * 127)
+        await trio.sleep(0.5)
+        await wait_until(lambda: victim.host.counters["p2p.stream.handler_error"] >= 1)
+
+        await honest_offer_arrives(victim, honest)
+
+        # garbage yamux frames under the attacker's own session (unknown type; a window update
+        # for a stream that does not exist; a data frame announcing 4 GiB), then junk
+        secured = conn.muxed_conn.secured_conn
+        for header in (b"\x00\x09\x00\x00\x00\x00\x00\x01\x00\x00\x00\x00",
+                       b"\x00\x01\x00\x00\x00\x00\x7f\x7f\xff\xff\xff\xff",
+                       b"\x00\x00\x00\x01\x00\x00\x01\x01\xff\xff\xff\xff"):
+            await secured.write(header + b"\xee" * 64)
+        await trio.sleep(0.5)
+        await honest_offer_arrives(victim, honest)
+        nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# item 2: inbound connection slots, per-IP and per-peer limits
+# ---------------------------------------------------------------------------------------------
+
+CYCLES = 300  # > 250, py-libp2p's lifetime inbound cap before the fix
+
+
+async def test_connect_drop_cycles_beyond_the_inbound_cap_do_not_lock_the_node_out(tmp_path):
+    async with trio.open_nursery() as nursery:
+        victim = await start_node(nursery, tmp_path / "victim.db")
+        honest = await start_node(nursery, tmp_path / "honest.db")
+        attacker = await start_attacker(nursery)
+        swarm = attacker.host.get_network()
+        addr = victim.host.addrs()[0].decapsulate(multiaddr.Multiaddr(f"/p2p/{victim.host.peer_id}"))
+        victim_conns = victim.host.host.get_network().connections
+
+        with trio.fail_after(240):
+            for i in range(CYCLES):
+                conn = await swarm.dial_addr(addr, victim.host.peer_id)  # Noise + yamux, complete
+                await conn.close()
+                # renter churn: the next renter comes once the victim has seen this one leave
+                await wait_until(lambda: attacker.peer_id not in victim_conns, timeout=5, step=0.005)
+        assert victim.host.counters["p2p.conn.inbound"] >= CYCLES
+
+        limiter = victim.host.host.get_network()._inbound_limiter
+        assert limiter.borrowed_tokens == 0, "every inbound slot is back"
+        await connect_and_mesh([victim, honest], [(1, 0)])  # an inbound dial after the cycles
+        await honest_offer_arrives(victim, honest)
+        nursery.cancel_scope.cancel()
+
+
+async def test_per_ip_limit_refuses_extra_inbound_connections_before_the_handshake(tmp_path):
+    async with trio.open_nursery() as nursery:
+        victim = await nursery.start(GossipHost(NodeIdentity.from_seed(os.urandom(32)), HostConfig(
+            listen_addrs=LOOPBACK, max_inbound_per_ip=4)).run)
+        port = int(victim.addrs()[0].value_for_protocol("tcp"))
+        held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(4)]
+        await wait_until(lambda: victim.host.get_network().p2p_conn_limits.per_ip["127.0.0.1"] == 4)
+        extra = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
+        for s in extra:  # refused: the victim closes them at once, no Noise work done
+            with trio.fail_after(3):
+                assert await s.receive_some(1024) == b""
+        assert victim.counters["p2p.conn.refused.per_ip"] == 3
+        for s in held:  # the four within the limit are still open (waiting for our handshake)
+            with trio.move_on_after(0.2) as still_open:
+                await s.receive_some(1024)
+            assert still_open.cancelled_caught
+        for s in held + extra:
+            await s.aclose()
+        # slots come back when those connections close: a real libp2p peer gets in
+        await wait_until(lambda: not victim.host.get_network().p2p_conn_limits.per_ip)
+        honest = await start_attacker(nursery)
+        await honest.connect(victim.addrs()[0])
+        nursery.cancel_scope.cancel()
+
+
+async def test_per_peer_limit_refuses_a_peers_extra_inbound_connections(tmp_path):
+    async with trio.open_nursery() as nursery:
+        victim = await nursery.start(GossipHost(NodeIdentity.from_seed(os.urandom(32)), HostConfig(
+            listen_addrs=LOOPBACK, max_inbound_per_peer=2)).run)
+        attacker = await start_attacker(nursery)
+        swarm = attacker.host.get_network()
+        addr = victim.addrs()[0].decapsulate(multiaddr.Multiaddr(f"/p2p/{victim.peer_id}"))
+        for _ in range(4):
+            try:
+                await swarm.dial_addr(addr, victim.peer_id)
+            except Exception:
+                pass  # the refusal may surface on the dialler's side or as a closed connection
+        await wait_until(lambda: victim.counters["p2p.conn.refused.per_peer"] == 2)
+        assert len(victim.host.get_network().connections.get(attacker.peer_id, [])) <= 2
+        assert victim.host.get_network().p2p_conn_limits.per_peer[attacker.peer_id] == 2
+        # closing them gives the slots back
+        for conn in list(swarm.connections.get(victim.peer_id, [])):
+            await conn.close()
+        await wait_until(lambda: attacker.peer_id not in victim.host.get_network().p2p_conn_limits.per_peer)
+        nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# item 6: floods are cut off before validation and cost the sender
+# ---------------------------------------------------------------------------------------------
+
+FLOOD = 1500
+
+
+async def flooded(tmp_path, caplog, make_messages, counter: str):
+    """Run a flood against a victim with an honest neighbour; returns (victim, attacker,
+    validator calls counted under ``counter``, seconds the flood took, warnings logged)."""
+    caplog.set_level(logging.INFO)
+    async with trio.open_nursery() as nursery:
+        victim = await start_node(nursery, tmp_path / "victim.db")
+        honest = await start_node(nursery, tmp_path / "honest.db")
+        attacker = await start_attacker(nursery)
+        await connect_and_mesh([victim, honest], [(1, 0)])
+        await attacker.connect(victim.host.addrs()[0])
+        messages = make_messages(attacker, victim)
+        caplog.clear()
+        t0 = trio.current_time()
+        with trio.fail_after(60):
+            await send_rpcs(attacker, victim.host, messages)
+            await trio.sleep(1.0)  # let the victim drain what it accepted
+        elapsed = trio.current_time() - t0
+        warnings = warnings_from(caplog)
+        await honest_offer_arrives(victim, honest)
+        result = (victim.host.counters.copy(), victim.service.counters[counter],
+                  victim.host.score(attacker.peer_id, OFFER_TOPIC), elapsed, warnings)
+        nursery.cancel_scope.cancel()
+    return result
+
+
+def admitted_bound(elapsed: float) -> float:
+    """What the pre-validation limit lets through: the burst plus the rate over the flood."""
+    return 100 + 50 * elapsed + 5
+
+
+async def test_bad_signature_flood_is_cut_off_before_the_signature_check_and_penalised(tmp_path, caplog):
+    rng = random.Random(1)
+
+    def make(attacker, victim):
+        return [envelope(attacker, rng.randbytes(40), i, bad_signature=True) for i in range(FLOOD)]
+
+    counters, _, score, elapsed, warnings = await flooded(tmp_path, caplog, make, "unused")
+    checked = counters["p2p.pubsub.reject.bad_signature"]
+    dropped = (counters["p2p.pubsub.drop.message_rate"] + counters["p2p.pubsub.drop.graylisted_rpc"]
+               + counters["p2p.pubsub.drop.below_publish_threshold"])
+    assert 0 < checked <= admitted_bound(elapsed), (checked, elapsed)
+    assert dropped > 0
+    assert score < 0, "bad envelope signatures now cost the sender"
+    assert len(warnings) <= 20, [r.getMessage() for r in warnings]
+
+
+async def test_ignore_flood_is_rate_limited_before_validation_and_penalised(tmp_path, caplog):
+    rng = random.Random(2)
+    peer, _, binding = make_provider(rng)
+
+    def make(attacker, victim):
+        now = victim.service.now_ms()
+        return [envelope(attacker, make_offer(peer, binding, rng, now - 2 * HOUR_MS, seq=i + 1,
+                                              lifetime_ms=HOUR_MS).encode(), i)
+                for i in range(FLOOD)]
+
+    counters, validated, score, elapsed, warnings = await flooded(
+        tmp_path, caplog, make, "offers.gossip.ignore.expired")
+    assert 0 < validated <= admitted_bound(elapsed), (validated, elapsed)  # was all 1,500
+    assert counters["p2p.pubsub.ignore_over_allowance"] > 0
+    assert score < 0, "IGNOREs above the allowance cost score"
+    assert len(warnings) <= 20, [r.getMessage() for r in warnings]
+
+
+async def test_valid_message_flood_is_limited_and_the_log_stays_small(tmp_path, caplog):
+    """Before: every valid message was validated, and each one past gossipsub's 50/s spam limit
+    logged a WARNING after validation (a 4 MB log in minutes)."""
+    rng = random.Random(3)
+    peer, _, binding = make_provider(rng)
+
+    def make(attacker, victim):
+        now = victim.service.now_ms()
+        return [envelope(attacker, make_offer(peer, binding, rng, now, seq=i + 1).encode(), i)
+                for i in range(FLOOD)]
+
+    counters, accepted, _, elapsed, warnings = await flooded(
+        tmp_path, caplog, make, "offers.gossip.accept.offer")
+    assert 0 < accepted <= admitted_bound(elapsed), (accepted, elapsed)
+    assert counters["p2p.pubsub.drop.message_rate"] > 0
+    assert len(warnings) <= 20, [r.getMessage() for r in warnings]
