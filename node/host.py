@@ -19,9 +19,10 @@ Gossipsub, as set by :class:`GossipConfig`:
 * ``eclipse_protection_enabled=False``: 0.8.1's IP-diversity step grafts extra peers without
   checking back-off or score, which would undo the score-based pruning below. IP diversity is
   left to a later P7 (colocation) setting; on loopback every peer shares one IP anyway.
-* spam protection stays on, at ``max_messages_per_topic_per_second`` per forwarding peer
-  (default 50). The limit counts every message a peer *forwards* on a topic, our own publishes
-  included, so it must exceed the network-wide offer rate, not one provider's rate.
+* gossipsub's own spam protection is off: it counted only messages that had already passed
+  validation (so invalid floods cost us full price), counted our own publishes too, and logged a
+  WARNING per message over the limit. :class:`node.libp2p_patches.GuardedPubsub` replaces it with
+  limits applied in the read loop, before any signature check or validator (see "Limits").
 
 Validation and the IGNORE verdict. A topic validator in py-libp2p returns only a bool, and every
 ``False`` is passed to the scorer's ``on_invalid_message`` (P4) for the forwarding peer. The
@@ -51,10 +52,41 @@ REJECT therefore costs the forwarder about 7.5 minutes of negative score. No pos
 * score < -50 (publish_threshold): its messages are dropped before validation (saves CPU under a
   flood) and we stop forwarding to it.
 * score < -80 (graylist_threshold): GRAFT refused (already true below 0).
+Misbehaviour (our addition, topic-independent, in :class:`RejectOnlyScorer`): points for an
+unparsable or oversized RPC (``malformed_rpc_penalty`` = 1000: graylisted at once), for each
+message or RPC frame over the per-peer rate limits (1 each), and for each IGNORE verdict beyond
+an allowance of ``ignore_allowance_per_second`` (5/s, burst 50; 1 each: IGNOREs are free for
+honest relays, not for a flood). Points decay like P4 (0.99 per heartbeat, reset below 0.01);
+above ``misbehaviour_threshold`` (20) each point costs 1 score, so short honest bursts cost
+nothing and a flood reaches the graylist within a second.
+
 Scores live as long as the connection: py-libp2p drops a peer's counters when it disconnects, so a
 reconnecting peer starts at 0. The app-level reputation (store) is where long memory belongs.
-P5-P7 stay 0 for now: the spam limiter and GRAFT-flood checks already drop traffic, and P7 with
-one IP per test network would penalise everyone.
+P5-P7 stay 0 for now (py-libp2p's P5 also sums equivocation and IHAVE/IWANT penalties whose
+triggers we have not checked against honest behaviour), and P7 with one IP per test network
+would penalise everyone.
+
+Limits (hostile peers; issue 11). All counted in :attr:`GossipHost.counters` (``p2p.*``):
+
+* Pubsub, per forwarding peer, before anything costly: RPC frames ``max_rpcs_per_peer_per_second``
+  (200/s, burst 400) checked before parsing; new (unseen) messages
+  ``max_messages_per_peer_per_second`` (50/s, burst 100) checked before the envelope signature
+  and validators. Over the limit: dropped, one misbehaviour point each. A graylisted peer's frames
+  are dropped unparsed. Like the old limit, the message rate must exceed the network-wide offer
+  rate (an honest mesh peer forwards every offer once).
+* A bad envelope signature counts as a REJECT (P4) for the forwarder (an honest relay verifies
+  before forwarding); py-libp2p dropped it at no cost to the sender.
+* A malformed or truncated pubsub frame resets that stream and graylists the sender; an exception
+  in any stream handler resets that stream only (py-libp2p let both stop the node).
+* Connections: an inbound connection holds one of py-libp2p's 250 inbound slots until it closes
+  (py-libp2p held it until the swarm stopped: lockout after 250 lifetime inbound connections).
+  At most ``max_inbound_per_ip`` (32) concurrent inbound connections per remote IP, refused at
+  accept before any handshake work, and ``max_inbound_per_peer`` (3) per peer id, refused before
+  the connection is registered. A devnet of many nodes on one machine shares one IP: raise
+  ``max_inbound_per_ip`` there.
+* Log lines a peer can trigger are rate-limited (:mod:`node.ratelimit`): ours through
+  ``RateLimitedLog``, py-libp2p's through a filter on its loggers (5 per call site per minute,
+  then a count).
 """
 
 from __future__ import annotations

@@ -158,7 +158,8 @@ class RateLimitedLog:
 
 class RateLimitFilter(logging.Filter):
     """A :class:`logging.Filter` for third-party loggers we cannot edit (py-libp2p's): records at
-    ``min_level`` or above are limited per (logger name, format string); below it they pass.
+    ``min_level`` or above are limited per call site (file and line: py-libp2p often logs
+    f-strings, so the message text differs per peer); below it they pass.
     The summary of a window's suppressed records is added to the next record admitted."""
 
     def __init__(self, burst: int = 5, interval: float = 60.0, min_level: int = logging.INFO,
@@ -170,7 +171,7 @@ class RateLimitFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < self.min_level:
             return True
-        write, dropped = self.limiter.admit((record.name, str(record.msg)))
+        write, dropped = self.limiter.admit((record.pathname, record.lineno))
         if write and dropped:
             record.msg = f"{record.msg} [{dropped} similar records suppressed in the last " \
                          f"{self.limiter.interval:.0f} s]"

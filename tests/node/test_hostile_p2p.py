@@ -167,23 +167,30 @@ async def test_exceptions_and_garbage_in_any_stream_handler_stay_in_that_stream(
 # ---------------------------------------------------------------------------------------------
 
 CYCLES = 300  # > 250, py-libp2p's lifetime inbound cap before the fix
+CHURNERS = 4  # peers connecting and dropping in parallel, CYCLES / CHURNERS each
+
+
+async def churn(attacker: GossipHost, victim: GossipHost, cycles: int) -> None:
+    """Connect (TCP + Noise + yamux, complete) and drop, ``cycles`` times; the next cycle starts
+    once the victim has seen the connection go (as a renter's next visit would)."""
+    swarm = attacker.host.get_network()
+    addr = victim.addrs()[0].decapsulate(multiaddr.Multiaddr(f"/p2p/{victim.peer_id}"))
+    victim_conns = victim.host.get_network().connections
+    for _ in range(cycles):
+        conn = await swarm.dial_addr(addr, victim.peer_id)
+        await conn.close()
+        await wait_until(lambda: attacker.peer_id not in victim_conns, timeout=5, step=0.005)
 
 
 async def test_connect_drop_cycles_beyond_the_inbound_cap_do_not_lock_the_node_out(tmp_path):
     async with trio.open_nursery() as nursery:
         victim = await start_node(nursery, tmp_path / "victim.db")
         honest = await start_node(nursery, tmp_path / "honest.db")
-        attacker = await start_attacker(nursery)
-        swarm = attacker.host.get_network()
-        addr = victim.host.addrs()[0].decapsulate(multiaddr.Multiaddr(f"/p2p/{victim.host.peer_id}"))
-        victim_conns = victim.host.host.get_network().connections
-
+        attackers = [await start_attacker(nursery) for _ in range(CHURNERS)]
         with trio.fail_after(240):
-            for i in range(CYCLES):
-                conn = await swarm.dial_addr(addr, victim.host.peer_id)  # Noise + yamux, complete
-                await conn.close()
-                # renter churn: the next renter comes once the victim has seen this one leave
-                await wait_until(lambda: attacker.peer_id not in victim_conns, timeout=5, step=0.005)
+            async with trio.open_nursery() as churners:
+                for attacker in attackers:
+                    churners.start_soon(churn, attacker, victim.host, CYCLES // CHURNERS)
         assert victim.host.counters["p2p.conn.inbound"] >= CYCLES
 
         limiter = victim.host.host.get_network()._inbound_limiter
