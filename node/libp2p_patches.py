@@ -99,7 +99,9 @@ class GuardedPubsub(Pubsub):
     ``rpc_pb2.RPC.ParseFromString`` on a peer's frame and catches ``MessageTooLarge`` and stream
     errors, but not ``google.protobuf.message.DecodeError``; ``stream_handler`` catches
     ``StreamError``, ``ParseError`` (libp2p's own) and ``IncompleteReadError`` only. 65 bytes of
-    bad protobuf therefore escaped to ``SwarmConn``'s nursery and stopped the swarm. Also, every
+    bad protobuf therefore escaped to ``SwarmConn``'s nursery and stopped the swarm. A published
+    message whose ``key`` field is not a protobuf public key made ``signature_validator`` raise
+    inside the ``push_msg`` task, which stopped the pubsub service and the node. Also, every
     received message is spawned as a ``push_msg`` task before any limit applies; the signature
     check inside it fails silently; and gossipsub's spam limit (``_check_spam_protection``) runs
     only after validation and logs a WARNING per message.
@@ -236,7 +238,7 @@ class GuardedPubsub(Pubsub):
         if penalties is not None and not penalties.allow_publish(peer, topics):
             counters["p2p.pubsub.drop.below_publish_threshold"] += 1
             return False
-        if self.strict_signing and not signature_validator(msg):
+        if self.strict_signing and not _signature_ok(msg):
             # Provably bad: an honest relay verifies before forwarding.
             counters["p2p.pubsub.reject.bad_signature"] += 1
             if penalties is not None:
@@ -255,6 +257,16 @@ class GuardedPubsub(Pubsub):
             self.p2p_counters["p2p.pubsub.push_error"] += 1
             self._misbehaved(peer, self.p2p_limits.rate_excess_penalty)
             rlog.warning("pubsub.push_error", "processing a message from %s raised %r", peer, error)
+
+
+def _signature_ok(msg: rpc_pb2.Message) -> bool:
+    """py-libp2p's ``signature_validator`` raises (``DecodeError``, ``ValueError``) on an
+    undecodable ``key`` field instead of returning False; inside ``push_msg`` that exception
+    stopped the pubsub service, and the node with it."""
+    try:
+        return bool(signature_validator(msg))
+    except Exception:
+        return False
 
 
 async def _reset_quietly(stream: INetStream) -> None:

@@ -111,6 +111,79 @@ async def test_malformed_and_truncated_pubsub_frames_reset_the_stream_and_grayli
         nursery.cancel_scope.cancel()
 
 
+async def test_a_message_with_an_undecodable_key_is_rejected_not_fatal(tmp_path):
+    """py-libp2p's signature check raised on a ``key`` field that is not a public key, inside
+    the push_msg task: the pubsub service, and the node, stopped."""
+    async with trio.open_nursery() as nursery:
+        victim = await start_node(nursery, tmp_path / "victim.db")
+        honest = await start_node(nursery, tmp_path / "honest.db")
+        attacker = await start_attacker(nursery)
+        await connect_and_mesh([victim, honest], [(1, 0)])
+        await attacker.connect(victim.host.addrs()[0])
+        # a sender id with no key inside (so the check falls back to ``key``), and a ``key``
+        # that is not a serialized public key
+        msg = rpc_pb2.Message(from_id=b"\x00\x01", data=b"\xc1", seqno=b"\x00" * 8,
+                              topicIDs=[OFFER_TOPIC], signature=b"\x00" * 64, key=b"\xff\xff")
+        await send_rpcs(attacker, victim.host, [msg])
+        await trio.sleep(0.5)
+        await honest_offer_arrives(victim, honest)
+        assert victim.host.counters["p2p.pubsub.reject.bad_signature"] == 1
+        assert victim.host.score(attacker.peer_id, OFFER_TOPIC) < 0  # a REJECT for the sender
+        nursery.cancel_scope.cancel()
+
+
+def random_rpc(r: random.Random) -> rpc_pb2.RPC:
+    """Structurally valid protobuf with hostile contents in every field."""
+    def blob(n: int = 40) -> bytes:
+        return r.randbytes(r.randrange(0, n))
+
+    def topic() -> str:
+        return r.choice([OFFER_TOPIC, "", "x" * 300, blob().hex()])
+
+    rpc = rpc_pb2.RPC()
+    for _ in range(r.randrange(3)):
+        rpc.subscriptions.add(subscribe=r.random() < 0.5, topicid=topic())
+    for _ in range(r.randrange(3)):
+        rpc.publish.add(from_id=blob(), data=blob(200), seqno=blob(12), topicIDs=[topic()],
+                        signature=blob(70), key=blob(40))
+    c = rpc.control
+    for _ in range(r.randrange(3)):
+        c.ihave.add(topicID=topic(), messageIDs=[blob() for _ in range(r.randrange(5))])
+    for _ in range(r.randrange(3)):
+        c.iwant.add(messageIDs=[blob() for _ in range(r.randrange(5))])
+    for _ in range(r.randrange(3)):
+        c.graft.add(topicID=topic())
+    for _ in range(r.randrange(3)):
+        prune = c.prune.add(topicID=topic(), backoff=r.choice([0, 1, 2**63, 2**64 - 1]))
+        for _ in range(r.randrange(3)):
+            prune.peers.add(peerID=blob(), signedPeerRecord=blob())
+    for _ in range(r.randrange(2)):
+        c.idontwant.add(messageIDs=[blob() for _ in range(r.randrange(5))])
+    if r.random() < 0.2:
+        rpc.senderRecord = blob(100)
+    return rpc
+
+
+async def test_fuzzed_pubsub_rpcs_never_stop_the_node(tmp_path):
+    r = random.Random(11)
+    async with trio.open_nursery() as nursery:
+        victim = await start_node(nursery, tmp_path / "victim.db")
+        honest = await start_node(nursery, tmp_path / "honest.db")
+        await connect_and_mesh([victim, honest], [(1, 0)])
+        for _ in range(8):  # fresh attackers: one that trips a guard is graylisted
+            attacker = await start_attacker(nursery)
+            await attacker.connect(victim.host.addrs()[0])
+            stream = await attacker.host.new_stream(victim.host.peer_id, [PROTOCOL_ID_V12])
+            for _ in range(20):
+                try:
+                    await stream.write(frame(random_rpc(r).SerializeToString()))
+                except Exception:
+                    break  # the victim reset this stream
+        await trio.sleep(0.5)
+        await honest_offer_arrives(victim, honest)
+        nursery.cancel_scope.cancel()
+
+
 async def test_exceptions_and_garbage_in_any_stream_handler_stay_in_that_stream(tmp_path):
     """Audit of what the node registers or relies on: a handler that raises, garbage on
     identify-push and ping, a broken multistream-select, and an identify *response* of garbage
