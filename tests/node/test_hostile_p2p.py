@@ -373,6 +373,8 @@ async def test_bad_signature_flood_is_cut_off_before_the_signature_check_and_pen
     checked = counters["p2p.pubsub.reject.bad_signature"]
     dropped = (counters["p2p.pubsub.drop.message_rate"] + counters["p2p.pubsub.drop.graylisted_rpc"]
                + counters["p2p.pubsub.drop.below_publish_threshold"])
+    print(f"bad-signature flood: {FLOOD} sent, {elapsed:.2f} s; signatures checked {checked}, "
+          f"dropped unchecked {dropped}; attacker score {score:.1f}; warnings {len(warnings)}")
     assert 0 < checked <= admitted_bound(elapsed), (checked, elapsed)
     assert dropped > 0
     assert score < 0, "bad envelope signatures now cost the sender"
@@ -391,6 +393,8 @@ async def test_ignore_flood_is_rate_limited_before_validation_and_penalised(tmp_
 
     counters, validated, score, elapsed, warnings = await flooded(
         tmp_path, caplog, make, "offers.gossip.ignore.expired")
+    print(f"IGNORE flood: {FLOOD} sent, {elapsed:.2f} s; validated {validated}; attacker score "
+          f"{score:.1f}; warnings {len(warnings)}")
     assert 0 < validated <= admitted_bound(elapsed), (validated, elapsed)  # was all 1,500
     assert counters["p2p.pubsub.ignore_over_allowance"] > 0
     assert score < 0, "IGNOREs above the allowance cost score"
@@ -410,6 +414,8 @@ async def test_valid_message_flood_is_limited_and_the_log_stays_small(tmp_path, 
 
     counters, accepted, _, elapsed, warnings = await flooded(
         tmp_path, caplog, make, "offers.gossip.accept.offer")
+    print(f"valid flood: {FLOOD} sent, {elapsed:.2f} s; validated and accepted {accepted}; "
+          f"warnings {len(warnings)}")
     assert 0 < accepted <= admitted_bound(elapsed), (accepted, elapsed)
     assert counters["p2p.pubsub.drop.message_rate"] > 0
     assert len(warnings) <= 20, [r.getMessage() for r in warnings]
