@@ -74,6 +74,18 @@ async def send_rpcs(attacker: GossipHost, victim: GossipHost, messages: list[rpc
         await stream.write(frame(rpc.SerializeToString()))
 
 
+async def closed_by_peer(stream: trio.SocketStream, within: float) -> bool:
+    """Whether the other side closes ``stream`` within ``within`` seconds (data is skipped)."""
+    with trio.move_on_after(within):
+        try:
+            while await stream.receive_some(4096):
+                pass
+        except trio.BrokenResourceError:  # reset rather than closed: closed all the same
+            pass
+        return True
+    return False
+
+
 def warnings_from(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -235,6 +247,41 @@ async def test_exceptions_and_garbage_in_any_stream_handler_stay_in_that_stream(
         nursery.cancel_scope.cancel()
 
 
+def mss(line: str) -> bytes:
+    """One multistream-select message: uvarint length, the line, newline."""
+    body = line.encode() + b"\n"
+    return encode_uvarint(len(body)) + body
+
+
+async def test_garbage_before_and_during_the_noise_handshake_is_refused(tmp_path):
+    """Raw TCP: junk instead of multistream-select (closed at once); /noise then a well-formed
+    32-byte first handshake message of junk and silence (closed by py-libp2p's 10 s inbound
+    upgrade timeout); /noise then a frame announcing 64 KiB and a hang-up; only protocols the
+    node does not offer (TLS, plaintext: closed). The node still serves an honest peer."""
+    async with trio.open_nursery() as nursery:
+        victim = await start_node(nursery, tmp_path / "victim.db")
+        honest = await start_node(nursery, tmp_path / "honest.db")
+        port = int(victim.host.addrs()[0].value_for_protocol("tcp"))
+        attempts = [  # (payload, seconds within which the node must close the connection)
+            (b"\xff" * 300, 3),
+            (mss("/multistream/1.0.0") + mss("/noise") + b"\x00\x20" + b"\xee" * 32, 13),
+            (mss("/multistream/1.0.0") + mss("/noise") + b"\xff\xff" + b"\x01" * 100, None),
+            (mss("/multistream/1.0.0") + mss("/tls/1.0.0") + mss("/plaintext/2.0.0"), 3),
+        ]
+        for payload, within in attempts:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(payload)
+            if within is not None:
+                assert await closed_by_peer(stream, within=within), payload[:40]
+            await stream.aclose()  # (None: the attacker hangs up mid-handshake)
+        await connect_and_mesh([victim, honest], [(1, 0)])
+        await honest_offer_arrives(victim, honest)
+        # what is left open from 127.0.0.1 is the honest peer's connection alone
+        await wait_until(lambda: victim.host.host.get_network().p2p_conn_limits.per_ip
+                         == {"127.0.0.1": 1})
+        nursery.cancel_scope.cancel()
+
+
 # ---------------------------------------------------------------------------------------------
 # item 2: inbound connection slots, per-IP and per-peer limits
 # ---------------------------------------------------------------------------------------------
@@ -271,15 +318,6 @@ async def test_connect_drop_cycles_beyond_the_inbound_cap_do_not_lock_the_node_o
         await connect_and_mesh([victim, honest], [(1, 0)])  # an inbound dial after the cycles
         await honest_offer_arrives(victim, honest)
         nursery.cancel_scope.cancel()
-
-
-async def closed_by_peer(stream: trio.SocketStream, within: float) -> bool:
-    """Whether the other side closes ``stream`` within ``within`` seconds (data is skipped)."""
-    with trio.move_on_after(within):
-        while await stream.receive_some(4096):
-            pass
-        return True
-    return False
 
 
 async def test_per_ip_limit_refuses_extra_inbound_connections_before_the_handshake(tmp_path):
