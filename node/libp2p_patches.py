@@ -410,12 +410,11 @@ class GuardedSwarm(Swarm):
 
     async def _do_handle_inbound_connection(self, read_write_closer: Any, maddr: Any,
                                             failure_event: Any) -> None:
-        swarm = self
         if isinstance(read_write_closer, IMuxedConn):  # QUIC etc.: not a transport we run
             await super()._do_handle_inbound_connection(read_write_closer, maddr, failure_event)
             return
-        remote_maddr = swarm._build_remote_multiaddr(read_write_closer)
-        if remote_maddr is not None and not await swarm.connection_gate.is_allowed(remote_maddr):
+        remote_maddr = self._build_remote_multiaddr(read_write_closer)
+        if remote_maddr is not None and not await self.connection_gate.is_allowed(remote_maddr):
             try:
                 await read_write_closer.close()
             except Exception:
@@ -423,7 +422,7 @@ class GuardedSwarm(Swarm):
             return
         raw_conn = RawConnection(read_write_closer, False)
         try:
-            muxed_conn = await swarm.upgrade_inbound_raw_conn(raw_conn, maddr)
+            muxed_conn = await self.upgrade_inbound_raw_conn(raw_conn, maddr)
         except Exception as error:
             log.debug("inbound connection on %s failed: %r", maddr, error)
             try:
@@ -431,7 +430,7 @@ class GuardedSwarm(Swarm):
             except Exception:
                 pass
             return
-        await _wait_closed(swarm, muxed_conn)
+        await _wait_closed(self, muxed_conn)
 
     async def add_conn(self, muxed_conn: IMuxedConn, direction: str = "unknown") -> Any:
         if direction != "inbound":
