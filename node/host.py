@@ -58,10 +58,14 @@ message or RPC frame over the per-peer rate limits (1 each), and for each IGNORE
 an allowance of ``ignore_allowance_per_second`` (5/s, burst 50; 1 each: IGNOREs are free for
 honest relays, not for a flood). Points decay like P4 (0.99 per heartbeat, reset below 0.01);
 above ``misbehaviour_threshold`` (20) each point costs 1 score, so short honest bursts cost
-nothing and a flood reaches the graylist within a second.
+nothing and a flood reaches the graylist within a second. Unlike py-libp2p's counters, points
+above the threshold survive a disconnect (for the last 4,096 such peers, decaying meanwhile), so
+reconnecting does not wash them out; a graylisted peer that keeps sending (100 frames) is
+disconnected, which makes each further round cost it a handshake.
 
 Scores live as long as the connection: py-libp2p drops a peer's counters when it disconnects, so a
-reconnecting peer starts at 0. The app-level reputation (store) is where long memory belongs.
+reconnecting peer starts at 0 (except for misbehaviour points above the threshold, kept as said
+above). The app-level reputation (store) is where long memory belongs.
 P5-P7 stay 0 for now (py-libp2p's P5 also sums equivocation and IHAVE/IWANT penalties whose
 triggers we have not checked against honest behaviour), and P7 with one IP per test network
 would penalise everyone.
@@ -96,7 +100,7 @@ import hashlib
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,6 +134,7 @@ GOSSIPSUB_PROTOCOLS = (PROTOCOL_ID_V12, PROTOCOL_ID_V11)
 peer gives no pubsub at all, silently. The py-only 1.3/1.4/2.0 variants are not offered."""
 
 SCORE_DECAY_TO_ZERO = 0.01
+REMEMBERED_PEERS = 4096  # misbehaving peers whose points survive a reconnect (oldest forgotten)
 
 
 class Verdict(enum.Enum):
@@ -223,6 +228,9 @@ class RejectOnlyScorer(PeerScorer):
         self.misbehaviour_threshold = config.misbehaviour_threshold
         self.misbehaviour_weight = config.misbehaviour_weight
         self.misbehaviour: dict[ID, float] = {}
+        self._remembered: OrderedDict[ID, tuple[float, float]] = OrderedDict()
+        self._clock = clock
+        self._heartbeat_s = float(config.heartbeat_interval)
         self._ignore_allowance = KeyedBuckets(config.ignore_allowance_per_second,
                                               config.ignore_burst, clock=clock)
 
@@ -234,7 +242,18 @@ class RejectOnlyScorer(PeerScorer):
         self.invalid_messages[peer][topic] += 1.0
 
     def record_misbehaviour(self, peer: ID, amount: float) -> None:
+        self._restore(peer)
         self.misbehaviour[peer] = self.misbehaviour.get(peer, 0.0) + amount
+
+    def _restore(self, peer: ID) -> None:
+        """Misbehaviour outlives the connection (unlike py-libp2p's counters): a peer that
+        reconnects gets back what it had, decayed for the time it was away."""
+        if self._remembered and peer in self._remembered:
+            value, since = self._remembered.pop(peer)
+            decay = self.params.p4_invalid_messages.decay
+            value *= decay ** max(0.0, (self._clock() - since) / self._heartbeat_s)
+            if value >= SCORE_DECAY_TO_ZERO:
+                self.misbehaviour[peer] = self.misbehaviour.get(peer, 0.0) + value
 
     def record_ignore(self, peer: ID, topic: str) -> bool:
         """An IGNORE verdict for a message ``peer`` forwarded: free within the allowance, a
@@ -245,6 +264,7 @@ class RejectOnlyScorer(PeerScorer):
         return False
 
     def misbehaviour_penalty(self, peer: ID) -> float:
+        self._restore(peer)
         excess = self.misbehaviour.get(peer, 0.0) - self.misbehaviour_threshold
         return excess * self.misbehaviour_weight if excess > 0 else 0.0
 
@@ -261,7 +281,12 @@ class RejectOnlyScorer(PeerScorer):
 
     def remove_peer(self, peer: ID) -> None:
         super().remove_peer(peer)
-        self.misbehaviour.pop(peer, None)
+        value = self.misbehaviour.pop(peer, None)
+        if value is not None and value > self.misbehaviour_threshold:
+            self._remembered[peer] = (value, self._clock())
+            self._remembered.move_to_end(peer)
+            while len(self._remembered) > REMEMBERED_PEERS:
+                self._remembered.popitem(last=False)
         self._ignore_allowance.forget(peer)
 
     def on_heartbeat(self, dt_seconds: float = 1.0) -> None:

@@ -10,9 +10,9 @@ go upstream. Counters (``p2p.*``) land in the host's :class:`collections.Counter
    escaped ``Pubsub.continuously_read_stream``, crossed the connection's nursery and stopped the
    node. Now the stream is reset, the peer penalised (graylisted) and the node runs on. The same
    read loop also rate-limits each peer's RPC frames and new messages *before* the envelope
-   signature check and before any validator, drops a graylisted peer's frames unparsed, and
-   penalises bad envelope signatures as REJECTs (py-libp2p drops them silently, at no cost to
-   the sender).
+   signature check and before any validator, drops a graylisted peer's frames unparsed (and
+   disconnects it if it keeps sending), and penalises bad envelope signatures as REJECTs
+   (py-libp2p drops them silently, at no cost to the sender).
 2. :func:`guard_stream_handlers`: an exception from any stream handler (ours, identify, ping,
    pubsub, multistream-select) propagated into ``SwarmConn``'s nursery, the swarm's service
    manager, and the node. Now it resets that stream only.
@@ -90,6 +90,7 @@ class PubsubLimits:
     rpc_burst: float = 400.0
     malformed_rpc_penalty: float = 1000.0  # misbehaviour points: graylists at once
     rate_excess_penalty: float = 1.0  # misbehaviour points per message/frame over the limit
+    graylisted_frames_before_disconnect: int = 100  # then close the peer's connections
 
 
 class GuardedPubsub(Pubsub):
@@ -125,6 +126,7 @@ class GuardedPubsub(Pubsub):
         self.p2p_counters = counters
         self._msg_buckets = KeyedBuckets(limits.messages_per_second, limits.message_burst)
         self._rpc_buckets = KeyedBuckets(limits.rpcs_per_second, limits.rpc_burst)
+        self._graylisted_frames: Counter[ID] = Counter()
 
     # -- penalties ---------------------------------------------------------------------------
 
@@ -171,6 +173,18 @@ class GuardedPubsub(Pubsub):
                 # Cheapest checks first, before the frame is even parsed.
                 if self._graylisted(peer_id):
                     counters["p2p.pubsub.drop.graylisted_rpc"] += 1
+                    self._graylisted_frames[peer_id] += 1
+                    if self._graylisted_frames[peer_id] >= limits.graylisted_frames_before_disconnect:
+                        # Reading and decrypting a graylisted flood still costs us; a new
+                        # connection costs the flooder a handshake (and it comes back graylisted:
+                        # the scorer remembers misbehaviour across reconnects).
+                        del self._graylisted_frames[peer_id]
+                        counters["p2p.pubsub.disconnect.graylisted_flood"] += 1
+                        rlog.warning("pubsub.disconnect", "disconnecting %s: graylisted and still "
+                                     "sending", peer_id)
+                        await _reset_quietly(stream)
+                        self.manager.run_task(self._disconnect, peer_id)
+                        return
                     continue
                 if not self._rpc_buckets.allow(peer_id):
                     counters["p2p.pubsub.drop.rpc_rate"] += 1
@@ -247,6 +261,12 @@ class GuardedPubsub(Pubsub):
             rlog.info("pubsub.bad_signature", "message with a bad envelope signature from %s", peer)
             return False
         return True
+
+    async def _disconnect(self, peer: ID) -> None:
+        try:
+            await self.host.disconnect(peer)
+        except Exception as error:
+            log.debug("disconnecting %s failed: %r", peer, error)
 
     async def _push_msg_guarded(self, peer: ID, msg: rpc_pb2.Message) -> None:
         """``push_msg`` runs as a service task: an exception there stopped the whole pubsub

@@ -71,7 +71,10 @@ async def send_rpcs(attacker: GossipHost, victim: GossipHost, messages: list[rpc
     stream = await attacker.host.new_stream(victim.peer_id, [PROTOCOL_ID_V12])
     for i in range(0, len(messages), per_rpc):
         rpc = rpc_pb2.RPC(publish=messages[i:i + per_rpc])
-        await stream.write(frame(rpc.SerializeToString()))
+        try:
+            await stream.write(frame(rpc.SerializeToString()))
+        except Exception:
+            return  # reset, or disconnected: the victim has had enough
 
 
 async def closed_by_peer(stream: trio.SocketStream, within: float) -> bool:
@@ -193,6 +196,29 @@ async def test_fuzzed_pubsub_rpcs_never_stop_the_node(tmp_path):
                     break  # the victim reset this stream
         await trio.sleep(0.5)
         await honest_offer_arrives(victim, honest)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_graylisted_peer_that_reconnects_is_still_graylisted(tmp_path):
+    async with trio.open_nursery() as nursery:
+        victim = await start_node(nursery, tmp_path / "victim.db")
+        identity = NodeIdentity.from_seed(os.urandom(32))
+        graylist = victim.host.config.gossip.graylist_threshold
+        for round_ in range(2):
+            async with trio.open_nursery() as attacker_scope:
+                attacker = await attacker_scope.start(
+                    GossipHost(identity, HostConfig(listen_addrs=LOOPBACK)).run)
+                await attacker.connect(victim.host.addrs()[0])
+                if round_ == 0:
+                    stream = await attacker.host.new_stream(victim.host.peer_id, [PROTOCOL_ID_V12])
+                    await stream.write(frame(BAD_PROTOBUF))
+                    await wait_until(lambda: victim.host.counters["p2p.pubsub.malformed_rpc"] == 1)
+                # round 1: the same peer id, a new connection, nothing bad sent yet
+                assert victim.host.score(attacker.peer_id, OFFER_TOPIC) < graylist
+                await victim.host.host.disconnect(attacker.peer_id)  # py-libp2p forgets its score
+                await wait_until(
+                    lambda: identity.peer_id not in victim.host.host.get_network().connections)
+                attacker_scope.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
 
 
@@ -423,6 +449,8 @@ async def test_bad_signature_flood_is_cut_off_before_the_signature_check_and_pen
     assert 0 < checked <= admitted_bound(elapsed), (checked, elapsed)
     assert dropped > 0
     assert score < 0, "bad envelope signatures now cost the sender"
+    # graylisted and still sending: disconnected (the rest of its flood costs us nothing)
+    assert counters["p2p.pubsub.disconnect.graylisted_flood"] == 1
     assert len(warnings) <= 20, [r.getMessage() for r in warnings]
 
 
