@@ -75,9 +75,12 @@ Limits (hostile peers; issue 11). All counted in :attr:`GossipHost.counters` (``
 * Pubsub, per forwarding peer, before anything costly: RPC frames ``max_rpcs_per_peer_per_second``
   (200/s, burst 400) checked before parsing; new (unseen) messages
   ``max_messages_per_peer_per_second`` (50/s, burst 100) checked before the envelope signature
-  and validators. Over the limit: dropped, one misbehaviour point each. A graylisted peer's frames
-  are dropped unparsed. Like the old limit, the message rate must exceed the network-wide offer
-  rate (an honest mesh peer forwards every offer once).
+  and validators, and the same again for all peers at one IP address together
+  (``max_messages_per_ip_per_second``: peer ids are free, so a flooder that returns under a new
+  id must not bring a new budget). Over a limit: dropped, one misbehaviour point each. A
+  graylisted peer's frames are dropped unparsed. Like the old limit, the message rates must
+  exceed the network-wide offer rate: an honest peer forwards each offer once, and a message is
+  new only once, so honest peers sharing an IP (a devnet on one machine) share that rate too.
 * A bad envelope signature counts as a REJECT (P4) for the forwarder (an honest relay verifies
   before forwarding); py-libp2p dropped it at no cost to the sender.
 * A malformed or truncated pubsub frame resets that stream and graylists the sender; an exception
@@ -163,6 +166,8 @@ class GossipConfig:
     degree_high: int = 12
     max_messages_per_peer_per_second: float = 50.0  # new messages, counted before validation
     message_burst: float = 100.0
+    max_messages_per_ip_per_second: float = 50.0  # the same, all peers at one IP together
+    message_ip_burst: float = 100.0
     max_rpcs_per_peer_per_second: float = 200.0  # RPC frames of any kind, before parsing
     rpc_burst: float = 400.0
     ignore_allowance_per_second: float = 5.0  # IGNORE verdicts a forwarder may cause for free
@@ -194,6 +199,8 @@ class GossipConfig:
         return PubsubLimits(
             messages_per_second=self.max_messages_per_peer_per_second,
             message_burst=self.message_burst,
+            messages_per_ip_per_second=self.max_messages_per_ip_per_second,
+            message_ip_burst=self.message_ip_burst,
             rpcs_per_second=self.max_rpcs_per_peer_per_second,
             rpc_burst=self.rpc_burst,
             malformed_rpc_penalty=self.malformed_rpc_penalty,

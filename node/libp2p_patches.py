@@ -86,6 +86,11 @@ class PubsubLimits:
 
     messages_per_second: float = 50.0  # new (unseen) messages on subscribed topics
     message_burst: float = 100.0
+    # All peers behind one IP address together: new peer ids are free, so without this each
+    # fresh identity would bring a fresh budget. Safe for honest peers sharing an IP (a devnet on
+    # one machine): a message is new only once, so their total cannot exceed the network's rate.
+    messages_per_ip_per_second: float = 50.0
+    message_ip_burst: float = 100.0
     rpcs_per_second: float = 200.0  # RPC frames of any kind (one message costs ~2 frames)
     rpc_burst: float = 400.0
     malformed_rpc_penalty: float = 1000.0  # misbehaviour points: graylists at once
@@ -126,6 +131,7 @@ class GuardedPubsub(Pubsub):
         self.p2p_counters = counters
         self._msg_buckets = KeyedBuckets(limits.messages_per_second, limits.message_burst)
         self._rpc_buckets = KeyedBuckets(limits.rpcs_per_second, limits.rpc_burst)
+        self._ip_buckets = KeyedBuckets(limits.messages_per_ip_per_second, limits.message_ip_burst)
         self._graylisted_frames: Counter[ID] = Counter()
 
     # -- penalties ---------------------------------------------------------------------------
@@ -165,6 +171,7 @@ class GuardedPubsub(Pubsub):
 
     async def continuously_read_stream(self, stream: INetStream) -> None:
         peer_id = stream.muxed_conn.peer_id
+        ip = _stream_ip(stream)
         limits = self.p2p_limits
         counters = self.p2p_counters
         try:
@@ -200,7 +207,7 @@ class GuardedPubsub(Pubsub):
                     continue
 
                 for msg in rpc_incoming.publish:
-                    if self._is_subscribed_to_msg(msg) and self._admit(peer_id, msg):
+                    if self._is_subscribed_to_msg(msg) and self._admit(peer_id, ip, msg):
                         if self.manager.is_running:
                             self.manager.run_task(self._push_msg_guarded, peer_id, msg)
 
@@ -236,7 +243,7 @@ class GuardedPubsub(Pubsub):
         penalties = self._penalties()
         return penalties is not None and penalties.graylisted(peer, list(self.topic_ids))
 
-    def _admit(self, peer: ID, msg: rpc_pb2.Message) -> bool:
+    def _admit(self, peer: ID, ip: str, msg: rpc_pb2.Message) -> bool:
         """Pre-validation admission of one received message; False drops it."""
         counters = self.p2p_counters
         if self._is_msg_seen(msg):  # a duplicate: the cheapest drop, and not the peer's fault
@@ -246,6 +253,13 @@ class GuardedPubsub(Pubsub):
             self._misbehaved(peer, self.p2p_limits.rate_excess_penalty)
             rlog.warning("pubsub.message_rate", "peer %s exceeds %.0f new messages/s: dropping "
                          "before validation", peer, self.p2p_limits.messages_per_second)
+            return False
+        if not self._ip_buckets.allow(ip):
+            counters["p2p.pubsub.drop.message_rate_ip"] += 1
+            self._misbehaved(peer, self.p2p_limits.rate_excess_penalty)
+            rlog.warning("pubsub.message_rate_ip", "peers at %s exceed %.0f new messages/s "
+                         "together: dropping before validation", ip,
+                         self.p2p_limits.messages_per_ip_per_second)
             return False
         penalties = self._penalties()
         topics = list(msg.topicIDs)
@@ -277,6 +291,16 @@ class GuardedPubsub(Pubsub):
             self.p2p_counters["p2p.pubsub.push_error"] += 1
             self._misbehaved(peer, self.p2p_limits.rate_excess_penalty)
             rlog.warning("pubsub.push_error", "processing a message from %s raised %r", peer, error)
+
+
+def _stream_ip(stream: INetStream) -> str:
+    try:
+        addr = stream.get_remote_address()
+        if addr:
+            return str(addr[0])
+    except Exception:
+        pass
+    return "?"
 
 
 def _signature_ok(msg: rpc_pb2.Message) -> bool:

@@ -3,7 +3,8 @@
 Run from the repository root: PYTHONPATH=. python tests/benchmarks/bench_pubsub_flood.py
 The victim (GossipHost + OfferService + Store) runs in this process; the attacker runs in a
 child process (this script with ``--attack``), connects over TCP + Noise + yamux and writes
-``--rate`` messages per second for ``--seconds`` on a meshsub stream, 10 per RPC frame. Kinds:
+``--rate`` messages per second for ``--seconds`` on a meshsub stream, 10 per RPC frame; when
+the victim cuts it off it returns under a new peer id (``--no-rotate``: it stops). Kinds:
 ``bad_sig`` (envelopes with a broken signature), ``ignore`` (well-signed envelopes carrying
 expired offers: the validator's IGNORE), ``valid`` (well-signed, valid offers). Measured in the
 victim's process only: CPU seconds per wall second over the flood (idle baseline alongside),
@@ -47,50 +48,64 @@ HOUR_MS = 3_600_000
 # ---- attacker (child process) ---------------------------------------------------------------
 
 async def attack(args) -> None:
-    identity = NodeIdentity.from_seed(os.urandom(32))
-    host = GossipHost(identity, HostConfig(listen_addrs=LOOPBACK))
-    key = identity.key_pair
+    """Flood at ``--rate`` for ``--seconds``; when cut off, come back under a new peer id (the
+    worst case: identities are free) unless ``--no-rotate``."""
     n = int(args.rate * args.seconds)
     now_ms = int(time.time() * 1000)
     rng = random.Random(7)
     peer, _, binding = make_provider(rng)
-    raw_frames = []
-    batch = []
+    payloads = []
     for i in range(n):
         if args.kind == "bad_sig":
-            data = rng.randbytes(300)
+            payloads.append(rng.randbytes(300))
         elif args.kind == "ignore":
-            data = make_offer(peer, binding, rng, now_ms - 2 * HOUR_MS, seq=i + 1,
-                              lifetime_ms=HOUR_MS).encode()
+            payloads.append(make_offer(peer, binding, rng, now_ms - 2 * HOUR_MS, seq=i + 1,
+                                       lifetime_ms=HOUR_MS).encode())
         else:
-            data = make_offer(peer, binding, rng, now_ms, seq=i + 1).encode()
-        msg = rpc_pb2.Message(from_id=host.peer_id.to_bytes(), data=data,
-                              seqno=i.to_bytes(8, "big"), topicIDs=[OFFER_TOPIC])
-        sig = key.private_key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
-        msg.signature = bytes([sig[0] ^ 1]) + sig[1:] if args.kind == "bad_sig" else sig
-        msg.key = key.public_key.serialize()
-        batch.append(msg)
-        if len(batch) == 10 or i == n - 1:
-            body = rpc_pb2.RPC(publish=batch).SerializeToString()
-            raw_frames.append(encode_uvarint(len(body)) + body)
-            batch = []
+            payloads.append(make_offer(peer, binding, rng, now_ms, seq=i + 1).encode())
+    victim_id = info_from_p2p_addr(multiaddr.Multiaddr(args.attack)).peer_id
+    per_frame = 10
+    sent = connections = refused = 0
     async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
-        await host.connect(args.attack)
-        victim_id = info_from_p2p_addr(multiaddr.Multiaddr(args.attack)).peer_id
-        stream = await host.host.new_stream(victim_id, [PROTOCOL_ID_V12])
         print("start", flush=True)
         t0 = time.perf_counter()
-        interval = 10 / args.rate
-        for i, frame in enumerate(raw_frames):
+        interval = per_frame / args.rate
+        frame_no = 0
+        while frame_no * per_frame < n and time.perf_counter() - t0 < args.seconds:
+            host = await nursery.start(GossipHost(NodeIdentity.from_seed(os.urandom(32)),
+                                                  HostConfig(listen_addrs=LOOPBACK)).run)
+            key = host.identity.key_pair
             try:
-                await stream.write(frame)
+                await host.connect(args.attack)
+                stream = await host.host.new_stream(victim_id, [PROTOCOL_ID_V12])
+                connections += 1
             except Exception:
-                break  # reset by the victim
-            delay = t0 + (i + 1) * interval - time.perf_counter()
-            if delay > 0:
-                await trio.sleep(delay)
-        print(f"sent {i + 1} frames in {time.perf_counter() - t0:.2f} s", flush=True)
+                refused += 1
+                await trio.sleep(0.1)
+                continue
+            while frame_no * per_frame < n:
+                batch = []
+                for i in range(frame_no * per_frame, min(n, (frame_no + 1) * per_frame)):
+                    msg = rpc_pb2.Message(from_id=host.peer_id.to_bytes(), data=payloads[i],
+                                          seqno=i.to_bytes(8, "big"), topicIDs=[OFFER_TOPIC])
+                    sig = key.private_key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
+                    msg.signature = bytes([sig[0] ^ 1]) + sig[1:] if args.kind == "bad_sig" else sig
+                    msg.key = key.public_key.serialize()
+                    batch.append(msg)
+                body = rpc_pb2.RPC(publish=batch).SerializeToString()
+                try:
+                    await stream.write(encode_uvarint(len(body)) + body)
+                except Exception:
+                    break  # reset or disconnected by the victim
+                sent += len(batch)
+                frame_no += 1
+                delay = t0 + frame_no * interval - time.perf_counter()
+                if delay > 0:
+                    await trio.sleep(delay)
+            if args.no_rotate:
+                break
+        print(f"sent {sent} messages in {time.perf_counter() - t0:.2f} s over {connections} "
+              f"connections ({refused} dials refused)", flush=True)
         nursery.cancel_scope.cancel()
 
 
@@ -133,7 +148,8 @@ async def victim(args) -> dict:
             before = Counter(v.service.counters)
             proc = await trio.lowlevel.open_process(
                 [sys.executable, __file__, "--attack", addr, "--kind", args.kind,
-                 "--rate", str(args.rate), "--seconds", str(args.seconds)],
+                 "--rate", str(args.rate), "--seconds", str(args.seconds)]
+                + (["--no-rotate"] if args.no_rotate else []),
                 stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})
             buf = b""
             with trio.fail_after(120):
@@ -167,7 +183,7 @@ async def victim(args) -> dict:
             result = {
                 "bench": "pubsub_flood", "kind": args.kind, "rate": args.rate,
                 "seconds": args.seconds, "upstream_pubsub": args.upstream_pubsub,
-                "messages_sent": int(args.rate * args.seconds),
+                "rotate": not args.no_rotate,
                 "attacker_says": buf.decode(errors="replace").strip().splitlines()[-1],
                 "victim_cpu_per_s": round(cpu / wall, 3), "idle_cpu_per_s": round(idle, 3),
                 "wall_s": round(wall, 1),
@@ -188,13 +204,15 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=1500.0, help="messages per second")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--upstream-pubsub", action="store_true")
+    parser.add_argument("--no-rotate", action="store_true",
+                        help="the attacker stops when cut off instead of returning as a new peer")
     parser.add_argument("--attack", help=argparse.SUPPRESS)  # child process: the victim's addr
     args = parser.parse_args()
     if args.attack:
         trio.run(attack, args)
         sys.exit(0)
     result = trio.run(victim, args)
-    print(f"{result['kind']} flood, {result['messages_sent']} messages at {result['rate']:.0f}/s "
+    print(f"{result['kind']} flood at {result['rate']:.0f}/s, attacker: {result['attacker_says']} "
           f"({'py-libp2p read loop' if args.upstream_pubsub else 'GuardedPubsub'}): victim CPU "
           f"{result['victim_cpu_per_s']} s/s (idle {result['idle_cpu_per_s']}); validator calls "
           f"{result['validator_calls']}; signatures checked by the guard "
