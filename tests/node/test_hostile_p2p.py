@@ -492,3 +492,30 @@ async def test_valid_message_flood_is_limited_and_the_log_stays_small(tmp_path, 
     assert 0 < accepted <= admitted_bound(elapsed), (accepted, elapsed)
     assert counters["p2p.pubsub.drop.message_rate"] > 0
     assert len(warnings) <= 20, [r.getMessage() for r in warnings]
+
+
+async def test_new_peer_ids_from_one_ip_share_one_message_budget(tmp_path):
+    """Identities are free: three attackers at one IP get the budget of one."""
+    rng = random.Random(4)
+    peer, _, binding = make_provider(rng)
+    async with trio.open_nursery() as nursery:
+        victim = await start_node(nursery, tmp_path / "victim.db")
+        attackers = [await start_attacker(nursery) for _ in range(3)]
+        for attacker in attackers:
+            await attacker.connect(victim.host.addrs()[0])
+        now = victim.service.now_ms()
+        floods = [[envelope(a, make_offer(peer, binding, rng, now - 2 * HOUR_MS, seq=1000 * k + i + 1,
+                                          lifetime_ms=HOUR_MS).encode(), i) for i in range(300)]
+                  for k, a in enumerate(attackers)]
+        t0 = trio.current_time()
+        with trio.fail_after(60):
+            async with trio.open_nursery() as senders:
+                for attacker, messages in zip(attackers, floods):
+                    senders.start_soon(send_rpcs, attacker, victim.host, messages)
+            await trio.sleep(1.0)
+        elapsed = trio.current_time() - t0
+        validated = victim.service.counters["offers.gossip.ignore.expired"]
+        print(f"3 peer ids at one IP, 900 IGNOREs: validated {validated} in {elapsed:.2f} s")
+        assert 0 < validated <= admitted_bound(elapsed), (validated, elapsed)
+        assert victim.host.counters["p2p.pubsub.drop.message_rate_ip"] > 0
+        nursery.cancel_scope.cancel()
