@@ -5,7 +5,8 @@ The victim (GossipHost + OfferService + Store) runs in this process; the attacke
 child process (this script with ``--attack``), connects over TCP + Noise + yamux and writes
 ``--rate`` messages per second for ``--seconds`` on a meshsub stream, 10 per RPC frame; when
 the victim cuts it off it returns under a new peer id (``--no-rotate``: it stops). Kinds:
-``bad_sig`` (envelopes with a broken signature), ``ignore`` (well-signed envelopes carrying
+``bad_sig`` (envelopes with a broken signature), ``reject`` (well-signed envelopes carrying a
+malformed payload: the validator's REJECT), ``ignore`` (well-signed envelopes carrying
 expired offers: the validator's IGNORE), ``valid`` (well-signed, valid offers). Measured in the
 victim's process only: CPU seconds per wall second over the flood (idle baseline alongside),
 messages that reached the signature check / the validator, bytes logged at WARNING and above,
@@ -58,6 +59,8 @@ async def attack(args) -> None:
     for i in range(n):
         if args.kind == "bad_sig":
             payloads.append(rng.randbytes(300))
+        elif args.kind == "reject":
+            payloads.append(b"\xc1" + rng.randbytes(40))  # not msgpack: REJECT malformed
         elif args.kind == "ignore":
             payloads.append(make_offer(peer, binding, rng, now_ms - 2 * HOUR_MS, seq=i + 1,
                                        lifetime_ms=HOUR_MS).encode())
@@ -112,13 +115,16 @@ async def attack(args) -> None:
 # ---- victim (this process) ------------------------------------------------------------------
 
 class ByteCount(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+    def __init__(self, level: int = logging.WARNING, prefix: str = "") -> None:
+        super().__init__(level)
+        self.prefix = prefix
         self.records = 0
         self.bytes = 0
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
+        if not record.name.startswith(self.prefix):
+            return
         self.records += 1
         self.bytes += len(self.format(record)) + 1
 
@@ -137,6 +143,10 @@ async def victim(args) -> dict:
         node.host.GuardedPubsub = UpstreamPubsub  # type: ignore[misc]
     logs = ByteCount()
     logging.getLogger().addHandler(logs)
+    # `gpumarket node run` logs node.* at INFO: count what those loggers write too
+    node_info = ByteCount(logging.INFO, prefix="node.")
+    logging.getLogger().addHandler(node_info)
+    logging.getLogger("node").setLevel(logging.INFO)
     with tempfile.TemporaryDirectory() as tmp:
         async with trio.open_nursery() as nursery:
             v = await start_node(nursery, Path(tmp) / "victim.db")
@@ -158,7 +168,7 @@ async def victim(args) -> dict:
                     if not chunk:
                         raise RuntimeError("attacker exited before starting")
                     buf += chunk
-            logs.records = logs.bytes = 0
+            logs.records = logs.bytes = node_info.records = node_info.bytes = 0
             lowest = [0.0]  # the attacker's lowest score while connected (gone once it leaves)
 
             async def watch_scores() -> None:
@@ -193,6 +203,7 @@ async def victim(args) -> dict:
                 "dropped_graylisted_frames": hc["p2p.pubsub.drop.graylisted_rpc"],
                 "attacker_lowest_score": round(score, 1),
                 "log_records_warning_plus": logs.records, "log_bytes_warning_plus": logs.bytes,
+                "node_info_log_records": node_info.records, "node_info_log_bytes": node_info.bytes,
             }
             nursery.cancel_scope.cancel()
     return result
@@ -200,7 +211,7 @@ async def victim(args) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--kind", choices=("bad_sig", "ignore", "valid"), default="bad_sig")
+    parser.add_argument("--kind", choices=("bad_sig", "reject", "ignore", "valid"), default="bad_sig")
     parser.add_argument("--rate", type=float, default=1500.0, help="messages per second")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--upstream-pubsub", action="store_true")
@@ -217,5 +228,7 @@ if __name__ == "__main__":
           f"{result['victim_cpu_per_s']} s/s (idle {result['idle_cpu_per_s']}); validator calls "
           f"{result['validator_calls']}; signatures checked by the guard "
           f"{result['signatures_checked_by_guard']}; attacker's lowest score {result['attacker_lowest_score']}; "
-          f"log {result['log_records_warning_plus']} records / {result['log_bytes_warning_plus']} B")
+          f"log {result['log_records_warning_plus']} records / {result['log_bytes_warning_plus']} B "
+          f"at WARNING+, node.* at INFO+ {result['node_info_log_records']} records / "
+          f"{result['node_info_log_bytes']} B")
     print(json.dumps(result))
