@@ -88,7 +88,9 @@ class PubsubLimits:
     message_burst: float = 100.0
     # All peers behind one IP address together: new peer ids are free, so without this each
     # fresh identity would bring a fresh budget. Safe for honest peers sharing an IP (a devnet on
-    # one machine): a message is new only once, so their total cannot exceed the network's rate.
+    # one machine): a message is new only once, so their total cannot exceed the network's rate;
+    # but while a flooder at the same IP drains it, their new messages are dropped too (and not
+    # penalised), until the flooder is graylisted, which stops its frames before this budget.
     messages_per_ip_per_second: float = 50.0
     message_ip_burst: float = 100.0
     rpcs_per_second: float = 200.0  # RPC frames of any kind (one message costs ~2 frames)
@@ -256,7 +258,11 @@ class GuardedPubsub(Pubsub):
             return False
         if not self._ip_buckets.allow(ip):
             counters["p2p.pubsub.drop.message_rate_ip"] += 1
-            self._misbehaved(peer, self.p2p_limits.rate_excess_penalty)
+            # Only a peer that has itself used most of its own budget pays: an honest peer that
+            # shares the IP with a flooder (a devnet on one machine) forwards at the network's
+            # rate and keeps its bucket nearly full.
+            if self._msg_buckets.tokens(peer) < self.p2p_limits.message_burst / 2:
+                self._misbehaved(peer, self.p2p_limits.rate_excess_penalty)
             rlog.warning("pubsub.message_rate_ip", "peers at %s exceed %.0f new messages/s "
                          "together: dropping before validation", ip,
                          self.p2p_limits.messages_per_ip_per_second)

@@ -64,6 +64,14 @@ class KeyedBuckets:
             bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
         return bucket.take(now, cost)
 
+    def tokens(self, key: Hashable) -> float:
+        """Tokens ``key`` has now (a full bucket for an unknown key)."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return self.burst
+        now = self.clock()
+        return min(self.burst, bucket.tokens + (now - bucket.stamp) * bucket.rate)
+
     def forget(self, key: Hashable) -> None:
         self._buckets.pop(key, None)
 

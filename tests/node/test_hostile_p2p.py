@@ -423,6 +423,8 @@ async def flooded(tmp_path, caplog, make_messages, counter: str):
         elapsed = trio.current_time() - t0
         warnings = warnings_from(caplog)
         await honest_offer_arrives(victim, honest)
+        # the honest neighbour shares the attacker's IP (127.0.0.1) and its budget, not its fate
+        assert victim.host.score(honest.host.peer_id, OFFER_TOPIC) >= 0
         result = (victim.host.counters.copy(), victim.service.counters[counter],
                   victim.host.score(attacker.peer_id, OFFER_TOPIC), elapsed, warnings)
         nursery.cancel_scope.cancel()

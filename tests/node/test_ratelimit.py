@@ -72,3 +72,14 @@ def test_rate_limit_filter_limits_each_call_site_of_a_third_party_logger(caplog)
         assert "98 similar records suppressed" in last.getMessage()
     finally:
         logger.removeFilter(f)
+
+
+def test_keyed_buckets_report_tokens_without_spending_them():
+    clock = Clock()
+    kb = KeyedBuckets(rate=10, burst=4, clock=clock)
+    assert kb.tokens("new") == 4
+    for _ in range(3):
+        kb.allow("a")
+    assert kb.tokens("a") == 1
+    clock.t = 0.2
+    assert kb.tokens("a") == 3 and kb.tokens("a") == 3
