@@ -9,6 +9,11 @@ dial after 250 lifetime inbound connections. At the end: inbound slots still bor
 0), per-IP / per-peer counters left (should be empty), the provider's connection table, RSS.
 All peers share the process and its cores: cycles/s is CPU-bound (pure-Python Noise and yamux
 on both sides). Prints a summary, then one JSON line (the last line).
+
+Measured here (2 shared cores, default arguments): 10,000 cycles, 0 failed, 301 s (33 cycles/s),
+123.5 s CPU for both sides (12.4 ms per cycle); every probe dial accepted (8-94 ms); inbound
+slots borrowed at the end 0; provider RSS 107.4 -> 112.9 MB. Before the fix the 251st inbound
+connection and every one after it was refused.
 """
 
 import argparse
