@@ -25,12 +25,14 @@ go upstream. Counters (``p2p.*``) land in the host's :class:`collections.Counter
    ERROR once per event (e.g. a traceback per failed inbound connection); a filter limits each
    (logger, message) to a few lines per minute plus a count.
 
-Why not py-libp2p's resource manager (``libp2p/rcmgr``) for item 3: it fails open on any internal
-error (every check sits in ``try/except Exception: pass``), counts an inbound connection twice
-per IP while it upgrades (pre-upgrade scope plus connection scope), ships a circuit breaker and
-"graceful degradation" that change limits for every peer at once, and its per-peer limit lives in
-a separate lifecycle tracker that the swarm itself reconciles against "phantom" entries. We need
-two counters whose every increment has one matching decrement; :class:`ConnLimits` is that.
+Why not py-libp2p's resource manager (``libp2p/rcmgr``) for item 3 (read in 0.8.1, not adopted):
+it cannot say "N per remote IP": its ``CIDRLimiter`` keeps one aggregate count per configured
+network (a ``0.0.0.0/0`` rule caps all inbound connections together, and a per-IP cap would need
+a rule per address); it does not touch the inbound-slot bug above (that is the swarm's own
+limiter); it fails open on internal errors (its checks sit in ``try/except Exception: pass``);
+"graceful degradation" changes limits for every peer at once; and its per-peer limit lives in a
+lifecycle tracker that the swarm reconciles against "phantom" entries. We need two counters
+whose every increment has exactly one decrement; :class:`ConnLimits` is that.
 """
 
 from __future__ import annotations
