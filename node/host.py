@@ -77,14 +77,17 @@ Limits (hostile peers; issue 11). All counted in :attr:`GossipHost.counters` (``
   ``max_messages_per_peer_per_second`` (50/s, burst 100) checked before the envelope signature
   and validators, and the same again for all peers at one IP address together
   (``max_messages_per_ip_per_second``: peer ids are free, so a flooder that returns under a new
-  id must not bring a new budget). Over a limit: dropped, one misbehaviour point each. A
-  graylisted peer's frames are dropped unparsed. Like the old limit, the message rates must
-  exceed the network-wide offer rate: an honest peer forwards each offer once, and a message is
-  new only once, so honest peers sharing an IP (a devnet on one machine) share that rate too.
+  id must not bring a new budget). Over a limit: dropped, one misbehaviour point each (for the
+  IP budget, only if the peer has used most of its own). A graylisted peer's frames are dropped
+  unparsed. Like the old limit, the message rates must exceed the network-wide offer rate: an
+  honest peer forwards each offer once, and a message is new only once, so honest peers sharing
+  an IP (a devnet on one machine) share that rate too; while a flooder at their IP drains the IP
+  budget their new messages are dropped as well, until it is graylisted.
 * A bad envelope signature counts as a REJECT (P4) for the forwarder (an honest relay verifies
   before forwarding); py-libp2p dropped it at no cost to the sender.
-* A malformed or truncated pubsub frame resets that stream and graylists the sender; an exception
-  in any stream handler resets that stream only (py-libp2p let both stop the node).
+* A malformed or truncated pubsub frame resets that stream and graylists the sender; a message
+  whose envelope key cannot be decoded is a bad signature; an exception in any stream handler
+  resets that stream only (py-libp2p let each of these stop the node).
 * Connections: an inbound connection holds one of py-libp2p's 250 inbound slots until it closes
   (py-libp2p held it until the swarm stopped: lockout after 250 lifetime inbound connections).
   At most ``max_inbound_per_ip`` (32) concurrent inbound connections per remote IP, refused at
