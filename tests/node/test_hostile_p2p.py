@@ -17,6 +17,7 @@ import multiaddr
 import pytest
 import trio
 from libp2p.custom_types import TProtocol
+from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamReset
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
@@ -89,6 +90,18 @@ async def closed_by_peer(stream: trio.SocketStream, within: float) -> bool:
     return False
 
 
+async def reset_by_peer(stream, within: float) -> bool:
+    """Whether the other side resets (or closes) a libp2p ``stream`` within ``within`` s."""
+    with trio.move_on_after(within):
+        try:
+            while await stream.read(4096):
+                pass
+        except (StreamReset, StreamEOF, StreamClosed):
+            pass
+        return True
+    return False
+
+
 def warnings_from(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -115,7 +128,8 @@ async def test_malformed_and_truncated_pubsub_frames_reset_the_stream_and_grayli
             await attacker.connect(victim.host.addrs()[0])
             stream = await attacker.host.new_stream(victim.host.peer_id, [TProtocol(protocol)])
             await stream.write(frame(payload))
-        await wait_until(lambda: victim.host.counters["p2p.pubsub.malformed_rpc"] == 2)
+            assert await reset_by_peer(stream, within=3), "the victim resets the stream"
+        assert victim.host.counters["p2p.pubsub.malformed_rpc"] == 2
 
         # the node runs on and serves an honest peer ...
         await honest_offer_arrives(victim, honest)
