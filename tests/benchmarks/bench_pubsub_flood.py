@@ -234,7 +234,8 @@ if __name__ == "__main__":
           f"({'py-libp2p read loop' if args.upstream_pubsub else 'GuardedPubsub'}): victim CPU "
           f"{result['victim_cpu_per_s']} s/s (idle {result['idle_cpu_per_s']}); validator calls "
           f"{result['validator_calls']}; signatures checked by the guard "
-          f"{result['signatures_checked_by_guard']}; attacker's lowest score {result['attacker_lowest_score']}; "
+          f"{result['signatures_checked_by_guard']}; attacker's lowest score "
+          f"{result['attacker_lowest_score']}; "
           f"log {result['log_records_warning_plus']} records / {result['log_bytes_warning_plus']} B "
           f"at WARNING+, node.* at INFO+ {result['node_info_log_records']} records / "
           f"{result['node_info_log_bytes']} B")

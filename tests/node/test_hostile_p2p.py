@@ -133,9 +133,10 @@ async def test_malformed_and_truncated_pubsub_frames_reset_the_stream_and_grayli
 
         # the node runs on and serves an honest peer ...
         await honest_offer_arrives(victim, honest)
+        graylist = victim.host.config.gossip.graylist_threshold
         for attacker in attackers:
             # ... and each attacker paid: below the graylist threshold (its RPCs are dropped)
-            assert victim.host.score(attacker.peer_id, OFFER_TOPIC) < victim.host.config.gossip.graylist_threshold
+            assert victim.host.score(attacker.peer_id, OFFER_TOPIC) < graylist
             assert attacker.peer_id in victim.host.host.get_network().connections  # not disconnected
         nursery.cancel_scope.cancel()
 
