@@ -19,9 +19,10 @@ Gossipsub, as set by :class:`GossipConfig`:
 * ``eclipse_protection_enabled=False``: 0.8.1's IP-diversity step grafts extra peers without
   checking back-off or score, which would undo the score-based pruning below. IP diversity is
   left to a later P7 (colocation) setting; on loopback every peer shares one IP anyway.
-* spam protection stays on, at ``max_messages_per_topic_per_second`` per forwarding peer
-  (default 50). The limit counts every message a peer *forwards* on a topic, our own publishes
-  included, so it must exceed the network-wide offer rate, not one provider's rate.
+* gossipsub's own spam protection is off: it counted only messages that had already passed
+  validation (so invalid floods cost us full price), counted our own publishes too, and logged a
+  WARNING per message over the limit. :class:`node.libp2p_patches.GuardedPubsub` replaces it with
+  limits applied in the read loop, before any signature check or validator (see "Limits").
 
 Validation and the IGNORE verdict. A topic validator in py-libp2p returns only a bool, and every
 ``False`` is passed to the scorer's ``on_invalid_message`` (P4) for the forwarding peer. The
@@ -51,10 +52,51 @@ REJECT therefore costs the forwarder about 7.5 minutes of negative score. No pos
 * score < -50 (publish_threshold): its messages are dropped before validation (saves CPU under a
   flood) and we stop forwarding to it.
 * score < -80 (graylist_threshold): GRAFT refused (already true below 0).
+Misbehaviour (our addition, topic-independent, in :class:`RejectOnlyScorer`): points for an
+unparsable or oversized RPC (``malformed_rpc_penalty`` = 1000: graylisted at once), for each
+message or RPC frame over the per-peer rate limits (1 each), and for each IGNORE verdict beyond
+an allowance of ``ignore_allowance_per_second`` (5/s, burst 50; 1 each: IGNOREs are free for
+honest relays, not for a flood). Points decay like P4 (0.99 per heartbeat, reset below 0.01);
+above ``misbehaviour_threshold`` (20) each point costs 1 score, so short honest bursts cost
+nothing and a flood reaches the graylist within a second. Unlike py-libp2p's counters, points
+above the threshold survive a disconnect (for the last 4,096 such peers, decaying meanwhile), so
+reconnecting does not wash them out; a graylisted peer that keeps sending (100 frames) is
+disconnected, which makes each further round cost it a handshake.
+
 Scores live as long as the connection: py-libp2p drops a peer's counters when it disconnects, so a
-reconnecting peer starts at 0. The app-level reputation (store) is where long memory belongs.
-P5-P7 stay 0 for now: the spam limiter and GRAFT-flood checks already drop traffic, and P7 with
-one IP per test network would penalise everyone.
+reconnecting peer starts at 0 (except for misbehaviour points above the threshold, kept as said
+above). The app-level reputation (store) is where long memory belongs.
+P5-P7 stay 0 for now (py-libp2p's P5 also sums equivocation and IHAVE/IWANT penalties whose
+triggers we have not checked against honest behaviour), and P7 with one IP per test network
+would penalise everyone.
+
+Limits (hostile peers; issue 11). All counted in :attr:`GossipHost.counters` (``p2p.*``):
+
+* Pubsub, per forwarding peer, before anything costly: RPC frames ``max_rpcs_per_peer_per_second``
+  (200/s, burst 400) checked before parsing; new (unseen) messages
+  ``max_messages_per_peer_per_second`` (50/s, burst 100) checked before the envelope signature
+  and validators, and the same again for all peers at one IP address together
+  (``max_messages_per_ip_per_second``: peer ids are free, so a flooder that returns under a new
+  id must not bring a new budget). Over a limit: dropped, one misbehaviour point each (for the
+  IP budget, only if the peer has used most of its own). A graylisted peer's frames are dropped
+  unparsed. Like the old limit, the message rates must exceed the network-wide offer rate: an
+  honest peer forwards each offer once, and a message is new only once, so honest peers sharing
+  an IP (a devnet on one machine) share that rate too; while a flooder at their IP drains the IP
+  budget their new messages are dropped as well, until it is graylisted.
+* A bad envelope signature counts as a REJECT (P4) for the forwarder (an honest relay verifies
+  before forwarding); py-libp2p dropped it at no cost to the sender.
+* A malformed or truncated pubsub frame resets that stream and graylists the sender; a message
+  whose envelope key cannot be decoded is a bad signature; an exception in any stream handler
+  resets that stream only (py-libp2p let each of these stop the node).
+* Connections: an inbound connection holds one of py-libp2p's 250 inbound slots until it closes
+  (py-libp2p held it until the swarm stopped: lockout after 250 lifetime inbound connections).
+  At most ``max_inbound_per_ip`` (32) concurrent inbound connections per remote IP, refused at
+  accept before any handshake work, and ``max_inbound_per_peer`` (3) per peer id, refused before
+  the connection is registered. A devnet of many nodes on one machine shares one IP: raise
+  ``max_inbound_per_ip`` there.
+* Log lines a peer can trigger are rate-limited (:mod:`node.ratelimit`): ours through
+  ``RateLimitedLog``, py-libp2p's through a filter on its loggers (5 per call site per minute,
+  then a count).
 """
 
 from __future__ import annotations
@@ -63,6 +105,8 @@ import enum
 import hashlib
 import logging
 import math
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,7 +121,6 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.score import PeerScorer, ScoreParams, TopicScoreParams
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -86,14 +129,18 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 from node.identity import NodeIdentity
+from node.libp2p_patches import ConnLimitsConfig, GuardedPubsub, PubsubLimits, apply_host_patches
+from node.ratelimit import KeyedBuckets, RateLimitedLog
 
 log = logging.getLogger(__name__)
+rlog = RateLimitedLog(log, burst=5, interval=60.0)
 
 GOSSIPSUB_PROTOCOLS = (PROTOCOL_ID_V12, PROTOCOL_ID_V11)
 """1.2 and 1.1 only: both interoperate with js-libp2p; offering 1.1/1.0 alone to a 1.2-only
 peer gives no pubsub at all, silently. The py-only 1.3/1.4/2.0 variants are not offered."""
 
 SCORE_DECAY_TO_ZERO = 0.01
+REMEMBERED_PEERS = 4096  # misbehaving peers whose points survive a reconnect (oldest forgotten)
 
 
 class Verdict(enum.Enum):
@@ -120,7 +167,17 @@ class GossipConfig:
     degree: int = 6
     degree_low: int = 4
     degree_high: int = 12
-    max_messages_per_topic_per_second: float = 50.0
+    max_messages_per_peer_per_second: float = 50.0  # new messages, counted before validation
+    message_burst: float = 100.0
+    max_messages_per_ip_per_second: float = 50.0  # the same, all peers at one IP together
+    message_ip_burst: float = 100.0
+    max_rpcs_per_peer_per_second: float = 200.0  # RPC frames of any kind, before parsing
+    rpc_burst: float = 400.0
+    ignore_allowance_per_second: float = 5.0  # IGNORE verdicts a forwarder may cause for free
+    ignore_burst: float = 50.0
+    misbehaviour_threshold: float = 20.0  # points tolerated before the score goes down
+    misbehaviour_weight: float = 1.0  # score per point above the threshold
+    malformed_rpc_penalty: float = 1000.0  # points for an unparsable RPC: graylisted at once
     seen_ttl: int = 120  # seconds a message id is remembered for dedup
     prune_back_off: int = 60  # seconds a pruned peer may not re-GRAFT
     reject_weight: float = 1.0
@@ -141,6 +198,17 @@ class GossipConfig:
             accept_px_threshold=math.inf,  # peer exchange is off; never accept PX
         )
 
+    def pubsub_limits(self) -> PubsubLimits:
+        return PubsubLimits(
+            messages_per_second=self.max_messages_per_peer_per_second,
+            message_burst=self.message_burst,
+            messages_per_ip_per_second=self.max_messages_per_ip_per_second,
+            message_ip_burst=self.message_ip_burst,
+            rpcs_per_second=self.max_rpcs_per_peer_per_second,
+            rpc_burst=self.rpc_burst,
+            malformed_rpc_penalty=self.malformed_rpc_penalty,
+        )
+
 
 @dataclass(frozen=True)
 class HostConfig:
@@ -149,11 +217,32 @@ class HostConfig:
     mdns: bool = False  # discover (and dial) nodes on the same LAN by multicast DNS
     dial_timeout: float = 10.0
     negotiate_timeout: int = 5
+    max_inbound_per_ip: int = 32  # concurrent inbound connections from one IP address
+    max_inbound_per_peer: int = 3  # concurrent inbound connections of one peer id
     gossip: GossipConfig = field(default_factory=GossipConfig)
+
+    def conn_limits(self) -> ConnLimitsConfig:
+        return ConnLimitsConfig(max_inbound_per_ip=self.max_inbound_per_ip,
+                                max_inbound_per_peer=self.max_inbound_per_peer)
 
 
 class RejectOnlyScorer(PeerScorer):
-    """P4 counts only REJECT verdicts (see module docstring), with decay to zero."""
+    """P4 counts only REJECT verdicts (see module docstring), with decay to zero; plus a
+    topic-independent misbehaviour term (malformed RPCs, rate-limit excess, IGNOREs above the
+    allowance) that lowers the score once it passes ``misbehaviour_threshold``."""
+
+    def __init__(self, params: ScoreParams, config: GossipConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(params)
+        config = config or GossipConfig()
+        self.misbehaviour_threshold = config.misbehaviour_threshold
+        self.misbehaviour_weight = config.misbehaviour_weight
+        self.misbehaviour: dict[ID, float] = {}
+        self._remembered: OrderedDict[ID, tuple[float, float]] = OrderedDict()
+        self._clock = clock
+        self._heartbeat_s = float(config.heartbeat_interval)
+        self._ignore_allowance = KeyedBuckets(config.ignore_allowance_per_second,
+                                              config.ignore_burst, clock=clock)
 
     def on_invalid_message(self, peer: ID, topic: str) -> None:
         # Called by py-libp2p for every False from a validator, IGNORE included: not counted.
@@ -162,12 +251,67 @@ class RejectOnlyScorer(PeerScorer):
     def record_reject(self, peer: ID, topic: str) -> None:
         self.invalid_messages[peer][topic] += 1.0
 
+    def record_misbehaviour(self, peer: ID, amount: float) -> None:
+        self._restore(peer)
+        self.misbehaviour[peer] = self.misbehaviour.get(peer, 0.0) + amount
+
+    def _restore(self, peer: ID) -> None:
+        """Misbehaviour outlives the connection (unlike py-libp2p's counters): a peer that
+        reconnects gets back what it had, decayed for the time it was away."""
+        if self._remembered and peer in self._remembered:
+            value, since = self._remembered.pop(peer)
+            decay = self.params.p4_invalid_messages.decay
+            value *= decay ** max(0.0, (self._clock() - since) / self._heartbeat_s)
+            if value >= SCORE_DECAY_TO_ZERO:
+                self.misbehaviour[peer] = self.misbehaviour.get(peer, 0.0) + value
+
+    def record_ignore(self, peer: ID, topic: str) -> bool:
+        """An IGNORE verdict for a message ``peer`` forwarded: free within the allowance, a
+        misbehaviour point beyond it. Returns whether it was within the allowance."""
+        if self._ignore_allowance.allow(peer):
+            return True
+        self.record_misbehaviour(peer, 1.0)
+        return False
+
+    def misbehaviour_penalty(self, peer: ID) -> float:
+        self._restore(peer)
+        excess = self.misbehaviour.get(peer, 0.0) - self.misbehaviour_threshold
+        return excess * self.misbehaviour_weight if excess > 0 else 0.0
+
+    def topic_score(self, peer: ID, topic: str) -> float:
+        # Every gate (allow_publish, allow_gossip, score, graylist) goes through topic_score.
+        return super().topic_score(peer, topic) - self.misbehaviour_penalty(peer)
+
+    def graylisted(self, peer: ID, topics: list[str]) -> bool:
+        """Below ``graylist_threshold`` on any of ``topics`` (or on misbehaviour alone)."""
+        threshold = self.params.graylist_threshold
+        if -self.misbehaviour_penalty(peer) < threshold:
+            return True
+        return any(self.score(peer, [t]) < threshold for t in topics if peer in self.invalid_messages)
+
+    def remove_peer(self, peer: ID) -> None:
+        super().remove_peer(peer)
+        value = self.misbehaviour.pop(peer, None)
+        if value is not None and value > self.misbehaviour_threshold:
+            self._remembered[peer] = (value, self._clock())
+            self._remembered.move_to_end(peer)
+            while len(self._remembered) > REMEMBERED_PEERS:
+                self._remembered.popitem(last=False)
+        self._ignore_allowance.forget(peer)
+
     def on_heartbeat(self, dt_seconds: float = 1.0) -> None:
         super().on_heartbeat(dt_seconds)
         for topics in self.invalid_messages.values():
             for topic, value in topics.items():
                 if value < SCORE_DECAY_TO_ZERO:
                     topics[topic] = 0.0
+        decay = self.params.p4_invalid_messages.decay
+        for peer, value in list(self.misbehaviour.items()):
+            value *= decay
+            if value < SCORE_DECAY_TO_ZERO:
+                del self.misbehaviour[peer]
+            else:
+                self.misbehaviour[peer] = value
 
 
 class ScoredGossipSub(GossipSub):
@@ -215,8 +359,10 @@ class GossipHost:
         self.identity = identity
         self.config = config
         self._listen = [multiaddr.Multiaddr(a) for a in config.listen_addrs]
+        self.counters: Counter[str] = Counter()  # p2p.* events: refusals, drops, penalties
         self.host: IHost = build_libp2p_host(identity, self._listen, config.negotiate_timeout,
                                              mdns=config.mdns)
+        apply_host_patches(self.host, conn_limits=config.conn_limits(), counters=self.counters)
         g = config.gossip
         self.gossipsub = ScoredGossipSub(
             protocols=list(GOSSIPSUB_PROTOCOLS),
@@ -228,12 +374,12 @@ class GossipHost:
             do_px=False,
             adaptive_gossip_enabled=False,
             eclipse_protection_enabled=False,
-            spam_protection_enabled=True,
-            max_messages_per_topic_per_second=g.max_messages_per_topic_per_second,
+            # replaced by GuardedPubsub's limit, which runs before validation (module docstring)
+            spam_protection_enabled=False,
         )
         # GossipSub builds a plain PeerScorer; swap in ours before anything is scored.
-        self.gossipsub.scorer = RejectOnlyScorer(g.score_params())
-        self.pubsub = Pubsub(
+        self.gossipsub.scorer = RejectOnlyScorer(g.score_params(), g)
+        self.pubsub = GuardedPubsub(
             self.host,
             self.gossipsub,
             strict_signing=True,
@@ -241,6 +387,7 @@ class GossipHost:
             seen_ttl=g.seen_ttl,
             max_inbound_rpc_size=g.max_message_bytes,
         )
+        self.pubsub.configure_guard(g.pubsub_limits(), self.counters)
 
     @property
     def peer_id(self) -> ID:
@@ -352,14 +499,19 @@ class GossipHost:
             try:
                 verdict = validate(msg.data, forwarder)
             except Exception:
-                log.exception("topic validator for %s raised; treating as IGNORE", topic)
+                self.counters["p2p.pubsub.validator_error"] += 1
+                rlog.error(("validator_error", topic), "topic validator for %s raised; treating "
+                           "as IGNORE", topic, exc_info=True)
                 return False
             if verdict is True:
                 verdict = Verdict.ACCEPT
             elif verdict is False:
                 verdict = Verdict.REJECT
-            if verdict is Verdict.REJECT and forwarder != self.peer_id:
-                scorer.record_reject(forwarder, topic)
+            if forwarder != self.peer_id:
+                if verdict is Verdict.REJECT:
+                    scorer.record_reject(forwarder, topic)
+                elif verdict is Verdict.IGNORE and not scorer.record_ignore(forwarder, topic):
+                    self.counters["p2p.pubsub.ignore_over_allowance"] += 1
             return verdict is Verdict.ACCEPT
 
         self.pubsub.set_topic_validator(topic, validator, is_async_validator=False)

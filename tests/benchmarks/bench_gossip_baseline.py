@@ -37,7 +37,7 @@ async def main(args):
             if (j, i) not in pairs:
                 pairs.add((i, j))
     pairs = sorted(pairs)
-    config = HostConfig(gossip=GossipConfig(max_messages_per_topic_per_second=50.0))
+    config = HostConfig(gossip=GossipConfig(max_messages_per_peer_per_second=50.0))
     received = {}  # (msg index, host index) -> latency seconds
     sent_at = {}
 

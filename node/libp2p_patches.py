@@ -1,0 +1,585 @@
+"""Fixes for py-libp2p 0.8.1 bugs that let one hostile peer kill or starve a node.
+
+Each fix is a subclass override (or, for objects that ``new_host()`` builds for us, a class swap
+of that one instance onto a subclass) applied by :mod:`node.host` when it builds a host: only our
+hosts are changed, nothing is patched process-wide except log filters on py-libp2p's loggers,
+and applying a fix twice is a no-op. Each says the upstream bug, why it matters, and how it could
+go upstream. Counters (``p2p.*``) land in the host's :class:`collections.Counter`.
+
+1. :class:`GuardedPubsub`: a malformed or truncated pubsub RPC frame (protobuf ``DecodeError``)
+   escaped ``Pubsub.continuously_read_stream``, crossed the connection's nursery and stopped the
+   node. Now the stream is reset, the peer penalised (graylisted) and the node runs on. The same
+   read loop also rate-limits each peer's RPC frames and new messages *before* the envelope
+   signature check and before any validator, drops a graylisted peer's frames unparsed (and
+   disconnects it if it keeps sending), and penalises bad envelope signatures as REJECTs
+   (py-libp2p drops them silently, at no cost to the sender).
+2. :func:`guard_stream_handlers`: an exception from any stream handler (ours, identify, ping,
+   pubsub, multistream-select) propagated into ``SwarmConn``'s nursery, the swarm's service
+   manager, and the node. Now it resets that stream only.
+3. :class:`GuardedSwarm`: the swarm took an inbound-connection slot per accepted connection and
+   gave it back only when the swarm stopped (``_do_handle_inbound_connection`` awaited
+   ``manager.wait_finished()``), so after 250 lifetime inbound connections every dial was
+   refused. Now the slot is held until that connection closes. It also enforces per-IP and
+   per-peer inbound connection limits (:class:`ConnLimits`).
+4. :func:`install_libp2p_log_limits`: py-libp2p logs some peer-triggered events at WARNING or
+   ERROR once per event (e.g. a traceback per failed inbound connection); a filter limits each
+   (logger, message) to a few lines per minute plus a count.
+
+Why not py-libp2p's resource manager (``libp2p/rcmgr``) for item 3 (read in 0.8.1, not adopted):
+it cannot say "N per remote IP": its ``CIDRLimiter`` keeps one aggregate count per configured
+network (a ``0.0.0.0/0`` rule caps all inbound connections together, and a per-IP cap would need
+a rule per address); it does not touch the inbound-slot bug above (that is the swarm's own
+limiter); it fails open on internal errors (its checks sit in ``try/except Exception: pass``);
+"graceful degradation" changes limits for every peer at once; and its per-peer limit lives in a
+lifecycle tracker that the swarm reconciles against "phantom" entries. We need two counters
+whose every increment has exactly one decrement; :class:`ConnLimits` is that.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+from google.protobuf.message import DecodeError
+from libp2p.abc import IMuxedConn, INetStream
+from libp2p.io.exceptions import IncompleteReadError, IOException, MessageTooLarge
+from libp2p.network.connection.exceptions import RawConnError
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.network.exceptions import SwarmException
+from libp2p.network.stream.exceptions import StreamEOF, StreamError
+from libp2p.network.swarm import Swarm
+from libp2p.peer.id import ID
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import GossipsubEvent, Pubsub
+from libp2p.pubsub.utils import maybe_consume_signed_record
+from libp2p.pubsub.validators import signature_validator
+from libp2p.utils.varint import read_varint_prefixed_bytes_limited
+
+from node.ratelimit import KeyedBuckets, RateLimitedLog, RateLimitFilter
+
+if TYPE_CHECKING:
+    from libp2p.abc import IHost
+
+log = logging.getLogger(__name__)
+rlog = RateLimitedLog(log, burst=5, interval=60.0)
+
+
+class PeerPenalties(Protocol):
+    """What the pubsub guard needs from the scorer (``node.host.RejectOnlyScorer``)."""
+
+    def record_reject(self, peer: ID, topic: str) -> None: ...
+    def record_misbehaviour(self, peer: ID, amount: float) -> None: ...
+    def graylisted(self, peer: ID, topics: list[str]) -> bool: ...
+    def allow_publish(self, peer: ID, topics: list[str]) -> bool: ...
+
+
+# --------------------------------------------------------------------------------------------
+# 1. pubsub: malformed frames, pre-validation rate limits, bad envelope signatures
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PubsubLimits:
+    """Per forwarding peer, counted before any signature check or validator runs."""
+
+    messages_per_second: float = 50.0  # new (unseen) messages on subscribed topics
+    message_burst: float = 100.0
+    # All peers behind one IP address together: new peer ids are free, so without this each
+    # fresh identity would bring a fresh budget. Safe for honest peers sharing an IP (a devnet on
+    # one machine): a message is new only once, so their total cannot exceed the network's rate;
+    # but while a flooder at the same IP drains it, their new messages are dropped too (and not
+    # penalised), until the flooder is graylisted, which stops its frames before this budget.
+    messages_per_ip_per_second: float = 50.0
+    message_ip_burst: float = 100.0
+    rpcs_per_second: float = 200.0  # RPC frames of any kind (one message costs ~2 frames)
+    rpc_burst: float = 400.0
+    malformed_rpc_penalty: float = 1000.0  # misbehaviour points: graylists at once
+    rate_excess_penalty: float = 1.0  # misbehaviour points per message/frame over the limit
+    graylisted_frames_before_disconnect: int = 100  # then close the peer's connections
+
+
+class GuardedPubsub(Pubsub):
+    """``Pubsub`` whose inbound read loop no peer can crash or flood.
+
+    Upstream bug (py-libp2p 0.8.1, ``pubsub.py``): ``continuously_read_stream`` calls
+    ``rpc_pb2.RPC.ParseFromString`` on a peer's frame and catches ``MessageTooLarge`` and stream
+    errors, but not ``google.protobuf.message.DecodeError``; ``stream_handler`` catches
+    ``StreamError``, ``ParseError`` (libp2p's own) and ``IncompleteReadError`` only. 65 bytes of
+    bad protobuf therefore escaped to ``SwarmConn``'s nursery and stopped the swarm. A published
+    message whose ``key`` field is not a protobuf public key made ``signature_validator`` raise
+    inside the ``push_msg`` task, which stopped the pubsub service and the node. Also, every
+    received message is spawned as a ``push_msg`` task before any limit applies; the signature
+    check inside it fails silently; and gossipsub's spam limit (``_check_spam_protection``) runs
+    only after validation and logs a WARNING per message.
+
+    Upstream fix: catch ``DecodeError`` (and any ``Exception``) per stream in ``stream_handler``,
+    reset the stream and report the peer to the router's scorer; give ``Pubsub`` an admission
+    hook called from the read loop before ``run_task(push_msg, ...)`` (where a limiter and the
+    signature check belong), and have a failed signature count as an invalid message (P4).
+
+    Here :meth:`continuously_read_stream` is the upstream loop with those hooks; the message
+    path after admission (``push_msg``: seen-cache, score gate, signature, validators, router)
+    is upstream's. The signature of an admitted message is therefore verified twice (about 70 us
+    each with ed25519), a price paid only for new messages within the rate limit.
+    """
+
+    p2p_limits: PubsubLimits
+    p2p_counters: Counter[str]
+
+    def configure_guard(self, limits: PubsubLimits, counters: Counter[str]) -> None:
+        self.p2p_limits = limits
+        self.p2p_counters = counters
+        self._msg_buckets = KeyedBuckets(limits.messages_per_second, limits.message_burst)
+        self._rpc_buckets = KeyedBuckets(limits.rpcs_per_second, limits.rpc_burst)
+        self._ip_buckets = KeyedBuckets(limits.messages_per_ip_per_second, limits.message_ip_burst)
+        self._graylisted_frames: Counter[ID] = Counter()
+
+    # -- penalties ---------------------------------------------------------------------------
+
+    def _penalties(self) -> PeerPenalties | None:
+        scorer = getattr(self.router, "scorer", None)
+        return scorer if hasattr(scorer, "record_misbehaviour") else None
+
+    def _misbehaved(self, peer: ID, amount: float) -> None:
+        penalties = self._penalties()
+        if penalties is not None:
+            penalties.record_misbehaviour(peer, amount)
+
+    # -- the read loop -----------------------------------------------------------------------
+
+    async def stream_handler(self, stream: INetStream) -> None:
+        peer_id = stream.muxed_conn.peer_id
+        try:
+            await self.continuously_read_stream(stream)
+        except DecodeError as error:
+            self.p2p_counters["p2p.pubsub.malformed_rpc"] += 1
+            self._misbehaved(peer_id, self.p2p_limits.malformed_rpc_penalty)
+            rlog.warning("pubsub.malformed_rpc", "malformed pubsub RPC from %s (%s): stream reset, "
+                         "peer graylisted", peer_id, error)
+            await _reset_quietly(stream)
+        except (StreamError, IncompleteReadError, IOException, RawConnError) as error:
+            # upstream's handling of a broken stream: forget the peer's pubsub state
+            log.debug("pubsub stream from %s failed: %r", peer_id, error)
+            await _reset_quietly(stream)
+            self._handle_dead_peer(peer_id)
+        except Exception as error:  # our bug or py-libp2p's, triggered by this peer's input
+            self.p2p_counters["p2p.pubsub.handler_error"] += 1
+            self._misbehaved(peer_id, self.p2p_limits.malformed_rpc_penalty)
+            rlog.warning("pubsub.handler_error", "pubsub RPC from %s raised %r: stream reset",
+                         peer_id, error)
+            await _reset_quietly(stream)
+
+    async def continuously_read_stream(self, stream: INetStream) -> None:
+        peer_id = stream.muxed_conn.peer_id
+        ip = _stream_ip(stream)
+        limits = self.p2p_limits
+        counters = self.p2p_counters
+        try:
+            while self.manager.is_running:
+                incoming = await read_varint_prefixed_bytes_limited(stream, self.max_inbound_rpc_size)
+                # Cheapest checks first, before the frame is even parsed.
+                if self._graylisted(peer_id):
+                    counters["p2p.pubsub.drop.graylisted_rpc"] += 1
+                    self._graylisted_frames[peer_id] += 1
+                    if self._graylisted_frames[peer_id] >= limits.graylisted_frames_before_disconnect:
+                        # Reading and decrypting a graylisted flood still costs us; a new
+                        # connection costs the flooder a handshake (and it comes back graylisted:
+                        # the scorer remembers misbehaviour across reconnects).
+                        del self._graylisted_frames[peer_id]
+                        counters["p2p.pubsub.disconnect.graylisted_flood"] += 1
+                        rlog.warning("pubsub.disconnect", "disconnecting %s: graylisted and still "
+                                     "sending", peer_id)
+                        await _reset_quietly(stream)
+                        self.manager.run_task(self._disconnect, peer_id)
+                        return
+                    continue
+                if not self._rpc_buckets.allow(peer_id):
+                    counters["p2p.pubsub.drop.rpc_rate"] += 1
+                    self._misbehaved(peer_id, limits.rate_excess_penalty)
+                    rlog.warning("pubsub.rpc_rate", "peer %s exceeds %.0f RPC frames/s: dropping",
+                                 peer_id, limits.rpcs_per_second)
+                    continue
+                rpc_incoming = rpc_pb2.RPC()
+                rpc_incoming.ParseFromString(incoming)  # DecodeError: handled in stream_handler
+
+                if not maybe_consume_signed_record(rpc_incoming, self.host, peer_id):
+                    counters["p2p.pubsub.drop.bad_peer_record"] += 1
+                    continue
+
+                for msg in rpc_incoming.publish:
+                    if self._is_subscribed_to_msg(msg) and self._admit(peer_id, ip, msg):
+                        if self.manager.is_running:
+                            self.manager.run_task(self._push_msg_guarded, peer_id, msg)
+
+                if rpc_incoming.subscriptions:
+                    if len(rpc_incoming.subscriptions) > self.max_subscriptions_per_rpc:
+                        counters["p2p.pubsub.drop.too_many_subscriptions"] += 1
+                    else:
+                        for message in rpc_incoming.subscriptions:
+                            self.handle_subscription(peer_id, message)
+
+                if rpc_incoming.HasField("control"):
+                    await self.router.handle_rpc(rpc_incoming, peer_id)
+
+                if stream.metric_send_channel is not None:
+                    event = GossipsubEvent()
+                    event.peer_id = peer_id.pretty()
+                    event.message_size = len(incoming)
+                    event.publish = bool(rpc_incoming.publish)
+                    event.subopts = bool(rpc_incoming.subscriptions)
+                    event.control = rpc_incoming.HasField("control")
+                    await stream.metric_send_channel.send(event)
+        except MessageTooLarge as error:
+            counters["p2p.pubsub.drop.rpc_too_large"] += 1
+            self._misbehaved(peer_id, limits.malformed_rpc_penalty)
+            rlog.warning("pubsub.rpc_too_large", "pubsub RPC from %s too large: %s", peer_id, error)
+            await _reset_quietly(stream)
+        except StreamEOF:
+            log.debug("pubsub stream from %s closed", peer_id)
+        except (StreamError, IOException, RawConnError) as error:
+            log.debug("pubsub stream from %s failed: %r", peer_id, error)
+
+    def _graylisted(self, peer: ID) -> bool:
+        penalties = self._penalties()
+        return penalties is not None and penalties.graylisted(peer, list(self.topic_ids))
+
+    def _admit(self, peer: ID, ip: str, msg: rpc_pb2.Message) -> bool:
+        """Pre-validation admission of one received message; False drops it."""
+        counters = self.p2p_counters
+        if self._is_msg_seen(msg):  # a duplicate: the cheapest drop, and not the peer's fault
+            return False
+        if not self._msg_buckets.allow(peer):
+            counters["p2p.pubsub.drop.message_rate"] += 1
+            self._misbehaved(peer, self.p2p_limits.rate_excess_penalty)
+            rlog.warning("pubsub.message_rate", "peer %s exceeds %.0f new messages/s: dropping "
+                         "before validation", peer, self.p2p_limits.messages_per_second)
+            return False
+        if not self._ip_buckets.allow(ip):
+            counters["p2p.pubsub.drop.message_rate_ip"] += 1
+            # Only a peer that has itself used most of its own budget pays: an honest peer that
+            # shares the IP with a flooder (a devnet on one machine) forwards at the network's
+            # rate and keeps its bucket nearly full.
+            if self._msg_buckets.tokens(peer) < self.p2p_limits.message_burst / 2:
+                self._misbehaved(peer, self.p2p_limits.rate_excess_penalty)
+            rlog.warning("pubsub.message_rate_ip", "peers at %s exceed %.0f new messages/s "
+                         "together: dropping before validation", ip,
+                         self.p2p_limits.messages_per_ip_per_second)
+            return False
+        penalties = self._penalties()
+        topics = list(msg.topicIDs)
+        if penalties is not None and not penalties.allow_publish(peer, topics):
+            counters["p2p.pubsub.drop.below_publish_threshold"] += 1
+            return False
+        if self.strict_signing and not _signature_ok(msg):
+            # Provably bad: an honest relay verifies before forwarding.
+            counters["p2p.pubsub.reject.bad_signature"] += 1
+            if penalties is not None:
+                for topic in topics:
+                    penalties.record_reject(peer, topic)
+            rlog.info("pubsub.bad_signature", "message with a bad envelope signature from %s", peer)
+            return False
+        return True
+
+    async def _disconnect(self, peer: ID) -> None:
+        try:
+            await self.host.disconnect(peer)
+        except Exception as error:
+            log.debug("disconnecting %s failed: %r", peer, error)
+
+    async def _push_msg_guarded(self, peer: ID, msg: rpc_pb2.Message) -> None:
+        """``push_msg`` runs as a service task: an exception there stopped the whole pubsub
+        service (and the node); here it drops that one message."""
+        try:
+            await self.push_msg(peer, msg)
+        except Exception as error:
+            self.p2p_counters["p2p.pubsub.push_error"] += 1
+            self._misbehaved(peer, self.p2p_limits.rate_excess_penalty)
+            rlog.warning("pubsub.push_error", "processing a message from %s raised %r", peer, error)
+
+
+def _stream_ip(stream: INetStream) -> str:
+    try:
+        addr = stream.get_remote_address()
+        if addr:
+            return str(addr[0])
+    except Exception:
+        pass
+    return "?"
+
+
+def _signature_ok(msg: rpc_pb2.Message) -> bool:
+    """py-libp2p's ``signature_validator`` raises (``DecodeError``, ``ValueError``) on an
+    undecodable ``key`` field instead of returning False; inside ``push_msg`` that exception
+    stopped the pubsub service, and the node with it."""
+    try:
+        return bool(signature_validator(msg))
+    except Exception:
+        return False
+
+
+async def _reset_quietly(stream: INetStream) -> None:
+    try:
+        await stream.reset()
+    except Exception:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# 2. every stream handler: an exception stays in its stream
+# --------------------------------------------------------------------------------------------
+
+_GUARD_MARK = "_gpumarket_guarded"
+
+
+def guard_stream_handlers(host: IHost, counters: Counter[str]) -> None:
+    """Wrap the swarm's one entry point for inbound streams (``BasicHost._swarm_stream_handler``:
+    multistream-select, then the protocol's handler) so that an ``Exception`` from any handler
+    resets that stream, is counted and logged (rate-limited), and goes no further.
+
+    Upstream bug: ``SwarmConn._handle_muxed_stream`` awaits the handler inside the connection's
+    nursery, which runs as a task of the swarm's service manager; an exception from any handler
+    (a protocol handler's bug, a parser that raises on hostile bytes) cancels the swarm.
+    Upstream fix: the same ``try/except Exception`` in ``_handle_muxed_stream``. Cancellation
+    (a ``BaseException``) still propagates. Idempotent."""
+    network = host.get_network()
+    inner = network.common_stream_handler  # type: ignore[attr-defined]
+    if getattr(inner, _GUARD_MARK, False):
+        return
+
+    async def guarded(stream: INetStream) -> None:
+        try:
+            await inner(stream)
+        except Exception as error:
+            protocol = None
+            try:
+                protocol = stream.get_protocol()
+            except Exception:
+                pass
+            counters["p2p.stream.handler_error"] += 1
+            rlog.warning(("stream.handler_error", str(protocol)),
+                         "stream handler for %s from %s raised %r: stream reset", protocol,
+                         _peer_of(stream), error)
+            await _reset_quietly(stream)
+
+    setattr(guarded, _GUARD_MARK, True)
+    network.set_stream_handler(guarded)
+
+
+def _peer_of(stream: INetStream) -> Any:
+    try:
+        return stream.muxed_conn.peer_id
+    except Exception:
+        return "?"
+
+
+# --------------------------------------------------------------------------------------------
+# 3. inbound connection slots, per-IP and per-peer limits
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConnLimitsConfig:
+    max_inbound_per_ip: int = 32  # concurrent, counted from accept (before the handshake)
+    max_inbound_per_peer: int = 3  # concurrent inbound connections of one peer id
+
+
+class ConnLimits:
+    """Concurrent inbound connection counts per remote IP and per peer id. Every ``acquire``
+    that returns True has exactly one ``release`` (in a ``finally``)."""
+
+    def __init__(self, config: ConnLimitsConfig) -> None:
+        self.config = config
+        self.per_ip: Counter[str] = Counter()
+        self.per_peer: Counter[ID] = Counter()
+
+    def acquire_ip(self, ip: str) -> bool:
+        if self.per_ip[ip] >= self.config.max_inbound_per_ip:
+            return False
+        self.per_ip[ip] += 1
+        return True
+
+    def release_ip(self, ip: str) -> None:
+        _decrement(self.per_ip, ip)
+
+    def acquire_peer(self, peer: ID) -> bool:
+        if self.per_peer[peer] >= self.config.max_inbound_per_peer:
+            return False
+        self.per_peer[peer] += 1
+        return True
+
+    def release_peer(self, peer: ID) -> None:
+        _decrement(self.per_peer, peer)
+
+
+def _decrement(counter: Counter[Any], key: Hashable) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
+
+
+class GuardedSwarm(Swarm):
+    """The swarm ``new_host()`` builds, moved onto this subclass (see :func:`guard_swarm`).
+
+    Upstream bug (py-libp2p 0.8.1, ``network/swarm.py``): ``_handle_inbound_connection`` takes a
+    slot of ``_inbound_limiter`` (max_connections - min_connections = 250) and releases it when
+    ``_do_handle_inbound_connection`` returns, which, after a successful upgrade, awaits
+    ``self.manager.wait_finished()``: the swarm's end. 250 connect-and-drop cycles, or plain
+    renter churn, locked a provider out of inbound connections for good.
+    Upstream fix: after ``upgrade_inbound_raw_conn`` wait for that connection's close
+    (``SwarmConn.event_closed``), not the swarm's. The handler must stay alive while the
+    connection lives (trio's ``serve_listeners`` closes the socket when it returns).
+
+    Added limits (documented in node/host.py): at most ``max_inbound_per_ip`` concurrent
+    inbound connections per remote IP, counted from accept so a flood of handshakes from one
+    address is refused before any Noise work; at most ``max_inbound_per_peer`` concurrent inbound
+    connections per authenticated peer id, checked in ``add_conn`` before the connection is
+    registered (so no notifications, identify or pubsub streams are spent on it).
+    """
+
+    p2p_conn_limits: ConnLimits
+    p2p_counters: Counter[str]
+
+    async def _handle_inbound_connection(self, read_write_closer: Any, maddr: Any) -> None:
+        ip = _remote_ip(read_write_closer)
+        if not self.p2p_conn_limits.acquire_ip(ip):
+            self.p2p_counters["p2p.conn.refused.per_ip"] += 1
+            rlog.info("conn.refused.per_ip", "inbound connection from %s refused: %d open from "
+                      "that IP", ip, self.p2p_conn_limits.config.max_inbound_per_ip)
+            try:
+                await read_write_closer.close()
+            except Exception:
+                pass
+            return
+        try:
+            self.p2p_counters["p2p.conn.inbound"] += 1
+            await super()._handle_inbound_connection(read_write_closer, maddr)
+        finally:
+            self.p2p_conn_limits.release_ip(ip)
+
+    async def _do_handle_inbound_connection(self, read_write_closer: Any, maddr: Any,
+                                            failure_event: Any) -> None:
+        if isinstance(read_write_closer, IMuxedConn):  # QUIC etc.: not a transport we run
+            await super()._do_handle_inbound_connection(read_write_closer, maddr, failure_event)
+            return
+        remote_maddr = self._build_remote_multiaddr(read_write_closer)
+        if remote_maddr is not None and not await self.connection_gate.is_allowed(remote_maddr):
+            try:
+                await read_write_closer.close()
+            except Exception:
+                pass
+            return
+        raw_conn = RawConnection(read_write_closer, False)
+        try:
+            muxed_conn = await self.upgrade_inbound_raw_conn(raw_conn, maddr)
+        except Exception as error:
+            log.debug("inbound connection on %s failed: %r", maddr, error)
+            try:
+                await raw_conn.close()
+            except Exception:
+                pass
+            return
+        await _wait_closed(self, muxed_conn)
+
+    async def add_conn(self, muxed_conn: IMuxedConn, direction: str = "unknown") -> Any:
+        if direction != "inbound":
+            return await super().add_conn(muxed_conn, direction)
+        peer = muxed_conn.peer_id
+        if not self.p2p_conn_limits.acquire_peer(peer):
+            self.p2p_counters["p2p.conn.refused.per_peer"] += 1
+            rlog.info("conn.refused.per_peer", "inbound connection from %s refused: %d open "
+                      "from that peer", peer, self.p2p_conn_limits.config.max_inbound_per_peer)
+            try:
+                await muxed_conn.close()
+            except Exception:
+                pass
+            raise SwarmException("too many inbound connections from this peer")
+        try:
+            swarm_conn = await super().add_conn(muxed_conn, direction)
+        except BaseException:
+            self.p2p_conn_limits.release_peer(peer)
+            raise
+        if getattr(swarm_conn, "muxed_conn", None) is muxed_conn and not swarm_conn.is_closed:
+            swarm_conn._p2p_peer_slot = True  # released by remove_conn, whoever closes it
+        else:  # closed while registering, or a dedup answer (an existing connection)
+            self.p2p_conn_limits.release_peer(peer)
+        return swarm_conn
+
+    def remove_conn(self, swarm_conn: Any) -> None:
+        super().remove_conn(swarm_conn)
+        if getattr(swarm_conn, "_p2p_peer_slot", False):
+            swarm_conn._p2p_peer_slot = False
+            self.p2p_conn_limits.release_peer(swarm_conn.muxed_conn.peer_id)
+
+
+async def _wait_closed(swarm: Swarm, muxed_conn: IMuxedConn) -> None:
+    for conn in list(swarm.connections.get(muxed_conn.peer_id, ())):
+        if conn.muxed_conn is muxed_conn:
+            await conn.event_closed.wait()
+            return
+    event = getattr(muxed_conn, "event_closed", None)
+    if isinstance(event, trio.Event):
+        await event.wait()
+
+
+def _remote_ip(read_write_closer: Any) -> str:
+    try:
+        addr = read_write_closer.get_remote_address()
+        if addr:
+            return str(addr[0])
+    except Exception:
+        pass
+    return "?"
+
+
+def guard_swarm(swarm: Any, limits: ConnLimitsConfig, counters: Counter[str]) -> None:
+    """Move this swarm instance onto :class:`GuardedSwarm` (``new_host()`` builds the swarm, so we
+    cannot choose its class; a subclass adds no slots, so ``__class__`` assignment is allowed).
+    Idempotent. Any other swarm class is refused rather than silently left unguarded."""
+    if type(swarm) is Swarm:
+        swarm.__class__ = GuardedSwarm
+    elif not isinstance(swarm, GuardedSwarm):
+        raise TypeError(f"cannot guard a {type(swarm).__name__}: expected py-libp2p's Swarm")
+    swarm.p2p_conn_limits = ConnLimits(limits)
+    swarm.p2p_counters = counters
+
+
+# --------------------------------------------------------------------------------------------
+# 4. py-libp2p's own peer-triggered log lines
+# --------------------------------------------------------------------------------------------
+
+_log_filter: RateLimitFilter | None = None
+
+
+def install_libp2p_log_limits(burst: int = 5, interval: float = 60.0) -> RateLimitFilter:
+    """Add one :class:`RateLimitFilter` (INFO and above) to every ``libp2p.*`` logger that exists
+    (they are created when py-libp2p's modules are imported, which :mod:`node.host` has done by
+    now). A logging filter applies only to records of the logger it is attached to, hence one
+    per logger. Idempotent; returns the shared filter.
+
+    Upstream: log peer-triggered events at DEBUG, or through a rate limiter."""
+    global _log_filter
+    if _log_filter is None:
+        _log_filter = RateLimitFilter(burst=burst, interval=interval, min_level=logging.INFO)
+    for name in list(logging.Logger.manager.loggerDict):
+        if name == "libp2p" or name.startswith("libp2p."):
+            logger = logging.getLogger(name)
+            if _log_filter not in logger.filters:
+                logger.addFilter(_log_filter)
+    return _log_filter
+
+
+def apply_host_patches(host: IHost, *, conn_limits: ConnLimitsConfig, counters: Counter[str]) -> None:
+    """Everything above that applies to a host (the pubsub guard is a class we instantiate)."""
+    guard_swarm(host.get_network(), conn_limits, counters)
+    guard_stream_handlers(host, counters)
+    install_libp2p_log_limits()
+
+
+__all__ = [
+    "ConnLimits", "ConnLimitsConfig", "GuardedPubsub", "GuardedSwarm", "PubsubLimits",
+    "apply_host_patches", "guard_stream_handlers", "guard_swarm", "install_libp2p_log_limits",
+]
