@@ -36,6 +36,7 @@ from libp2p.peer.id import ID
 from node.gpu import GpuProbe, NoGpuError, StaticFacts
 from node.host import GossipHost, Verdict
 from node.identity import NodeIdentity
+from node.ratelimit import RateLimitedLog
 from node.reqresp import ReqRespError, read_frame, write_frame
 from node.store import Store
 from protocol.encoding import decode, to_wire_text, unpack_canonical
@@ -47,6 +48,9 @@ from protocol.params import DEFAULT_PARAMS, Params
 from protocol.validation import check_offer_static
 
 log = logging.getLogger(__name__)
+# Lines a remote peer can trigger (a REJECT, a refused sync): a few per kind per minute, then a
+# count, so a flood cannot fill the disk (issue 11).
+peer_log = RateLimitedLog(log, burst=10, interval=60.0)
 
 OFFER_TOPIC = "/gpumarket/offers/1"
 SYNC_PROTOCOL = "/gpumarket/offer-sync/1"
@@ -258,7 +262,8 @@ class OfferService:
             verdict = Verdict.IGNORE if exc.verdict == IGNORE else Verdict.REJECT
             self.count(f"offers.{source}.{verdict.value}.{exc.code}")
             if verdict is Verdict.REJECT:
-                log.info("%s: REJECT %s from %s: %s", source, exc.code, peer, exc.detail)
+                peer_log.info(f"{source}.reject.{exc.code}", "%s: REJECT %s from %s: %s",
+                              source, exc.code, peer, exc.detail)
             else:
                 log.debug("%s: IGNORE %s from %s: %s", source, exc.code, peer, exc.detail)
             return verdict
@@ -418,7 +423,7 @@ class OfferService:
             limit = decode_sync_request(req)
             if self._budget.available(peer, trio.current_time()) < cfg.sync_max_frame:
                 self.count("offers.sync_serve.budget_refused")
-                log.info("sync request from %s: byte budget spent", peer)
+                peer_log.info("sync", "sync request from %s: byte budget spent", peer)
                 await _reset(stream)
                 return
             try:
@@ -435,21 +440,22 @@ class OfferService:
                         await _reset(stream)
                 if scope.cancelled_caught:
                     self.count("offers.sync_serve.timeout")
-                    log.info("sync to %s: not finished within %s s", peer, cfg.sync_serve_timeout_s)
+                    peer_log.info("sync", "sync to %s: not finished within %s s", peer,
+                                  cfg.sync_serve_timeout_s)
                     await _reset(stream)
             finally:
                 self._serving.release()
         except ReqRespError as exc:
             self.count(f"offers.sync_serve.{_reqresp_code(exc)}")
-            log.info("sync request from %s: %s", peer, exc)
+            peer_log.info("sync", "sync request from %s: %s", peer, exc)
             await _reset(stream)
         except RemoteProtocolError as exc:
             self.count(f"offers.sync_serve.{exc.code}")
-            log.info("sync request from %s: REJECT %s", peer, exc)
+            peer_log.info("sync", "sync request from %s: REJECT %s", peer, exc)
             await _reset(stream)
         except Exception as exc:  # the peer reset or closed the stream under us
             self.count("offers.sync_serve.stream_failed")
-            log.info("sync to %s: %r", peer, exc)
+            peer_log.info("sync", "sync to %s: %r", peer, exc)
             await _reset(stream)
         finally:
             n = self._sync_open[peer] - 1
@@ -477,13 +483,14 @@ class OfferService:
             for frame in iter_frames((e.data for e in entries), cfg.sync_max_frame):
                 if not self._budget.take(peer, len(frame), trio.current_time()):
                     self.count("offers.sync_serve.budget_exhausted")
-                    log.info("sync to %s: byte budget spent after %d bytes", peer, sent)
+                    peer_log.info("sync", "sync to %s: byte budget spent after %d bytes",
+                                  peer, sent)
                     return False
                 with trio.move_on_after(cfg.sync_write_timeout_s) as scope:
                     await write_frame(stream, frame, max_frame=cfg.sync_max_frame)
                 if scope.cancelled_caught:
                     self.count("offers.sync_serve.stalled")
-                    log.info("sync to %s: a frame not taken within %s s", peer,
+                    peer_log.info("sync", "sync to %s: a frame not taken within %s s", peer,
                              cfg.sync_write_timeout_s)
                     return False
                 sent += len(frame)
@@ -552,12 +559,12 @@ class OfferService:
                 result.error = exc.code
             except Exception as exc:  # stream negotiation failures, peer gone, ...
                 result.error = "stream_failed"
-                log.info("sync from %s: %r", result.peer, exc)
+                peer_log.info("sync", "sync from %s: %r", result.peer, exc)
         if scope.cancelled_caught:
             result.error = "timeout"
         if result.error is not None:
             self.count(f"offers.sync.fail.{result.error}")
-            log.info("sync from %s stopped: %s", result.peer, result.error)
+            peer_log.info("sync", "sync from %s stopped: %s", result.peer, result.error)
         if stream is not None:
             if result.error is not None:
                 await _reset(stream)
