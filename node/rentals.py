@@ -32,7 +32,7 @@ from protocol.encoding import decode
 from protocol.errors import DecodeError
 from protocol.identity import peer_id_from_public_key
 from protocol.messages import AccessGrant, AgreementDetails, Heartbeat, UsageReceipt, digest
-from protocol.rental import ProviderRental, RenterRental
+from protocol.rental import ProviderRental, RenterRental, State
 
 from .host import GossipHost
 from .reqresp import PeerClosed, ReadTimeout, ReqRespError, close_quietly, read_frame, write_frame
@@ -106,7 +106,7 @@ class _Session:
 
     @property
     def finished(self) -> bool:
-        return self.machine.state == type(self.machine).DONE
+        return self.machine.state is State.DONE
 
     async def carry_out(self, effects: list[Effect]) -> None:
         for effect in effects:
@@ -180,7 +180,7 @@ class _Session:
 
     async def feed(self, data: bytes) -> None:
         async with self._lock:
-            await self.carry_out(self.machine.receive(data, self.clock()))
+            await self.carry_out(self.machine.receive_data(data, self.clock()))
 
 
 class ProviderSession(_Session):

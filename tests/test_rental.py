@@ -38,9 +38,9 @@ def exchange(p, r, now):
     """Provider timer at `now`, heartbeat delivered as bytes, receipt delivered back."""
     hb_fx = p.on_timer(now)
     hb = sent(hb_fx, Heartbeat)[0]
-    r_fx = r.receive(hb.encode(), now)
+    r_fx = r.receive_data(hb.encode(), now)
     rc = sent(r_fx, UsageReceipt)[0]
-    p_fx = p.receive(rc.encode(), now)
+    p_fx = p.receive_data(rc.encode(), now)
     return hb_fx, r_fx, p_fx
 
 
@@ -141,7 +141,7 @@ def test_provider__receipts_that_pay_nothing_more_do_not_keep_the_service():
         # A renter that answers every heartbeat but never acknowledges more than 0 seconds.
         stingy = UsageReceipt(p.agreement_id, 0, hb.seq, heartbeat_hash(hb), b"\x01" * 16, t,
                               sign_receipt(a.renter_wallet_key, a.domain, p.agreement_id, 0)).sign(a.renter)
-        assert p.receive(stingy.encode(), t) == [Store("receipt", p.agreement_id, stingy)]
+        assert p.receive_data(stingy.encode(), t) == [Store("receipt", p.agreement_id, stingy)]
     assert p.next_deadline() == T0 + N * 10_000 + TOL
     fx = p.on_timer(p.next_deadline())
     assert p.state == "done"
@@ -170,7 +170,7 @@ def test_renter__silent_provider_that_resumes_is_paid_only_the_capped_window():
     assert [e.event for e in fx] == ["provider_silent"] and r.state == "silent"
     # The provider resumes after 25 s: the renter pays at most interval + tolerance.
     hb = sent(p.on_timer(T0 + 35_000), Heartbeat)[0]
-    fx = r.receive(hb.encode(), T0 + 35_000)
+    fx = r.receive_data(hb.encode(), T0 + 35_000)
     assert r.state == "active" and any(getattr(e, "event", "") == "provider_resumed" for e in fx)
     assert sent(fx, UsageReceipt)[0].acked_seconds == 10 + 12
 
@@ -202,7 +202,7 @@ def test_machines__transition_not_in_table_is_a_local_error():
         r.stop(T0)
     assert exc.value.code == "not_running"
     with pytest.raises(LocalProtocolError) as exc:
-        r._fire("good_heartbeat")
+        r._step(Heartbeat, None, T0)
     assert exc.value.code == "bad_transition"
 
 
@@ -232,12 +232,12 @@ def test_renter__bad_heartbeat__withholds_and_reports(mutate, code):
     prev = exchange(p, r, T0)[0][0].message
     hb = sent(p.on_timer(T0 + 10_000), Heartbeat)[0]
     bad = mutate(hb, a, prev)
-    fx = r.receive(bad if isinstance(bad, bytes) else bad.encode(), T0 + 10_000)
+    fx = r.receive_data(bad if isinstance(bad, bytes) else bad.encode(), T0 + 10_000)
     assert rejected_codes(fx) == [code]
     assert sent(fx, UsageReceipt) == [] and not any(isinstance(e, Store) for e in fx)
     assert r.rejections[code] == 1
     # The genuine heartbeat is still accepted afterwards.
-    assert sent(r.receive(hb.encode(), T0 + 10_000), UsageReceipt)[0].acked_seconds == 10
+    assert sent(r.receive_data(hb.encode(), T0 + 10_000), UsageReceipt)[0].acked_seconds == 10
 
 
 def test_renter__heartbeat_before_start_is_rejected():
@@ -245,7 +245,7 @@ def test_renter__heartbeat_before_start_is_rejected():
     p, r = machines(a)
     hb = sent(p.on_timer(T0), Heartbeat)[0]
     early = _resign(hb, a.provider, sent_ms=T0 - TEST_PARAMS.clock_skew_ms - 1)
-    assert rejected_codes(r.receive(early.encode(), T0)) == ["before_start"]
+    assert rejected_codes(r.receive_data(early.encode(), T0)) == ["before_start"]
 
 
 def test_renter__heartbeat_after_close_is_ignored_not_penalised():
@@ -254,7 +254,7 @@ def test_renter__heartbeat_after_close_is_ignored_not_penalised():
     exchange(p, r, T0)
     r.stop(T0 + 5_000)
     hb = sent(p.on_timer(T0 + 10_000), Heartbeat)[0]
-    fx = r.receive(hb.encode(), T0 + 10_000)
+    fx = r.receive_data(hb.encode(), T0 + 10_000)
     assert [(e.detail["code"], e.detail["verdict"]) for e in fx] == [("not_running", "ignore")]
 
 
@@ -286,11 +286,11 @@ def test_provider__bad_receipt__rejected_counted_and_rental_continues(make_bad, 
     exchange(p, r, T0 + 10_000)  # latest receipt acks 10 s for heartbeat 1
     hb2 = sent(p.on_timer(T0 + 20_000), Heartbeat)[0]
     bad = make_bad(a, p, hb2)
-    fx = p.receive(bad if isinstance(bad, bytes) else bad.encode(), T0 + 20_000)
+    fx = p.receive_data(bad if isinstance(bad, bytes) else bad.encode(), T0 + 20_000)
     assert rejected_codes(fx) == [code] and p.rejections[code] == 1
     assert p.state == "serving" and p.acked_seconds == 10
-    good = sent(r.receive(hb2.encode(), T0 + 20_000), UsageReceipt)[0]
-    assert p.receive(good.encode(), T0 + 20_000) == [Store("receipt", p.agreement_id, good)]
+    good = sent(r.receive_data(hb2.encode(), T0 + 20_000), UsageReceipt)[0]
+    assert p.receive_data(good.encode(), T0 + 20_000) == [Store("receipt", p.agreement_id, good)]
     assert p.acked_seconds == 20
 
 
@@ -299,7 +299,7 @@ def test_provider__older_receipt_arriving_late_is_ignored():
     p, r = machines(a)
     _, r_fx0, _ = exchange(p, r, T0)
     exchange(p, r, T0 + 10_000)
-    fx = p.receive(sent(r_fx0, UsageReceipt)[0].encode(), T0 + 11_000)
+    fx = p.receive_data(sent(r_fx0, UsageReceipt)[0].encode(), T0 + 11_000)
     assert [(e.detail["code"], e.detail["verdict"]) for e in fx] == [("stale_receipt", "ignore")]
 
 
@@ -317,16 +317,16 @@ def test_any_single_byte_change_to_a_signed_heartbeat_or_receipt_is_rejected(dat
     i = data.draw(st.integers(0, len(wire_hb) - 1))
     v = data.draw(st.integers(0, 255).filter(lambda v: v != wire_hb[i]))
     tampered = wire_hb[:i] + bytes([v]) + wire_hb[i + 1:]
-    fx = r.receive(tampered, T0)
+    fx = r.receive_data(tampered, T0)
     assert sent(fx, UsageReceipt) == [] and len(rejected_codes(fx)) == 1
     # The untampered heartbeat gets a receipt; now tamper with that.
-    receipt = sent(r.receive(wire_hb, T0), UsageReceipt)[0]
+    receipt = sent(r.receive_data(wire_hb, T0), UsageReceipt)[0]
     wire_rc = receipt.encode()
     j = data.draw(st.integers(0, len(wire_rc) - 1))
     w = data.draw(st.integers(0, 255).filter(lambda w: w != wire_rc[j]))
-    fx = p.receive(wire_rc[:j] + bytes([w]) + wire_rc[j + 1:], T0)
+    fx = p.receive_data(wire_rc[:j] + bytes([w]) + wire_rc[j + 1:], T0)
     assert len(rejected_codes(fx)) == 1 and p.latest is None
-    assert p.receive(wire_rc, T0) == [Store("receipt", p.agreement_id, receipt)]
+    assert p.receive_data(wire_rc, T0) == [Store("receipt", p.agreement_id, receipt)]
 
 
 _SHARED = make_agreement(5, max_seconds=600, interval=10)
