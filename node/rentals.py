@@ -28,8 +28,6 @@ from libp2p.peer.id import ID
 
 from protocol.agreement import AgreementTerms
 from protocol.effects import Effect, EscrowCall, Report, Send, StartService, StopService, Store
-from protocol.encoding import decode
-from protocol.errors import DecodeError
 from protocol.identity import peer_id_from_public_key
 from protocol.messages import AccessGrant, AgreementDetails, Heartbeat, UsageReceipt, digest
 from protocol.rental import ProviderRental, RenterRental, State
@@ -253,23 +251,10 @@ class ProviderSession(_Session):
 class RenterSession(_Session):
     """The renter's side: keeps a stream to the provider open, answers heartbeats."""
 
-    access: str | None = None  # from the provider's AccessGrant, once it arrives
-
-    async def feed(self, data: bytes) -> None:
-        if data[1:2] == bytes([AccessGrant.TYPE]):  # [type, ...]: an access grant, not a heartbeat
-            try:
-                grant = decode(data, AccessGrant)
-            except DecodeError as exc:
-                self.log.reports.append(Report("access_rejected", {"code": exc.code}))
-                return
-            if grant.agreement_id != self.agreement_id or not grant.signature_valid(
-                    self.details.provider_key, data):
-                self.log.reports.append(Report("access_rejected", {"code": "bad_signature"}))
-                return
-            self.access = grant.access
-            self.log.reports.append(Report("access_granted", {}))
-            return
-        await super().feed(data)
+    @property
+    def access(self) -> str | None:
+        """From the provider's AccessGrant, once one arrives (the machine checks it)."""
+        return self.machine.access  # type: ignore[union-attr]
 
     async def run_connection(self, host: GossipHost, provider: ID) -> None:
         attempt = 0

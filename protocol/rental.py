@@ -32,7 +32,7 @@ from .encoding import Message, decode
 from .errors import DecodeError, Ignore, LocalProtocolError, Reject, RemoteProtocolError
 from .eth import private_key_address
 from .identity import PeerKey
-from .messages import AgreementDetails, GpuMetrics, Heartbeat, UsageReceipt, digest
+from .messages import AccessGrant, AgreementDetails, GpuMetrics, Heartbeat, UsageReceipt, digest
 from .params import DEFAULT_PARAMS, SECOND_MS, Params
 
 ZERO_HASH = b"\x00" * 32
@@ -92,8 +92,9 @@ class _Machine:
     """Shared plumbing: dispatch by table, receive_data, rejection counting."""
 
     TRANSITIONS: ClassVar[dict[tuple[State, Input], tuple[State, Handler]]]
-    RECEIVES: ClassVar[type[Message]]  # the one message type the peer sends this role
-    REJECTED: ClassVar[str]  # the report event for a bad message: "<what>_rejected"
+    # The message types the peer sends this role, each with the report event for a bad one
+    # (the first also for bytes that do not decode).
+    RECEIVES: ClassVar[dict[type[Message], str]]
     state: State
 
     def __init__(self) -> None:
@@ -105,7 +106,7 @@ class _Machine:
         if type(data) is not bytes:
             raise LocalProtocolError("bad_argument", "receive_data takes bytes")
         try:
-            message = decode(data, self.RECEIVES)
+            message = decode(data, tuple(self.RECEIVES))
         except DecodeError as err:
             return self._rejected(err)
         return self.handle(message, now_ms)
@@ -116,18 +117,18 @@ class _Machine:
             self._admit(message)
             self._validate(message, now_ms)
         except RemoteProtocolError as err:
-            return self._rejected(err)
-        return self._step(self.RECEIVES, message, now_ms)
+            return self._rejected(err, type(message))
+        return self._step(type(message), message, now_ms)
 
     def _admit(self, message: Message) -> None:
         """The first checks: the message type, then whether the table expects it now."""
-        # [REJECT unexpected_message] only one message type travels towards each role
-        if not isinstance(message, self.RECEIVES):
+        # [REJECT unexpected_message] only the RECEIVES types travel towards each role
+        if type(message) not in self.RECEIVES:
             raise Reject("unexpected_message", f"{type(message).__name__} on the rental stream")
-        if (self.state, self.RECEIVES) not in self.TRANSITIONS:
-            raise self._not_expected()
+        if (self.state, type(message)) not in self.TRANSITIONS:
+            raise self._not_expected(message)
 
-    def _not_expected(self) -> RemoteProtocolError:
+    def _not_expected(self, message: Message) -> RemoteProtocolError:
         raise NotImplementedError
 
     def _validate(self, message: Any, now_ms: int) -> Any:
@@ -148,9 +149,10 @@ class _Machine:
     def _on_timer_event(self, event: Event | None, now_ms: int) -> list[Effect]:
         return [] if event is None else self._step(event, None, now_ms)
 
-    def _rejected(self, err: RemoteProtocolError) -> list[Effect]:
+    def _rejected(self, err: RemoteProtocolError, what: type | None = None) -> list[Effect]:
         self.rejections[err.code] += 1
-        return [Report(self.REJECTED, {"code": err.code, "verdict": err.verdict, "detail": err.detail})]
+        event = self.RECEIVES[what] if what in self.RECEIVES else next(iter(self.RECEIVES.values()))
+        return [Report(event, {"code": err.code, "verdict": err.verdict, "detail": err.detail})]
 
 
 def _duration_ms(seconds: int) -> int:
@@ -169,8 +171,7 @@ class ProviderRental(_Machine):
     last interval can be acknowledged too.
     """
 
-    RECEIVES = UsageReceipt
-    REJECTED = "receipt_rejected"
+    RECEIVES = {UsageReceipt: "receipt_rejected"}
 
     def __init__(
         self,
@@ -368,7 +369,7 @@ class ProviderRental(_Machine):
 
     # -- internals -------------------------------------------------------------------------
 
-    def _not_expected(self) -> RemoteProtocolError:
+    def _not_expected(self, message: Message) -> RemoteProtocolError:
         # [IGNORE rental_over] the claim is made; later receipts change nothing
         return Ignore("rental_over", "receipt after the provider settled")
 
@@ -434,7 +435,8 @@ class ProviderRental(_Machine):
 
 class RenterRental(_Machine):
     """The renter's side of one agreement: heartbeats in, receipts out, withholding, close and
-    recover.
+    recover; and the provider's AccessGrant (`access`: how to reach the GPUs), checked like a
+    heartbeat's agreement id and signature.
 
     The acked-seconds rule (specs/heartbeat.md): the first good heartbeat starts the clock and
     acknowledges nothing; each later good heartbeat, received at `now_ms`, acknowledges
@@ -443,8 +445,7 @@ class RenterRental(_Machine):
     renter's own clock: the provider's `sent_ms` is checked for sanity but never paid on.
     """
 
-    RECEIVES = Heartbeat
-    REJECTED = "heartbeat_rejected"
+    RECEIVES = {Heartbeat: "heartbeat_rejected", AccessGrant: "access_rejected"}
 
     def __init__(
         self,
@@ -489,6 +490,7 @@ class RenterRental(_Machine):
         self.nonces: list[bytes] = [initial_nonce(self.agreement_id)]
         self.recover_at_ms: int | None = None
         self.closed_ms: int | None = None
+        self.access: str | None = None  # from the provider's AccessGrant, once one arrives
 
     @classmethod
     def restore(
@@ -632,6 +634,11 @@ class RenterRental(_Machine):
         store_hb, *rest = self._on_heartbeat(hb, now_ms)
         return [store_hb, Report("provider_resumed", {"seq": hb.seq}), *rest]
 
+    def _on_access_grant(self, grant: AccessGrant, now_ms: int) -> list[Effect]:
+        # Sent on every stream the provider attaches: the latest one is the one to use.
+        self.access = grant.access
+        return [Report("access_granted", {})]
+
     def _on_silence(self, _: None, now_ms: int) -> list[Effect]:
         return [Report("provider_silent", {"since_ms": self._silence_since(),
                                            "acked_seconds": self.acked_seconds})]
@@ -668,17 +675,26 @@ class RenterRental(_Machine):
         (State.ENDED, Event.SETTLED): (State.DONE, _on_settled),
         (State.CLOSED, Event.RECOVER_DUE): (State.DONE, _on_recover_due),  # EscrowCall recover
         (State.ENDED, Event.RECOVER_DUE): (State.DONE, _on_recover_due),  # EscrowCall recover
+        # How to reach the rented GPUs: kept while the renter may still use them.
+        (State.ACTIVE, AccessGrant): (State.ACTIVE, _on_access_grant),  # Report access_granted
+        (State.SILENT, AccessGrant): (State.SILENT, _on_access_grant),
+        (State.CLOSED, AccessGrant): (State.CLOSED, _on_access_grant),
+        (State.ENDED, AccessGrant): (State.ENDED, _on_access_grant),
     }
 
     # -- internals -------------------------------------------------------------------------
 
-    def _not_expected(self) -> RemoteProtocolError:
+    def _not_expected(self, message: Message) -> RemoteProtocolError:
         # [IGNORE not_running] closed, ended or settled: a heartbeat that crossed our close
-        return Ignore("not_running", f"heartbeat in state {self.state.value}")
+        what = "heartbeat" if isinstance(message, Heartbeat) else "access grant"
+        return Ignore("not_running", f"{what} in state {self.state.value}")
 
-    def _validate(self, hb: Heartbeat, now_ms: int) -> Heartbeat:
+    def _validate(self, message: Heartbeat | AccessGrant, now_ms: int) -> Heartbeat | AccessGrant:
         """The checks after `_admit`, in order; the first failing one decides the code
         (specs/heartbeat.md)."""
+        if isinstance(message, AccessGrant):
+            return self._validate_grant(message)
+        hb = message
         # [REJECT wrong_agreement]
         if hb.agreement_id != self.agreement_id:
             raise Reject("wrong_agreement", "heartbeat for another agreement")
@@ -711,6 +727,15 @@ class RenterRental(_Machine):
         if tuple(sorted(m.uuid_digest for m in hb.metrics)) != self.agreed_gpus:
             raise Reject("gpu_mismatch", "heartbeat metrics do not list exactly the agreed GPUs")
         return hb
+
+    def _validate_grant(self, grant: AccessGrant) -> AccessGrant:
+        # [REJECT wrong_agreement]
+        if grant.agreement_id != self.agreement_id:
+            raise Reject("wrong_agreement", "access grant for another agreement")
+        # [REJECT bad_signature] ed25519 by details.provider_key
+        if not grant.signature_valid(self.details.provider_key):
+            raise Reject("bad_signature", "access grant not signed by the provider's peer key")
+        return grant
 
     def _recover_time(self, end_ms: int) -> int:
         # The contract allows recover once block time > end + grace; allow for clock skew.

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from protocol.effects import EscrowCall, Report, Send, StartService, StopService, Store
 from protocol.errors import LocalProtocolError
 from protocol.identity import PeerKey
-from protocol.messages import GpuMetrics, Heartbeat, UsageReceipt
+from protocol.messages import AccessGrant, GpuMetrics, Heartbeat, UsageReceipt
 from protocol.rental import ZERO_HASH, ProviderRental, RenterRental, heartbeat_hash, initial_nonce
 from protocol.agreement import sign_receipt
 from protocol.settlement import claim_payout, recover_payout
@@ -256,6 +256,57 @@ def test_renter__heartbeat_after_close_is_ignored_not_penalised():
     hb = sent(p.on_timer(T0 + 10_000), Heartbeat)[0]
     fx = r.receive_data(hb.encode(), T0 + 10_000)
     assert [(e.detail["code"], e.detail["verdict"]) for e in fx] == [("not_running", "ignore")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Access grants: on the renter's machine beside heartbeats
+
+
+def test_renter__access_grant_is_kept_and_reported_but_pays_nothing():
+    a = make_agreement()
+    p, r = machines(a)
+    exchange(p, r, T0)
+    grant = AccessGrant(p.agreement_id, "ssh -p 2222 gpu@192.0.2.7", T0).sign(a.provider)
+    fx = r.receive_data(grant.encode(), T0 + 1_000)
+    assert fx == [Report("access_granted", {})] and r.access == "ssh -p 2222 gpu@192.0.2.7"
+    assert r.state == "active" and r.rejections == {}
+    # A grant is not a heartbeat: no receipt, and it does not hold off the silence.
+    assert r.next_deadline() == T0 + TEST_PARAMS.renter_heartbeat_timeout_intervals * 10_000
+    # The provider re-sends it on each stream it attaches; the latest one is kept.
+    again = AccessGrant(p.agreement_id, "ssh -p 2200 gpu@192.0.2.8", T0 + 2_000).sign(a.provider)
+    assert r.receive_data(again.encode(), T0 + 2_000) == [Report("access_granted", {})]
+    assert r.access == "ssh -p 2200 gpu@192.0.2.8"
+
+
+@pytest.mark.parametrize("forge, code", [
+    (lambda a, aid: AccessGrant(aid, "ssh evil", T0).sign(a.renter), "bad_signature"),
+    (lambda a, aid: AccessGrant(b"\x07" * 32, "ssh evil", T0).sign(a.provider), "wrong_agreement"),
+])
+def test_renter__forged_access_grant__rejected_and_access_unchanged(forge, code):
+    a = make_agreement()
+    p, r = machines(a)
+    fx = r.receive_data(forge(a, p.agreement_id).encode(), T0)
+    assert [(e.event, e.detail["code"], e.detail["verdict"]) for e in fx] == \
+        [("access_rejected", code, "reject")]
+    assert r.access is None and r.rejections[code] == 1
+
+
+def test_renter__access_grant_after_the_rental_is_ignored():
+    a = make_agreement()
+    p, r = machines(a)
+    r.escrow_settled(T0)
+    grant = AccessGrant(p.agreement_id, "ssh late", T0).sign(a.provider)
+    fx = r.receive_data(grant.encode(), T0)
+    assert [(e.event, e.detail["code"], e.detail["verdict"]) for e in fx] == \
+        [("access_rejected", "not_running", "ignore")]
+    assert r.access is None
+
+
+def test_provider__access_grant_on_its_stream_is_rejected():
+    a = make_agreement()
+    p, _ = machines(a)
+    grant = AccessGrant(p.agreement_id, "ssh", T0).sign(a.provider)
+    assert rejected_codes(p.receive_data(grant.encode(), T0)) == ["unexpected_type"]
 
 
 # ---------------------------------------------------------------------------------------------
