@@ -8,7 +8,8 @@ from protocol.effects import EscrowCall, Report, Send, StartService, StopService
 from protocol.errors import LocalProtocolError
 from protocol.identity import PeerKey
 from protocol.messages import AccessGrant, GpuMetrics, Heartbeat, UsageReceipt
-from protocol.rental import ZERO_HASH, ProviderRental, RenterRental, heartbeat_hash, initial_nonce
+from protocol.rental import (ZERO_HASH, Event, ProviderRental, RenterRental, State, heartbeat_hash,
+                             initial_nonce)
 from protocol.agreement import sign_receipt
 from protocol.settlement import claim_payout, recover_payout
 
@@ -204,6 +205,33 @@ def test_machines__transition_not_in_table_is_a_local_error():
     with pytest.raises(LocalProtocolError) as exc:
         r._step(Heartbeat, None, T0)
     assert exc.value.code == "bad_transition"
+
+
+def test_machines__every_pair_outside_the_table_is_refused_and_changes_nothing():
+    """h2-style sweep over every (state, input): events outside the table raise, messages
+    outside it are reported and dropped; the state stays put either way."""
+    a = make_agreement()
+    p, r = machines(a)
+    hb = sent(p.on_timer(T0), Heartbeat)[0]
+    refused = 0
+    for m in (p, r):
+        for state in State:
+            for event in Event:
+                if (state, event) in m.TRANSITIONS:
+                    continue
+                m.state = state
+                with pytest.raises(LocalProtocolError) as exc:
+                    m._step(event, None, T0)
+                assert exc.value.code == "bad_transition" and m.state is state
+                refused += 1
+    for state in State:
+        if (state, Heartbeat) in r.TRANSITIONS:
+            continue
+        r.state = state
+        fx = r.receive_data(hb.encode(), T0)
+        assert [(e.detail["code"], e.detail["verdict"]) for e in fx] == [("not_running", "ignore")]
+        assert r.state is state
+    assert refused >= len(State) * len(Event)  # the sweep ran: most pairs are refused
 
 
 # ---------------------------------------------------------------------------------------------
