@@ -28,11 +28,9 @@ from libp2p.peer.id import ID
 
 from protocol.agreement import AgreementTerms
 from protocol.effects import Effect, EscrowCall, Report, Send, StartService, StopService, Store
-from protocol.encoding import decode
-from protocol.errors import DecodeError
 from protocol.identity import peer_id_from_public_key
 from protocol.messages import AccessGrant, AgreementDetails, Heartbeat, UsageReceipt, digest
-from protocol.rental import ProviderRental, RenterRental
+from protocol.rental import ProviderRental, RenterRental, State
 
 from .host import GossipHost
 from .reqresp import PeerClosed, ReadTimeout, ReqRespError, close_quietly, read_frame, write_frame
@@ -106,7 +104,7 @@ class _Session:
 
     @property
     def finished(self) -> bool:
-        return self.machine.state == type(self.machine).DONE
+        return self.machine.state is State.DONE
 
     async def carry_out(self, effects: list[Effect]) -> None:
         for effect in effects:
@@ -180,7 +178,7 @@ class _Session:
 
     async def feed(self, data: bytes) -> None:
         async with self._lock:
-            await self.carry_out(self.machine.receive(data, self.clock()))
+            await self.carry_out(self.machine.receive_data(data, self.clock()))
 
 
 class ProviderSession(_Session):
@@ -253,23 +251,10 @@ class ProviderSession(_Session):
 class RenterSession(_Session):
     """The renter's side: keeps a stream to the provider open, answers heartbeats."""
 
-    access: str | None = None  # from the provider's AccessGrant, once it arrives
-
-    async def feed(self, data: bytes) -> None:
-        if data[1:2] == bytes([AccessGrant.TYPE]):  # [type, ...]: an access grant, not a heartbeat
-            try:
-                grant = decode(data, AccessGrant)
-            except DecodeError as exc:
-                self.log.reports.append(Report("access_rejected", {"code": exc.code}))
-                return
-            if grant.agreement_id != self.agreement_id or not grant.signature_valid(
-                    self.details.provider_key, data):
-                self.log.reports.append(Report("access_rejected", {"code": "bad_signature"}))
-                return
-            self.access = grant.access
-            self.log.reports.append(Report("access_granted", {}))
-            return
-        await super().feed(data)
+    @property
+    def access(self) -> str | None:
+        """From the provider's AccessGrant, once one arrives (the machine checks it)."""
+        return self.machine.access  # type: ignore[union-attr]
 
     async def run_connection(self, host: GossipHost, provider: ID) -> None:
         attempt = 0

@@ -541,19 +541,20 @@ def unpack_canonical(data: bytes, max_size: int = MAX_MESSAGE_SIZE) -> Any:
     return value
 
 
-def decode(data: bytes, expect: type[Message] | None = None) -> Message:
-    """Decode one canonical message. `expect` restricts the accepted type (a stream protocol
-    that only carries heartbeats passes Heartbeat)."""
-    limit = expect.MAX_SIZE if expect is not None else MAX_MESSAGE_SIZE
+def decode(data: bytes, expect: type[Message] | tuple[type[Message], ...] | None = None) -> Message:
+    """Decode one canonical message. `expect` restricts the accepted type or types (a stream
+    protocol that only carries heartbeats passes Heartbeat)."""
+    expected = (expect,) if isinstance(expect, type) else expect
+    limit = max(cls.MAX_SIZE for cls in expected) if expected else MAX_MESSAGE_SIZE
     value = unpack_canonical(data, limit)
     try:
-        return _decode_value(data, value, expect)
+        return _decode_value(data, value, expected)
     except DecodeError as exc:
         # A float (canonical float64) reaches this far; it is `malformed` wherever it sits.
         raise _malformed_or(value, exc) from None
 
 
-def _decode_value(data: bytes, value: Any, expect: type[Message] | None) -> Message:
+def _decode_value(data: bytes, value: Any, expect: tuple[type[Message], ...] | None) -> Message:
     if type(value) is not list or len(value) < 2:
         raise DecodeError("malformed", "a message is an array [type, version, fields...]")
     type_id, version = value[0], value[1]
@@ -562,8 +563,9 @@ def _decode_value(data: bytes, value: Any, expect: type[Message] | None) -> Mess
     cls = MESSAGE_TYPES.get(type_id)
     if cls is None:
         raise DecodeError("unknown_type", f"message type {type_id} is not known")
-    if expect is not None and cls is not expect:
-        raise DecodeError("unexpected_type", f"expected {expect.__name__}, got {cls.__name__}")
+    if expect is not None and cls not in expect:
+        names = " or ".join(e.__name__ for e in expect)
+        raise DecodeError("unexpected_type", f"expected {names}, got {cls.__name__}")
     if version != cls.VERSION:
         raise DecodeError("unsupported_version", f"{cls.__name__} version {version}")
     if len(data) > cls.MAX_SIZE:

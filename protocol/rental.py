@@ -1,21 +1,30 @@
 """The rental stream: provider heartbeats, renter receipts, and when each side stops.
 
-Two sans-I/O machines, one per role, driven aioquic-style: `receive(data, now_ms)` (or
-`handle(message, now_ms)`), `on_timer(now_ms)`, `next_deadline()`, plus a few calls for what the
-driver learns elsewhere (the chain, the user). Each returns a list of effects (protocol/effects.py)
-to carry out in order. specs/heartbeat.md is the prose twin: the state tables below, the
-acked-seconds rule, the withholding policy and the loss bounds.
+Two sans-I/O machines, one per role, in the shape of protocol/negotiation.py:
+`receive_data(data, now_ms)` (decode, then dispatch) or `handle(message, now_ms)` for the peer's
+messages, `on_timer(now_ms)` and `next_deadline()` for time, plus a few calls for what the driver
+learns elsewhere (the chain, the user). Each returns a list of effects (protocol/effects.py) to
+carry out in order.
 
-A peer's bad message never raises and never ends a rental by itself: it is counted in
-`rejections[code]` and reported as `Report("receipt_rejected" | "heartbeat_rejected",
-{"code", "verdict", "detail"})`; `verdict` is "reject" (penalise the peer) or "ignore" (stale,
-duplicate, crossed in flight: no penalty). Misuse by the local caller raises LocalProtocolError.
+Every input, a peer message (by type) or an `Event` (a timer or a driver call), goes through one
+table per machine, `TRANSITIONS: (state, input) -> (next state, handler)`, h11-style: what is not
+in the table does not happen. specs/heartbeat.md is the prose twin (the same tables, checked
+against these by tests/protocol/test_spec_tables.py), the acked-seconds rule, the withholding
+policy and the loss bounds.
+
+A peer's bad message never raises and never ends a rental by itself: a message not in the table
+for the current state, or one failing a check, is counted in `rejections[code]` and reported as
+`Report("receipt_rejected" | "heartbeat_rejected", {"code", "verdict", "detail"})`; `verdict` is
+"reject" (penalise the peer) or "ignore" (stale, duplicate, crossed in flight: no penalty).
+Misuse by the local caller (a driver call or timer event not in the table) raises
+LocalProtocolError.
 """
 
 from __future__ import annotations
 
+import enum
 from collections import Counter
-from typing import Protocol, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 from .agreement import AgreementTerms, EscrowDomain, recover_receipt_signer, sign_receipt
 from .effects import Effect, EscrowCall, Report, Send, Store, StartService, StopService
@@ -23,7 +32,7 @@ from .encoding import Message, decode
 from .errors import DecodeError, Ignore, LocalProtocolError, Reject, RemoteProtocolError
 from .eth import private_key_address
 from .identity import PeerKey
-from .messages import AgreementDetails, GpuMetrics, Heartbeat, UsageReceipt, digest
+from .messages import AccessGrant, AgreementDetails, GpuMetrics, Heartbeat, UsageReceipt, digest
 from .params import DEFAULT_PARAMS, SECOND_MS, Params
 
 ZERO_HASH = b"\x00" * 32
@@ -47,26 +56,103 @@ def heartbeat_hash(hb: Heartbeat) -> bytes:
     return digest(hb.encode())
 
 
-class _Machine:
-    """Shared plumbing: the state table, rejection counting."""
+class State(enum.StrEnum):
+    """Rental states (both roles). A str enum: the value is what nodes show and tests compare."""
 
-    TRANSITIONS: dict[tuple[str, str], str] = {}
-    state: str
+    SERVING = "serving"  # provider: heartbeats out, receipts in
+    FINISHING = "finishing"  # provider: past the end, final heartbeat out, awaiting its receipt
+    ACTIVE = "active"  # renter: good heartbeats arriving, receipts out
+    SILENT = "silent"  # renter: no good heartbeat for a while (receipts withheld anyway)
+    CLOSED = "closed"  # renter: closed the escrow early, waiting to recover
+    ENDED = "ended"  # renter: the agreement's end passed, waiting for the claim or to recover
+    DONE = "done"  # both: settled, claimed or recovered; nothing more happens
+
+
+class Event(enum.StrEnum):
+    """Inputs that are not peer messages: a timer the machine set, or a driver call."""
+
+    HEARTBEAT_DUE = "heartbeat_due"  # provider timer: the next heartbeat slot
+    RECEIPTS_MISSED = "receipts_missed"  # provider timer: the stop deadline
+    AGREEMENT_END = "agreement_end"  # timer: provider at end_ms, renter at end_ms + tol
+    RENTER_CLOSED = "renter_closed"  # provider driver: escrow_closed (the renter's Closed event)
+    FINAL_RECEIPT = "final_receipt"  # provider: a valid receipt answers the final heartbeat
+    FINAL_WAIT_OVER = "final_wait_over"  # provider timer: end_ms + min(I, grace/2)
+    SILENCE = "silence"  # renter timer: timeout*I without a good heartbeat
+    LONG_SILENCE = "long_silence"  # renter timer: (timeout+N)*I without a good heartbeat
+    STOP = "stop"  # renter driver: stop(now)
+    SETTLED = "settled"  # renter driver: escrow_settled (claimed or finalized on chain)
+    RECOVER_DUE = "recover_due"  # renter timer: end + grace + 1 s + clock_skew
+
+
+Input = Event | type[Message]  # a key of a TRANSITIONS table: an Event or a message type
+Handler = Callable[[Any, Any, int], list[Effect]]  # (machine, message or None, now_ms)
+
+
+class _Machine:
+    """Shared plumbing: dispatch by table, receive_data, rejection counting."""
+
+    TRANSITIONS: ClassVar[dict[tuple[State, Input], tuple[State, Handler]]]
+    # The message types the peer sends this role, each with the report event for a bad one
+    # (the first also for bytes that do not decode).
+    RECEIVES: ClassVar[dict[type[Message], str]]
+    state: State
 
     def __init__(self) -> None:
         self.rejections: Counter[str] = Counter()
 
-    def _fire(self, event: str) -> None:
+    def receive_data(self, data: bytes, now_ms: int) -> list[Effect]:
+        """Decode one frame from the peer's stream and handle it. Bytes that are not one
+        canonical message of the expected type are rejected (counted, reported), not raised."""
+        if type(data) is not bytes:
+            raise LocalProtocolError("bad_argument", "receive_data takes bytes")
         try:
-            self.state = self.TRANSITIONS[(self.state, event)]
-        except KeyError:
-            raise LocalProtocolError(
-                "bad_transition", f"{type(self).__name__}: no transition for {event!r} in {self.state!r}"
-            ) from None
+            message = decode(data, tuple(self.RECEIVES))
+        except DecodeError as err:
+            return self._rejected(err)
+        return self.handle(message, now_ms)
 
-    def _rejected(self, what: str, err: RemoteProtocolError) -> list[Effect]:
+    def handle(self, message: Message, now_ms: int) -> list[Effect]:
+        """Handle one decoded message from the peer."""
+        try:
+            self._admit(message)
+            self._validate(message, now_ms)
+        except RemoteProtocolError as err:
+            return self._rejected(err, type(message))
+        return self._step(type(message), message, now_ms)
+
+    def _admit(self, message: Message) -> None:
+        """The first checks: the message type, then whether the table expects it now."""
+        # [REJECT unexpected_message] only the RECEIVES types travel towards each role
+        if type(message) not in self.RECEIVES:
+            raise Reject("unexpected_message", f"{type(message).__name__} on the rental stream")
+        if (self.state, type(message)) not in self.TRANSITIONS:
+            raise self._not_expected(message)
+
+    def _not_expected(self, message: Message) -> RemoteProtocolError:
+        raise NotImplementedError
+
+    def _validate(self, message: Any, now_ms: int) -> Any:
+        raise NotImplementedError
+
+    def _step(self, event: Input, message: Any, now_ms: int) -> list[Effect]:
+        """Take the transition for `event` in the current state: move, then run its handler."""
+        try:
+            next_state, handler = self.TRANSITIONS[(self.state, event)]
+        except KeyError:
+            name = event.__name__ if isinstance(event, type) else event.value
+            raise LocalProtocolError(
+                "bad_transition", f"{type(self).__name__}: no transition for {name!r} in {self.state.value!r}"
+            ) from None
+        self.state = next_state
+        return handler(self, message, now_ms)
+
+    def _on_timer_event(self, event: Event | None, now_ms: int) -> list[Effect]:
+        return [] if event is None else self._step(event, None, now_ms)
+
+    def _rejected(self, err: RemoteProtocolError, what: type | None = None) -> list[Effect]:
         self.rejections[err.code] += 1
-        return [Report(f"{what}_rejected", {"code": err.code, "verdict": err.verdict, "detail": err.detail})]
+        event = self.RECEIVES[what] if what in self.RECEIVES else next(iter(self.RECEIVES.values()))
+        return [Report(event, {"code": err.code, "verdict": err.verdict, "detail": err.detail})]
 
 
 def _duration_ms(seconds: int) -> int:
@@ -85,20 +171,7 @@ class ProviderRental(_Machine):
     last interval can be acknowledged too.
     """
 
-    SERVING, FINISHING, DONE = "serving", "finishing", "done"
-
-    # (state, event) -> next state. Anything else is a LocalProtocolError.
-    TRANSITIONS = {
-        (SERVING, "heartbeat_due"): SERVING,            # Store + Send heartbeat
-        (SERVING, "receipt"): SERVING,                  # Store receipt, adopt nonce
-        (SERVING, "receipts_missed"): DONE,             # StopService + claim
-        (SERVING, "agreement_end"): FINISHING,          # StopService, Store + Send final heartbeat
-        (SERVING, "renter_closed"): DONE,               # StopService + claim
-        (FINISHING, "receipt"): FINISHING,              # Store receipt
-        (FINISHING, "final_receipt"): DONE,             # claim
-        (FINISHING, "final_wait_over"): DONE,           # claim
-        (FINISHING, "renter_closed"): DONE,             # claim
-    }
+    RECEIVES = {UsageReceipt: "receipt_rejected"}
 
     def __init__(
         self,
@@ -122,7 +195,7 @@ class ProviderRental(_Machine):
         self.end_ms = started_ms + _duration_ms(terms.max_seconds)
         # Wait this long after the end for the receipt answering the final heartbeat.
         self.final_wait_ms = min(self.interval_ms, _duration_ms(terms.grace) // 2)
-        self.state = self.SERVING
+        self.state = State.SERVING
         self.metrics: tuple[GpuMetrics, ...] = tuple(metrics) if metrics is not None else tuple(
             GpuMetrics(uuid_digest=g, util_pct=0, mem_used_mib=0, temp_c=0, power_mw=0)
             for g in details.gpus
@@ -176,7 +249,8 @@ class ProviderRental(_Machine):
             raise LocalProtocolError("bad_record", "stored heartbeats are not signed by this provider")
         if latest_receipt is not None:
             try:
-                m.latest = m._validate(latest_receipt)
+                m._admit(latest_receipt)
+                m.latest = m._validate(latest_receipt, now_ms)
             except RemoteProtocolError as err:
                 raise LocalProtocolError("bad_record", f"stored receipt: {err.code}") from None
             m.nonce = latest_receipt.next_nonce
@@ -211,81 +285,97 @@ class ProviderRental(_Machine):
                 + self.params.heartbeat_late_tolerance_ms)
 
     def next_deadline(self) -> int | None:
-        if self.state == self.SERVING:
+        if self.state is State.SERVING:
             return min(self.next_heartbeat_ms, self.stop_deadline_ms(), self.end_ms)
-        if self.state == self.FINISHING:
+        if self.state is State.FINISHING:
             return self.end_ms + self.final_wait_ms
         return None
 
     def on_timer(self, now_ms: int) -> list[Effect]:
-        effects: list[Effect] = []
-        if self.state == self.SERVING:
+        """Fire the timer event that is due, if any (the end first, then the stop deadline,
+        then the heartbeat slot). Calling early does nothing and returns []."""
+        return self._on_timer_event(self._due(now_ms), now_ms)
+
+    def _due(self, now_ms: int) -> Event | None:
+        if self.state is State.SERVING:
             if now_ms >= self.end_ms:
-                return self._end(now_ms)
+                return Event.AGREEMENT_END
             if now_ms >= self.stop_deadline_ms():
-                self._fire("receipts_missed")
-                self.stopped_ms = now_ms
-                return [StopService(self.agreement_id, "receipts_missed"),
-                        Report("renter_stopped_paying", {"acked_seconds": self.acked_seconds}),
-                        *self._claim()]
+                return Event.RECEIPTS_MISSED
             if now_ms >= self.next_heartbeat_ms:
-                self._fire("heartbeat_due")
-                effects += self._heartbeat(now_ms)
-                slots = (now_ms - self.started_ms) // self.interval_ms + 1
-                self.next_heartbeat_ms = self.started_ms + slots * self.interval_ms
-        elif self.state == self.FINISHING and now_ms >= self.end_ms + self.final_wait_ms:
-            self._fire("final_wait_over")
-            effects += self._claim()
-        return effects
+                return Event.HEARTBEAT_DUE
+        elif self.state is State.FINISHING and now_ms >= self.end_ms + self.final_wait_ms:
+            return Event.FINAL_WAIT_OVER
+        return None
 
     def escrow_closed(self, now_ms: int) -> list[Effect]:
         """The driver saw the renter's `Closed` event: stop serving and claim now."""
-        if self.state == self.DONE:
+        if self.state is State.DONE:
             return []
-        was_serving = self.state == self.SERVING
-        self._fire("renter_closed")
-        effects: list[Effect] = []
-        if was_serving:
-            self.stopped_ms = now_ms
-            effects.append(StopService(self.agreement_id, "renter_closed"))
-        return effects + self._claim()
+        return self._step(Event.RENTER_CLOSED, None, now_ms)
 
-    def receive(self, data: bytes, now_ms: int) -> list[Effect]:
-        """Wire bytes from the renter's stream."""
-        try:
-            message = decode(data, UsageReceipt)
-        except DecodeError as err:
-            return self._rejected("receipt", err)
-        return self.handle(message, now_ms)
+    # -- handlers: (state, input) -> effects ------------------------------------------------
 
-    def handle(self, message: Message, now_ms: int) -> list[Effect]:
-        try:
-            receipt = self._validate(message)
-        except RemoteProtocolError as err:
-            return self._rejected("receipt", err)
-        self._fire("receipt")
+    def _on_heartbeat_due(self, _: None, now_ms: int) -> list[Effect]:
+        effects = self._heartbeat(now_ms)
+        slots = (now_ms - self.started_ms) // self.interval_ms + 1
+        self.next_heartbeat_ms = self.started_ms + slots * self.interval_ms
+        return effects
+
+    def _on_receipt(self, receipt: UsageReceipt, now_ms: int) -> list[Effect]:
         self.latest = receipt
         self.nonce = receipt.next_nonce
         if receipt.acked_seconds > self.progress_acked:
             self.progress_acked = receipt.acked_seconds
             self.last_progress_ms = now_ms
-        effects: list[Effect] = [Store("receipt", self.agreement_id, receipt)]
-        if self.state == self.FINISHING and receipt.heartbeat_seq == self.final_seq:
-            self._fire("final_receipt")
-            effects += self._claim()
+        return [Store("receipt", self.agreement_id, receipt)]
+
+    def _on_receipt_finishing(self, receipt: UsageReceipt, now_ms: int) -> list[Effect]:
+        effects = self._on_receipt(receipt, now_ms)
+        if receipt.heartbeat_seq == self.final_seq:
+            effects += self._step(Event.FINAL_RECEIPT, None, now_ms)
         return effects
+
+    def _on_receipts_missed(self, _: None, now_ms: int) -> list[Effect]:
+        self.stopped_ms = now_ms
+        return [StopService(self.agreement_id, "receipts_missed"),
+                Report("renter_stopped_paying", {"acked_seconds": self.acked_seconds}),
+                *self._claim()]
+
+    def _on_end(self, _: None, now_ms: int) -> list[Effect]:
+        self.stopped_ms = now_ms
+        self.final_seq = len(self.sent)
+        return [StopService(self.agreement_id, "agreement_end"), *self._heartbeat(now_ms)]
+
+    def _on_renter_closed(self, _: None, now_ms: int) -> list[Effect]:
+        self.stopped_ms = now_ms
+        return [StopService(self.agreement_id, "renter_closed"), *self._claim()]
+
+    def _on_claim(self, _: None, now_ms: int) -> list[Effect]:
+        return self._claim()
+
+    TRANSITIONS = {
+        # (state, input): (next state, handler)       # the handler's effects
+        (State.SERVING, Event.HEARTBEAT_DUE): (State.SERVING, _on_heartbeat_due),  # Store + Send heartbeat
+        (State.SERVING, UsageReceipt): (State.SERVING, _on_receipt),  # Store receipt, adopt nonce
+        (State.SERVING, Event.RECEIPTS_MISSED): (State.DONE, _on_receipts_missed),  # StopService + claim
+        (State.SERVING, Event.AGREEMENT_END): (State.FINISHING, _on_end),  # StopService, final heartbeat
+        (State.SERVING, Event.RENTER_CLOSED): (State.DONE, _on_renter_closed),  # StopService + claim
+        (State.FINISHING, UsageReceipt): (State.FINISHING, _on_receipt_finishing),  # Store receipt
+        (State.FINISHING, Event.FINAL_RECEIPT): (State.DONE, _on_claim),  # claim
+        (State.FINISHING, Event.FINAL_WAIT_OVER): (State.DONE, _on_claim),  # claim
+        (State.FINISHING, Event.RENTER_CLOSED): (State.DONE, _on_claim),  # claim
+    }
 
     # -- internals -------------------------------------------------------------------------
 
-    def _validate(self, message: Message) -> UsageReceipt:
-        """Checks in order; the first failing one decides the code (specs/heartbeat.md)."""
-        # [REJECT unexpected_message] only receipts travel renter -> provider
-        if not isinstance(message, UsageReceipt):
-            raise Reject("unexpected_message", f"{type(message).__name__} on the rental stream")
-        r = message
+    def _not_expected(self, message: Message) -> RemoteProtocolError:
         # [IGNORE rental_over] the claim is made; later receipts change nothing
-        if self.state == self.DONE:
-            raise Ignore("rental_over", "receipt after the provider settled")
+        return Ignore("rental_over", "receipt after the provider settled")
+
+    def _validate(self, r: UsageReceipt, now_ms: int) -> UsageReceipt:
+        """The checks after `_admit`, in order; the first failing one decides the code
+        (specs/heartbeat.md)."""
         # [REJECT wrong_agreement]
         if r.agreement_id != self.agreement_id:
             raise Reject("wrong_agreement", "receipt for another agreement")
@@ -329,12 +419,6 @@ class ProviderRental(_Machine):
         self.sent_ms.append(now_ms)
         return [Store("heartbeat", self.agreement_id, hb), Send(self.details.renter_key, hb)]
 
-    def _end(self, now_ms: int) -> list[Effect]:
-        self._fire("agreement_end")
-        self.stopped_ms = now_ms
-        self.final_seq = len(self.sent)
-        return [StopService(self.agreement_id, "agreement_end"), *self._heartbeat(now_ms)]
-
     def _claim(self) -> list[Effect]:
         if self.latest is None:
             return [Report("nothing_to_claim", {"reason": "no valid receipt"})]
@@ -344,13 +428,15 @@ class ProviderRental(_Machine):
         })]
 
 
+
 # =============================================================================================
 # Renter
 
 
 class RenterRental(_Machine):
     """The renter's side of one agreement: heartbeats in, receipts out, withholding, close and
-    recover.
+    recover; and the provider's AccessGrant (`access`: how to reach the GPUs), checked like a
+    heartbeat's agreement id and signature.
 
     The acked-seconds rule (specs/heartbeat.md): the first good heartbeat starts the clock and
     acknowledges nothing; each later good heartbeat, received at `now_ms`, acknowledges
@@ -359,24 +445,7 @@ class RenterRental(_Machine):
     renter's own clock: the provider's `sent_ms` is checked for sanity but never paid on.
     """
 
-    ACTIVE, SILENT, CLOSED, ENDED, DONE = "active", "silent", "closed", "ended", "done"
-
-    TRANSITIONS = {
-        (ACTIVE, "good_heartbeat"): ACTIVE,     # Store heartbeat, Store + Send receipt
-        (SILENT, "good_heartbeat"): ACTIVE,     # ... and Report provider_resumed
-        (ACTIVE, "silence"): SILENT,            # Report provider_silent (receipts withheld anyway)
-        (SILENT, "long_silence"): CLOSED,       # EscrowCall close
-        (ACTIVE, "stop"): CLOSED,               # EscrowCall close
-        (SILENT, "stop"): CLOSED,               # EscrowCall close
-        (ACTIVE, "agreement_end"): ENDED,
-        (SILENT, "agreement_end"): ENDED,
-        (ACTIVE, "settled"): DONE,              # the provider claimed early
-        (SILENT, "settled"): DONE,
-        (CLOSED, "settled"): DONE,
-        (ENDED, "settled"): DONE,
-        (CLOSED, "recover_due"): DONE,          # EscrowCall recover
-        (ENDED, "recover_due"): DONE,           # EscrowCall recover
-    }
+    RECEIVES = {Heartbeat: "heartbeat_rejected", AccessGrant: "access_rejected"}
 
     def __init__(
         self,
@@ -411,7 +480,7 @@ class RenterRental(_Machine):
         self.close_after_ms = (params.renter_heartbeat_timeout_intervals
                                + params.provider_stop_after_missed_receipts) * self.interval_ms
         self.agreed_gpus = tuple(sorted(details.gpus))
-        self.state = self.ACTIVE
+        self.state = State.ACTIVE
         self.last_seq: int | None = None
         self.last_hash: bytes | None = None
         self.last_sent_ms: int | None = None
@@ -421,6 +490,7 @@ class RenterRental(_Machine):
         self.nonces: list[bytes] = [initial_nonce(self.agreement_id)]
         self.recover_at_ms: int | None = None
         self.closed_ms: int | None = None
+        self.access: str | None = None  # from the provider's AccessGrant, once one arrives
 
     @classmethod
     def restore(
@@ -474,7 +544,7 @@ class RenterRental(_Machine):
         m.nonces = issued[-MAX_LIVE_NONCES:]
         m.acked_seconds = min(m.terms.max_seconds, m.acked_ms // SECOND_MS)
         if closed_ms is not None:
-            m.state = m.CLOSED
+            m.state = State.CLOSED
             m.closed_ms = closed_ms
             m.recover_at_ms = m._recover_time(closed_ms)
         return m
@@ -485,11 +555,11 @@ class RenterRental(_Machine):
         return self.last_good_ms if self.last_good_ms is not None else self.started_ms
 
     def next_deadline(self) -> int | None:
-        if self.state == self.ACTIVE:
+        if self.state is State.ACTIVE:
             return min(self._silence_since() + self.silent_after_ms, self._end_seen_ms())
-        if self.state == self.SILENT:
+        if self.state is State.SILENT:
             return min(self._silence_since() + self.close_after_ms, self._end_seen_ms())
-        if self.state in (self.CLOSED, self.ENDED):
+        if self.state in (State.CLOSED, State.ENDED):
             return self.recover_at_ms
         return None
 
@@ -498,57 +568,44 @@ class RenterRental(_Machine):
         return self.end_ms + self.params.heartbeat_late_tolerance_ms
 
     def on_timer(self, now_ms: int) -> list[Effect]:
-        if self.state in (self.ACTIVE, self.SILENT) and now_ms >= self._end_seen_ms():
-            self._fire("agreement_end")
-            self.recover_at_ms = self._recover_time(self.end_ms)
-            return [Report("agreement_ended", {"acked_seconds": self.acked_seconds})]
+        """Fire the timer event that is due, if any (the end first, then the silences, then
+        recover). Calling early does nothing and returns []."""
+        return self._on_timer_event(self._due(now_ms), now_ms)
+
+    def _due(self, now_ms: int) -> Event | None:
+        running = self.state in (State.ACTIVE, State.SILENT)
+        if running and now_ms >= self._end_seen_ms():
+            return Event.AGREEMENT_END
         since = self._silence_since()
-        if self.state == self.ACTIVE and now_ms >= since + self.silent_after_ms:
-            self._fire("silence")
-            return [Report("provider_silent", {"since_ms": since, "acked_seconds": self.acked_seconds})]
-        if self.state == self.SILENT and now_ms >= since + self.close_after_ms:
-            self._fire("long_silence")
-            return self._close(now_ms, "provider_silent")
-        if self.state in (self.CLOSED, self.ENDED) and self.recover_at_ms is not None \
+        if self.state is State.ACTIVE and now_ms >= since + self.silent_after_ms:
+            return Event.SILENCE
+        if self.state is State.SILENT and now_ms >= since + self.close_after_ms:
+            return Event.LONG_SILENCE
+        if self.state in (State.CLOSED, State.ENDED) and self.recover_at_ms is not None \
                 and now_ms >= self.recover_at_ms:
-            self._fire("recover_due")
-            return [EscrowCall("recover", self.agreement_id)]
-        return []
+            return Event.RECOVER_DUE
+        return None
 
     def stop(self, now_ms: int) -> list[Effect]:
         """The renter ends the rental early: close the escrow (end := now on-chain)."""
-        if self.state not in (self.ACTIVE, self.SILENT):
-            raise LocalProtocolError("not_running", f"stop in state {self.state}")
+        if self.state not in (State.ACTIVE, State.SILENT):
+            raise LocalProtocolError("not_running", f"stop in state {self.state.value}")
         if now_ms >= self.end_ms:
             raise LocalProtocolError("already_ended", "the agreement has reached its end")
-        self._fire("stop")
-        return self._close(now_ms, "renter_stop")
+        return self._step(Event.STOP, None, now_ms)
 
     def escrow_settled(self, now_ms: int) -> list[Effect]:
         """The driver saw the agreement settle on-chain (claimed or finalized): nothing more to
         do, in particular no recover."""
-        if self.state == self.DONE:
+        if self.state is State.DONE:
             return []
-        self._fire("settled")
-        return [Report("settled", {"acked_seconds": self.acked_seconds})]
+        return self._step(Event.SETTLED, None, now_ms)
 
-    def receive(self, data: bytes, now_ms: int) -> list[Effect]:
-        try:
-            message = decode(data, Heartbeat)
-        except DecodeError as err:
-            return self._rejected("heartbeat", err)
-        return self.handle(message, now_ms)
+    # -- handlers: (state, input) -> effects ------------------------------------------------
 
-    def handle(self, message: Message, now_ms: int) -> list[Effect]:
-        try:
-            hb, h = self._validate(message, now_ms)
-        except RemoteProtocolError as err:
-            return self._rejected("heartbeat", err)
-        resumed = self.state == self.SILENT
-        self._fire("good_heartbeat")
+    def _on_heartbeat(self, hb: Heartbeat, now_ms: int) -> list[Effect]:
+        h = heartbeat_hash(hb)
         effects: list[Effect] = [Store("heartbeat", self.agreement_id, hb)]
-        if resumed:
-            effects.append(Report("provider_resumed", {"seq": hb.seq}))
         # Acked-seconds rule.
         t = min(now_ms, self.end_ms)
         if self.last_good_ms is not None:
@@ -573,17 +630,71 @@ class RenterRental(_Machine):
         effects += [Store("receipt", self.agreement_id, receipt), Send(self.details.provider_key, receipt)]
         return effects
 
+    def _on_heartbeat_after_silence(self, hb: Heartbeat, now_ms: int) -> list[Effect]:
+        store_hb, *rest = self._on_heartbeat(hb, now_ms)
+        return [store_hb, Report("provider_resumed", {"seq": hb.seq}), *rest]
+
+    def _on_access_grant(self, grant: AccessGrant, now_ms: int) -> list[Effect]:
+        # Sent on every stream the provider attaches: the latest one is the one to use.
+        self.access = grant.access
+        return [Report("access_granted", {})]
+
+    def _on_silence(self, _: None, now_ms: int) -> list[Effect]:
+        return [Report("provider_silent", {"since_ms": self._silence_since(),
+                                           "acked_seconds": self.acked_seconds})]
+
+    def _on_long_silence(self, _: None, now_ms: int) -> list[Effect]:
+        return self._close(now_ms, "provider_silent")
+
+    def _on_stop(self, _: None, now_ms: int) -> list[Effect]:
+        return self._close(now_ms, "renter_stop")
+
+    def _on_end(self, _: None, now_ms: int) -> list[Effect]:
+        self.recover_at_ms = self._recover_time(self.end_ms)
+        return [Report("agreement_ended", {"acked_seconds": self.acked_seconds})]
+
+    def _on_settled(self, _: None, now_ms: int) -> list[Effect]:
+        return [Report("settled", {"acked_seconds": self.acked_seconds})]
+
+    def _on_recover_due(self, _: None, now_ms: int) -> list[Effect]:
+        return [EscrowCall("recover", self.agreement_id)]
+
+    TRANSITIONS = {
+        # (state, input): (next state, handler)       # the handler's effects
+        (State.ACTIVE, Heartbeat): (State.ACTIVE, _on_heartbeat),  # Store heartbeat, Store + Send receipt
+        (State.SILENT, Heartbeat): (State.ACTIVE, _on_heartbeat_after_silence),  # ... and provider_resumed
+        (State.ACTIVE, Event.SILENCE): (State.SILENT, _on_silence),  # Report (receipts withheld anyway)
+        (State.SILENT, Event.LONG_SILENCE): (State.CLOSED, _on_long_silence),  # EscrowCall close
+        (State.ACTIVE, Event.STOP): (State.CLOSED, _on_stop),  # EscrowCall close
+        (State.SILENT, Event.STOP): (State.CLOSED, _on_stop),  # EscrowCall close
+        (State.ACTIVE, Event.AGREEMENT_END): (State.ENDED, _on_end),  # Report agreement_ended
+        (State.SILENT, Event.AGREEMENT_END): (State.ENDED, _on_end),  # Report agreement_ended
+        (State.ACTIVE, Event.SETTLED): (State.DONE, _on_settled),  # the provider claimed early
+        (State.SILENT, Event.SETTLED): (State.DONE, _on_settled),
+        (State.CLOSED, Event.SETTLED): (State.DONE, _on_settled),
+        (State.ENDED, Event.SETTLED): (State.DONE, _on_settled),
+        (State.CLOSED, Event.RECOVER_DUE): (State.DONE, _on_recover_due),  # EscrowCall recover
+        (State.ENDED, Event.RECOVER_DUE): (State.DONE, _on_recover_due),  # EscrowCall recover
+        # How to reach the rented GPUs: kept while the renter may still use them.
+        (State.ACTIVE, AccessGrant): (State.ACTIVE, _on_access_grant),  # Report access_granted
+        (State.SILENT, AccessGrant): (State.SILENT, _on_access_grant),
+        (State.CLOSED, AccessGrant): (State.CLOSED, _on_access_grant),
+        (State.ENDED, AccessGrant): (State.ENDED, _on_access_grant),
+    }
+
     # -- internals -------------------------------------------------------------------------
 
-    def _validate(self, message: Message, now_ms: int) -> tuple[Heartbeat, bytes]:
-        """Checks in order; the first failing one decides the code (specs/heartbeat.md)."""
-        # [REJECT unexpected_message]
-        if not isinstance(message, Heartbeat):
-            raise Reject("unexpected_message", f"{type(message).__name__} on the rental stream")
-        hb = message
+    def _not_expected(self, message: Message) -> RemoteProtocolError:
         # [IGNORE not_running] closed, ended or settled: a heartbeat that crossed our close
-        if self.state not in (self.ACTIVE, self.SILENT):
-            raise Ignore("not_running", f"heartbeat in state {self.state}")
+        what = "heartbeat" if isinstance(message, Heartbeat) else "access grant"
+        return Ignore("not_running", f"{what} in state {self.state.value}")
+
+    def _validate(self, message: Heartbeat | AccessGrant, now_ms: int) -> Heartbeat | AccessGrant:
+        """The checks after `_admit`, in order; the first failing one decides the code
+        (specs/heartbeat.md)."""
+        if isinstance(message, AccessGrant):
+            return self._validate_grant(message)
+        hb = message
         # [REJECT wrong_agreement]
         if hb.agreement_id != self.agreement_id:
             raise Reject("wrong_agreement", "heartbeat for another agreement")
@@ -615,7 +726,16 @@ class RenterRental(_Machine):
         # [REJECT gpu_mismatch] metrics list exactly the agreed GPUs (as a set, each once)
         if tuple(sorted(m.uuid_digest for m in hb.metrics)) != self.agreed_gpus:
             raise Reject("gpu_mismatch", "heartbeat metrics do not list exactly the agreed GPUs")
-        return hb, heartbeat_hash(hb)
+        return hb
+
+    def _validate_grant(self, grant: AccessGrant) -> AccessGrant:
+        # [REJECT wrong_agreement]
+        if grant.agreement_id != self.agreement_id:
+            raise Reject("wrong_agreement", "access grant for another agreement")
+        # [REJECT bad_signature] ed25519 by details.provider_key
+        if not grant.signature_valid(self.details.provider_key):
+            raise Reject("bad_signature", "access grant not signed by the provider's peer key")
+        return grant
 
     def _recover_time(self, end_ms: int) -> int:
         # The contract allows recover once block time > end + grace; allow for clock skew.

@@ -22,7 +22,7 @@ from protocol.negotiation import (
     renter_refusal,
 )
 from protocol.offerbook import model_token
-from protocol.rental import ProviderRental, RenterRental
+from protocol.rental import ProviderRental, RenterRental, State as RentalState
 from protocol.samples import GPU_MODELS, make_offer, make_provider, usd_per_hour_to_units_per_second
 
 from .chain import Tx
@@ -249,7 +249,7 @@ class Provider(Agent):
         elif kind == "rent":
             m = self.rentals.get(key)
             if m is not None:
-                self.effects(m.receive(data, now), ("rent", key))
+                self.effects(m.receive_data(data, now), ("rent", key))
                 self.schedule(("rent", key), m.next_deadline())
 
     def on_timer(self, key: Any) -> None:
@@ -496,7 +496,7 @@ class Renter(Agent):
             self.effects(self.group.receive_data(key, data, now), None)
             self._after_neg()
         elif kind == "rent" and self.rental is not None and key == self.rental.agreement_id:
-            self.effects(self.rental.receive(data, now), key)
+            self.effects(self.rental.receive_data(data, now), key)
             self.schedule("rent", self.rental.next_deadline())
 
     def _after_neg(self) -> None:
@@ -589,7 +589,7 @@ class Renter(Agent):
             self.world.chain.submit(Tx("finalize", aid, self.idx, {}))
 
     def _maybe_done(self) -> None:
-        if self.rental is not None and self.rental.state == RenterRental.DONE:
+        if self.rental is not None and self.rental.state is RentalState.DONE:
             self.rental = None
             self.record = None
             self.want = None

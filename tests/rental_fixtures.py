@@ -213,9 +213,9 @@ class RentalPair:
         self.in_flight = [m for m in self.in_flight if m[0] > self.now]
         for _, _, to, data in due:
             if to == "renter" and self.renter_up():
-                self._apply("renter", self.renter.receive(data, self.now))
+                self._apply("renter", self.renter.receive_data(data, self.now))
             elif to == "provider" and self.provider_up():
-                self._apply("provider", self.provider.receive(data, self.now))
+                self._apply("provider", self.provider.receive_data(data, self.now))
         if self.provider_up():
             d = self.provider.next_deadline()
             if d is not None and d <= self.now:

@@ -7,8 +7,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from protocol.effects import EscrowCall, Report, Send, StartService, StopService, Store
 from protocol.errors import LocalProtocolError
 from protocol.identity import PeerKey
-from protocol.messages import GpuMetrics, Heartbeat, UsageReceipt
-from protocol.rental import ZERO_HASH, ProviderRental, RenterRental, heartbeat_hash, initial_nonce
+from protocol.messages import AccessGrant, GpuMetrics, Heartbeat, UsageReceipt
+from protocol.rental import (ZERO_HASH, Event, ProviderRental, RenterRental, State, heartbeat_hash,
+                             initial_nonce)
 from protocol.agreement import sign_receipt
 from protocol.settlement import claim_payout, recover_payout
 
@@ -38,9 +39,9 @@ def exchange(p, r, now):
     """Provider timer at `now`, heartbeat delivered as bytes, receipt delivered back."""
     hb_fx = p.on_timer(now)
     hb = sent(hb_fx, Heartbeat)[0]
-    r_fx = r.receive(hb.encode(), now)
+    r_fx = r.receive_data(hb.encode(), now)
     rc = sent(r_fx, UsageReceipt)[0]
-    p_fx = p.receive(rc.encode(), now)
+    p_fx = p.receive_data(rc.encode(), now)
     return hb_fx, r_fx, p_fx
 
 
@@ -141,7 +142,7 @@ def test_provider__receipts_that_pay_nothing_more_do_not_keep_the_service():
         # A renter that answers every heartbeat but never acknowledges more than 0 seconds.
         stingy = UsageReceipt(p.agreement_id, 0, hb.seq, heartbeat_hash(hb), b"\x01" * 16, t,
                               sign_receipt(a.renter_wallet_key, a.domain, p.agreement_id, 0)).sign(a.renter)
-        assert p.receive(stingy.encode(), t) == [Store("receipt", p.agreement_id, stingy)]
+        assert p.receive_data(stingy.encode(), t) == [Store("receipt", p.agreement_id, stingy)]
     assert p.next_deadline() == T0 + N * 10_000 + TOL
     fx = p.on_timer(p.next_deadline())
     assert p.state == "done"
@@ -170,7 +171,7 @@ def test_renter__silent_provider_that_resumes_is_paid_only_the_capped_window():
     assert [e.event for e in fx] == ["provider_silent"] and r.state == "silent"
     # The provider resumes after 25 s: the renter pays at most interval + tolerance.
     hb = sent(p.on_timer(T0 + 35_000), Heartbeat)[0]
-    fx = r.receive(hb.encode(), T0 + 35_000)
+    fx = r.receive_data(hb.encode(), T0 + 35_000)
     assert r.state == "active" and any(getattr(e, "event", "") == "provider_resumed" for e in fx)
     assert sent(fx, UsageReceipt)[0].acked_seconds == 10 + 12
 
@@ -202,8 +203,35 @@ def test_machines__transition_not_in_table_is_a_local_error():
         r.stop(T0)
     assert exc.value.code == "not_running"
     with pytest.raises(LocalProtocolError) as exc:
-        r._fire("good_heartbeat")
+        r._step(Heartbeat, None, T0)
     assert exc.value.code == "bad_transition"
+
+
+def test_machines__every_pair_outside_the_table_is_refused_and_changes_nothing():
+    """h2-style sweep over every (state, input): events outside the table raise, messages
+    outside it are reported and dropped; the state stays put either way."""
+    a = make_agreement()
+    p, r = machines(a)
+    hb = sent(p.on_timer(T0), Heartbeat)[0]
+    refused = 0
+    for m in (p, r):
+        for state in State:
+            for event in Event:
+                if (state, event) in m.TRANSITIONS:
+                    continue
+                m.state = state
+                with pytest.raises(LocalProtocolError) as exc:
+                    m._step(event, None, T0)
+                assert exc.value.code == "bad_transition" and m.state is state
+                refused += 1
+    for state in State:
+        if (state, Heartbeat) in r.TRANSITIONS:
+            continue
+        r.state = state
+        fx = r.receive_data(hb.encode(), T0)
+        assert [(e.detail["code"], e.detail["verdict"]) for e in fx] == [("not_running", "ignore")]
+        assert r.state is state
+    assert refused >= len(State) * len(Event)  # the sweep ran: most pairs are refused
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,12 +260,12 @@ def test_renter__bad_heartbeat__withholds_and_reports(mutate, code):
     prev = exchange(p, r, T0)[0][0].message
     hb = sent(p.on_timer(T0 + 10_000), Heartbeat)[0]
     bad = mutate(hb, a, prev)
-    fx = r.receive(bad if isinstance(bad, bytes) else bad.encode(), T0 + 10_000)
+    fx = r.receive_data(bad if isinstance(bad, bytes) else bad.encode(), T0 + 10_000)
     assert rejected_codes(fx) == [code]
     assert sent(fx, UsageReceipt) == [] and not any(isinstance(e, Store) for e in fx)
     assert r.rejections[code] == 1
     # The genuine heartbeat is still accepted afterwards.
-    assert sent(r.receive(hb.encode(), T0 + 10_000), UsageReceipt)[0].acked_seconds == 10
+    assert sent(r.receive_data(hb.encode(), T0 + 10_000), UsageReceipt)[0].acked_seconds == 10
 
 
 def test_renter__heartbeat_before_start_is_rejected():
@@ -245,7 +273,7 @@ def test_renter__heartbeat_before_start_is_rejected():
     p, r = machines(a)
     hb = sent(p.on_timer(T0), Heartbeat)[0]
     early = _resign(hb, a.provider, sent_ms=T0 - TEST_PARAMS.clock_skew_ms - 1)
-    assert rejected_codes(r.receive(early.encode(), T0)) == ["before_start"]
+    assert rejected_codes(r.receive_data(early.encode(), T0)) == ["before_start"]
 
 
 def test_renter__heartbeat_after_close_is_ignored_not_penalised():
@@ -254,8 +282,59 @@ def test_renter__heartbeat_after_close_is_ignored_not_penalised():
     exchange(p, r, T0)
     r.stop(T0 + 5_000)
     hb = sent(p.on_timer(T0 + 10_000), Heartbeat)[0]
-    fx = r.receive(hb.encode(), T0 + 10_000)
+    fx = r.receive_data(hb.encode(), T0 + 10_000)
     assert [(e.detail["code"], e.detail["verdict"]) for e in fx] == [("not_running", "ignore")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Access grants: on the renter's machine beside heartbeats
+
+
+def test_renter__access_grant_is_kept_and_reported_but_pays_nothing():
+    a = make_agreement()
+    p, r = machines(a)
+    exchange(p, r, T0)
+    grant = AccessGrant(p.agreement_id, "ssh -p 2222 gpu@192.0.2.7", T0).sign(a.provider)
+    fx = r.receive_data(grant.encode(), T0 + 1_000)
+    assert fx == [Report("access_granted", {})] and r.access == "ssh -p 2222 gpu@192.0.2.7"
+    assert r.state == "active" and r.rejections == {}
+    # A grant is not a heartbeat: no receipt, and it does not hold off the silence.
+    assert r.next_deadline() == T0 + TEST_PARAMS.renter_heartbeat_timeout_intervals * 10_000
+    # The provider re-sends it on each stream it attaches; the latest one is kept.
+    again = AccessGrant(p.agreement_id, "ssh -p 2200 gpu@192.0.2.8", T0 + 2_000).sign(a.provider)
+    assert r.receive_data(again.encode(), T0 + 2_000) == [Report("access_granted", {})]
+    assert r.access == "ssh -p 2200 gpu@192.0.2.8"
+
+
+@pytest.mark.parametrize("forge, code", [
+    (lambda a, aid: AccessGrant(aid, "ssh evil", T0).sign(a.renter), "bad_signature"),
+    (lambda a, aid: AccessGrant(b"\x07" * 32, "ssh evil", T0).sign(a.provider), "wrong_agreement"),
+])
+def test_renter__forged_access_grant__rejected_and_access_unchanged(forge, code):
+    a = make_agreement()
+    p, r = machines(a)
+    fx = r.receive_data(forge(a, p.agreement_id).encode(), T0)
+    assert [(e.event, e.detail["code"], e.detail["verdict"]) for e in fx] == \
+        [("access_rejected", code, "reject")]
+    assert r.access is None and r.rejections[code] == 1
+
+
+def test_renter__access_grant_after_the_rental_is_ignored():
+    a = make_agreement()
+    p, r = machines(a)
+    r.escrow_settled(T0)
+    grant = AccessGrant(p.agreement_id, "ssh late", T0).sign(a.provider)
+    fx = r.receive_data(grant.encode(), T0)
+    assert [(e.event, e.detail["code"], e.detail["verdict"]) for e in fx] == \
+        [("access_rejected", "not_running", "ignore")]
+    assert r.access is None
+
+
+def test_provider__access_grant_on_its_stream_is_rejected():
+    a = make_agreement()
+    p, _ = machines(a)
+    grant = AccessGrant(p.agreement_id, "ssh", T0).sign(a.provider)
+    assert rejected_codes(p.receive_data(grant.encode(), T0)) == ["unexpected_type"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,11 +365,11 @@ def test_provider__bad_receipt__rejected_counted_and_rental_continues(make_bad, 
     exchange(p, r, T0 + 10_000)  # latest receipt acks 10 s for heartbeat 1
     hb2 = sent(p.on_timer(T0 + 20_000), Heartbeat)[0]
     bad = make_bad(a, p, hb2)
-    fx = p.receive(bad if isinstance(bad, bytes) else bad.encode(), T0 + 20_000)
+    fx = p.receive_data(bad if isinstance(bad, bytes) else bad.encode(), T0 + 20_000)
     assert rejected_codes(fx) == [code] and p.rejections[code] == 1
     assert p.state == "serving" and p.acked_seconds == 10
-    good = sent(r.receive(hb2.encode(), T0 + 20_000), UsageReceipt)[0]
-    assert p.receive(good.encode(), T0 + 20_000) == [Store("receipt", p.agreement_id, good)]
+    good = sent(r.receive_data(hb2.encode(), T0 + 20_000), UsageReceipt)[0]
+    assert p.receive_data(good.encode(), T0 + 20_000) == [Store("receipt", p.agreement_id, good)]
     assert p.acked_seconds == 20
 
 
@@ -299,7 +378,7 @@ def test_provider__older_receipt_arriving_late_is_ignored():
     p, r = machines(a)
     _, r_fx0, _ = exchange(p, r, T0)
     exchange(p, r, T0 + 10_000)
-    fx = p.receive(sent(r_fx0, UsageReceipt)[0].encode(), T0 + 11_000)
+    fx = p.receive_data(sent(r_fx0, UsageReceipt)[0].encode(), T0 + 11_000)
     assert [(e.detail["code"], e.detail["verdict"]) for e in fx] == [("stale_receipt", "ignore")]
 
 
@@ -317,16 +396,16 @@ def test_any_single_byte_change_to_a_signed_heartbeat_or_receipt_is_rejected(dat
     i = data.draw(st.integers(0, len(wire_hb) - 1))
     v = data.draw(st.integers(0, 255).filter(lambda v: v != wire_hb[i]))
     tampered = wire_hb[:i] + bytes([v]) + wire_hb[i + 1:]
-    fx = r.receive(tampered, T0)
+    fx = r.receive_data(tampered, T0)
     assert sent(fx, UsageReceipt) == [] and len(rejected_codes(fx)) == 1
     # The untampered heartbeat gets a receipt; now tamper with that.
-    receipt = sent(r.receive(wire_hb, T0), UsageReceipt)[0]
+    receipt = sent(r.receive_data(wire_hb, T0), UsageReceipt)[0]
     wire_rc = receipt.encode()
     j = data.draw(st.integers(0, len(wire_rc) - 1))
     w = data.draw(st.integers(0, 255).filter(lambda w: w != wire_rc[j]))
-    fx = p.receive(wire_rc[:j] + bytes([w]) + wire_rc[j + 1:], T0)
+    fx = p.receive_data(wire_rc[:j] + bytes([w]) + wire_rc[j + 1:], T0)
     assert len(rejected_codes(fx)) == 1 and p.latest is None
-    assert p.receive(wire_rc, T0) == [Store("receipt", p.agreement_id, receipt)]
+    assert p.receive_data(wire_rc, T0) == [Store("receipt", p.agreement_id, receipt)]
 
 
 _SHARED = make_agreement(5, max_seconds=600, interval=10)

@@ -51,9 +51,9 @@ def tick(p, r, now, *, deliver_hb=True, deliver_rc=True):
     for hb in p.apply(p.m.on_timer(now), now):
         if not deliver_hb:
             continue
-        for rc in r.apply(r.m.receive(hb, now), now):
+        for rc in r.apply(r.m.receive_data(hb, now), now):
             if deliver_rc:
-                p.apply(p.m.receive(rc, now), now)
+                p.apply(p.m.receive_data(rc, now), now)
 
 
 def restored_provider(a, p, now):
