@@ -518,7 +518,10 @@ async def negotiate_first(
         except Exception as exc:
             log.info("cannot reach provider %s: %r", candidate.resolve_peer(), exc)
             async with lock:
-                await dispatch(machine.cancel(clock(), f"provider unreachable: {type(exc).__name__}"))
+                # Another provider may have agreed while this dial hung: the group has already
+                # cancelled this machine (cancelling it twice is a LocalProtocolError).
+                if machine.state not in (State.AGREED, State.FAILED):
+                    await dispatch(machine.cancel(clock(), f"provider unreachable: {type(exc).__name__}"))
             return
         streams[provider] = stream
         try:

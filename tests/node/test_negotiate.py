@@ -1,5 +1,6 @@
 """Negotiation over real libp2p streams on 127.0.0.1: provider desks and a renter."""
 
+import dataclasses
 import random
 
 import trio
@@ -250,3 +251,46 @@ async def test_negotiate__funds_are_read_once_per_wallet_within_the_cache_time()
             assert group.winner is not None
         assert len(reads) == 1 and desk.funds.reads == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_negotiate__an_agreement_while_another_dial_hangs_does_not_crash_the_renter():
+    # A Sybil offer whose address accepts TCP and never answers: its dial hangs until the step
+    # deadline, while an honest provider agrees at once and the group cancels the hung one.
+    # The dial's failure must not cancel that machine a second time (it raised
+    # LocalProtocolError and ended the renter's node, seen in bench_soak).
+    rng = random.Random(9)
+    honest, sybil, renter = Party(rng), Party(rng), Party(rng)
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    sybil_offer = dataclasses.replace(
+        make_offer(sybil.key, sybil.binding, rng, 1_000, gpu_count=1, price_per_gpu_second=50),
+        addrs=(f"/ip4/127.0.0.1/tcp/{port}/p2p/{sybil.host.peer_id}",)).sign(sybil.key)
+    accepted = []
+
+    async def accept_and_hold():
+        with trio.move_on_after(10):
+            while True:
+                conn, _ = await listener.accept()
+                accepted.append(conn)  # never answered
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accept_and_hold)
+        await start(nursery, [honest, renter])
+        desk, offer, d, capacity, agreed = provider_desk(honest, rng)
+        await renter.host.connect(honest.host.addrs()[0])
+        with trio.fail_after(PARAMS.negotiation_step_timeout_ms / 1000 + 5):
+            group = await negotiate_first(
+                renter.host, renter.key, renter.binding,
+                [Candidate(sybil_offer, digest(sybil_offer.encode())), Candidate(offer, d)],
+                gpu_count=1, duration_s=3600, max_price_per_gpu_second=100, access_key="k",
+                params=PARAMS, rng=rng)
+        assert accepted  # the Sybil's address was dialled and hung
+        assert group.winner is not None and group.winner.offer.provider == honest.key.public
+        hung = [n for n in group.negotiations.values() if n is not group.winner][0]
+        assert hung.state is State.FAILED
+        nursery.cancel_scope.cancel()
+    for conn in accepted:
+        conn.close()
+    listener.close()
