@@ -47,6 +47,7 @@ from .query import (PRICE_SCALE, RANK_SORT, SORT_FIELDS, UNKNOWN_SCORE, Query, S
                     parse_query, parse_sort, price_bounds)
 from .validation import (BindingCache, offer_header, validate_offer, validate_reannouncement,
                          validate_withdrawal)
+from .verifier import VERIFIER, Verifier
 
 OFFER_ID_LEN = 12
 
@@ -368,8 +369,10 @@ class OfferBook:
         score_of: Callable[[bytes], float] | None = None,
         bindings: BindingCache | None = None,
         chain_ids: frozenset[int] | None = None,
+        verifier: Verifier = VERIFIER,
     ) -> None:
         self.params = params
+        self.verifier = verifier  # decodes and checks signatures of what is ingested
         self.score_of = score_of or (lambda _provider: UNKNOWN_SCORE)
         self.bindings = bindings if bindings is not None else BindingCache(params.binding_cache_size)
         self.chain_ids = chain_ids
@@ -405,6 +408,7 @@ class OfferBook:
                 data, header, now_ms, self.params, known_seq=held.seq,
                 known_digest=held.digest, known_chain_id=held.chain_id,
                 withdrawn_seq=wd[0] if wd else -1, chain_ids=self.chain_ids,
+                verifier=self.verifier,
             )
             entry = held.reannounced(data, digest, header, self.score_of(provider))
             self._make_room(entry, held)
@@ -416,6 +420,7 @@ class OfferBook:
             known_digest=held.digest if held else None,
             withdrawn_seq=wd[0] if wd else -1,
             chain_ids=self.chain_ids,
+            verifier=self.verifier,
         )
         if offer.provider != provider:  # unreachable for a canonical Offer; kept as a guard
             raise LocalProtocolError("offer_prefix", "offer layout differs from the peeked one")
@@ -433,7 +438,8 @@ class OfferBook:
         watermark against replays of the withdrawn offers."""
         provider = data[5:37] if data[:5] == _WITHDRAWAL_PREFIX else b""
         wd = self._withdrawn.get(provider)
-        msg = validate_withdrawal(data, now_ms, self.params, withdrawn_seq=wd[0] if wd else -1)
+        msg = validate_withdrawal(data, now_ms, self.params, withdrawn_seq=wd[0] if wd else -1,
+                                  verifier=self.verifier)
         if msg.provider != provider:  # unreachable for a canonical withdrawal; kept as a guard
             raise LocalProtocolError("withdrawal_prefix", "layout differs from the peeked one")
         held = self._by_provider.get(msg.provider)
