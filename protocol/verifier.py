@@ -4,7 +4,7 @@ ed25519 signature, a wallet binding's ecrecover.
 Protocol code that checks gossiped input takes a `Verifier` (default `VERIFIER`: the real
 checks, nothing kept). A caller that sees the same bytes many times can pass one that memoises
 them, as the simulator does where thousands of renters validate the same offer
-(its MemoVerifier). A subclass must give the same answers as these methods.
+(simulations/sigmemo.py). A subclass must give the same answers as these methods.
 """
 
 from __future__ import annotations

@@ -37,80 +37,20 @@ import numpy as np
 
 from protocol.errors import Ignore, Reject, RemoteProtocolError
 from protocol.eth import private_key_address
-from protocol.messages import Binding, Offer, OfferWithdrawal
 from protocol.offerbook import OfferBook
 from protocol.params import Params
 from protocol.samples import REGIONS
 from protocol.validation import BindingCache, validate_offer, validate_withdrawal
-from protocol.verifier import Verifier
 
 from .agents import Provider, RentalRecord, Renter, Spammer
 from .chain import ARBITER, Chain, Tx
 from .engine import EPOCH_MS, Engine, derive_seed, stream_rng
 from .market import OFFER, GossipStore, SharedBook, ingest_message
+from .metrics import Metrics, pct
 from .network import INF, Network, Overlay
+from .sigmemo import MemoVerifier
 
 I32_NEVER = np.iinfo(np.int32).max
-_MEMO_DOMAINS = (Offer.DOMAIN, Binding.DOMAIN, OfferWithdrawal.DOMAIN)
-DECODE_MEMO_SIZE = 65_536  # decoded gossip messages kept (an offer is ~2-3 KB decoded)
-
-
-class MemoVerifier(Verifier):
-    """Memoises offer/binding/withdrawal ed25519 checks and binding ecrecovers, and the decoding
-    of gossiped offers and withdrawals (pure functions of their bytes), counting real and
-    memoised checks in `stats`. The world passes it to every validation and offer book."""
-
-    __slots__ = ("stats", "_cache", "_decoded")
-
-    def __init__(self, stats: dict) -> None:
-        self.stats = stats
-        self._cache: dict = {}
-        self._decoded: dict = {}
-
-    def decode(self, data, expect=None):
-        # validate_offer / validate_withdrawal decode the same bytes once per renter that
-        # ingests them: the decoded (frozen) message is shared. Failures are not kept: they
-        # decode again and raise afresh.
-        key = (data, expect)
-        decoded = self._decoded
-        hit = decoded.get(key)
-        if hit is None:
-            self.stats["decode_real"] += 1
-            hit = super().decode(data, expect)
-            if len(decoded) >= DECODE_MEMO_SIZE:
-                del decoded[next(iter(decoded))]  # the oldest: offers expire in publish order
-            decoded[key] = hit
-        else:
-            self.stats["decode_memo"] += 1
-        return hit
-
-    def ed25519(self, public_key, domain, payload, signature):
-        if domain not in _MEMO_DOMAINS:
-            self.stats["ed25519_real"] += 1
-            return super().ed25519(public_key, domain, payload, signature)
-        key = (public_key, domain, payload, signature)
-        hit = self._cache.get(key)
-        if hit is None:
-            self.stats["ed25519_real"] += 1
-            hit = self._cache[key] = super().ed25519(public_key, domain, payload, signature)
-        else:
-            self.stats["ed25519_memo"] += 1
-        return hit
-
-    def wallet_signed_peer(self, peer_key, wallet_addr, chain_id, wallet_sig):
-        key = ("w", peer_key, wallet_addr, chain_id, wallet_sig)
-        hit = self._cache.get(key)
-        if hit is None:
-            self.stats["ecrecover_real"] += 1
-            try:
-                super().wallet_signed_peer(peer_key, wallet_addr, chain_id, wallet_sig)
-                hit = self._cache[key] = ("ok",)
-            except Reject as exc:
-                hit = self._cache[key] = ("err", exc)
-        else:
-            self.stats["ecrecover_memo"] += 1
-        if hit[0] == "err":
-            raise hit[1]
 
 
 @dataclass
@@ -124,54 +64,6 @@ class GossipMsg:
     expires_ms: int
     arrival: np.ndarray  # int32 ms since start, I32_NEVER = never (a row of the GossipStore)
     row: int = -1
-
-
-def pct(values, qs=(50, 90, 99)) -> dict:
-    if len(values) == 0:
-        return {f"p{q}": None for q in qs}
-    a = np.asarray(values, dtype=np.float64)
-    return {f"p{q}": round(float(np.percentile(a, q)), 3) for q in qs}
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        self.neg_fail: dict[str, dict[str, int]] = {"renter": {}, "provider": {}}
-        self.hb_rejects: dict[str, int] = {}
-        self.receipt_rejects: dict[str, int] = {}
-        self.requests = 0
-        self.gave_up = 0
-        self.time_to_rent_ms: list[int] = []
-        self.prop_samples: list[int] = []
-        self.prop_coverage: list[float] = []
-        self.prop_t99: list[int] = []
-        self.new_renter_full_view_ms: list[int] = []
-        self.new_renter_incomplete = 0
-        self.invalid_hops: dict[int, int] = {}
-        self.invalid_published = 0
-        self.invalid_reasons: dict[str, int] = {}
-        self.book_sizes: list[int] = []
-        self.stores = 0
-
-    def count(self, key: str, n: int = 1) -> None:
-        self.counts[key] = self.counts.get(key, 0) + n
-
-    def fail(self, role: str, reason: str) -> None:
-        d = self.neg_fail[role]
-        d[reason] = d.get(reason, 0) + 1
-
-    def report(self, agent: Any, e: Any) -> None:
-        ev = e.event
-        self.count("report." + ev)
-        if ev == "negotiation_failed":
-            if e.detail["reason"] == "CANCELLED" and e.detail["fault"] == "local":
-                self.count("negotiation_cancelled_after_win")
-            else:
-                self.fail(e.detail["role"], e.detail["reason"])
-        elif ev == "heartbeat_rejected":
-            self.hb_rejects[e.detail["code"]] = self.hb_rejects.get(e.detail["code"], 0) + 1
-        elif ev == "receipt_rejected":
-            self.receipt_rejects[e.detail["code"]] = self.receipt_rejects.get(e.detail["code"], 0) + 1
 
 
 class World:
