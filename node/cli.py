@@ -528,10 +528,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("agreement_id")
     s.set_defaults(func=cmd_escrow_recover)
 
-    from simulations.cli import register as register_simulate
-
-    register_simulate(sub)  # `gpumarket simulate SCENARIO.toml` and `gpumarket simulate plot DIR`
+    _register_plugin_commands(sub)
     return parser
+
+
+# Commands that other packages add (the simulator's `gpumarket simulate`): each entry point in
+# this group names a `register(subparsers)` function. The node never imports those packages
+# itself, so a provider's node runs without the simulator's numpy, numba and matplotlib.
+PLUGIN_GROUP = "gpumarket.commands"
+
+
+def _register_plugin_commands(sub) -> None:
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name):
+        try:
+            register = ep.load()
+        except ImportError as exc:  # a broken optional package must not take the node's CLI down
+            logging.getLogger(__name__).warning("command %r not available: %s", ep.name, exc)
+            continue
+        register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

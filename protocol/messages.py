@@ -34,13 +34,8 @@ from .encoding import (
 )
 from .errors import Reject
 from .eth import ZERO_ADDRESS, keccak
-from .identity import (
-    ED25519_SIG_LEN,
-    PeerKey,
-    check_wallet_signed_peer,
-    sign_binding,
-    verify_ed25519,
-)
+from .identity import ED25519_SIG_LEN, PeerKey, sign_binding
+from .verifier import VERIFIER, Verifier
 
 B16, B20, B32, B64, B65 = (FixedBytes(n) for n in (16, 20, 32, 64, 65))
 U8, U16, U32, U53 = UInt(8), UInt(16), UInt(32), UInt(53)
@@ -68,19 +63,21 @@ class Signed(Message):
     def sign(self, key: PeerKey) -> Self:
         return dataclasses.replace(self, signature=key.sign(self.DOMAIN, self.unsigned_bytes()))
 
-    def signature_valid(self, public_key: bytes, data: bytes | None = None) -> bool:
+    def signature_valid(self, public_key: bytes, data: bytes | None = None,
+                        verifier: Verifier = VERIFIER) -> bool:
         """Check the signature. Pass the message's wire bytes as `data` when you have them:
         the unsigned bytes are then sliced out instead of re-encoded."""
         payload = _unsigned_from_wire(data, len(_field_names(type(self)))) if data else None
         if payload is None:
             payload = self.unsigned_bytes()
-        return verify_ed25519(public_key, self.DOMAIN, payload, self.signature)  # type: ignore[attr-defined]
+        return verifier.ed25519(public_key, self.DOMAIN, payload, self.signature)  # type: ignore[attr-defined]
 
     @classmethod
-    def wire_signature_valid(cls, public_key: bytes, data: bytes) -> bool:
+    def wire_signature_valid(cls, public_key: bytes, data: bytes,
+                             verifier: Verifier = VERIFIER) -> bool:
         """The signature check on a message's canonical wire bytes, without decoding them."""
         payload = _unsigned_from_wire(data, len(_field_names(cls)))
-        return payload is not None and verify_ed25519(public_key, cls.DOMAIN, payload, data[-64:])
+        return payload is not None and verifier.ed25519(public_key, cls.DOMAIN, payload, data[-64:])
 
 
 SIG_TRAILER = b"\xc4\x40"  # msgpack bin8 header of a 64-byte signature
@@ -191,15 +188,15 @@ class Binding:
             peer_sig=peer.sign(cls.DOMAIN, cls._peer_payload(peer.public, wallet, chain_id)),
         )
 
-    def verify(self) -> None:
+    def verify(self, verifier: Verifier = VERIFIER) -> None:
         """Raise Reject unless both signatures hold. Costs one ecrecover (~0.2 ms): cache by
         `cache_key()` where bindings repeat (every offer of a provider carries the same one)."""
         if self.wallet == ZERO_ADDRESS:
             raise Reject("binding_zero_wallet", "binding names the zero address")
         payload = self._peer_payload(self.peer_key, self.wallet, self.chain_id)
-        if not verify_ed25519(self.peer_key, self.DOMAIN, payload, self.peer_sig):
+        if not verifier.ed25519(self.peer_key, self.DOMAIN, payload, self.peer_sig):
             raise Reject("binding_peer_sig", "peer signature over the wallet is invalid")
-        check_wallet_signed_peer(self.peer_key, self.wallet, self.chain_id, self.wallet_sig)
+        verifier.wallet_signed_peer(self.peer_key, self.wallet, self.chain_id, self.wallet_sig)
 
     def cache_key(self) -> tuple:
         return (self.peer_key, self.wallet, self.chain_id, self.wallet_sig, self.peer_sig)

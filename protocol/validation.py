@@ -11,12 +11,13 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 
-from .encoding import MAX_SAFE_INTEGER, decode
+from .encoding import MAX_SAFE_INTEGER
 from .errors import Ignore, Reject
 from .identity import peer_id_from_public_key
 from .eth import ZERO_ADDRESS
 from .messages import SIG_TAIL, SIG_TRAILER, Binding, Offer, OfferWithdrawal, digest, key_prefix
 from .params import Params
+from .verifier import VERIFIER, Verifier
 
 UINT256_MAX = 2**256 - 1
 
@@ -34,12 +35,12 @@ class BindingCache:
         self.size = size
         self._verified: OrderedDict[tuple, None] = OrderedDict()
 
-    def verify(self, binding: Binding) -> None:
+    def verify(self, binding: Binding, verifier: Verifier = VERIFIER) -> None:
         key = binding.cache_key()
         if key in self._verified:
             self._verified.move_to_end(key)
             return
-        binding.verify()  # raises Reject
+        binding.verify(verifier)  # raises Reject
         self._verified[key] = None
         if len(self._verified) > self.size:
             self._verified.popitem(last=False)
@@ -117,14 +118,15 @@ def validate_offer(
     known_digest: bytes | None = None,
     withdrawn_seq: int = -1,
     chain_ids: frozenset[int] | None = None,
+    verifier: Verifier = VERIFIER,
 ) -> tuple[Offer, bytes]:
     """Validate one gossiped offer; return it with its digest (sha256 of `data`).
 
     `known_seq`/`known_digest`: the latest offer this node holds from the provider (-1: none);
     `withdrawn_seq`: the highest withdrawal seen (-1: none); `chain_ids`: chains this node
-    trades on (None: any)."""
+    trades on (None: any); `verifier`: decodes and checks signatures (protocol/verifier.py)."""
     # [REJECT] canonical encoding of an Offer within its size limit
-    offer = decode(data, Offer)
+    offer = verifier.decode(data, Offer)
     assert isinstance(offer, Offer)
     offer_digest = digest(data)
     # [IGNORE] duplicate: exactly this offer is already held
@@ -141,10 +143,10 @@ def validate_offer(
         raise Ignore("wrong_chain", f"chain {offer.terms.chain_id} not traded here")
     check_offer_static(offer, params)
     # [REJECT] signature by the provider key over the offer
-    if not offer.signature_valid(offer.provider, data):
+    if not offer.signature_valid(offer.provider, data, verifier):
         raise Reject("bad_signature", "offer signature does not verify")
     # [REJECT] both binding signatures (cached once verified)
-    bindings.verify(offer.binding)
+    bindings.verify(offer.binding, verifier)
     # [REJECT] equivocation: a different offer signed with a sequence number already used
     if offer.seq == known_seq:
         raise Reject("equivocation", "two different offers with the same sequence number")
@@ -216,6 +218,7 @@ def validate_reannouncement(
     known_chain_id: int,
     withdrawn_seq: int = -1,
     chain_ids: frozenset[int] | None = None,
+    verifier: Verifier = VERIFIER,
 ) -> bytes:
     """`validate_offer` for an offer whose body (see above) is byte for byte the body of the
     offer held from the same provider (`known_*`), which passed `validate_offer` with these
@@ -241,7 +244,7 @@ def validate_reannouncement(
     if lifetime < params.offer_min_lifetime_ms or lifetime > params.offer_max_lifetime_ms:
         raise Reject("bad_lifetime", f"offer lifetime {lifetime} ms outside the allowed range")
     # [REJECT] signature by the provider key (the binding is the held offer's: verified)
-    if not Offer.wire_signature_valid(data[5:37], data):
+    if not Offer.wire_signature_valid(data[5:37], data, verifier):
         raise Reject("bad_signature", "offer signature does not verify")
     # [REJECT] equivocation; [IGNORE] stale, withdrawn
     if seq == known_seq:
@@ -254,10 +257,11 @@ def validate_reannouncement(
 
 
 def validate_withdrawal(
-    data: bytes, now_ms: int, params: Params, *, withdrawn_seq: int = -1
+    data: bytes, now_ms: int, params: Params, *, withdrawn_seq: int = -1,
+    verifier: Verifier = VERIFIER,
 ) -> OfferWithdrawal:
     # [REJECT] canonical encoding of an OfferWithdrawal within its size limit
-    msg = decode(data, OfferWithdrawal)
+    msg = verifier.decode(data, OfferWithdrawal)
     assert isinstance(msg, OfferWithdrawal)
     # [IGNORE] from the future
     if msg.created_ms > now_ms + params.clock_skew_ms:
@@ -269,6 +273,6 @@ def validate_withdrawal(
     if msg.seq <= withdrawn_seq:
         raise Ignore("duplicate", "withdrawal already applied")
     # [REJECT] signature by the provider key
-    if not msg.signature_valid(msg.provider, data):
+    if not msg.signature_valid(msg.provider, data, verifier):
         raise Reject("bad_signature", "withdrawal signature does not verify")
     return msg

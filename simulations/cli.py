@@ -5,6 +5,7 @@ and `python -m simulations plot DIR`; `register(subparsers)` adds the same as
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 
@@ -64,15 +65,42 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# The third-party packages the simulator needs: the `sim` extra in pyproject.toml.
+EXTRA_MODULES = ("numpy", "numba", "matplotlib")
+MISSING_EXTRA = "the simulator needs its extra dependencies: pip install 'gpumarket[sim]'"
+
+
+def missing_modules() -> list[str]:
+    """The simulator's dependencies that are not installed (found without importing them)."""
+    return [m for m in EXTRA_MODULES if importlib.util.find_spec(m) is None]
+
+
+def _missing_extra(args: argparse.Namespace) -> int:
+    print(f"gpumarket: {MISSING_EXTRA} (missing: {', '.join(args.missing)})", file=sys.stderr)
+    return 2
+
+
 def register(subparsers) -> None:
     """Add `simulate SCENARIO --out DIR` and `simulate plot DIR` to an argparse subparsers
-    object (node/cli.py's build_parser calls this)."""
+    object. node/cli.py finds this through the `gpumarket.commands` entry point
+    (pyproject.toml). Without the `sim` extra the command only says what to install."""
+    missing = missing_modules()
+    if missing:
+        # takes any arguments, --help included (no prefix characters: every word is positional)
+        sim = subparsers.add_parser("simulate", help="the network simulator (needs gpumarket[sim])",
+                                    description=MISSING_EXTRA, add_help=False, prefix_chars="\0")
+        sim.add_argument("rest", nargs="*")
+        sim.set_defaults(func=_missing_extra, missing=missing)
+        return
     sim = subparsers.add_parser("simulate", help="run the network simulator on a scenario, or plot results",
                                 description=__doc__)
     _add_run_args(sim)
 
 
 def main(argv: list[str] | None = None) -> int:
+    missing = missing_modules()
+    if missing:
+        return _missing_extra(argparse.Namespace(missing=missing))
     p = argparse.ArgumentParser(prog="python -m simulations", description=__doc__)
     _add_run_args(p)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)

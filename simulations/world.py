@@ -13,11 +13,12 @@ Verification strategy (what the simulator does and does not re-verify)
   that had reached it (market.SharedBook: one shared book, ingested once per message, with the
   providers the renter is behind on swapped for its own messages, ingested for real). Inside the
   simulator the ed25519 checks of *offer* and *binding* signatures and the binding's ecrecover
-  are memoised by their exact inputs (`memo_signatures`): the first check of a given signature
-  is real, later ones with the same bytes return the same (pure) answer. So is the decoding of
-  an offer or withdrawal (the validation around it runs every time). Negotiation,
-  heartbeat, receipt and consent signatures
-  are never memoised: each is made and checked for real by the machines.
+  are memoised by their exact inputs (`MemoVerifier`, the `protocol.verifier.Verifier` passed
+  to every validation and offer book): the first check of a given signature is real, later ones
+  with the same bytes return the same (pure) answer. So is the decoding of an offer or
+  withdrawal (the validation around it runs every time). Negotiation (a proposal's renter
+  binding included), heartbeat, receipt and consent signatures are never memoised: each is made
+  and checked for real by the machines, with the default verifier.
 * The chain recovers every claim's receipt signature like the contract's ecrecover.
 """
 
@@ -34,11 +35,8 @@ from typing import Any
 
 import numpy as np
 
-import protocol.messages as pm
-import protocol.validation as pv
 from protocol.errors import Ignore, Reject, RemoteProtocolError
 from protocol.eth import private_key_address
-from protocol.messages import Offer
 from protocol.offerbook import OfferBook
 from protocol.params import Params
 from protocol.samples import REGIONS
@@ -48,72 +46,11 @@ from .agents import Provider, RentalRecord, Renter, Spammer
 from .chain import ARBITER, Chain, Tx
 from .engine import EPOCH_MS, Engine, derive_seed, stream_rng
 from .market import OFFER, GossipStore, SharedBook, ingest_message
+from .metrics import Metrics, pct
 from .network import INF, Network, Overlay
+from .sigmemo import MemoVerifier
 
 I32_NEVER = np.iinfo(np.int32).max
-_MEMO_DOMAINS = (Offer.DOMAIN, pm.Binding.DOMAIN, pm.OfferWithdrawal.DOMAIN)
-DECODE_MEMO_SIZE = 65_536  # decoded gossip messages kept (an offer is ~2-3 KB decoded)
-
-
-@contextlib.contextmanager
-def memo_signatures(stats: dict):
-    """Memoise offer/binding/withdrawal ed25519 checks and binding ecrecovers, and the decoding
-    of gossiped offers and withdrawals (pure functions of their bytes) for the duration of a
-    run; restore the originals afterwards."""
-    real_verify, real_wallet = pm.verify_ed25519, pm.check_wallet_signed_peer
-    real_decode = pv.decode
-    cache: dict = {}
-    decoded: dict = {}
-
-    def decode(data, expect=None):
-        # validate_offer / validate_withdrawal decode the same bytes once per renter that
-        # ingests them: the decoded (frozen) message is shared. Failures are not kept: they
-        # decode again and raise afresh.
-        key = (data, expect)
-        hit = decoded.get(key)
-        if hit is None:
-            stats["decode_real"] += 1
-            hit = real_decode(data, expect)
-            if len(decoded) >= DECODE_MEMO_SIZE:
-                del decoded[next(iter(decoded))]  # the oldest: offers expire in publish order
-            decoded[key] = hit
-        else:
-            stats["decode_memo"] += 1
-        return hit
-
-    def verify(public_key, domain, payload, signature):
-        if domain not in _MEMO_DOMAINS:
-            stats["ed25519_real"] += 1
-            return real_verify(public_key, domain, payload, signature)
-        key = (public_key, domain, payload, signature)
-        hit = cache.get(key)
-        if hit is None:
-            stats["ed25519_real"] += 1
-            hit = cache[key] = real_verify(public_key, domain, payload, signature)
-        else:
-            stats["ed25519_memo"] += 1
-        return hit
-
-    def wallet(peer_key, wallet_addr, chain_id, wallet_sig):
-        key = ("w", peer_key, wallet_addr, chain_id, wallet_sig)
-        hit = cache.get(key)
-        if hit is None:
-            stats["ecrecover_real"] += 1
-            try:
-                real_wallet(peer_key, wallet_addr, chain_id, wallet_sig)
-                hit = cache[key] = ("ok",)
-            except Reject as exc:
-                hit = cache[key] = ("err", exc)
-        else:
-            stats["ecrecover_memo"] += 1
-        if hit[0] == "err":
-            raise hit[1]
-
-    pm.verify_ed25519, pm.check_wallet_signed_peer, pv.decode = verify, wallet, decode
-    try:
-        yield
-    finally:
-        pm.verify_ed25519, pm.check_wallet_signed_peer, pv.decode = real_verify, real_wallet, real_decode
 
 
 @dataclass
@@ -127,54 +64,6 @@ class GossipMsg:
     expires_ms: int
     arrival: np.ndarray  # int32 ms since start, I32_NEVER = never (a row of the GossipStore)
     row: int = -1
-
-
-def pct(values, qs=(50, 90, 99)) -> dict:
-    if len(values) == 0:
-        return {f"p{q}": None for q in qs}
-    a = np.asarray(values, dtype=np.float64)
-    return {f"p{q}": round(float(np.percentile(a, q)), 3) for q in qs}
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        self.neg_fail: dict[str, dict[str, int]] = {"renter": {}, "provider": {}}
-        self.hb_rejects: dict[str, int] = {}
-        self.receipt_rejects: dict[str, int] = {}
-        self.requests = 0
-        self.gave_up = 0
-        self.time_to_rent_ms: list[int] = []
-        self.prop_samples: list[int] = []
-        self.prop_coverage: list[float] = []
-        self.prop_t99: list[int] = []
-        self.new_renter_full_view_ms: list[int] = []
-        self.new_renter_incomplete = 0
-        self.invalid_hops: dict[int, int] = {}
-        self.invalid_published = 0
-        self.invalid_reasons: dict[str, int] = {}
-        self.book_sizes: list[int] = []
-        self.stores = 0
-
-    def count(self, key: str, n: int = 1) -> None:
-        self.counts[key] = self.counts.get(key, 0) + n
-
-    def fail(self, role: str, reason: str) -> None:
-        d = self.neg_fail[role]
-        d[reason] = d.get(reason, 0) + 1
-
-    def report(self, agent: Any, e: Any) -> None:
-        ev = e.event
-        self.count("report." + ev)
-        if ev == "negotiation_failed":
-            if e.detail["reason"] == "CANCELLED" and e.detail["fault"] == "local":
-                self.count("negotiation_cancelled_after_win")
-            else:
-                self.fail(e.detail["role"], e.detail["reason"])
-        elif ev == "heartbeat_rejected":
-            self.hb_rejects[e.detail["code"]] = self.hb_rejects.get(e.detail["code"], 0) + 1
-        elif ev == "receipt_rejected":
-            self.receipt_rejects[e.detail["code"]] = self.receipt_rejects.get(e.detail["code"], 0) + 1
 
 
 class World:
@@ -196,6 +85,7 @@ class World:
         self.log_lines: list[str] = []
         self.sigstats = {"ed25519_real": 0, "ed25519_memo": 0, "ecrecover_real": 0, "ecrecover_memo": 0,
                          "decode_real": 0, "decode_memo": 0}
+        self.verifier = MemoVerifier(self.sigstats)
         self.records: dict[bytes, RentalRecord] = {}
         self.nodes: list[Any] = []
         self.online: list[bool] = []
@@ -262,8 +152,9 @@ class World:
         self.net = Network(cfg, self.engine, stream_rng(self.seed, "network"), self.regions, self.online, self.start_ms)
         self.overlay = Overlay(cfg, self.net, self.ncfg_np, stream_rng(self.seed, "overlay"), n)
         self.store = GossipStore(n)
-        self.shared_book = SharedBook(OfferBook(self.params, bindings=BindingCache(self.params.binding_cache_size)),
-                                      self.store, self.metrics.count)
+        book = OfferBook(self.params, bindings=BindingCache(self.params.binding_cache_size),
+                         verifier=self.verifier)
+        self.shared_book = SharedBook(book, self.store, self.metrics.count)
         self.chain = Chain(cfg, self.engine, self.start_ms, self._chain_event)
         sybil_host: dict[int, tuple] = {}
         models = cfg["providers"]["models"]
@@ -374,9 +265,9 @@ class World:
         now = self.engine.now
         try:  # the relays' validation, run for real once on these bytes
             if kind == "offer":
-                validate_offer(data, now, self.params, self.relay_bindings)
+                validate_offer(data, now, self.params, self.relay_bindings, verifier=self.verifier)
             else:
-                validate_withdrawal(data, now, self.params)
+                validate_withdrawal(data, now, self.params, verifier=self.verifier)
             valid = True
         except RemoteProtocolError as exc:
             valid = False
@@ -419,7 +310,7 @@ class World:
         now = self.engine.now
         self.metrics.invalid_published += 1
         try:
-            validate_offer(data, now, self.params, self.relay_bindings)
+            validate_offer(data, now, self.params, self.relay_bindings, verifier=self.verifier)
             code = "accepted"
         except (Reject, Ignore) as exc:
             code = exc.code
@@ -450,7 +341,8 @@ class World:
         got = self.shared_book.run_for(idx, now, now - self.start_ms,
                                        lambda book: (list(book.query(q, limit=limit)), len(book)))
         if self.check_books:
-            ref = OfferBook(self.params, bindings=BindingCache(self.params.binding_cache_size))
+            ref = OfferBook(self.params, bindings=BindingCache(self.params.binding_cache_size),
+                            verifier=self.verifier)
             self.fill_book(idx, ref)
             want = ([e.digest for e in ref.query(q, limit=limit)], len(ref))
             if ([e.digest for e in got[0]], got[1]) != want:
@@ -575,7 +467,7 @@ class World:
 
     def run(self) -> dict:
         self._wall0 = time.perf_counter()
-        with memo_signatures(self.sigstats), contextlib.ExitStack() as stack:
+        with contextlib.ExitStack() as stack:
             if self.flood_thread:
                 self._flood_pool = stack.enter_context(ThreadPoolExecutor(1, "flood"))
             self.build()

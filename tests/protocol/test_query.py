@@ -313,7 +313,7 @@ NEAR_SCORES = [0, 1] + [_near(float(v), u) for v in SCORE_VALUES for u in range(
 def test_query__score_residual_matches_the_exact_decimal_comparison(value, op):
     """The per-entry score check compares floats with precomputed float thresholds; it must
     agree with Term.test's exact Decimal comparison, also one ulp either side of the value."""
-    from protocol.offerbook import _score_check
+    from protocol.queryplan import _score_check
 
     term = parse_query(f"score{op}{value}").terms[0]
     check, _, threshold = _score_check(term)
@@ -325,7 +325,7 @@ def test_query__score_residual_matches_the_exact_decimal_comparison(value, op):
 @given(score=st.floats(0, 1), value=st.sampled_from(SCORE_VALUES),
        op=st.sampled_from(["=", "!=", "<", "<=", ">", ">="]))
 def test_query__score_residual_matches_decimal_for_any_float(score, value, op):
-    from protocol.offerbook import _score_check
+    from protocol.queryplan import _score_check
 
     term = parse_query(f"score{op}{value}").terms[0]
     check, _, threshold = _score_check(term)

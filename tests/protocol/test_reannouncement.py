@@ -16,8 +16,9 @@ from tests.protocol.book_helpers import NOW, offer, provider
 from protocol.encoding import pack, unpack_canonical
 from protocol.errors import ProtocolError
 from protocol.messages import Offer, _unsigned_from_wire
-from protocol.offerbook import Entry, OfferBook, _SortedList
+from protocol.offerbook import Entry, OfferBook
 from protocol.params import Params
+from protocol.sortedlist import SortedList
 from protocol.validation import BindingCache, offer_header, validate_offer
 
 PARAMS = Params()
@@ -184,7 +185,7 @@ def test_reannouncement__chains_over_many_rounds_and_queries_agree():
 def test_sorted_list_replace__equals_remove_then_add(ops, chunk):
     """`replace` in place or not, the list equals a plain sorted model (tiny chunks force the
     chunk-boundary cases)."""
-    sl = type("Tiny", (_SortedList,), {"__slots__": (), "CHUNK": chunk})()
+    sl = type("Tiny", (SortedList,), {"__slots__": (), "CHUNK": chunk})()
     model: dict = {}
     for old, new in ops:
         if old in model and (new not in model or new == old):
