@@ -28,16 +28,19 @@ class StubChain:
     'not enough funds', before any negotiation)."""
 
     def __init__(self, chain_id: int) -> None:
-        self.chain = SimpleNamespace(chain_id=chain_id, balance=None)
+        # the sample offers' escrow (protocol.samples.make_offer), so they are rentable here
+        self.chain = SimpleNamespace(chain_id=chain_id, escrow_address=b"\xee" * 20, funds=None)
         self.calls: list[str] = []
 
     async def run(self, fn, *args):
         self.calls.append("balance")
-        return 0
+        return 0, 0  # (balance, allowance)
 
 
 def entry(offer):
-    return SimpleNamespace(offer=offer, digest=digest(offer.encode()))
+    d = digest(offer.encode())
+    return SimpleNamespace(offer=offer, digest=d, offer_id=d.hex()[:12],
+                           chain_id=offer.terms.chain_id, escrow=offer.terms.escrow)
 
 
 def offer_with(**terms):
