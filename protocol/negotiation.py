@@ -39,6 +39,7 @@ from .messages import (
     Offer,
     Proposal,
 )
+from .verifier import VERIFIER, Verifier
 from .params import Params
 from .tokens import refused_token
 
@@ -214,8 +215,9 @@ class _Negotiation:
     ROLE: ClassVar[str]
     TRANSITIONS: ClassVar[dict[tuple[State, type], Handler]]
 
-    def __init__(self, key: PeerKey, params: Params) -> None:
+    def __init__(self, key: PeerKey, params: Params, verifier: Verifier = VERIFIER) -> None:
         self.params = params
+        self.verifier = verifier  # signature and binding checks (the simulator memoises them)
         self.state = State.IDLE
         self.failure: Failure | None = None
         self.negotiation_id: bytes = b"\x00" * NEGOTIATION_ID_LEN
@@ -342,7 +344,7 @@ class _Negotiation:
         if msg.round not in rounds:
             raise NegotiationViolation(Reason.WRONG_ROUND,
                                        f"round {msg.round} where {sorted(rounds)} expected")
-        if self._peer is None or not msg.signature_valid(self._peer, self._wire):
+        if self._peer is None or not msg.signature_valid(self._peer, self._wire, self.verifier):
             raise NegotiationViolation(Reason.BAD_SIGNATURE,
                                        f"{type(msg).__name__} signature does not verify")
         p = self.params
@@ -394,8 +396,9 @@ class RenterNegotiation(_Negotiation):
         min_duration_s: int | None = None,
         max_duration_s: int | None = None,
         opening_price_per_gpu_second: int | None = None,
+        verifier: Verifier = VERIFIER,
     ) -> None:
-        super().__init__(renter, params)
+        super().__init__(renter, params, verifier)
         self.offer = offer
         self.offer_digest = offer_digest
         self.binding = renter_binding
@@ -591,8 +594,9 @@ class ProviderNegotiation(_Negotiation):
         params: Params,
         *,
         open_hold_ms: int = DEFAULT_OPEN_HOLD_MS,
+        verifier: Verifier = VERIFIER,
     ) -> None:
-        super().__init__(provider, params)
+        super().__init__(provider, params, verifier)
         if open_hold_ms < 1:
             raise LocalProtocolError("bad_argument", "open_hold_ms must be positive")
         if provider.public != offer.provider:
@@ -642,7 +646,7 @@ class ProviderNegotiation(_Negotiation):
         if binding.peer_key != msg.renter:
             raise NegotiationViolation(Reason.BAD_BINDING, "renter binding names another peer key")
         try:
-            binding.verify()
+            binding.verify(self.verifier)
         except Reject as exc:
             raise NegotiationViolation(Reason.BAD_BINDING, str(exc)) from None
         if binding.wallet == self.offer.binding.wallet:

@@ -33,6 +33,7 @@ from .errors import DecodeError, Ignore, LocalProtocolError, Reject, RemoteProto
 from .eth import private_key_address
 from .identity import PeerKey
 from .messages import AccessGrant, AgreementDetails, GpuMetrics, Heartbeat, UsageReceipt, digest
+from .verifier import VERIFIER, Verifier
 from .params import DEFAULT_PARAMS, SECOND_MS, Params
 
 ZERO_HASH = b"\x00" * 32
@@ -97,8 +98,9 @@ class _Machine:
     RECEIVES: ClassVar[dict[type[Message], str]]
     state: State
 
-    def __init__(self) -> None:
+    def __init__(self, verifier: Verifier = VERIFIER) -> None:
         self.rejections: Counter[str] = Counter()
+        self.verifier = verifier  # signature checks of the peer's messages (the simulator memoises)
 
     def receive_data(self, data: bytes, now_ms: int) -> list[Effect]:
         """Decode one frame from the peer's stream and handle it. Bytes that are not one
@@ -182,8 +184,10 @@ class ProviderRental(_Machine):
         started_ms: int,
         params: Params = DEFAULT_PARAMS,
         metrics: Sequence[GpuMetrics] | None = None,
+        *,
+        verifier: Verifier = VERIFIER,
     ) -> None:
-        super().__init__()
+        super().__init__(verifier)
         if provider.public != details.provider_key:
             raise LocalProtocolError("wrong_key", "provider key is not details.provider_key")
         if terms.details_hash != details.details_hash():
@@ -380,7 +384,7 @@ class ProviderRental(_Machine):
         if r.agreement_id != self.agreement_id:
             raise Reject("wrong_agreement", "receipt for another agreement")
         # [REJECT bad_signature] ed25519 by details.renter_key
-        if not r.signature_valid(self.details.renter_key):
+        if not r.signature_valid(self.details.renter_key, None, self.verifier):
             raise Reject("bad_signature", "receipt not signed by the renter's peer key")
         # [REJECT unknown_heartbeat] it must answer a heartbeat this provider sent
         if r.heartbeat_seq >= len(self.sent) or self.sent[r.heartbeat_seq] != r.heartbeat_hash:
@@ -457,8 +461,10 @@ class RenterRental(_Machine):
         started_ms: int,
         rng: RandomSource,
         params: Params = DEFAULT_PARAMS,
+        *,
+        verifier: Verifier = VERIFIER,
     ) -> None:
-        super().__init__()
+        super().__init__(verifier)
         if renter.public != details.renter_key:
             raise LocalProtocolError("wrong_key", "renter key is not details.renter_key")
         if private_key_address(renter_wallet_key) != terms.renter:
@@ -699,7 +705,7 @@ class RenterRental(_Machine):
         if hb.agreement_id != self.agreement_id:
             raise Reject("wrong_agreement", "heartbeat for another agreement")
         # [REJECT bad_signature] ed25519 by details.provider_key
-        if not hb.signature_valid(self.details.provider_key):
+        if not hb.signature_valid(self.details.provider_key, None, self.verifier):
             raise Reject("bad_signature", "heartbeat not signed by the provider's peer key")
         # [IGNORE stale_heartbeat] replayed, duplicated or overtaken: seq must grow
         if self.last_seq is not None and hb.seq <= self.last_seq:
@@ -733,7 +739,7 @@ class RenterRental(_Machine):
         if grant.agreement_id != self.agreement_id:
             raise Reject("wrong_agreement", "access grant for another agreement")
         # [REJECT bad_signature] ed25519 by details.provider_key
-        if not grant.signature_valid(self.details.provider_key):
+        if not grant.signature_valid(self.details.provider_key, None, self.verifier):
             raise Reject("bad_signature", "access grant not signed by the provider's peer key")
         return grant
 

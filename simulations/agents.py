@@ -241,7 +241,8 @@ class Provider(Agent):
                 free = [g for g in self.free() if g in {x.uuid_digest for x in self.offer.gpus}]
                 n = ProviderNegotiation(self.offer, self.offer_digest, self.peer, self.wallet_key,
                                         free, self.floor, self.world.params,
-                                        open_hold_ms=self.world.cfg["market"]["reservation_hold_s"] * 1000)
+                                        open_hold_ms=self.world.cfg["market"]["reservation_hold_s"] * 1000,
+                                        verifier=self.world.verifier)
                 self.negs[key] = n
             self.effects(n.receive_data(data, now), ("neg", key))
             self.schedule(("neg", key), n.next_deadline())
@@ -346,7 +347,8 @@ class Provider(Agent):
             else:
                 metrics = [GpuMetrics(g, 95, 20_000, 65, 350_000) for g in n.details.gpus]
             m = ProviderRental(n.terms, n.details, escrow_domain(n.offer), self.peer,
-                               data["started_s"] * 1000, self.world.params, metrics)
+                               data["started_s"] * 1000, self.world.params, metrics,
+                               verifier=self.world.verifier)
             self.rentals[aid] = m
             rec = self.world.records.get(aid)
             if rec is not None:
@@ -465,7 +467,7 @@ class Renter(Agent):
             negs.append(RenterNegotiation(
                 offer, e.digest, self.peer, self.binding, want["gpus"], want["duration_s"],
                 want["max_price"], "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIsim " + self.name,
-                w.params, self.rng, opening_price_per_gpu_second=opening))
+                w.params, self.rng, opening_price_per_gpu_second=opening, verifier=w.verifier))
         self.group = FirstAgreementWins(negs)
         self.effects(self.group.start(now), None)
         self.schedule("neg", self.group.next_deadline())
@@ -567,7 +569,8 @@ class Renter(Agent):
             rec.opened_s = data["started_s"]
             w.metrics.time_to_rent_ms.append(now - rec.requested_ms)
             self.rental = RenterRental(n.terms, n.details, escrow_domain(n.offer), self.peer,
-                                       self.wallet_key, data["started_s"] * 1000, self.rng, w.params)
+                                       self.wallet_key, data["started_s"] * 1000, self.rng, w.params,
+                                       verifier=w.verifier)
             self.group = None
             self.schedule("rent", self.rental.next_deadline())
             if self.profile == "stop_ack":
