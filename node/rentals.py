@@ -8,7 +8,7 @@ Neither state machine depends on the stream: heartbeats sent while no stream is 
 stored (and lost to the renter, who then pays nothing for the gap), exactly as the protocol's
 acked-seconds rule expects.
 
-Effects are carried out strictly in order, so a Store (heartbeat or receipt into SQLite) is
+Effects are carried out strictly in order, so a Persist (heartbeat or receipt into SQLite) is
 committed before the Send that follows it.
 """
 
@@ -27,7 +27,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from protocol.agreement import AgreementTerms
-from protocol.effects import Effect, EscrowCall, Report, Send, StartService, StopService, Store
+from protocol.effects import Effect, EscrowCall, Persist, Report, Send, StartService, StopService
 from protocol.encoding import decode
 from protocol.errors import DecodeError
 from protocol.identity import peer_id_from_public_key
@@ -110,7 +110,7 @@ class _Session:
 
     async def carry_out(self, effects: list[Effect]) -> None:
         for effect in effects:
-            if isinstance(effect, Store):
+            if isinstance(effect, Persist):
                 await self._store(effect)
             elif isinstance(effect, Send):
                 await self._send(effect)
@@ -135,7 +135,7 @@ class _Session:
     async def on_service(self, effect: Effect) -> None:
         """StartService / StopService: the provider's business (see ProviderSession)."""
 
-    async def _store(self, effect: Store) -> None:
+    async def _store(self, effect: Persist) -> None:
         msg = effect.message
         if isinstance(msg, Heartbeat):
             self.log.heartbeats += 1

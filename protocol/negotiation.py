@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 from .agreement import UINT256_MAX, AgreementTerms, EscrowDomain, sign_consent, verify_consent
-from .effects import Effect, EscrowCall, Report, Send, Store
+from .effects import Effect, EscrowCall, Persist, Report, Send
 from .encoding import Message, decode, to_wire_text
 from .errors import DecodeError, LocalProtocolError, Reject, RemoteProtocolError
 from .eth import ZERO_ADDRESS, private_key_address
@@ -546,7 +546,7 @@ class RenterNegotiation(_Negotiation):
         self._deadline = None
         self.terms, self.details, self.consent_sig = terms, details, msg.consent_sig
         return [
-            Store("accept", agreement_id, msg),
+            Persist("accept", agreement_id, msg),
             EscrowCall("open", agreement_id, {
                 "terms": terms, "details": details, "consent_sig": msg.consent_sig,
                 "domain": domain, "deposit": terms.deposit,
@@ -721,8 +721,8 @@ class ProviderNegotiation(_Negotiation):
         self.terms, self.details, self.consent_sig, self.accept = terms, details, consent, accept
         return [
             # Durable before the consent leaves: the renter can open the escrow with it.
-            Store("proposal", agreement_id, msg),
-            Store("accept", agreement_id, accept),
+            Persist("proposal", agreement_id, msg),
+            Persist("accept", agreement_id, accept),
             Send(msg.renter, accept),
             Report("negotiation_agreed", {
                 "role": self.ROLE, "negotiation_id": self.negotiation_id, "round": msg.round,

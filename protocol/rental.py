@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Protocol, Sequence
 
 from .agreement import AgreementTerms, EscrowDomain, recover_receipt_signer, sign_receipt
-from .effects import Effect, EscrowCall, Report, Send, Store, StartService, StopService
+from .effects import Effect, EscrowCall, Persist, Report, Send, StartService, StopService
 from .encoding import Message, decode
 from .errors import DecodeError, Ignore, LocalProtocolError, Reject, RemoteProtocolError
 from .eth import private_key_address
@@ -89,12 +89,12 @@ class ProviderRental(_Machine):
 
     # (state, event) -> next state. Anything else is a LocalProtocolError.
     TRANSITIONS = {
-        (SERVING, "heartbeat_due"): SERVING,            # Store + Send heartbeat
-        (SERVING, "receipt"): SERVING,                  # Store receipt, adopt nonce
+        (SERVING, "heartbeat_due"): SERVING,            # Persist + Send heartbeat
+        (SERVING, "receipt"): SERVING,                  # Persist receipt, adopt nonce
         (SERVING, "receipts_missed"): DONE,             # StopService + claim
-        (SERVING, "agreement_end"): FINISHING,          # StopService, Store + Send final heartbeat
+        (SERVING, "agreement_end"): FINISHING,          # StopService, Persist + Send final heartbeat
         (SERVING, "renter_closed"): DONE,               # StopService + claim
-        (FINISHING, "receipt"): FINISHING,              # Store receipt
+        (FINISHING, "receipt"): FINISHING,              # Persist receipt
         (FINISHING, "final_receipt"): DONE,             # claim
         (FINISHING, "final_wait_over"): DONE,           # claim
         (FINISHING, "renter_closed"): DONE,             # claim
@@ -157,7 +157,7 @@ class ProviderRental(_Machine):
     ) -> "ProviderRental":
         """A serving machine rebuilt from this provider's own records after a restart.
 
-        `heartbeats`: every heartbeat it stored, in seq order (a Store effect precedes each Send,
+        `heartbeats`: every heartbeat it stored, in seq order (a Persist effect precedes each Send,
         so no heartbeat the renter saw is missing); `latest_receipt`: the stored receipt
         answering the highest heartbeat seq, or None. The next heartbeat continues the chain
         (seq and prev_hash) and echoes that receipt's `next_nonce`, which the renter still holds
@@ -269,7 +269,7 @@ class ProviderRental(_Machine):
         if receipt.acked_seconds > self.progress_acked:
             self.progress_acked = receipt.acked_seconds
             self.last_progress_ms = now_ms
-        effects: list[Effect] = [Store("receipt", self.agreement_id, receipt)]
+        effects: list[Effect] = [Persist("receipt", self.agreement_id, receipt)]
         if self.state == self.FINISHING and receipt.heartbeat_seq == self.final_seq:
             self._fire("final_receipt")
             effects += self._claim()
@@ -327,7 +327,7 @@ class ProviderRental(_Machine):
         ).sign(self.key)
         self.sent.append(heartbeat_hash(hb))
         self.sent_ms.append(now_ms)
-        return [Store("heartbeat", self.agreement_id, hb), Send(self.details.renter_key, hb)]
+        return [Persist("heartbeat", self.agreement_id, hb), Send(self.details.renter_key, hb)]
 
     def _end(self, now_ms: int) -> list[Effect]:
         self._fire("agreement_end")
@@ -362,7 +362,7 @@ class RenterRental(_Machine):
     ACTIVE, SILENT, CLOSED, ENDED, DONE = "active", "silent", "closed", "ended", "done"
 
     TRANSITIONS = {
-        (ACTIVE, "good_heartbeat"): ACTIVE,     # Store heartbeat, Store + Send receipt
+        (ACTIVE, "good_heartbeat"): ACTIVE,     # Persist heartbeat, Persist + Send receipt
         (SILENT, "good_heartbeat"): ACTIVE,     # ... and Report provider_resumed
         (ACTIVE, "silence"): SILENT,            # Report provider_silent (receipts withheld anyway)
         (SILENT, "long_silence"): CLOSED,       # EscrowCall close
@@ -546,7 +546,7 @@ class RenterRental(_Machine):
             return self._rejected("heartbeat", err)
         resumed = self.state == self.SILENT
         self._fire("good_heartbeat")
-        effects: list[Effect] = [Store("heartbeat", self.agreement_id, hb)]
+        effects: list[Effect] = [Persist("heartbeat", self.agreement_id, hb)]
         if resumed:
             effects.append(Report("provider_resumed", {"seq": hb.seq}))
         # Acked-seconds rule.
@@ -570,7 +570,7 @@ class RenterRental(_Machine):
             sent_ms=now_ms,
             wallet_sig=sign_receipt(self._wallet_key, self.domain, self.agreement_id, self.acked_seconds),
         ).sign(self.key)
-        effects += [Store("receipt", self.agreement_id, receipt), Send(self.details.provider_key, receipt)]
+        effects += [Persist("receipt", self.agreement_id, receipt), Send(self.details.provider_key, receipt)]
         return effects
 
     # -- internals -------------------------------------------------------------------------
