@@ -25,6 +25,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,14 @@ from protocol.identity import PeerKey, peer_id_from_public_key
 from protocol.messages import (MAX_ADDR_LEN, MAX_OFFER_ADDRS, AccessGrant, AgreementDetails,
                                Binding, GpuMetrics, Heartbeat, OfferTerms, TermsWire,
                                UsageReceipt)
+from protocol.money import PriceError, price_units_per_second
 from protocol.negotiation import FirstAgreementWins, ProviderNegotiation, escrow_domain, renter_refusal
 from protocol.offerbook import Entry, OfferBook
 from protocol.params import DEFAULT_PARAMS, Params
 from protocol.rental import ProviderRental, RenterRental
 
 from .chain import AsyncChain, ChainError, RpcUnavailableError, TxResult, WalletEscrow
+from .config import ConfigError, ProviderSection
 from .gpu import GpuProbe
 from .host import GossipHost, HostConfig
 from .identity import load_or_create_identity
@@ -72,25 +75,53 @@ def now_ms() -> int:
 
 @dataclass(frozen=True)
 class ProviderSettings:
-    """What a provider offers and how it serves."""
+    """What a provider offers and how it serves, as the node runs it.
 
-    price_per_gpu_second: int  # advertised, smallest token unit
-    min_price_per_gpu_second: int | None = None  # floor in negotiation (default: advertised)
-    min_duration_s: int = 60
-    max_duration_s: int = 7 * 24 * 3600
-    heartbeat_interval_s: int = 30
-    grace_s: int = 600
-    region: str = "unknown"
-    bandwidth_mbps: int = 1000
-    offer_lifetime_ms: int = 30 * 60 * 1000
-    publish_interval_s: float = 10.0
-    nvml: Any = None  # the pynvml module (default) or a node.fake_nvml.FakeNvml
+    The [provider] section of the configuration file (node.config.ProviderSection) is the one
+    source of truth: its defaults are these defaults, and `from_section` derives these settings
+    from it; the fields after `bandwidth_mbps` are not in the file (tests, demos, benchmarks).
+    Prices are whole tokens per GPU-hour, exact; the node turns them into integer units per
+    GPU-second with the token's decimals read from its contract (protocol/money.py)."""
+
+    price_per_gpu_hour: Decimal = ProviderSection.price_per_gpu_hour  # advertised
+    min_price_per_gpu_hour: Decimal | None = None  # floor in negotiation (default: advertised)
+    min_duration_s: int = ProviderSection.min_duration_s
+    max_duration_s: int = ProviderSection.max_duration_s
+    heartbeat_interval_s: int = ProviderSection.heartbeat_interval_s
+    grace_s: int = ProviderSection.grace_s
+    region: str = ProviderSection.region
+    bandwidth_mbps: int = ProviderSection.bandwidth_mbps
     access_hook: Sequence[str] | None = None  # command run when an agreement opens
+    offer_lifetime_ms: int = ProviderConfig.lifetime_ms
+    publish_interval_s: float = ProviderConfig.publish_interval_s
+    nvml: Any = None  # the pynvml module (default) or a node.fake_nvml.FakeNvml
     access_hook_timeout_s: float = 30.0
     open_hold_ms: int = DEFAULT_OPEN_HOLD_MS  # accepted GPUs wait this long for the escrow
     max_pending_per_peer: int = DEFAULT_MAX_PENDING_PER_PEER  # unopened agreements per renter peer
     max_pending_per_wallet: int = DEFAULT_MAX_PENDING_PER_WALLET  # ... and per renter wallet
     unopened_memory_ms: int = DEFAULT_UNOPENED_MEMORY_MS  # a hold left unopened counts this long
+
+    @classmethod
+    def from_section(cls, section: ProviderSection, *, nvml: Any = None) -> ProviderSettings:
+        return cls(price_per_gpu_hour=section.price_per_gpu_hour,
+                   min_price_per_gpu_hour=section.min_price_per_gpu_hour,
+                   min_duration_s=section.min_duration_s, max_duration_s=section.max_duration_s,
+                   heartbeat_interval_s=section.heartbeat_interval_s, grace_s=section.grace_s,
+                   region=section.region, bandwidth_mbps=section.bandwidth_mbps,
+                   access_hook=section.access_hook or None, nvml=nvml)
+
+    def prices(self, decimals: int) -> tuple[int, int]:
+        """(advertised, floor) in units per GPU-second of a token with `decimals`; ConfigError
+        for a price that is not a whole number of units per second after rounding."""
+        try:
+            price = price_units_per_second(self.price_per_gpu_hour, decimals)
+            floor = (price if self.min_price_per_gpu_hour is None
+                     else price_units_per_second(self.min_price_per_gpu_hour, decimals))
+        except PriceError as exc:
+            raise ConfigError(f"provider price: {exc}") from None
+        if floor > price:
+            raise ConfigError("provider.min_price_per_gpu_hour is above price_per_gpu_hour")
+        return price, floor
 
 
 @dataclass(frozen=True)
@@ -264,10 +295,12 @@ class Node:
 
     async def _start_provider(self, nursery: trio.Nursery, settings: ProviderSettings) -> None:
         chain = self.chain.chain
+        decimals = await self.chain.run(chain.decimals, chain.token_address)
+        price, floor = settings.prices(decimals)
         terms = OfferTerms(
             chain_id=chain.chain_id, token=chain.token_address,
-            token_symbol=(await self.chain.run(self._token_symbol)), token_decimals=6,
-            price_per_gpu_second=settings.price_per_gpu_second, escrow=chain.escrow_address,
+            token_symbol=(await self.chain.run(self._token_symbol)), token_decimals=decimals,
+            price_per_gpu_second=price, escrow=chain.escrow_address,
             min_duration_s=settings.min_duration_s, max_duration_s=settings.max_duration_s,
             heartbeat_interval_s=settings.heartbeat_interval_s, grace_s=settings.grace_s,
             arbiter=b"\x00" * 20, dispute_window_s=0,
@@ -289,7 +322,7 @@ class Node:
         self._probe.open()
         self.desk = ProviderDesk(
             self.host, self.key, self.wallet_key, self.params, self._current_offer, self.capacity,
-            lambda: settings.min_price_per_gpu_second or settings.price_per_gpu_second,
+            lambda: floor,
             self._on_agreed,
             policy=HoldPolicy(open_hold_ms=settings.open_hold_ms,
                               max_pending_per_peer=settings.max_pending_per_peer,
@@ -480,6 +513,13 @@ class Node:
             raise RentError("no offers to rent from")
         for entry in entries:
             why = self.not_rentable(entry)
+            token = entry.offer.terms.token
+            if why is None and self.chain.chain.known_decimals(token) is None:
+                try:  # read once per token, then cached; not_rentable compares the offer's
+                    await self.chain.run(self.chain.chain.decimals, token)
+                    why = self.not_rentable(entry)
+                except ChainError as exc:
+                    why = str(exc)
             if why is not None:
                 raise RentError(f"offer {entry.offer_id} cannot be rented from this node: {why}")
         if not is_wire_text(access_key) or len(access_key) > 1024:
@@ -563,15 +603,21 @@ class Node:
         if entry.escrow != chain.escrow_address:
             return (f"it names escrow 0x{entry.escrow.hex()}, this node uses escrow "
                     f"0x{chain.escrow_address.hex()} on chain {chain.chain_id}")
+        # Prices are read (and searched, and capped by --max-price) in the offer's decimals: an
+        # offer claiming other decimals than its token's contract would mis-state its price.
+        decimals = chain.known_decimals(entry.offer.terms.token)
+        if decimals is not None and decimals != entry.offer.terms.token_decimals:
+            return (f"it prices in units of {entry.offer.terms.token_decimals} decimals, its token's "
+                    f"contract has {decimals}")
         return None
 
     def search(self, query: str = "", sort: str | None = "rank", limit: int | None = None,
                at_ms: int | None = None) -> list[Entry]:
         """Offers this node can rent that match `query`, by default in rank order (the book also
-        holds valid offers for other escrows on this chain, which it relays but never lists)."""
-        chain_id, escrow = self.chain.chain.chain_id, self.chain.chain.escrow_address
+        holds valid offers for other escrows on this chain, which it relays but never lists,
+        and offers whose decimals contradict their token's contract, once this node read them)."""
         return self.book.query(query, sort, limit=limit,
-                               where=lambda e: e.escrow == escrow and e.chain_id == chain_id,
+                               where=lambda e: self.not_rentable(e) is None,
                                now_ms=now_ms() if at_ms is None else at_ms)
 
     async def _negotiate(self, entries: Sequence[Entry], **terms: Any) -> FirstAgreementWins:
