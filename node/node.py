@@ -34,14 +34,15 @@ from libp2p.peer.id import ID
 
 from protocol.agreement import AgreementTerms
 from protocol.agreement import EscrowDomain
-from protocol.effects import EscrowCall
+from protocol.effects import EscrowCall, Persist
 from protocol.encoding import Struct, decode, encode_struct, is_wire_text, pack, to_wire_text, unpack_canonical
 from protocol.identity import PeerKey, peer_id_from_public_key
 from protocol.messages import (MAX_ADDR_LEN, MAX_OFFER_ADDRS, AccessGrant, AgreementDetails,
                                Binding, GpuMetrics, Heartbeat, OfferTerms, TermsWire,
                                UsageReceipt)
 from protocol.money import PriceError, price_units_per_second
-from protocol.negotiation import FirstAgreementWins, ProviderNegotiation, escrow_domain, renter_refusal
+from protocol.negotiation import (FirstAgreementWins, ProviderNegotiation, RenterNegotiation,
+                                  escrow_domain, renter_refusal)
 from protocol.offerbook import Entry, OfferBook
 from protocol.params import DEFAULT_PARAMS, Params
 from protocol.rental import ProviderRental, RenterRental
@@ -159,6 +160,15 @@ class Rental:
     @property
     def agreement_id(self) -> bytes:
         return self.terms.agreement_id()
+
+
+@dataclass
+class _Opening:
+    """What the renter's escrow port did with the winner's EscrowCall open."""
+
+    tx: TxResult | None = None
+    error: RentError | None = None
+    agreed_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -329,6 +339,7 @@ class Node:
                               max_pending_per_wallet=settings.max_pending_per_wallet),
             funds=RenterFunds(self._read_funds, timeout_s=FUNDS_TIMEOUT_S),
             on_holds_changed=self._offer_changed,
+            persist=self._persist_accepted, on_withdrawn=self._accept_withdrawn,
         )
         self.rental_desk = RentalDesk(self.host, nursery, self._start_provider_session)
 
@@ -347,15 +358,30 @@ class Node:
 
     # -- provider -----------------------------------------------------------------------------
 
-    async def _on_agreed(self, machine: ProviderNegotiation, peer: ID) -> None:
+    async def _persist_accepted(self, machine: ProviderNegotiation, peer: ID, effect: Persist) -> None:
+        """The negotiation's persist port, run before the Accept is sent. The agreement row
+        (terms, details, both bindings) holds what the proposal and the accept carry, so it is
+        written once, for the accept, the last Persist before the Send: on disk before the
+        consent leaves, so a restart finds every agreement a renter may open."""
+        if effect.record != "accept":
+            return  # the proposal's part of the row (terms, renter binding) is written with it
         terms, details = machine.terms, machine.details
-        assert terms is not None and details is not None
-        aid = terms.agreement_id()
+        assert terms is not None and details is not None and effect.agreement_id == terms.agreement_id()
         renter_binding = machine.proposal.renter_binding
-        self._pending[aid] = PendingAgreement(terms, details, escrow_domain(machine.offer), now_ms(),
-                                              renter_binding)
-        await self._remember(aid, "provider", "accepted", terms, details, self.binding, renter_binding)
-        log.info("%s accepted agreement %s with %s", self.config.name, aid.hex()[:12], peer)
+        await self._remember(effect.agreement_id, "provider", "accepted", terms, details,
+                             self.binding, renter_binding)
+        self._pending[effect.agreement_id] = PendingAgreement(
+            terms, details, escrow_domain(machine.offer), now_ms(), renter_binding)
+
+    async def _accept_withdrawn(self, agreement_id: bytes) -> None:
+        """The renter cancelled after our Accept: its consent will not be used."""
+        self._pending.pop(agreement_id, None)
+        await self.store.set_agreement_state(agreement_id, "expired", time.time())
+
+    async def _on_agreed(self, machine: ProviderNegotiation, peer: ID) -> None:
+        assert machine.terms is not None
+        log.info("%s accepted agreement %s with %s", self.config.name,
+                 machine.terms.agreement_id().hex()[:12], peer)
 
     async def _start_provider_session(self, agreement_id: bytes, peer: ID) -> ProviderSession | None:
         """A rental hello for an agreement we accepted. Answered from memory where possible: an
@@ -546,35 +572,32 @@ class Node:
                 await self.chain.run(self.chain.chain.approve, self.wallet_key, needed)
             except ChainError as exc:
                 raise RentError(f"approving the escrow failed: {exc}") from None
+        opening = _Opening()
+
+        async def persist(winner: RenterNegotiation, effect: Persist) -> None:
+            # The accept's consent is durable before the escrow is opened with it.
+            await self._remember(effect.agreement_id, "renter", "agreed", winner.terms,
+                                 winner.details, winner.offer.binding, self.binding)
+
+        async def escrow(winner: RenterNegotiation, effect: EscrowCall) -> None:
+            opening.agreed_at = time.monotonic()
+            opening.tx, opening.error = await self._open_escrow(effect)
+
         group = await self._negotiate(entries, gpu_count=gpu_count, duration_s=duration_s,
                                       max_price_per_gpu_second=max_price_per_gpu_second,
-                                      access_key=access_key)
+                                      access_key=access_key, persist=persist, escrow=escrow)
         winner = group.winner
         if winner is None:
             reasons = sorted({f"{n.failure.reason_name.lower()} ({n.failure.detail})"
                               for n in group.negotiations.values() if n.failure})
             raise RentError("no provider agreed: " + "; ".join(reasons or ["no answer"]))
-        agreed_at = time.monotonic()
+        if opening.error is not None:
+            raise opening.error
+        if opening.tx is None:
+            raise RentError("the agreement's escrow open was never carried out")
+        opened, agreed_at = opening.tx, opening.agreed_at
         terms, details = winner.terms, winner.details
         aid = terms.agreement_id()
-        await self._remember(aid, "renter", "agreed", terms, details, winner.offer.binding, self.binding)
-        if time.time() > terms.open_by:  # the escrow would revert: the provider's consent expired
-            await self.store.set_agreement_state(aid, "open_failed", time.time())
-            raise RentError(f"the provider's consent expired at {terms.open_by} (open_by) before "
-                            "the escrow could be opened")
-        try:
-            opened = await self.chain.open(self.wallet_key, terms, winner.consent_sig)
-        except RpcUnavailableError as exc:
-            # No answer is not a refusal: the transaction may have been sent and still be
-            # mined. Watch for its Opened event as after a restart (RENTER_OPEN_WAIT_S).
-            row = await self.store.get_agreement(aid)
-            if row is not None:
-                self._renter_unopened[aid] = row
-            raise RentError(f"opening the escrow failed: {exc}; if the transaction went out, "
-                            f"the rental starts when it is mined") from None
-        except ChainError as exc:
-            await self.store.set_agreement_state(aid, "open_failed", time.time())
-            raise RentError(f"opening the escrow failed: {exc}") from None
         self.accept_to_open_s = time.monotonic() - agreed_at
         log.info("%s opened %s %.3f s after Accept", self.config.name, aid.hex()[:12],
                  self.accept_to_open_s)
@@ -591,6 +614,30 @@ class Node:
         self._nursery.start_soon(session.run_timers)
         self._nursery.start_soon(session.run_connection, self.host, provider_peer)
         return rental
+
+    async def _open_escrow(self, effect: EscrowCall) -> tuple[TxResult | None, RentError | None]:
+        """The renter's escrow port: carry out the winner's EscrowCall open. Returns the mined
+        open or why it failed (not raised: it runs inside the negotiation's nursery)."""
+        if effect.method != "open":
+            raise ValueError(f"a negotiation asked for escrow {effect.method!r}")
+        terms, aid = effect.args["terms"], effect.agreement_id
+        if time.time() > terms.open_by:  # the escrow would revert: the provider's consent expired
+            await self.store.set_agreement_state(aid, "open_failed", time.time())
+            return None, RentError(f"the provider's consent expired at {terms.open_by} (open_by) "
+                                   "before the escrow could be opened")
+        try:
+            return await self.chain.open(self.wallet_key, terms, effect.args["consent_sig"]), None
+        except RpcUnavailableError as exc:
+            # No answer is not a refusal: the transaction may have been sent and still be
+            # mined. Watch for its Opened event as after a restart (RENTER_OPEN_WAIT_S).
+            row = await self.store.get_agreement(aid)
+            if row is not None:
+                self._renter_unopened[aid] = row
+            return None, RentError(f"opening the escrow failed: {exc}; if the transaction went "
+                                   "out, the rental starts when it is mined")
+        except ChainError as exc:
+            await self.store.set_agreement_state(aid, "open_failed", time.time())
+            return None, RentError(f"opening the escrow failed: {exc}")
 
     def not_rentable(self, entry: Entry) -> str | None:
         """Why this node cannot rent `entry` (None: it can). The escrow `open` checks the

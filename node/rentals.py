@@ -27,13 +27,14 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from protocol.agreement import AgreementTerms
-from protocol.effects import Effect, EscrowCall, Persist, Report, Send, StartService, StopService
+from protocol.effects import Effect, EscrowCall, Persist, Report, Send
 from protocol.encoding import decode
 from protocol.errors import DecodeError
 from protocol.identity import peer_id_from_public_key
 from protocol.messages import AccessGrant, AgreementDetails, Heartbeat, UsageReceipt, digest
 from protocol.rental import ProviderRental, RenterRental
 
+from .effects import EffectExecutor
 from .host import GossipHost
 from .reqresp import PeerClosed, ReadTimeout, ReqRespError, close_quietly, read_frame, write_frame
 
@@ -109,28 +110,26 @@ class _Session:
         return self.machine.state == type(self.machine).DONE
 
     async def carry_out(self, effects: list[Effect]) -> None:
-        for effect in effects:
-            if isinstance(effect, Persist):
-                await self._store(effect)
-            elif isinstance(effect, Send):
-                await self._send(effect)
-            elif isinstance(effect, EscrowCall):
-                self.log.escrow_calls.append(effect)
-                try:
-                    await self.escrow.execute(effect, self.terms)
-                except Exception as exc:  # the chain said no: keep the session, report it
-                    log.warning("escrow %s for %s failed: %s", effect.method,
-                                self.agreement_id.hex()[:12], exc)
-                    self.log.reports.append(Report("escrow_call_failed",
-                                                   {"method": effect.method, "error": str(exc)}))
-            elif isinstance(effect, Report):
-                self.log.reports.append(effect)
-                log.info("rental %s: %s %s", self.agreement_id.hex()[:12], effect.event, effect.detail)
-            else:
-                await self.on_service(effect)
+        await EffectExecutor(persist=self._store, send=self._send, escrow=self._escrow,
+                             report=self._report, start_service=self.on_service,
+                             stop_service=self.on_service).run(effects)
         self._wake.set()
         if self.finished:
             self.done.set()
+
+    async def _escrow(self, effect: EscrowCall) -> None:
+        self.log.escrow_calls.append(effect)
+        try:
+            await self.escrow.execute(effect, self.terms)
+        except Exception as exc:  # the chain said no: keep the session, report it
+            log.warning("escrow %s for %s failed: %s", effect.method,
+                        self.agreement_id.hex()[:12], exc)
+            self.log.reports.append(Report("escrow_call_failed",
+                                           {"method": effect.method, "error": str(exc)}))
+
+    async def _report(self, effect: Report) -> None:
+        self.log.reports.append(effect)
+        log.info("rental %s: %s %s", self.agreement_id.hex()[:12], effect.event, effect.detail)
 
     async def on_service(self, effect: Effect) -> None:
         """StartService / StopService: the provider's business (see ProviderSession)."""

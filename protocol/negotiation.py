@@ -820,7 +820,10 @@ class FirstAgreementWins:
         if n.state is not State.AGREED or self.winner is not None:
             return effects
         self.winner = n
+        cancels: list[Effect] = []
         for other in self.negotiations.values():
             if other is not n and other.state is not State.FAILED:
-                effects += other.cancel(now_ms, "renter took another provider's agreement")
-        return effects
+                cancels += other.cancel(now_ms, "renter took another provider's agreement")
+        # The cancels first: effects are carried out in order, and the winner's escrow open
+        # may take blocks while the other providers would hold GPUs for nothing.
+        return cancels + effects
