@@ -15,7 +15,6 @@ peer or wallet may hold only a few unopened agreements at a time.
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -39,6 +38,7 @@ from protocol.negotiation import (
 )
 from protocol.params import Params
 
+from .clock import now_ms
 from .effects import EffectExecutor
 from .host import GossipHost
 from .reqresp import PeerClosed, ReadTimeout, ReqRespError, close_quietly, read_frame, write_frame
@@ -58,10 +58,6 @@ DEFAULT_MAX_PENDING_PER_WALLET = 2  # ... and one renter wallet, whatever peer i
 # A hold that ended unopened counts against its renter peer's and wallet's caps this long.
 DEFAULT_UNOPENED_MEMORY_MS = 3_600_000
 CANCEL_GRACE_S = 1.0  # a cancelled negotiation waits this long for the provider to close
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True)

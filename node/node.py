@@ -48,10 +48,12 @@ from protocol.params import DEFAULT_PARAMS, Params
 from protocol.rental import ProviderRental, RenterRental
 
 from .chain import AsyncChain, ChainError, RpcUnavailableError, TxResult, WalletEscrow
+from .clock import SYSTEM_CLOCK, Clock, now_ms
 from .config import ConfigError, ProviderSection
 from .gpu import GpuProbe
 from .host import GossipHost, HostConfig
 from .identity import load_or_create_identity
+from .lifecycle import UNSETTLED, AgreementState, check_transition
 from .negotiate import (DEFAULT_MAX_PENDING_PER_PEER, DEFAULT_MAX_PENDING_PER_WALLET,
                         DEFAULT_OPEN_HOLD_MS, DEFAULT_UNOPENED_MEMORY_MS, Candidate, Capacity, HoldPolicy, ProviderDesk,
                         RenterFunds, negotiate_first)
@@ -62,16 +64,11 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
-UNSETTLED_STATES = ("accepted", "agreed", "open", "stopped")  # what a restart looks at
 RENTER_OPEN_WAIT_S = 600  # a renter restarted before its open was mined watches this long for it
 PEER_ADDR_TTL_S = 30 * 24 * 3600  # a restored rental's provider address, re-added to the peerstore
 OPEN_RECHECK_S = 2.0  # provider: at most one chain read per unopened agreement this often
 FUNDS_TIMEOUT_S = 5.0  # provider: the renter's balance and allowance must be read within this
 STALE_RETRY_WAIT_S = 2.0  # renter: after OFFER_STALE, wait this long for the provider's new offer
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True)
@@ -139,6 +136,7 @@ class NodeConfig:
     arbiters: frozenset[bytes] = frozenset()
     name: str = "node"
     chain_poll_s: float = 0.5
+    clock: Clock = SYSTEM_CLOCK  # the node's one clock (node/clock.py)
 
 
 @dataclass
@@ -209,6 +207,7 @@ class Node:
         self.config = config
         self.chain = chain
         self.params = config.params
+        self.clock = config.clock
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.identity = load_or_create_identity(self.data_dir / "identity.seed")
@@ -272,7 +271,7 @@ class Node:
                 # The book keeps (and the node relays) only offers for the chain it serves.
                 self.offers = OfferService(self.host, self.store, self.params, book=OfferBook(
                     self.params, score_of=self.reputation.score_of,
-                    chain_ids=frozenset({self.chain.chain.chain_id})))
+                    chain_ids=frozenset({self.chain.chain.chain_id})), now_ms=self.clock.now_ms)
                 await nursery.start(self.offers.run)
                 if self.config.provider is not None:
                     await self._start_provider(nursery, self.config.provider)
@@ -340,6 +339,7 @@ class Node:
             funds=RenterFunds(self._read_funds, timeout_s=FUNDS_TIMEOUT_S),
             on_holds_changed=self._offer_changed,
             persist=self._persist_accepted, on_withdrawn=self._accept_withdrawn,
+            clock=self.clock.now_ms,
         )
         self.rental_desk = RentalDesk(self.host, nursery, self._start_provider_session)
 
@@ -368,15 +368,15 @@ class Node:
         terms, details = machine.terms, machine.details
         assert terms is not None and details is not None and effect.agreement_id == terms.agreement_id()
         renter_binding = machine.proposal.renter_binding
-        await self._remember(effect.agreement_id, "provider", "accepted", terms, details,
+        await self._remember(effect.agreement_id, "provider", AgreementState.ACCEPTED, terms, details,
                              self.binding, renter_binding)
         self._pending[effect.agreement_id] = PendingAgreement(
-            terms, details, escrow_domain(machine.offer), now_ms(), renter_binding)
+            terms, details, escrow_domain(machine.offer), self.clock.now_ms(), renter_binding)
 
     async def _accept_withdrawn(self, agreement_id: bytes) -> None:
         """The renter cancelled after our Accept: its consent will not be used."""
         self._pending.pop(agreement_id, None)
-        await self.store.set_agreement_state(agreement_id, "expired", time.time())
+        await self._set_state(agreement_id, AgreementState.EXPIRED)
 
     async def _on_agreed(self, machine: ProviderNegotiation, peer: ID) -> None:
         assert machine.terms is not None
@@ -406,16 +406,16 @@ class Node:
                 raise HelloRefused("not_open")
         if agreement_id not in self._pending:
             return None  # another hello for it got here first
-        hold = self.capacity.unopened(now_ms()).get(agreement_id)
+        hold = self.capacity.unopened(self.clock.now_ms()).get(agreement_id)
         if hold is None:
             # Opened after its hold ended: serve it only if its GPUs are still free (never two
             # renters on one GPU); otherwise the renter gets no heartbeat and recovers it all.
             try:
-                self.capacity.reserve(agreement_id, details.gpus, now_ms() + self._open_hold_ms)
+                self.capacity.reserve(agreement_id, details.gpus, self.clock.now_ms() + self._open_hold_ms)
             except ValueError:
                 raise HelloRefused("hold_expired") from None
         else:
-            used = now_ms() - (hold.until_ms - self._open_hold_ms)
+            used = self.clock.now_ms() - (hold.until_ms - self._open_hold_ms)
             self.hold_used_ms.append(used)
             log.info("%s: agreement %s opened %d ms into its %d ms hold", self.config.name,
                      agreement_id.hex()[:12], used, self._open_hold_ms)
@@ -428,11 +428,11 @@ class Node:
         provider_machine = ProviderRental(terms, details, pending.domain, self.key,
                                           started_s * 1000, self.params)
         session = ProviderSession(
-            provider_machine, terms, details, self.escrow, self.store, now_ms,
+            provider_machine, terms, details, self.escrow, self.store, self.clock.now_ms,
             lambda: self._metrics(details.gpus), lambda effect: self._service(rental, effect),
         )
         rental.session = session
-        await self.store.set_agreement_state(agreement_id, "open", time.time())
+        await self._set_state(agreement_id, AgreementState.OPEN)
         await session.carry_out(provider_machine.start())
         self._offer_changed()
         return session
@@ -459,14 +459,14 @@ class Node:
                     # The renter gets nothing usable: serve nothing and claim nothing.
                     await session.halt("access hook failed")
                     self.capacity.release(rental.agreement_id)
-                    await self.store.set_agreement_state(rental.agreement_id, "aborted", time.time())
+                    await self._set_state(rental.agreement_id, AgreementState.ABORTED)
                     self._offer_changed()
                     return
                 rental.access = access
-                await session.send_grant(AccessGrant(rental.agreement_id, access, now_ms()).sign(self.key))
+                await session.send_grant(AccessGrant(rental.agreement_id, access, self.clock.now_ms()).sign(self.key))
         elif name == "StopService":
             self.capacity.release(rental.agreement_id)
-            await self.store.set_agreement_state(rental.agreement_id, "stopped", time.time())
+            await self._set_state(rental.agreement_id, AgreementState.STOPPED)
             self._offer_changed()
 
     async def _run_access_hook(self, rental: Rental) -> str | None:
@@ -505,7 +505,7 @@ class Node:
         and held ones come back when their hold ends (woken at the next hold's end)."""
         while True:
             end = self.capacity.next_expiry()
-            wait = float("inf") if end is None else max(0.0, (end - now_ms()) / 1000) + 0.01
+            wait = float("inf") if end is None else max(0.0, (end - self.clock.now_ms()) / 1000) + 0.01
             with trio.move_on_after(wait):
                 await self._offer_dirty.wait()
             self._offer_dirty = trio.Event()  # a change from here on wakes the next round
@@ -515,7 +515,7 @@ class Node:
         """The free GPUs changed: announce what is left, or withdraw when nothing is."""
         if self.publisher is None:
             return
-        free = set(self.capacity.free(now_ms()))
+        free = set(self.capacity.free(self.clock.now_ms()))
         gpus = tuple(g for g in self._all_gpus if g.uuid_digest in free)
         live = self.publisher.live is not None
         if only_if_changed and ((live and gpus == self.publisher.gpus) or (not live and not gpus)):
@@ -576,7 +576,7 @@ class Node:
 
         async def persist(winner: RenterNegotiation, effect: Persist) -> None:
             # The accept's consent is durable before the escrow is opened with it.
-            await self._remember(effect.agreement_id, "renter", "agreed", winner.terms,
+            await self._remember(effect.agreement_id, "renter", AgreementState.AGREED, winner.terms,
                                  winner.details, winner.offer.binding, self.binding)
 
         async def escrow(winner: RenterNegotiation, effect: EscrowCall) -> None:
@@ -604,12 +604,12 @@ class Node:
         rental = Rental("renter", terms, details, opened=opened, started_s=opened.timestamp,
                         provider_binding=winner.offer.binding, renter_binding=self.binding)
         self.rentals[aid] = rental
-        await self.store.set_agreement_state(aid, "open", time.time())
+        await self._set_state(aid, AgreementState.OPEN)
         provider_peer = ID.from_base58(peer_id_from_public_key(details.provider_key))
         await self._remember_peer(provider_peer)
         machine = RenterRental(terms, details, escrow_domain(winner.offer), self.key,
                                self.wallet_key, opened.timestamp * 1000, self.rng, self.params)
-        session = RenterSession(machine, terms, details, self.escrow, self.store, now_ms)
+        session = RenterSession(machine, terms, details, self.escrow, self.store, self.clock.now_ms)
         rental.session = session
         self._nursery.start_soon(session.run_timers)
         self._nursery.start_soon(session.run_connection, self.host, provider_peer)
@@ -621,8 +621,8 @@ class Node:
         if effect.method != "open":
             raise ValueError(f"a negotiation asked for escrow {effect.method!r}")
         terms, aid = effect.args["terms"], effect.agreement_id
-        if time.time() > terms.open_by:  # the escrow would revert: the provider's consent expired
-            await self.store.set_agreement_state(aid, "open_failed", time.time())
+        if self.clock.time() > terms.open_by:  # the escrow would revert: the provider's consent expired
+            await self._set_state(aid, AgreementState.OPEN_FAILED)
             return None, RentError(f"the provider's consent expired at {terms.open_by} (open_by) "
                                    "before the escrow could be opened")
         try:
@@ -636,7 +636,7 @@ class Node:
             return None, RentError(f"opening the escrow failed: {exc}; if the transaction went "
                                    "out, the rental starts when it is mined")
         except ChainError as exc:
-            await self.store.set_agreement_state(aid, "open_failed", time.time())
+            await self._set_state(aid, AgreementState.OPEN_FAILED)
             return None, RentError(f"opening the escrow failed: {exc}")
 
     def not_rentable(self, entry: Entry) -> str | None:
@@ -665,7 +665,7 @@ class Node:
         and offers whose decimals contradict their token's contract, once this node read them)."""
         return self.book.query(query, sort, limit=limit,
                                where=lambda e: self.not_rentable(e) is None,
-                               now_ms=now_ms() if at_ms is None else at_ms)
+                               now_ms=self.clock.now_ms() if at_ms is None else at_ms)
 
     async def _negotiate(self, entries: Sequence[Entry], **terms: Any) -> FirstAgreementWins:
         """Negotiate with every entry at once. A provider that answered OFFER_STALE re-announced
@@ -673,7 +673,7 @@ class Node:
         STALE_RETRY_WAIT_S), negotiate once more with those providers."""
         group = await negotiate_first(
             self.host, self.key, self.binding, [Candidate(e.offer, e.digest) for e in entries],
-            params=self.params, rng=self.rng, **terms)
+            params=self.params, rng=self.rng, clock=self.clock.now_ms, **terms)
         if group.winner is not None:
             return group
         stale = {n.offer.provider: n.offer_digest for n in group.negotiations.values()
@@ -692,7 +692,7 @@ class Node:
             return group
         return await negotiate_first(
             self.host, self.key, self.binding, [Candidate(e.offer, e.digest) for e in fresh],
-            params=self.params, rng=self.rng, **terms)
+            params=self.params, rng=self.rng, clock=self.clock.now_ms, **terms)
 
     async def stop_rental(self, agreement_id: bytes) -> None:
         rental = self.rentals[agreement_id]
@@ -745,14 +745,14 @@ class Node:
                 machine = rental.session.machine
                 async with rental.session._lock:
                     if ev.name == "Closed" and rental.role == "provider":
-                        await rental.session.carry_out(machine.escrow_closed(now_ms()))
+                        await rental.session.carry_out(machine.escrow_closed(self.clock.now_ms()))
                     elif ev.name in ("Claimed", "Finalized", "Recovered", "Arbitrated") \
                             and rental.role == "renter":
-                        await rental.session.carry_out(machine.escrow_settled(now_ms()))
+                        await rental.session.carry_out(machine.escrow_settled(self.clock.now_ms()))
                 if ev.name == "Closed":
                     rental.closed_end_s = int(ev.args["end"])
                 if ev.name in ("Claimed", "Finalized", "Recovered", "Arbitrated"):
-                    await self.store.set_agreement_state(ev.agreement_id, "settled", time.time())
+                    await self._set_state(ev.agreement_id, AgreementState.SETTLED)
                     if rental.role == "renter":
                         ended = rental.closed_end_s or (rental.started_s or 0) + rental.terms.max_seconds
                         try:
@@ -766,8 +766,8 @@ class Node:
     async def _resume(self) -> None:
         """Bring every unsettled agreement in the store back in line with the escrow."""
         self.resumed = {}
-        for state in UNSETTLED_STATES:
-            for row in await self.store.agreements_in_state(state):
+        for state in UNSETTLED:
+            for row in await self.store.agreements_in_state(state.value):
                 try:
                     outcome = await self._resume_one(row)
                 except Exception as exc:  # one bad record must not keep the node down
@@ -783,9 +783,9 @@ class Node:
         if terms.agreement_id() != aid:
             raise ValueError("stored terms do not hash to the agreement id")
         status = await self.chain.status(aid)
-        now = time.time()
+        now = self.clock.time()
         if status.state in ("claimed", "final"):
-            await self.store.set_agreement_state(aid, "settled", now)
+            await self._set_state(aid, AgreementState.SETTLED)
             return "settled"
         if status.state == "none":
             if row.role == "renter" and row.state == "agreed" \
@@ -803,7 +803,7 @@ class Node:
                     terms, details, EscrowDomain(details.chain_id, details.escrow), accepted_ms,
                     decode_bindings(row.terms)[1])
                 return "awaiting_open"
-            await self.store.set_agreement_state(aid, "expired", now)
+            await self._set_state(aid, AgreementState.EXPIRED)
             return "expired"
         if status.state not in ("open", "closed"):
             return f"left: escrow {status.state}"  # disputed: the arbiter decides
@@ -821,36 +821,36 @@ class Node:
         aid = terms.agreement_id()
         latest = await self._latest_receipt(aid)
         if (status.state == "open" and row.state in ("accepted", "open")
-                and self.rental_desk is not None and now_ms() < status.end_s * 1000):
+                and self.rental_desk is not None and self.clock.now_ms() < status.end_s * 1000):
             started_s = status.end_s - terms.max_seconds
             heartbeats = [decode(r.raw, Heartbeat) for r in await self.store.heartbeats(aid)]
             machine = ProviderRental.restore(terms, details, domain, self.key, started_s * 1000,
                                              self.params, heartbeats=heartbeats,
-                                             latest_receipt=latest, now_ms=now_ms())
+                                             latest_receipt=latest, now_ms=self.clock.now_ms())
             self.capacity.reserve(aid, details.gpus, None)
             rental = Rental("provider", terms, details, started_s=started_s)
             self.rentals[aid] = rental
             session = ProviderSession(
-                machine, terms, details, self.escrow, self.store, now_ms,
+                machine, terms, details, self.escrow, self.store, self.clock.now_ms,
                 lambda: self._metrics(details.gpus), lambda effect: self._service(rental, effect),
             )
             rental.session = session
             self.rental_desk.sessions[aid] = session
-            await self.store.set_agreement_state(aid, "open", time.time())
+            await self._set_state(aid, AgreementState.OPEN)
             await session.carry_out(machine.start())  # the access hook runs again: make it idempotent
             self._nursery.start_soon(session.run_timers)
             return "resumed"
         # Closed by the renter, past its end, or stopped before the crash: claim what we hold.
         if latest is None:
-            await self.store.set_agreement_state(aid, "stopped", time.time())
+            await self._set_state(aid, AgreementState.STOPPED)
             return "nothing_to_claim"
         try:
             await self.escrow.execute(EscrowCall("claim", aid, {
                 "acked_seconds": latest.acked_seconds, "receipt_sig": latest.wallet_sig}), terms)
         except ChainError as exc:
-            await self.store.set_agreement_state(aid, "stopped", time.time())
+            await self._set_state(aid, AgreementState.STOPPED)
             return f"claim_failed: {exc}"
-        await self.store.set_agreement_state(aid, "settled", time.time())
+        await self._set_state(aid, AgreementState.SETTLED)
         return "claimed"
 
     async def _resume_renter(self, terms, details, domain, status) -> str:
@@ -868,13 +868,13 @@ class Node:
                                        closed_ms=closed_ms)
         rental = Rental("renter", terms, details, started_s=started_s)
         self.rentals[aid] = rental
-        session = RenterSession(machine, terms, details, self.escrow, self.store, now_ms)
+        session = RenterSession(machine, terms, details, self.escrow, self.store, self.clock.now_ms)
         rental.session = session
-        await self.store.set_agreement_state(aid, "open", time.time())
+        await self._set_state(aid, AgreementState.OPEN)
         self._nursery.start_soon(session.run_timers)
         if closed_ms is not None:
             return "recovering"
-        if now_ms() >= machine.end_ms:
+        if self.clock.now_ms() >= machine.end_ms:
             return "ended"
         provider_peer = ID.from_base58(peer_id_from_public_key(details.provider_key))
         await self._restore_peer(provider_peer)
@@ -895,7 +895,7 @@ class Node:
     async def _remember_peer(self, peer: ID) -> None:
         addrs = [str(a) for a in self.host.host.get_peerstore().addrs(peer)]
         if addrs:
-            await self.store.upsert_peer(peer.to_base58(), addrs, time.time())
+            await self.store.upsert_peer(peer.to_base58(), addrs, self.clock.time())
 
     async def _restore_peer(self, peer: ID) -> None:
         import multiaddr
@@ -923,10 +923,10 @@ class Node:
         """Accepted agreements the renter did not open within the hold are dropped; so are a
         restarted renter's agreements whose open was not mined within RENTER_OPEN_WAIT_S."""
         for aid, row in list(self._renter_unopened.items()):
-            if time.time() - row.updated_at >= RENTER_OPEN_WAIT_S:
+            if self.clock.time() - row.updated_at >= RENTER_OPEN_WAIT_S:
                 del self._renter_unopened[aid]
-                await self.store.set_agreement_state(aid, "expired", time.time())
-        now = now_ms()
+                await self._set_state(aid, AgreementState.EXPIRED)
+        now = self.clock.now_ms()
         for aid, pending in list(self._pending.items()):
             # The consent is good while block time <= open_by (the escrow refuses later): keep
             # the GPUs until then, then free them unless the escrow opened.
@@ -943,7 +943,7 @@ class Node:
             if self.capacity is not None:
                 self.capacity.release(aid)
                 self._offer_changed()
-            await self.store.set_agreement_state(aid, "expired", time.time())
+            await self._set_state(aid, AgreementState.EXPIRED)
             log.info("%s: agreement %s expired unopened", self.config.name, aid.hex()[:12])
 
     def _forget_pending(self, aid: bytes) -> None:
@@ -952,10 +952,18 @@ class Node:
 
     # -- storage ------------------------------------------------------------------------------
 
-    async def _remember(self, aid: bytes, role: str, state: str, terms: AgreementTerms,
+    async def _remember(self, aid: bytes, role: str, state: AgreementState, terms: AgreementTerms,
                         details: AgreementDetails, provider_binding: Binding | None = None,
                         renter_binding: Binding | None = None) -> None:
         blob = pack([encode_struct(TermsWire.from_terms(terms)), details.encode(),
                      encode_struct(provider_binding) if provider_binding else b"",
                      encode_struct(renter_binding) if renter_binding else b""])
-        await self.store.put_agreement(aid, role, state, blob, time.time())
+        row = await self.store.get_agreement(aid)
+        check_transition(None if row is None else row.state, state)
+        await self.store.put_agreement(aid, role, AgreementState(state).value, blob, self.clock.time())
+
+    async def _set_state(self, aid: bytes, state: AgreementState) -> None:
+        """Record the agreement's new lifecycle state (node/lifecycle.py checks the change)."""
+        row = await self.store.get_agreement(aid)
+        check_transition(None if row is None else row.state, state)
+        await self.store.set_agreement_state(aid, AgreementState(state).value, self.clock.time())

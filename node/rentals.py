@@ -15,7 +15,6 @@ committed before the Send that follows it.
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from protocol.identity import peer_id_from_public_key
 from protocol.messages import AccessGrant, AgreementDetails, Heartbeat, UsageReceipt, digest
 from protocol.rental import ProviderRental, RenterRental
 
+from .clock import now_ms
 from .effects import EffectExecutor
 from .host import GossipHost
 from .reqresp import PeerClosed, ReadTimeout, ReqRespError, close_quietly, read_frame, write_frame
@@ -49,10 +49,6 @@ RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 HELLO_RATE_PER_S = 2.0  # provider: rental hellos per second one peer may send ...
 HELLO_BURST = 10  # ... with this burst (a renter redials at most every 0.2 s)
 MAX_HELLO_PEERS = 4096  # peers whose hello rate is remembered
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class EscrowPort(Protocol):
