@@ -32,13 +32,14 @@ import requests
 import trio
 from eth_account import Account
 from web3 import EthereumTesterProvider, HTTPProvider, Web3
-from web3.exceptions import ContractLogicError, TimeExhausted, Web3RPCError
+from web3.exceptions import BadFunctionCallOutput, ContractLogicError, TimeExhausted, Web3RPCError
 from web3.providers.rpc.utils import ExceptionRetryConfiguration
 
 from node.contracts import load
 from protocol.agreement import AgreementTerms, EscrowDomain
 from protocol.effects import EscrowCall
 from protocol.eth import ZERO_ADDRESS, private_key_address
+from protocol.money import MAX_TOKEN_DECIMALS, NATIVE_DECIMALS
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class Chain:
         self._token_abi = load("TestToken")["abi"]
         self.escrow = None
         self.token = None
+        self._decimals: dict[bytes, int] = {ZERO_ADDRESS: NATIVE_DECIMALS}  # token -> decimals()
         if escrow is not None:
             self.use_escrow(escrow)
         if token is not None:
@@ -219,17 +221,23 @@ class Chain:
         """Prefunded, unlocked accounts of a local chain (eth-tester or anvil)."""
         return list(self.w3.eth.accounts)
 
-    def deploy(self, name: str, key: bytes) -> bytes:
+    def deploy(self, name: str, key: bytes, *args: Any) -> bytes:
         art = load(name)
         contract = self.w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
-        receipt = self._send(key, contract.constructor(), method=f"deploy {name}")
+        receipt = self._send(key, contract.constructor(*args), method=f"deploy {name}")
         return bytes.fromhex(receipt.contractAddress[2:])
 
-    def deploy_local_market(self, key: bytes) -> tuple[bytes, bytes]:
-        """Deploy the escrow and the test stablecoin; use them. Returns their addresses."""
+    def deploy_local_market(self, key: bytes, *, symbol: str = "tUSDC", decimals: int | None = 6
+                            ) -> tuple[bytes, bytes]:
+        """Deploy the escrow and a test token (`symbol`, `decimals`; decimals=None: no token,
+        offers are priced in the native coin); use them. Returns their addresses (the token's
+        is ZERO_ADDRESS for the native coin)."""
         escrow = self.deploy("Escrow", key)
-        token = self.deploy("TestToken", key)
         self.use_escrow(escrow)
+        if decimals is None:
+            self.token = None
+            return escrow, ZERO_ADDRESS
+        token = self.deploy("TestToken", key, symbol, decimals)
         self.use_token(token)
         return escrow, token
 
@@ -262,6 +270,26 @@ class Chain:
 
     def now_s(self) -> int:
         return int(self.w3.eth.get_block("latest").timestamp)
+
+    def decimals(self, token: bytes) -> int:
+        """The token's `decimals()` (the native coin: 18), read once per token and cached: prices
+        and deposits are integers in the token's smallest unit, shown as units / 10**decimals."""
+        known = self._decimals.get(token)
+        if known is None:
+            contract = self.w3.eth.contract(address=_cs(token), abi=self._token_abi)
+            try:
+                known = int(contract.functions.decimals().call())
+            except (ContractLogicError, Web3RPCError, BadFunctionCallOutput, ValueError) as exc:
+                raise ChainError(f"token 0x{token.hex()} has no readable decimals(): {_why(exc)}") from None
+            if not 0 <= known <= MAX_TOKEN_DECIMALS:
+                raise ChainError(f"token 0x{token.hex()} reports {known} decimals (at most "
+                                 f"{MAX_TOKEN_DECIMALS} are supported)")
+            self._decimals[token] = known
+        return known
+
+    def known_decimals(self, token: bytes) -> int | None:
+        """The token's decimals if `decimals` has read them (no chain call), else None."""
+        return self._decimals.get(token)
 
     def native_balance(self, address: bytes) -> int:
         return int(self.w3.eth.get_balance(_cs(address)))

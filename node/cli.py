@@ -118,7 +118,8 @@ def _build_chain(config, rpc_override: str | None, wallet_key: bytes):
         from protocol.eth import private_key_address
 
         me = private_key_address(wallet_key)
-        chain.fund(me, native_wei=10**19, token_units=10_000 * 10**6, minter_key=keys[0])
+        chain.fund(me, native_wei=10**19, token_units=10_000 * 10**chain.decimals(chain.token_address),
+                   minter_key=keys[0])
         logging.getLogger("gpumarket").warning(
             "embedded chain: an in-process EVM that only this node can see (for trying things out)")
         return chain
@@ -131,8 +132,6 @@ def _build_chain(config, rpc_override: str | None, wallet_key: bytes):
 
 def cmd_node_run(args: argparse.Namespace) -> int:
     import trio
-
-    from protocol.samples import usd_per_hour_to_units_per_second
 
     from .chain import AsyncChain
     from .config import load_config
@@ -147,17 +146,9 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     provider = None
     p = config.provider
     if p.enabled or args.provider:
-        def per_second(d: Decimal) -> int:
-            return usd_per_hour_to_units_per_second(float(d))
-
-        provider = ProviderSettings(
-            price_per_gpu_second=per_second(p.price_per_gpu_hour),
-            min_price_per_gpu_second=per_second(p.min_price_per_gpu_hour) if p.min_price_per_gpu_hour else None,
-            min_duration_s=p.min_duration_s, max_duration_s=p.max_duration_s,
-            heartbeat_interval_s=p.heartbeat_interval_s, grace_s=p.grace_s, region=p.region,
-            bandwidth_mbps=p.bandwidth_mbps, access_hook=p.access_hook or None,
-            nvml=FakeNvml.with_gpus(p.fake_gpus) if p.fake_gpus else None,
-        )
+        provider = ProviderSettings.from_section(
+            p, nvml=FakeNvml.with_gpus(p.fake_gpus) if p.fake_gpus else None)
+        provider.prices(chain.decimals(chain.token_address))  # a bad price fails here, in one line
     node = Node(NodeConfig(data_dir=config.data_dir, wallet_key=wallet.key,
                            listen=tuple(args.listen or config.listen),
                            bootstrap=tuple(args.bootstrap or config.bootstrap), mdns=config.mdns,

@@ -33,6 +33,9 @@ class ChainSection:
 
 @dataclass(frozen=True)
 class ProviderSection:
+    """The [provider] section: the one source of a provider's settings and their defaults
+    (node.node.ProviderSettings derives from it); checked here, once."""
+
     enabled: bool = False
     price_per_gpu_hour: Decimal = Decimal("0.50")  # whole token units (e.g. USDC)
     min_price_per_gpu_hour: Decimal | None = None  # negotiation floor (default: the price)
@@ -44,6 +47,18 @@ class ProviderSection:
     bandwidth_mbps: int = 1000
     access_hook: tuple[str, ...] = ()
     fake_gpus: int = 0  # >0: simulated GPUs instead of NVML (demos and tests only)
+
+    def __post_init__(self) -> None:
+        for key in ("min_duration_s", "max_duration_s", "heartbeat_interval_s", "grace_s",
+                    "bandwidth_mbps"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"provider.{key}: must be positive")
+        if self.fake_gpus < 0:
+            raise ConfigError("provider.fake_gpus: must not be negative")
+        if self.min_duration_s > self.max_duration_s:
+            raise ConfigError("provider.min_duration_s: above max_duration_s")
+        if self.min_price_per_gpu_hour is not None and self.min_price_per_gpu_hour > self.price_per_gpu_hour:
+            raise ConfigError("provider.min_price_per_gpu_hour: above price_per_gpu_hour")
 
 
 @dataclass(frozen=True)
@@ -136,20 +151,14 @@ def load_config(path: Path) -> Config:
     _expect(renter, {"arbiters": list}, "renter")
     arbiters = tuple(_address(a, "renter.arbiters") for a in renter.get("arbiters", []))
     data_dir = Path(node.get("data_dir", str(path.parent))).expanduser()
-    provider = ProviderSection(
-        enabled=prov.get("enabled", False),
-        price_per_gpu_hour=_decimal(prov.get("price_per_gpu_hour", "0.50"), "provider.price_per_gpu_hour"),
-        min_price_per_gpu_hour=(_decimal(prov["min_price_per_gpu_hour"], "provider.min_price_per_gpu_hour")
-                                if "min_price_per_gpu_hour" in prov else None),
-        min_duration_s=prov.get("min_duration_s", 600),
-        max_duration_s=prov.get("max_duration_s", 7 * 24 * 3600),
-        heartbeat_interval_s=prov.get("heartbeat_interval_s", 30),
-        grace_s=prov.get("grace_s", 600),
-        region=_region(prov.get("region", "unknown")),
-        bandwidth_mbps=prov.get("bandwidth_mbps", 1000),
-        access_hook=tuple(str(a) for a in prov.get("access_hook", [])),
-        fake_gpus=prov.get("fake_gpus", 0),
-    )
+    convert = {
+        "price_per_gpu_hour": lambda v: _decimal(v, "provider.price_per_gpu_hour"),
+        "min_price_per_gpu_hour": lambda v: _decimal(v, "provider.min_price_per_gpu_hour"),
+        "region": _region,
+        "access_hook": lambda v: tuple(str(a) for a in v),
+    }
+    # Absent keys take ProviderSection's defaults: the one place they are written.
+    provider = ProviderSection(**{k: convert.get(k, lambda v: v)(v) for k, v in prov.items()})
     return Config(
         path=path,
         data_dir=data_dir,
@@ -170,6 +179,7 @@ def load_config(path: Path) -> Config:
 
 
 def default_config_text(data_dir: Path, *, provider: bool = False) -> str:
+    p = ProviderSection()
     return f"""# gpumarket node configuration (TOML). Every key is optional; these are the defaults.
 [node]
 data_dir = "{data_dir}"
@@ -182,7 +192,7 @@ mdns = false            # true: find and dial nodes on the same LAN by multicast
 rpc = "embedded"        # "embedded" (an in-process EVM for this node alone) or a JSON-RPC URL
 # chain_id = 31337      # checked against the endpoint
 # escrow = "0x..."      # the escrow contract's address on that chain
-# token = "0x..."       # the stablecoin (ERC-20) offers are priced in
+# token = "0x..."       # the ERC-20 offers are priced in (none: the native coin)
 keystore = "wallet.json" # encrypted wallet keystore, relative to data_dir; never a plain key
 
 [renter]
@@ -191,12 +201,12 @@ arbiters = []           # arbiter wallets you trust ("0x..."); offers naming any
 
 [provider]
 enabled = {"true" if provider else "false"}
-price_per_gpu_hour = "0.50"   # in whole token units (e.g. USDC)
-min_duration_s = 600
-max_duration_s = 604800
-heartbeat_interval_s = 30
-grace_s = 600
-region = "unknown"
-bandwidth_mbps = 1000
+price_per_gpu_hour = "{p.price_per_gpu_hour}"   # in whole token units (e.g. USDC), exact
+min_duration_s = {p.min_duration_s}
+max_duration_s = {p.max_duration_s}
+heartbeat_interval_s = {p.heartbeat_interval_s}
+grace_s = {p.grace_s}
+region = "{p.region}"
+bandwidth_mbps = {p.bandwidth_mbps}
 # access_hook = ["/usr/local/bin/gpumarket-access-hook"]  # gets the agreement as JSON on stdin
 """

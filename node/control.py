@@ -18,7 +18,7 @@ import logging
 import os
 import secrets
 import socket
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from protocol.errors import ProtocolError
 from protocol.encoding import decode
 from protocol.evidence import build_bundle
 from protocol.messages import UsageReceipt
+from protocol.money import PriceError, format_tokens, max_units_per_second
 from protocol.identity import short_id
 from protocol.query import rank_tier
 
@@ -159,7 +160,7 @@ class ControlServer:
         now = now_ms()
         return {"offer": offer_row(entry, now, now - self.node.book.params.book_established_ms),
                 "deposit": deposit,
-                "deposit_tokens": str(Decimal(deposit) / 10**o.terms.token_decimals),
+                "deposit_tokens": format_tokens(deposit, o.terms.token_decimals),
                 "token": o.terms.token_symbol}
 
     async def op_rent(self, offer_id: str, seconds: int, gpu_count: int = 1,
@@ -168,13 +169,13 @@ class ControlServer:
         o = entry.offer
         if now_ms() > o.expires_ms:
             raise ControlError(f"offer {offer_id} expired between search and rent; search again")
-        scale = 10**o.terms.token_decimals
         if max_price_per_gpu_hour is None:
             max_price = o.terms.price_per_gpu_second
         else:
-            max_price = int(Decimal(max_price_per_gpu_hour) * scale / 3600)
-            if max_price < 1:
-                raise ControlError("--max-price is below the smallest price unit")
+            try:  # rounded down: never more per second than the renter wrote
+                max_price = max_units_per_second(Decimal(max_price_per_gpu_hour), o.terms.token_decimals)
+            except (InvalidOperation, PriceError) as exc:
+                raise ControlError(f"--max-price {max_price_per_gpu_hour}: {exc}") from None
         rental = await self.node.rent([entry], gpu_count=gpu_count, duration_s=seconds,
                                       max_price_per_gpu_second=max_price, access_key=access_key)
         return rental_row(self.node, rental)
@@ -258,7 +259,7 @@ def offer_row(entry, now: int, established_before_ms: int) -> dict:
         "offer_id": entry.offer_id, "provider": short_id(o.provider), "model": g.model,
         "gpus": len(o.gpus), "vram_gib": round(g.vram_mib / 1024), "region": o.host.region,
         "cuda": f"{g.cuda_version // 1000}.{g.cuda_version % 1000 // 10}",
-        "price_per_gpu_hour": f"{entry.price_per_gpu_hour_tokens():.4f}",
+        "price_per_gpu_hour": format_tokens(entry.price_per_gpu_hour, entry.token_decimals),
         "token": o.terms.token_symbol, "score": round(entry.score, 3),
         "tier": TIER_NAMES[rank_tier(entry.score, entry.since_ms, established_before_ms)],
         "held_s": max(0, (now - entry.since_ms) // 1000),

@@ -24,7 +24,6 @@ from rich.console import Console
 from rich.table import Table
 
 from protocol.params import Params
-from protocol.samples import usd_per_hour_to_units_per_second
 from protocol.settlement import claim_payout
 
 from .chain import AsyncChain, Chain
@@ -32,7 +31,8 @@ from .fake_nvml import FakeGpu, FakeNvml
 from .node import Node, NodeConfig, ProviderSettings, RentError
 from .testing import recover_past_grace
 
-USDC = 10**6
+USDC_DECIMALS = 6  # the demo deploys its own tUSDC, with these decimals
+USDC = 10**USDC_DECIMALS
 # Fast protocol timing so a whole rental fits in seconds (the defaults are 30 s heartbeats).
 DEMO_PARAMS = Params(
     clock_skew_ms=2_000, min_heartbeat_interval_s=1, heartbeat_late_tolerance_ms=500,
@@ -113,7 +113,7 @@ class Demo:
         chain = Chain.embedded()
         dev_keys = chain.dev_keys()
         deployer = dev_keys[0]
-        escrow, token = chain.deploy_local_market(deployer)
+        escrow, token = chain.deploy_local_market(deployer, symbol="tUSDC", decimals=USDC_DECIMALS)
         self.step("escrow contract and test stablecoin deployed",
                   True, f"chain {chain.chain_id}, escrow 0x{escrow.hex()[:10]}..., tUSDC 0x{token.hex()[:10]}...")
         wallets = {p.name: dev_keys[i + 1] for i, p in enumerate(PROVIDERS)}
@@ -149,7 +149,7 @@ class Demo:
             first = None
             for p in PROVIDERS:
                 settings = ProviderSettings(
-                    price_per_gpu_second=usd_per_hour_to_units_per_second(float(p.usd_per_hour)),
+                    price_per_gpu_hour=Decimal(p.usd_per_hour),
                     min_duration_s=5, max_duration_s=3600, heartbeat_interval_s=1,
                     grace_s=DEMO_PARAMS.min_grace_s,  # the escrow's minimum: 5 minutes
                     region=p.region, offer_lifetime_ms=10 * 60 * 1000, publish_interval_s=0.2,

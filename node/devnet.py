@@ -23,7 +23,8 @@ from .identity import load_or_create_identity
 from .wallet import Wallet
 
 DEVNET_PASSWORD = "devnet"
-USDC = 10**6
+USDC_DECIMALS = 6  # the devnet deploys its own tUSDC, with these decimals
+USDC = 10**USDC_DECIMALS
 
 
 def _configure(data_dir: Path, url: str, chain_id: int, escrow: bytes, token: bytes,
@@ -73,7 +74,7 @@ def run_devnet(root: Path, providers: int, renters: int) -> int:
         deployer = Wallet.from_key(os.urandom(32))
         anvil.fund(deployer.address, 10**22)
         chain = Chain.connect(anvil.url, chain_id=anvil.chain_id)
-        escrow, token = chain.deploy_local_market(deployer.key)
+        escrow, token = chain.deploy_local_market(deployer.key, symbol="tUSDC", decimals=USDC_DECIMALS)
         names = [f"provider-{i}" for i in range(providers)] + [f"renter-{i}" for i in range(renters)]
         for i, name in enumerate(names):
             d = root / name

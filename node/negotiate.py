@@ -15,7 +15,6 @@ peer or wallet may hold only a few unopened agreements at a time.
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,9 +25,9 @@ from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from protocol.effects import Effect, Send
+from protocol.effects import Effect, EscrowCall, Persist, Send
 from protocol.identity import PeerKey, peer_id_from_public_key
-from protocol.messages import Binding, Offer
+from protocol.messages import Accept, Binding, Offer
 from protocol.negotiation import (
     Fault,
     FirstAgreementWins,
@@ -39,6 +38,8 @@ from protocol.negotiation import (
 )
 from protocol.params import Params
 
+from .clock import now_ms
+from .effects import EffectExecutor
 from .host import GossipHost
 from .reqresp import PeerClosed, ReadTimeout, ReqRespError, close_quietly, read_frame, write_frame
 
@@ -57,10 +58,6 @@ DEFAULT_MAX_PENDING_PER_WALLET = 2  # ... and one renter wallet, whatever peer i
 # A hold that ended unopened counts against its renter peer's and wallet's caps this long.
 DEFAULT_UNOPENED_MEMORY_MS = 3_600_000
 CANCEL_GRACE_S = 1.0  # a cancelled negotiation waits this long for the provider to close
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True)
@@ -218,6 +215,11 @@ class NegotiationStats:
 
 
 OnAgreed = Callable[[ProviderNegotiation, ID], Awaitable[None]]
+# The provider's persist port: make `effect` (the machine's Persist of its proposal and accept)
+# durable; it runs before the Accept is sent.
+OnPersist = Callable[[ProviderNegotiation, ID, Persist], Awaitable[None]]
+# A persisted agreement ended before it stood (the renter's cancel crossed our Accept).
+OnWithdrawn = Callable[[bytes], Awaitable[None]]
 
 
 class ProviderDesk:
@@ -246,6 +248,8 @@ class ProviderDesk:
         funds: RenterFunds | None = None,
         on_holds_changed: Callable[[], None] | None = None,
         clock: Callable[[], int] = now_ms,
+        persist: OnPersist | None = None,
+        on_withdrawn: OnWithdrawn | None = None,
     ) -> None:
         self.host = host
         self.key = key
@@ -259,6 +263,8 @@ class ProviderDesk:
             policy = replace(policy, open_hold_ms=open_hold_ms)
         self.policy = policy
         self.funds = funds  # None: no chain to ask (tests of the stream layer alone)
+        self.persist = persist  # None: no store (tests of the stream layer alone)
+        self.on_withdrawn = on_withdrawn
         self.on_holds_changed = on_holds_changed or (lambda: None)
         self.clock = clock
         self.stats = NegotiationStats()
@@ -297,56 +303,71 @@ class ProviderDesk:
         finally:
             await close_quietly(stream)
 
+    def _executor(self, machine: ProviderNegotiation, stream: INetStream, peer: ID,
+                  persisted: set[bytes]) -> EffectExecutor:
+        async def persist(effect: Persist) -> None:
+            await self.persist(machine, peer, effect)
+            persisted.add(effect.agreement_id)
+
+        return EffectExecutor(persist=persist if self.persist is not None else None,
+                              send=lambda effect: _send(stream, effect),
+                              leave=(Persist,) if self.persist is None else ())
+
     async def _drive(self, machine: ProviderNegotiation, stream: INetStream, peer: ID) -> None:
+        persisted: set[bytes] = set()  # agreement ids whose records the store holds
+        executor = self._executor(machine, stream, peer, persisted)
         while machine.state not in (State.AGREED, State.FAILED):
             timeout = _seconds_until(machine.next_deadline(), self.clock(),
                                      self.params.negotiation_step_timeout_ms)
             try:
                 data = await read_frame(stream, max_frame=MAX_NEGOTIATION_FRAME, timeout=timeout)
             except ReadTimeout:
-                await _send_all(stream, machine.on_timer(max(self.clock(), machine.next_deadline() or 0)))
+                await executor.run(machine.on_timer(max(self.clock(), machine.next_deadline() or 0)))
                 break
             except ReqRespError as exc:  # closed, oversized frame, bad prefix
                 self.stats.count(f"stream_{type(exc).__name__}")
                 return
             refusal = None
             async with self._capacity_lock:
-                if machine.state is not State.AGREED:
-                    machine.set_free_gpus(self._free_for(machine.offer))
-                accepted_ms = self.clock()
-                effects = machine.receive_data(data, accepted_ms)
-                if machine.state is State.AGREED:
+                machine.set_free_gpus(self._free_for(machine.offer))
+                effects = machine.receive_data(data, self.clock())
+                # The machine decided to accept when it asks to persist its Accept: before any
+                # of these effects is carried out, hold the GPUs and check what it cannot.
+                accept = _accept_in(effects)
+                if accept is not None:
                     refusal = self._over_cap(machine, peer)
                     if refusal is None:
-                        assert machine.terms is not None and machine.accept is not None
+                        assert machine.terms is not None
                         # Held while the consent can open the escrow (block time <= open_by).
                         self.capacity.reserve(
-                            machine.terms.agreement_id(), machine.accept.gpus,
-                            (machine.terms.open_by + 1) * 1000, peer=peer.to_base58(),
-                            wallet=machine.terms.renter, deposit=machine.terms.deposit)
-            if machine.state is State.AGREED:
+                            accept.agreement_id, accept.gpus, (accept.open_by + 1) * 1000,
+                            peer=peer.to_base58(), wallet=machine.terms.renter,
+                            deposit=machine.terms.deposit)
+            if accept is not None:
                 if refusal is None:
                     refusal = await self._check_funds(machine)  # GPUs held meanwhile
                 if refusal is not None:
-                    assert machine.terms is not None
-                    self.capacity.release(machine.terms.agreement_id())
+                    self.capacity.release(accept.agreement_id)
                     effects = machine.withhold(self.clock(), *refusal)
                 else:
                     self.on_holds_changed()  # the offer is re-announced without these GPUs
-            await _send_all(stream, effects)
+            # In order: the proposal and the accept are durable before the consent leaves.
+            await executor.run(effects)
         if machine.state is State.AGREED:
-            await self._await_close_or_cancel(machine, stream)
+            await self._await_close_or_cancel(machine, stream, executor)
         if machine.state is State.AGREED:
             self.stats.count("agreed")
             await self.on_agreed(machine, peer)
         else:
             if machine.terms is not None:  # accepted, then it ended: free the GPUs now
+                aid = machine.terms.agreement_id()
                 # The renter walked away after our Accept (its cancel): remembered against its
                 # caps. A refusal of ours (withheld Accept) is not the renter's doing.
                 walked_away = machine.failure is not None and machine.failure.fault is Fault.REMOTE
-                self.capacity.release(machine.terms.agreement_id(),
-                                      ended_unopened_at=self.clock() if walked_away else None)
+                self.capacity.release(aid, ended_unopened_at=self.clock() if walked_away else None)
                 self.on_holds_changed()
+                if aid in persisted and self.on_withdrawn is not None:
+                    await self.on_withdrawn(aid)
             failure = machine.failure
             self.stats.count(failure.reason_name if failure else "failed")
 
@@ -393,7 +414,8 @@ class ProviderDesk:
                     "before proposing")
         return None
 
-    async def _await_close_or_cancel(self, machine: ProviderNegotiation, stream: INetStream) -> None:
+    async def _await_close_or_cancel(self, machine: ProviderNegotiation, stream: INetStream,
+                                     executor: EffectExecutor) -> None:
         """After Accept the renter closes the stream, unless its cancel crossed our Accept
         (it took another provider's agreement): then a NegotiationReject arrives first."""
         try:
@@ -401,16 +423,24 @@ class ProviderDesk:
                                     timeout=self.params.negotiation_step_timeout_ms / 1000)
         except ReqRespError:
             return  # closed (the normal case) or silent: the agreement stands
-        await _send_all(stream, machine.receive_data(data, self.clock()))
+        await executor.run(machine.receive_data(data, self.clock()))
 
 
-async def _send_all(stream: INetStream, effects: list[Effect]) -> None:
+async def _send(stream: INetStream, effect: Send) -> None:
+    """The negotiation stream's send port. A peer that closed gets nothing more; the machine
+    learns of it from the stream (or its deadline), so the effects after it still run."""
+    try:
+        await write_frame(stream, effect.message.encode(), max_frame=MAX_NEGOTIATION_FRAME)
+    except PeerClosed:
+        log.info("negotiation peer closed before %s", type(effect.message).__name__)
+
+
+def _accept_in(effects: list[Effect]) -> Accept | None:
+    """The Accept a provider machine asks to persist (it decided to accept), if any."""
     for effect in effects:
-        if isinstance(effect, Send):
-            try:
-                await write_frame(stream, effect.message.encode(), max_frame=MAX_NEGOTIATION_FRAME)
-            except PeerClosed:
-                return
+        if isinstance(effect, Persist) and isinstance(effect.message, Accept):
+            return effect.message
+    return None
 
 
 def _seconds_until(deadline: int | None, now: int, default_ms: int) -> float:
@@ -469,11 +499,18 @@ async def negotiate_first(
     params: Params,
     rng: Any,
     clock: Callable[[], int] = now_ms,
+    persist: Callable[[RenterNegotiation, Persist], Awaitable[None]] | None = None,
+    escrow: Callable[[RenterNegotiation, EscrowCall], Awaitable[None]] | None = None,
     **limits: Any,
 ) -> FirstAgreementWins:
     """Negotiate with every candidate at once; the first agreement wins and the rest are
     cancelled cleanly (NegotiationReject CANCELLED). Returns the group: `group.winner` is the
-    agreed RenterNegotiation, or None if every negotiation failed (see each `.failure`)."""
+    agreed RenterNegotiation, or None if every negotiation failed (see each `.failure`).
+
+    The winner's effects are carried out in order through `persist` (its Accept, durable) and
+    then `escrow` (the EscrowCall open), each called with the winner; only the winner emits
+    them. Without these ports the caller carries those effects out itself (tests of the stream
+    layer alone)."""
     machines = [
         RenterNegotiation(c.offer, c.digest, key, binding, gpu_count, duration_s,
                           max_price_per_gpu_second, access_key, params, rng, **limits)
@@ -494,14 +531,17 @@ async def negotiate_first(
                 scope = scopes[m.negotiation_id]
                 scope.deadline = min(scope.deadline, trio.current_time() + CANCEL_GRACE_S)
 
-    async def dispatch(effects: list[Effect]) -> None:
-        for effect in effects:
-            if isinstance(effect, Send) and effect.to in streams:
-                try:
-                    await write_frame(streams[effect.to], effect.message.encode(),
-                                      max_frame=MAX_NEGOTIATION_FRAME)
-                except PeerClosed:
-                    pass
+    async def send(effect: Send) -> None:
+        if effect.to in streams:  # none yet: the provider was unreachable
+            await _send(streams[effect.to], effect)
+
+    def winner_port(port):
+        return None if port is None else (lambda effect: port(group.winner, effect))
+
+    leave = tuple(t for t, port in ((Persist, persist), (EscrowCall, escrow)) if port is None)
+    executor = EffectExecutor(send=send, persist=winner_port(persist),
+                              escrow=winner_port(escrow), leave=leave)
+    dispatch = executor.run
 
     async def run_one(candidate: Candidate, machine: RenterNegotiation) -> None:
         with trio.CancelScope() as scope:

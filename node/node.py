@@ -25,6 +25,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +34,26 @@ from libp2p.peer.id import ID
 
 from protocol.agreement import AgreementTerms
 from protocol.agreement import EscrowDomain
-from protocol.effects import EscrowCall
+from protocol.effects import EscrowCall, Persist
 from protocol.encoding import Struct, decode, encode_struct, is_wire_text, pack, to_wire_text, unpack_canonical
 from protocol.identity import PeerKey, peer_id_from_public_key
 from protocol.messages import (MAX_ADDR_LEN, MAX_OFFER_ADDRS, AccessGrant, AgreementDetails,
                                Binding, GpuMetrics, Heartbeat, OfferTerms, TermsWire,
                                UsageReceipt)
-from protocol.negotiation import FirstAgreementWins, ProviderNegotiation, escrow_domain, renter_refusal
+from protocol.money import PriceError, price_units_per_second
+from protocol.negotiation import (FirstAgreementWins, ProviderNegotiation, RenterNegotiation,
+                                  escrow_domain, renter_refusal)
 from protocol.offerbook import Entry, OfferBook
 from protocol.params import DEFAULT_PARAMS, Params
 from protocol.rental import ProviderRental, RenterRental
 
 from .chain import AsyncChain, ChainError, RpcUnavailableError, TxResult, WalletEscrow
+from .clock import SYSTEM_CLOCK, Clock, now_ms
+from .config import ConfigError, ProviderSection
 from .gpu import GpuProbe
 from .host import GossipHost, HostConfig
 from .identity import load_or_create_identity
+from .lifecycle import UNSETTLED, AgreementState, check_transition
 from .negotiate import (DEFAULT_MAX_PENDING_PER_PEER, DEFAULT_MAX_PENDING_PER_WALLET,
                         DEFAULT_OPEN_HOLD_MS, DEFAULT_UNOPENED_MEMORY_MS, Candidate, Capacity, HoldPolicy, ProviderDesk,
                         RenterFunds, negotiate_first)
@@ -58,7 +64,6 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
-UNSETTLED_STATES = ("accepted", "agreed", "open", "stopped")  # what a restart looks at
 RENTER_OPEN_WAIT_S = 600  # a renter restarted before its open was mined watches this long for it
 PEER_ADDR_TTL_S = 30 * 24 * 3600  # a restored rental's provider address, re-added to the peerstore
 OPEN_RECHECK_S = 2.0  # provider: at most one chain read per unopened agreement this often
@@ -66,31 +71,55 @@ FUNDS_TIMEOUT_S = 5.0  # provider: the renter's balance and allowance must be re
 STALE_RETRY_WAIT_S = 2.0  # renter: after OFFER_STALE, wait this long for the provider's new offer
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 @dataclass(frozen=True)
 class ProviderSettings:
-    """What a provider offers and how it serves."""
+    """What a provider offers and how it serves, as the node runs it.
 
-    price_per_gpu_second: int  # advertised, smallest token unit
-    min_price_per_gpu_second: int | None = None  # floor in negotiation (default: advertised)
-    min_duration_s: int = 60
-    max_duration_s: int = 7 * 24 * 3600
-    heartbeat_interval_s: int = 30
-    grace_s: int = 600
-    region: str = "unknown"
-    bandwidth_mbps: int = 1000
-    offer_lifetime_ms: int = 30 * 60 * 1000
-    publish_interval_s: float = 10.0
-    nvml: Any = None  # the pynvml module (default) or a node.fake_nvml.FakeNvml
+    The [provider] section of the configuration file (node.config.ProviderSection) is the one
+    source of truth: its defaults are these defaults, and `from_section` derives these settings
+    from it; the fields after `bandwidth_mbps` are not in the file (tests, demos, benchmarks).
+    Prices are whole tokens per GPU-hour, exact; the node turns them into integer units per
+    GPU-second with the token's decimals read from its contract (protocol/money.py)."""
+
+    price_per_gpu_hour: Decimal = ProviderSection.price_per_gpu_hour  # advertised
+    min_price_per_gpu_hour: Decimal | None = None  # floor in negotiation (default: advertised)
+    min_duration_s: int = ProviderSection.min_duration_s
+    max_duration_s: int = ProviderSection.max_duration_s
+    heartbeat_interval_s: int = ProviderSection.heartbeat_interval_s
+    grace_s: int = ProviderSection.grace_s
+    region: str = ProviderSection.region
+    bandwidth_mbps: int = ProviderSection.bandwidth_mbps
     access_hook: Sequence[str] | None = None  # command run when an agreement opens
+    offer_lifetime_ms: int = ProviderConfig.lifetime_ms
+    publish_interval_s: float = ProviderConfig.publish_interval_s
+    nvml: Any = None  # the pynvml module (default) or a node.fake_nvml.FakeNvml
     access_hook_timeout_s: float = 30.0
     open_hold_ms: int = DEFAULT_OPEN_HOLD_MS  # accepted GPUs wait this long for the escrow
     max_pending_per_peer: int = DEFAULT_MAX_PENDING_PER_PEER  # unopened agreements per renter peer
     max_pending_per_wallet: int = DEFAULT_MAX_PENDING_PER_WALLET  # ... and per renter wallet
     unopened_memory_ms: int = DEFAULT_UNOPENED_MEMORY_MS  # a hold left unopened counts this long
+
+    @classmethod
+    def from_section(cls, section: ProviderSection, *, nvml: Any = None) -> ProviderSettings:
+        return cls(price_per_gpu_hour=section.price_per_gpu_hour,
+                   min_price_per_gpu_hour=section.min_price_per_gpu_hour,
+                   min_duration_s=section.min_duration_s, max_duration_s=section.max_duration_s,
+                   heartbeat_interval_s=section.heartbeat_interval_s, grace_s=section.grace_s,
+                   region=section.region, bandwidth_mbps=section.bandwidth_mbps,
+                   access_hook=section.access_hook or None, nvml=nvml)
+
+    def prices(self, decimals: int) -> tuple[int, int]:
+        """(advertised, floor) in units per GPU-second of a token with `decimals`; ConfigError
+        for a price that is not a whole number of units per second after rounding."""
+        try:
+            price = price_units_per_second(self.price_per_gpu_hour, decimals)
+            floor = (price if self.min_price_per_gpu_hour is None
+                     else price_units_per_second(self.min_price_per_gpu_hour, decimals))
+        except PriceError as exc:
+            raise ConfigError(f"provider price: {exc}") from None
+        if floor > price:
+            raise ConfigError("provider.min_price_per_gpu_hour is above price_per_gpu_hour")
+        return price, floor
 
 
 @dataclass(frozen=True)
@@ -107,6 +136,7 @@ class NodeConfig:
     arbiters: frozenset[bytes] = frozenset()
     name: str = "node"
     chain_poll_s: float = 0.5
+    clock: Clock = SYSTEM_CLOCK  # the node's one clock (node/clock.py)
 
 
 @dataclass
@@ -128,6 +158,15 @@ class Rental:
     @property
     def agreement_id(self) -> bytes:
         return self.terms.agreement_id()
+
+
+@dataclass
+class _Opening:
+    """What the renter's escrow port did with the winner's EscrowCall open."""
+
+    tx: TxResult | None = None
+    error: RentError | None = None
+    agreed_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -168,6 +207,7 @@ class Node:
         self.config = config
         self.chain = chain
         self.params = config.params
+        self.clock = config.clock
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.identity = load_or_create_identity(self.data_dir / "identity.seed")
@@ -231,7 +271,7 @@ class Node:
                 # The book keeps (and the node relays) only offers for the chain it serves.
                 self.offers = OfferService(self.host, self.store, self.params, book=OfferBook(
                     self.params, score_of=self.reputation.score_of,
-                    chain_ids=frozenset({self.chain.chain.chain_id})))
+                    chain_ids=frozenset({self.chain.chain.chain_id})), now_ms=self.clock.now_ms)
                 await nursery.start(self.offers.run)
                 if self.config.provider is not None:
                     await self._start_provider(nursery, self.config.provider)
@@ -264,10 +304,12 @@ class Node:
 
     async def _start_provider(self, nursery: trio.Nursery, settings: ProviderSettings) -> None:
         chain = self.chain.chain
+        decimals = await self.chain.run(chain.decimals, chain.token_address)
+        price, floor = settings.prices(decimals)
         terms = OfferTerms(
             chain_id=chain.chain_id, token=chain.token_address,
-            token_symbol=(await self.chain.run(self._token_symbol)), token_decimals=6,
-            price_per_gpu_second=settings.price_per_gpu_second, escrow=chain.escrow_address,
+            token_symbol=(await self.chain.run(self._token_symbol)), token_decimals=decimals,
+            price_per_gpu_second=price, escrow=chain.escrow_address,
             min_duration_s=settings.min_duration_s, max_duration_s=settings.max_duration_s,
             heartbeat_interval_s=settings.heartbeat_interval_s, grace_s=settings.grace_s,
             arbiter=b"\x00" * 20, dispute_window_s=0,
@@ -289,13 +331,15 @@ class Node:
         self._probe.open()
         self.desk = ProviderDesk(
             self.host, self.key, self.wallet_key, self.params, self._current_offer, self.capacity,
-            lambda: settings.min_price_per_gpu_second or settings.price_per_gpu_second,
+            lambda: floor,
             self._on_agreed,
             policy=HoldPolicy(open_hold_ms=settings.open_hold_ms,
                               max_pending_per_peer=settings.max_pending_per_peer,
                               max_pending_per_wallet=settings.max_pending_per_wallet),
             funds=RenterFunds(self._read_funds, timeout_s=FUNDS_TIMEOUT_S),
             on_holds_changed=self._offer_changed,
+            persist=self._persist_accepted, on_withdrawn=self._accept_withdrawn,
+            clock=self.clock.now_ms,
         )
         self.rental_desk = RentalDesk(self.host, nursery, self._start_provider_session)
 
@@ -314,15 +358,30 @@ class Node:
 
     # -- provider -----------------------------------------------------------------------------
 
-    async def _on_agreed(self, machine: ProviderNegotiation, peer: ID) -> None:
+    async def _persist_accepted(self, machine: ProviderNegotiation, peer: ID, effect: Persist) -> None:
+        """The negotiation's persist port, run before the Accept is sent. The agreement row
+        (terms, details, both bindings) holds what the proposal and the accept carry, so it is
+        written once, for the accept, the last Persist before the Send: on disk before the
+        consent leaves, so a restart finds every agreement a renter may open."""
+        if effect.record != "accept":
+            return  # the proposal's part of the row (terms, renter binding) is written with it
         terms, details = machine.terms, machine.details
-        assert terms is not None and details is not None
-        aid = terms.agreement_id()
+        assert terms is not None and details is not None and effect.agreement_id == terms.agreement_id()
         renter_binding = machine.proposal.renter_binding
-        self._pending[aid] = PendingAgreement(terms, details, escrow_domain(machine.offer), now_ms(),
-                                              renter_binding)
-        await self._remember(aid, "provider", "accepted", terms, details, self.binding, renter_binding)
-        log.info("%s accepted agreement %s with %s", self.config.name, aid.hex()[:12], peer)
+        await self._remember(effect.agreement_id, "provider", AgreementState.ACCEPTED, terms, details,
+                             self.binding, renter_binding)
+        self._pending[effect.agreement_id] = PendingAgreement(
+            terms, details, escrow_domain(machine.offer), self.clock.now_ms(), renter_binding)
+
+    async def _accept_withdrawn(self, agreement_id: bytes) -> None:
+        """The renter cancelled after our Accept: its consent will not be used."""
+        self._pending.pop(agreement_id, None)
+        await self._set_state(agreement_id, AgreementState.EXPIRED)
+
+    async def _on_agreed(self, machine: ProviderNegotiation, peer: ID) -> None:
+        assert machine.terms is not None
+        log.info("%s accepted agreement %s with %s", self.config.name,
+                 machine.terms.agreement_id().hex()[:12], peer)
 
     async def _start_provider_session(self, agreement_id: bytes, peer: ID) -> ProviderSession | None:
         """A rental hello for an agreement we accepted. Answered from memory where possible: an
@@ -347,16 +406,16 @@ class Node:
                 raise HelloRefused("not_open")
         if agreement_id not in self._pending:
             return None  # another hello for it got here first
-        hold = self.capacity.unopened(now_ms()).get(agreement_id)
+        hold = self.capacity.unopened(self.clock.now_ms()).get(agreement_id)
         if hold is None:
             # Opened after its hold ended: serve it only if its GPUs are still free (never two
             # renters on one GPU); otherwise the renter gets no heartbeat and recovers it all.
             try:
-                self.capacity.reserve(agreement_id, details.gpus, now_ms() + self._open_hold_ms)
+                self.capacity.reserve(agreement_id, details.gpus, self.clock.now_ms() + self._open_hold_ms)
             except ValueError:
                 raise HelloRefused("hold_expired") from None
         else:
-            used = now_ms() - (hold.until_ms - self._open_hold_ms)
+            used = self.clock.now_ms() - (hold.until_ms - self._open_hold_ms)
             self.hold_used_ms.append(used)
             log.info("%s: agreement %s opened %d ms into its %d ms hold", self.config.name,
                      agreement_id.hex()[:12], used, self._open_hold_ms)
@@ -369,11 +428,11 @@ class Node:
         provider_machine = ProviderRental(terms, details, pending.domain, self.key,
                                           started_s * 1000, self.params)
         session = ProviderSession(
-            provider_machine, terms, details, self.escrow, self.store, now_ms,
+            provider_machine, terms, details, self.escrow, self.store, self.clock.now_ms,
             lambda: self._metrics(details.gpus), lambda effect: self._service(rental, effect),
         )
         rental.session = session
-        await self.store.set_agreement_state(agreement_id, "open", time.time())
+        await self._set_state(agreement_id, AgreementState.OPEN)
         await session.carry_out(provider_machine.start())
         self._offer_changed()
         return session
@@ -400,14 +459,14 @@ class Node:
                     # The renter gets nothing usable: serve nothing and claim nothing.
                     await session.halt("access hook failed")
                     self.capacity.release(rental.agreement_id)
-                    await self.store.set_agreement_state(rental.agreement_id, "aborted", time.time())
+                    await self._set_state(rental.agreement_id, AgreementState.ABORTED)
                     self._offer_changed()
                     return
                 rental.access = access
-                await session.send_grant(AccessGrant(rental.agreement_id, access, now_ms()).sign(self.key))
+                await session.send_grant(AccessGrant(rental.agreement_id, access, self.clock.now_ms()).sign(self.key))
         elif name == "StopService":
             self.capacity.release(rental.agreement_id)
-            await self.store.set_agreement_state(rental.agreement_id, "stopped", time.time())
+            await self._set_state(rental.agreement_id, AgreementState.STOPPED)
             self._offer_changed()
 
     async def _run_access_hook(self, rental: Rental) -> str | None:
@@ -446,7 +505,7 @@ class Node:
         and held ones come back when their hold ends (woken at the next hold's end)."""
         while True:
             end = self.capacity.next_expiry()
-            wait = float("inf") if end is None else max(0.0, (end - now_ms()) / 1000) + 0.01
+            wait = float("inf") if end is None else max(0.0, (end - self.clock.now_ms()) / 1000) + 0.01
             with trio.move_on_after(wait):
                 await self._offer_dirty.wait()
             self._offer_dirty = trio.Event()  # a change from here on wakes the next round
@@ -456,7 +515,7 @@ class Node:
         """The free GPUs changed: announce what is left, or withdraw when nothing is."""
         if self.publisher is None:
             return
-        free = set(self.capacity.free(now_ms()))
+        free = set(self.capacity.free(self.clock.now_ms()))
         gpus = tuple(g for g in self._all_gpus if g.uuid_digest in free)
         live = self.publisher.live is not None
         if only_if_changed and ((live and gpus == self.publisher.gpus) or (not live and not gpus)):
@@ -480,6 +539,13 @@ class Node:
             raise RentError("no offers to rent from")
         for entry in entries:
             why = self.not_rentable(entry)
+            token = entry.offer.terms.token
+            if why is None and self.chain.chain.known_decimals(token) is None:
+                try:  # read once per token, then cached; not_rentable compares the offer's
+                    await self.chain.run(self.chain.chain.decimals, token)
+                    why = self.not_rentable(entry)
+                except ChainError as exc:
+                    why = str(exc)
             if why is not None:
                 raise RentError(f"offer {entry.offer_id} cannot be rented from this node: {why}")
         if not is_wire_text(access_key) or len(access_key) > 1024:
@@ -506,51 +572,72 @@ class Node:
                 await self.chain.run(self.chain.chain.approve, self.wallet_key, needed)
             except ChainError as exc:
                 raise RentError(f"approving the escrow failed: {exc}") from None
+        opening = _Opening()
+
+        async def persist(winner: RenterNegotiation, effect: Persist) -> None:
+            # The accept's consent is durable before the escrow is opened with it.
+            await self._remember(effect.agreement_id, "renter", AgreementState.AGREED, winner.terms,
+                                 winner.details, winner.offer.binding, self.binding)
+
+        async def escrow(winner: RenterNegotiation, effect: EscrowCall) -> None:
+            opening.agreed_at = time.monotonic()
+            opening.tx, opening.error = await self._open_escrow(effect)
+
         group = await self._negotiate(entries, gpu_count=gpu_count, duration_s=duration_s,
                                       max_price_per_gpu_second=max_price_per_gpu_second,
-                                      access_key=access_key)
+                                      access_key=access_key, persist=persist, escrow=escrow)
         winner = group.winner
         if winner is None:
             reasons = sorted({f"{n.failure.reason_name.lower()} ({n.failure.detail})"
                               for n in group.negotiations.values() if n.failure})
             raise RentError("no provider agreed: " + "; ".join(reasons or ["no answer"]))
-        agreed_at = time.monotonic()
+        if opening.error is not None:
+            raise opening.error
+        if opening.tx is None:
+            raise RentError("the agreement's escrow open was never carried out")
+        opened, agreed_at = opening.tx, opening.agreed_at
         terms, details = winner.terms, winner.details
         aid = terms.agreement_id()
-        await self._remember(aid, "renter", "agreed", terms, details, winner.offer.binding, self.binding)
-        if time.time() > terms.open_by:  # the escrow would revert: the provider's consent expired
-            await self.store.set_agreement_state(aid, "open_failed", time.time())
-            raise RentError(f"the provider's consent expired at {terms.open_by} (open_by) before "
-                            "the escrow could be opened")
-        try:
-            opened = await self.chain.open(self.wallet_key, terms, winner.consent_sig)
-        except RpcUnavailableError as exc:
-            # No answer is not a refusal: the transaction may have been sent and still be
-            # mined. Watch for its Opened event as after a restart (RENTER_OPEN_WAIT_S).
-            row = await self.store.get_agreement(aid)
-            if row is not None:
-                self._renter_unopened[aid] = row
-            raise RentError(f"opening the escrow failed: {exc}; if the transaction went out, "
-                            f"the rental starts when it is mined") from None
-        except ChainError as exc:
-            await self.store.set_agreement_state(aid, "open_failed", time.time())
-            raise RentError(f"opening the escrow failed: {exc}") from None
         self.accept_to_open_s = time.monotonic() - agreed_at
         log.info("%s opened %s %.3f s after Accept", self.config.name, aid.hex()[:12],
                  self.accept_to_open_s)
         rental = Rental("renter", terms, details, opened=opened, started_s=opened.timestamp,
                         provider_binding=winner.offer.binding, renter_binding=self.binding)
         self.rentals[aid] = rental
-        await self.store.set_agreement_state(aid, "open", time.time())
+        await self._set_state(aid, AgreementState.OPEN)
         provider_peer = ID.from_base58(peer_id_from_public_key(details.provider_key))
         await self._remember_peer(provider_peer)
         machine = RenterRental(terms, details, escrow_domain(winner.offer), self.key,
                                self.wallet_key, opened.timestamp * 1000, self.rng, self.params)
-        session = RenterSession(machine, terms, details, self.escrow, self.store, now_ms)
+        session = RenterSession(machine, terms, details, self.escrow, self.store, self.clock.now_ms)
         rental.session = session
         self._nursery.start_soon(session.run_timers)
         self._nursery.start_soon(session.run_connection, self.host, provider_peer)
         return rental
+
+    async def _open_escrow(self, effect: EscrowCall) -> tuple[TxResult | None, RentError | None]:
+        """The renter's escrow port: carry out the winner's EscrowCall open. Returns the mined
+        open or why it failed (not raised: it runs inside the negotiation's nursery)."""
+        if effect.method != "open":
+            raise ValueError(f"a negotiation asked for escrow {effect.method!r}")
+        terms, aid = effect.args["terms"], effect.agreement_id
+        if self.clock.time() > terms.open_by:  # the escrow would revert: the provider's consent expired
+            await self._set_state(aid, AgreementState.OPEN_FAILED)
+            return None, RentError(f"the provider's consent expired at {terms.open_by} (open_by) "
+                                   "before the escrow could be opened")
+        try:
+            return await self.chain.open(self.wallet_key, terms, effect.args["consent_sig"]), None
+        except RpcUnavailableError as exc:
+            # No answer is not a refusal: the transaction may have been sent and still be
+            # mined. Watch for its Opened event as after a restart (RENTER_OPEN_WAIT_S).
+            row = await self.store.get_agreement(aid)
+            if row is not None:
+                self._renter_unopened[aid] = row
+            return None, RentError(f"opening the escrow failed: {exc}; if the transaction went "
+                                   "out, the rental starts when it is mined")
+        except ChainError as exc:
+            await self._set_state(aid, AgreementState.OPEN_FAILED)
+            return None, RentError(f"opening the escrow failed: {exc}")
 
     def not_rentable(self, entry: Entry) -> str | None:
         """Why this node cannot rent `entry` (None: it can). The escrow `open` checks the
@@ -563,16 +650,22 @@ class Node:
         if entry.escrow != chain.escrow_address:
             return (f"it names escrow 0x{entry.escrow.hex()}, this node uses escrow "
                     f"0x{chain.escrow_address.hex()} on chain {chain.chain_id}")
+        # Prices are read (and searched, and capped by --max-price) in the offer's decimals: an
+        # offer claiming other decimals than its token's contract would mis-state its price.
+        decimals = chain.known_decimals(entry.offer.terms.token)
+        if decimals is not None and decimals != entry.offer.terms.token_decimals:
+            return (f"it prices in units of {entry.offer.terms.token_decimals} decimals, its token's "
+                    f"contract has {decimals}")
         return None
 
     def search(self, query: str = "", sort: str | None = "rank", limit: int | None = None,
                at_ms: int | None = None) -> list[Entry]:
         """Offers this node can rent that match `query`, by default in rank order (the book also
-        holds valid offers for other escrows on this chain, which it relays but never lists)."""
-        chain_id, escrow = self.chain.chain.chain_id, self.chain.chain.escrow_address
+        holds valid offers for other escrows on this chain, which it relays but never lists,
+        and offers whose decimals contradict their token's contract, once this node read them)."""
         return self.book.query(query, sort, limit=limit,
-                               where=lambda e: e.escrow == escrow and e.chain_id == chain_id,
-                               now_ms=now_ms() if at_ms is None else at_ms)
+                               where=lambda e: self.not_rentable(e) is None,
+                               now_ms=self.clock.now_ms() if at_ms is None else at_ms)
 
     async def _negotiate(self, entries: Sequence[Entry], **terms: Any) -> FirstAgreementWins:
         """Negotiate with every entry at once. A provider that answered OFFER_STALE re-announced
@@ -580,7 +673,7 @@ class Node:
         STALE_RETRY_WAIT_S), negotiate once more with those providers."""
         group = await negotiate_first(
             self.host, self.key, self.binding, [Candidate(e.offer, e.digest) for e in entries],
-            params=self.params, rng=self.rng, **terms)
+            params=self.params, rng=self.rng, clock=self.clock.now_ms, **terms)
         if group.winner is not None:
             return group
         stale = {n.offer.provider: n.offer_digest for n in group.negotiations.values()
@@ -599,7 +692,7 @@ class Node:
             return group
         return await negotiate_first(
             self.host, self.key, self.binding, [Candidate(e.offer, e.digest) for e in fresh],
-            params=self.params, rng=self.rng, **terms)
+            params=self.params, rng=self.rng, clock=self.clock.now_ms, **terms)
 
     async def stop_rental(self, agreement_id: bytes) -> None:
         rental = self.rentals[agreement_id]
@@ -652,14 +745,14 @@ class Node:
                 machine = rental.session.machine
                 async with rental.session._lock:
                     if ev.name == "Closed" and rental.role == "provider":
-                        await rental.session.carry_out(machine.escrow_closed(now_ms()))
+                        await rental.session.carry_out(machine.escrow_closed(self.clock.now_ms()))
                     elif ev.name in ("Claimed", "Finalized", "Recovered", "Arbitrated") \
                             and rental.role == "renter":
-                        await rental.session.carry_out(machine.escrow_settled(now_ms()))
+                        await rental.session.carry_out(machine.escrow_settled(self.clock.now_ms()))
                 if ev.name == "Closed":
                     rental.closed_end_s = int(ev.args["end"])
                 if ev.name in ("Claimed", "Finalized", "Recovered", "Arbitrated"):
-                    await self.store.set_agreement_state(ev.agreement_id, "settled", time.time())
+                    await self._set_state(ev.agreement_id, AgreementState.SETTLED)
                     if rental.role == "renter":
                         ended = rental.closed_end_s or (rental.started_s or 0) + rental.terms.max_seconds
                         try:
@@ -673,8 +766,8 @@ class Node:
     async def _resume(self) -> None:
         """Bring every unsettled agreement in the store back in line with the escrow."""
         self.resumed = {}
-        for state in UNSETTLED_STATES:
-            for row in await self.store.agreements_in_state(state):
+        for state in UNSETTLED:
+            for row in await self.store.agreements_in_state(state.value):
                 try:
                     outcome = await self._resume_one(row)
                 except Exception as exc:  # one bad record must not keep the node down
@@ -690,9 +783,9 @@ class Node:
         if terms.agreement_id() != aid:
             raise ValueError("stored terms do not hash to the agreement id")
         status = await self.chain.status(aid)
-        now = time.time()
+        now = self.clock.time()
         if status.state in ("claimed", "final"):
-            await self.store.set_agreement_state(aid, "settled", now)
+            await self._set_state(aid, AgreementState.SETTLED)
             return "settled"
         if status.state == "none":
             if row.role == "renter" and row.state == "agreed" \
@@ -710,7 +803,7 @@ class Node:
                     terms, details, EscrowDomain(details.chain_id, details.escrow), accepted_ms,
                     decode_bindings(row.terms)[1])
                 return "awaiting_open"
-            await self.store.set_agreement_state(aid, "expired", now)
+            await self._set_state(aid, AgreementState.EXPIRED)
             return "expired"
         if status.state not in ("open", "closed"):
             return f"left: escrow {status.state}"  # disputed: the arbiter decides
@@ -728,36 +821,36 @@ class Node:
         aid = terms.agreement_id()
         latest = await self._latest_receipt(aid)
         if (status.state == "open" and row.state in ("accepted", "open")
-                and self.rental_desk is not None and now_ms() < status.end_s * 1000):
+                and self.rental_desk is not None and self.clock.now_ms() < status.end_s * 1000):
             started_s = status.end_s - terms.max_seconds
             heartbeats = [decode(r.raw, Heartbeat) for r in await self.store.heartbeats(aid)]
             machine = ProviderRental.restore(terms, details, domain, self.key, started_s * 1000,
                                              self.params, heartbeats=heartbeats,
-                                             latest_receipt=latest, now_ms=now_ms())
+                                             latest_receipt=latest, now_ms=self.clock.now_ms())
             self.capacity.reserve(aid, details.gpus, None)
             rental = Rental("provider", terms, details, started_s=started_s)
             self.rentals[aid] = rental
             session = ProviderSession(
-                machine, terms, details, self.escrow, self.store, now_ms,
+                machine, terms, details, self.escrow, self.store, self.clock.now_ms,
                 lambda: self._metrics(details.gpus), lambda effect: self._service(rental, effect),
             )
             rental.session = session
             self.rental_desk.sessions[aid] = session
-            await self.store.set_agreement_state(aid, "open", time.time())
+            await self._set_state(aid, AgreementState.OPEN)
             await session.carry_out(machine.start())  # the access hook runs again: make it idempotent
             self._nursery.start_soon(session.run_timers)
             return "resumed"
         # Closed by the renter, past its end, or stopped before the crash: claim what we hold.
         if latest is None:
-            await self.store.set_agreement_state(aid, "stopped", time.time())
+            await self._set_state(aid, AgreementState.STOPPED)
             return "nothing_to_claim"
         try:
             await self.escrow.execute(EscrowCall("claim", aid, {
                 "acked_seconds": latest.acked_seconds, "receipt_sig": latest.wallet_sig}), terms)
         except ChainError as exc:
-            await self.store.set_agreement_state(aid, "stopped", time.time())
+            await self._set_state(aid, AgreementState.STOPPED)
             return f"claim_failed: {exc}"
-        await self.store.set_agreement_state(aid, "settled", time.time())
+        await self._set_state(aid, AgreementState.SETTLED)
         return "claimed"
 
     async def _resume_renter(self, terms, details, domain, status) -> str:
@@ -775,13 +868,13 @@ class Node:
                                        closed_ms=closed_ms)
         rental = Rental("renter", terms, details, started_s=started_s)
         self.rentals[aid] = rental
-        session = RenterSession(machine, terms, details, self.escrow, self.store, now_ms)
+        session = RenterSession(machine, terms, details, self.escrow, self.store, self.clock.now_ms)
         rental.session = session
-        await self.store.set_agreement_state(aid, "open", time.time())
+        await self._set_state(aid, AgreementState.OPEN)
         self._nursery.start_soon(session.run_timers)
         if closed_ms is not None:
             return "recovering"
-        if now_ms() >= machine.end_ms:
+        if self.clock.now_ms() >= machine.end_ms:
             return "ended"
         provider_peer = ID.from_base58(peer_id_from_public_key(details.provider_key))
         await self._restore_peer(provider_peer)
@@ -802,7 +895,7 @@ class Node:
     async def _remember_peer(self, peer: ID) -> None:
         addrs = [str(a) for a in self.host.host.get_peerstore().addrs(peer)]
         if addrs:
-            await self.store.upsert_peer(peer.to_base58(), addrs, time.time())
+            await self.store.upsert_peer(peer.to_base58(), addrs, self.clock.time())
 
     async def _restore_peer(self, peer: ID) -> None:
         import multiaddr
@@ -830,10 +923,10 @@ class Node:
         """Accepted agreements the renter did not open within the hold are dropped; so are a
         restarted renter's agreements whose open was not mined within RENTER_OPEN_WAIT_S."""
         for aid, row in list(self._renter_unopened.items()):
-            if time.time() - row.updated_at >= RENTER_OPEN_WAIT_S:
+            if self.clock.time() - row.updated_at >= RENTER_OPEN_WAIT_S:
                 del self._renter_unopened[aid]
-                await self.store.set_agreement_state(aid, "expired", time.time())
-        now = now_ms()
+                await self._set_state(aid, AgreementState.EXPIRED)
+        now = self.clock.now_ms()
         for aid, pending in list(self._pending.items()):
             # The consent is good while block time <= open_by (the escrow refuses later): keep
             # the GPUs until then, then free them unless the escrow opened.
@@ -850,7 +943,7 @@ class Node:
             if self.capacity is not None:
                 self.capacity.release(aid)
                 self._offer_changed()
-            await self.store.set_agreement_state(aid, "expired", time.time())
+            await self._set_state(aid, AgreementState.EXPIRED)
             log.info("%s: agreement %s expired unopened", self.config.name, aid.hex()[:12])
 
     def _forget_pending(self, aid: bytes) -> None:
@@ -859,10 +952,18 @@ class Node:
 
     # -- storage ------------------------------------------------------------------------------
 
-    async def _remember(self, aid: bytes, role: str, state: str, terms: AgreementTerms,
+    async def _remember(self, aid: bytes, role: str, state: AgreementState, terms: AgreementTerms,
                         details: AgreementDetails, provider_binding: Binding | None = None,
                         renter_binding: Binding | None = None) -> None:
         blob = pack([encode_struct(TermsWire.from_terms(terms)), details.encode(),
                      encode_struct(provider_binding) if provider_binding else b"",
                      encode_struct(renter_binding) if renter_binding else b""])
-        await self.store.put_agreement(aid, role, state, blob, time.time())
+        row = await self.store.get_agreement(aid)
+        check_transition(None if row is None else row.state, state)
+        await self.store.put_agreement(aid, role, AgreementState(state).value, blob, self.clock.time())
+
+    async def _set_state(self, aid: bytes, state: AgreementState) -> None:
+        """Record the agreement's new lifecycle state (node/lifecycle.py checks the change)."""
+        row = await self.store.get_agreement(aid)
+        check_transition(None if row is None else row.state, state)
+        await self.store.set_agreement_state(aid, AgreementState(state).value, self.clock.time())

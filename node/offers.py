@@ -23,7 +23,6 @@ import collections
 import hashlib
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from node.clock import now_ms
 from node.gpu import GpuProbe, NoGpuError, StaticFacts
 from node.host import GossipHost, Verdict
 from node.identity import NodeIdentity
@@ -61,8 +61,7 @@ SYNC_END = msgpack.packb([])  # the empty array closes a sync response
 NowMs = Callable[[], int]
 
 
-def wall_clock_ms() -> int:
-    return int(time.time() * 1000)
+wall_clock_ms = now_ms  # (node/clock.py)
 
 
 # ------------------------------------------------------------------------------------------

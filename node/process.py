@@ -26,6 +26,7 @@ from pathlib import Path
 
 import trio
 
+from protocol.money import tokens
 from protocol.params import Params
 
 from .chain import AsyncChain, Chain
@@ -89,8 +90,10 @@ def build_node(args: argparse.Namespace) -> Node:
                                      memory_total_mib=24564, compute_capability=(8, 9),
                                      utilization_pct=90, temperature_c=60, power_mw=300_000)
                              for i in range(args.fake_gpus)])
+        # --price is in units per GPU-second; the settings take whole tokens per GPU-hour
+        per_hour = tokens(args.price * 3600, chain.decimals(chain.token_address))
         provider = ProviderSettings(
-            price_per_gpu_second=args.price, min_duration_s=args.min_duration,
+            price_per_gpu_hour=per_hour, min_duration_s=args.min_duration,
             max_duration_s=3600, heartbeat_interval_s=args.heartbeat_interval,
             grace_s=args.grace, region="local", offer_lifetime_ms=10 * 60 * 1000,
             publish_interval_s=args.publish_interval, nvml=nvml)

@@ -8,14 +8,13 @@ Neither state machine depends on the stream: heartbeats sent while no stream is 
 stored (and lost to the renter, who then pays nothing for the gap), exactly as the protocol's
 acked-seconds rule expects.
 
-Effects are carried out strictly in order, so a Store (heartbeat or receipt into SQLite) is
+Effects are carried out strictly in order, so a Persist (heartbeat or receipt into SQLite) is
 committed before the Send that follows it.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,11 +26,13 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from protocol.agreement import AgreementTerms
-from protocol.effects import Effect, EscrowCall, Report, Send, StartService, StopService, Store
+from protocol.effects import Effect, EscrowCall, Persist, Report, Send
 from protocol.identity import peer_id_from_public_key
 from protocol.messages import AccessGrant, AgreementDetails, Heartbeat, UsageReceipt, digest
 from protocol.rental import ProviderRental, RenterRental, State
 
+from .clock import now_ms
+from .effects import EffectExecutor
 from .host import GossipHost
 from .reqresp import PeerClosed, ReadTimeout, ReqRespError, close_quietly, read_frame, write_frame
 
@@ -46,10 +47,6 @@ RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 HELLO_RATE_PER_S = 2.0  # provider: rental hellos per second one peer may send ...
 HELLO_BURST = 10  # ... with this burst (a renter redials at most every 0.2 s)
 MAX_HELLO_PEERS = 4096  # peers whose hello rate is remembered
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class EscrowPort(Protocol):
@@ -107,33 +104,31 @@ class _Session:
         return self.machine.state is State.DONE
 
     async def carry_out(self, effects: list[Effect]) -> None:
-        for effect in effects:
-            if isinstance(effect, Store):
-                await self._store(effect)
-            elif isinstance(effect, Send):
-                await self._send(effect)
-            elif isinstance(effect, EscrowCall):
-                self.log.escrow_calls.append(effect)
-                try:
-                    await self.escrow.execute(effect, self.terms)
-                except Exception as exc:  # the chain said no: keep the session, report it
-                    log.warning("escrow %s for %s failed: %s", effect.method,
-                                self.agreement_id.hex()[:12], exc)
-                    self.log.reports.append(Report("escrow_call_failed",
-                                                   {"method": effect.method, "error": str(exc)}))
-            elif isinstance(effect, Report):
-                self.log.reports.append(effect)
-                log.info("rental %s: %s %s", self.agreement_id.hex()[:12], effect.event, effect.detail)
-            else:
-                await self.on_service(effect)
+        await EffectExecutor(persist=self._store, send=self._send, escrow=self._escrow,
+                             report=self._report, start_service=self.on_service,
+                             stop_service=self.on_service).run(effects)
         self._wake.set()
         if self.finished:
             self.done.set()
 
+    async def _escrow(self, effect: EscrowCall) -> None:
+        self.log.escrow_calls.append(effect)
+        try:
+            await self.escrow.execute(effect, self.terms)
+        except Exception as exc:  # the chain said no: keep the session, report it
+            log.warning("escrow %s for %s failed: %s", effect.method,
+                        self.agreement_id.hex()[:12], exc)
+            self.log.reports.append(Report("escrow_call_failed",
+                                           {"method": effect.method, "error": str(exc)}))
+
+    async def _report(self, effect: Report) -> None:
+        self.log.reports.append(effect)
+        log.info("rental %s: %s %s", self.agreement_id.hex()[:12], effect.event, effect.detail)
+
     async def on_service(self, effect: Effect) -> None:
         """StartService / StopService: the provider's business (see ProviderSession)."""
 
-    async def _store(self, effect: Store) -> None:
+    async def _store(self, effect: Persist) -> None:
         msg = effect.message
         if isinstance(msg, Heartbeat):
             self.log.heartbeats += 1

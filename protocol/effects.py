@@ -1,7 +1,7 @@
 """Effects: what a state machine asks its driver (the node or the simulator) to do.
 
 State machines never perform I/O. `handle(...)`, `on_timer(now_ms)` and friends return a list of
-these frozen dataclasses; the driver carries them out in order. Keep the order: a `Store` that
+these frozen dataclasses; the driver carries them out in order. Keep the order: a `Persist` that
 precedes a `Send` must be durable before the message leaves (a receipt is stored before it is
 sent, a heartbeat before it is acknowledged).
 """
@@ -30,7 +30,7 @@ class Publish:
 
 
 @dataclass(frozen=True, slots=True)
-class Store:
+class Persist:
     """Persist `message` (its wire bytes) under `record` (e.g. "heartbeat", "receipt") for
     `agreement_id` before any later effect is carried out."""
 
@@ -71,4 +71,4 @@ class Report:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-Effect = Send | Publish | Store | EscrowCall | StartService | StopService | Report
+Effect = Send | Publish | Persist | EscrowCall | StartService | StopService | Report

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 from .agreement import UINT256_MAX, AgreementTerms, EscrowDomain, sign_consent, verify_consent
-from .effects import Effect, EscrowCall, Report, Send, Store
+from .effects import Effect, EscrowCall, Persist, Report, Send
 from .encoding import Message, decode, to_wire_text
 from .errors import DecodeError, LocalProtocolError, Reject, RemoteProtocolError
 from .eth import ZERO_ADDRESS, private_key_address
@@ -549,7 +549,7 @@ class RenterNegotiation(_Negotiation):
         self._deadline = None
         self.terms, self.details, self.consent_sig = terms, details, msg.consent_sig
         return [
-            Store("accept", agreement_id, msg),
+            Persist("accept", agreement_id, msg),
             EscrowCall("open", agreement_id, {
                 "terms": terms, "details": details, "consent_sig": msg.consent_sig,
                 "domain": domain, "deposit": terms.deposit,
@@ -725,8 +725,8 @@ class ProviderNegotiation(_Negotiation):
         self.terms, self.details, self.consent_sig, self.accept = terms, details, consent, accept
         return [
             # Durable before the consent leaves: the renter can open the escrow with it.
-            Store("proposal", agreement_id, msg),
-            Store("accept", agreement_id, accept),
+            Persist("proposal", agreement_id, msg),
+            Persist("accept", agreement_id, accept),
             Send(msg.renter, accept),
             Report("negotiation_agreed", {
                 "role": self.ROLE, "negotiation_id": self.negotiation_id, "round": msg.round,
@@ -824,7 +824,10 @@ class FirstAgreementWins:
         if n.state is not State.AGREED or self.winner is not None:
             return effects
         self.winner = n
+        cancels: list[Effect] = []
         for other in self.negotiations.values():
             if other is not n and other.state is not State.FAILED:
-                effects += other.cancel(now_ms, "renter took another provider's agreement")
-        return effects
+                cancels += other.cancel(now_ms, "renter took another provider's agreement")
+        # The cancels first: effects are carried out in order, and the winner's escrow open
+        # may take blocks while the other providers would hold GPUs for nothing.
+        return cancels + effects

@@ -27,7 +27,7 @@ from collections import Counter
 from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 from .agreement import AgreementTerms, EscrowDomain, recover_receipt_signer, sign_receipt
-from .effects import Effect, EscrowCall, Report, Send, Store, StartService, StopService
+from .effects import Effect, EscrowCall, Persist, Report, Send, StartService, StopService
 from .encoding import Message, decode
 from .errors import DecodeError, Ignore, LocalProtocolError, Reject, RemoteProtocolError
 from .eth import private_key_address
@@ -234,7 +234,7 @@ class ProviderRental(_Machine):
     ) -> "ProviderRental":
         """A serving machine rebuilt from this provider's own records after a restart.
 
-        `heartbeats`: every heartbeat it stored, in seq order (a Store effect precedes each Send,
+        `heartbeats`: every heartbeat it stored, in seq order (a Persist effect precedes each Send,
         so no heartbeat the renter saw is missing); `latest_receipt`: the stored receipt
         answering the highest heartbeat seq, or None. The next heartbeat continues the chain
         (seq and prev_hash) and echoes that receipt's `next_nonce`, which the renter still holds
@@ -332,7 +332,7 @@ class ProviderRental(_Machine):
         if receipt.acked_seconds > self.progress_acked:
             self.progress_acked = receipt.acked_seconds
             self.last_progress_ms = now_ms
-        return [Store("receipt", self.agreement_id, receipt)]
+        return [Persist("receipt", self.agreement_id, receipt)]
 
     def _on_receipt_finishing(self, receipt: UsageReceipt, now_ms: int) -> list[Effect]:
         effects = self._on_receipt(receipt, now_ms)
@@ -360,12 +360,12 @@ class ProviderRental(_Machine):
 
     TRANSITIONS = {
         # (state, input): (next state, handler)       # the handler's effects
-        (State.SERVING, Event.HEARTBEAT_DUE): (State.SERVING, _on_heartbeat_due),  # Store + Send heartbeat
-        (State.SERVING, UsageReceipt): (State.SERVING, _on_receipt),  # Store receipt, adopt nonce
+        (State.SERVING, Event.HEARTBEAT_DUE): (State.SERVING, _on_heartbeat_due),  # Persist + Send heartbeat
+        (State.SERVING, UsageReceipt): (State.SERVING, _on_receipt),  # Persist receipt, adopt nonce
         (State.SERVING, Event.RECEIPTS_MISSED): (State.DONE, _on_receipts_missed),  # StopService + claim
         (State.SERVING, Event.AGREEMENT_END): (State.FINISHING, _on_end),  # StopService, final heartbeat
         (State.SERVING, Event.RENTER_CLOSED): (State.DONE, _on_renter_closed),  # StopService + claim
-        (State.FINISHING, UsageReceipt): (State.FINISHING, _on_receipt_finishing),  # Store receipt
+        (State.FINISHING, UsageReceipt): (State.FINISHING, _on_receipt_finishing),  # Persist receipt
         (State.FINISHING, Event.FINAL_RECEIPT): (State.DONE, _on_claim),  # claim
         (State.FINISHING, Event.FINAL_WAIT_OVER): (State.DONE, _on_claim),  # claim
         (State.FINISHING, Event.RENTER_CLOSED): (State.DONE, _on_claim),  # claim
@@ -421,7 +421,7 @@ class ProviderRental(_Machine):
         ).sign(self.key)
         self.sent.append(heartbeat_hash(hb))
         self.sent_ms.append(now_ms)
-        return [Store("heartbeat", self.agreement_id, hb), Send(self.details.renter_key, hb)]
+        return [Persist("heartbeat", self.agreement_id, hb), Send(self.details.renter_key, hb)]
 
     def _claim(self) -> list[Effect]:
         if self.latest is None:
@@ -611,7 +611,7 @@ class RenterRental(_Machine):
 
     def _on_heartbeat(self, hb: Heartbeat, now_ms: int) -> list[Effect]:
         h = heartbeat_hash(hb)
-        effects: list[Effect] = [Store("heartbeat", self.agreement_id, hb)]
+        effects: list[Effect] = [Persist("heartbeat", self.agreement_id, hb)]
         # Acked-seconds rule.
         t = min(now_ms, self.end_ms)
         if self.last_good_ms is not None:
@@ -633,7 +633,7 @@ class RenterRental(_Machine):
             sent_ms=now_ms,
             wallet_sig=sign_receipt(self._wallet_key, self.domain, self.agreement_id, self.acked_seconds),
         ).sign(self.key)
-        effects += [Store("receipt", self.agreement_id, receipt), Send(self.details.provider_key, receipt)]
+        effects += [Persist("receipt", self.agreement_id, receipt), Send(self.details.provider_key, receipt)]
         return effects
 
     def _on_heartbeat_after_silence(self, hb: Heartbeat, now_ms: int) -> list[Effect]:
@@ -667,7 +667,7 @@ class RenterRental(_Machine):
 
     TRANSITIONS = {
         # (state, input): (next state, handler)       # the handler's effects
-        (State.ACTIVE, Heartbeat): (State.ACTIVE, _on_heartbeat),  # Store heartbeat, Store + Send receipt
+        (State.ACTIVE, Heartbeat): (State.ACTIVE, _on_heartbeat),  # Persist heartbeat, Persist + Send receipt
         (State.SILENT, Heartbeat): (State.ACTIVE, _on_heartbeat_after_silence),  # ... and provider_resumed
         (State.ACTIVE, Event.SILENCE): (State.SILENT, _on_silence),  # Report (receipts withheld anyway)
         (State.SILENT, Event.LONG_SILENCE): (State.CLOSED, _on_long_silence),  # EscrowCall close

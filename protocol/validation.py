@@ -16,6 +16,7 @@ from .errors import Ignore, Reject
 from .identity import peer_id_from_public_key
 from .eth import ZERO_ADDRESS
 from .messages import SIG_TAIL, SIG_TRAILER, Binding, Offer, OfferWithdrawal, digest, key_prefix
+from .money import MAX_TOKEN_DECIMALS
 from .params import Params
 from .verifier import VERIFIER, Verifier
 
@@ -90,8 +91,8 @@ def check_offer_static(offer: Offer, params: Params) -> None:
             raise Reject("bad_terms", "dispute window outside the allowed range")
         if terms.arbiter == offer.binding.wallet:
             raise Reject("bad_terms", "the arbiter is the provider's own wallet")
-    if terms.token_decimals > 36:
-        raise Reject("bad_terms", "token decimals above 36")
+    if terms.token_decimals > MAX_TOKEN_DECIMALS:
+        raise Reject("bad_terms", f"token decimals above {MAX_TOKEN_DECIMALS}")
     if terms.price_per_gpu_second * len(offer.gpus) * terms.max_duration_s > UINT256_MAX:
         raise Reject("bad_terms", "largest deposit overflows uint256")
     # [REJECT] every address names the provider's own peer id (a renter dials these: an offer

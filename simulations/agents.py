@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from protocol.effects import EscrowCall, Report, Send, StartService, StopService, Store
+from protocol.effects import EscrowCall, Persist, Report, Send, StartService, StopService
 from protocol.errors import RemoteProtocolError
 from protocol.identity import PeerKey
 from protocol.messages import Binding, GpuMetrics, Offer, OfferWithdrawal, digest
@@ -319,7 +319,7 @@ class Provider(Agent):
                     if aid == e.agreement_id:
                         del self.taken[g]
                 self.republish()
-            elif isinstance(e, Store):
+            elif isinstance(e, Persist):
                 w.metrics.stores += 1
 
     def _serve_stop(self, rec: RentalRecord, now: int) -> None:
@@ -539,7 +539,7 @@ class Renter(Agent):
                     self._open(e)
                 else:
                     w.submit(self, e)
-            elif isinstance(e, Store):
+            elif isinstance(e, Persist):
                 w.metrics.stores += 1
 
     def _open(self, e: EscrowCall) -> None:

@@ -91,7 +91,7 @@ def make_agreement(
 # encoded bytes, an EscrowModel standing in for the chain.
 
 from protocol import settlement  # noqa: E402
-from protocol.effects import EscrowCall, Send, StartService, StopService, Store  # noqa: E402
+from protocol.effects import EscrowCall, Persist, Send, StartService, StopService  # noqa: E402
 from protocol.params import Params  # noqa: E402
 from protocol.rental import ProviderRental, RenterRental  # noqa: E402
 
@@ -147,7 +147,7 @@ class RentalPair:
 
     def _apply(self, side: str, effects) -> None:
         for e in effects:
-            if isinstance(e, Store):
+            if isinstance(e, Persist):
                 self.stores[side].append((e.record, e.message.encode()))
             elif isinstance(e, Send):
                 d = "p2r" if side == "provider" else "r2p"

@@ -4,7 +4,7 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from protocol.effects import EscrowCall, Report, Send, StartService, StopService, Store
+from protocol.effects import EscrowCall, Persist, Report, Send, StartService, StopService
 from protocol.errors import LocalProtocolError
 from protocol.identity import PeerKey
 from protocol.messages import AccessGrant, GpuMetrics, Heartbeat, UsageReceipt
@@ -68,13 +68,13 @@ def test_provider__heartbeats_chain_and_echo_nonces_store_before_send():
     assert p.start() == [StartService(p.agreement_id)]
     assert p.next_deadline() == T0
     hb_fx, r_fx, p_fx = exchange(p, r, T0)
-    assert isinstance(hb_fx[0], Store) and isinstance(hb_fx[1], Send)
+    assert isinstance(hb_fx[0], Persist) and isinstance(hb_fx[1], Send)
     hb0 = hb_fx[0].message
     assert (hb0.seq, hb0.prev_hash, hb0.nonce) == (0, ZERO_HASH, initial_nonce(p.agreement_id))
-    assert [type(e) for e in r_fx] == [Store, Store, Send]  # heartbeat, receipt, then send
+    assert [type(e) for e in r_fx] == [Persist, Persist, Send]  # heartbeat, receipt, then send
     receipt = r_fx[2].message
     assert receipt.acked_seconds == 0 and receipt.heartbeat_hash == heartbeat_hash(hb0)
-    assert p_fx == [Store("receipt", p.agreement_id, receipt)]
+    assert p_fx == [Persist("receipt", p.agreement_id, receipt)]
     # Next heartbeat: one interval later, links to the first, echoes the renter's new nonce.
     assert p.next_deadline() == T0 + 10_000
     hb_fx, r_fx, _ = exchange(p, r, T0 + 10_000)
@@ -142,7 +142,7 @@ def test_provider__receipts_that_pay_nothing_more_do_not_keep_the_service():
         # A renter that answers every heartbeat but never acknowledges more than 0 seconds.
         stingy = UsageReceipt(p.agreement_id, 0, hb.seq, heartbeat_hash(hb), b"\x01" * 16, t,
                               sign_receipt(a.renter_wallet_key, a.domain, p.agreement_id, 0)).sign(a.renter)
-        assert p.receive_data(stingy.encode(), t) == [Store("receipt", p.agreement_id, stingy)]
+        assert p.receive_data(stingy.encode(), t) == [Persist("receipt", p.agreement_id, stingy)]
     assert p.next_deadline() == T0 + N * 10_000 + TOL
     fx = p.on_timer(p.next_deadline())
     assert p.state == "done"
@@ -262,7 +262,7 @@ def test_renter__bad_heartbeat__withholds_and_reports(mutate, code):
     bad = mutate(hb, a, prev)
     fx = r.receive_data(bad if isinstance(bad, bytes) else bad.encode(), T0 + 10_000)
     assert rejected_codes(fx) == [code]
-    assert sent(fx, UsageReceipt) == [] and not any(isinstance(e, Store) for e in fx)
+    assert sent(fx, UsageReceipt) == [] and not any(isinstance(e, Persist) for e in fx)
     assert r.rejections[code] == 1
     # The genuine heartbeat is still accepted afterwards.
     assert sent(r.receive_data(hb.encode(), T0 + 10_000), UsageReceipt)[0].acked_seconds == 10
@@ -369,7 +369,7 @@ def test_provider__bad_receipt__rejected_counted_and_rental_continues(make_bad, 
     assert rejected_codes(fx) == [code] and p.rejections[code] == 1
     assert p.state == "serving" and p.acked_seconds == 10
     good = sent(r.receive_data(hb2.encode(), T0 + 20_000), UsageReceipt)[0]
-    assert p.receive_data(good.encode(), T0 + 20_000) == [Store("receipt", p.agreement_id, good)]
+    assert p.receive_data(good.encode(), T0 + 20_000) == [Persist("receipt", p.agreement_id, good)]
     assert p.acked_seconds == 20
 
 
@@ -405,7 +405,7 @@ def test_any_single_byte_change_to_a_signed_heartbeat_or_receipt_is_rejected(dat
     w = data.draw(st.integers(0, 255).filter(lambda w: w != wire_rc[j]))
     fx = p.receive_data(wire_rc[:j] + bytes([w]) + wire_rc[j + 1:], T0)
     assert len(rejected_codes(fx)) == 1 and p.latest is None
-    assert p.receive_data(wire_rc, T0) == [Store("receipt", p.agreement_id, receipt)]
+    assert p.receive_data(wire_rc, T0) == [Persist("receipt", p.agreement_id, receipt)]
 
 
 _SHARED = make_agreement(5, max_seconds=600, interval=10)

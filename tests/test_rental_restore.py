@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from protocol.effects import EscrowCall, Send, Store
+from protocol.effects import EscrowCall, Persist, Send
 from protocol.errors import LocalProtocolError
 from protocol.messages import Heartbeat, UsageReceipt
 from protocol.rental import ProviderRental, RenterRental
@@ -28,7 +28,7 @@ class Side:
     def apply(self, effects, now):
         out = []
         for e in effects:
-            if isinstance(e, Store):
+            if isinstance(e, Persist):
                 (self.heartbeats.append((e.message, now)) if isinstance(e.message, Heartbeat)
                  else self.receipts.append(e.message))
             elif isinstance(e, Send):
@@ -145,7 +145,7 @@ def test_renter_restore__nonce_issued_by_a_receipt_never_stored_is_rejected():
     p, r = pair(a)
     for k in range(3):
         tick(p, r, T0 + k * 10 * S)
-    forgotten = r.receipts.pop()  # as if the crash came before its Store: it was never sent
+    forgotten = r.receipts.pop()  # as if the crash came before its Persist: it was never sent
     again = restored_renter(a, r)
     assert forgotten.next_nonce not in again.m.nonces
     assert r.receipts[-1].next_nonce in again.m.nonces

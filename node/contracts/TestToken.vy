@@ -3,8 +3,9 @@
 # pragma optimize gas
 """
 @title gpumarket test token
-@notice A USDC-like ERC-20 (6 decimals) with a PUBLIC mint: for local and test chains only.
-        Anyone can mint any amount, so it has no value anywhere.
+@notice An ERC-20 with a PUBLIC mint: for local and test chains only. Anyone can mint any
+        amount, so it has no value anywhere. Its symbol and decimals are constructor
+        arguments, so tests can price in a USDC-like (6) or a DAI-like (18) token.
 """
 
 from ethereum.ercs import IERC20
@@ -22,10 +23,10 @@ allowance: public(HashMap[address, HashMap[address, uint256]])
 
 
 @deploy
-def __init__():
+def __init__(_symbol: String[8], _decimals: uint8):
     self.name = "gpumarket Test USD"
-    self.symbol = "tUSDC"
-    self.decimals = 6
+    self.symbol = _symbol
+    self.decimals = _decimals
 
 
 @external

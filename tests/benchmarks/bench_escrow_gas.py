@@ -39,16 +39,16 @@ class Bench:
         self.tester = tester
         self.chain_id = self.w3.eth.chain_id
         self.escrow = self.deploy(load("Escrow"))
-        self.token = self.deploy(load("TestToken"))
+        self.token = self.deploy(load("TestToken"), "tUSDC", 6)
         self.domain = EscrowDomain(self.chain_id, bytes.fromhex(self.escrow.address[2:]))
         self.nonce = 0
 
     def cs(self, addr: bytes) -> str:
         return Web3.to_checksum_address(addr)
 
-    def deploy(self, art: dict):
+    def deploy(self, art: dict, *args):
         c = self.w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
-        rcpt = self.wait(c.constructor().transact({"from": self.cs(self.deployer)}))
+        rcpt = self.wait(c.constructor(*args).transact({"from": self.cs(self.deployer)}))
         return self.w3.eth.contract(address=rcpt.contractAddress, abi=art["abi"])
 
     def wait(self, tx_hash):

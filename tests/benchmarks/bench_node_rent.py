@@ -40,6 +40,7 @@ from node.fake_nvml import FakeGpu, FakeNvml
 from node.negotiate import Candidate, negotiate_first
 from node.node import Node, NodeConfig, ProviderSettings
 from protocol.eth import private_key_address
+from protocol.money import tokens
 from protocol.params import Params
 
 PRICE = 1_000
@@ -87,7 +88,7 @@ async def run_chain(kind: str, args: argparse.Namespace, workdir: Path) -> dict:
         nvml = FakeNvml([FakeGpu(name="NVIDIA GeForce RTX 4090", uuid=f"GPU-bench-{i:04d}",
                                  memory_total_mib=24564, compute_capability=(8, 9))
                          for i in range(GPUS)])
-        settings = ProviderSettings(price_per_gpu_second=PRICE, min_duration_s=5,
+        settings = ProviderSettings(price_per_gpu_hour=tokens(PRICE * 3600, 6), min_duration_s=5,
                                     max_duration_s=3600, heartbeat_interval_s=5, grace_s=300,
                                     publish_interval_s=0.5, nvml=nvml)
         result: dict = {}

@@ -18,3 +18,56 @@ def test_config__region_must_be_wire_text(tmp_path, region, ok):
         with pytest.raises(ConfigError) as err:
             load_config(path)
         assert "printable ASCII" in str(err.value)
+
+
+def test_config__the_provider_section_is_the_one_source_of_provider_settings(tmp_path):
+    """The node's settings derive from the [provider] section, defaults included (they once
+    diverged: min_duration_s 600 in the file, 60 in the node)."""
+    import dataclasses
+    from decimal import Decimal
+
+    from node.config import ProviderSection
+    from node.node import ProviderSettings
+
+    path = tmp_path / "config.toml"
+    path.write_text('[provider]\nenabled = true\nprice_per_gpu_hour = "0.450000000000003600"\n')
+    section = load_config(path).provider
+    settings = ProviderSettings.from_section(section)
+    assert settings.price_per_gpu_hour == Decimal("0.450000000000003600")  # exact, no float
+    defaults = ProviderSection()
+    shared = {f.name for f in dataclasses.fields(ProviderSettings)} & {
+        f.name for f in dataclasses.fields(ProviderSection)} - {"price_per_gpu_hour", "access_hook"}
+    assert shared >= {"min_duration_s", "max_duration_s", "heartbeat_interval_s", "grace_s", "region"}
+    for name in shared:
+        assert getattr(settings, name) == getattr(defaults, name) == getattr(ProviderSettings(), name)
+    assert settings.min_duration_s == 600
+    # the written default file reads back as the defaults
+    from node.config import default_config_text
+
+    path.write_text(default_config_text(tmp_path, provider=True))
+    assert load_config(path).provider == dataclasses.replace(defaults, enabled=True)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("min_duration_s = 700\nmax_duration_s = 600", "min_duration_s: above max_duration_s"),
+    ('price_per_gpu_hour = "0.4"\nmin_price_per_gpu_hour = "0.5"', "min_price_per_gpu_hour: above"),
+    ("heartbeat_interval_s = 0", "heartbeat_interval_s: must be positive"),
+    ('price_per_gpu_hour = "-1"', "price_per_gpu_hour: must be positive"),
+    ('price_per_gpu_hour = "abc"', "not a number"),
+])
+def test_config__provider_values_are_checked_once_on_load(tmp_path, text, why):
+    path = tmp_path / "config.toml"
+    path.write_text(f"[provider]\n{text}\n")
+    with pytest.raises(ConfigError, match=why):
+        load_config(path)
+
+
+def test_config__a_price_below_one_unit_per_second_is_a_configuration_error():
+    from decimal import Decimal
+
+    from node.node import ProviderSettings
+
+    settings = ProviderSettings(price_per_gpu_hour=Decimal("0.001"))  # 0.28 units/s at 6 decimals
+    with pytest.raises(ConfigError, match="less than one unit"):
+        settings.prices(6)
+    assert settings.prices(18) == (277_777_777_778, 277_777_777_778)

@@ -49,7 +49,7 @@ def deploy_escrow():
 
 
 def deploy_token():
-    return deployer(str(CONTRACTS / "TestToken.vy")).deploy()
+    return deployer(str(CONTRACTS / "TestToken.vy")).deploy("tUSDC", 6)
 
 
 def deploy_hostile(name: str, *args):

@@ -26,6 +26,7 @@ from node.reqresp import ReqRespError, close_quietly, read_frame, write_frame
 from protocol.eth import private_key_address
 from protocol.identity import PeerKey
 from protocol.messages import Binding
+from protocol.money import tokens
 from protocol.effects import Send
 from protocol.negotiation import Reason, RenterNegotiation, State
 from protocol.params import Params
@@ -72,7 +73,7 @@ class Market:
                                  memory_total_mib=24564, compute_capability=(8, 9))
                          for i in range(gpus)])
         self.settings = ProviderSettings(
-            price_per_gpu_second=PRICE, min_duration_s=5, max_duration_s=3600,
+            price_per_gpu_hour=tokens(PRICE * 3600, 6), min_duration_s=5, max_duration_s=3600,
             heartbeat_interval_s=1, grace_s=300, publish_interval_s=0.2, nvml=nvml,
             open_hold_ms=open_hold_ms)
         self.provider = Node(NodeConfig(tmp_path / "provider", keys[1], params=PARAMS,

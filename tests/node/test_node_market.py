@@ -2,6 +2,7 @@
 
 import random
 import time
+from decimal import Decimal
 
 import pytest
 import trio
@@ -26,7 +27,7 @@ async def test_node__failing_access_hook_serves_nothing_and_the_renter_gets_ever
     await trio.sleep(chain.lead_s())  # eth-tester's clock runs ahead
     achain = AsyncChain(chain)
     spec = PROVIDERS[0]
-    settings = ProviderSettings(price_per_gpu_second=125, min_duration_s=5, max_duration_s=3600,
+    settings = ProviderSettings(price_per_gpu_hour=Decimal("0.45"), min_duration_s=5, max_duration_s=3600,
                                 heartbeat_interval_s=1, grace_s=300, publish_interval_s=0.2,
                                 nvml=fake_gpus(spec), access_hook=("false",))
     provider = Node(NodeConfig(tmp_path / "p", provider_key, params=DEMO_PARAMS, provider=settings,
@@ -71,7 +72,7 @@ async def test_node__renter_rents_from_a_provider_it_only_heard_of_through_a_rel
     def provider(name, key, spec):
         return Node(NodeConfig(tmp_path / name, key, params=DEMO_PARAMS, name=name, chain_poll_s=0.3,
                                provider=ProviderSettings(
-                                   price_per_gpu_second=125, min_duration_s=5, max_duration_s=3600,
+                                   price_per_gpu_hour=Decimal("0.45"), min_duration_s=5, max_duration_s=3600,
                                    heartbeat_interval_s=1, grace_s=300, publish_interval_s=0.2,
                                    nvml=fake_gpus(spec))), achain)
 

@@ -6,6 +6,7 @@ renter closed while the provider was down is claimed when the provider starts.""
 
 import dataclasses
 import time
+from decimal import Decimal
 
 import trio
 
@@ -24,7 +25,7 @@ HOLD_MS = 10_000  # the consent's open_by is accept time + this: the late open m
 def settings():
     nvml = FakeNvml([FakeGpu(name="NVIDIA GeForce RTX 4090", uuid=f"GPU-restart-{i}",
                              memory_total_mib=24564, compute_capability=(8, 9)) for i in range(2)])
-    return ProviderSettings(price_per_gpu_second=1_000, min_duration_s=5, max_duration_s=3600,
+    return ProviderSettings(price_per_gpu_hour=Decimal("3.6"), min_duration_s=5, max_duration_s=3600,
                             heartbeat_interval_s=1, grace_s=300, publish_interval_s=0.2, nvml=nvml,
                             open_hold_ms=HOLD_MS)
 

@@ -246,7 +246,7 @@ def test_negotiation__accept_at_ask_in_one_round():
     assert r.details.gpus == GPUS[:2]
     # The provider makes its records durable before the consent leaves.
     kinds = [type(e).__name__ for e in pair.effects["provider"]]
-    assert kinds == ["Store", "Store", "Send", "Report"]
+    assert kinds == ["Persist", "Persist", "Send", "Report"]
     assert r.next_deadline() is None and pair.provider.next_deadline() is None
 
 
