@@ -348,7 +348,7 @@ async def main(args: argparse.Namespace) -> dict:
 
         async with trio.open_nursery() as nursery:
             hosts = []
-            for i in range(2):
+            for i in range(4):
                 h = GossipHost(NodeIdentity.from_seed(keccak(b"attacker %d" % i)),
                                HostConfig(listen_addrs=LOOPBACK))
                 await nursery.start(h.run)
@@ -368,7 +368,8 @@ async def main(args: argparse.Namespace) -> dict:
             vpid = victim_peer
             nursery.start_soon(gossip_flood, hosts[0], args.flood_rate, anvil.chain_id, escrow, token,
                                attack, stop_at)
-            nursery.start_soon(sybils, hosts[1], args.sybil_rate, anvil.chain_id, escrow, token,
+            # the Sybil publisher does nothing else: the other attacks get their hosts graylisted
+            nursery.start_soon(sybils, hosts[2], args.sybil_rate, anvil.chain_id, escrow, token,
                                attack, stop_at)
             nursery.start_soon(churn, port, args.churn_rate, attack, stop_at)
             nursery.start_soon(libp2p_churn, victim_addr, 5.0, attack, stop_at)
@@ -376,7 +377,7 @@ async def main(args: argparse.Namespace) -> dict:
             nursery.start_soon(negotiation_abuse, hosts[0], victim_offer, params, anvil.chain_id,
                                1.0, attack, stop_at)
             nursery.start_soon(rental_hellos, hosts[1], vpid, args.hello_rate, attack, stop_at)
-            nursery.start_soon(bad_protobuf, hosts[1], vpid, 10.0, attack, stop_at)
+            nursery.start_soon(bad_protobuf, hosts[3], vpid, 10.0, attack, stop_at)
 
             alive = True
             while trio.current_time() < stop_at + 40:
