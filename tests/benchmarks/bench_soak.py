@@ -19,9 +19,11 @@ attackers on 127.0.0.1 with real libp2p hosts and raw sockets:
 - rental hellos with random agreement ids;
 - a frame that is not a protobuf RPC on a gossipsub stream, every 10 s.
 
-Every `--rent-every` seconds the renter searches its book and rents one GPU for 20 s from the
-first 8 matches of the victim's GPU model (Sybils offer the same model, cheaper). Measured: honest
-rents succeeded / tried, search time p50/p99, rent time, the victim's RSS (start, max, end),
+Every `--rent-every` seconds the renter searches its book (the default rank order, as `offers
+search`) and rents one GPU for 20 s, trying the matches of the victim's GPU model 8 at a time, at
+most 32 (Sybils offer the same model, cheaper). `--attack-delay S` starts the attack S seconds
+after the renter, so that it has rented from the victim before (a known provider). Measured:
+honest rents succeeded / tried (all, and those after the attack began), search time p50/p99, rent time, the victim's RSS (start, max, end),
 its CPU share, whether it stayed up, and what each attacker managed to send. The last line
 is JSON. Nothing here is asserted: the figures are reported as measured.
 """
@@ -31,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
 import socket
 import sys
@@ -52,13 +53,13 @@ from node.anvil import AnvilProcess  # noqa: E402
 from node.chain import Chain  # noqa: E402
 from node.host import GossipHost, HostConfig  # noqa: E402
 from node.identity import NodeIdentity, load_or_create_identity  # noqa: E402
-from node.negotiate import NEGOTIATE_PROTOCOL, Candidate, negotiate_first  # noqa: E402
+from node.negotiate import Candidate, negotiate_first  # noqa: E402
 from node.offers import OFFER_TOPIC, SYNC_PROTOCOL, OfferService, encode_sync_request  # noqa: E402
 from node.reqresp import close_quietly, encode_uvarint, read_frame, write_frame  # noqa: E402
 from node.rentals import RENTAL_PROTOCOL  # noqa: E402
 from node.wallet import Wallet  # noqa: E402
 from protocol.identity import PeerKey, peer_id_from_public_key  # noqa: E402
-from protocol.messages import Binding, Offer  # noqa: E402
+from protocol.messages import Binding  # noqa: E402
 from protocol.params import Params  # noqa: E402
 from protocol.samples import GPU_MODELS, make_offer, make_provider  # noqa: E402
 from tests.node.test_processes import NodeProc, _free_port  # noqa: E402
@@ -333,7 +334,7 @@ async def main(args: argparse.Namespace) -> dict:
                          "--gpu-model", MODEL.name, "--price", str(PRICE), "--heartbeat-interval", "1",
                          "--grace", "600", "--min-duration", "5")
         provider.wait("ready", 60)
-        rounds = int(args.seconds // args.rent_every)
+        rounds = int((args.attack_delay + args.seconds) // args.rent_every)
         renter = start("renter", "renter", "--bootstrap", victim_addr,
                        "--rent", "gpu=RTX_4090", "--duration", "20",
                        "--max-price", str(PRICE), "--rent-every", str(args.rent_every),
@@ -364,20 +365,28 @@ async def main(args: argparse.Namespace) -> dict:
             def victim_offer():
                 return svc.book.held(victim_key)
 
-            stop_at = trio.current_time() + args.seconds
+            attack_at = trio.current_time() + args.attack_delay
+            stop_at = attack_at + args.seconds
             vpid = victim_peer
-            nursery.start_soon(gossip_flood, hosts[0], args.flood_rate, anvil.chain_id, escrow, token,
-                               attack, stop_at)
-            # the Sybil publisher does nothing else: the other attacks get their hosts graylisted
-            nursery.start_soon(sybils, hosts[2], args.sybil_rate, anvil.chain_id, escrow, token,
-                               attack, stop_at)
-            nursery.start_soon(churn, port, args.churn_rate, attack, stop_at)
-            nursery.start_soon(libp2p_churn, victim_addr, 5.0, attack, stop_at)
-            nursery.start_soon(sync_abuse, hosts[1], vpid, 8, attack, stop_at)
-            nursery.start_soon(negotiation_abuse, hosts[0], victim_offer, params, anvil.chain_id,
-                               1.0, attack, stop_at)
-            nursery.start_soon(rental_hellos, hosts[1], vpid, args.hello_rate, attack, stop_at)
-            nursery.start_soon(bad_protobuf, hosts[3], vpid, 10.0, attack, stop_at)
+
+            async def attacks() -> None:
+                await trio.sleep_until(attack_at)
+                async with trio.open_nursery() as n:
+                    n.start_soon(gossip_flood, hosts[0], args.flood_rate, anvil.chain_id, escrow,
+                                 token, attack, stop_at)
+                    # the Sybil publisher does nothing else: the other attacks get their hosts
+                    # graylisted, and then nothing of theirs reaches validation
+                    n.start_soon(sybils, hosts[2], args.sybil_rate, anvil.chain_id, escrow, token,
+                                 attack, stop_at)
+                    n.start_soon(churn, port, args.churn_rate, attack, stop_at)
+                    n.start_soon(libp2p_churn, victim_addr, 5.0, attack, stop_at)
+                    n.start_soon(sync_abuse, hosts[1], vpid, 8, attack, stop_at)
+                    n.start_soon(negotiation_abuse, hosts[0], victim_offer, params, anvil.chain_id,
+                                 1.0, attack, stop_at)
+                    n.start_soon(rental_hellos, hosts[1], vpid, args.hello_rate, attack, stop_at)
+                    n.start_soon(bad_protobuf, hosts[3], vpid, 10.0, attack, stop_at)
+
+            nursery.start_soon(attacks)
 
             alive = True
             while trio.current_time() < stop_at + 40:
@@ -406,13 +415,18 @@ async def main(args: argparse.Namespace) -> dict:
 
     (t0, rss0, cpu0), (t1, rss1, cpu1) = victim.samples[0], victim.samples[-1]
     ok = [r for r in rounds_seen if r.get("ok")]
+    # round n runs (n + 1) * rent_every after the renter started, about when the attack clock did
+    attacked = [r for r in rounds_seen if (r["round"] + 1) * args.rent_every >= args.attack_delay]
     errors: dict[str, int] = {}
     for r in rounds_seen:
         if not r.get("ok"):
             errors[r["error"][:120]] = errors.get(r["error"][:120], 0) + 1
     return {
         "seconds": args.seconds,
+        "attack_delay_s": args.attack_delay,
         "honest_rents": {"ok": len(ok), "tried": len(rounds_seen), "errors": errors},
+        "honest_rents_under_attack": {"ok": sum(1 for r in attacked if r.get("ok")),
+                                      "tried": len(attacked)},
         "search_ms": {"p50": pct([r["search_ms"] for r in rounds_seen], 50),
                       "p99": pct([r["search_ms"] for r in rounds_seen], 99),
                       "max": pct([r["search_ms"] for r in rounds_seen], 100)},
@@ -436,6 +450,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sybil-rate", type=float, default=20.0, help="fat Sybil offers per second")
     p.add_argument("--churn-rate", type=float, default=20.0, help="TCP connect/drop per second")
     p.add_argument("--hello-rate", type=float, default=20.0, help="rental hellos per second")
+    p.add_argument("--attack-delay", type=float, default=0.0,
+                   help="start the attack this long after the renter (a renter that rented "
+                        "before the attack knows the provider: its rank sort puts it first)")
     p.add_argument("--progress", action="store_true")
     return p.parse_args(argv)
 
