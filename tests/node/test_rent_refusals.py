@@ -29,7 +29,8 @@ class StubChain:
 
     def __init__(self, chain_id: int) -> None:
         # the sample offers' escrow (protocol.samples.make_offer), so they are rentable here
-        self.chain = SimpleNamespace(chain_id=chain_id, escrow_address=b"\xee" * 20, funds=None)
+        self.chain = SimpleNamespace(chain_id=chain_id, escrow_address=b"\xee" * 20, funds=None,
+                                     known_decimals=lambda token: 6)  # the samples' USDC
         self.calls: list[str] = []
 
     async def run(self, fn, *args):
