@@ -466,7 +466,11 @@ class Node:
                 await session.send_grant(AccessGrant(rental.agreement_id, access, self.clock.now_ms()).sign(self.key))
         elif name == "StopService":
             self.capacity.release(rental.agreement_id)
-            await self._set_state(rental.agreement_id, AgreementState.STOPPED)
+            row = await self.store.get_agreement(rental.agreement_id)
+            # An aborted rental (its access hook failed) stays aborted: it served nothing, and
+            # the renter closing its escrow (which stops the machine) does not change that.
+            if row is None or row.state != AgreementState.ABORTED:
+                await self._set_state(rental.agreement_id, AgreementState.STOPPED)
             self._offer_changed()
 
     async def _run_access_hook(self, rental: Rental) -> str | None:
@@ -729,37 +733,46 @@ class Node:
                 continue
             for ev in events:
                 next_block = max(next_block, ev.block + 1)
-                if ev.name == "Opened" and ev.agreement_id in self._renter_unopened:
-                    await self._opened_late(self._renter_unopened.pop(ev.agreement_id))
-                    continue
-                if ev.name == "Opened" and ev.agreement_id in self._pending:
-                    # The renter's hello is answered from this, without asking the chain.
-                    pending = self._pending[ev.agreement_id]
-                    self._opened_seen[ev.agreement_id] = \
-                        int(ev.args["end"]) - pending.terms.max_seconds
-                    continue
-                rental = self.rentals.get(ev.agreement_id) if ev.agreement_id else None
-                if rental is None or rental.session is None:
-                    continue
-                rental.events.append(ev.name)
-                machine = rental.session.machine
-                async with rental.session._lock:
-                    if ev.name == "Closed" and rental.role == "provider":
-                        await rental.session.carry_out(machine.escrow_closed(self.clock.now_ms()))
-                    elif ev.name in ("Claimed", "Finalized", "Recovered", "Arbitrated") \
-                            and rental.role == "renter":
-                        await rental.session.carry_out(machine.escrow_settled(self.clock.now_ms()))
-                if ev.name == "Closed":
-                    rental.closed_end_s = int(ev.args["end"])
-                if ev.name in ("Claimed", "Finalized", "Recovered", "Arbitrated"):
-                    await self._set_state(ev.agreement_id, AgreementState.SETTLED)
-                    if rental.role == "renter":
-                        ended = rental.closed_end_s or (rental.started_s or 0) + rental.terms.max_seconds
-                        try:
-                            await self.reputation.record(rental, ended)
-                            self.book.rescore(rental.details.provider_key)
-                        except Exception:  # scoring is advisory: never let it stop the watcher
-                            log.exception("scoring agreement %s failed", ev.agreement_id.hex()[:12])
+                try:
+                    await self._on_chain_event(ev)
+                except Exception:  # one agreement's bug must not stop the watcher (or the node)
+                    log.exception("handling %s for agreement %s failed", ev.name,
+                                  ev.agreement_id.hex()[:12] if ev.agreement_id else "-")
+
+    async def _on_chain_event(self, ev) -> None:
+        """One escrow event: a late open, an open the renter's hello will need, or a change to a
+        running rental (closed, settled)."""
+        if ev.name == "Opened" and ev.agreement_id in self._renter_unopened:
+            await self._opened_late(self._renter_unopened.pop(ev.agreement_id))
+            return
+        if ev.name == "Opened" and ev.agreement_id in self._pending:
+            # The renter's hello is answered from this, without asking the chain.
+            pending = self._pending[ev.agreement_id]
+            self._opened_seen[ev.agreement_id] = \
+                int(ev.args["end"]) - pending.terms.max_seconds
+            return
+        rental = self.rentals.get(ev.agreement_id) if ev.agreement_id else None
+        if rental is None or rental.session is None:
+            return
+        rental.events.append(ev.name)
+        machine = rental.session.machine
+        async with rental.session._lock:
+            if ev.name == "Closed" and rental.role == "provider":
+                await rental.session.carry_out(machine.escrow_closed(self.clock.now_ms()))
+            elif ev.name in ("Claimed", "Finalized", "Recovered", "Arbitrated") \
+                    and rental.role == "renter":
+                await rental.session.carry_out(machine.escrow_settled(self.clock.now_ms()))
+        if ev.name == "Closed":
+            rental.closed_end_s = int(ev.args["end"])
+        if ev.name in ("Claimed", "Finalized", "Recovered", "Arbitrated"):
+            await self._set_state(ev.agreement_id, AgreementState.SETTLED)
+            if rental.role == "renter":
+                ended = rental.closed_end_s or (rental.started_s or 0) + rental.terms.max_seconds
+                try:
+                    await self.reputation.record(rental, ended)
+                    self.book.rescore(rental.details.provider_key)
+                except Exception:  # scoring is advisory: never let it stop the watcher
+                    log.exception("scoring agreement %s failed", ev.agreement_id.hex()[:12])
 
     # -- restart ------------------------------------------------------------------------------
 
