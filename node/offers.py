@@ -36,7 +36,7 @@ from node.clock import now_ms
 from node.gpu import GpuProbe, NoGpuError, StaticFacts
 from node.host import GossipHost, Verdict
 from node.identity import NodeIdentity
-from node.ratelimit import RateLimitedLog
+from node.ratelimit import RateLimitedLog, TokenBucket, take_token
 from node.reqresp import ReqRespError, read_frame, write_frame
 from node.store import Store
 from protocol.encoding import decode, to_wire_text, unpack_canonical
@@ -635,32 +635,6 @@ def offer_facts(facts: StaticFacts, *, region: str, bandwidth_mbps: int) -> tupl
     return gpus, host
 
 
-class TokenBucket:
-    """``burst`` tokens, refilled at ``rate`` per second. Sans-I/O: the caller passes ``now``."""
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("a token bucket needs rate > 0 and burst >= 1")
-        self.rate, self.burst = rate, burst
-        self.tokens, self.updated = float(burst), now
-
-    def _refill(self, now: float) -> None:
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = max(self.updated, now)
-
-    def wait_time(self, now: float) -> float:
-        """Seconds until a token is available (0: now)."""
-        self._refill(now)
-        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
-
-    def take(self, now: float) -> bool:
-        self._refill(now)
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
 @dataclass(frozen=True)
 class ProviderConfig:
     terms: OfferTerms
@@ -746,12 +720,7 @@ class OfferPublisher:
     async def _token(self) -> None:
         if self._bucket is None:
             raise RuntimeError("OfferPublisher used before run()")
-        for _ in range(1000):  # bounded; each wait is the exact refill time
-            wait = self._bucket.wait_time(trio.current_time())
-            if wait <= 0 and self._bucket.take(trio.current_time()):
-                return
-            await trio.sleep(max(wait, 0.001))
-        raise RuntimeError("token bucket never refilled")
+        await take_token(self._bucket)
 
     async def publish(self) -> Offer:
         """Publish the current inventory as a new offer (seq + 1); waits for a token."""

@@ -9,7 +9,7 @@ import trio
 
 from node.fake_nvml import FakeNvml
 from node.gpu import NoGpuError
-from node.offers import (OFFER_TOPIC, ByteBudget, OfferPublisher, OfferServiceConfig, TokenBucket, chunk_offers,
+from node.offers import (OFFER_TOPIC, ByteBudget, OfferPublisher, OfferServiceConfig, chunk_offers,
                          decode_sync_frame, iter_frames)
 from protocol.identity import PeerKey
 from protocol.samples import make_offer, make_provider
@@ -159,16 +159,6 @@ async def test_offers__publishing_is_rate_limited_by_a_token_bucket(tmp_path):
             assert 0.45 <= elapsed < 1.5
             assert node.service.counters["offers.published"] == 5
             nursery.cancel_scope.cancel()
-
-
-def test_token_bucket__burst_then_refill_rate():
-    b = TokenBucket(rate=0.5, burst=2, now=100.0)
-    assert b.take(100.0) and b.take(100.0)
-    assert not b.take(100.0)
-    assert b.wait_time(100.0) == pytest.approx(2.0)
-    assert b.wait_time(101.0) == pytest.approx(1.0)
-    assert b.take(102.0) and not b.take(102.0)
-    assert b.wait_time(200.0) == 0 and b.tokens == 2  # never more than the burst
 
 
 def test_sync_frames__chunks_respect_the_frame_limit_and_round_trip():
