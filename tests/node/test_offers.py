@@ -155,8 +155,9 @@ async def test_offers__publishing_is_rate_limited_by_a_token_bucket(tmp_path):
             t0 = trio.current_time()
             for _ in range(4):  # the first publish used one token; one left, then 0.25 s each
                 await pub.publish()
-            elapsed = trio.current_time() - t0
-            assert 0.45 <= elapsed < 1.5
+            # a lower bound only: the publisher waits on its bucket (the exact wait is checked on
+            # trio's virtual clock in tests/node/test_ratelimit.py, whatever the machine's load)
+            assert trio.current_time() - t0 >= 0.45
             assert node.service.counters["offers.published"] == 5
             nursery.cancel_scope.cancel()
 
@@ -191,11 +192,8 @@ async def test_sync__joining_renter_gets_the_whole_market_published_before_it_st
                 joiner = await start_node(late, tmp_path / "joiner.db", config=OfferServiceConfig(
                     topic=OFFER_TOPIC + "-elsewhere", flush_interval_s=0.2))
                 await joiner.host.connect_all([nodes[0].host.addrs()[0], nodes[2].host.addrs()[0]])
-                t0 = trio.current_time()
-                results = await joiner.service.sync()
-                took = trio.current_time() - t0
+                results = await joiner.service.sync()  # within its own timeout: error is None
                 assert {e.provider for e in joiner.book} == expected
-                assert took < 3.0
                 assert len(results) == 2 and all(r.error is None for r in results)
                 assert all(r.offers == len(expected) for r in results)
                 assert sum(r.accepted for r in results) == len(expected)
