@@ -58,7 +58,7 @@ from .negotiate import (DEFAULT_MAX_PENDING_PER_PEER, DEFAULT_MAX_PENDING_PER_WA
                         DEFAULT_OPEN_HOLD_MS, DEFAULT_UNOPENED_MEMORY_MS, Candidate, Capacity, HoldPolicy, ProviderDesk,
                         RenterFunds, negotiate_first)
 from .offers import OfferPublisher, OfferService, ProviderConfig
-from .rentals import HelloRefused, ProviderSession, RentalDesk, RenterSession
+from .rentals import SETTLED_EVENTS, HelloRefused, ProviderSession, RentalDesk, RenterSession
 from .reputation import LocalReputation
 from .store import Store
 
@@ -742,16 +742,10 @@ class Node:
                 if rental is None or rental.session is None:
                     continue
                 rental.events.append(ev.name)
-                machine = rental.session.machine
-                async with rental.session._lock:
-                    if ev.name == "Closed" and rental.role == "provider":
-                        await rental.session.carry_out(machine.escrow_closed(self.clock.now_ms()))
-                    elif ev.name in ("Claimed", "Finalized", "Recovered", "Arbitrated") \
-                            and rental.role == "renter":
-                        await rental.session.carry_out(machine.escrow_settled(self.clock.now_ms()))
+                await rental.session.escrow_event(ev.name)
                 if ev.name == "Closed":
                     rental.closed_end_s = int(ev.args["end"])
-                if ev.name in ("Claimed", "Finalized", "Recovered", "Arbitrated"):
+                if ev.name in SETTLED_EVENTS:
                     await self._set_state(ev.agreement_id, AgreementState.SETTLED)
                     if rental.role == "renter":
                         ended = rental.closed_end_s or (rental.started_s or 0) + rental.terms.max_seconds
