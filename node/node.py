@@ -35,10 +35,10 @@ from libp2p.peer.id import ID
 from protocol.agreement import AgreementTerms
 from protocol.agreement import EscrowDomain
 from protocol.effects import EscrowCall, Persist
-from protocol.encoding import Struct, decode, encode_struct, is_wire_text, pack, to_wire_text, unpack_canonical
+from protocol.encoding import decode, is_wire_text, to_wire_text
 from protocol.identity import PeerKey, peer_id_from_public_key
 from protocol.messages import (MAX_ADDR_LEN, MAX_OFFER_ADDRS, AccessGrant, AgreementDetails,
-                               Binding, GpuMetrics, Heartbeat, OfferTerms, TermsWire,
+                               Binding, GpuMetrics, Heartbeat, OfferTerms,
                                UsageReceipt)
 from protocol.money import PriceError, price_units_per_second
 from protocol.negotiation import (FirstAgreementWins, ProviderNegotiation, RenterNegotiation,
@@ -59,6 +59,7 @@ from .negotiate import (DEFAULT_MAX_PENDING_PER_PEER, DEFAULT_MAX_PENDING_PER_WA
                         RenterFunds, negotiate_first)
 from .offers import OfferPublisher, OfferService, ProviderConfig
 from .rentals import SETTLED_EVENTS, HelloRefused, ProviderSession, RentalDesk, RenterSession
+from .records import decode_agreement, decode_bindings, encode_agreement
 from .reputation import LocalReputation
 from .store import Store
 
@@ -178,24 +179,6 @@ class PendingAgreement:
     domain: EscrowDomain
     accepted_ms: int
     renter_binding: Binding | None = None  # for the evidence bundle
-
-
-def decode_bindings(blob: bytes) -> tuple[Binding | None, Binding | None]:
-    """The provider's and the renter's bindings from Node._remember's blob (absent: None)."""
-    parts = unpack_canonical(blob)
-    out: list[Binding | None] = []
-    for raw in (parts[2:4] if len(parts) >= 4 else [b"", b""]):
-        out.append(Struct(Binding).from_wire(unpack_canonical(raw)) if raw else None)
-    return out[0], out[1]
-
-
-def decode_agreement(blob: bytes) -> tuple[AgreementTerms, AgreementDetails]:
-    """The inverse of Node._remember's blob: [TermsWire struct bytes, details bytes,
-    provider binding bytes, renter binding bytes] (the bindings may be absent)."""
-    terms_raw, details_raw = unpack_canonical(blob)[:2]
-    terms = Struct(TermsWire).from_wire(unpack_canonical(terms_raw)).to_terms()
-    details = Struct(AgreementDetails).from_wire(unpack_canonical(details_raw))
-    return terms, details
 
 
 class RentError(Exception):
@@ -949,9 +932,7 @@ class Node:
     async def _remember(self, aid: bytes, role: str, state: AgreementState, terms: AgreementTerms,
                         details: AgreementDetails, provider_binding: Binding | None = None,
                         renter_binding: Binding | None = None) -> None:
-        blob = pack([encode_struct(TermsWire.from_terms(terms)), details.encode(),
-                     encode_struct(provider_binding) if provider_binding else b"",
-                     encode_struct(renter_binding) if renter_binding else b""])
+        blob = encode_agreement(terms, details, provider_binding, renter_binding)
         row = await self.store.get_agreement(aid)
         check_transition(None if row is None else row.state, state)
         await self.store.put_agreement(aid, role, AgreementState(state).value, blob, self.clock.time())
