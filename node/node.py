@@ -24,7 +24,7 @@ import random
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ from .negotiate import (DEFAULT_MAX_PENDING_PER_PEER, DEFAULT_MAX_PENDING_PER_WA
                         RenterFunds, negotiate_first)
 from .offers import OfferPublisher, OfferService, ProviderConfig
 from .rentals import SETTLED_EVENTS, HelloRefused, ProviderSession, RentalDesk, RenterSession
-from .records import decode_agreement, decode_bindings, encode_agreement
+from .records import PendingAgreement, Rental, decode_agreement, decode_bindings, encode_agreement
 from .reputation import LocalReputation
 from .store import Store
 
@@ -141,44 +141,12 @@ class NodeConfig:
 
 
 @dataclass
-class Rental:
-    """One agreement as this node sees it (either role)."""
-
-    role: str
-    terms: AgreementTerms
-    details: AgreementDetails
-    session: ProviderSession | RenterSession | None = None
-    opened: TxResult | None = None
-    started_s: int | None = None
-    access: str | None = None  # what the provider's access hook printed
-    events: list[str] = field(default_factory=list)
-    closed_end_s: int | None = None  # the end the escrow recorded when the renter closed early
-    provider_binding: Binding | None = None  # both bindings go into the evidence bundle
-    renter_binding: Binding | None = None
-
-    @property
-    def agreement_id(self) -> bytes:
-        return self.terms.agreement_id()
-
-
-@dataclass
 class _Opening:
     """What the renter's escrow port did with the winner's EscrowCall open."""
 
     tx: TxResult | None = None
     error: RentError | None = None
     agreed_at: float = 0.0
-
-
-@dataclass(frozen=True)
-class PendingAgreement:
-    """Provider: accepted in negotiation, the escrow not yet seen open."""
-
-    terms: AgreementTerms
-    details: AgreementDetails
-    domain: EscrowDomain
-    accepted_ms: int
-    renter_binding: Binding | None = None  # for the evidence bundle
 
 
 class RentError(Exception):
