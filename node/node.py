@@ -4,7 +4,8 @@ One trio nursery; every service is started with `await nursery.start(...)` and i
 that returns: the libp2p host, the offer service (gossip topic, offer book, offer sync), and for a
 provider the offer publisher, the negotiation desk and the rental desk. A renter calls `rent()`,
 which negotiates, opens the escrow and runs a rental session in the node's nursery. A watcher
-polls the escrow's events and tells the rental machines about closes and settlements.
+polls the escrow's events and tells the rental machines about closes and settlements
+(node/chainwatch.py).
 
 Cancelling the node's scope shuts it down: the publisher withdraws the offer (shielded, 2 s),
 streams close, and the store is flushed and closed.
@@ -42,6 +43,7 @@ from protocol.params import DEFAULT_PARAMS, Params
 from protocol.rental import ProviderRental, RenterRental
 
 from .chain import AsyncChain, ChainError, RpcUnavailableError, TxResult, WalletEscrow
+from .chainwatch import ChainWatchMixin
 from .clock import SYSTEM_CLOCK, Clock, now_ms
 from .config import ConfigError, ProviderSection
 from .gpu import GpuProbe
@@ -52,11 +54,11 @@ from .negotiate import (DEFAULT_MAX_PENDING_PER_PEER, DEFAULT_MAX_PENDING_PER_WA
                         DEFAULT_OPEN_HOLD_MS, DEFAULT_UNOPENED_MEMORY_MS, Candidate, Capacity, HoldPolicy, ProviderDesk,
                         RenterFunds, negotiate_first)
 from .offers import OfferPublisher, OfferService, ProviderConfig
-from .rentals import SETTLED_EVENTS, HelloRefused, ProviderSession, RentalDesk, RenterSession
+from .rentals import HelloRefused, ProviderSession, RentalDesk, RenterSession
 from .records import decode_agreement, decode_bindings  # noqa: F401  (re-exported: callers import them from here)
 from .records import PendingAgreement, Rental, encode_agreement
 from .reputation import LocalReputation
-from .resume import RENTER_OPEN_WAIT_S, ResumeMixin
+from .resume import RENTER_OPEN_WAIT_S, ResumeMixin  # noqa: F401  (RENTER_OPEN_WAIT_S: re-exported)
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -147,7 +149,7 @@ class RentError(Exception):
     """Renting failed for a reason a person can act on; str() is one line."""
 
 
-class Node(ResumeMixin):
+class Node(ChainWatchMixin, ResumeMixin):
     def __init__(self, config: NodeConfig, chain: AsyncChain) -> None:
         self.config = config
         self.chain = chain
@@ -658,48 +660,6 @@ class Node(ResumeMixin):
                 log.info("%s synced the market from %d peer(s): %d offers accepted",
                          self.config.name, len(results), sum(r.accepted for r in results))
 
-    # -- chain events -------------------------------------------------------------------------
-
-    async def _watch_chain(self, next_block: int) -> None:
-        while True:
-            await trio.sleep(self.config.chain_poll_s)
-            try:
-                await self._expire_pending()
-            except Exception as exc:
-                log.warning("expiring unopened agreements failed: %r", exc)
-            try:
-                events = await self.chain.events(next_block)
-            except Exception as exc:
-                log.warning("reading escrow events failed: %r", exc)
-                continue
-            for ev in events:
-                next_block = max(next_block, ev.block + 1)
-                if ev.name == "Opened" and ev.agreement_id in self._renter_unopened:
-                    await self._opened_late(self._renter_unopened.pop(ev.agreement_id))
-                    continue
-                if ev.name == "Opened" and ev.agreement_id in self._pending:
-                    # The renter's hello is answered from this, without asking the chain.
-                    pending = self._pending[ev.agreement_id]
-                    self._opened_seen[ev.agreement_id] = \
-                        int(ev.args["end"]) - pending.terms.max_seconds
-                    continue
-                rental = self.rentals.get(ev.agreement_id) if ev.agreement_id else None
-                if rental is None or rental.session is None:
-                    continue
-                rental.events.append(ev.name)
-                await rental.session.escrow_event(ev.name)
-                if ev.name == "Closed":
-                    rental.closed_end_s = int(ev.args["end"])
-                if ev.name in SETTLED_EVENTS:
-                    await self._set_state(ev.agreement_id, AgreementState.SETTLED)
-                    if rental.role == "renter":
-                        ended = rental.closed_end_s or (rental.started_s or 0) + rental.terms.max_seconds
-                        try:
-                            await self.reputation.record(rental, ended)
-                            self.book.rescore(rental.details.provider_key)
-                        except Exception:  # scoring is advisory: never let it stop the watcher
-                            log.exception("scoring agreement %s failed", ev.agreement_id.hex()[:12])
-
     async def _remember_peer(self, peer: ID) -> None:
         addrs = [str(a) for a in self.host.host.get_peerstore().addrs(peer)]
         if addrs:
@@ -708,33 +668,6 @@ class Node(ResumeMixin):
     @property
     def _open_hold_ms(self) -> int:
         return self.desk.open_hold_ms if self.desk is not None else DEFAULT_OPEN_HOLD_MS
-
-    async def _expire_pending(self) -> None:
-        """Accepted agreements the renter did not open within the hold are dropped; so are a
-        restarted renter's agreements whose open was not mined within RENTER_OPEN_WAIT_S."""
-        for aid, row in list(self._renter_unopened.items()):
-            if self.clock.time() - row.updated_at >= RENTER_OPEN_WAIT_S:
-                del self._renter_unopened[aid]
-                await self._set_state(aid, AgreementState.EXPIRED)
-        now = self.clock.now_ms()
-        for aid, pending in list(self._pending.items()):
-            # The consent is good while block time <= open_by (the escrow refuses later): keep
-            # the GPUs until then, then free them unless the escrow opened.
-            if now <= (pending.terms.open_by + 1) * 1000:
-                continue
-            if aid in self._opened_seen:
-                continue  # opened: the renter's stream will start the session
-            started_s = await self.escrow.started_s(pending.terms)
-            if started_s is not None:  # opened after all: the renter's stream will start it
-                self._opened_seen[aid] = started_s  # ... and nobody asks the chain again
-                continue
-            del self._pending[aid]
-            self._forget_pending(aid)
-            if self.capacity is not None:
-                self.capacity.release(aid)
-                self._offer_changed()
-            await self._set_state(aid, AgreementState.EXPIRED)
-            log.info("%s: agreement %s expired unopened", self.config.name, aid.hex()[:12])
 
     def _forget_pending(self, aid: bytes) -> None:
         self._opened_seen.pop(aid, None)
