@@ -53,7 +53,8 @@ from .lifecycle import AgreementState, check_transition
 from .negotiate import (DEFAULT_MAX_PENDING_PER_PEER, DEFAULT_MAX_PENDING_PER_WALLET,
                         DEFAULT_OPEN_HOLD_MS, DEFAULT_UNOPENED_MEMORY_MS, Candidate, Capacity, HoldPolicy, ProviderDesk,
                         RenterFunds, negotiate_first)
-from .offers import OfferPublisher, OfferService, ProviderConfig
+from .offers import OfferService
+from .publisher import OfferPublisher, ProviderConfig
 from .rentals import HelloRefused, ProviderSession, RentalDesk, RenterSession
 from .records import decode_agreement, decode_bindings  # noqa: F401  (re-exported: callers import them from here)
 from .records import PendingAgreement, Rental, encode_agreement

@@ -9,8 +9,8 @@ import trio
 
 from node.fake_nvml import FakeNvml
 from node.gpu import NoGpuError
-from node.offers import (OFFER_TOPIC, ByteBudget, OfferPublisher, OfferServiceConfig, chunk_offers,
-                         decode_sync_frame, iter_frames)
+from node.offers import OFFER_TOPIC, ByteBudget, OfferServiceConfig, chunk_offers, decode_sync_frame, iter_frames
+from node.publisher import OfferPublisher
 from protocol.identity import PeerKey
 from protocol.samples import make_offer, make_provider
 from tests.node.offer_helpers import (
