@@ -4,16 +4,13 @@ One trio nursery; every service is started with `await nursery.start(...)` and i
 that returns: the libp2p host, the offer service (gossip topic, offer book, offer sync), and for a
 provider the offer publisher, the negotiation desk and the rental desk. A renter calls `rent()`,
 which negotiates, opens the escrow and runs a rental session in the node's nursery. A watcher
-polls the escrow's events and tells the rental machines about closes and settlements.
+polls the escrow's events and tells the rental machines about closes and settlements
+(node/chainwatch.py).
 
 Cancelling the node's scope shuts it down: the publisher withdraws the offer (shielded, 2 s),
 streams close, and the store is flushed and closed.
 
-Restart (specs/node.md, "Restart and resume"): on start, before the desks answer anyone, every
-agreement the store holds unsettled is checked against the escrow: open rentals get their machine
-rebuilt from the stored heartbeats and receipts and their session back; accepted agreements the
-renter never opened expire after the open hold; rentals that ended, closed or ran out while the
-node was down are settled (the provider claims with its latest receipt, the renter recovers).
+Restart and resume: node/resume.py. The agreement records: node/records.py.
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ import random
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -33,13 +30,11 @@ import trio
 from libp2p.peer.id import ID
 
 from protocol.agreement import AgreementTerms
-from protocol.agreement import EscrowDomain
 from protocol.effects import EscrowCall, Persist
-from protocol.encoding import Struct, decode, encode_struct, is_wire_text, pack, to_wire_text, unpack_canonical
+from protocol.encoding import is_wire_text, to_wire_text
 from protocol.identity import PeerKey, peer_id_from_public_key
 from protocol.messages import (MAX_ADDR_LEN, MAX_OFFER_ADDRS, AccessGrant, AgreementDetails,
-                               Binding, GpuMetrics, Heartbeat, OfferTerms, TermsWire,
-                               UsageReceipt)
+                               Binding, GpuMetrics, OfferTerms)
 from protocol.money import PriceError, price_units_per_second
 from protocol.negotiation import (FirstAgreementWins, ProviderNegotiation, RenterNegotiation,
                                   escrow_domain, renter_refusal)
@@ -48,24 +43,27 @@ from protocol.params import DEFAULT_PARAMS, Params
 from protocol.rental import ProviderRental, RenterRental
 
 from .chain import AsyncChain, ChainError, RpcUnavailableError, TxResult, WalletEscrow
+from .chainwatch import ChainWatchMixin
 from .clock import SYSTEM_CLOCK, Clock, now_ms
 from .config import ConfigError, ProviderSection
 from .gpu import GpuProbe
 from .host import GossipHost, HostConfig
 from .identity import load_or_create_identity
-from .lifecycle import UNSETTLED, AgreementState, check_transition
+from .lifecycle import AgreementState, check_transition
 from .negotiate import (DEFAULT_MAX_PENDING_PER_PEER, DEFAULT_MAX_PENDING_PER_WALLET,
                         DEFAULT_OPEN_HOLD_MS, DEFAULT_UNOPENED_MEMORY_MS, Candidate, Capacity, HoldPolicy, ProviderDesk,
                         RenterFunds, negotiate_first)
-from .offers import OfferPublisher, OfferService, ProviderConfig
+from .offers import OfferService
+from .publisher import OfferPublisher, ProviderConfig
 from .rentals import HelloRefused, ProviderSession, RentalDesk, RenterSession
+from .records import decode_agreement, decode_bindings  # noqa: F401  (re-exported: callers import them from here)
+from .records import PendingAgreement, Rental, encode_agreement
 from .reputation import LocalReputation
+from .resume import RENTER_OPEN_WAIT_S, ResumeMixin  # noqa: F401  (RENTER_OPEN_WAIT_S: re-exported)
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-RENTER_OPEN_WAIT_S = 600  # a renter restarted before its open was mined watches this long for it
-PEER_ADDR_TTL_S = 30 * 24 * 3600  # a restored rental's provider address, re-added to the peerstore
 OPEN_RECHECK_S = 2.0  # provider: at most one chain read per unopened agreement this often
 FUNDS_TIMEOUT_S = 5.0  # provider: the renter's balance and allowance must be read within this
 STALE_RETRY_WAIT_S = 2.0  # renter: after OFFER_STALE, wait this long for the provider's new offer
@@ -140,27 +138,6 @@ class NodeConfig:
 
 
 @dataclass
-class Rental:
-    """One agreement as this node sees it (either role)."""
-
-    role: str
-    terms: AgreementTerms
-    details: AgreementDetails
-    session: ProviderSession | RenterSession | None = None
-    opened: TxResult | None = None
-    started_s: int | None = None
-    access: str | None = None  # what the provider's access hook printed
-    events: list[str] = field(default_factory=list)
-    closed_end_s: int | None = None  # the end the escrow recorded when the renter closed early
-    provider_binding: Binding | None = None  # both bindings go into the evidence bundle
-    renter_binding: Binding | None = None
-
-    @property
-    def agreement_id(self) -> bytes:
-        return self.terms.agreement_id()
-
-
-@dataclass
 class _Opening:
     """What the renter's escrow port did with the winner's EscrowCall open."""
 
@@ -169,40 +146,11 @@ class _Opening:
     agreed_at: float = 0.0
 
 
-@dataclass(frozen=True)
-class PendingAgreement:
-    """Provider: accepted in negotiation, the escrow not yet seen open."""
-
-    terms: AgreementTerms
-    details: AgreementDetails
-    domain: EscrowDomain
-    accepted_ms: int
-    renter_binding: Binding | None = None  # for the evidence bundle
-
-
-def decode_bindings(blob: bytes) -> tuple[Binding | None, Binding | None]:
-    """The provider's and the renter's bindings from Node._remember's blob (absent: None)."""
-    parts = unpack_canonical(blob)
-    out: list[Binding | None] = []
-    for raw in (parts[2:4] if len(parts) >= 4 else [b"", b""]):
-        out.append(Struct(Binding).from_wire(unpack_canonical(raw)) if raw else None)
-    return out[0], out[1]
-
-
-def decode_agreement(blob: bytes) -> tuple[AgreementTerms, AgreementDetails]:
-    """The inverse of Node._remember's blob: [TermsWire struct bytes, details bytes,
-    provider binding bytes, renter binding bytes] (the bindings may be absent)."""
-    terms_raw, details_raw = unpack_canonical(blob)[:2]
-    terms = Struct(TermsWire).from_wire(unpack_canonical(terms_raw)).to_terms()
-    details = Struct(AgreementDetails).from_wire(unpack_canonical(details_raw))
-    return terms, details
-
-
 class RentError(Exception):
     """Renting failed for a reason a person can act on; str() is one line."""
 
 
-class Node:
+class Node(ChainWatchMixin, ResumeMixin):
     def __init__(self, config: NodeConfig, chain: AsyncChain) -> None:
         self.config = config
         self.chain = chain
@@ -717,247 +665,14 @@ class Node:
                 log.info("%s synced the market from %d peer(s): %d offers accepted",
                          self.config.name, len(results), sum(r.accepted for r in results))
 
-    # -- chain events -------------------------------------------------------------------------
-
-    async def _watch_chain(self, next_block: int) -> None:
-        while True:
-            await trio.sleep(self.config.chain_poll_s)
-            try:
-                await self._expire_pending()
-            except Exception as exc:
-                log.warning("expiring unopened agreements failed: %r", exc)
-            try:
-                events = await self.chain.events(next_block)
-            except Exception as exc:
-                log.warning("reading escrow events failed: %r", exc)
-                continue
-            for ev in events:
-                next_block = max(next_block, ev.block + 1)
-                try:
-                    await self._on_chain_event(ev)
-                except Exception:  # one agreement's bug must not stop the watcher (or the node)
-                    log.exception("handling %s for agreement %s failed", ev.name,
-                                  ev.agreement_id.hex()[:12] if ev.agreement_id else "-")
-
-    async def _on_chain_event(self, ev) -> None:
-        """One escrow event: a late open, an open the renter's hello will need, or a change to a
-        running rental (closed, settled)."""
-        if ev.name == "Opened" and ev.agreement_id in self._renter_unopened:
-            await self._opened_late(self._renter_unopened.pop(ev.agreement_id))
-            return
-        if ev.name == "Opened" and ev.agreement_id in self._pending:
-            # The renter's hello is answered from this, without asking the chain.
-            pending = self._pending[ev.agreement_id]
-            self._opened_seen[ev.agreement_id] = \
-                int(ev.args["end"]) - pending.terms.max_seconds
-            return
-        rental = self.rentals.get(ev.agreement_id) if ev.agreement_id else None
-        if rental is None or rental.session is None:
-            return
-        rental.events.append(ev.name)
-        machine = rental.session.machine
-        async with rental.session._lock:
-            if ev.name == "Closed" and rental.role == "provider":
-                await rental.session.carry_out(machine.escrow_closed(self.clock.now_ms()))
-            elif ev.name in ("Claimed", "Finalized", "Recovered", "Arbitrated") \
-                    and rental.role == "renter":
-                await rental.session.carry_out(machine.escrow_settled(self.clock.now_ms()))
-        if ev.name == "Closed":
-            rental.closed_end_s = int(ev.args["end"])
-        if ev.name in ("Claimed", "Finalized", "Recovered", "Arbitrated"):
-            await self._set_state(ev.agreement_id, AgreementState.SETTLED)
-            if rental.role == "renter":
-                ended = rental.closed_end_s or (rental.started_s or 0) + rental.terms.max_seconds
-                try:
-                    await self.reputation.record(rental, ended)
-                    self.book.rescore(rental.details.provider_key)
-                except Exception:  # scoring is advisory: never let it stop the watcher
-                    log.exception("scoring agreement %s failed", ev.agreement_id.hex()[:12])
-
-    # -- restart ------------------------------------------------------------------------------
-
-    async def _resume(self) -> None:
-        """Bring every unsettled agreement in the store back in line with the escrow."""
-        self.resumed = {}
-        for state in UNSETTLED:
-            for row in await self.store.agreements_in_state(state.value):
-                try:
-                    outcome = await self._resume_one(row)
-                except Exception as exc:  # one bad record must not keep the node down
-                    log.exception("resuming agreement %s failed", row.id.hex()[:12])
-                    outcome = f"failed: {type(exc).__name__}"
-                self.resumed.setdefault(outcome, []).append(row.id.hex())
-                log.info("%s restart: agreement %s (%s, %s): %s", self.config.name,
-                         row.id.hex()[:12], row.role, row.state, outcome)
-
-    async def _resume_one(self, row) -> str:
-        aid = row.id
-        terms, details = decode_agreement(row.terms)
-        if terms.agreement_id() != aid:
-            raise ValueError("stored terms do not hash to the agreement id")
-        status = await self.chain.status(aid)
-        now = self.clock.time()
-        if status.state in ("claimed", "final"):
-            await self._set_state(aid, AgreementState.SETTLED)
-            return "settled"
-        if status.state == "none":
-            if row.role == "renter" and row.state == "agreed" \
-                    and now - row.updated_at < RENTER_OPEN_WAIT_S:
-                # Killed after sending the open transaction, perhaps: it may still be mined.
-                self._renter_unopened[aid] = row
-                return "awaiting_open"
-            if row.role == "provider" and row.state == "accepted" and self.capacity is not None \
-                    and now <= terms.open_by + 1:
-                accepted_ms = int(row.created_at * 1000)
-                self.capacity.reserve(aid, details.gpus, (terms.open_by + 1) * 1000,
-                                      peer=peer_id_from_public_key(details.renter_key),
-                                      wallet=terms.renter, deposit=terms.deposit)
-                self._pending[aid] = PendingAgreement(
-                    terms, details, EscrowDomain(details.chain_id, details.escrow), accepted_ms,
-                    decode_bindings(row.terms)[1])
-                return "awaiting_open"
-            await self._set_state(aid, AgreementState.EXPIRED)
-            return "expired"
-        if status.state not in ("open", "closed"):
-            return f"left: escrow {status.state}"  # disputed: the arbiter decides
-        domain = EscrowDomain(details.chain_id, details.escrow)
-        if row.role == "provider":
-            outcome = await self._resume_provider(row, terms, details, domain, status)
-        else:
-            outcome = await self._resume_renter(terms, details, domain, status)
-        if aid in self.rentals:
-            self.rentals[aid].provider_binding, self.rentals[aid].renter_binding = \
-                decode_bindings(row.terms)
-        return outcome
-
-    async def _resume_provider(self, row, terms, details, domain, status) -> str:
-        aid = terms.agreement_id()
-        latest = await self._latest_receipt(aid)
-        if (status.state == "open" and row.state in ("accepted", "open")
-                and self.rental_desk is not None and self.clock.now_ms() < status.end_s * 1000):
-            started_s = status.end_s - terms.max_seconds
-            heartbeats = [decode(r.raw, Heartbeat) for r in await self.store.heartbeats(aid)]
-            machine = ProviderRental.restore(terms, details, domain, self.key, started_s * 1000,
-                                             self.params, heartbeats=heartbeats,
-                                             latest_receipt=latest, now_ms=self.clock.now_ms())
-            self.capacity.reserve(aid, details.gpus, None)
-            rental = Rental("provider", terms, details, started_s=started_s)
-            self.rentals[aid] = rental
-            session = ProviderSession(
-                machine, terms, details, self.escrow, self.store, self.clock.now_ms,
-                lambda: self._metrics(details.gpus), lambda effect: self._service(rental, effect),
-            )
-            rental.session = session
-            self.rental_desk.sessions[aid] = session
-            await self._set_state(aid, AgreementState.OPEN)
-            await session.carry_out(machine.start())  # the access hook runs again: make it idempotent
-            self._nursery.start_soon(session.run_timers)
-            return "resumed"
-        # Closed by the renter, past its end, or stopped before the crash: claim what we hold.
-        if latest is None:
-            await self._set_state(aid, AgreementState.STOPPED)
-            return "nothing_to_claim"
-        try:
-            await self.escrow.execute(EscrowCall("claim", aid, {
-                "acked_seconds": latest.acked_seconds, "receipt_sig": latest.wallet_sig}), terms)
-        except ChainError as exc:
-            await self._set_state(aid, AgreementState.STOPPED)
-            return f"claim_failed: {exc}"
-        await self._set_state(aid, AgreementState.SETTLED)
-        return "claimed"
-
-    async def _resume_renter(self, terms, details, domain, status) -> str:
-        aid = terms.agreement_id()
-        heartbeats = [(decode(r.raw, Heartbeat), int(r.received_at * 1000))
-                      for r in await self.store.heartbeats(aid)]
-        receipts = await self._receipts(aid)
-        if status.state == "closed":  # end_s is the close time: the machine only recovers
-            closed_ms, started_s = status.end_s * 1000, status.end_s
-        else:
-            closed_ms, started_s = None, status.end_s - terms.max_seconds
-        machine = RenterRental.restore(terms, details, domain, self.key, self.wallet_key,
-                                       started_s * 1000, self.rng, self.params,
-                                       heartbeats=heartbeats, receipts=receipts,
-                                       closed_ms=closed_ms)
-        rental = Rental("renter", terms, details, started_s=started_s)
-        self.rentals[aid] = rental
-        session = RenterSession(machine, terms, details, self.escrow, self.store, self.clock.now_ms)
-        rental.session = session
-        await self._set_state(aid, AgreementState.OPEN)
-        self._nursery.start_soon(session.run_timers)
-        if closed_ms is not None:
-            return "recovering"
-        if self.clock.now_ms() >= machine.end_ms:
-            return "ended"
-        provider_peer = ID.from_base58(peer_id_from_public_key(details.provider_key))
-        await self._restore_peer(provider_peer)
-        self._nursery.start_soon(session.run_connection, self.host, provider_peer)
-        return "resumed"
-
-    async def _receipts(self, aid: bytes) -> list[UsageReceipt]:
-        rows = await self.store.rental_receipts(aid)
-        if rows:
-            return [decode(raw, UsageReceipt) for _, _, raw, _ in rows]
-        old = await self.store.latest_receipt(aid)  # a store written before rental_receipts
-        return [decode(old.raw, UsageReceipt)] if old else []
-
-    async def _latest_receipt(self, aid: bytes) -> UsageReceipt | None:
-        receipts = await self._receipts(aid)
-        return max(receipts, key=lambda r: r.heartbeat_seq) if receipts else None
-
     async def _remember_peer(self, peer: ID) -> None:
         addrs = [str(a) for a in self.host.host.get_peerstore().addrs(peer)]
         if addrs:
             await self.store.upsert_peer(peer.to_base58(), addrs, self.clock.time())
 
-    async def _restore_peer(self, peer: ID) -> None:
-        import multiaddr
-
-        for peer_id, addrs, _, _ in await self.store.peers():
-            if peer_id == peer.to_base58() and addrs:
-                self.host.host.get_peerstore().add_addrs(
-                    peer, [multiaddr.Multiaddr(a) for a in addrs], PEER_ADDR_TTL_S)
-
     @property
     def _open_hold_ms(self) -> int:
         return self.desk.open_hold_ms if self.desk is not None else DEFAULT_OPEN_HOLD_MS
-
-    async def _opened_late(self, row) -> None:
-        """A renter's open transaction was mined after this node restarted: resume the rental."""
-        try:
-            outcome = await self._resume_one(row)
-        except Exception as exc:
-            log.exception("resuming agreement %s failed", row.id.hex()[:12])
-            outcome = f"failed: {type(exc).__name__}"
-        log.info("%s: agreement %s opened after the restart: %s", self.config.name,
-                 row.id.hex()[:12], outcome)
-
-    async def _expire_pending(self) -> None:
-        """Accepted agreements the renter did not open within the hold are dropped; so are a
-        restarted renter's agreements whose open was not mined within RENTER_OPEN_WAIT_S."""
-        for aid, row in list(self._renter_unopened.items()):
-            if self.clock.time() - row.updated_at >= RENTER_OPEN_WAIT_S:
-                del self._renter_unopened[aid]
-                await self._set_state(aid, AgreementState.EXPIRED)
-        now = self.clock.now_ms()
-        for aid, pending in list(self._pending.items()):
-            # The consent is good while block time <= open_by (the escrow refuses later): keep
-            # the GPUs until then, then free them unless the escrow opened.
-            if now <= (pending.terms.open_by + 1) * 1000:
-                continue
-            if aid in self._opened_seen:
-                continue  # opened: the renter's stream will start the session
-            started_s = await self.escrow.started_s(pending.terms)
-            if started_s is not None:  # opened after all: the renter's stream will start it
-                self._opened_seen[aid] = started_s  # ... and nobody asks the chain again
-                continue
-            del self._pending[aid]
-            self._forget_pending(aid)
-            if self.capacity is not None:
-                self.capacity.release(aid)
-                self._offer_changed()
-            await self._set_state(aid, AgreementState.EXPIRED)
-            log.info("%s: agreement %s expired unopened", self.config.name, aid.hex()[:12])
 
     def _forget_pending(self, aid: bytes) -> None:
         self._opened_seen.pop(aid, None)
@@ -968,9 +683,7 @@ class Node:
     async def _remember(self, aid: bytes, role: str, state: AgreementState, terms: AgreementTerms,
                         details: AgreementDetails, provider_binding: Binding | None = None,
                         renter_binding: Binding | None = None) -> None:
-        blob = pack([encode_struct(TermsWire.from_terms(terms)), details.encode(),
-                     encode_struct(provider_binding) if provider_binding else b"",
-                     encode_struct(renter_binding) if renter_binding else b""])
+        blob = encode_agreement(terms, details, provider_binding, renter_binding)
         row = await self.store.get_agreement(aid)
         check_transition(None if row is None else row.state, state)
         await self.store.put_agreement(aid, role, AgreementState(state).value, blob, self.clock.time())

@@ -1,15 +1,12 @@
-"""The market-data side of a node: the offer topic, the offer book, offer sync on join, and the
-provider's publisher (specs/node.md is the prose twin).
+"""The market-data side of a node: the offer topic, the offer book and offer sync on join
+(specs/node.md is the prose twin).
 
 :class:`OfferService` (every node) validates what arrives on :data:`OFFER_TOPIC` with the
 protocol core against its :class:`~protocol.offerbook.OfferBook`, inserts what is valid, persists
 accepted offers to the store, counts every verdict by reason code, expires offers at the book's
 deadline, and serves and fetches the current market over :data:`SYNC_PROTOCOL`.
 
-:class:`OfferPublisher` (providers only) turns the GPU probe's facts into one signed offer for
-the whole inventory, publishes it under a token bucket, re-announces it with ``seq + 1`` at 2/3
-of its lifetime, withdraws it when told and on shutdown, and reserves every sequence number in
-the store before using it.
+The provider's publisher of its own offer is in node/publisher.py.
 
 Offers are relayable: the ed25519 signature of the provider authenticates an offer, not the
 libp2p origin (``from``) of the gossip message nor the peer that forwarded it. A renter that
@@ -33,19 +30,15 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from node.clock import now_ms
-from node.gpu import GpuProbe, NoGpuError, StaticFacts
 from node.host import GossipHost, Verdict
-from node.identity import NodeIdentity
 from node.ratelimit import RateLimitedLog
 from node.reqresp import ReqRespError, read_frame, write_frame
 from node.store import Store
-from protocol.encoding import decode, to_wire_text, unpack_canonical
+from protocol.encoding import decode, unpack_canonical
 from protocol.errors import IGNORE, DecodeError, Ignore, ProtocolError, Reject, RemoteProtocolError
-from protocol.identity import PeerKey
-from protocol.messages import Binding, GpuInfo, HostInfo, Offer, OfferTerms, OfferWithdrawal
+from protocol.messages import Offer, OfferWithdrawal
 from protocol.offerbook import Entry, OfferBook
 from protocol.params import DEFAULT_PARAMS, Params
-from protocol.validation import check_offer_static
 
 log = logging.getLogger(__name__)
 # Lines a remote peer can trigger (a REJECT, a refused sync): a few per kind per minute, then a
@@ -597,215 +590,18 @@ async def _reset(stream: INetStream) -> None:
             pass
 
 
-# ------------------------------------------------------------------------------------------
-# Provider side
-
-
-def _clip(text: str, limit: int) -> str:
-    """Wire text (printable ASCII, specs/wire.md) of at most ``limit`` bytes."""
-    return to_wire_text(text, limit)
-
-
-def offer_facts(facts: StaticFacts, *, region: str, bandwidth_mbps: int) -> tuple[tuple[GpuInfo, ...], HostInfo]:
-    """The probe's facts as the offer's GPU list and host info. Raises NoGpuError without GPUs."""
-    if not facts.gpus:
-        raise NoGpuError("the probe described no GPU; a provider needs at least one to offer")
-    gpus = tuple(
-        GpuInfo(
-            model=_clip(g.model, 64),
-            uuid_digest=g.uuid_sha256,
-            vram_mib=g.vram_mib,
-            cc_major=g.compute_capability[0],
-            cc_minor=g.compute_capability[1],
-            driver_version=_clip(facts.driver_version, 32),
-            cuda_version=facts.cuda_driver_version,
-            pcie_gen=g.pcie_generation or 0,  # 0: NVML did not report it
-            pcie_width=g.pcie_width or 0,
-            power_limit_w=min(g.power_limit_w or 0, 65535),
-        )
-        for g in facts.gpus
-    )
-    host = HostInfo(
-        cpu_cores=min(facts.host.cpu_cores, 65535),
-        ram_mib=facts.host.ram_mib,
-        disk_gib=facts.host.disk_free_gib,
-        bandwidth_mbps=bandwidth_mbps,
-        region=_clip(region, 32),
-    )
-    return gpus, host
-
-
-class TokenBucket:
-    """``burst`` tokens, refilled at ``rate`` per second. Sans-I/O: the caller passes ``now``."""
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("a token bucket needs rate > 0 and burst >= 1")
-        self.rate, self.burst = rate, burst
-        self.tokens, self.updated = float(burst), now
-
-    def _refill(self, now: float) -> None:
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = max(self.updated, now)
-
-    def wait_time(self, now: float) -> float:
-        """Seconds until a token is available (0: now)."""
-        self._refill(now)
-        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
-
-    def take(self, now: float) -> bool:
-        self._refill(now)
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
-@dataclass(frozen=True)
-class ProviderConfig:
-    terms: OfferTerms
-    region: str
-    bandwidth_mbps: int
-    lifetime_ms: int = 30 * 60 * 1000
-    reannounce_at: float = 2 / 3  # fraction of the lifetime after which seq + 1 is published
-    publish_interval_s: float = 10.0  # token bucket: one publication per interval ...
-    publish_burst: int = 3  # ... with this burst (offers and withdrawals alike)
-    addrs: tuple[str, ...] = ()  # where renters dial us, each ending in /p2p/<our peer id>
-    data_dir: str = "."
-
-
-@dataclass
-class _Live:
-    seq: int
-    digest: bytes
-    created_ms: int
-
-
-class OfferPublisher:
-    """A provider's offer on the topic; run with ``await nursery.start(pub.run)`` after the
-    node's :class:`OfferService` is running. ``run`` probes the GPUs first and raises
-    :class:`NoGpuError` (before ``started``) when there is nothing to offer."""
-
-    def __init__(
-        self,
-        service: OfferService,
-        identity: NodeIdentity,
-        binding: Binding,
-        config: ProviderConfig,
-        *,
-        probe: Callable[[], StaticFacts] | None = None,
-        nvml: object | None = None,
-    ) -> None:
-        self.service = service
-        self.key = PeerKey.from_signing_key(identity.signing_key)
-        if binding.peer_key != self.key.public:
-            raise ValueError("the wallet binding is for another peer key")
-        self.binding = binding
-        self.config = config
-        self._probe = probe or (lambda: _probe_static(nvml, config.data_dir))
-        self._bucket: TokenBucket | None = None  # made in run(): it reads trio's clock
-        self._lock = trio.Lock()
-        self._wake = trio.Event()
-        self.live: _Live | None = None
-        self.last_seq: int | None = None
-        self.gpus: tuple[GpuInfo, ...] = ()
-        self.host_info: HostInfo | None = None
-
-    @property
-    def _seq_name(self) -> str:
-        return f"provider.offer_seq.{self.key.public.hex()}"
-
-    async def run(self, *, task_status: trio.TaskStatus[OfferPublisher] = trio.TASK_STATUS_IGNORED) -> None:
-        self._bucket = TokenBucket(1 / self.config.publish_interval_s, self.config.publish_burst,
-                                   trio.current_time())
-        facts = await trio.to_thread.run_sync(self._probe)
-        self.gpus, self.host_info = offer_facts(facts, region=self.config.region,
-                                                bandwidth_mbps=self.config.bandwidth_mbps)
-        try:
-            await self.publish()
-            task_status.started(self)
-            while True:
-                self._wake = trio.Event()
-                if self.live is None:
-                    await self._wake.wait()
-                    continue
-                due = self.live.created_ms + int(self.config.lifetime_ms * self.config.reannounce_at)
-                with trio.move_on_after(max(0.0, (due - self.service.now_ms()) / 1000)) as scope:
-                    await self._wake.wait()
-                if scope.cancelled_caught:
-                    await self.publish()
-        finally:
-            if self.live is not None:
-                with trio.move_on_after(2) as scope:
-                    scope.shield = True
-                    try:
-                        await self.withdraw(rate_limited=False)
-                    except Exception:
-                        log.exception("withdrawing the offer on shutdown failed")
-
-    async def _token(self) -> None:
-        if self._bucket is None:
-            raise RuntimeError("OfferPublisher used before run()")
-        for _ in range(1000):  # bounded; each wait is the exact refill time
-            wait = self._bucket.wait_time(trio.current_time())
-            if wait <= 0 and self._bucket.take(trio.current_time()):
-                return
-            await trio.sleep(max(wait, 0.001))
-        raise RuntimeError("token bucket never refilled")
-
-    async def publish(self) -> Offer:
-        """Publish the current inventory as a new offer (seq + 1); waits for a token."""
-        svc = self.service
-        async with self._lock:
-            await self._token()
-            now = svc.now_ms()
-            if svc.store is None:
-                raise RuntimeError("a provider needs a store to persist its offer sequence")
-            seq = await svc.store.next_sequence(self._seq_name, first=now)
-            self.last_seq = seq
-            assert self.host_info is not None, "publish() before run() probed the GPUs"
-            offer = Offer(
-                provider=self.key.public, seq=seq, created_ms=now,
-                expires_ms=now + self.config.lifetime_ms, gpus=self.gpus, host=self.host_info,
-                terms=self.config.terms, binding=self.binding, addrs=self.config.addrs,
-            ).sign(self.key)
-            check_offer_static(offer, svc.params)  # our own configuration error: raise here
-            data = offer.encode()
-            await svc.host.publish(svc.config.topic, data)
-            digest = hashlib.sha256(data).digest()
-            held = svc.book.held(self.key.public)
-            if held is None or held.digest != digest:
-                log.warning("our own validator did not accept offer seq %d; see counters", seq)
-            self.live = _Live(seq, digest, now)
-            svc.count("offers.published")
-            self._wake.set()
-            return offer
-
-    async def withdraw(self, *, rate_limited: bool = True) -> OfferWithdrawal | None:
-        """Withdraw the live offer (capacity rented, or shutdown). Returns None if none is live."""
-        svc = self.service
-        async with self._lock:
-            if self.live is None:
-                return None
-            if rate_limited:
-                await self._token()
-            msg = OfferWithdrawal(provider=self.key.public, seq=self.live.seq,
-                                  created_ms=svc.now_ms()).sign(self.key)
-            await svc.host.publish(svc.config.topic, msg.encode())
-            self.live = None
-            svc.count("offers.withdrawn")
-            self._wake.set()
-            return msg
-
-
-def _probe_static(nvml: object | None, data_dir: str) -> StaticFacts:
-    with GpuProbe(nvml) as probe:
-        return probe.static_facts(data_dir)
-
-
 __all__ = [
-    "OFFER_TOPIC", "SYNC_PROTOCOL", "OfferService", "OfferServiceConfig", "OfferPublisher",
-    "ProviderConfig", "SyncResult", "TokenBucket", "ByteBudget", "offer_facts",
+    "OFFER_TOPIC", "SYNC_PROTOCOL", "OfferService", "OfferServiceConfig",
+    "SyncResult", "ByteBudget",
     "encode_sync_request", "decode_sync_request", "chunk_offers", "iter_frames",
     "decode_sync_frame", "wall_clock_ms",
 ]
+
+
+def __getattr__(name: str):
+    # The publisher moved to node/publisher.py; the old import path keeps working.
+    if name in ("OfferPublisher", "ProviderConfig", "offer_facts"):
+        from node import publisher
+
+        return getattr(publisher, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

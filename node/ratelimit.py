@@ -16,30 +16,53 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import trio
+
 Clock = Callable[[], float]
 
 
 class TokenBucket:
-    """``rate`` tokens per second, at most ``burst`` banked; starts full."""
+    """``rate`` tokens per second, at most ``burst`` banked; starts full. Sans-I/O: the caller
+    passes ``now`` (a clock that steps back refills nothing)."""
 
     __slots__ = ("rate", "burst", "tokens", "stamp")
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("a token bucket needs rate > 0 and burst >= 1")
         self.rate = rate
         self.burst = burst
-        self.tokens = burst
+        self.tokens = float(burst)
         self.stamp = now
 
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
+        self.stamp = max(self.stamp, now)
+
     def take(self, now: float, cost: float = 1.0) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
+        self._refill(now)
         if self.tokens >= cost:
             self.tokens -= cost
             return True
         return False
 
+    def wait_time(self, now: float, cost: float = 1.0) -> float:
+        """Seconds until ``cost`` tokens are banked (0: now)."""
+        self._refill(now)
+        return 0.0 if self.tokens >= cost else (cost - self.tokens) / self.rate
+
     def full(self, now: float) -> bool:
-        return self.tokens + (now - self.stamp) * self.rate >= self.burst
+        return self.tokens + max(0.0, now - self.stamp) * self.rate >= self.burst
+
+
+async def take_token(bucket: TokenBucket) -> None:
+    """Wait on trio's clock until ``bucket`` has a token, then take it."""
+    for _ in range(1000):  # bounded; each wait is the exact refill time
+        now = trio.current_time()
+        if bucket.take(now):
+            return
+        await trio.sleep(max(bucket.wait_time(now), 0.001))
+    raise RuntimeError("token bucket never refilled")
 
 
 class KeyedBuckets:

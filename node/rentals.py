@@ -49,6 +49,9 @@ HELLO_BURST = 10  # ... with this burst (a renter redials at most every 0.2 s)
 MAX_HELLO_PEERS = 4096  # peers whose hello rate is remembered
 
 
+SETTLED_EVENTS = frozenset({"Claimed", "Finalized", "Recovered", "Arbitrated"})  # escrow events that pay out
+
+
 class EscrowPort(Protocol):
     """What a rental needs from the chain (implemented over the chain client)."""
 
@@ -175,6 +178,15 @@ class _Session:
         async with self._lock:
             await self.carry_out(self.machine.receive_data(data, self.clock()))
 
+    async def escrow_event(self, name: str) -> None:
+        """The escrow contract emitted ``name`` (an event name) for this agreement; the
+        machine's effects are carried out under the session's lock, like a frame's."""
+        async with self._lock:
+            await self.carry_out(self._escrow_effects(name, self.clock()))
+
+    def _escrow_effects(self, name: str, now: int) -> list[Effect]:
+        return []
+
 
 class ProviderSession(_Session):
     """The provider's side: heartbeats on a schedule, receipts from whichever stream is attached."""
@@ -243,6 +255,10 @@ class ProviderSession(_Session):
             self.stream = None
 
 
+    def _escrow_effects(self, name: str, now: int) -> list[Effect]:
+        return self.machine.escrow_closed(now) if name == "Closed" else []  # type: ignore[union-attr]
+
+
 class RenterSession(_Session):
     """The renter's side: keeps a stream to the provider open, answers heartbeats."""
 
@@ -295,6 +311,11 @@ class RenterSession(_Session):
             if not self.finished:
                 with trio.move_on_after(RECONNECT_BACKOFF_S[0]):
                     await self.done.wait()
+
+    def _escrow_effects(self, name: str, now: int) -> list[Effect]:
+        if name in SETTLED_EVENTS:
+            return self.machine.escrow_settled(now)  # type: ignore[union-attr]
+        return []
 
     async def stop(self) -> None:
         """End early: the machine emits the escrow close."""

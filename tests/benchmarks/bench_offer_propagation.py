@@ -37,7 +37,8 @@ from node.fake_nvml import FakeNvml
 from node.gpu import GpuProbe
 from node.host import GossipHost, HostConfig, Verdict
 from node.identity import NodeIdentity
-from node.offers import OFFER_TOPIC, OfferPublisher, OfferService, offer_facts
+from node.offers import OFFER_TOPIC, OfferService
+from node.publisher import OfferPublisher, offer_facts
 from node.store import Store
 from node.testing import LOOPBACK, settle_meshes
 from protocol.identity import PeerKey
@@ -58,7 +59,7 @@ def node_seed(seed: int, index: int) -> bytes:
 
 
 def provider_config(gpus: int):
-    from node.offers import ProviderConfig
+    from node.publisher import ProviderConfig
 
     return ProviderConfig(
         terms=sample_terms(CHAIN_ID, b"\xee" * 20, b"\x70" * 20, 100),

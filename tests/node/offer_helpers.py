@@ -13,7 +13,8 @@ import trio
 from node.fake_nvml import FakeNvml
 from node.host import GossipHost, HostConfig
 from node.identity import NodeIdentity
-from node.offers import OFFER_TOPIC, OfferPublisher, OfferService, OfferServiceConfig, ProviderConfig
+from node.offers import OFFER_TOPIC, OfferService, OfferServiceConfig
+from node.publisher import OfferPublisher, ProviderConfig
 from node.store import Store
 from node.testing import LOOPBACK
 from protocol.identity import PeerKey

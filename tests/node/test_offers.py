@@ -9,8 +9,8 @@ import trio
 
 from node.fake_nvml import FakeNvml
 from node.gpu import NoGpuError
-from node.offers import (OFFER_TOPIC, ByteBudget, OfferPublisher, OfferServiceConfig, TokenBucket, chunk_offers,
-                         decode_sync_frame, iter_frames)
+from node.offers import OFFER_TOPIC, ByteBudget, OfferServiceConfig, chunk_offers, decode_sync_frame, iter_frames
+from node.publisher import OfferPublisher
 from protocol.identity import PeerKey
 from protocol.samples import make_offer, make_provider
 from tests.node.offer_helpers import (
@@ -155,20 +155,11 @@ async def test_offers__publishing_is_rate_limited_by_a_token_bucket(tmp_path):
             t0 = trio.current_time()
             for _ in range(4):  # the first publish used one token; one left, then 0.25 s each
                 await pub.publish()
-            elapsed = trio.current_time() - t0
-            assert 0.45 <= elapsed < 1.5
+            # a lower bound only: the publisher waits on its bucket (the exact wait is checked on
+            # trio's virtual clock in tests/node/test_ratelimit.py, whatever the machine's load)
+            assert trio.current_time() - t0 >= 0.45
             assert node.service.counters["offers.published"] == 5
             nursery.cancel_scope.cancel()
-
-
-def test_token_bucket__burst_then_refill_rate():
-    b = TokenBucket(rate=0.5, burst=2, now=100.0)
-    assert b.take(100.0) and b.take(100.0)
-    assert not b.take(100.0)
-    assert b.wait_time(100.0) == pytest.approx(2.0)
-    assert b.wait_time(101.0) == pytest.approx(1.0)
-    assert b.take(102.0) and not b.take(102.0)
-    assert b.wait_time(200.0) == 0 and b.tokens == 2  # never more than the burst
 
 
 def test_sync_frames__chunks_respect_the_frame_limit_and_round_trip():
@@ -201,11 +192,8 @@ async def test_sync__joining_renter_gets_the_whole_market_published_before_it_st
                 joiner = await start_node(late, tmp_path / "joiner.db", config=OfferServiceConfig(
                     topic=OFFER_TOPIC + "-elsewhere", flush_interval_s=0.2))
                 await joiner.host.connect_all([nodes[0].host.addrs()[0], nodes[2].host.addrs()[0]])
-                t0 = trio.current_time()
-                results = await joiner.service.sync()
-                took = trio.current_time() - t0
+                results = await joiner.service.sync()  # within its own timeout: error is None
                 assert {e.provider for e in joiner.book} == expected
-                assert took < 3.0
                 assert len(results) == 2 and all(r.error is None for r in results)
                 assert all(r.offers == len(expected) for r in results)
                 assert sum(r.accepted for r in results) == len(expected)

@@ -107,10 +107,9 @@ async def test_hostile__bad_gossip_and_bad_sync_are_counted_and_never_stored(tmp
         assert (r.error, r.offers, r.accepted, r.rejected) == (None, 3, 1, 2)
         outcomes = {}
         for mode in ("withdrawal", "huge_frame", "not_bytes", "silent"):
-            t0 = trio.current_time()
             (r,) = await victim.service.sync([attacker.peer_id], timeout=1)
             outcomes[mode] = r.error
-            assert trio.current_time() - t0 < 1.5
+        # "silent" ends in "timeout", not in the server's close 5 s later: the 1 s deadline fired
         assert outcomes == {"withdrawal": None, "huge_frame": "frame_too_large",
                             "not_bytes": "bad_sync_frame", "silent": "timeout"}
         for name in ("sync.reject.bad_signature", "sync.reject.malformed", "sync.accept.offer",

@@ -22,7 +22,7 @@ from eth_utils import keccak
 from node.anvil import AnvilProcess, find_anvil
 from node.chain import Chain
 from node.identity import load_or_create_identity
-from node.node import decode_agreement
+from node.records import decode_agreement
 from node.wallet import Wallet
 from node.testing import recover_past_grace
 from protocol.messages import UsageReceipt

@@ -2,7 +2,10 @@
 
 import logging
 
-from node.ratelimit import KeyedBuckets, RateLimitedLog, RateLimitFilter, TokenBucket
+import pytest
+import trio
+
+from node.ratelimit import KeyedBuckets, RateLimitedLog, RateLimitFilter, TokenBucket, take_token
 
 
 class Clock:
@@ -83,3 +86,24 @@ def test_keyed_buckets_report_tokens_without_spending_them():
     assert kb.tokens("a") == 1
     clock.t = 0.2
     assert kb.tokens("a") == 3 and kb.tokens("a") == 3
+
+
+def test_token_bucket__wait_time_is_the_exact_refill_time_and_never_overfills():
+    b = TokenBucket(rate=0.5, burst=2, now=100.0)
+    assert b.take(100.0) and b.take(100.0)
+    assert not b.take(100.0)
+    assert b.wait_time(100.0) == pytest.approx(2.0)
+    assert b.wait_time(101.0) == pytest.approx(1.0)
+    assert b.take(102.0) and not b.take(102.0)
+    assert b.wait_time(200.0) == 0 and b.tokens == 2  # never more than the burst
+    assert b.take(150.0) and b.tokens == 1  # a clock that steps back neither refills nor drains
+    assert b.wait_time(150.0) == 0 and b.wait_time(200.0) == 0 and b.tokens == 1
+
+
+async def test_take_token__waits_exactly_the_refill_time_on_trio_time(autojump_clock):
+    # autojump: virtual time, so the figure is exact whatever the machine's load
+    b = TokenBucket(rate=4, burst=2, now=trio.current_time())
+    t0 = trio.current_time()
+    for _ in range(5):  # 2 banked, then one every 0.25 s
+        await take_token(b)
+    assert trio.current_time() - t0 == pytest.approx(0.75)

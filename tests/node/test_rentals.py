@@ -153,3 +153,36 @@ async def test_rentals__unknown_agreement_and_silent_streams_are_refused(tmp_pat
             while desk.rejected.get("unknown_agreement", 0) < 1 or desk.rejected.get("bad_hello", 0) < 1:
                 await trio.sleep(0.02)
         nursery.cancel_scope.cancel()
+
+
+async def test_rentals__escrow_events_reach_the_machine_through_the_session():
+    # The node's chain watcher hands the escrow's events to the session (escrow_event):
+    # Closed makes the provider stop serving and claim (here, with no receipt yet: it reports
+    # that there is nothing to claim); a settlement ends the renter's rental
+    # without a recover; an event that is not the role's changes nothing.
+    a = make_agreement(7, max_seconds=3600, interval=1, grace=300)
+    now = [1_700_000_000_000]
+    escrow = RecordingEscrow(now[0] // 1000)
+    services = []
+
+    async def service(effect):
+        services.append(type(effect).__name__)
+
+    provider = ProviderSession(ProviderRental(a.terms, a.details, a.domain, a.provider, now[0], PARAMS),
+                               a.terms, a.details, escrow, None, lambda: now[0], None, service)
+    await provider.carry_out(provider.machine.start())
+    await provider.escrow_event("Finalized")  # not a provider's event
+    assert not provider.finished and "StopService" not in services
+    now[0] += 5_000
+    await provider.escrow_event("Closed")
+    assert provider.finished and "StopService" in services
+    assert [r.event for r in provider.log.reports] == ["nothing_to_claim"]
+
+    renter = RenterSession(RenterRental(a.terms, a.details, a.domain, a.renter, a.renter_wallet_key,
+                                        now[0], random.Random(1), PARAMS),
+                           a.terms, a.details, escrow, None, lambda: now[0])
+    await renter.escrow_event("Closed")  # not a renter's event
+    assert not renter.finished
+    await renter.escrow_event("Claimed")
+    assert renter.finished and renter.done.is_set()
+    assert escrow.calls == []  # no recover

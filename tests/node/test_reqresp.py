@@ -135,14 +135,15 @@ async def test_reqresp__silent_stream_is_timed_out_while_another_works():
         t0 = trio.current_time()
         # while the silent stream is open, other requests are answered
         assert await request(a.host, b.peer_id, PROTO, b"busy?") == b"BUSY?"
-        # the server gives up on the silent one: its read ends (EOF or reset), within bounds
-        with trio.fail_after(5):
+        # the server gives up on the silent one: its read ends (EOF or reset). Nothing else ends
+        # it (the client never writes nor closes), so the guard is only against a hang.
+        with trio.fail_after(30):
             with pytest.raises(StreamError):
                 while True:
                     if not await silent.read(1):
                         raise StreamEOF()
         waited = trio.current_time() - t0
-        assert 0.4 <= waited < 3.0
+        assert waited >= 0.4  # by the 0.5 s read timeout, not at once
         assert await request(a.host, b.peer_id, PROTO, b"still") == b"STILL"
 
 
