@@ -38,6 +38,7 @@ import socket
 import sys
 import tempfile
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import psutil
@@ -179,47 +180,49 @@ async def libp2p_churn(victim_addr: str, every_s: float, attack: Attack, stop_at
         await trio.sleep(every_s)
 
 
+@asynccontextmanager
+async def attack_stream(host: GossipHost, victim: ID, protocol: str):
+    """A stream to the victim, opened within 5 s and always closed (a leaked stream counts
+    against yamux's stream limit, and the attack would then stall on its own side)."""
+    with trio.fail_after(5):
+        stream = await host.host.new_stream(victim, [TProtocol(protocol)])
+    try:
+        yield stream
+    finally:
+        await close_quietly(stream)
+
+
 async def sync_abuse(host: GossipHost, victim: ID, silent: int, attack: Attack, stop_at: float) -> None:
     async def hold_silent() -> None:
         while trio.current_time() < stop_at:
-            stream = None
             try:
-                with trio.fail_after(5):
-                    stream = await host.host.new_stream(victim, [TProtocol(SYNC_PROTOCOL)])
-                attack.count("sync_silent")
-                with trio.move_on_after(30):
-                    try:
-                        await stream.read(1)  # wait until the victim cuts it
-                    except Exception:
-                        attack.count("sync_silent_cut")
+                async with attack_stream(host, victim, SYNC_PROTOCOL) as stream:
+                    attack.count("sync_silent")
+                    with trio.move_on_after(30):
+                        try:
+                            await stream.read(1)  # wait until the victim cuts it
+                        except Exception:
+                            attack.count("sync_silent_cut")
             except Exception as exc:
                 attack.error("sync_silent_error", exc)
                 await trio.sleep(0.5)
-            finally:
-                if stream is not None:
-                    await close_quietly(stream)
 
     async def full_requests() -> None:
         while trio.current_time() < stop_at:
-            stream = None
             try:
-                with trio.fail_after(5):
-                    stream = await host.host.new_stream(victim, [TProtocol(SYNC_PROTOCOL)])
-                await write_frame(stream, encode_sync_request(0), max_frame=64)
-                got = 0
-                with trio.move_on_after(30):
-                    while True:
-                        frame = await read_frame(stream, max_frame=1 << 20, timeout=30)
-                        got += len(frame)
-                        if frame == b"\x90":
-                            break
-                attack.count("sync_full")
-                attack.count("sync_full_bytes", got)
+                async with attack_stream(host, victim, SYNC_PROTOCOL) as stream:
+                    await write_frame(stream, encode_sync_request(0), max_frame=64)
+                    got = 0
+                    with trio.move_on_after(30):
+                        while True:
+                            frame = await read_frame(stream, max_frame=1 << 20, timeout=30)
+                            got += len(frame)
+                            if frame == b"\x90":
+                                break
+                    attack.count("sync_full")
+                    attack.count("sync_full_bytes", got)
             except Exception as exc:
                 attack.error("sync_full_refused", exc)
-            finally:
-                if stream is not None:
-                    await close_quietly(stream)
             await trio.sleep(0.2)
 
     async with trio.open_nursery() as nursery:
@@ -250,22 +253,18 @@ async def negotiation_abuse(host: GossipHost, victim_offer, params: Params, chai
 async def rental_hellos(host: GossipHost, victim: ID, rate: float, attack: Attack, stop_at: float) -> None:
     rng = random.Random(5)
     while trio.current_time() < stop_at:
-        stream = None
         try:
-            with trio.fail_after(5):
-                stream = await host.host.new_stream(victim, [TProtocol(RENTAL_PROTOCOL)])
-                await write_frame(stream, rng.randbytes(32), max_frame=4096)
-            attack.count("rental_hello_sent")
-            with trio.move_on_after(2):
-                try:
-                    await stream.read(1)  # the victim answers an unknown id by closing the stream
-                except Exception:
-                    attack.count("rental_hello_cut")
+            async with attack_stream(host, victim, RENTAL_PROTOCOL) as stream:
+                with trio.fail_after(5):
+                    await write_frame(stream, rng.randbytes(32), max_frame=4096)
+                attack.count("rental_hello_sent")
+                with trio.move_on_after(2):
+                    try:
+                        await stream.read(1)  # the victim answers an unknown id by closing it
+                    except Exception:
+                        attack.count("rental_hello_cut")
         except Exception as exc:
             attack.error("rental_hello_error", exc)
-        finally:
-            if stream is not None:
-                await close_quietly(stream)
         await trio.sleep(1 / rate)
 
 
@@ -274,18 +273,14 @@ async def bad_protobuf(host: GossipHost, victim: ID, every_s: float, attack: Att
     DecodeError end the process)."""
     rng = random.Random(6)
     while trio.current_time() < stop_at:
-        stream = None
         try:
-            with trio.fail_after(5):
-                stream = await host.host.new_stream(victim, [TProtocol("/meshsub/1.1.0")])
+            async with attack_stream(host, victim, "/meshsub/1.1.0") as stream:
                 junk = b"\xff" + rng.randbytes(64)
-                await stream.write(encode_uvarint(len(junk)) + junk)
-            attack.count("bad_protobuf")
+                with trio.fail_after(5):
+                    await stream.write(encode_uvarint(len(junk)) + junk)
+                attack.count("bad_protobuf")
         except Exception as exc:
             attack.error("bad_protobuf_error", exc)
-        finally:
-            if stream is not None:
-                await close_quietly(stream)
         await trio.sleep(every_s)
 
 
