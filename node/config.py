@@ -47,8 +47,37 @@ class ProviderSection:
     bandwidth_mbps: int = 1000
     access_hook: tuple[str, ...] = ()
     fake_gpus: int = 0  # >0: simulated GPUs instead of NVML (demos and tests only)
+    # What a rental hands over (node/runtime.py, specs/runtime.md): "docker" (a container per
+    # agreement), "hook" (access_hook), or "" (the hook if one is set, else nothing)
+    runtime: str = ""
+    images: tuple[str, ...] = ()  # docker: images renters may choose (the first: the default)
+    docker_gpus: str = "nvidia"  # "nvidia": the rented GPUs by UUID; "none": no GPU (testing)
+    docker_network: str = "bridge"  # "bridge": outbound only, not the host; "none": no network
+    docker_cpus: float = 0.0  # CPUs shared out over all GPUs (0: all of the host's)
+    docker_memory_mib: int = 0  # memory shared out over all GPUs (0: 90% of the host's)
+    docker_pids: int = 4096  # processes shared out over all GPUs
+    docker_scratch: bool = False  # a per-rental volume at /scratch, removed at teardown
 
     def __post_init__(self) -> None:
+        if self.runtime not in ("", "docker", "hook"):
+            raise ConfigError(f"provider.runtime: {self.runtime!r} is not docker or hook")
+        if self.runtime == "docker" and not self.images:
+            raise ConfigError("provider.images: the docker runtime needs at least one image")
+        if self.runtime == "hook" and not self.access_hook:
+            raise ConfigError("provider.access_hook: the hook runtime needs a command")
+        if self.docker_gpus not in ("nvidia", "none"):
+            raise ConfigError(f"provider.docker_gpus: {self.docker_gpus!r} is not nvidia or none")
+        if self.docker_network not in ("bridge", "none"):
+            raise ConfigError(f"provider.docker_network: {self.docker_network!r} is not bridge or none")
+        if self.docker_cpus < 0 or self.docker_memory_mib < 0 or self.docker_pids < 16:
+            raise ConfigError("provider.docker_cpus/docker_memory_mib must not be negative, "
+                              "docker_pids at least 16")
+        for image in self.images:  # published in offers as wire text (specs/wire.md)
+            if not (image.isascii() and image.isprintable()) or " " in image or not 0 < len(image) <= 128:
+                raise ConfigError(f"provider.images: {image!r} must be 1-128 printable ASCII "
+                                  f"characters without spaces")
+        if len(self.images) > 8:
+            raise ConfigError("provider.images: at most 8")
         for key in ("min_duration_s", "max_duration_s", "heartbeat_interval_s", "grace_s",
                     "bandwidth_mbps"):
             if getattr(self, key) <= 0:
@@ -145,7 +174,10 @@ def load_config(path: Path) -> Config:
     _expect(prov, {"enabled": bool, "price_per_gpu_hour": (str, int, float),
                    "min_price_per_gpu_hour": (str, int, float), "min_duration_s": int,
                    "max_duration_s": int, "heartbeat_interval_s": int, "grace_s": int,
-                   "region": str, "bandwidth_mbps": int, "access_hook": list, "fake_gpus": int},
+                   "region": str, "bandwidth_mbps": int, "access_hook": list, "fake_gpus": int,
+                   "runtime": str, "images": list, "docker_gpus": str, "docker_network": str,
+                   "docker_cpus": (int, float), "docker_memory_mib": int, "docker_pids": int,
+                   "docker_scratch": bool},
             "provider")
     renter = doc.get("renter", {})
     _expect(renter, {"arbiters": list}, "renter")
@@ -156,6 +188,8 @@ def load_config(path: Path) -> Config:
         "min_price_per_gpu_hour": lambda v: _decimal(v, "provider.min_price_per_gpu_hour"),
         "region": _region,
         "access_hook": lambda v: tuple(str(a) for a in v),
+        "images": lambda v: tuple(str(a) for a in v),
+        "docker_cpus": float,
     }
     # Absent keys take ProviderSection's defaults: the one place they are written.
     provider = ProviderSection(**{k: convert.get(k, lambda v: v)(v) for k, v in prov.items()})
@@ -209,4 +243,12 @@ grace_s = {p.grace_s}
 region = "{p.region}"
 bandwidth_mbps = {p.bandwidth_mbps}
 # access_hook = ["/usr/local/bin/gpumarket-access-hook"]  # gets the agreement as JSON on stdin
+# runtime = "docker"      # a container per rental, reached with `gpumarket shell` (specs/runtime.md)
+# images = ["pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime"]  # renters choose; first = default
+# docker_gpus = "nvidia"  # the rented GPUs by UUID (NVIDIA container toolkit); "none": no GPU
+# docker_network = "bridge"  # outbound allowed, not to this host nor other rentals; or "none"
+# docker_cpus = 0         # CPUs shared out over all GPUs by rented share (0: all)
+# docker_memory_mib = 0   # memory shared out likewise (0: 90% of this host's)
+# docker_pids = 4096      # processes shared out likewise
+# docker_scratch = false  # a per-rental volume at /scratch, removed when the rental ends
 """

@@ -15,7 +15,6 @@ Restart and resume: node/resume.py. The agreement records: node/records.py.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import subprocess
@@ -60,6 +59,7 @@ from .records import decode_agreement, decode_bindings  # noqa: F401  (re-export
 from .records import PendingAgreement, Rental, encode_agreement
 from .reputation import LocalReputation
 from .resume import RENTER_OPEN_WAIT_S, ResumeMixin  # noqa: F401  (RENTER_OPEN_WAIT_S: re-exported)
+from .runtime import DockerRuntime, DockerSettings, HookRuntime, RentalSpec, Runtime, RuntimeError_, nvml_uuids
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 OPEN_RECHECK_S = 2.0  # provider: at most one chain read per unopened agreement this often
 FUNDS_TIMEOUT_S = 5.0  # provider: the renter's balance and allowance must be read within this
 STALE_RETRY_WAIT_S = 2.0  # renter: after OFFER_STALE, wait this long for the provider's new offer
+RUNTIME_CHECK_S = 2.0  # provider: how often each rental's container is checked to be running
+RUNTIME_STOP_S = 30.0  # provider: the node stopping waits this long for its containers' removal
 
 
 @dataclass(frozen=True)
@@ -96,15 +98,34 @@ class ProviderSettings:
     max_pending_per_peer: int = DEFAULT_MAX_PENDING_PER_PEER  # unopened agreements per renter peer
     max_pending_per_wallet: int = DEFAULT_MAX_PENDING_PER_WALLET  # ... and per renter wallet
     unopened_memory_ms: int = DEFAULT_UNOPENED_MEMORY_MS  # a hold left unopened counts this long
+    docker: DockerSettings | None = None  # a container per rental (node/runtime.py)
+    rental_runtime: Runtime | None = None  # given directly (tests); default: docker, else the hook
+    images: tuple[str, ...] = ()  # published in the offer (the docker runtime's images)
 
     @classmethod
     def from_section(cls, section: ProviderSection, *, nvml: Any = None) -> ProviderSettings:
+        docker = None
+        if section.runtime == "docker":
+            docker = DockerSettings(images=section.images, gpus=section.docker_gpus,
+                                    network=section.docker_network, cpus=section.docker_cpus,
+                                    memory_mib=section.docker_memory_mib, pids=section.docker_pids,
+                                    scratch=section.docker_scratch)
         return cls(price_per_gpu_hour=section.price_per_gpu_hour,
                    min_price_per_gpu_hour=section.min_price_per_gpu_hour,
                    min_duration_s=section.min_duration_s, max_duration_s=section.max_duration_s,
                    heartbeat_interval_s=section.heartbeat_interval_s, grace_s=section.grace_s,
                    region=section.region, bandwidth_mbps=section.bandwidth_mbps,
-                   access_hook=section.access_hook or None, nvml=nvml)
+                   access_hook=section.access_hook or None, nvml=nvml, docker=docker,
+                   images=section.images if docker is not None else ())
+
+    def make_runtime(self, provider_peer_id: str) -> Runtime | None:
+        if self.rental_runtime is not None:
+            return self.rental_runtime
+        if self.docker is not None:
+            return DockerRuntime(self.docker, provider_peer_id)
+        if self.access_hook:
+            return HookRuntime(tuple(self.access_hook), self.access_hook_timeout_s)
+        return None
 
     def prices(self, decimals: int) -> tuple[int, int]:
         """(advertised, floor) in units per GPU-second of a token with `decimals`; ConfigError
@@ -173,6 +194,8 @@ class Node(ChainWatchMixin, ResumeMixin):
         self.capacity: Capacity | None = None
         self.desk: ProviderDesk | None = None
         self.rental_desk: RentalDesk | None = None
+        self.runtime: Runtime | None = None  # provider: what a rental hands over
+        self._gpu_uuids: dict[bytes, str] = {}  # provider: uuid digest -> NVML UUID
         self._pending: dict[bytes, PendingAgreement] = {}  # accepted, escrow not yet seen
         self._opened_seen: dict[bytes, int] = {}  # pending ids the watcher saw Opened -> start (s)
         self._open_checked: dict[bytes, float] = {}  # pending id -> when the chain was last asked
@@ -225,6 +248,13 @@ class Node(ChainWatchMixin, ResumeMixin):
                     await self._start_provider(nursery, self.config.provider)
                 first_block = await self.chain.run(lambda: self.chain.chain.w3.eth.block_number)
                 await self._resume()
+                if self.runtime is not None:
+                    # Containers of rentals resumed above were kept (start is idempotent);
+                    # every other container of this node is removed.
+                    done = await self.runtime.reconcile(set(self._live_provider_rentals()))
+                    if done:
+                        log.info("%s reconciled rental containers: %s", self.config.name, done)
+                    nursery.start_soon(self._watch_runtime)
                 if self.config.provider is not None:
                     self.desk.install()
                     self.rental_desk.install()
@@ -239,6 +269,8 @@ class Node(ChainWatchMixin, ResumeMixin):
                 task_status.started(self)
                 await trio.sleep_forever()
         finally:
+            if self.runtime is not None:
+                await self._stop_all_runtimes()
             with trio.move_on_after(3) as scope:
                 scope.shield = True
                 if self._probe is not None:
@@ -277,6 +309,10 @@ class Node(ChainWatchMixin, ResumeMixin):
                                  unopened_memory_ms=settings.unopened_memory_ms)
         self._probe = GpuProbe(settings.nvml)
         self._probe.open()
+        self.runtime = settings.make_runtime(self.peer_id.to_base58())
+        if self.runtime is not None:
+            self._gpu_uuids = nvml_uuids(self._probe._nvml)
+            await self.runtime.prepare()  # RuntimeError_: the node does not start
         self.desk = ProviderDesk(
             self.host, self.key, self.wallet_key, self.params, self._current_offer, self.capacity,
             lambda: floor,
@@ -400,12 +436,13 @@ class Node(ChainWatchMixin, ResumeMixin):
         name = type(effect).__name__
         rental.events.append(name)
         if name == "StartService":
-            if self.config.provider is not None and self.config.provider.access_hook:
-                access = await self._run_access_hook(rental)
+            if self.runtime is not None:
+                access = await self._start_runtime(rental)
                 session = rental.session
                 if access is None:
                     # The renter gets nothing usable: serve nothing and claim nothing.
-                    await session.halt("access hook failed")
+                    await session.halt("access hook failed" if self.runtime.name == "hook"
+                                       else f"{self.runtime.name} runtime failed")
                     self.capacity.release(rental.agreement_id)
                     await self._set_state(rental.agreement_id, AgreementState.ABORTED)
                     self._offer_changed()
@@ -413,6 +450,8 @@ class Node(ChainWatchMixin, ResumeMixin):
                 rental.access = access
                 await session.send_grant(AccessGrant(rental.agreement_id, access, self.clock.now_ms()).sign(self.key))
         elif name == "StopService":
+            if self.runtime is not None:
+                await self._stop_runtime(rental.agreement_id)
             self.capacity.release(rental.agreement_id)
             row = await self.store.get_agreement(rental.agreement_id)
             # An aborted rental (its access hook failed) stays aborted: it served nothing, and
@@ -421,31 +460,71 @@ class Node(ChainWatchMixin, ResumeMixin):
                 await self._set_state(rental.agreement_id, AgreementState.STOPPED)
             self._offer_changed()
 
-    async def _run_access_hook(self, rental: Rental) -> str | None:
-        settings = self.config.provider
-        if settings is None or not settings.access_hook:
-            return None
-        doc = json.dumps({
-            "agreement_id": rental.agreement_id.hex(),
-            "renter_wallet": "0x" + rental.terms.renter.hex(),
-            "renter_peer_id": peer_id_from_public_key(rental.details.renter_key),
-            "gpus": [g.hex() for g in rental.details.gpus],
-            "max_seconds": rental.terms.max_seconds,
-            "access_key": rental.details.access_key,
-        })
+    def rental_spec(self, rental: Rental) -> RentalSpec:
+        """The rental as the runtime needs it; RuntimeError_ if a rented GPU is not in NVML."""
+        gpus = tuple(rental.details.gpus)
+        missing = [g.hex()[:12] for g in gpus if g not in self._gpu_uuids]
+        if missing:
+            raise RuntimeError_(f"rented GPUs not found in NVML: {missing}")
+        return RentalSpec(
+            agreement_id=rental.agreement_id,
+            renter_peer_id=peer_id_from_public_key(rental.details.renter_key),
+            renter_wallet=rental.terms.renter, gpu_digests=gpus,
+            gpu_uuids=tuple(self._gpu_uuids[g] for g in gpus),
+            share=len(gpus) / max(len(gpus), len(self._all_gpus)),
+            max_seconds=rental.terms.max_seconds, access_key=rental.details.access_key)
+
+    async def _start_runtime(self, rental: Rental) -> str | None:
+        """Start what the rental hands over; its access text (wire text: printable ASCII, at
+        most 4096 bytes), or None if it could not be started."""
         try:
-            with trio.fail_after(settings.access_hook_timeout_s):
-                out = await trio.run_process(list(settings.access_hook), stdin=doc.encode(),
-                                             capture_stdout=True, capture_stderr=True, check=False)
-        except (trio.TooSlowError, OSError) as exc:
-            log.warning("access hook failed: %r", exc)
+            access = await self.runtime.start(self.rental_spec(rental))
+        except (RuntimeError_, trio.TooSlowError) as exc:
+            log.warning("rental %s: %s", rental.agreement_id.hex()[:12], exc)
             return None
-        if out.returncode != 0:
-            log.warning("access hook exited %d: %s", out.returncode, out.stderr.decode()[-200:])
-            return None
-        # AccessGrant.access is wire text: printable ASCII, at most 4096 bytes
-        text = to_wire_text(out.stdout.decode(errors="replace").strip(), 4096).strip()
+        text = to_wire_text(access, 4096).strip()
         return text or None
+
+    async def _stop_runtime(self, agreement_id: bytes) -> None:
+        """Tear down (shielded: a rental that ended must not keep its container because the
+        node is being cancelled at that moment)."""
+        with trio.move_on_after(RUNTIME_STOP_S) as scope:
+            scope.shield = True
+            try:
+                await self.runtime.stop(agreement_id)
+            except Exception as exc:  # the next start's reconcile removes it
+                log.warning("rental %s: teardown failed: %r", agreement_id.hex()[:12], exc)
+
+    def _live_provider_rentals(self) -> list[bytes]:
+        return [aid for aid, r in self.rentals.items() if r.role == "provider"
+                and r.session is not None and not r.session.finished]
+
+    async def _stop_all_runtimes(self) -> None:
+        """The node is stopping: no rental keeps its container (a restart's resume starts a
+        new one; a killed node's containers are kept and resumed by reconcile)."""
+        with trio.move_on_after(RUNTIME_STOP_S) as scope:
+            scope.shield = True
+            async with trio.open_nursery() as nursery:
+                for aid in self._live_provider_rentals():
+                    nursery.start_soon(self._stop_runtime, aid)
+
+    async def _watch_runtime(self) -> None:
+        """A rental whose container stopped (it exited, was killed, the daemon restarted) is no
+        longer served: its machine stops service and claims what was acknowledged."""
+        while True:
+            await trio.sleep(RUNTIME_CHECK_S)
+            for aid in self._live_provider_rentals():
+                rental = self.rentals[aid]
+                if rental.access is None:
+                    continue  # not started yet (or the start is still running)
+                try:
+                    alive = await self.runtime.alive(aid)
+                except Exception as exc:  # the daemon does not answer: check again later
+                    log.warning("rental %s: runtime check failed: %r", aid.hex()[:12], exc)
+                    continue
+                if not alive and not rental.session.finished:
+                    log.warning("rental %s: its container is gone: service ends", aid.hex()[:12])
+                    await rental.session.service_lost()
 
     def _offer_changed(self) -> None:
         """The free GPUs may have changed (a hold placed or freed, a rental started or ended):

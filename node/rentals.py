@@ -258,6 +258,11 @@ class ProviderSession(_Session):
     def _escrow_effects(self, name: str, now: int) -> list[Effect]:
         return self.machine.escrow_closed(now) if name == "Closed" else []  # type: ignore[union-attr]
 
+    async def service_lost(self) -> None:
+        """The rented environment died: stop service and claim (ProviderRental.service_lost)."""
+        async with self._lock:
+            await self.carry_out(self.machine.service_lost(self.clock()))  # type: ignore[union-attr]
+
 
 class RenterSession(_Session):
     """The renter's side: keeps a stream to the provider open, answers heartbeats."""

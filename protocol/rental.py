@@ -76,6 +76,7 @@ class Event(enum.StrEnum):
     RECEIPTS_MISSED = "receipts_missed"  # provider timer: the stop deadline
     AGREEMENT_END = "agreement_end"  # timer: provider at end_ms, renter at end_ms + tol
     RENTER_CLOSED = "renter_closed"  # provider driver: escrow_closed (the renter's Closed event)
+    SERVICE_LOST = "service_lost"  # provider driver: service_lost (the rented container died)
     FINAL_RECEIPT = "final_receipt"  # provider: a valid receipt answers the final heartbeat
     FINAL_WAIT_OVER = "final_wait_over"  # provider timer: end_ms + min(I, grace/2)
     SILENCE = "silence"  # renter timer: timeout*I without a good heartbeat
@@ -318,6 +319,14 @@ class ProviderRental(_Machine):
             return []
         return self._step(Event.RENTER_CLOSED, None, now_ms)
 
+    def service_lost(self, now_ms: int) -> list[Effect]:
+        """The driver saw the rented environment die (its container exited): nothing is served
+        any more, so no heartbeat is sent again; claim what was acknowledged. The renter sees
+        the silence and closes (specs/heartbeat.md)."""
+        if self.state is not State.SERVING:
+            return []
+        return self._step(Event.SERVICE_LOST, None, now_ms)
+
     # -- handlers: (state, input) -> effects ------------------------------------------------
 
     def _on_heartbeat_due(self, _: None, now_ms: int) -> list[Effect]:
@@ -351,6 +360,11 @@ class ProviderRental(_Machine):
         self.final_seq = len(self.sent)
         return [StopService(self.agreement_id, "agreement_end"), *self._heartbeat(now_ms)]
 
+    def _on_service_lost(self, _: None, now_ms: int) -> list[Effect]:
+        self.stopped_ms = now_ms
+        return [StopService(self.agreement_id, "service_lost"),
+                Report("service_lost", {"acked_seconds": self.acked_seconds}), *self._claim()]
+
     def _on_renter_closed(self, _: None, now_ms: int) -> list[Effect]:
         self.stopped_ms = now_ms
         return [StopService(self.agreement_id, "renter_closed"), *self._claim()]
@@ -365,6 +379,7 @@ class ProviderRental(_Machine):
         (State.SERVING, Event.RECEIPTS_MISSED): (State.DONE, _on_receipts_missed),  # StopService + claim
         (State.SERVING, Event.AGREEMENT_END): (State.FINISHING, _on_end),  # StopService, final heartbeat
         (State.SERVING, Event.RENTER_CLOSED): (State.DONE, _on_renter_closed),  # StopService + claim
+        (State.SERVING, Event.SERVICE_LOST): (State.DONE, _on_service_lost),  # StopService + claim
         (State.FINISHING, UsageReceipt): (State.FINISHING, _on_receipt_finishing),  # Persist receipt
         (State.FINISHING, Event.FINAL_RECEIPT): (State.DONE, _on_claim),  # claim
         (State.FINISHING, Event.FINAL_WAIT_OVER): (State.DONE, _on_claim),  # claim

@@ -132,6 +132,31 @@ def test_provider__renter_vanishes__stops_after_missed_receipts_and_claims_lates
     assert unpaid_ms == N * 10_000 + TOL
 
 
+def test_provider__service_lost__stops_claims_acked_and_sends_no_more_heartbeats():
+    a = make_agreement(max_seconds=600, interval=10)
+    p, r = machines(a)
+    for k in range(4):  # heartbeats at 0, 10, 20, 30 s, each answered
+        exchange(p, r, T0 + k * 10_000)
+    fx = p.service_lost(T0 + 35_000)
+    assert p.state == "done"
+    assert [type(e) for e in fx] == [StopService, Report, EscrowCall]
+    assert fx[0].reason == "service_lost" and fx[1].event == "service_lost"
+    assert (fx[2].method, fx[2].args["acked_seconds"]) == ("claim", 30)
+    assert p.next_deadline() is None and p.on_timer(T0 + 40_000) == []  # silence from here
+    assert p.service_lost(T0 + 41_000) == []  # once only
+    # the renter's silence rule takes it from there: withholds, then closes
+    r_fx = r.on_timer(r.next_deadline())
+    assert r.state == "silent" and not sent(r_fx, UsageReceipt)
+
+
+def test_provider__service_lost_after_the_end_changes_nothing():
+    a = make_agreement(max_seconds=60, interval=10)
+    p, _ = machines(a)
+    p.on_timer(T0 + 60_000)
+    assert p.state == "finishing"
+    assert p.service_lost(T0 + 61_000) == [] and p.state == "finishing"
+
+
 def test_provider__receipts_that_pay_nothing_more_do_not_keep_the_service():
     a = make_agreement(max_seconds=600, interval=10)
     p, r = machines(a)
