@@ -33,6 +33,14 @@ def spec_for(nvml: FakeNvml, indices: list[int], total: int, *, aid: bytes | Non
                       share=len(indices) / total, max_seconds=600, access_key="k", image=image)
 
 
+def test_docker_daemon__answers_where_ci_requires_it():
+    """.ci/run starts a daemon and sets GPUMARKET_REQUIRE_DOCKER: there, a missing daemon is a
+    failure, not a skip."""
+    if os.environ.get("GPUMARKET_REQUIRE_DOCKER") != "1":
+        pytest.skip("GPUMARKET_REQUIRE_DOCKER is not set (only .ci/run requires the daemon)")
+    assert docker_client() is not None, no_daemon_reason()
+
+
 def test_container_config__exactly_the_rented_gpus_by_uuid_and_the_share_of_the_host():
     nvml = FakeNvml.with_gpus(4)
     spec = spec_for(nvml, [1, 3], 4)
