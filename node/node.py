@@ -300,7 +300,8 @@ class Node(ChainWatchMixin, ResumeMixin):
                            bandwidth_mbps=settings.bandwidth_mbps,
                            lifetime_ms=settings.offer_lifetime_ms,
                            publish_interval_s=settings.publish_interval_s,
-                           data_dir=str(self.data_dir), addrs=self.announce_addrs()),
+                           data_dir=str(self.data_dir), addrs=self.announce_addrs(),
+                           images=settings.images or (settings.docker.images if settings.docker else ())),
             nvml=settings.nvml,
         )
         await nursery.start(self.publisher.run)  # raises NoGpuError before publishing anything

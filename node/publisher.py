@@ -71,6 +71,7 @@ class ProviderConfig:
     publish_interval_s: float = 10.0  # token bucket: one publication per interval ...
     publish_burst: int = 3  # ... with this burst (offers and withdrawals alike)
     addrs: tuple[str, ...] = ()  # where renters dial us, each ending in /p2p/<our peer id>
+    images: tuple[str, ...] = ()  # container images rentals run in (node/runtime.py)
     data_dir: str = "."
 
 
@@ -162,7 +163,7 @@ class OfferPublisher:
             offer = Offer(
                 provider=self.key.public, seq=seq, created_ms=now,
                 expires_ms=now + self.config.lifetime_ms, gpus=self.gpus, host=self.host_info,
-                terms=self.config.terms, binding=self.binding, addrs=self.config.addrs,
+                terms=self.config.terms, binding=self.binding, addrs=self.config.addrs, images=self.config.images,
             ).sign(self.key)
             check_offer_static(offer, svc.params)  # our own configuration error: raise here
             data = offer.encode()

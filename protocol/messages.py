@@ -43,6 +43,8 @@ U8, U16, U32, U53 = UInt(8), UInt(16), UInt(32), UInt(53)
 MAX_GPUS_PER_OFFER = 64
 MAX_OFFER_ADDRS = 4
 MAX_ADDR_LEN = 128
+MAX_OFFER_IMAGES = 8  # container images a provider offers (specs/runtime.md)
+MAX_IMAGE_LEN = 128
 KIB = 1024
 MIB = 1024 * 1024
 
@@ -281,6 +283,9 @@ class Offer(Signed):
     # Where to dial the provider (multiaddrs ending in /p2p/<its peer id>): gossip relays do not
     # pass addresses on, so without these a renter reaches only providers it is connected to.
     addrs: tuple = wire(ListOf(Text(MAX_ADDR_LEN), MAX_OFFER_ADDRS), default=())
+    # Container images a renter gets its rental in (the first: the default); empty for a
+    # provider whose access is its own hook. Renters filter on them (`image=`).
+    images: tuple = wire(ListOf(Text(MAX_IMAGE_LEN), MAX_OFFER_IMAGES), default=())
     signature: bytes = wire(B64, default=b"\x00" * ED25519_SIG_LEN)
 
 

@@ -89,7 +89,7 @@ class Entry:
         "data", "digest", "provider", "seq", "expires_ms", "models", "gpu_count",
         "vram_mib", "vram_gib", "region", "cuda_version", "cc", "token_symbol", "chain_id",
         "escrow", "token_decimals", "price_per_gpu_hour", "price_key", "score", "bucket", "_pkey", "_skey",
-        "body_at", "since_ms",
+        "body_at", "since_ms", "images",
     )
 
     def __init__(self, offer: Offer, data: bytes, digest: bytes, score: float,
@@ -116,6 +116,7 @@ class Entry:
         self.vram_mib = vram
         self.vram_gib = (vram + 512) // 1024  # vram_gib(vram)
         self.region = offer.host.region
+        self.images = tuple(i.upper() for i in offer.images) if offer.images else ()
         self.cuda_version = cuda
         self.cc = cc
         self.token_symbol = terms.token_symbol
@@ -146,6 +147,7 @@ class Entry:
         new.vram_mib = self.vram_mib
         new.vram_gib = self.vram_gib
         new.region = self.region
+        new.images = self.images
         new.cuda_version = self.cuda_version
         new.cc = self.cc
         new.token_symbol = self.token_symbol

@@ -32,6 +32,7 @@ _NUMBER = re.compile(r"[0-9]+(\.[0-9]+)?|\.[0-9]+")
 _INTEGER = re.compile(r"[0-9]+")
 _VERSION = re.compile(r"([0-9]+)(?:\.([0-9]+))?")
 _GLOB = re.compile(r"[A-Za-z0-9_.*?\-\[\]]+")
+_IMAGE_GLOB = re.compile(r"[A-Za-z0-9_.*?\-\[\]:/@]+")  # image references: repo/name:tag@digest
 
 
 class QueryError(LocalProtocolError):
@@ -71,6 +72,7 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("cc", "version", "cc", "compute capability major.minor", "8.9"),
     Field("token", "glob", "token_symbol", "payment token symbol", "USDC", STRING_OPS),
     Field("chain", "integer", "chain_id", "EVM chain id", "8453", ("=", "!=")),
+    Field("image", "glob", "images", "container image offered", "pytorch/pytorch:*", STRING_OPS),
 )}
 
 _EXPECTED = {
@@ -107,7 +109,7 @@ class Term:
 
     def test(self, value: Any) -> bool:
         """Does an entry's attribute value satisfy this term?"""
-        if self.field == "gpu":  # an offer matches if any of its model tokens matches
+        if self.field in ("gpu", "image"):  # an offer matches if any of its values matches
             hit = any(_glob_any(self.value, m) for m in value)
             return hit if self.op == "=" else not hit
         if FIELDS[self.field].kind == "glob":
@@ -184,7 +186,7 @@ def _parse_value(field: Field, value: str, col: int, text: str) -> Any:
         parts = value.split(",")
         pos = col
         for p in parts:
-            if not _GLOB.fullmatch(p):
+            if not (_IMAGE_GLOB if field.name == "image" else _GLOB).fullmatch(p):
                 raise _bad(field, p, pos, text)
             pos += len(p) + 1
         return tuple(p.upper() for p in parts)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .sortedlist import SortedList
 
 # Query fields that vary per offer, not per bucket: checked on each entry.
-_ENTRY_ONLY_FIELDS = frozenset({"price", "score"})
+_ENTRY_ONLY_FIELDS = frozenset({"price", "score", "image"})
 
 
 class QueryPlanner:
@@ -79,6 +79,8 @@ class QueryPlanner:
 
         buckets = _choose_buckets(self._buckets.values(), bucket_terms)
         residual = _residual(price_ne + score_terms)
+        for t in (t for t in q.terms if t.field == "image"):  # few offers name images: per entry
+            residual = _both(residual, _image_check(t)) if residual is not None else _image_check(t)
         if where is not None:
             residual = where if residual is None else _both(residual, where)
         if s.field == "rank":
@@ -414,6 +416,10 @@ def _score_check(t: Term) -> tuple[Callable[[Any, Any], bool], str, Any]:
 
 def _both(first: Callable[[Entry], bool], second: Callable[[Entry], bool]) -> Callable[[Entry], bool]:
     return lambda e: first(e) and second(e)
+
+
+def _image_check(t: Term) -> Callable[[Entry], bool]:
+    return lambda e: t.test(e.images)
 
 
 def _residual(terms: list[Term]) -> Callable[[Entry], bool] | None:

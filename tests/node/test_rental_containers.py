@@ -56,6 +56,8 @@ class Market:
                 if entry is not None and entry.offer.gpus:
                     break
                 await trio.sleep(0.2)
+        assert entry.offer.images == (busybox_image(),)  # published: renters filter on it
+        assert self.renter.search(f"image={busybox_image()}")
         rental = await self.renter.rent([entry], gpu_count=1, duration_s=duration_s,
                                         max_price_per_gpu_second=125)
         aid = rental.agreement_id

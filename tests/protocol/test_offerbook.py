@@ -333,3 +333,26 @@ def test_offerbook__signature_check_refuses_any_flipped_bit_and_foreign_key():
     assert not good.signature_valid(provider(2)[0].public, data)
     assert not good.signature_valid(good.provider[:31], data)
     assert not dataclasses.replace(good, seq=2).signature_valid(good.provider)
+
+
+def test_offerbook__image_filter_matches_any_offered_image_and_agrees_with_the_reference():
+    from protocol.query import parse_query
+
+    book = new_book()
+    with_images = {
+        1: ("pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime", "ubuntu:24.04"),
+        2: ("ubuntu:22.04",),
+        3: (),  # a hook provider: no images
+    }
+    for i, images in with_images.items():
+        o = dataclasses.replace(offer(i), images=images).sign(provider(i)[0])
+        book.ingest_offer(o.encode(), NOW)
+    found = {tuple(e.offer.images) for e in book.query("image=pytorch/*")}
+    assert found == {with_images[1]}
+    assert {e.offer.images for e in book.query("image=ubuntu:24.04,ubuntu:22.04")} == {
+        with_images[1], with_images[2]}
+    assert {e.offer.images for e in book.query("image!=ubuntu:*")} == {()}
+    for q in ("image=pytorch/*", "image=UBUNTU:2?.04 price<=1", "image!=ubuntu:*"):
+        query = parse_query(q)
+        assert sorted(e.digest for e in book.query(q)) == sorted(
+            e.digest for e in book.query("") if query.matches(e))

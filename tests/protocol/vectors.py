@@ -89,6 +89,9 @@ def build() -> dict[str, dict]:
 
     valid = [
         message_vector("offer_two_rtx4090", offer, provider),
+        message_vector("offer_with_images", dataclasses.replace(
+            offer, images=("pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime", "ubuntu:24.04")).sign(provider),
+            provider),
         message_vector("withdrawal", OfferWithdrawal(provider.public, 7, NOW_MS + 5000).sign(provider), provider),
         message_vector("proposal", proposal, renter),
         message_vector("counter", CounterProposal(nid, 1, 1, 3600, 150, NOW_MS + 1500).sign(provider), provider),
@@ -286,6 +289,9 @@ def text_cases(provider: PeerKey, offer) -> list[dict]:
     v = msgpack_list(offer)
     v[10] = ["/ip4/127.0.0.1/tcp/4001" + nbsp + "/p2p/" + provider.peer_id]
     case("offer_addrs_U+00A0", Offer, v, "addrs[0]", nbsp, provider)
+    v = msgpack_list(offer)
+    v[11] = ["ubuntu" + nbsp + ":24.04"]
+    case("offer_images_U+00A0", Offer, v, "images[0]", nbsp, provider)
     nid = bytes(range(16))
     reject = msgpack_list(NegotiationReject(nid, 1, 1, "price below ask", NOW_MS).sign(provider))
     reject[5] = "price" + nbsp + "below ask"
