@@ -32,6 +32,7 @@ from protocol.params import Params
 from .chain import AsyncChain, Chain
 from .fake_nvml import FakeGpu, FakeNvml
 from .node import Node, NodeConfig, ProviderSettings, RentError
+from .runtime import DockerSettings
 
 FIND_POLL_S = 0.2
 
@@ -65,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--grace", type=int, default=300, help="seconds (the escrow's minimum: 300)")
     g.add_argument("--min-duration", type=int, default=5)
     g.add_argument("--publish-interval", type=float, default=0.5)
+    g.add_argument("--docker-image", default=None,
+                   help="a container per rental from this image (no GPU request, no network: tests)")
     r = p.add_argument_group("renter")
     r.add_argument("--rent", default=None, help="rent the cheapest offer matching this query")
     r.add_argument("--duration", type=int, default=10)
@@ -96,7 +99,9 @@ def build_node(args: argparse.Namespace) -> Node:
             price_per_gpu_hour=per_hour, min_duration_s=args.min_duration,
             max_duration_s=3600, heartbeat_interval_s=args.heartbeat_interval,
             grace_s=args.grace, region="local", offer_lifetime_ms=10 * 60 * 1000,
-            publish_interval_s=args.publish_interval, nvml=nvml)
+            publish_interval_s=args.publish_interval, nvml=nvml,
+            docker=None if args.docker_image is None else DockerSettings(
+                images=(args.docker_image,), gpus="none", network="none", cpus=1.0, memory_mib=256))
     key = _hex(args.wallet_key_file.read_text().strip())
     config = NodeConfig(data_dir=args.data_dir, wallet_key=key, listen=(args.listen,),
                         bootstrap=tuple(args.bootstrap), params=Params(**json.loads(args.params)),

@@ -57,7 +57,9 @@ class NodeProc:
 
     def __init__(self, tmp: Path, name: str, args: list[str]) -> None:
         self.name = name
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        # the checkout first; then whatever the test run itself imports from (PYTHONPATH)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
         self.stderr = open(tmp / f"{name}.{time.monotonic_ns()}.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "node.process", *args], cwd=ROOT,
                                      env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
