@@ -112,6 +112,9 @@ class ControlServer:
                 await _send(stream, {"ok": False, "error": "refused: wrong control token"})
                 return
             op = request.get("op")
+            if op == "exec":  # a stream of frames follows the reply line (node/access.py)
+                await self._exec(stream, request.get("args") or {})
+                return
             handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
             if handler is None:
                 await _send(stream, {"ok": False, "error": f"unknown operation {op!r}"})
@@ -125,6 +128,22 @@ class ControlServer:
                 log.exception("control op %s failed", op)
                 reply = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
             await _send(stream, reply)
+
+    async def _exec(self, stream: trio.SocketStream, args: dict) -> None:
+        from .access import relay_exec
+
+        try:
+            rental = self._rental(str(args.get("agreement_id", "")))
+            argv = [str(a) for a in args.get("argv") or []]
+            tty, rows, cols = bool(args.get("tty")), int(args.get("rows", 0)), int(args.get("cols", 0))
+        except (ControlError, KeyError, ValueError, TypeError) as exc:
+            await _send(stream, {"ok": False, "error": str(exc)})
+            return
+        if rental.role != "renter":
+            await _send(stream, {"ok": False, "error": "run and shell are for the renter's node"})
+            return
+        await _send(stream, {"ok": True, "result": "frames follow"})
+        await relay_exec(self.node, stream, rental.agreement_id, argv, tty, rows, cols)
 
     # -- operations --------------------------------------------------------------------------
 

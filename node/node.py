@@ -59,6 +59,7 @@ from .records import decode_agreement, decode_bindings  # noqa: F401  (re-export
 from .records import PendingAgreement, Rental, encode_agreement
 from .reputation import LocalReputation
 from .resume import RENTER_OPEN_WAIT_S, ResumeMixin  # noqa: F401  (RENTER_OPEN_WAIT_S: re-exported)
+from .access import ExecDesk, ExecTarget
 from .runtime import DockerRuntime, DockerSettings, HookRuntime, RentalSpec, Runtime, RuntimeError_, nvml_uuids
 from .store import Store
 
@@ -195,6 +196,8 @@ class Node(ChainWatchMixin, ResumeMixin):
         self.desk: ProviderDesk | None = None
         self.rental_desk: RentalDesk | None = None
         self.runtime: Runtime | None = None  # provider: what a rental hands over
+        self.exec_desk: ExecDesk | None = None  # provider: `gpumarket run/shell` into containers
+        self._service_ended: dict[bytes, trio.Event] = {}  # provider: set at each StopService
         self._gpu_uuids: dict[bytes, str] = {}  # provider: uuid digest -> NVML UUID
         self._pending: dict[bytes, PendingAgreement] = {}  # accepted, escrow not yet seen
         self._opened_seen: dict[bytes, int] = {}  # pending ids the watcher saw Opened -> start (s)
@@ -258,6 +261,8 @@ class Node(ChainWatchMixin, ResumeMixin):
                 if self.config.provider is not None:
                     self.desk.install()
                     self.rental_desk.install()
+                    if self.exec_desk is not None:
+                        self.exec_desk.install()
                     if self.rentals or self._pending:
                         await self._republish()
                 nursery.start_soon(self._watch_chain, first_block)
@@ -314,6 +319,8 @@ class Node(ChainWatchMixin, ResumeMixin):
         if self.runtime is not None:
             self._gpu_uuids = nvml_uuids(self._probe._nvml)
             await self.runtime.prepare()  # RuntimeError_: the node does not start
+            if isinstance(self.runtime, DockerRuntime):
+                self.exec_desk = ExecDesk(self.host, self.runtime, self._exec_target)
         self.desk = ProviderDesk(
             self.host, self.key, self.wallet_key, self.params, self._current_offer, self.capacity,
             lambda: floor,
@@ -451,6 +458,7 @@ class Node(ChainWatchMixin, ResumeMixin):
                 rental.access = access
                 await session.send_grant(AccessGrant(rental.agreement_id, access, self.clock.now_ms()).sign(self.key))
         elif name == "StopService":
+            self._service_ended.setdefault(rental.agreement_id, trio.Event()).set()
             if self.runtime is not None:
                 await self._stop_runtime(rental.agreement_id)
             self.capacity.release(rental.agreement_id)
@@ -495,6 +503,19 @@ class Node(ChainWatchMixin, ResumeMixin):
                 await self.runtime.stop(agreement_id)
             except Exception as exc:  # the next start's reconcile removes it
                 log.warning("rental %s: teardown failed: %r", agreement_id.hex()[:12], exc)
+
+    def _exec_target(self, agreement_id: bytes) -> ExecTarget | None:
+        """What the exec desk checks an OPEN against: this provider's rental of that id."""
+        rental = self.rentals.get(agreement_id)
+        if rental is None or rental.role != "provider" or rental.session is None:
+            return None
+        session = rental.session
+        ended = self._service_ended.setdefault(agreement_id, trio.Event())
+        return ExecTarget(
+            renter_peer_id=peer_id_from_public_key(rental.details.renter_key),
+            live=lambda: (not session.finished and not ended.is_set()
+                          and session.machine.state == "serving" and rental.access is not None),
+            ended=ended, container_id=lambda: self.runtime.container_id(agreement_id))
 
     def _live_provider_rentals(self) -> list[bytes]:
         return [aid for aid, r in self.rentals.items() if r.role == "provider"

@@ -1,0 +1,166 @@
+"""`/gpumarket/exec/1` end to end in one process: the renter's control socket, its node, the
+libp2p stream, the provider's desk and a Docker exec in the rental's container (real daemon)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from libp2p.custom_types import TProtocol
+
+from node.access import (EXEC_PROTOCOL, MAX_EXEC_FRAME, REFUSED, STDERR, STDOUT, ExecRefused, Open,
+                         exec_session, parse_refused)
+from node.control import SOCKET_NAME, ControlServer
+from node.node import Node, NodeConfig
+from node.demo import DEMO_PARAMS
+from node.reqresp import read_frame, write_frame
+from tests.docker_image import docker_client, no_daemon_reason
+from tests.node.test_rental_containers import Market, _gone, wait_until
+
+pytestmark = pytest.mark.skipif(docker_client() is None, reason=no_daemon_reason())
+
+
+class Output:
+    def __init__(self) -> None:
+        self.data = {STDOUT: bytearray(), STDERR: bytearray()}
+        self.changed = trio.Event()
+
+    def __call__(self, kind: int, data: bytes) -> None:
+        self.data[kind] += data
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def wait_for(self, text: bytes, timeout: float = 10) -> None:
+        with trio.fail_after(timeout):
+            while text not in self.data[STDOUT]:
+                await self.changed.wait()
+
+
+async def raw_exec(node: Node, provider: Node, frame: bytes) -> tuple[str, str]:
+    """Open the exec stream from `node` directly and send one frame: the provider's answer."""
+    stream = await node.host.host.new_stream(provider.peer_id, [TProtocol(EXEC_PROTOCOL)])
+    try:
+        await write_frame(stream, frame, max_frame=MAX_EXEC_FRAME)
+        answer = await read_frame(stream, max_frame=MAX_EXEC_FRAME, timeout=10)
+    finally:
+        await stream.close()
+    assert answer[0] == REFUSED
+    return parse_refused(answer)
+
+
+async def test_exec__run_shell_and_every_refusal(tmp_path):
+    market = Market(tmp_path)
+    await trio.sleep(market.chain.lead_s())
+    provider, renter = market.provider(), market.renter
+    other = Node(NodeConfig(tmp_path / "o", market.keys[3], params=DEMO_PARAMS, name="other",
+                            chain_poll_s=0.3), market.achain)
+    control = ControlServer(renter, renter.data_dir)
+    sock = str(renter.data_dir / SOCKET_NAME)
+    try:
+        async with trio.open_nursery() as nursery:
+            for n in (provider, renter, other):
+                await nursery.start(n.run)
+            await nursery.start(control.run)
+            await renter.host.connect(provider.addrs()[0])
+            await other.host.connect(provider.addrs()[0])
+            rental = await market.rent(provider)
+            aid = rental.agreement_id.hex()
+            await wait_until(lambda: _true(provider.rentals[rental.agreement_id].access is not None), 20, "access")
+
+            async def session(argv, *, tty=False, chunks=None, resizes=None, rows=0, cols=0):
+                out = Output()
+                code = await exec_session(sock, control.token, aid[:12], argv, tty=tty, rows=rows,
+                                          cols=cols, input_chunks=chunks, resizes=resizes, out=out)
+                return code, out
+
+            # run: stdout and stderr apart, the exit code back
+            code, out = await session(["sh", "-c", "echo out; echo err >&2; exit 3"])
+            assert (code, bytes(out.data[STDOUT]), bytes(out.data[STDERR])) == (3, b"out\n", b"err\n")
+            # stdin reaches the command, and its end of file too
+            async def hello():
+                yield b"hello " * 20_000  # 120 kB: several frames each way
+            code, out = await session(["cat"], chunks=hello())
+            assert code == 0 and bytes(out.data[STDOUT]) == b"hello " * 20_000
+            # a command that does not exist: the shell's 127, not a hang
+            code, out = await session(["sh", "-c", "no-such-command"])
+            assert code == 127
+
+            # shell: a terminal of the asked size, resized, Ctrl-C reaches the foreground job
+            typed = trio.open_memory_channel(16)
+            sizes = trio.open_memory_channel(4)
+
+            async def from_channel(rx):
+                async for item in rx:
+                    yield item
+
+            shell_out = Output()
+            result = []
+
+            async def shell():
+                result.append(await exec_session(sock, control.token, aid, [], tty=True, rows=40, cols=100,
+                                                 input_chunks=from_channel(typed[1]),
+                                                 resizes=from_channel(sizes[1]), out=shell_out))
+
+            nursery.start_soon(shell)
+            await typed[0].send(b"stty size; echo READY\r")
+            await shell_out.wait_for(b"40 100")
+            await sizes[0].send((50, 120))
+            await trio.sleep(0.5)
+            await typed[0].send(b"stty size\r")
+            await shell_out.wait_for(b"50 120")
+            await typed[0].send(b"sleep 60; echo NOT-$((1+1))-INTERRUPTED\r")
+            await trio.sleep(0.5)
+            await typed[0].send(b"\x03")  # Ctrl-C
+            await typed[0].send(b"echo AFTER-$((40+2))\r")
+            await shell_out.wait_for(b"AFTER-42", timeout=10)
+            await typed[0].send(b"exit 7\r")
+            with trio.fail_after(10):
+                while not result:
+                    await trio.sleep(0.05)
+            assert result == [7] and b"NOT-2-INTERRUPTED" not in shell_out.data[STDOUT]
+
+            # refusals, each counted by the provider
+            desk = provider.exec_desk
+            request = Open(rental.agreement_id, False, 0, 0, ("true",)).encode()
+            assert (await raw_exec(other, provider, request))[0] == "not_renter"
+            unknown = Open(b"\x07" * 32, False, 0, 0, ("true",)).encode()
+            assert (await raw_exec(renter, provider, unknown))[0] == "unknown_agreement"
+            assert (await raw_exec(renter, provider, b"\x01\xc1garbage"))[0] == "bad_open"
+            assert (await raw_exec(renter, provider, Open(rental.agreement_id, False, 0, 0, ()).encode()))[0] == "bad_open"
+            # through the renter's node: an agreement it does not hold is refused there
+            with pytest.raises(ExecRefused, match="no rental"):
+                await exec_session(sock, control.token,
+                                   "ff" * 8, ["true"], tty=False, out=Output())
+
+            # a session open when the rental ends is cut with rental_over; later ones refused
+            long_out = Output()
+            cut = []
+
+            async def long_running():
+                try:
+                    await exec_session(sock, control.token, aid, ["sh", "-c", "echo UP; sleep 60"],
+                                       tty=False, out=long_out)
+                except ExecRefused as exc:
+                    cut.append(exc.code)
+
+            nursery.start_soon(long_running)
+            await long_out.wait_for(b"UP")
+            await renter.stop_rental(rental.agreement_id)
+            await wait_until(lambda: _gone(provider, rental.agreement_id), 30, "teardown")
+            with trio.fail_after(10):
+                while not cut:
+                    await trio.sleep(0.05)
+            assert cut == ["rental_over"]
+            with pytest.raises(ExecRefused) as refused:
+                await session(["true"])
+            assert refused.value.code == "rental_over"
+            assert desk.rejected == {"not_renter": 1, "unknown_agreement": 1, "bad_open": 2,
+                                     "rental_over": 2}
+            nursery.cancel_scope.cancel()
+    finally:
+        for c in docker_client().containers.list(
+                all=True, filters={"label": f"gpumarket.provider={provider.peer_id.to_base58()}"}):
+            c.remove(force=True)
+
+
+async def _true(value: bool) -> bool:
+    return value
