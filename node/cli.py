@@ -270,7 +270,39 @@ def cmd_rent(args: argparse.Namespace) -> int:
               "`gpumarket rentals` shows its progress")
         print(f"access: {access}" if access else
               "access: none received yet (the provider may not run an access hook)")
+        if access and "gpumarket shell" in access:  # a container (node/runtime.py)
+            short = row["agreement_id"][:16]
+            print(f"  a terminal:  gpumarket shell {short}\n"
+                  f"  a command:   gpumarket run {short} -- nvidia-smi -L")
     return 0
+
+
+EXIT_REFUSED = 125  # run/shell: the session never started (as docker run's 125)
+
+
+def _exec(args: argparse.Namespace, argv: list[str], tty: bool) -> int:
+    from .access import ExecRefused, run_cli_session
+
+    try:
+        return run_cli_session(str(_data_dir(args)), args.agreement_id, argv, tty=tty)
+    except ExecRefused as exc:
+        print(f"gpumarket: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    argv = list(args.cmd)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise UserError("nothing to run: gpumarket run RENTAL -- CMD [ARG...]")
+    return _exec(args, argv, tty=False)
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    if not sys.stdin.isatty():
+        raise UserError("gpumarket shell needs a terminal; use gpumarket run RENTAL -- CMD")
+    return _exec(args, [], tty=True)
 
 
 def _wait_for_access(args: argparse.Namespace, agreement_id: str, timeout_s: float = 20.0):
@@ -495,6 +527,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = rsub.add_parser("stop", help="end a rental early and settle")
     s.add_argument("agreement_id")
     s.set_defaults(func=cmd_rental_stop)
+
+    p = sub.add_parser("run", help="run a command in a rental's container (stdout, stderr, exit code)",
+                       description="Runs CMD in the container of a rental you rent, over the rental's "
+                                   "own P2P connection; its stdout and stderr stream back and its exit "
+                                   "code is this command's. Piped stdin is forwarded.")
+    p.add_argument("agreement_id", metavar="RENTAL", help="agreement id or a unique prefix")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("shell", help="an interactive terminal in a rental's container")
+    p.add_argument("agreement_id", metavar="RENTAL", help="agreement id or a unique prefix")
+    p.set_defaults(func=cmd_shell)
 
     p = sub.add_parser("evidence", help="export or verify an evidence bundle")
     esub = p.add_subparsers(dest="evidence_command", metavar="SUBCOMMAND", required=True)

@@ -3,6 +3,16 @@ libp2p stream, the provider's desk and a Docker exec in the rental's container (
 
 from __future__ import annotations
 
+import fcntl
+import functools
+import os
+import select
+import signal
+import struct
+import sys
+import termios
+from pathlib import Path
+
 import pytest
 import trio
 from libp2p.custom_types import TProtocol
@@ -16,6 +26,7 @@ from node.reqresp import read_frame, write_frame
 from tests.docker_image import docker_client, no_daemon_reason
 from tests.node.test_rental_containers import Market, _gone, wait_until
 
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(docker_client() is None, reason=no_daemon_reason())
 
 
@@ -118,6 +129,15 @@ async def test_exec__run_shell_and_every_refusal(tmp_path):
                     await trio.sleep(0.05)
             assert result == [7] and b"NOT-2-INTERRUPTED" not in shell_out.data[STDOUT]
 
+            # the same through the `gpumarket` command, a process of its own
+            cli = [sys.executable, "-m", "node.cli", "--data-dir", str(renter.data_dir)]
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+            done = await trio.run_process(cli + ["run", aid[:10], "--", "sh", "-c", "tr a-z A-Z; exit 5"],
+                                          stdin=b"piped in\n", capture_stdout=True,
+                                          capture_stderr=True, check=False, env=env)
+            assert (done.returncode, done.stdout) == (5, b"PIPED IN\n"), done.stderr
+            await shell_in_a_terminal(cli, env, aid)
+
             # refusals, each counted by the provider
             desk = provider.exec_desk
             request = Open(rental.agreement_id, False, 0, 0, ("true",)).encode()
@@ -153,13 +173,50 @@ async def test_exec__run_shell_and_every_refusal(tmp_path):
             with pytest.raises(ExecRefused) as refused:
                 await session(["true"])
             assert refused.value.code == "rental_over"
+            done = await trio.run_process(cli + ["run", aid, "--", "true"], capture_stdout=True,
+                                          capture_stderr=True, check=False, env=env)
+            assert done.returncode == 125 and b"refused (rental_over)" in done.stderr
             assert desk.rejected == {"not_renter": 1, "unknown_agreement": 1, "bad_open": 2,
-                                     "rental_over": 2}
+                                     "rental_over": 3}
             nursery.cancel_scope.cancel()
     finally:
         for c in docker_client().containers.list(
                 all=True, filters={"label": f"gpumarket.provider={provider.peer_id.to_base58()}"}):
             c.remove(force=True)
+
+
+async def shell_in_a_terminal(cli: list[str], env: dict, aid: str) -> None:
+    """`gpumarket shell` on a pseudo-terminal of 30x90, resized to 33x91 (SIGWINCH)."""
+    main_fd, child_fd = os.openpty()
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 90, 0, 0))
+    seen = bytearray()
+
+    async def expect(text: bytes) -> None:
+        with trio.move_on_after(15):
+            while text not in seen:
+                await trio.to_thread.run_sync(lambda: select.select([main_fd], [], [], 0.2))
+                try:
+                    seen.extend(os.read(main_fd, 65536))
+                except BlockingIOError:
+                    pass
+        assert text in seen, bytes(seen)
+
+    os.set_blocking(main_fd, False)
+    async with trio.open_nursery() as n:
+        proc = await n.start(functools.partial(trio.run_process, cli + ["shell", aid], stdin=child_fd,
+                                               stdout=child_fd, stderr=child_fd, check=False, env=env))
+        os.close(child_fd)
+        await expect(b"/ # ")  # typed before the command set the terminal raw, it would be flushed
+        os.write(main_fd, b"stty size\r")
+        await expect(b"30 90")
+        fcntl.ioctl(main_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 91, 0, 0))
+        proc.send_signal(signal.SIGWINCH)
+        await trio.sleep(0.5)
+        os.write(main_fd, b"stty size\r")
+        await expect(b"33 91")
+        os.write(main_fd, b"exit 4\r")
+    assert proc.returncode == 4
+    os.close(main_fd)
 
 
 async def _true(value: bool) -> bool:
