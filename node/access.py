@@ -20,12 +20,14 @@ resizing and inspecting an exec go through the docker SDK on a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import struct
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -43,6 +45,7 @@ from .reqresp import ReqRespError, close_quietly, read_frame, write_frame
 log = logging.getLogger(__name__)
 
 EXEC_PROTOCOL = "/gpumarket/exec/1"
+FORWARD_PROTOCOL = "/gpumarket/forward/1"
 MAX_EXEC_FRAME = 64 * 1024  # one frame's payload (kind byte included)
 MAX_CHUNK = 32 * 1024  # output is sent in chunks of at most this
 MAX_ARGV = 256  # arguments in OPEN
@@ -54,11 +57,11 @@ MAX_SESSIONS_PER_RENTAL = 16  # exec sessions at once in one rental's container
 EXIT_WAIT_S = 5.0  # after the output ends, the exit code must be known within this
 
 # frame kinds (the first byte of every frame's payload)
-OPEN, STDIN, STDIN_EOF, RESIZE = 0x01, 0x02, 0x03, 0x04
+OPEN, STDIN, STDIN_EOF, RESIZE, FORWARD = 0x01, 0x02, 0x03, 0x04, 0x05
 ACCEPTED, STDOUT, STDERR, EXIT, REFUSED = 0x10, 0x11, 0x12, 0x13, 0x14
 
 REFUSAL_CODES = ("rate_limited", "bad_open", "unknown_agreement", "not_renter", "rental_over",
-                 "no_container", "busy", "exec_failed")
+                 "no_container", "busy", "exec_failed", "no_network", "port_closed")
 
 
 class ExecError(Exception):
@@ -109,6 +112,63 @@ class Open:
         if not argv and not tty:
             raise ExecError("bad_open", "a command is needed without a terminal")
         return cls(aid, bool(tty), rows, cols, tuple(argv))
+
+
+@dataclass(frozen=True)
+class ForwardOpen:
+    agreement_id: bytes
+    port: int
+
+    def encode(self) -> bytes:
+        return bytes([FORWARD]) + msgpack.packb([self.agreement_id, self.port], use_bin_type=True)
+
+    @classmethod
+    def decode(cls, frame: bytes) -> "ForwardOpen":
+        if not frame or frame[0] != FORWARD:
+            raise ExecError("bad_open", "the first frame must be FORWARD")
+        try:
+            value = msgpack.unpackb(frame[1:], raw=False)
+        except Exception as exc:
+            raise ExecError("bad_open", f"FORWARD does not parse: {type(exc).__name__}") from None
+        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], bytes)
+                and len(value[0]) == 32 and isinstance(value[1], int)
+                and not isinstance(value[1], bool) and 1 <= value[1] <= 65535):
+            raise ExecError("bad_open", "FORWARD is [agreement_id: 32 bytes, port: 1..65535]")
+        return cls(value[0], value[1])
+
+
+async def copy_p2p_to_trio(src: INetStream, dst: trio.abc.Stream) -> None:
+    """Bytes from a libp2p stream to a trio stream until EOF, then half-close `dst`."""
+    while True:
+        try:
+            data = await src.read(MAX_CHUNK)
+        except Exception:  # EOF or reset
+            data = b""
+        if not data:
+            break
+        try:
+            await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+    with contextlib.suppress(Exception):
+        await dst.send_eof()
+
+
+async def copy_trio_to_p2p(src: trio.abc.Stream, dst: INetStream) -> None:
+    """Bytes from a trio stream to a libp2p stream until EOF, then half-close `dst`."""
+    while True:
+        try:
+            data = await src.receive_some(MAX_CHUNK)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if not data:
+            break
+        try:
+            await dst.write(data)
+        except Exception:
+            return
+    with contextlib.suppress(Exception):
+        await dst.close()  # a yamux close is a half-close: the other direction goes on
 
 
 def resize_frame(rows: int, cols: int) -> bytes:
@@ -200,10 +260,12 @@ class ExecDesk:
         self.rejected: dict[str, int] = {}
         self.sessions: dict[bytes, int] = {}  # agreement id -> exec sessions running
         self.opened = 0
+        self.forwarded = 0
         self._buckets: OrderedDict[ID, tuple[float, float]] = OrderedDict()
 
     def install(self) -> None:
         self.host.host.set_stream_handler(TProtocol(EXEC_PROTOCOL), self._on_stream)
+        self.host.host.set_stream_handler(TProtocol(FORWARD_PROTOCOL), self._on_forward)
 
     def _count(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -227,45 +289,96 @@ class ExecDesk:
         except ReqRespError:
             pass
 
-    async def _on_stream(self, stream: INetStream) -> None:
+    async def _admit(self, stream: INetStream, decode: Callable[[bytes], Any]) -> tuple[Any, ExecTarget, str] | None:
+        """The checks every exec and forward stream passes (specs/runtime.md 2.2), in order:
+        the request, its target and the running container; None after a refusal."""
         peer = stream.muxed_conn.peer_id
+        if not self._allow(peer):
+            await self._refuse(stream, "rate_limited", "too many streams; slow down")
+            return None
         try:
-            if not self._allow(peer):
-                await self._refuse(stream, "rate_limited", "too many exec streams; slow down")
+            frame = await read_frame(stream, max_frame=MAX_EXEC_FRAME, timeout=OPEN_TIMEOUT_S)
+            request = decode(frame)
+        except ReqRespError as exc:
+            self._count(type(exc).__name__)
+            return None
+        except ExecError as exc:
+            await self._refuse(stream, exc.code, exc.detail)
+            return None
+        target = self.lookup(request.agreement_id)
+        if target is None:
+            await self._refuse(stream, "unknown_agreement", "no rental of this provider has that id")
+            return None
+        if target.renter_peer_id != peer.to_base58():
+            await self._refuse(stream, "not_renter", "only the agreement's renter may open it")
+            return None
+        if not target.live():
+            await self._refuse(stream, "rental_over", "the rental is not being served")
+            return None
+        if self.sessions.get(request.agreement_id, 0) >= MAX_SESSIONS_PER_RENTAL:
+            await self._refuse(stream, "busy", f"{MAX_SESSIONS_PER_RENTAL} sessions already open")
+            return None
+        container = await target.container_id()
+        if container is None:
+            await self._refuse(stream, "no_container", "this rental has no running container")
+            return None
+        return request, target, container
+
+    async def _on_stream(self, stream: INetStream) -> None:
+        try:
+            admitted = await self._admit(stream, Open.decode)
+            if admitted is None:
                 return
-            try:
-                frame = await read_frame(stream, max_frame=MAX_EXEC_FRAME, timeout=OPEN_TIMEOUT_S)
-                request = Open.decode(frame)
-            except ReqRespError as exc:
-                self._count(type(exc).__name__)
-                return
-            except ExecError as exc:
-                await self._refuse(stream, exc.code, exc.detail)
-                return
-            target = self.lookup(request.agreement_id)
-            if target is None:
-                await self._refuse(stream, "unknown_agreement", "no rental of this provider has that id")
-                return
-            if target.renter_peer_id != peer.to_base58():
-                await self._refuse(stream, "not_renter", "only the agreement's renter may open it")
-                return
-            if not target.live():
-                await self._refuse(stream, "rental_over", "the rental is not being served")
-                return
-            if self.sessions.get(request.agreement_id, 0) >= MAX_SESSIONS_PER_RENTAL:
-                await self._refuse(stream, "busy", f"{MAX_SESSIONS_PER_RENTAL} sessions already open")
-                return
-            container = await target.container_id()
-            if container is None:
-                await self._refuse(stream, "no_container", "this rental has no running container")
-                return
-            self.sessions[request.agreement_id] = self.sessions.get(request.agreement_id, 0) + 1
-            try:
+            request, target, container = admitted
+            async with self._session(request.agreement_id):
                 await self._serve(stream, request, container, target)
-            finally:
-                self.sessions[request.agreement_id] -= 1
-                if not self.sessions[request.agreement_id]:
-                    del self.sessions[request.agreement_id]
+        finally:
+            await close_quietly(stream)
+
+    @asynccontextmanager
+    async def _session(self, agreement_id: bytes):
+        self.sessions[agreement_id] = self.sessions.get(agreement_id, 0) + 1
+        try:
+            yield
+        finally:
+            self.sessions[agreement_id] -= 1
+            if not self.sessions[agreement_id]:
+                del self.sessions[agreement_id]
+
+    async def _on_forward(self, stream: INetStream) -> None:
+        """`/gpumarket/forward/1`: after ACCEPTED, the stream carries one TCP connection to the
+        asked port of the rental's container, raw, both ways (each side half-closes)."""
+        try:
+            admitted = await self._admit(stream, ForwardOpen.decode)
+            if admitted is None:
+                return
+            request, target, container = admitted
+            ip = await self.runtime.container_ip(request.agreement_id)
+            if ip is None:
+                await self._refuse(stream, "no_network", "the rental's container has no network")
+                return
+            try:
+                with trio.fail_after(OPEN_TIMEOUT_S):
+                    tcp = await trio.open_tcp_stream(ip, request.port)
+            except (OSError, trio.TooSlowError) as exc:
+                await self._refuse(stream, "port_closed", f"nothing accepts on port {request.port}: {exc}")
+                return
+            async with self._session(request.agreement_id), tcp:
+                self.forwarded += 1
+                await write_frame(stream, bytes([ACCEPTED]), max_frame=MAX_EXEC_FRAME)
+                async with trio.open_nursery() as nursery:
+                    async def watch_rental() -> None:
+                        await target.ended.wait()
+                        nursery.cancel_scope.cancel()
+
+                    async def both() -> None:
+                        async with trio.open_nursery() as inner:
+                            inner.start_soon(copy_p2p_to_trio, stream, tcp)
+                            inner.start_soon(copy_trio_to_p2p, tcp, stream)
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(watch_rental)
+                    nursery.start_soon(both)
         finally:
             await close_quietly(stream)
 
@@ -618,3 +731,98 @@ def run_cli_session(data_dir: str, agreement_id: str, argv: list[str], *, tty: b
         os.set_blocking(stdin_fd, True)  # FdStream made the shared file description non-blocking
         if saved is not None:
             termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+
+
+# -- forward: one local TCP connection per libp2p stream -------------------------------------------
+
+
+async def relay_forward(node: Any, client: trio.abc.Stream, agreement_id: bytes, port: int,
+                        reply: Callable[[dict], Awaitable[None]]) -> None:
+    """Renter's node: open `/gpumarket/forward/1` to the rental's provider for `port`, answer
+    the control request with `reply`, then copy bytes both ways."""
+    rental = node.rentals.get(agreement_id)
+    if rental is None or rental.role != "renter":
+        await reply({"ok": False, "error": "refused (unknown_agreement): no rental of yours has that id"})
+        return
+    provider = ID.from_base58(peer_id_from_public_key(rental.details.provider_key))
+    try:
+        with trio.fail_after(15):
+            p2p = await node.host.host.new_stream(provider, [TProtocol(FORWARD_PROTOCOL)])
+    except Exception as exc:
+        await reply({"ok": False, "error": f"refused (unreachable): the provider: {exc!r}"})
+        return
+    try:
+        await write_frame(p2p, ForwardOpen(agreement_id, port).encode(), max_frame=MAX_EXEC_FRAME)
+        try:
+            answer = await read_frame(p2p, max_frame=MAX_EXEC_FRAME, timeout=OPEN_TIMEOUT_S + 5)
+        except ReqRespError as exc:
+            await reply({"ok": False, "error": f"refused (unreachable): {exc}"})
+            return
+        if not answer or answer[0] != ACCEPTED:
+            code, detail = parse_refused(answer) if answer and answer[0] == REFUSED else ("bad_frame", "?")
+            await reply({"ok": False, "error": f"refused ({code}): {detail}"})
+            return
+        await reply({"ok": True, "result": "bytes follow"})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(copy_p2p_to_trio, p2p, client)
+            nursery.start_soon(copy_trio_to_p2p, client, p2p)
+    finally:
+        await close_quietly(p2p)
+
+
+async def _copy_trio(src: trio.abc.Stream, dst: trio.abc.Stream, first: bytes = b"") -> None:
+    try:
+        if first:
+            await dst.send_all(first)
+        while data := await src.receive_some(MAX_CHUNK):
+            await dst.send_all(data)
+        await dst.send_eof()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def forward_connection(sock_path: str, token: str, agreement_id: str, port: int,
+                             local: trio.abc.Stream, on_error: Callable[[str], None]) -> None:
+    """One accepted local connection: a control connection to the renter's node asking for
+    `forward`, then bytes both ways until both sides are done."""
+    async with local:
+        try:
+            control = await trio.open_unix_socket(sock_path)
+        except OSError as exc:
+            on_error(f"the node does not answer: {exc}")
+            return
+        async with control:
+            request = {"token": token, "op": "forward", "args": {"agreement_id": agreement_id, "port": port}}
+            await control.send_all(json.dumps(request).encode() + b"\n")
+            buf = b""
+            with trio.move_on_after(30):
+                while b"\n" not in buf:
+                    data = await control.receive_some(65536)
+                    if not data:
+                        break
+                    buf += data
+            line, _, rest = buf.partition(b"\n")
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                reply = {"ok": False, "error": "the node did not answer"}
+            if not reply.get("ok"):
+                on_error(reply.get("error", "unknown error"))
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_copy_trio, control, local, rest)
+                nursery.start_soon(_copy_trio, local, control)
+
+
+async def forward_listen(sock_path: str, token: str, agreement_id: str, port: int, local_port: int,
+                         on_error: Callable[[str], None], *,
+                         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen on 127.0.0.1:`local_port` (0: any free port, given to task_status) and forward
+    every connection to `port` in the rental's container, many at once."""
+    listeners = await trio.open_tcp_listeners(local_port, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+
+    async def handle(stream: trio.SocketStream) -> None:
+        await forward_connection(sock_path, token, agreement_id, port, stream, on_error)
+
+    await trio.serve_listeners(handle, listeners)

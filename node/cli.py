@@ -299,6 +299,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _exec(args, argv, tty=False)
 
 
+def cmd_forward(args: argparse.Namespace) -> int:
+    import trio
+
+    from .access import forward_listen
+    from .control import SOCKET_NAME, TOKEN_NAME, NoNodeRunning
+
+    local, _, remote = args.ports.rpartition(":")
+    try:
+        port, local_port = int(remote), int(local or remote)
+    except ValueError:
+        raise UserError(f"{args.ports!r}: expected [LOCAL_PORT:]PORT") from None
+    if not (1 <= port <= 65535 and 0 <= local_port <= 65535):
+        raise UserError(f"{args.ports!r}: ports are 1..65535 (local 0: any free port)")
+    base = _data_dir(args)
+    try:
+        token = (base / TOKEN_NAME).read_text().strip()
+    except FileNotFoundError:
+        raise NoNodeRunning(f"no node is running for {base}: start one with `gpumarket node run`") from None
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(forward_listen, str(base / SOCKET_NAME), token,
+                                        args.agreement_id, port, local_port,
+                                        lambda why: print(f"gpumarket: {why}", file=sys.stderr))
+            print(f"forwarding 127.0.0.1:{bound} -> port {port} in rental {args.agreement_id} "
+                  "(Ctrl-C stops)", flush=True)
+
+    trio.run(main)
+    return 0
+
+
 def cmd_shell(args: argparse.Namespace) -> int:
     if not sys.stdin.isatty():
         raise UserError("gpumarket shell needs a terminal; use gpumarket run RENTAL -- CMD")
@@ -535,6 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("agreement_id", metavar="RENTAL", help="agreement id or a unique prefix")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("forward", help="forward a local TCP port to a port in a rental's container")
+    p.add_argument("agreement_id", metavar="RENTAL", help="agreement id or a unique prefix")
+    p.add_argument("ports", metavar="[LOCAL_PORT:]PORT", help="e.g. 8888 or 18888:8888")
+    p.set_defaults(func=cmd_forward)
     p = sub.add_parser("shell", help="an interactive terminal in a rental's container")
     p.add_argument("agreement_id", metavar="RENTAL", help="agreement id or a unique prefix")
     p.set_defaults(func=cmd_shell)

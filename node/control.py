@@ -115,6 +115,9 @@ class ControlServer:
             if op == "exec":  # a stream of frames follows the reply line (node/access.py)
                 await self._exec(stream, request.get("args") or {})
                 return
+            if op == "forward":  # raw bytes follow the reply line (node/access.py)
+                await self._forward(stream, request.get("args") or {})
+                return
             handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
             if handler is None:
                 await _send(stream, {"ok": False, "error": f"unknown operation {op!r}"})
@@ -144,6 +147,20 @@ class ControlServer:
             return
         await _send(stream, {"ok": True, "result": "frames follow"})
         await relay_exec(self.node, stream, rental.agreement_id, argv, tty, rows, cols)
+
+    async def _forward(self, stream: trio.SocketStream, args: dict) -> None:
+        from .access import relay_forward
+
+        try:
+            rental = self._rental(str(args.get("agreement_id", "")))
+            port = int(args.get("port", 0))
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port {port} is not 1..65535")
+        except (ControlError, ValueError, TypeError) as exc:
+            await _send(stream, {"ok": False, "error": str(exc)})
+            return
+        await relay_forward(self.node, stream, rental.agreement_id, port,
+                            lambda reply: _send(stream, reply))
 
     # -- operations --------------------------------------------------------------------------
 

@@ -353,6 +353,14 @@ class DockerRuntime:
         container = await self._call(self._find, agreement_id)
         return None if container is None or container.status != "running" else container.id
 
+    async def container_ip(self, agreement_id: bytes) -> str | None:
+        """The running container's address on the rental bridge (None without a network)."""
+        container = await self._call(self._find, agreement_id)
+        if container is None or container.status != "running":
+            return None
+        net = container.attrs.get("NetworkSettings", {}).get("Networks", {}).get(NETWORK_NAME)
+        return (net or {}).get("IPAddress") or None
+
     def _ours(self) -> list[Any]:
         return self.client.containers.list(all=True, filters={"label": [
             f"{LABEL_PROVIDER}={self.provider_peer_id}"]})

@@ -17,7 +17,7 @@ import pytest
 import trio
 from libp2p.custom_types import TProtocol
 
-from node.access import (EXEC_PROTOCOL, MAX_EXEC_FRAME, REFUSED, STDERR, STDOUT, ExecRefused, Open,
+from node.access import (EXEC_PROTOCOL, MAX_EXEC_FRAME, REFUSED, STDERR, STDOUT, ExecRefused, Open, forward_listen,
                          exec_session, parse_refused)
 from node.control import SOCKET_NAME, ControlServer
 from node.node import Node, NodeConfig
@@ -221,3 +221,71 @@ async def shell_in_a_terminal(cli: list[str], env: dict, aid: str) -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def http_get(port: int, path: str) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        body = bytearray()
+        try:
+            while data := await stream.receive_some(65536):
+                body += data
+        except trio.BrokenResourceError:  # reset: the forward was refused
+            pass
+    return bytes(body)
+
+
+async def test_forward__many_connections_to_a_server_in_the_container_and_refusals(tmp_path):
+    market = Market(tmp_path)
+    await trio.sleep(market.chain.lead_s())
+    provider, renter = market.provider(), market.renter
+    control = ControlServer(renter, renter.data_dir)
+    sock = str(renter.data_dir / SOCKET_NAME)
+    errors: list[str] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            for n in (provider, renter):
+                await nursery.start(n.run)
+            await nursery.start(control.run)
+            await renter.host.connect(provider.addrs()[0])
+            rental = await market.rent(provider)
+            aid = rental.agreement_id.hex()
+            await wait_until(lambda: _true(provider.rentals[rental.agreement_id].access is not None), 20, "access")
+            container = docker_client().containers.get(
+                f"gpumarket-{aid[:16]}")
+            # an HTTP server in the container, serving a 3 MB file and a small one
+            container.exec_run(["sh", "-c", "mkdir -p /www && echo hello-from-the-container > /www/index.html"
+                                " && dd if=/dev/urandom of=/www/big bs=1M count=3 2>/dev/null"])
+            big = container.exec_run(["sh", "-c", "md5sum /www/big"]).output.split()[0].decode()
+            container.exec_run(["httpd", "-f", "-p", "8000", "-h", "/www"], detach=True)
+            await trio.sleep(0.5)
+            local = await nursery.start(forward_listen, sock, control.token, aid[:12], 8000, 0, errors.append)
+            body = await http_get(local, "/index.html")
+            assert body.endswith(b"hello-from-the-container\n"), body[:200]
+            results: dict[int, bytes] = {}
+
+            async def fetch(i: int) -> None:
+                results[i] = await http_get(local, "/big")
+
+            async with trio.open_nursery() as many:  # several connections at once
+                for i in range(4):
+                    many.start_soon(fetch, i)
+            import hashlib
+            for data in results.values():
+                assert hashlib.md5(data.split(b"\r\n\r\n", 1)[1]).hexdigest() == big
+            assert provider.exec_desk.forwarded == 5 and not errors
+
+            # a port nothing listens on: refused with the reason, counted
+            closed = await nursery.start(forward_listen, sock, control.token, aid, 8001, 0, errors.append)
+            assert await http_get(closed, "/") == b""
+            with trio.fail_after(10):
+                while not errors:
+                    await trio.sleep(0.05)
+            assert errors[0].startswith("refused (port_closed)")
+            assert provider.exec_desk.rejected == {"port_closed": 1}
+            nursery.cancel_scope.cancel()
+    finally:
+        for c in docker_client().containers.list(
+                all=True, filters={"label": f"gpumarket.provider={provider.peer_id.to_base58()}"}):
+            c.remove(force=True)
