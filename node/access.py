@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 EXEC_PROTOCOL = "/gpumarket/exec/1"
 FORWARD_PROTOCOL = "/gpumarket/forward/1"
+COPY_PROTOCOL = "/gpumarket/cp/1"
 MAX_EXEC_FRAME = 64 * 1024  # one frame's payload (kind byte included)
 MAX_CHUNK = 32 * 1024  # output is sent in chunks of at most this
 MAX_ARGV = 256  # arguments in OPEN
@@ -57,11 +58,12 @@ MAX_SESSIONS_PER_RENTAL = 16  # exec sessions at once in one rental's container
 EXIT_WAIT_S = 5.0  # after the output ends, the exit code must be known within this
 
 # frame kinds (the first byte of every frame's payload)
-OPEN, STDIN, STDIN_EOF, RESIZE, FORWARD = 0x01, 0x02, 0x03, 0x04, 0x05
+OPEN, STDIN, STDIN_EOF, RESIZE, FORWARD, COPY = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06
+COPY_IN, COPY_OUT = 0, 1  # COPY's direction: a tar stream into the container, or out of it
 ACCEPTED, STDOUT, STDERR, EXIT, REFUSED = 0x10, 0x11, 0x12, 0x13, 0x14
 
 REFUSAL_CODES = ("rate_limited", "bad_open", "unknown_agreement", "not_renter", "rental_over",
-                 "no_container", "busy", "exec_failed", "no_network", "port_closed")
+                 "no_container", "busy", "exec_failed", "no_network", "port_closed", "copy_failed")
 
 
 class ExecError(Exception):
@@ -135,6 +137,32 @@ class ForwardOpen:
                 and not isinstance(value[1], bool) and 1 <= value[1] <= 65535):
             raise ExecError("bad_open", "FORWARD is [agreement_id: 32 bytes, port: 1..65535]")
         return cls(value[0], value[1])
+
+
+@dataclass(frozen=True)
+class CopyOpen:
+    agreement_id: bytes
+    direction: int  # COPY_IN or COPY_OUT
+    path: str  # in: an existing directory to unpack into; out: the file or directory to pack
+
+    def encode(self) -> bytes:
+        return bytes([COPY]) + msgpack.packb([self.agreement_id, self.direction, self.path],
+                                             use_bin_type=True)
+
+    @classmethod
+    def decode(cls, frame: bytes) -> "CopyOpen":
+        if not frame or frame[0] != COPY:
+            raise ExecError("bad_open", "the first frame must be COPY")
+        try:
+            value = msgpack.unpackb(frame[1:], raw=False)
+        except Exception as exc:
+            raise ExecError("bad_open", f"COPY does not parse: {type(exc).__name__}") from None
+        if not (isinstance(value, list) and len(value) == 3 and isinstance(value[0], bytes)
+                and len(value[0]) == 32 and value[1] in (COPY_IN, COPY_OUT)
+                and not isinstance(value[1], bool) and isinstance(value[2], str)
+                and value[2].startswith("/") and "\x00" not in value[2] and len(value[2]) <= 4096):
+            raise ExecError("bad_open", "COPY is [agreement_id: 32 bytes, 0 or 1, an absolute path]")
+        return cls(value[0], value[1], value[2])
 
 
 async def copy_p2p_to_trio(src: INetStream, dst: trio.abc.Stream) -> None:
@@ -261,11 +289,13 @@ class ExecDesk:
         self.sessions: dict[bytes, int] = {}  # agreement id -> exec sessions running
         self.opened = 0
         self.forwarded = 0
+        self.copied = 0
         self._buckets: OrderedDict[ID, tuple[float, float]] = OrderedDict()
 
     def install(self) -> None:
         self.host.host.set_stream_handler(TProtocol(EXEC_PROTOCOL), self._on_stream)
         self.host.host.set_stream_handler(TProtocol(FORWARD_PROTOCOL), self._on_forward)
+        self.host.host.set_stream_handler(TProtocol(COPY_PROTOCOL), self._on_copy)
 
     def _count(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -381,6 +411,71 @@ class ExecDesk:
                     nursery.start_soon(both)
         finally:
             await close_quietly(stream)
+
+    async def _on_copy(self, stream: INetStream) -> None:
+        """`/gpumarket/cp/1`: a tar stream into or out of the rental's container, through the
+        Engine API's archive endpoint (no tar binary needed in the image)."""
+        try:
+            admitted = await self._admit(stream, CopyOpen.decode)
+            if admitted is None:
+                return
+            request, target, container = admitted
+            async with self._session(request.agreement_id):
+                if request.direction == COPY_OUT:
+                    await self._copy_out(stream, request, container)
+                else:
+                    await self._copy_in(stream, request, container)
+        finally:
+            await close_quietly(stream)
+
+    async def _copy_out(self, stream: INetStream, request: CopyOpen, container: str) -> None:
+        api = self.runtime.client.api
+        try:
+            chunks, _ = await self.runtime._call(api.get_archive, container, request.path,
+                                                 chunk_size=MAX_CHUNK)
+        except Exception as exc:
+            detail = getattr(exc, "explanation", None) or str(exc)
+            await self._refuse(stream, "copy_failed", f"{request.path}: {detail}")
+            return
+        self.copied += 1
+        await write_frame(stream, bytes([ACCEPTED]), max_frame=MAX_EXEC_FRAME)
+        done = object()
+        try:
+            while (chunk := await self.runtime._call(next, chunks, done)) is not done:
+                await stream.write(chunk)
+        finally:
+            await trio.to_thread.run_sync(chunks.close)
+
+    async def _copy_in(self, stream: INetStream, request: CopyOpen, container: str) -> None:
+        """ACCEPTED, then the renter's tar bytes until its half-close, then EXIT 0 or REFUSED
+        `copy_failed` (the engine unpacks as it reads: a bad archive fails at its end)."""
+        await write_frame(stream, bytes([ACCEPTED]), max_frame=MAX_EXEC_FRAME)
+        self.copied += 1
+
+        def body():  # runs on the worker thread: pulls each chunk from trio
+            while True:
+                try:
+                    data = trio.from_thread.run(stream.read, MAX_CHUNK)
+                except Exception:
+                    data = b""
+                if not data:
+                    return
+                yield data
+
+        api = self.runtime.client.api
+        try:
+            ok = await trio.to_thread.run_sync(api.put_archive, container, request.path, body(),
+                                               limiter=self.runtime.limiter)
+            detail = "" if ok else "the engine refused the archive"
+        except Exception as exc:
+            ok, detail = False, str(getattr(exc, "explanation", None) or exc)
+        frame = exit_frame(0) if ok else refused_frame("copy_failed", f"{request.path}: {detail}")
+        if not ok:
+            self._count("copy_failed")
+        try:
+            await write_frame(stream, frame, max_frame=MAX_EXEC_FRAME)
+        except ReqRespError:
+            pass
 
     async def _serve(self, stream: INetStream, request: Open, container: str, target: ExecTarget) -> None:
         rt = self.runtime
@@ -826,3 +921,120 @@ async def forward_listen(sock_path: str, token: str, agreement_id: str, port: in
         await forward_connection(sock_path, token, agreement_id, port, stream, on_error)
 
     await trio.serve_listeners(handle, listeners)
+
+
+# -- cp: a tar stream through the renter's node -----------------------------------------------------
+
+
+async def relay_copy(node: Any, client: trio.abc.Stream, agreement_id: bytes, direction: int,
+                     path: str, reply: Callable[[dict], Awaitable[None]]) -> None:
+    """Renter's node: `/gpumarket/cp/1` to the rental's provider. Out: after the reply line the
+    tar bytes follow to the end of the connection. In: the client's tar bytes up to its
+    half-close go to the provider, then one more JSON line says how it went."""
+    rental = node.rentals.get(agreement_id)
+    if rental is None or rental.role != "renter":
+        await reply({"ok": False, "error": "refused (unknown_agreement): no rental of yours has that id"})
+        return
+    provider = ID.from_base58(peer_id_from_public_key(rental.details.provider_key))
+    try:
+        with trio.fail_after(15):
+            p2p = await node.host.host.new_stream(provider, [TProtocol(COPY_PROTOCOL)])
+    except Exception as exc:
+        await reply({"ok": False, "error": f"refused (unreachable): the provider: {exc!r}"})
+        return
+    try:
+        await write_frame(p2p, CopyOpen(agreement_id, direction, path).encode(), max_frame=MAX_EXEC_FRAME)
+        try:
+            answer = await read_frame(p2p, max_frame=MAX_EXEC_FRAME, timeout=OPEN_TIMEOUT_S + 20)
+        except ReqRespError as exc:
+            await reply({"ok": False, "error": f"refused (unreachable): {exc}"})
+            return
+        if not answer or answer[0] != ACCEPTED:
+            code, detail = parse_refused(answer) if answer and answer[0] == REFUSED else ("bad_frame", "?")
+            await reply({"ok": False, "error": f"refused ({code}): {detail}"})
+            return
+        await reply({"ok": True, "result": "bytes follow"})
+        if direction == COPY_OUT:
+            await copy_p2p_to_trio(p2p, client)
+            return
+        await copy_trio_to_p2p(client, p2p)
+        try:
+            final = await read_frame(p2p, max_frame=MAX_EXEC_FRAME, timeout=120)
+        except ReqRespError as exc:
+            final = refused_frame("unreachable", str(exc))
+        if final and final[0] == EXIT:
+            await reply({"ok": True, "result": "copied"})
+        else:
+            code, detail = parse_refused(final) if final else ("bad_frame", "?")
+            await reply({"ok": False, "error": f"refused ({code}): {detail}"})
+    finally:
+        await close_quietly(p2p)
+
+
+def _refusal(text: str) -> ExecRefused:
+    """The node's error line as a refusal: "refused (CODE): DETAIL" keeps its code."""
+    if text.startswith("refused (") and "): " in text:
+        code, _, detail = text[len("refused ("):].partition("): ")
+        return ExecRefused(code, detail)
+    return ExecRefused("node", text)
+
+
+def copy_cli(data_dir: str, src: str, dst: str) -> str:
+    """`gpumarket cp`: RENTAL:PATH -> a local directory, or a local file or directory ->
+    RENTAL:DIR (an existing directory in the container). Blocking sockets, streaming tar.
+    Returns a one-line summary; raises ExecRefused."""
+    import socket
+    import tarfile
+    from pathlib import Path
+
+    from .control import SOCKET_NAME, TOKEN_NAME, NoNodeRunning
+
+    def remote(arg: str) -> tuple[str, str] | None:
+        rental, sep, path = arg.partition(":")
+        return (rental, path) if sep and path.startswith("/") and "/" not in rental else None
+
+    out, into = remote(src), remote(dst)
+    if (out is None) == (into is None):
+        raise ExecRefused("usage", "one of SRC and DST must be RENTAL:/ABSOLUTE/PATH, the other local")
+    base = Path(data_dir).expanduser()
+    try:
+        token = (base / TOKEN_NAME).read_text().strip()
+    except FileNotFoundError:
+        raise NoNodeRunning(f"no node is running for {base}: start one with `gpumarket node run`") from None
+    rental, path = out or into
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(120)
+    sock.connect(str(base / SOCKET_NAME))
+    request = {"token": token, "op": "cp", "args": {"agreement_id": rental, "path": path,
+                                                     "direction": COPY_OUT if out else COPY_IN}}
+    sock.sendall(json.dumps(request).encode() + b"\n")
+    reader = sock.makefile("rb")
+    try:
+        reply = json.loads(reader.readline() or b"{}")
+        if not reply.get("ok"):
+            raise _refusal(reply.get("error", "the node closed the connection"))
+        if out:
+            target = Path(dst)
+            if not target.is_dir():
+                raise ExecRefused("usage", f"{dst} is not a directory to copy into")
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                names = []
+                for member in tar:
+                    names.append(member.name)
+                    tar.extract(member, target, filter="data")  # no absolute paths, no escapes
+            return f"copied {len(names)} entries from {rental}:{path} into {target}"
+        local = Path(src)
+        if not local.exists():
+            raise ExecRefused("usage", f"{src} does not exist")
+        writer = sock.makefile("wb")
+        with tarfile.open(fileobj=writer, mode="w|") as tar:
+            tar.add(str(local), arcname=local.name)
+        writer.close()
+        sock.shutdown(socket.SHUT_WR)
+        final = json.loads(reader.readline() or b"{}")
+        if not final.get("ok"):
+            raise _refusal(final.get("error", "the node closed the connection"))
+        return f"copied {local} into {rental}:{path}"
+    finally:
+        reader.close()
+        sock.close()

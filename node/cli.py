@@ -330,6 +330,17 @@ def cmd_forward(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cp(args: argparse.Namespace) -> int:
+    from .access import ExecRefused, copy_cli
+
+    try:
+        print(copy_cli(str(_data_dir(args)), args.src, args.dst))
+    except ExecRefused as exc:
+        print(f"gpumarket: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    return 0
+
+
 def cmd_shell(args: argparse.Namespace) -> int:
     if not sys.stdin.isatty():
         raise UserError("gpumarket shell needs a terminal; use gpumarket run RENTAL -- CMD")
@@ -570,6 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("agreement_id", metavar="RENTAL", help="agreement id or a unique prefix")
     p.add_argument("ports", metavar="[LOCAL_PORT:]PORT", help="e.g. 8888 or 18888:8888")
     p.set_defaults(func=cmd_forward)
+    p = sub.add_parser("cp", help="copy files into or out of a rental's container (a tar stream)",
+                       description="gpumarket cp RENTAL:/path/in/container ./local-dir  or  "
+                                   "gpumarket cp ./local-file-or-dir RENTAL:/existing/dir")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.set_defaults(func=cmd_cp)
     p = sub.add_parser("shell", help="an interactive terminal in a rental's container")
     p.add_argument("agreement_id", metavar="RENTAL", help="agreement id or a unique prefix")
     p.set_defaults(func=cmd_shell)

@@ -118,6 +118,9 @@ class ControlServer:
             if op == "forward":  # raw bytes follow the reply line (node/access.py)
                 await self._forward(stream, request.get("args") or {})
                 return
+            if op == "cp":  # a tar stream follows the reply line (node/access.py)
+                await self._copy(stream, request.get("args") or {})
+                return
             handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
             if handler is None:
                 await _send(stream, {"ok": False, "error": f"unknown operation {op!r}"})
@@ -147,6 +150,20 @@ class ControlServer:
             return
         await _send(stream, {"ok": True, "result": "frames follow"})
         await relay_exec(self.node, stream, rental.agreement_id, argv, tty, rows, cols)
+
+    async def _copy(self, stream: trio.SocketStream, args: dict) -> None:
+        from .access import COPY_IN, COPY_OUT, relay_copy
+
+        try:
+            rental = self._rental(str(args.get("agreement_id", "")))
+            direction, path = args.get("direction"), str(args.get("path", ""))
+            if direction not in (COPY_IN, COPY_OUT):
+                raise ValueError("direction must be 0 (in) or 1 (out)")
+        except (ControlError, ValueError, TypeError) as exc:
+            await _send(stream, {"ok": False, "error": str(exc)})
+            return
+        await relay_copy(self.node, stream, rental.agreement_id, direction, path,
+                         lambda reply: _send(stream, reply))
 
     async def _forward(self, stream: trio.SocketStream, args: dict) -> None:
         from .access import relay_forward

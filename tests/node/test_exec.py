@@ -284,6 +284,28 @@ async def test_forward__many_connections_to_a_server_in_the_container_and_refusa
                     await trio.sleep(0.05)
             assert errors[0].startswith("refused (port_closed)")
             assert provider.exec_desk.rejected == {"port_closed": 1}
+
+            # cp both ways through the `gpumarket` command: a directory in, then back out
+            cli = [sys.executable, "-m", "node.cli", "--data-dir", str(renter.data_dir)]
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+            src = tmp_path / "payload"
+            (src / "sub").mkdir(parents=True)
+            (src / "sub" / "data.bin").write_bytes(os.urandom(200_000))
+            (src / "note.txt").write_text("hello\n")
+            done = await trio.run_process(cli + ["cp", str(src), f"{aid[:12]}:/www"], capture_stdout=True,
+                                          capture_stderr=True, check=False, env=env)
+            assert done.returncode == 0, done.stderr
+            assert container.exec_run(["cat", "/www/payload/note.txt"]).output == b"hello\n"
+            back = tmp_path / "back"
+            back.mkdir()
+            done = await trio.run_process(cli + ["cp", f"{aid[:12]}:/www/payload", str(back)],
+                                          capture_stdout=True, capture_stderr=True, check=False, env=env)
+            assert done.returncode == 0, done.stderr
+            assert (back / "payload" / "sub" / "data.bin").read_bytes() == (src / "sub" / "data.bin").read_bytes()
+            done = await trio.run_process(cli + ["cp", f"{aid[:12]}:/no/such/path", str(back)],
+                                          capture_stdout=True, capture_stderr=True, check=False, env=env)
+            assert done.returncode == 125 and b"refused (copy_failed)" in done.stderr, done.stderr
+            assert provider.exec_desk.copied == 2
             nursery.cancel_scope.cancel()
     finally:
         for c in docker_client().containers.list(
