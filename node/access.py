@@ -495,7 +495,7 @@ class ExecDesk:
         await write_frame(stream, bytes([ACCEPTED]), max_frame=MAX_EXEC_FRAME)
         if request.tty and request.rows and request.cols:
             await self._resize(exec_id, request.rows, request.cols)
-        ended_by_rental = False
+        ended_by_rental = renter_gone = False
         async with engine:
             async with trio.open_nursery() as nursery:
                 async def watch_rental() -> None:
@@ -505,7 +505,11 @@ class ExecDesk:
                     nursery.cancel_scope.cancel()
 
                 async def output() -> None:
-                    await self._pump_output(engine, early, stream, request.tty)
+                    nonlocal renter_gone
+                    try:
+                        await self._pump_output(engine, early, stream, request.tty)
+                    except ReqRespError:  # the renter went away: closing the exec's
+                        renter_gone = True  # connection hangs up its terminal
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(watch_rental)
@@ -513,6 +517,8 @@ class ExecDesk:
                 nursery.start_soon(self._pump_input, stream, engine, exec_id)
         if ended_by_rental:
             await self._refuse(stream, "rental_over", "the rental ended")
+            return
+        if renter_gone:
             return
         code = await self._exit_code(exec_id)
         try:

@@ -295,19 +295,32 @@ class DockerRuntime:
                 if exc.status_code != 409:  # another node created it meanwhile
                     raise
 
-    def _find(self, agreement_id: bytes) -> Any:
-        found = self.client.containers.list(all=True, filters={"label": [
+    # The low-level listing (dicts: Id, State, Labels): the high-level one inspects each
+    # container after listing and fails when one is removed in between.
+    def _find(self, agreement_id: bytes) -> dict | None:
+        found = self.client.api.containers(all=True, filters={"label": [
             f"{LABEL_AGREEMENT}={agreement_id.hex()}", f"{LABEL_PROVIDER}={self.provider_peer_id}"]})
         return found[0] if found else None
+
+    def _remove(self, container_id: str) -> None:
+        import docker.errors
+
+        try:
+            self.client.api.remove_container(container_id, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # 409: its removal is already in progress
+                raise
 
     def _start_blocking(self, spec: RentalSpec) -> str:
         import docker.errors
 
         existing = self._find(spec.agreement_id)
         if existing is not None:
-            if existing.status == "running":
-                return existing.id  # resumed after a restart: the renter keeps its files
-            existing.remove(force=True, v=True)
+            if existing["State"] == "running":
+                return existing["Id"]  # resumed after a restart: the renter keeps its files
+            self._remove(existing["Id"])
         config = container_config(spec, self.settings, self.provider_peer_id)
         try:
             container = self.client.containers.run(**config)
@@ -331,10 +344,7 @@ class DockerRuntime:
 
         container = self._find(agreement_id)
         if container is not None:
-            try:
-                container.remove(force=True, v=True)
-            except docker.errors.NotFound:
-                pass
+            self._remove(container["Id"])
         if self.settings.scratch:
             try:
                 self.client.volumes.get(scratch_volume(agreement_id)).remove(force=True)
@@ -347,35 +357,36 @@ class DockerRuntime:
 
     async def alive(self, agreement_id: bytes) -> bool:
         container = await self._call(self._find, agreement_id)
-        return container is not None and container.status == "running"
+        return container is not None and container["State"] == "running"
 
     async def container_id(self, agreement_id: bytes) -> str | None:
         container = await self._call(self._find, agreement_id)
-        return None if container is None or container.status != "running" else container.id
+        return None if container is None or container["State"] != "running" else container["Id"]
 
     async def container_ip(self, agreement_id: bytes) -> str | None:
         """The running container's address on the rental bridge (None without a network)."""
         container = await self._call(self._find, agreement_id)
-        if container is None or container.status != "running":
+        if container is None or container["State"] != "running":
             return None
-        net = container.attrs.get("NetworkSettings", {}).get("Networks", {}).get(NETWORK_NAME)
-        return (net or {}).get("IPAddress") or None
+        nets = (container.get("NetworkSettings") or {}).get("Networks") or {}
+        return (nets.get(NETWORK_NAME) or {}).get("IPAddress") or None
 
-    def _ours(self) -> list[Any]:
-        return self.client.containers.list(all=True, filters={"label": [
+    def _ours(self) -> list[dict]:
+        return self.client.api.containers(all=True, filters={"label": [
             f"{LABEL_PROVIDER}={self.provider_peer_id}"]})
 
     async def reconcile(self, live: set[bytes]) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {"kept": [], "removed": []}
+        live_hex = {a.hex() for a in live}
         for container in await self._call(self._ours):
-            aid = container.labels.get(LABEL_AGREEMENT, "")
-            if aid in {a.hex() for a in live} and container.status == "running":
+            aid = (container.get("Labels") or {}).get(LABEL_AGREEMENT, "")
+            if aid in live_hex and container["State"] == "running":
                 out["kept"].append(aid)
                 continue
             try:
                 await self.stop(bytes.fromhex(aid))
-            except ValueError:
-                await self._call(container.remove, force=True, v=True)
+            except ValueError:  # a label that is not an agreement id: remove it anyway
+                await self._call(self._remove, container["Id"])
             out["removed"].append(aid)
         return out
 

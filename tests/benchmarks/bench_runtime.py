@@ -193,7 +193,7 @@ async def main(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             await renter.stop_rental(aid)
             with trio.fail_after(60):
-                while client.containers.list(all=True, filters={"label": f"{LABEL_AGREEMENT}={aid.hex()}"}):
+                while client.api.containers(all=True, filters={"label": f"{LABEL_AGREEMENT}={aid.hex()}"}):
                     await trio.sleep(0.05)
             teardown.append(time.perf_counter() - t0)
             print(f"teardown: {teardown[-1] * 1000:.0f} ms from stop to the container gone", flush=True)

@@ -18,8 +18,10 @@ from tests.docker_image import busybox_image, docker_client, no_daemon_reason
 pytestmark = pytest.mark.skipif(docker_client() is None, reason=no_daemon_reason())
 
 
-def containers(**labels: str) -> list:
-    return docker_client().containers.list(
+def containers(**labels: str) -> list[dict]:
+    """The low-level listing (Id, State): the SDK's high-level one inspects each container after
+    listing it and fails when one is removed in between."""
+    return docker_client().api.containers(
         all=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]})
 
 
@@ -67,7 +69,7 @@ class Market:
 
 async def _running(provider: Node, aid: bytes) -> bool:
     found = containers(**{LABEL_AGREEMENT: aid.hex(), LABEL_PROVIDER: provider.peer_id.to_base58()})
-    return bool(found) and found[0].status == "running"
+    return bool(found) and found[0]["State"] == "running"
 
 
 async def _gone(provider: Node, aid: bytes) -> bool:
@@ -97,7 +99,7 @@ async def test_rental_container__torn_down_at_stop_death_end_and_node_stop(tmp_p
             second = await market.rent(provider)
             aid2 = second.agreement_id
             await wait_until(lambda: _async(second.session.log.receipts >= 2), 20, "receipts")
-            containers(**{LABEL_AGREEMENT: aid2.hex()})[0].kill()
+            docker_client().api.kill(containers(**{LABEL_AGREEMENT: aid2.hex()})[0]["Id"])
             await wait_until(lambda: _gone(provider, aid2), 30, "teardown after death")
             p2 = provider.rentals[aid2].session
             assert p2.finished and "service_lost" in [r.event for r in p2.log.reports]
@@ -116,7 +118,7 @@ async def test_rental_container__torn_down_at_stop_death_end_and_node_stop(tmp_p
         assert await _gone(provider, fourth.agreement_id)
     finally:
         for c in containers(**{LABEL_PROVIDER: provider.peer_id.to_base58()}):
-            c.remove(force=True)
+            docker_client().api.remove_container(c["Id"], force=True)
 
 
 async def _async(value: bool) -> bool:

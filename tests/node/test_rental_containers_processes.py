@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(docker_client() is None, reason=no_daemon_reason
 
 def ours(provider_peer: str, aid: str | None = None) -> list:
     labels = [f"{LABEL_PROVIDER}={provider_peer}"] + ([f"{LABEL_AGREEMENT}={aid}"] if aid else [])
-    return docker_client().containers.list(all=True, filters={"label": labels})
+    return docker_client().api.containers(all=True, filters={"label": labels})  # dicts: Id, State
 
 
 def wait_for(pred, timeout: float, what: str):
@@ -44,7 +44,7 @@ def test_container__survives_sigkill_is_resumed_on_restart_strays_removed_clean_
     try:
         provider.wait("ready", 60)
         aid = renter.wait("rented", 60)["agreement_id"]
-        first = wait_for(lambda: [c for c in ours(peer, aid) if c.status == "running"], 60,
+        first = wait_for(lambda: [c for c in ours(peer, aid) if c["State"] == "running"], 60,
                          "the rental's container runs")[0]
         market.wait_receipts("renter", bytes.fromhex(aid), 2)
         # a container of this provider for an agreement it no longer serves (ended while down)
@@ -52,7 +52,7 @@ def test_container__survives_sigkill_is_resumed_on_restart_strays_removed_clean_
             LABEL_PROVIDER: peer, LABEL_AGREEMENT: "ab" * 32}, network_mode="none")
 
         provider.kill()  # SIGKILL: no teardown runs
-        assert [c.id for c in ours(peer, aid) if c.status == "running"] == [first.id]
+        assert [c["Id"] for c in ours(peer, aid) if c["State"] == "running"] == [first["Id"]]
 
         seq_before = market.receipts("renter", bytes.fromhex(aid))[-1][0]
         provider = market.start("provider", "provider", "--listen", listen, "--docker-image", image,
@@ -60,11 +60,11 @@ def test_container__survives_sigkill_is_resumed_on_restart_strays_removed_clean_
         ready = provider.wait("ready", 60)
         assert ready["resumed"] == {"resumed": [aid]}
         wait_for(lambda: not ours(peer, "ab" * 32), 30, "the stray container removed")
-        assert [c.id for c in ours(peer, aid)] == [first.id]  # the renter kept its container
+        assert [c["Id"] for c in ours(peer, aid)] == [first["Id"]]  # the renter kept its container
         market.wait_receipts("renter", bytes.fromhex(aid), 2, timeout=30, after_seq=seq_before)
 
         provider.terminate(timeout=40)  # the node stopping tears its rentals down
         assert not ours(peer, aid)
     finally:
         for c in ours(peer):
-            c.remove(force=True)
+            docker_client().api.remove_container(c["Id"], force=True)
