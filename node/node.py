@@ -456,6 +456,7 @@ class Node(ChainWatchMixin, ResumeMixin):
                     self._offer_changed()
                     return
                 rental.access = access
+                session.machine.service_started(self.clock.now_ms())
                 await session.send_grant(AccessGrant(rental.agreement_id, access, self.clock.now_ms()).sign(self.key))
         elif name == "StopService":
             self._service_ended.setdefault(rental.agreement_id, trio.Event()).set()

@@ -319,6 +319,14 @@ class ProviderRental(_Machine):
             return []
         return self._step(Event.RENTER_CLOSED, None, now_ms)
 
+    def service_started(self, now_ms: int) -> None:
+        """The driver finished carrying out StartService (creating a container takes seconds,
+        more on a loaded host): the stop timer counts from here, as after a restore, so a slow
+        start is not taken for a renter that stopped paying. No effects; heartbeats follow on
+        the usual slots (the missed ones skipped)."""
+        if self.state is State.SERVING:
+            self.last_progress_ms = max(self.last_progress_ms, now_ms)
+
     def service_lost(self, now_ms: int) -> list[Effect]:
         """The driver saw the rented environment die (its container exited): nothing is served
         any more, so no heartbeat is sent again; claim what was acknowledged. The renter sees

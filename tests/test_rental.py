@@ -149,6 +149,18 @@ def test_provider__service_lost__stops_claims_acked_and_sends_no_more_heartbeats
     assert r.state == "silent" and not sent(r_fx, UsageReceipt)
 
 
+def test_provider__slow_service_start_is_not_taken_for_missed_receipts():
+    a = make_agreement(max_seconds=600, interval=10)
+    p, r = machines(a)
+    late = T0 + N * 10_000 + TOL + 5_000  # StartService took longer than the stop deadline
+    p.service_started(late)
+    fx = p.on_timer(late)
+    assert p.state == "serving" and sent(fx, Heartbeat)  # heartbeat 0, not a stop
+    assert p.stop_deadline_ms() == late + N * 10_000 + TOL
+    p2, _ = machines(a)
+    assert [type(e) for e in p2.on_timer(late)][0] is StopService  # without it: stopped at once
+
+
 def test_provider__service_lost_after_the_end_changes_nothing():
     a = make_agreement(max_seconds=60, interval=10)
     p, _ = machines(a)

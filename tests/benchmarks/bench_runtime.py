@@ -49,6 +49,8 @@ from protocol.eth import private_key_address
 from tests.docker_image import busybox_image, docker_client, no_daemon_reason
 
 MIB = 1024 * 1024
+PARAMS = __import__("dataclasses").replace(DEMO_PARAMS, renter_heartbeat_timeout_intervals=5,
+                                           provider_stop_after_missed_receipts=10)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -144,14 +146,14 @@ async def main(args: argparse.Namespace) -> dict:
     chain.fund(private_key_address(keys[1]), token_units=10**12, minter_key=keys[0])
     achain = AsyncChain(chain)
     await trio.sleep(chain.lead_s())
-    provider = Node(NodeConfig(work / "p", keys[2], params=DEMO_PARAMS, name="provider", chain_poll_s=0.3,
+    provider = Node(NodeConfig(work / "p", keys[2], params=PARAMS, name="provider", chain_poll_s=0.3,
                                provider=ProviderSettings(
                                    price_per_gpu_hour=Decimal("0.45"), min_duration_s=5,
                                    max_duration_s=3600, heartbeat_interval_s=1, grace_s=300,
                                    publish_interval_s=0.2, nvml=fake_gpus(PROVIDERS[0]),
                                    docker=DockerSettings(images=(image,), gpus="none", cpus=2.0,
                                                          memory_mib=1024))), achain)
-    renter = Node(NodeConfig(work / "r", keys[1], params=DEMO_PARAMS, name="renter", chain_poll_s=0.3),
+    renter = Node(NodeConfig(work / "r", keys[1], params=PARAMS, name="renter", chain_poll_s=0.3),
                   achain)
     control = ControlServer(renter, renter.data_dir)
     sock = str(renter.data_dir / SOCKET_NAME)

@@ -21,10 +21,9 @@ from node.access import (EXEC_PROTOCOL, MAX_EXEC_FRAME, REFUSED, STDERR, STDOUT,
                          exec_session, parse_refused)
 from node.control import SOCKET_NAME, ControlServer
 from node.node import Node, NodeConfig
-from node.demo import DEMO_PARAMS
 from node.reqresp import read_frame, write_frame
 from tests.docker_image import docker_client, no_daemon_reason
-from tests.node.test_rental_containers import Market, _gone, wait_until
+from tests.node.test_rental_containers import PARAMS, Market, _gone, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(docker_client() is None, reason=no_daemon_reason())
@@ -62,7 +61,7 @@ async def test_exec__run_shell_and_every_refusal(tmp_path):
     market = Market(tmp_path)
     await trio.sleep(market.chain.lead_s())
     provider, renter = market.provider(), market.renter
-    other = Node(NodeConfig(tmp_path / "o", market.keys[3], params=DEMO_PARAMS, name="other",
+    other = Node(NodeConfig(tmp_path / "o", market.keys[3], params=PARAMS, name="other",
                             chain_poll_s=0.3), market.achain)
     control = ControlServer(renter, renter.data_dir)
     sock = str(renter.data_dir / SOCKET_NAME)

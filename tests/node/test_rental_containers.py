@@ -3,6 +3,7 @@ a container per rental, torn down at every end."""
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 
 import pytest
@@ -16,6 +17,10 @@ from protocol.eth import private_key_address
 from tests.docker_image import busybox_image, docker_client, no_daemon_reason
 
 pytestmark = pytest.mark.skipif(docker_client() is None, reason=no_daemon_reason())
+# 1 s heartbeats as in the demo, but patient: creating a container on a loaded 2-core machine with
+# vfs storage takes seconds, during which the renter hears nothing.
+PARAMS = dataclasses.replace(DEMO_PARAMS, renter_heartbeat_timeout_intervals=5,
+                             provider_stop_after_missed_receipts=10)
 
 
 def containers(**labels: str) -> list[dict]:
@@ -39,7 +44,7 @@ class Market:
         self.chain.fund(private_key_address(keys[1]), token_units=10**9, minter_key=keys[0])
         self.achain = AsyncChain(self.chain)
         self.tmp_path, self.keys = tmp_path, keys
-        self.renter = Node(NodeConfig(tmp_path / "r", keys[1], params=DEMO_PARAMS, name="renter",
+        self.renter = Node(NodeConfig(tmp_path / "r", keys[1], params=PARAMS, name="renter",
                                       chain_poll_s=0.3), self.achain)
 
     def provider(self) -> Node:
@@ -48,7 +53,7 @@ class Market:
             heartbeat_interval_s=1, grace_s=300, publish_interval_s=0.2, open_hold_ms=10_000,
             nvml=fake_gpus(PROVIDERS[0]),
             docker=DockerSettings(images=(busybox_image(),), gpus="none", cpus=1.0, memory_mib=256))
-        return Node(NodeConfig(self.tmp_path / "p", self.keys[2], params=DEMO_PARAMS, name="provider",
+        return Node(NodeConfig(self.tmp_path / "p", self.keys[2], params=PARAMS, name="provider",
                                provider=settings, chain_poll_s=0.3), self.achain)
 
     async def rent(self, provider: Node, duration_s: int = 60):
