@@ -324,6 +324,7 @@ async def main(args: argparse.Namespace) -> dict:
         port = _free_port()
         listen = f"/ip4/127.0.0.1/tcp/{port}"
         victim_peer = load_or_create_identity(tmp / "provider" / "identity.seed").peer_id
+        victim_key = victim_peer.extract_public_key().to_bytes()
         victim_addr = f"{listen}/p2p/{victim_peer}"
         provider = start("provider", "provider", "--listen", listen, "--fake-gpus", "4",
                          "--gpu-model", MODEL.name, "--price", str(PRICE), "--heartbeat-interval", "1",
@@ -333,7 +334,8 @@ async def main(args: argparse.Namespace) -> dict:
         renter = start("renter", "renter", "--bootstrap", victim_addr,
                        "--rent", "gpu=RTX_4090", "--duration", "20",
                        "--max-price", str(PRICE), "--rent-every", str(args.rent_every),
-                       "--rent-rounds", str(rounds), "--rent-candidates", "8")
+                       "--rent-rounds", str(rounds), "--rent-candidates", "8",
+                       "--watch-provider", victim_key.hex())
         renter.wait("ready", 60)
         victim = Victim(provider.proc.pid)
         victim.sample()
@@ -355,7 +357,6 @@ async def main(args: argparse.Namespace) -> dict:
             await nursery.start(svc.run)
             synced = await svc.sync([victim_peer])
             print(f"attackers synced from the victim: {synced}", flush=True)
-            victim_key = victim_peer.extract_public_key().to_bytes()
 
             def victim_offer():
                 return svc.book.held(victim_key)
@@ -427,6 +428,10 @@ async def main(args: argparse.Namespace) -> dict:
                       "max": pct([r["search_ms"] for r in rounds_seen], 100)},
         "rent_s": {"p50": pct([r["rent_s"] for r in ok], 50), "max": pct([r["rent_s"] for r in ok], 100)},
         "renter_book": [r["book"] for r in rounds_seen][-1:] or None,
+        # per round: did the renter's book hold the victim's offer, and where did it rank
+        "victim_in_renter_book": [(r.get("watched") or {}).get("held") for r in rounds_seen],
+        "victim_hit_index": [(r.get("watched") or {}).get("hit_index") for r in rounds_seen],
+        "renter_gossip_drops": (rounds_seen[-1].get("drops") if rounds_seen else None),
         "victim": {"up": victim_up, "rss_start_mib": rss0 >> 20,
                    "rss_max_mib": max(s[1] for s in victim.samples) >> 20, "rss_end_mib": rss1 >> 20,
                    "cpu_share": round((cpu1 - cpu0) / max(t1 - t0, 1e-9), 3),
