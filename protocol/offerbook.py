@@ -89,7 +89,7 @@ class Entry:
         "data", "digest", "provider", "seq", "expires_ms", "models", "gpu_count",
         "vram_mib", "vram_gib", "region", "cuda_version", "cc", "token_symbol", "chain_id",
         "escrow", "token_decimals", "price_per_gpu_hour", "price_key", "score", "bucket", "_pkey", "_skey",
-        "body_at", "since_ms",
+        "body_at", "since_ms", "wallet", "proven",
     )
 
     def __init__(self, offer: Offer, data: bytes, digest: bytes, score: float,
@@ -131,6 +131,8 @@ class Entry:
         # since_ms: when this book first held an offer of this provider (kept while it holds
         # one without a break); the keep order puts the longest-held first among equal scores.
         self.since_ms = since_ms
+        self.wallet = offer.binding.wallet  # the provider's bound wallet (its escrow standing)
+        self.proven = False  # the book's one offer of a proven wallet (set by the book)
         self._pkey = (self.price_key, digest)
         self._skey = (score, -since_ms, self.expires_ms, digest)
         self.body_at = body_at  # where the body starts (see validation.offer_header)
@@ -160,6 +162,8 @@ class Entry:
         new.score = score
         new.bucket = None
         new.since_ms = self.since_ms
+        new.wallet = self.wallet
+        new.proven = False  # the book's _replace carries the flag over
         new._pkey = (self.price_key, digest)
         new._skey = (score, -new.since_ms, new.expires_ms, digest)
         return new
@@ -217,6 +221,7 @@ class OfferBook(QueryPlanner):
         params: Params,
         *,
         score_of: Callable[[bytes], float] | None = None,
+        proven_of: Callable[[bytes], bool] | None = None,
         bindings: BindingCache | None = None,
         chain_ids: frozenset[int] | None = None,
         verifier: Verifier = VERIFIER,
@@ -224,6 +229,9 @@ class OfferBook(QueryPlanner):
         self.params = params
         self.verifier = verifier  # decodes and checks signatures of what is ingested
         self.score_of = score_of or (lambda _provider: UNKNOWN_SCORE)
+        # Is this provider wallet proven on the escrow (protocol/standing.py)? The caller calls
+        # `restand(wallets)` whenever the answer changes for some wallets.
+        self.proven_of = proven_of or (lambda _wallet: False)
         self.bindings = bindings if bindings is not None else BindingCache(params.binding_cache_size)
         self.chain_ids = chain_ids
         self._by_provider: dict[bytes, Entry] = {}
@@ -231,6 +239,8 @@ class OfferBook(QueryPlanner):
         self._buckets: dict[tuple, _Bucket] = {}
         self._by_score = SortedList()  # keep order (score, -since_ms, expires_ms, digest) -> Entry
         self._by_since = SortedList()  # (since_ms, provider) -> Entry: the rank sort's tiers
+        # proven wallet -> its held entries by (since_ms, provider); the first is `proven`
+        self._proven: dict[bytes, SortedList] = {}
         self._bytes = 0  # wire bytes of the live offers
         # Called with each entry the caps evict (not expiry, not replacement, not withdrawal):
         # the node deletes its stored copy.
@@ -393,6 +403,11 @@ class OfferBook(QueryPlanner):
         bucket.entries.add(entry._pkey, entry)
         self._by_score.add(entry._skey, entry)
         self._by_since.add((entry.since_ms, entry.provider), entry)
+        ws = self._proven.get(entry.wallet)
+        if ws is None and self.proven_of(entry.wallet):
+            ws = self._proven[entry.wallet] = SortedList()
+        if ws is not None:
+            self._proven_add(ws, entry)
         self._push_expiry(entry)
 
     def _push_expiry(self, entry: Entry) -> None:
@@ -415,6 +430,10 @@ class OfferBook(QueryPlanner):
         self._by_score.replace(held._skey, entry._skey, entry)
         since_key = (held.since_ms, held.provider)  # the same for both: in place
         self._by_since.replace(since_key, since_key, entry)
+        ws = self._proven.get(entry.wallet)  # the same wallet: the body is the same
+        if ws is not None:
+            ws.replace(since_key, since_key, entry)
+            entry.proven, held.proven = held.proven, False
         self._push_expiry(entry)
 
     def _remove(self, entry: Entry) -> None:
@@ -428,7 +447,50 @@ class OfferBook(QueryPlanner):
             del self._buckets[bucket.key]
         self._by_score.remove(entry._skey)
         self._by_since.remove((entry.since_ms, entry.provider))
+        ws = self._proven.get(entry.wallet)
+        if ws is not None:
+            ws.remove((entry.since_ms, entry.provider))
+            if entry.proven:
+                entry.proven = False
+                if len(ws):
+                    ws.first().proven = True
         entry.bucket = None
+
+    def _proven_add(self, ws: SortedList, entry: Entry) -> None:
+        """Add an entry of a proven wallet; the wallet's first by (since_ms, provider) is the
+        one `proven` offer."""
+        first = ws.first() if len(ws) else None
+        ws.add((entry.since_ms, entry.provider), entry)
+        if first is None or (entry.since_ms, entry.provider) < (first.since_ms, first.provider):
+            if first is not None:
+                first.proven = False
+            entry.proven = True
+
+    def restand(self, wallets: set[bytes] | None = None) -> None:
+        """Read again from `proven_of` whether these wallets (default: every wallet held or
+        proven) are proven, and mark each proven wallet's one offer (specs/offerbook.md,
+        "Standing"). One pass over the book when some wallet became proven."""
+        if wallets is None:
+            wallets = set(self._proven) | {e.wallet for e in self._by_provider.values()}
+        became: set[bytes] = set()
+        for w in wallets:
+            now = bool(self.proven_of(w))
+            if now and w not in self._proven:
+                became.add(w)
+            elif not now and w in self._proven:
+                for e in self._proven.pop(w).irange():
+                    e.proven = False
+        if became:
+            for w in became:
+                self._proven[w] = SortedList()
+            for e in self._by_provider.values():
+                ws = self._proven.get(e.wallet) if e.wallet in became else None
+                if ws is not None:
+                    self._proven_add(ws, e)
+
+    def proven_entries(self) -> list[Entry]:
+        """Each proven wallet's one offer (few: every proven wallet was paid on chain)."""
+        return [ws.first() for ws in self._proven.values() if len(ws)]
 
     def rescore(self, provider: bytes | None = None) -> None:
         """Read scores again from `score_of` (all providers, or one)."""

@@ -226,17 +226,22 @@ def _parse_value(field: Field, value: str, col: int, text: str) -> Any:
 UNKNOWN_SCORE = 0.5  # the reputation module's score of a provider with no history
 
 # Tiers of the `rank` sort, best first (specs/offerbook.md, "Ranking").
-TIER_KNOWN_GOOD, TIER_ESTABLISHED, TIER_NEW, TIER_KNOWN_BAD = 0, 1, 2, 3
+TIER_KNOWN_GOOD, TIER_PROVEN, TIER_ESTABLISHED, TIER_NEW, TIER_KNOWN_BAD = 0, 1, 2, 3, 4
 
 
-def rank_tier(score: float, since_ms: int, established_before_ms: int) -> int:
+def rank_tier(score: float, since_ms: int, established_before_ms: int,
+              proven: bool = False) -> int:
     """The `rank` tier of an offer: a provider with a good record (score above unknown) first,
-    then unknown providers the book has held since `established_before_ms` or earlier, then
-    newer unknown ones, then providers with a bad record."""
+    then unknown providers whose wallet is proven on the escrow (`proven`: the book's one
+    offer for that wallet, specs/offerbook.md "Standing"), then unknown providers the book has
+    held since `established_before_ms` or earlier, then newer unknown ones, then providers
+    with a bad record."""
     if score > UNKNOWN_SCORE:
         return TIER_KNOWN_GOOD
     if score < UNKNOWN_SCORE:
         return TIER_KNOWN_BAD
+    if proven:
+        return TIER_PROVEN
     return TIER_ESTABLISHED if since_ms <= established_before_ms else TIER_NEW
 
 
@@ -252,7 +257,8 @@ class Sort:
             if established_before_ms is None:
                 raise LocalProtocolError("bad_argument", "a rank sort needs the current time")
             cut = established_before_ms
-            return lambda e: (rank_tier(e.score, e.since_ms, cut), e.price_key, e.digest)
+            return lambda e: (rank_tier(e.score, e.since_ms, cut, e.proven), e.price_key,
+                              e.digest)
         attr = SORT_FIELDS[self.field]
         if self.field == "price":
             if self.descending:
