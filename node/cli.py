@@ -464,8 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = osub.add_parser("search", help="search the offer book, e.g. 'gpu=RTX_4090 vram>=24 price<=0.60'")
     s.add_argument("query", nargs="?", default="")
     s.add_argument("--sort", default="rank",
-                   help="rank (default: known-good, established, new, known-bad providers, each by "
-                        "price), price, -price, score, -score, vram, count")
+                   help="rank (default: known-good, proven on the escrow, established, new, "
+                        "known-bad providers, each by price), price, -price, score, -score, "
+                        "vram, count")
     s.add_argument("--limit", type=int, default=50)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_offers_search)

@@ -247,7 +247,7 @@ class ControlServer:
         return matches[0]
 
 
-TIER_NAMES = ("known-good", "established", "new", "known-bad")  # query.rank_tier's order
+TIER_NAMES = ("known-good", "proven", "established", "new", "known-bad")  # query.rank_tier's order
 
 
 def offer_row(entry, now: int, established_before_ms: int) -> dict:
@@ -261,7 +261,8 @@ def offer_row(entry, now: int, established_before_ms: int) -> dict:
         "cuda": f"{g.cuda_version // 1000}.{g.cuda_version % 1000 // 10}",
         "price_per_gpu_hour": format_tokens(entry.price_per_gpu_hour, entry.token_decimals),
         "token": o.terms.token_symbol, "score": round(entry.score, 3),
-        "tier": TIER_NAMES[rank_tier(entry.score, entry.since_ms, established_before_ms)],
+        "tier": TIER_NAMES[rank_tier(entry.score, entry.since_ms, established_before_ms,
+                                     entry.proven)],
         "held_s": max(0, (now - entry.since_ms) // 1000),
         "expires_in_s": max(0, (o.expires_ms - now) // 1000),
     }

@@ -60,6 +60,7 @@ from .records import decode_agreement, decode_bindings  # noqa: F401  (re-export
 from .records import PendingAgreement, Rental, encode_agreement
 from .reputation import LocalReputation
 from .resume import RENTER_OPEN_WAIT_S, ResumeMixin  # noqa: F401  (RENTER_OPEN_WAIT_S: re-exported)
+from .standing import EscrowStanding
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,10 @@ class NodeConfig:
     arbiters: frozenset[bytes] = frozenset()
     name: str = "node"
     chain_poll_s: float = 0.5
+    # Provider standing for the rank sort (node/standing.py): escrow events from this block
+    # (the escrow's deployment block; 0 reads the whole chain), in chunks of this many blocks
+    history_from_block: int = 0
+    history_chunk_blocks: int = 10_000
     clock: Clock = SYSTEM_CLOCK  # the node's one clock (node/clock.py)
 
 
@@ -169,6 +174,7 @@ class Node(ChainWatchMixin, ResumeMixin):
         self.rentals: dict[bytes, Rental] = {}
         self.store: Store | None = None
         self.offers: OfferService | None = None
+        self.standing: EscrowStanding | None = None  # provider wallets' escrow standing
         self.publisher: OfferPublisher | None = None
         self.capacity: Capacity | None = None
         self.desk: ProviderDesk | None = None
@@ -217,9 +223,16 @@ class Node(ChainWatchMixin, ResumeMixin):
                 self.reputation = LocalReputation(self.store)
                 await self.reputation.load()
                 # The book keeps (and the node relays) only offers for the chain it serves.
+                self.standing = EscrowStanding(
+                    self.chain, self.params, self.chain.chain.token_address,
+                    from_block=self.config.history_from_block,
+                    chunk_blocks=self.config.history_chunk_blocks, poll_s=self.config.chain_poll_s)
                 self.offers = OfferService(self.host, self.store, self.params, book=OfferBook(
                     self.params, score_of=self.reputation.score_of,
+                    proven_of=self.standing.proven,
                     chain_ids=frozenset({self.chain.chain.chain_id})), now_ms=self.clock.now_ms)
+                self.standing.book = self.offers.book
+                nursery.start_soon(self.standing.run)
                 await nursery.start(self.offers.run)
                 if self.config.provider is not None:
                     await self._start_provider(nursery, self.config.provider)
