@@ -22,7 +22,9 @@ attackers on 127.0.0.1 with real libp2p hosts and raw sockets:
 Every `--rent-every` seconds the renter searches its book (the default rank order, as `offers
 search`) and rents one GPU for 20 s, trying the matches of the victim's GPU model 8 at a time, at
 most 32 (Sybils offer the same model, cheaper). `--attack-delay S` starts the attack S seconds
-after the renter, so that it has rented from the victim before (a known provider). Measured:
+after the renter, so that it has rented from the victim before (a known provider);
+`--provider-history N` gives the victim's wallet N agreements paid by other renters on the
+escrow before the renter starts (a fresh renter can read that standing). Measured:
 honest rents succeeded / tried (all, and those after the attack began), search time p50/p99, rent time, the victim's RSS (start, max, end),
 its CPU share, whether it stayed up, and what each attacker managed to send. The last line
 is JSON. Nothing here is asserted: the figures are reported as measured.
@@ -59,6 +61,7 @@ from node.offers import OFFER_TOPIC, SYNC_PROTOCOL, OfferService, encode_sync_re
 from node.reqresp import close_quietly, encode_uvarint, read_frame, write_frame  # noqa: E402
 from node.rentals import RENTAL_PROTOCOL  # noqa: E402
 from node.wallet import Wallet  # noqa: E402
+from protocol.agreement import AgreementTerms, sign_consent, sign_receipt  # noqa: E402
 from protocol.identity import PeerKey, peer_id_from_public_key  # noqa: E402
 from protocol.messages import Binding  # noqa: E402
 from protocol.params import Params  # noqa: E402
@@ -300,6 +303,28 @@ class Victim:
             return False
 
 
+def provider_history(chain: Chain, wallets: dict, n: int, anvil: AnvilProcess) -> list[int]:
+    """The victim's past: `n` agreements between its wallet and `n` other renter wallets,
+    opened and claimed on the escrow (what n earlier honest rentals leave on chain; the victim
+    node sees Opened events of agreements it does not know, and ignores them). The gas each
+    open + claim used is returned."""
+    gas = []
+    provider = wallets["provider"]
+    for i in range(n):
+        renter = Wallet.from_key(keccak(b"soak past renter %d" % i))
+        anvil.fund(renter.address, 10**21)
+        t = AgreementTerms(provider=provider.address, renter=renter.address,
+                           token=chain.token_address, price_per_second=PRICE, max_seconds=600,
+                           heartbeat_interval=30, grace=600, arbiter=b"\0" * 20, dispute_window=0,
+                           details_hash=keccak(b"soak past %d" % i), open_by=chain.now_s() + 120)
+        chain.fund(renter.address, token_units=t.deposit, minter_key=wallets["deployer"].key)
+        opened = chain.open(renter.key, t, sign_consent(provider.key, chain.domain, t))
+        claimed = chain.claim(provider.key, t, 300,
+                              sign_receipt(renter.key, chain.domain, t.agreement_id(), 300))
+        gas.append(opened.gas_used + claimed.gas_used)
+    return gas
+
+
 async def main(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     with AnvilProcess() as anvil:
@@ -330,6 +355,7 @@ async def main(args: argparse.Namespace) -> dict:
                          "--gpu-model", MODEL.name, "--price", str(PRICE), "--heartbeat-interval", "1",
                          "--grace", "600", "--min-duration", "5")
         provider.wait("ready", 60)
+        history_gas = provider_history(chain, wallets, args.provider_history, anvil)
         rounds = int((args.attack_delay + args.seconds) // args.rent_every)
         renter = start("renter", "renter", "--bootstrap", victim_addr,
                        "--rent", "gpu=RTX_4090", "--duration", "20",
@@ -420,6 +446,8 @@ async def main(args: argparse.Namespace) -> dict:
     return {
         "seconds": args.seconds,
         "attack_delay_s": args.attack_delay,
+        "provider_history": args.provider_history,
+        "provider_history_gas": history_gas,
         "honest_rents": {"ok": len(ok), "tried": len(rounds_seen), "errors": errors},
         "honest_rents_under_attack": {"ok": sum(1 for r in attacked if r.get("ok")),
                                       "tried": len(attacked)},
@@ -453,6 +481,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attack-delay", type=float, default=0.0,
                    help="start the attack this long after the renter (a renter that rented "
                         "before the attack knows the provider: its rank sort puts it first)")
+    p.add_argument("--provider-history", type=int, default=0,
+                   help="before the renter starts, this many agreements between the victim's "
+                        "wallet and as many other renter wallets are opened and claimed on the "
+                        "escrow (a provider with a paid past: 2 or more make its wallet proven, "
+                        "specs/offerbook.md 'Standing'); 0: a provider nobody has paid yet")
     p.add_argument("--progress", action="store_true")
     return p.parse_args(argv)
 
