@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -100,6 +100,18 @@ class PubsubLimits:
     malformed_rpc_penalty: float = 1000.0  # misbehaviour points: graylists at once
     rate_excess_penalty: float = 1.0  # misbehaviour points per message/frame over the limit
     graylisted_frames_before_disconnect: int = 100  # then close the peer's connections
+    # The known-sender lane: messages the application says come from a sender it already
+    # holds valid state for (an offer or withdrawal of a provider in the book: see
+    # ``GuardedPubsub.p2p_known_sender``) are counted against these budgets instead of the
+    # two above, so a relay's flood of new identities cannot starve them. A forged one fails
+    # its signature in the validator and costs the forwarder a REJECT.
+    known_messages_per_second: float = 20.0  # per forwarding peer
+    known_message_burst: float = 40.0
+    known_messages_per_ip_per_second: float = 40.0  # all peers at one IP together
+    known_message_ip_burst: float = 80.0
+    known_messages_per_sender_per_second: float = 1.0  # per (forwarding peer, known sender)
+    known_sender_burst: float = 5.0
+    known_sender_keys: int = 16_384  # (peer, sender) buckets kept
 
 
 class GuardedPubsub(Pubsub):
@@ -136,7 +148,18 @@ class GuardedPubsub(Pubsub):
         self._msg_buckets = KeyedBuckets(limits.messages_per_second, limits.message_burst)
         self._rpc_buckets = KeyedBuckets(limits.rpcs_per_second, limits.rpc_burst)
         self._ip_buckets = KeyedBuckets(limits.messages_per_ip_per_second, limits.message_ip_burst)
+        self._known_buckets = KeyedBuckets(limits.known_messages_per_second,
+                                           limits.known_message_burst)
+        self._known_ip_buckets = KeyedBuckets(limits.known_messages_per_ip_per_second,
+                                              limits.known_message_ip_burst)
+        self._known_sender_buckets = KeyedBuckets(limits.known_messages_per_sender_per_second,
+                                                  limits.known_sender_burst,
+                                                  max_keys=limits.known_sender_keys)
         self._graylisted_frames: Counter[ID] = Counter()
+
+    # Set by the application (node/offers.py): the key of a sender it already holds valid
+    # state for, or None. Called before the signature check: it must only peek at the payload.
+    p2p_known_sender: Callable[[rpc_pb2.Message], Hashable | None] | None = None
 
     # -- penalties ---------------------------------------------------------------------------
 
@@ -252,6 +275,28 @@ class GuardedPubsub(Pubsub):
         counters = self.p2p_counters
         if self._is_msg_seen(msg):  # a duplicate: the cheapest drop, and not the peer's fault
             return False
+        if self._known_lane(peer, ip, msg):
+            counters["p2p.pubsub.admit.known_sender"] += 1
+        elif not self._within_budget(peer, ip):
+            return False
+        penalties = self._penalties()
+        topics = list(msg.topicIDs)
+        if penalties is not None and not penalties.allow_publish(peer, topics):
+            counters["p2p.pubsub.drop.below_publish_threshold"] += 1
+            return False
+        if self.strict_signing and not _signature_ok(msg):
+            # Provably bad: an honest relay verifies before forwarding.
+            counters["p2p.pubsub.reject.bad_signature"] += 1
+            if penalties is not None:
+                for topic in topics:
+                    penalties.record_reject(peer, topic)
+            rlog.info("pubsub.bad_signature", "message with a bad envelope signature from %s", peer)
+            return False
+        return True
+
+    def _within_budget(self, peer: ID, ip: str) -> bool:
+        """The ordinary per-peer and per-IP budgets of new messages."""
+        counters = self.p2p_counters
         if not self._msg_buckets.allow(peer):
             counters["p2p.pubsub.drop.message_rate"] += 1
             self._misbehaved(peer, self.p2p_limits.rate_excess_penalty)
@@ -269,20 +314,17 @@ class GuardedPubsub(Pubsub):
                          "together: dropping before validation", ip,
                          self.p2p_limits.messages_per_ip_per_second)
             return False
-        penalties = self._penalties()
-        topics = list(msg.topicIDs)
-        if penalties is not None and not penalties.allow_publish(peer, topics):
-            counters["p2p.pubsub.drop.below_publish_threshold"] += 1
-            return False
-        if self.strict_signing and not _signature_ok(msg):
-            # Provably bad: an honest relay verifies before forwarding.
-            counters["p2p.pubsub.reject.bad_signature"] += 1
-            if penalties is not None:
-                for topic in topics:
-                    penalties.record_reject(peer, topic)
-            rlog.info("pubsub.bad_signature", "message with a bad envelope signature from %s", peer)
-            return False
         return True
+
+    def _known_lane(self, peer: ID, ip: str, msg: rpc_pb2.Message) -> bool:
+        """Whether a message from a known sender fits the known-sender budgets (per peer, per
+        IP, per peer and sender). One that does not goes through the ordinary budgets."""
+        known = self.p2p_known_sender
+        sender = known(msg) if known is not None else None
+        if sender is None:
+            return False
+        return (self._known_sender_buckets.allow((peer, sender))
+                and self._known_buckets.allow(peer) and self._known_ip_buckets.allow(ip))
 
     async def _disconnect(self, peer: ID) -> None:
         try:

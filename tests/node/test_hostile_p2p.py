@@ -536,3 +536,47 @@ async def test_new_peer_ids_from_one_ip_share_one_message_budget(tmp_path):
         assert 0 < validated <= admitted_bound(elapsed), (validated, elapsed)
         assert victim.host.counters["p2p.pubsub.drop.message_rate_ip"] > 0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_known_providers_reannouncement_is_not_starved_by_relayed_new_identities(tmp_path):
+    """A peer relays a flood of valid offers from fresh identities (a Sybil flood passing
+    through an honest neighbour) and, behind them, the re-announcement of a provider the
+    victim's book already holds. The flood uses up the relay's per-peer message budget; the
+    known provider's offer has a lane of its own (issue 11: before, it was dropped with the
+    flood and the book kept the old offer). A forged "known provider" message takes the same
+    lane and costs the relay a REJECT."""
+    rng = random.Random(11)
+    known_peer, _, known_binding = make_provider(rng)
+    async with trio.open_nursery() as nursery:
+        victim = await start_node(nursery, tmp_path / "victim.db")
+        relay = await start_attacker(nursery)
+        await relay.connect(victim.host.addrs()[0])
+        now = victim.service.now_ms()
+        first = make_offer(known_peer, known_binding, rng, now, seq=1)
+        await send_rpcs(relay, victim.host, [envelope(relay, first.encode(), 0)])
+        await wait_until(lambda: victim.book.held(known_peer.public) is not None, timeout=10)
+        await trio.sleep(2.5)  # the relay's budget refills after that one message
+        flood = []
+        for i in range(150):
+            peer, _, binding = make_provider(rng)
+            flood.append(envelope(relay, make_offer(peer, binding, rng, now, seq=1).encode(), i + 1))
+        again = make_offer(known_peer, known_binding, rng, now, seq=2)
+        await send_rpcs(relay, victim.host, flood + [envelope(relay, again.encode(), 500)])
+        with trio.fail_after(30):  # a hang guard: the outcome is what is checked
+            await wait_until(lambda: victim.book.held(known_peer.public).seq == 2, timeout=20)
+        counters = victim.host.counters
+        print(f"relayed flood of 150 new identities: dropped by the per-peer budget "
+              f"{counters['p2p.pubsub.drop.message_rate']}, known-sender lane "
+              f"{counters['p2p.pubsub.admit.known_sender']}")
+        assert counters["p2p.pubsub.drop.message_rate"] > 0  # the flood did hit the budget
+        assert counters["p2p.pubsub.admit.known_sender"] >= 1
+        # A forgery in the lane: the known provider's key, another body, not its signature
+        forged = make_offer(known_peer, known_binding, rng, now, seq=3)
+        forged = forged.encode()[:-64] + bytes(64)
+        score_before = victim.host.score(relay.peer_id, OFFER_TOPIC)
+        await send_rpcs(relay, victim.host, [envelope(relay, forged, 501)])
+        await wait_until(lambda: victim.service.counters["offers.gossip.reject.bad_signature"] >= 1,
+                         timeout=10)
+        assert victim.host.score(relay.peer_id, OFFER_TOPIC) < score_before
+        assert victim.book.held(known_peer.public).seq == 2
+        nursery.cancel_scope.cancel()
