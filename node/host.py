@@ -83,6 +83,12 @@ Limits (hostile peers; issue 11). All counted in :attr:`GossipHost.counters` (``
   honest peer forwards each offer once, and a message is new only once, so honest peers sharing
   an IP (a devnet on one machine) share that rate too; while a flooder at their IP drains the IP
   budget their new messages are dropped as well, until it is graylisted.
+* Known senders: an offer or withdrawal whose payload names a provider the book holds a valid
+  offer of is counted against a lane of its own instead (per peer 20/s burst 40, per IP 40/s
+  burst 80, per peer and provider 1/s burst 5; beyond those it falls back to the budgets
+  above), so the re-announcements of known providers are not dropped with a relayed flood of
+  new identities. The payload is only peeked at: a forged one fails its signature in the
+  validator and costs the forwarder a REJECT.
 * A bad envelope signature counts as a REJECT (P4) for the forwarder (an honest relay verifies
   before forwarding); py-libp2p dropped it at no cost to the sender.
 * A malformed or truncated pubsub frame resets that stream and graylists the sender; a message
@@ -173,6 +179,14 @@ class GossipConfig:
     message_ip_burst: float = 100.0
     max_rpcs_per_peer_per_second: float = 200.0  # RPC frames of any kind, before parsing
     rpc_burst: float = 400.0
+    # The known-sender lane (node/libp2p_patches.py): offers and withdrawals of providers the
+    # book holds, counted apart from the two budgets above
+    max_known_messages_per_peer_per_second: float = 20.0
+    known_message_burst: float = 40.0
+    max_known_messages_per_ip_per_second: float = 40.0
+    known_message_ip_burst: float = 80.0
+    max_known_messages_per_sender_per_second: float = 1.0  # per (peer, provider)
+    known_sender_burst: float = 5.0
     ignore_allowance_per_second: float = 5.0  # IGNORE verdicts a forwarder may cause for free
     ignore_burst: float = 50.0
     misbehaviour_threshold: float = 20.0  # points tolerated before the score goes down
@@ -206,6 +220,12 @@ class GossipConfig:
             message_ip_burst=self.message_ip_burst,
             rpcs_per_second=self.max_rpcs_per_peer_per_second,
             rpc_burst=self.rpc_burst,
+            known_messages_per_second=self.max_known_messages_per_peer_per_second,
+            known_message_burst=self.known_message_burst,
+            known_messages_per_ip_per_second=self.max_known_messages_per_ip_per_second,
+            known_message_ip_burst=self.known_message_ip_burst,
+            known_messages_per_sender_per_second=self.max_known_messages_per_sender_per_second,
+            known_sender_burst=self.known_sender_burst,
             malformed_rpc_penalty=self.malformed_rpc_penalty,
         )
 
