@@ -481,12 +481,18 @@ class OfferBook(QueryPlanner):
                 for e in self._proven.pop(w).irange():
                     e.proven = False
         if became:
-            for w in became:
-                self._proven[w] = SortedList()
+            found: dict[bytes, list[Entry]] = {w: [] for w in became}
             for e in self._by_provider.values():
-                ws = self._proven.get(e.wallet) if e.wallet in became else None
-                if ws is not None:
-                    self._proven_add(ws, e)
+                mine = found.get(e.wallet)
+                if mine is not None:
+                    mine.append(e)
+            for w, mine in found.items():
+                mine.sort(key=lambda e: (e.since_ms, e.provider))
+                ws = self._proven[w] = SortedList()
+                for e in mine:  # in key order: each add appends
+                    ws.add((e.since_ms, e.provider), e)
+                if mine:
+                    mine[0].proven = True
 
     def proven_entries(self) -> list[Entry]:
         """Each proven wallet's one offer (few: every proven wallet was paid on chain)."""
