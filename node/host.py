@@ -89,6 +89,9 @@ Limits (hostile peers; issue 11). All counted in :attr:`GossipHost.counters` (``
   above), so the re-announcements of known providers are not dropped with a relayed flood of
   new identities. The payload is only peeked at: a forged one fails its signature in the
   validator and costs the forwarder a REJECT.
+* Gossip control: IHAVE and IWANT ids per peer are bounded (duplicates in an RPC dropped; IHAVE
+  10 entries per RPC and 5,000 ids/s; IWANT 500 ids/s, burst 1,000): py-libp2p answered one
+  IWANT naming a cached message 3,000 times with 3,000 copies.
 * A bad envelope signature counts as a REJECT (P4) for the forwarder (an honest relay verifies
   before forwarding); py-libp2p dropped it at no cost to the sender.
 * A malformed or truncated pubsub frame resets that stream and graylists the sender; a message

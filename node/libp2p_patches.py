@@ -12,7 +12,9 @@ go upstream. Counters (``p2p.*``) land in the host's :class:`collections.Counter
    read loop also rate-limits each peer's RPC frames and new messages *before* the envelope
    signature check and before any validator, drops a graylisted peer's frames unparsed (and
    disconnects it if it keeps sending), and penalises bad envelope signatures as REJECTs
-   (py-libp2p drops them silently, at no cost to the sender).
+   (py-libp2p drops them silently, at no cost to the sender). Messages from senders the
+   application already knows (``p2p_known_sender``) have a budget of their own, and the ids in
+   IHAVE/IWANT control entries are deduplicated and bounded per peer.
 2. :func:`guard_stream_handlers`: an exception from any stream handler (ours, identify, ping,
    pubsub, multistream-select) propagated into ``SwarmConn``'s nursery, the swarm's service
    manager, and the node. Now it resets that stream only.
@@ -112,6 +114,16 @@ class PubsubLimits:
     known_messages_per_sender_per_second: float = 1.0  # per (forwarding peer, known sender)
     known_sender_burst: float = 5.0
     known_sender_keys: int = 16_384  # (peer, sender) buckets kept
+    # Gossip control entries per peer (gossipsub v1.1's max_ihave_length / max_ihave_messages,
+    # and a bound on IWANT): duplicates within an RPC are dropped, then at most these many ids
+    # a second (burst the same) and IHAVE entries per RPC are handed to the router; the rest is
+    # dropped and counted. py-libp2p bounded only the number of IHAVE/IWANT control messages per
+    # second, not their ids: one IWANT naming a cached message 15,000 times (a 1 MiB frame) was
+    # answered with 15,000 copies of it.
+    max_ihave_ids_per_second: float = 5000.0
+    max_ihave_messages_per_rpc: int = 10
+    max_iwant_ids_per_second: float = 500.0
+    iwant_id_burst: float = 1000.0
 
 
 class GuardedPubsub(Pubsub):
@@ -155,6 +167,9 @@ class GuardedPubsub(Pubsub):
         self._known_sender_buckets = KeyedBuckets(limits.known_messages_per_sender_per_second,
                                                   limits.known_sender_burst,
                                                   max_keys=limits.known_sender_keys)
+        self._ihave_buckets = KeyedBuckets(limits.max_ihave_ids_per_second,
+                                           limits.max_ihave_ids_per_second)
+        self._iwant_buckets = KeyedBuckets(limits.max_iwant_ids_per_second, limits.iwant_id_burst)
         self._graylisted_frames: Counter[ID] = Counter()
 
     # Set by the application (node/offers.py): the key of a sender it already holds valid
@@ -246,6 +261,7 @@ class GuardedPubsub(Pubsub):
                             self.handle_subscription(peer_id, message)
 
                 if rpc_incoming.HasField("control"):
+                    self._bound_gossip_control(peer_id, rpc_incoming.control)
                     await self.router.handle_rpc(rpc_incoming, peer_id)
 
                 if stream.metric_send_channel is not None:
@@ -293,6 +309,60 @@ class GuardedPubsub(Pubsub):
             rlog.info("pubsub.bad_signature", "message with a bad envelope signature from %s", peer)
             return False
         return True
+
+    def _bound_gossip_control(self, peer: ID, control: rpc_pb2.ControlMessage) -> None:
+        """Cut the IHAVE and IWANT entries of one RPC to the peer's budgets (in place)."""
+        limits = self.p2p_limits
+        counters = self.p2p_counters
+        if control.ihave:
+            entries = list(control.ihave)
+            if len(entries) > limits.max_ihave_messages_per_rpc:
+                counters["p2p.pubsub.drop.ihave_messages"] += len(entries) - limits.max_ihave_messages_per_rpc
+                entries = entries[:limits.max_ihave_messages_per_rpc]
+            kept = self._take_ids(peer, [(e.topicID, list(e.messageIDs)) for e in entries],
+                                  self._ihave_buckets, "ihave")
+            del control.ihave[:]
+            for topic, ids in kept:
+                control.ihave.add(topicID=topic, messageIDs=ids)
+        if control.iwant:
+            kept = self._take_ids(peer, [(None, list(e.messageIDs)) for e in control.iwant],
+                                  self._iwant_buckets, "iwant")
+            del control.iwant[:]
+            for _, ids in kept:
+                control.iwant.add(messageIDs=ids)
+
+    def _take_ids(self, peer: ID, groups: list[tuple[Any, list[bytes]]], buckets: KeyedBuckets,
+                  kind: str) -> list[tuple[Any, list[bytes]]]:
+        """Unique ids from `groups` in order, as many as the peer's bucket has tokens for."""
+        seen: set[bytes] = set()
+        unique: list[tuple[Any, list[bytes]]] = []
+        total = duplicates = 0
+        for key, ids in groups:
+            mine = []
+            for mid in ids:
+                if mid in seen:
+                    duplicates += 1
+                    continue
+                seen.add(mid)
+                mine.append(mid)
+            unique.append((key, mine))
+            total += len(mine)
+        allowed = min(total, int(buckets.tokens(peer)))
+        if allowed:
+            buckets.allow(peer, allowed)
+        if duplicates:
+            self.p2p_counters[f"p2p.pubsub.drop.{kind}_duplicate_ids"] += duplicates
+        if allowed < total:
+            self.p2p_counters[f"p2p.pubsub.drop.{kind}_ids"] += total - allowed
+            rlog.info(f"pubsub.{kind}_ids", "peer %s exceeds %s ids per second: %d dropped",
+                      peer, kind.upper(), total - allowed)
+        out = []
+        for key, ids in unique:
+            if allowed <= 0:
+                break
+            out.append((key, ids[:allowed]))
+            allowed -= len(out[-1][1])
+        return [(k, ids) for k, ids in out if ids]
 
     def _within_budget(self, peer: ID, ip: str) -> bool:
         """The ordinary per-peer and per-IP budgets of new messages."""

@@ -580,3 +580,59 @@ async def test_a_known_providers_reannouncement_is_not_starved_by_relayed_new_id
         assert victim.host.score(relay.peer_id, OFFER_TOPIC) < score_before
         assert victim.book.held(known_peer.public).seq == 2
         nursery.cancel_scope.cancel()
+
+
+async def test_ihave_and_iwant_entries_are_bounded_per_peer(tmp_path):
+    """Gossip control entries (gossipsub v1.1's max_ihave_length / max_ihave_messages): one
+    IWANT naming a cached message 3,000 times was answered with 3,000 copies of it (py-libp2p
+    limits IWANT messages per second, not the ids in them); one IHAVE of 20,000 unknown ids
+    was answered with an IWANT for all of them (20,000 here). Now duplicates are dropped and each peer gets
+    at most its per-second budget of ids."""
+    from libp2p.pubsub.mcache import default_msg_id_fn
+
+    rng = random.Random(12)
+    peer, _, binding = make_provider(rng)
+    async with trio.open_nursery() as nursery:
+        victim = await start_node(nursery, tmp_path / "victim.db")
+        attacker = await start_attacker(nursery)
+        await attacker.connect(victim.host.addrs()[0])
+        data = make_offer(peer, binding, rng, victim.service.now_ms(), seq=1).encode()
+        await send_rpcs(attacker, victim.host, [envelope(attacker, data, 1)])
+        await wait_until(lambda: victim.book.held(peer.public) is not None, timeout=10)
+        router = victim.host.gossipsub
+        sent_to_attacker: list[int] = []
+        wanted: list[int] = []
+        send_rpc, emit_iwant = router.send_rpc, router.emit_iwant
+
+        def spy_send(to, packet, *a, **kw):
+            if to == attacker.peer_id and packet.publish:
+                sent_to_attacker.append(len(packet.publish))
+            return send_rpc(to, packet, *a, **kw)
+
+        async def spy_iwant(ids, to, *a, **kw):
+            if to == attacker.peer_id:
+                wanted.append(len(ids))
+            return await emit_iwant(ids, to, *a, **kw)
+
+        router.send_rpc = spy_send
+        router.emit_iwant = spy_iwant
+        # py-libp2p's mcache keys messages by its default id (from + seqno), not by the
+        # content id the node configures; an IWANT must name that key to hit the cache
+        mid = default_msg_id_fn(envelope(attacker, data, 1))
+        stream = await attacker.host.new_stream(victim.host.peer_id, [PROTOCOL_ID_V12])
+        iwant = rpc_pb2.RPC(control=rpc_pb2.ControlMessage(
+            iwant=[rpc_pb2.ControlIWant(messageIDs=[mid] * 3000)]))
+        await stream.write(frame(iwant.SerializeToString()))
+        ihave = rpc_pb2.RPC(control=rpc_pb2.ControlMessage(ihave=[rpc_pb2.ControlIHave(
+            topicID=OFFER_TOPIC, messageIDs=[rng.randbytes(32) for _ in range(20_000)])]))
+        await stream.write(frame(ihave.SerializeToString()))
+        await wait_until(lambda: sent_to_attacker and wanted, timeout=10)
+        await trio.sleep(0.5)
+        counters = victim.host.counters
+        print(f"IWANT x3000 of one id: {sum(sent_to_attacker)} copies sent; IHAVE of 20,000 ids: "
+              f"IWANT for {sum(wanted)}; dropped {dict((k, v) for k, v in counters.items() if 'ids' in k)}")
+        assert sum(sent_to_attacker) == 1
+        assert sum(wanted) <= 5000
+        assert counters["p2p.pubsub.drop.iwant_duplicate_ids"] == 2999
+        assert counters["p2p.pubsub.drop.ihave_ids"] >= 15_000
+        nursery.cancel_scope.cancel()
