@@ -60,7 +60,7 @@ from .records import decode_agreement, decode_bindings  # noqa: F401  (re-export
 from .records import PendingAgreement, Rental, encode_agreement
 from .reputation import LocalReputation
 from .resume import RENTER_OPEN_WAIT_S, ResumeMixin  # noqa: F401  (RENTER_OPEN_WAIT_S: re-exported)
-from .standing import EscrowStanding
+from .standing import STANDING_POLL_S, EscrowStanding
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,8 @@ class Node(ChainWatchMixin, ResumeMixin):
                 self.standing = EscrowStanding(
                     self.chain, self.params, self.chain.chain.token_address,
                     from_block=self.config.history_from_block,
-                    chunk_blocks=self.config.history_chunk_blocks, poll_s=self.config.chain_poll_s)
+                    chunk_blocks=self.config.history_chunk_blocks,
+                    poll_s=max(self.config.chain_poll_s, STANDING_POLL_S))
                 self.offers = OfferService(self.host, self.store, self.params, book=OfferBook(
                     self.params, score_of=self.reputation.score_of,
                     proven_of=self.standing.proven,

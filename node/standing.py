@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 rlog = RateLimitedLog(log, burst=3, interval=60.0)
 
 
+# Standing changes take minutes to matter (a payout, then a renter's next search); polling the
+# chain slower than the chain watcher leaves the chain client's one worker thread to the
+# rentals' own calls.
+STANDING_POLL_S = 5.0
+
+
 class EscrowStanding:
     def __init__(self, chain: AsyncChain, params: Params, token: bytes, *, from_block: int = 0,
                  chunk_blocks: int = 10_000, poll_s: float = 1.0,
@@ -77,4 +83,4 @@ class EscrowStanding:
         return len(changed)
 
 
-__all__ = ["EscrowStanding"]
+__all__ = ["STANDING_POLL_S", "EscrowStanding"]
