@@ -23,7 +23,9 @@ Indexes: entries are grouped in buckets by every low-cardinality fact a query ca
 (model tokens, GPU count, VRAM, region, CUDA, compute capability, token, chain); a query decides
 each bucket once, then takes a price range from the bucket, which is kept sorted by price. A
 global index by the keep order (score, -since, expiry) serves score filters and sorts, the
-eviction policy and the `rank` sort's known-good and known-bad tiers.
+eviction policy and the `rank` sort's known-good and known-bad tiers. For each wallet that
+`proven_of` says is proven on the escrow (protocol/standing.py), a list of its held offers by
+(since, provider) marks the first as the wallet's one `proven` offer (the rank's tier 1).
 """
 
 from __future__ import annotations
