@@ -130,6 +130,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from node.identity import NodeIdentity
 from node.libp2p_patches import ConnLimitsConfig, GuardedPubsub, PubsubLimits, apply_host_patches
+from node.libp2p_perf import BatchedYamux, FastGossipSub, FastPubsub, quiet_libp2p_debug
 from node.ratelimit import KeyedBuckets, RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,9 @@ class HostConfig:
     max_inbound_per_ip: int = 32  # concurrent inbound connections from one IP address
     max_inbound_per_peer: int = 3  # concurrent inbound connections of one peer id
     gossip: GossipConfig = field(default_factory=GossipConfig)
+    # py-libp2p CPU fixes (node/libp2p_perf.py); False = upstream's yamux, pubsub frame reads,
+    # peer records and IDONTWANT, for comparison benchmarks and the patched/unpatched interop test
+    fast_gossip: bool = True
 
     def conn_limits(self) -> ConnLimitsConfig:
         return ConnLimitsConfig(max_inbound_per_ip=self.max_inbound_per_ip,
@@ -352,6 +356,10 @@ class ScoredGossipSub(GossipSub):
         await super().handle_graft(graft_msg, sender_peer_id)
 
 
+class FastScoredGossipSub(FastGossipSub, ScoredGossipSub):
+    """ScoredGossipSub with node/libp2p_perf.py's IDONTWANT threshold."""
+
+
 class GossipHost:
     """A libp2p host with our gossipsub router; run it with ``await nursery.start(node.run)``."""
 
@@ -360,11 +368,14 @@ class GossipHost:
         self.config = config
         self._listen = [multiaddr.Multiaddr(a) for a in config.listen_addrs]
         self.counters: Counter[str] = Counter()  # p2p.* events: refusals, drops, penalties
+        fast = config.fast_gossip
         self.host: IHost = build_libp2p_host(identity, self._listen, config.negotiate_timeout,
-                                             mdns=config.mdns)
+                                             mdns=config.mdns, fast_yamux=fast)
         apply_host_patches(self.host, conn_limits=config.conn_limits(), counters=self.counters)
+        if fast:
+            quiet_libp2p_debug()
         g = config.gossip
-        self.gossipsub = ScoredGossipSub(
+        self.gossipsub = (FastScoredGossipSub if fast else ScoredGossipSub)(
             protocols=list(GOSSIPSUB_PROTOCOLS),
             degree=g.degree,
             degree_low=g.degree_low,
@@ -379,7 +390,7 @@ class GossipHost:
         )
         # GossipSub builds a plain PeerScorer; swap in ours before anything is scored.
         self.gossipsub.scorer = RejectOnlyScorer(g.score_params(), g)
-        self.pubsub = GuardedPubsub(
+        self.pubsub = (FastPubsub if fast else GuardedPubsub)(
             self.host,
             self.gossipsub,
             strict_signing=True,
@@ -531,14 +542,15 @@ class GossipHost:
 
 def build_libp2p_host(
     identity: NodeIdentity, listen_addrs: Sequence[multiaddr.Multiaddr], negotiate_timeout: int = 5,
-    *, mdns: bool = False,
+    *, mdns: bool = False, fast_yamux: bool = True,
 ) -> IHost:
-    """A BasicHost with Noise as the ONLY security transport and yamux as the only muxer."""
+    """A BasicHost with Noise as the ONLY security transport and yamux as the only muxer
+    (:class:`node.libp2p_perf.BatchedYamux` unless ``fast_yamux`` is False)."""
     noise = NoiseTransport(identity.key_pair, noise_privkey=create_x25519_key_pair().private_key)
     return new_host(
         key_pair=identity.key_pair,
         sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
-        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): BatchedYamux if fast_yamux else Yamux},
         listen_addrs=listen_addrs,
         negotiate_timeout=negotiate_timeout,
         enable_mDNS=mdns,

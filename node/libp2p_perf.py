@@ -1,0 +1,314 @@
+"""CPU fixes for py-libp2p 0.8.1's gossip path: fewer frames, fewer signatures, no dead logging.
+
+The sibling of :mod:`node.libp2p_patches` (hostile-peer fixes), applied from the same place,
+:class:`node.host.GossipHost` (``HostConfig.fast_gossip``, on by default), in the same way:
+subclasses we instantiate ourselves, nothing patched process-wide. Pinned to py-libp2p 0.8.1
+(:func:`node.libp2p_patches.check_libp2p_version`). Wire compatibility: every frame and protobuf
+these classes send is one py-libp2p 0.8.1 could send (tests/interop runs them against js-libp2p
+and against unpatched py-libp2p).
+
+Measured before (issue 16): one gossiped 750-byte offer cost a node with 6 mesh peers 12.7-22.5
+ms of CPU: 37-43 transport frames in and 39-42 out and ~515 trio task steps per message.
+Figures after: tests/benchmarks/bench_gossip_cpu.py and README.md ("What the node changes in
+py-libp2p").
+
+Each patch, as it could be proposed upstream (docs/upstream/libp2p-gossip-cpu.md has the
+maintainers' version of each):
+
+1. :class:`BatchedYamux` / :class:`BatchedYamuxStream`: yamux receive-window credit is returned
+   when half the window is owed, not after every ``read()``.
+   Upstream (``stream_muxer/yamux/yamux.py``): ``_auto_tune_and_send_window_update`` has
+   go-yamux's half-window hysteresis, but its ``PY_YAMUX_RELEASE_ON_READ`` branch (on unless an
+   environment variable says otherwise) sends a WINDOW_UPDATE for the bytes of every read that
+   did not reach the threshold: one extra frame, an extra Noise encryption and a write-lock
+   pass per read, each way. go-yamux (``sendWindowUpdate``) and js-yamux send credit only when
+   at least half the window is owed, so this is also what a peer expects. The arithmetic runs
+   without ``window_lock``: it does not await, and under trio a block without an await is atomic,
+   so the lock bought nothing but a scheduling point. ``_write_frame`` decoded every outgoing
+   header to build a DEBUG f-string even with DEBUG off; here that happens only when the
+   muxer's logger is enabled for DEBUG.
+2. :class:`FrameReader` (used by :class:`FastPubsub`): pubsub reads its RPC frames from a buffer
+   filled by reads of whatever the stream has (up to 64 KiB), instead of the length prefix one
+   byte per ``read(1)`` and then the body. Upstream (``utils/varint.py``,
+   ``read_varint_prefixed_bytes_limited``): 2-4 stream reads per RPC, each through the stream's
+   state lock, the muxer's stream lock and (with 1.) a window update. Same limits and errors:
+   the length is checked against the maximum before any body is buffered (``MessageTooLarge``),
+   an over-long varint is a ``ParseError``, the end of stream mid-frame an
+   ``IncompleteReadError``.
+3. :class:`FastPubsub`: the signed peer record (``senderRecord``, 216 bytes, a py-libp2p-only
+   field of the pubsub RPC) is sent once per stream and verified once per distinct record.
+   Upstream: every RPC (each forwarded message, each IDONTWANT/IHAVE/GRAFT) carries it, and each
+   receiver verifies its ed25519 signature and updates the certified address book for every RPC,
+   control RPCs twice (``continuously_read_stream`` and ``GossipSub.handle_rpc``): about 80 us
+   per send and 76 us per receive, measured. Here ``write_msg`` omits the record when this stream
+   has already carried the same bytes (the first RPC on a stream, and the first after our record
+   changes, still carry it), and the read loop skips verification when a peer resends the record
+   it last sent us and that we verified less than ``PEER_RECORD_REVERIFY_S`` ago (so the
+   address book's 2-hour TTL is still refreshed), and clears the field before the router sees the
+   RPC. A changed or new record is verified exactly as upstream does; a bad one still drops the
+   RPC. go-libp2p and js-libp2p do not send the field at all and ignore it.
+4. :class:`FastGossipSub`: IDONTWANT only for received messages whose data is at least
+   ``IDONTWANT_MIN_BYTES`` (1 KiB, go-libp2p's default threshold), never for our own publishes.
+   Upstream (``GossipSub.publish``): an IDONTWANT RPC to every v1.2 mesh peer for every message,
+   including the ones we publish; for a 750-byte offer that is 5 RPCs out and 5 in per message
+   per node, each costing more than the duplicate it saves. The gossipsub v1.2 spec makes
+   IDONTWANT an optimisation for large messages; nothing requires it for small ones.
+5. :func:`quiet_libp2p_debug`: the ``libp2p`` logger stays at INFO unless it is configured
+   explicitly (or ``GPUMARKET_LIBP2P_DEBUG=1``), so that turning on DEBUG for the node
+   (``--debug``, or a root logger at DEBUG in tests) does not make py-libp2p format ~40 DEBUG
+   records per message. Upstream: use ``%``-style arguments (or ``isEnabledFor``) in hot paths,
+   as 1. does for ``_write_frame``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import time
+from collections import OrderedDict
+from typing import Any
+
+import trio
+from libp2p.exceptions import ParseError
+from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.utils import maybe_consume_signed_record
+from libp2p.stream_muxer.yamux import yamux as _yamux
+from libp2p.stream_muxer.yamux.yamux import (
+    HEADER_SIZE, TYPE_WINDOW_UPDATE, YAMUX_HEADER_FORMAT, Yamux, YamuxStream,
+)
+
+from node.libp2p_patches import GuardedPubsub, check_libp2p_version
+
+check_libp2p_version()
+
+log = logging.getLogger(__name__)
+_yamux_log = _yamux.logger  # the muxer's own logger: its DEBUG switch is the user's to set
+
+READ_CHUNK = 64 * 1024  # bytes asked of the stream per read (= yamux's largest DATA frame)
+IDONTWANT_MIN_BYTES = 1024  # go-libp2p's GossipSubIDontWantMessageThreshold
+PEER_RECORD_REVERIFY_S = 600.0  # re-verify (and refresh the 2 h address-book TTL) this often
+MAX_REMEMBERED_RECORDS = 4096  # peers whose last verified record we remember
+
+
+# --------------------------------------------------------------------------------------------
+# 1. yamux: window credit at half the window; no header decoding for a disabled DEBUG line
+# --------------------------------------------------------------------------------------------
+
+
+class BatchedYamuxStream(YamuxStream):
+    """A yamux stream that returns receive-window credit only when half the window is owed
+    (go-yamux's rule). See the module docstring, item 1."""
+
+    def _owed_credit(self) -> int:
+        """Credit to send now (0: not yet); updates ``recv_window`` for what it returns."""
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        owed = self.target_recv_window - (self.recv_window + buffered)  # read, not yet credited
+        if owed <= 0 or owed < self.target_recv_window // 2:
+            return 0
+        self.recv_window += owed
+        self._pending_recv_release = 0
+        return owed + self._apply_autotune_epoch(buffered)
+
+    async def _auto_tune_and_send_window_update(self, *, bytes_read: int = 0) -> None:
+        increment = self._owed_credit()
+        if increment > 0:
+            await self.send_window_update(increment)
+
+
+class BatchedYamux(Yamux):
+    """The yamux muxer whose streams are :class:`BatchedYamuxStream` (``new_host`` takes the
+    muxer class in ``muxer_opt``). Streams are created inside upstream's ``open_stream`` and
+    ``handle_incoming``; their class changes before the stream is handed to its user, which is
+    the only caller of ``read`` (the only method that differs)."""
+
+    async def open_stream(self) -> YamuxStream:
+        return _batched(await super().open_stream())
+
+    async def accept_stream(self) -> Any:
+        return _batched(await super().accept_stream())
+
+    async def _write_frame(self, data: bytes) -> None:
+        if _yamux_log.isEnabledFor(logging.DEBUG):
+            await super()._write_frame(data)
+            return
+        async with self._write_lock:
+            await self.secured_conn.write(data)
+        await trio.lowlevel.checkpoint()
+
+
+def _batched(stream: Any) -> Any:
+    if type(stream) is YamuxStream:
+        stream.__class__ = BatchedYamuxStream
+    return stream
+
+
+def window_update_frame(stream_id: int, increment: int) -> bytes:
+    """A WINDOW_UPDATE header as yamux sends it (tests count these on the wire)."""
+    return struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_WINDOW_UPDATE, 0, stream_id, increment)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. pubsub frames from a buffer
+# --------------------------------------------------------------------------------------------
+
+
+class FrameReader:
+    """Varint-length-prefixed frames from a stream, read in chunks of what the stream has.
+
+    ``read_frame`` returns one frame's body. The maximum length is checked as soon as the prefix
+    is complete, before the body is waited for; at most one partial frame plus one chunk is ever
+    buffered."""
+
+    def __init__(self, stream: Any, max_length: int, chunk: int = READ_CHUNK) -> None:
+        if max_length <= 0:
+            raise ValueError("max_length must be greater than 0")
+        self._stream = stream
+        self._max = max_length
+        self._chunk = chunk
+        self._buf = bytearray()
+        self.reads = 0  # stream reads so far (tests compare it with upstream's)
+
+    def _next_frame(self) -> bytes | None:
+        buf = self._buf
+        length = 0
+        shift = 0
+        for i in range(min(len(buf), 10)):
+            byte = buf[i]
+            length |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                start = i + 1
+                break
+            shift += 7
+        else:
+            if len(buf) >= 10:
+                raise ParseError("Varint decoding error: integer exceeds maximum size of 64 bits")
+            return None  # prefix incomplete
+        if length > self._max:
+            raise MessageTooLarge(f"Message length {length} exceeds maximum allowed {self._max}")
+        end = start + length
+        if len(buf) < end:
+            return None
+        frame = bytes(buf[start:end])
+        del buf[:end]
+        return frame
+
+    async def read_frame(self) -> bytes:
+        while True:
+            frame = self._next_frame()
+            if frame is not None:
+                return frame
+            data = await self._stream.read(self._chunk)
+            self.reads += 1
+            if not data:
+                raise IncompleteReadError("Stream ended inside a length-prefixed frame",
+                                          expected_bytes=1, received_bytes=0)
+            self._buf += data
+
+
+# --------------------------------------------------------------------------------------------
+# 3. pubsub: the signed peer record once per stream, verified once per distinct record
+# --------------------------------------------------------------------------------------------
+
+
+class FastPubsub(GuardedPubsub):
+    """:class:`GuardedPubsub` with buffered frame reads (item 2) and the signed peer record sent
+    once per stream and verified once per distinct record (item 3)."""
+
+    def _frame_reader(self, stream: Any) -> Any:
+        return FrameReader(stream, self.max_inbound_rpc_size)
+
+    def _consume_sender_record(self, rpc: rpc_pb2.RPC, peer: ID) -> bool:
+        if not rpc.HasField("senderRecord"):
+            return True
+        records = self._verified_records()
+        record = rpc.senderRecord
+        known = records.get(peer)
+        now = time.monotonic()
+        if known is not None and known[0] == record and now - known[1] < PEER_RECORD_REVERIFY_S:
+            self.p2p_counters["p2p.pubsub.peer_record.reused"] += 1
+        else:
+            if not maybe_consume_signed_record(rpc, self.host, peer):
+                records.pop(peer, None)
+                return False
+            self.p2p_counters["p2p.pubsub.peer_record.verified"] += 1
+            records[peer] = (record, now)
+            records.move_to_end(peer)
+            while len(records) > MAX_REMEMBERED_RECORDS:
+                records.popitem(last=False)
+        rpc.ClearField("senderRecord")  # consumed: GossipSub.handle_rpc would verify it again
+        return True
+
+    def _verified_records(self) -> OrderedDict[ID, tuple[bytes, float]]:
+        records = self.__dict__.get("_p2p_records")
+        if records is None:
+            records = self._p2p_records = OrderedDict()
+        return records
+
+    def _handle_dead_peer(self, peer_id: ID) -> None:
+        super()._handle_dead_peer(peer_id)
+        self._verified_records().pop(peer_id, None)
+
+    async def write_msg(self, stream: Any, rpc_msg: rpc_pb2.RPC) -> bool:
+        # Each RPC handed to write_msg is this stream's own copy (GossipSub.send_rpc copies per
+        # peer; the other callers build one per peer), so clearing the field touches no other.
+        if rpc_msg.senderRecord:
+            record = rpc_msg.senderRecord
+            if getattr(stream, "_p2p_sent_record", None) == record:
+                rpc_msg.ClearField("senderRecord")
+            else:
+                stream._p2p_sent_record = record
+        return await super().write_msg(stream, rpc_msg)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. gossipsub: IDONTWANT only for large received messages
+# --------------------------------------------------------------------------------------------
+
+
+class FastGossipSub(GossipSub):
+    """GossipSub that sends IDONTWANT only for received messages of at least
+    ``idontwant_min_bytes`` of data (item 4). A mixin-friendly subclass: put it before any other
+    GossipSub subclass in the bases."""
+
+    idontwant_min_bytes: int = IDONTWANT_MIN_BYTES
+    _p2p_idontwant_for: bytes | None = None
+
+    async def publish(self, msg_forwarder: ID, pubsub_msg: rpc_pb2.Message) -> None:
+        wanted = (self.pubsub is not None and msg_forwarder != self.pubsub.my_id
+                  and len(pubsub_msg.data) >= self.idontwant_min_bytes)
+        # Compared by id in _emit_idontwant_for_message: a stale value can only skip an IDONTWANT
+        # (an optimisation), never send one for the wrong message.
+        self._p2p_idontwant_for = self.pubsub.get_message_id(pubsub_msg) if wanted else None
+        await super().publish(msg_forwarder, pubsub_msg)
+
+    async def _emit_idontwant_for_message(self, msg_id: bytes, topic_ids: Any) -> None:
+        if msg_id != self._p2p_idontwant_for:
+            return
+        self._p2p_idontwant_for = None
+        await super()._emit_idontwant_for_message(msg_id, topic_ids)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. py-libp2p's DEBUG logging stays off unless asked for
+# --------------------------------------------------------------------------------------------
+
+
+def quiet_libp2p_debug() -> None:
+    """Set the ``libp2p`` logger to INFO if nobody configured its level (NOTSET) and
+    ``GPUMARKET_LIBP2P_DEBUG`` is not 1: its children inherit it, so a root logger at DEBUG no
+    longer reaches py-libp2p's per-frame DEBUG lines. An explicit level is left alone."""
+    if os.environ.get("GPUMARKET_LIBP2P_DEBUG") == "1":
+        return
+    logger = logging.getLogger("libp2p")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
+__all__ = [
+    "BatchedYamux", "BatchedYamuxStream", "FastGossipSub", "FastPubsub", "FrameReader",
+    "HEADER_SIZE", "IDONTWANT_MIN_BYTES", "quiet_libp2p_debug", "window_update_frame",
+]
