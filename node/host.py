@@ -130,7 +130,9 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from node.identity import NodeIdentity
 from node.libp2p_patches import ConnLimitsConfig, GuardedPubsub, PubsubLimits, apply_host_patches
-from node.libp2p_perf import BatchedYamux, FastGossipSub, FastPubsub, quiet_libp2p_debug
+from node.libp2p_perf import (
+    BatchedYamux, FastGossipSub, FastPubsub, quiet_libp2p_debug, use_configured_muxer,
+)
 from node.ratelimit import KeyedBuckets, RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -373,6 +375,7 @@ class GossipHost:
                                              mdns=config.mdns, fast_yamux=fast)
         apply_host_patches(self.host, conn_limits=config.conn_limits(), counters=self.counters)
         if fast:
+            use_configured_muxer(self.host)
             quiet_libp2p_debug()
         g = config.gossip
         self.gossipsub = (FastScoredGossipSub if fast else ScoredGossipSub)(

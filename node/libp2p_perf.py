@@ -76,10 +76,11 @@ from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.utils import maybe_consume_signed_record
+from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
 from libp2p.stream_muxer.yamux import yamux as _yamux
-from libp2p.stream_muxer.yamux.yamux import (
-    HEADER_SIZE, TYPE_WINDOW_UPDATE, YAMUX_HEADER_FORMAT, Yamux, YamuxStream,
-)
+from libp2p.stream_muxer.yamux.yamux import HEADER_SIZE, TYPE_WINDOW_UPDATE, YAMUX_HEADER_FORMAT
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 from node.libp2p_patches import GuardedPubsub, check_libp2p_version
 
@@ -123,7 +124,8 @@ class BatchedYamux(Yamux):
     """The yamux muxer whose streams are :class:`BatchedYamuxStream` (``new_host`` takes the
     muxer class in ``muxer_opt``). Streams are created inside upstream's ``open_stream`` and
     ``handle_incoming``; their class changes before the stream is handed to its user, which is
-    the only caller of ``read`` (the only method that differs)."""
+    the only caller of ``read`` (the only method that differs). Needs
+    :func:`use_configured_muxer` on the host (upstream ignores the configured yamux class)."""
 
     async def open_stream(self) -> YamuxStream:
         return _batched(await super().open_stream())
@@ -144,6 +146,39 @@ def _batched(stream: Any) -> Any:
     if type(stream) is YamuxStream:
         stream.__class__ = BatchedYamuxStream
     return stream
+
+
+class ConfiguredMuxerMultistream(MuxerMultistream):
+    """Upstream bug (``stream_muxer/muxer_multistream.py``, ``new_conn``): when yamux is
+    negotiated the connection is built with the hard-coded ``Yamux`` class, ignoring the class
+    given in ``new_host(muxer_opt=...)`` (mplex and others use it). Upstream fix: construct
+    ``transport_class`` in the yamux branch too. Without this, :class:`BatchedYamux` is never
+    used."""
+
+    async def new_conn(self, conn: Any, peer_id: ID) -> Any:
+        protocol, transport_class = await self._selector.select(
+            conn, conn.is_initiator, self.negotiate_timeout)
+        if protocol == YAMUX_PROTOCOL_ID and issubclass(transport_class, Yamux):
+            muxed = transport_class(conn, peer_id, is_initiator=conn.is_initiator,
+                                    on_close=_no_op)
+        else:
+            muxed = transport_class(conn, peer_id)
+        return self._annotate_connection(muxed, conn, protocol)
+
+
+async def _no_op() -> None:
+    pass
+
+
+def use_configured_muxer(host: Any) -> None:
+    """Move this host's muxer negotiator onto :class:`ConfiguredMuxerMultistream` (``new_host``
+    builds it; a subclass adds no slots, so ``__class__`` assignment is allowed). Idempotent;
+    any other class is refused rather than silently left as it is."""
+    negotiator = host.get_network().upgrader.muxer_multistream
+    if type(negotiator) is MuxerMultistream:
+        negotiator.__class__ = ConfiguredMuxerMultistream
+    elif not isinstance(negotiator, ConfiguredMuxerMultistream):
+        raise TypeError(f"cannot patch a {type(negotiator).__name__}: expected MuxerMultistream")
 
 
 def window_update_frame(stream_id: int, increment: int) -> bytes:
@@ -309,6 +344,7 @@ def quiet_libp2p_debug() -> None:
 
 
 __all__ = [
-    "BatchedYamux", "BatchedYamuxStream", "FastGossipSub", "FastPubsub", "FrameReader",
-    "HEADER_SIZE", "IDONTWANT_MIN_BYTES", "quiet_libp2p_debug", "window_update_frame",
+    "BatchedYamux", "BatchedYamuxStream", "ConfiguredMuxerMultistream", "FastGossipSub", "FastPubsub", "FrameReader",
+    "HEADER_SIZE", "IDONTWANT_MIN_BYTES", "quiet_libp2p_debug", "use_configured_muxer",
+    "window_update_frame",
 ]
