@@ -73,6 +73,7 @@ import trio
 from libp2p.exceptions import ParseError
 from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
 from libp2p.peer.id import ID
+from libp2p.pubsub.exceptions import NoPubsubAttached
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.utils import maybe_consume_signed_record
@@ -305,26 +306,74 @@ class FastPubsub(GuardedPubsub):
 
 
 class FastGossipSub(GossipSub):
-    """GossipSub that sends IDONTWANT only for received messages of at least
-    ``idontwant_min_bytes`` of data (item 4). A mixin-friendly subclass: put it before any other
-    GossipSub subclass in the bases."""
+    """GossipSub that forwards without building a signed peer record per message (item 3) and
+    sends IDONTWANT only for received messages of at least ``idontwant_min_bytes`` of data
+    (item 4). A mixin-friendly subclass: put it before any other GossipSub subclass in the bases.
+
+    :meth:`publish` is upstream's (0.8.1) with two changes, marked: the forwarded RPC carries no
+    ``senderRecord`` (upstream called ``env_to_send_in_RPC`` for every message: 70-115 us, most
+    of it ``host.get_addrs()``, and on a relay line about a fifth of all CPU once the frame count
+    was down; the record reaches each peer in the hello RPC of our stream and, through
+    :meth:`FastPubsub.write_msg`, whenever it changes), and IDONTWANT goes out only for a
+    received message of at least ``idontwant_min_bytes`` of data."""
 
     idontwant_min_bytes: int = IDONTWANT_MIN_BYTES
-    _p2p_idontwant_for: bytes | None = None
 
     async def publish(self, msg_forwarder: ID, pubsub_msg: rpc_pb2.Message) -> None:
-        wanted = (self.pubsub is not None and msg_forwarder != self.pubsub.my_id
-                  and len(pubsub_msg.data) >= self.idontwant_min_bytes)
-        # Compared by id in _emit_idontwant_for_message: a stale value can only skip an IDONTWANT
-        # (an optimisation), never send one for the wrong message.
-        self._p2p_idontwant_for = self.pubsub.get_message_id(pubsub_msg) if wanted else None
-        await super().publish(msg_forwarder, pubsub_msg)
-
-    async def _emit_idontwant_for_message(self, msg_id: bytes, topic_ids: Any) -> None:
-        if msg_id != self._p2p_idontwant_for:
+        if not self._check_spam_protection(msg_forwarder, pubsub_msg):
             return
-        self._p2p_idontwant_for = None
-        await super()._emit_idontwant_for_message(msg_id, topic_ids)
+        if not self._check_equivocation(pubsub_msg):
+            return
+        self.mcache.put(pubsub_msg)
+        pubsub = self.pubsub
+        if pubsub is None:
+            raise NoPubsubAttached
+        msg_id = pubsub.get_message_id(pubsub_msg)
+        origin = ID(pubsub_msg.from_id)
+        peers_gen = self._get_peers_to_send(
+            pubsub_msg.topicIDs, msg_forwarder=msg_forwarder, origin=origin, msg_id=msg_id)
+        rpc_msg = rpc_pb2.RPC(publish=[pubsub_msg])  # changed: no senderRecord
+
+        # changed: IDONTWANT only for a received message of idontwant_min_bytes or more
+        if msg_forwarder != pubsub.my_id and len(pubsub_msg.data) >= self.idontwant_min_bytes:
+            await self._emit_idontwant_for_message(msg_id, pubsub_msg.topicIDs)
+
+        await self._notify_observers(pubsub_msg.topicIDs, msg_id)
+
+        scorer = self.scorer
+        topics = list(pubsub_msg.topicIDs)
+        for peer_id in peers_gen:
+            if peer_id not in pubsub.peers:
+                continue
+            if scorer is not None and not scorer.allow_publish(peer_id, topics):
+                continue
+            self.send_rpc(peer_id, rpc_msg)
+
+        # Upstream: queue the message for peers whose identify or subscription is pending.
+        queued_peers: set[ID] = set()
+        skip = (msg_forwarder, origin)
+        now = time.time()
+        for topic in pubsub_msg.topicIDs:
+            if topic in pubsub.peer_topics:
+                for peer_id in pubsub.peer_topics[topic]:
+                    if peer_id in skip:
+                        continue
+                    if (peer_id not in self.peer_protocol and peer_id not in self.direct_peers
+                            and peer_id not in queued_peers):
+                        self._prune_pending_messages(peer_id)
+                        self._pending_messages[peer_id].append((now, rpc_msg))
+                        queued_peers.add(peer_id)
+            for peer_id in pubsub.peers:
+                if peer_id in skip or peer_id in self.direct_peers or peer_id in queued_peers:
+                    continue
+                if topic not in pubsub.peer_topics or peer_id not in pubsub.peer_topics[topic]:
+                    self._prune_pending_messages(peer_id)
+                    self._pending_messages[peer_id].append((now, rpc_msg))
+                    queued_peers.add(peer_id)
+
+        for topic in pubsub_msg.topicIDs:
+            self.time_since_last_publish[topic] = int(now)
+            self.recent_message_deliveries[topic].append(now)
 
 
 # --------------------------------------------------------------------------------------------
