@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import time
 from collections import OrderedDict
 from typing import Any
@@ -79,7 +78,6 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.utils import maybe_consume_signed_record
 from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
 from libp2p.stream_muxer.yamux import yamux as _yamux
-from libp2p.stream_muxer.yamux.yamux import HEADER_SIZE, TYPE_WINDOW_UPDATE, YAMUX_HEADER_FORMAT
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
@@ -180,11 +178,6 @@ def use_configured_muxer(host: Any) -> None:
         negotiator.__class__ = ConfiguredMuxerMultistream
     elif not isinstance(negotiator, ConfiguredMuxerMultistream):
         raise TypeError(f"cannot patch a {type(negotiator).__name__}: expected MuxerMultistream")
-
-
-def window_update_frame(stream_id: int, increment: int) -> bytes:
-    """A WINDOW_UPDATE header as yamux sends it (tests count these on the wire)."""
-    return struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_WINDOW_UPDATE, 0, stream_id, increment)
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,7 +386,6 @@ def quiet_libp2p_debug() -> None:
 
 
 __all__ = [
-    "BatchedYamux", "BatchedYamuxStream", "ConfiguredMuxerMultistream", "FastGossipSub", "FastPubsub", "FrameReader",
-    "HEADER_SIZE", "IDONTWANT_MIN_BYTES", "quiet_libp2p_debug", "use_configured_muxer",
-    "window_update_frame",
+    "IDONTWANT_MIN_BYTES", "BatchedYamux", "BatchedYamuxStream", "ConfiguredMuxerMultistream",
+    "FastGossipSub", "FastPubsub", "FrameReader", "quiet_libp2p_debug", "use_configured_muxer",
 ]

@@ -85,6 +85,10 @@ def worker(args) -> None:
             plan = await readline()
             t0 = plan["t0"]
             mine = plan["publish"]  # [[offset_s, index], ...]
+            expect = plan["expect"]
+            all_in = trio.Event()
+            if expect <= 0:
+                all_in.set()
 
             async def reader():
                 nonlocal received
@@ -95,11 +99,18 @@ def worker(args) -> None:
                     stamp = float(msg.data.split(b":", 2)[1])
                     latencies.append(time.time() - stamp)
                     received += 1
+                    if received >= expect:
+                        all_in.set()
 
             nursery.start_soon(reader)
             await trio.sleep(max(0.0, t0 - plan["idle"] - time.time()))
             idle0 = time.process_time()
             await trio.sleep(max(0.0, t0 - time.time()))
+            profile = None
+            if args.profile:  # cProfile (CPU time) of this node's window, for finding costs
+                import cProfile
+                profile = cProfile.Profile(time.process_time)
+                profile.enable()
             cpu0 = time.process_time()
             idle_rate = (cpu0 - idle0) / plan["idle"]
             received = 0
@@ -113,11 +124,13 @@ def worker(args) -> None:
             # until every message has arrived (or the cap), then the tail: a relay's last
             # forward happens after its last receipt
             with trio.move_on_at(trio.current_time() + max(0.0, t0 + plan["cap"] - time.time())):
-                while received < plan["expect"]:
-                    await trio.sleep(0.01)
+                await all_in.wait()  # an event, not polling: a poll costs CPU inside the window
             await trio.sleep(plan["drain"])
             cpu = time.process_time() - cpu0
             window = time.time() - t0
+            if profile is not None:
+                profile.disable()
+                profile.dump_stats(args.profile)
             latencies.sort()
             send({"cpu_s": cpu, "window_s": window, "idle_cpu_per_s": idle_rate,
                   "received": received, "published": published, "mesh": len(node.mesh_peers(TOPIC)),
@@ -142,8 +155,16 @@ def run_phase(kind: str, fast: bool, args, procs_out: list) -> dict:
     n = args.mesh_nodes if kind == "mesh" else args.line_nodes
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     cmd = [sys.executable, __file__, "--worker", "--fast", "1" if fast else "0"]
-    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env=env) for _ in range(n)]
+
+    def profile_of(i):
+        if not args.profile_dir:
+            return []
+        os.makedirs(args.profile_dir, exist_ok=True)
+        name = f"{kind}_{'patched' if fast else 'unpatched'}_node{i}.prof"
+        return ["--profile", os.path.join(args.profile_dir, name)]
+
+    procs = [subprocess.Popen(cmd + profile_of(i), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=env) for i in range(n)]
     procs_out.extend(procs)
 
     def tell(p, obj):
@@ -241,7 +262,8 @@ def main(args) -> None:
     phases = {}
     try:
         for kind in args.kinds.split(","):
-            for fast in (False, True):
+            for fast in {"both": (False, True), "patched": (True,),
+                         "unpatched": (False,)}[args.variants]:
                 key = f"{kind}_{'patched' if fast else 'unpatched'}"
                 phases[key] = run_phase(kind, fast, args, procs)
                 r = phases[key]
@@ -254,7 +276,7 @@ def main(args) -> None:
             if p.poll() is None:
                 p.kill()
     ratios = {}
-    for kind in args.kinds.split(","):
+    for kind in args.kinds.split(",") if args.variants == "both" else ():
         u, f = phases[f"{kind}_unpatched"], phases[f"{kind}_patched"]
         if u["cpu_ms_per_msg"] and f["cpu_ms_per_msg"]:
             ratios[kind] = round(u["cpu_ms_per_msg"] / f["cpu_ms_per_msg"], 2)
@@ -262,7 +284,7 @@ def main(args) -> None:
     print("unpatched/patched CPU per message:", ratios)
     result = {
         "bench": "gossip_cpu",
-        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "fast")},
+        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "fast", "profile")},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
@@ -291,6 +313,10 @@ if __name__ == "__main__":
                     help="window tail after a node's last expected message")
     ap.add_argument("--cap", type=float, default=20.0,
                     help="a node stops waiting for messages this long after the last publish")
+    ap.add_argument("--variants", default="both", choices=("both", "patched", "unpatched"))
+    ap.add_argument("--profile-dir", default="",
+                    help="write each node's cProfile of its window here (inflates the figures)")
+    ap.add_argument("--profile", default="", help=argparse.SUPPRESS)
     ap.add_argument("--budget", type=float, default=300.0, help="watchdog: whole run, seconds")
     a = ap.parse_args()
     if a.worker:
