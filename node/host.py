@@ -7,6 +7,10 @@ only security transport; gossipsub's heartbeat is 120 s by default, we use 1 s w
 Transport: TCP + Noise + yamux (the combination that interoperates with js-libp2p). Identify and
 ping come with ``BasicHost``'s default protocols. Bootstrap peers are dialled in parallel, each
 under its own deadline (``host.connect`` costs about 250 ms even on loopback).
+``HostConfig.fast_gossip`` (on) applies node/libp2p_perf.py's CPU fixes to py-libp2p's yamux,
+pubsub and gossipsub (window credit at half the window, buffered RPC frame reads, the signed peer
+record once per stream, IDONTWANT only for messages >= 1 KiB); the frames and protobufs on the
+wire stay ones py-libp2p, go and js accept (tests/interop).
 
 Gossipsub, as set by :class:`GossipConfig`:
 
