@@ -17,7 +17,9 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import ParseError
 from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
+from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
@@ -326,7 +328,54 @@ async def test_patched_mesh_sends_fewer_frames_per_message_than_upstream():
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. logging, and the version pin
+# 6. each message's signature verified once; copies in flight dropped
+# ---------------------------------------------------------------------------------------------
+
+
+def signed_message(host: GossipHost, data: bytes, seqno: int) -> rpc_pb2.Message:
+    msg = rpc_pb2.Message(from_id=host.peer_id.to_bytes(), data=data,
+                          seqno=seqno.to_bytes(8, "big"), topicIDs=[TOPIC])
+    key = host.identity.key_pair
+    msg.signature = key.private_key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
+    msg.key = key.public_key.serialize()
+    return msg
+
+
+@pytest.mark.parametrize("config, checks_per_message, dropped", [
+    (PATCHED, 1, 1), (UNPATCHED, 3, 0)])
+async def test_a_message_is_verified_once_and_its_copy_in_flight_dropped(
+        monkeypatch, config, checks_per_message, dropped):
+    """One RPC carrying the same signed message twice (as two mesh peers' copies arriving
+    together would): patched, one signature check and the copy dropped before any work;
+    upstream (our guard's check, then push_msg's for each copy), three checks."""
+    checks = Counter()
+    for module in (libp2p_patches, pubsub_module):
+        inner = module.signature_validator
+
+        def counted(msg, inner=inner):
+            checks["signature"] += 1
+            return inner(msg)
+
+        monkeypatch.setattr(module, "signature_validator", counted)
+    async with running_hosts(2, config) as (sender, victim):
+        sub = await victim.subscribe(TOPIC)
+        await sender.connect(victim.addrs()[0])
+        with trio.fail_after(5):
+            while sender.peer_id not in victim.pubsub.peers:
+                await trio.sleep(0.02)
+        msg = signed_message(sender, b"one message, two copies", 1)
+        stream = await sender.host.new_stream(victim.peer_id, [TProtocol("/meshsub/1.2.0")])
+        payload = rpc_pb2.RPC(publish=[msg, msg]).SerializeToString()
+        await stream.write(encode_uvarint(len(payload)) + payload)
+        with trio.fail_after(5):
+            assert (await sub.get()).data == msg.data
+        await trio.sleep(0.2)  # the second copy's task, if any, has run
+        assert checks["signature"] == checks_per_message
+        assert victim.counters["p2p.pubsub.drop.duplicate_in_flight"] == dropped
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. logging, and the version pin
 # ---------------------------------------------------------------------------------------------
 
 
