@@ -239,8 +239,7 @@ class GuardedPubsub(Pubsub):
 
                 for msg in rpc_incoming.publish:
                     if self._is_subscribed_to_msg(msg) and self._admit(peer_id, ip, msg):
-                        if self.manager.is_running:
-                            self.manager.run_task(self._push_msg_guarded, peer_id, msg)
+                        await self._dispatch(peer_id, msg)
 
                 if rpc_incoming.subscriptions:
                     if len(rpc_incoming.subscriptions) > self.max_subscriptions_per_rpc:
@@ -269,6 +268,12 @@ class GuardedPubsub(Pubsub):
             log.debug("pubsub stream from %s closed", peer_id)
         except (StreamError, IOException, RawConnError) as error:
             log.debug("pubsub stream from %s failed: %r", peer_id, error)
+
+    async def _dispatch(self, peer: ID, msg: rpc_pb2.Message) -> None:
+        """Hand an admitted message on to validation and forwarding: upstream spawns a task for
+        each (``push_msg``)."""
+        if self.manager.is_running:
+            self.manager.run_task(self._push_msg_guarded, peer, msg)
 
     def _frame_reader(self, stream: INetStream) -> Any:
         """Where the read loop gets its RPC frames: upstream's reader (length prefix byte by

@@ -60,6 +60,13 @@ maintainers' version of each):
    and a message counts as seen only after validation, so in a mesh the copies arriving from
    other peers meanwhile are each verified and each spawn a task that drops them. go-libp2p and
    nim-libp2p drop duplicates during validation the same way.
+8. :class:`FastPubsub` once more: a received message whose topic validators are all synchronous
+   is validated and forwarded in the stream's read loop, not in a task of its own. Upstream
+   (``continuously_read_stream``) spawns one ``push_msg`` task per message through the service
+   manager (5-6% of a relay's CPU, measured) and so has no backpressure: a peer's messages
+   become tasks as fast as its frames are read. Inline, validation and forwarding (which only
+   queue RPCs) finish before the next frame of that peer is read; order per peer is kept. A
+   message with an async validator (which may wait up to 5 s) is still spawned as upstream.
 7. :func:`quiet_libp2p_debug`: the ``libp2p`` logger stays at INFO unless it is configured
    explicitly (or ``GPUMARKET_LIBP2P_DEBUG=1``), so that turning on DEBUG for the node
    (``--debug``, or a root logger at DEBUG in tests) does not make py-libp2p format ~40 DEBUG
@@ -294,6 +301,14 @@ class FastPubsub(GuardedPubsub):
             return False
         in_flight.add(msg_id)
         return True
+
+    async def _dispatch(self, peer: ID, msg: rpc_pb2.Message) -> None:
+        # item 8: validate and forward in the read loop when every validator is synchronous
+        if any(v.is_async for v in self.get_msg_validators(msg)):
+            await super()._dispatch(peer, msg)  # a slow validator must not stall this stream
+        elif self.manager.is_running:
+            self.p2p_counters["p2p.pubsub.inline"] += 1
+            await self._push_msg_guarded(peer, msg)
 
     async def _push_msg_guarded(self, peer: ID, msg: rpc_pb2.Message) -> None:
         try:

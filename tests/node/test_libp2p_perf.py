@@ -341,13 +341,17 @@ def signed_message(host: GossipHost, data: bytes, seqno: int) -> rpc_pb2.Message
     return msg
 
 
-@pytest.mark.parametrize("config, checks_per_message, dropped", [
-    (PATCHED, 1, 1), (UNPATCHED, 3, 0)])
+@pytest.mark.parametrize("config, slow_validator, checks_per_message, dropped_in_flight", [
+    (PATCHED, False, 1, 0), (PATCHED, True, 1, 1), (UNPATCHED, False, 3, 0),
+    (UNPATCHED, True, 4, 0)])
 async def test_a_message_is_verified_once_and_its_copy_in_flight_dropped(
-        monkeypatch, config, checks_per_message, dropped):
+        monkeypatch, config, slow_validator, checks_per_message, dropped_in_flight):
     """One RPC carrying the same signed message twice (as two mesh peers' copies arriving
-    together would): patched, one signature check and the copy dropped before any work;
-    upstream (our guard's check, then push_msg's for each copy), three checks."""
+    together would). Patched: one signature check; with synchronous validators the first copy is
+    validated in the read loop, so the second is already "seen"; with a slow async validator
+    the second copy arrives while the first is in flight and is dropped at once. Upstream: our
+    guard's check for each copy plus push_msg's for the first (3), and with the slow validator
+    push_msg's for the second too, since the first is not yet "seen" (4)."""
     checks = Counter()
     for module in (libp2p_patches, pubsub_module):
         inner = module.signature_validator
@@ -359,6 +363,12 @@ async def test_a_message_is_verified_once_and_its_copy_in_flight_dropped(
         monkeypatch.setattr(module, "signature_validator", counted)
     async with running_hosts(2, config) as (sender, victim):
         sub = await victim.subscribe(TOPIC)
+        if slow_validator:
+            async def slow(forwarder, msg):
+                await trio.sleep(0.1)
+                return True
+
+            victim.pubsub.set_topic_validator(TOPIC, slow, is_async_validator=True)
         await sender.connect(victim.addrs()[0])
         with trio.fail_after(5):
             while sender.peer_id not in victim.pubsub.peers:
@@ -369,9 +379,12 @@ async def test_a_message_is_verified_once_and_its_copy_in_flight_dropped(
         await stream.write(encode_uvarint(len(payload)) + payload)
         with trio.fail_after(5):
             assert (await sub.get()).data == msg.data
-        await trio.sleep(0.2)  # the second copy's task, if any, has run
+        await trio.sleep(0.3)  # the second copy's task, if any, has run
         assert checks["signature"] == checks_per_message
-        assert victim.counters["p2p.pubsub.drop.duplicate_in_flight"] == dropped
+        assert victim.counters["p2p.pubsub.drop.duplicate_in_flight"] == dropped_in_flight
+        # item 8: validated in the read loop unless a validator is async
+        inline = 1 if config.fast_gossip and not slow_validator else 0
+        assert victim.counters["p2p.pubsub.inline"] == inline
 
 
 # ---------------------------------------------------------------------------------------------
