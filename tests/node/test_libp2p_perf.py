@@ -432,3 +432,27 @@ def test_the_patches_refuse_another_libp2p_version():
     libp2p_patches.check_libp2p_version("0.8.1")
     with pytest.raises(RuntimeError, match="written for py-libp2p 0.8.1, found 0.9.0"):
         libp2p_patches.check_libp2p_version("0.9.0")
+
+
+def test_scorer_fast_path_gives_upstreams_topic_score():
+    """RejectOnlyScorer skips the P1-P3 terms when their weights are 0 (node/host.py): the score
+    is the same as upstream's formula, and with a P1 weight the full formula is used."""
+    from libp2p.peer.id import ID
+    from libp2p.pubsub.score import PeerScorer, TopicScoreParams
+
+    from node.host import GossipConfig, RejectOnlyScorer
+
+    peer = ID(b"\x00\x24" + bytes(36))
+    config = GossipConfig()
+    for params in (config.score_params(),
+                   replace(config.score_params(),
+                           p1_time_in_mesh=TopicScoreParams(weight=0.5, cap=10.0, decay=1.0))):
+        scorer = RejectOnlyScorer(params, config)
+        scorer.time_in_mesh[peer]["t"] = 4.0
+        scorer.first_message_deliveries[peer]["t"] = 3.0
+        scorer.record_reject(peer, "t")
+        scorer.record_reject(peer, "t")
+        scorer.record_misbehaviour(peer, 25.0)  # 5 over the threshold
+        upstream = PeerScorer.topic_score(scorer, peer, "t") - scorer.misbehaviour_penalty(peer)
+        assert scorer.topic_score(peer, "t") == upstream
+        assert upstream == -2.0 - 5.0 + 0.5 * 4.0 * (params.p1_time_in_mesh.weight > 0)
