@@ -27,7 +27,10 @@ maintainers' version of each):
    so the lock bought nothing but a scheduling point. ``_write_frame`` decoded every outgoing
    header to build a DEBUG f-string even with DEBUG off; here that happens only when the
    muxer's logger is enabled for DEBUG.
-2. :class:`FrameReader` (used by :class:`FastPubsub`): pubsub reads its RPC frames from a buffer
+2. :class:`ConfiguredMuxerMultistream`: the yamux class given to ``new_host`` is the one
+   used. Upstream (``stream_muxer/muxer_multistream.py``, ``new_conn``) builds every yamux
+   connection with the hard-coded ``Yamux``, so without this 1. never runs.
+3. :class:`FrameReader` (used by :class:`FastPubsub`): pubsub reads its RPC frames from a buffer
    filled by reads of whatever the stream has (up to 64 KiB), instead of the length prefix one
    byte per ``read(1)`` and then the body. Upstream (``utils/varint.py``,
    ``read_varint_prefixed_bytes_limited``): 2-4 stream reads per RPC, each through the stream's
@@ -35,7 +38,7 @@ maintainers' version of each):
    the length is checked against the maximum before any body is buffered (``MessageTooLarge``),
    an over-long varint is a ``ParseError``, the end of stream mid-frame an
    ``IncompleteReadError``.
-3. :class:`FastPubsub`: the signed peer record (``senderRecord``, 216 bytes, a py-libp2p-only
+4. :class:`FastPubsub`: the signed peer record (``senderRecord``, 216 bytes, a py-libp2p-only
    field of the pubsub RPC) is sent once per stream and verified once per distinct record.
    Upstream: every RPC (each forwarded message, each IDONTWANT/IHAVE/GRAFT) carries it, and each
    receiver verifies its ed25519 signature and updates the certified address book for every RPC,
@@ -47,7 +50,7 @@ maintainers' version of each):
    address book's 2-hour TTL is still refreshed), and clears the field before the router sees the
    RPC. A changed or new record is verified exactly as upstream does; a bad one still drops the
    RPC. go-libp2p and js-libp2p do not send the field at all and ignore it.
-4. :class:`FastGossipSub`: IDONTWANT only for received messages whose data is at least
+5. :class:`FastGossipSub`: IDONTWANT only for received messages whose data is at least
    ``IDONTWANT_MIN_BYTES`` (1 KiB, go-libp2p's default threshold), never for our own publishes.
    Upstream (``GossipSub.publish``): an IDONTWANT RPC to every v1.2 mesh peer for every message,
    including the ones we publish; for a 750-byte offer that is 5 RPCs out and 5 in per message
@@ -60,18 +63,19 @@ maintainers' version of each):
    and a message counts as seen only after validation, so in a mesh the copies arriving from
    other peers meanwhile are each verified and each spawn a task that drops them. go-libp2p and
    nim-libp2p drop duplicates during validation the same way.
-8. :class:`FastPubsub` once more: a received message whose topic validators are all synchronous
+7. :class:`FastPubsub` once more: a received message whose topic validators are all synchronous
    is validated and forwarded in the stream's read loop, not in a task of its own. Upstream
    (``continuously_read_stream``) spawns one ``push_msg`` task per message through the service
    manager (5-6% of a relay's CPU, measured) and so has no backpressure: a peer's messages
    become tasks as fast as its frames are read. Inline, validation and forwarding (which only
    queue RPCs) finish before the next frame of that peer is read; order per peer is kept. A
    message with an async validator (which may wait up to 5 s) is still spawned as upstream.
-7. :func:`quiet_libp2p_debug`: the ``libp2p`` logger stays at INFO unless it is configured
+8. :func:`quiet_libp2p_debug`: the ``libp2p`` logger stays at INFO unless it is configured
    explicitly (or ``GPUMARKET_LIBP2P_DEBUG=1``), so that turning on DEBUG for the node
    (``--debug``, or a root logger at DEBUG in tests) does not make py-libp2p format ~40 DEBUG
    records per message. Upstream: use ``%``-style arguments (or ``isEnabledFor``) in hot paths,
    as 1. does for ``_write_frame``.
+
 """
 
 from __future__ import annotations
@@ -110,7 +114,8 @@ MAX_REMEMBERED_RECORDS = 4096  # peers whose last verified record we remember
 
 
 # --------------------------------------------------------------------------------------------
-# 1. yamux: window credit at half the window; no header decoding for a disabled DEBUG line
+# 1-2. yamux: window credit at half the window; no header decoding for a disabled DEBUG
+# line; the configured yamux class used
 # --------------------------------------------------------------------------------------------
 
 
@@ -196,7 +201,7 @@ def use_configured_muxer(host: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# 2. pubsub frames from a buffer
+# 3. pubsub frames from a buffer
 # --------------------------------------------------------------------------------------------
 
 
@@ -254,13 +259,14 @@ class FrameReader:
 
 
 # --------------------------------------------------------------------------------------------
-# 3. pubsub: the signed peer record once per stream, verified once per distinct record
+# 4, 6, 7. pubsub: the signed peer record once per stream, verified once per distinct record;
+# each message's signature checked once; no task per message
 # --------------------------------------------------------------------------------------------
 
 
 class FastPubsub(GuardedPubsub):
-    """:class:`GuardedPubsub` with buffered frame reads (item 2) and the signed peer record sent
-    once per stream and verified once per distinct record (item 3)."""
+    """:class:`GuardedPubsub` with buffered frame reads (item 3) and the signed peer record sent
+    once per stream and verified once per distinct record (item 4); items 6 and 7 below."""
 
     def _frame_reader(self, stream: Any) -> Any:
         return FrameReader(stream, self.max_inbound_rpc_size)
@@ -286,7 +292,7 @@ class FastPubsub(GuardedPubsub):
         rpc.ClearField("senderRecord")  # consumed: GossipSub.handle_rpc would verify it again
         return True
 
-    # -- item 6: each message validated once, duplicates in flight dropped -----------------
+    # -- item 6: each message's signature verified once, duplicates in flight dropped ------
 
     def _admit(self, peer: ID, ip: str, msg: rpc_pb2.Message) -> bool:
         msg_id = self._msg_id_constructor(msg)
@@ -303,7 +309,7 @@ class FastPubsub(GuardedPubsub):
         return True
 
     async def _dispatch(self, peer: ID, msg: rpc_pb2.Message) -> None:
-        # item 8: validate and forward in the read loop when every validator is synchronous
+        # item 7: validate and forward in the read loop when every validator is synchronous
         if any(v.is_async for v in self.get_msg_validators(msg)):
             await super()._dispatch(peer, msg)  # a slow validator must not stall this stream
         elif self.manager.is_running:
@@ -378,14 +384,15 @@ class FastPubsub(GuardedPubsub):
 
 
 # --------------------------------------------------------------------------------------------
-# 4. gossipsub: IDONTWANT only for large received messages
+# 4-5. gossipsub: no peer record built per forwarded message; IDONTWANT only for large
+# received messages
 # --------------------------------------------------------------------------------------------
 
 
 class FastGossipSub(GossipSub):
-    """GossipSub that forwards without building a signed peer record per message (item 3) and
+    """GossipSub that forwards without building a signed peer record per message (item 4) and
     sends IDONTWANT only for received messages of at least ``idontwant_min_bytes`` of data
-    (item 4). A mixin-friendly subclass: put it before any other GossipSub subclass in the bases.
+    (item 5). A mixin-friendly subclass: put it before any other GossipSub subclass in the bases.
 
     :meth:`publish` is upstream's (0.8.1) with two changes, marked: the forwarded RPC carries no
     ``senderRecord`` (upstream called ``env_to_send_in_RPC`` for every message: 70-115 us, most
@@ -454,7 +461,7 @@ class FastGossipSub(GossipSub):
 
 
 # --------------------------------------------------------------------------------------------
-# 7. py-libp2p's DEBUG logging stays off unless asked for
+# 8. py-libp2p's DEBUG logging stays off unless asked for
 # --------------------------------------------------------------------------------------------
 
 

@@ -65,7 +65,7 @@ async def read_all(stream, n: int) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. yamux: window credit at half the window (and the configured muxer class is used)
+# 1-2. yamux: window credit at half the window (and the configured muxer class is used)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -132,7 +132,7 @@ async def test_a_transfer_of_four_windows_still_flows_with_batched_credit():
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. pubsub frames from a buffer
+# 3. pubsub frames from a buffer
 # ---------------------------------------------------------------------------------------------
 
 
@@ -189,8 +189,8 @@ async def test_frame_reader_keeps_upstreams_limits_and_errors():
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. the signed peer record: once per stream, verified once per distinct record
-# 4. IDONTWANT only for received messages of 1 KiB or more
+# 4. the signed peer record: once per stream, verified once per distinct record
+# 5. IDONTWANT only for received messages of 1 KiB or more
 # ---------------------------------------------------------------------------------------------
 
 
@@ -328,7 +328,7 @@ async def test_patched_mesh_sends_fewer_frames_per_message_than_upstream():
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. each message's signature verified once; copies in flight dropped
+# 6-7. each message's signature verified once; copies in flight dropped; no task per message
 # ---------------------------------------------------------------------------------------------
 
 
@@ -382,13 +382,13 @@ async def test_a_message_is_verified_once_and_its_copy_in_flight_dropped(
         await trio.sleep(0.3)  # the second copy's task, if any, has run
         assert checks["signature"] == checks_per_message
         assert victim.counters["p2p.pubsub.drop.duplicate_in_flight"] == dropped_in_flight
-        # item 8: validated in the read loop unless a validator is async
+        # item 7: validated in the read loop unless a validator is async
         inline = 1 if config.fast_gossip and not slow_validator else 0
         assert victim.counters["p2p.pubsub.inline"] == inline
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. logging, and the version pin
+# 8. logging, and the version pin
 # ---------------------------------------------------------------------------------------------
 
 
