@@ -27,6 +27,12 @@ go upstream. Counters (``p2p.*``) land in the host's :class:`collections.Counter
    ERROR once per event (e.g. a traceback per failed inbound connection); a filter limits each
    (logger, message) to a few lines per minute plus a count.
 
+CPU fixes for the gossip path (issue 16: frame amplification, a signed peer record on every RPC,
+IDONTWANT for small messages, DEBUG f-strings) live in the sibling :mod:`node.libp2p_perf` and are
+applied from the same place (:class:`node.host.GossipHost`). Both modules are written against
+py-libp2p 0.8.1 (several overrides copy or depend on its private methods) and refuse to load
+against another version (:func:`check_libp2p_version`).
+
 Why not py-libp2p's resource manager (``libp2p/rcmgr``) for item 3 (read in 0.8.1, not adopted):
 it cannot say "N per remote IP": its ``CIDRLimiter`` keeps one aggregate count per configured
 network (a ``0.0.0.0/0`` rule caps all inbound connections together, and a per-IP cap would need
@@ -45,6 +51,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import libp2p
 import trio
 from google.protobuf.message import DecodeError
 from libp2p.abc import IMuxedConn, INetStream
@@ -68,6 +75,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 rlog = RateLimitedLog(log, burst=5, interval=60.0)
+
+LIBP2P_VERSION = "0.8.1"
+"""The py-libp2p release these patches were written and tested against."""
+
+
+def check_libp2p_version(version: str | None = None) -> None:
+    """Refuse to run the patches on another py-libp2p: they override (and in places copy) its
+    private methods, and a silent mismatch would change behaviour nobody has tested. Moving to
+    a new release means re-reading each patch against it, re-running tests/node/test_hostile_p2p.py,
+    tests/node/test_libp2p_perf.py and tests/interop, then changing :data:`LIBP2P_VERSION`."""
+    found = version if version is not None else getattr(libp2p, "__version__", "unknown")
+    if found != LIBP2P_VERSION:
+        raise RuntimeError(
+            f"node/libp2p_patches.py and node/libp2p_perf.py are written for py-libp2p "
+            f"{LIBP2P_VERSION}, found {found}: re-check each patch against it before changing "
+            f"LIBP2P_VERSION")
+
+
+check_libp2p_version()
 
 
 class PeerPenalties(Protocol):
@@ -216,9 +242,10 @@ class GuardedPubsub(Pubsub):
         ip = _stream_ip(stream)
         limits = self.p2p_limits
         counters = self.p2p_counters
+        frames = self._frame_reader(stream)
         try:
             while self.manager.is_running:
-                incoming = await read_varint_prefixed_bytes_limited(stream, self.max_inbound_rpc_size)
+                incoming = await frames.read_frame()
                 # Cheapest checks first, before the frame is even parsed.
                 if self._graylisted(peer_id):
                     counters["p2p.pubsub.drop.graylisted_rpc"] += 1
@@ -244,14 +271,13 @@ class GuardedPubsub(Pubsub):
                 rpc_incoming = rpc_pb2.RPC()
                 rpc_incoming.ParseFromString(incoming)  # DecodeError: handled in stream_handler
 
-                if not maybe_consume_signed_record(rpc_incoming, self.host, peer_id):
+                if not self._consume_sender_record(rpc_incoming, peer_id):
                     counters["p2p.pubsub.drop.bad_peer_record"] += 1
                     continue
 
                 for msg in rpc_incoming.publish:
                     if self._is_subscribed_to_msg(msg) and self._admit(peer_id, ip, msg):
-                        if self.manager.is_running:
-                            self.manager.run_task(self._push_msg_guarded, peer_id, msg)
+                        await self._dispatch(peer_id, msg)
 
                 if rpc_incoming.subscriptions:
                     if len(rpc_incoming.subscriptions) > self.max_subscriptions_per_rpc:
@@ -281,6 +307,22 @@ class GuardedPubsub(Pubsub):
             log.debug("pubsub stream from %s closed", peer_id)
         except (StreamError, IOException, RawConnError) as error:
             log.debug("pubsub stream from %s failed: %r", peer_id, error)
+
+    async def _dispatch(self, peer: ID, msg: rpc_pb2.Message) -> None:
+        """Hand an admitted message on to validation and forwarding: upstream spawns a task for
+        each (``push_msg``)."""
+        if self.manager.is_running:
+            self.manager.run_task(self._push_msg_guarded, peer, msg)
+
+    def _frame_reader(self, stream: INetStream) -> Any:
+        """Where the read loop gets its RPC frames: upstream's reader (length prefix byte by
+        byte). :class:`node.libp2p_perf.FastPubsub` buffers instead."""
+        return _UpstreamFrames(stream, self.max_inbound_rpc_size)
+
+    def _consume_sender_record(self, rpc: rpc_pb2.RPC, peer: ID) -> bool:
+        """Upstream's handling of the RPC's signed peer record (verify and store it every time);
+        False drops the RPC."""
+        return maybe_consume_signed_record(rpc, self.host, peer)
 
     def _graylisted(self, peer: ID) -> bool:
         penalties = self._penalties()
@@ -411,6 +453,15 @@ class GuardedPubsub(Pubsub):
             self.p2p_counters["p2p.pubsub.push_error"] += 1
             self._misbehaved(peer, self.p2p_limits.rate_excess_penalty)
             rlog.warning("pubsub.push_error", "processing a message from %s raised %r", peer, error)
+
+
+class _UpstreamFrames:
+    def __init__(self, stream: INetStream, max_length: int) -> None:
+        self._stream = stream
+        self._max = max_length
+
+    async def read_frame(self) -> bytes:
+        return await read_varint_prefixed_bytes_limited(self._stream, self._max)
 
 
 def _stream_ip(stream: INetStream) -> str:
@@ -692,6 +743,7 @@ def apply_host_patches(host: IHost, *, conn_limits: ConnLimitsConfig, counters: 
 
 
 __all__ = [
-    "ConnLimits", "ConnLimitsConfig", "GuardedPubsub", "GuardedSwarm", "PubsubLimits",
-    "apply_host_patches", "guard_stream_handlers", "guard_swarm", "install_libp2p_log_limits",
+    "LIBP2P_VERSION", "ConnLimits", "ConnLimitsConfig", "GuardedPubsub", "GuardedSwarm",
+    "PubsubLimits", "apply_host_patches", "check_libp2p_version", "guard_stream_handlers",
+    "guard_swarm", "install_libp2p_log_limits",
 ]
