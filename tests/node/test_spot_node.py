@@ -1,0 +1,138 @@
+"""Interruptible capacity end to end (issue 18): two nodes on loopback and the embedded EVM running
+the real escrow; a power price feed served by the test over HTTP on 127.0.0.1 crosses the
+provider's curtailment threshold mid-rental. The renter gets the notice (and runs its
+--on-preempt command), is charged exactly the acknowledged seconds with the rest paid back at
+once, and the interruptible GPU comes back in the offer when the price falls."""
+
+import json
+import threading
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import trio
+
+from node.chain import AsyncChain, Chain
+from node.demo import DEMO_PARAMS, PROVIDERS, fake_gpus
+from node.node import Node, NodeConfig, ProviderSettings
+from node.spot import SpotSettings
+from protocol.eth import private_key_address
+
+
+class Feed(BaseHTTPRequestHandler):
+    price = "50"
+
+    def do_GET(self):  # noqa: N802
+        import time
+
+        body = json.dumps({"timestamp": int(time.time()), "price_per_mwh": type(self).price}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+async def wait_until(predicate, timeout_s, step_s=0.1):
+    with trio.fail_after(timeout_s):  # a hang guard, not a timing assertion
+        while not predicate():
+            await trio.sleep(step_s)
+
+
+async def test_spot__price_spike_preempts_with_notice_pays_exactly_and_the_offer_comes_back(tmp_path):
+    handler = type("SpotFeed", (Feed,), {})
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/rt-price"
+
+    chain = Chain.embedded()
+    keys = chain.dev_keys()
+    chain.deploy_local_market(keys[0])
+    renter_key, provider_key = keys[1], keys[2]
+    renter_wallet, provider_wallet = private_key_address(renter_key), private_key_address(provider_key)
+    chain.fund(renter_wallet, token_units=10**9, minter_key=keys[0])
+    await trio.sleep(chain.lead_s())
+    achain = AsyncChain(chain)
+    notice_s = 4
+    spot = SpotSettings(interruptible_gpus=1, notice_s=notice_s, price_per_gpu_hour=Decimal("0.36"),
+                        power_source=url, power_poll_s=0.3, curtail_above_per_mwh=Decimal(300),
+                        resume_below_per_mwh=Decimal(150))
+    settings = ProviderSettings(price_per_gpu_hour=Decimal("0.45"), min_duration_s=5,
+                                max_duration_s=3600, heartbeat_interval_s=1, grace_s=300,
+                                publish_interval_s=0.2, nvml=fake_gpus(PROVIDERS[0]), spot=spot)
+    provider = Node(NodeConfig(tmp_path / "p", provider_key, params=DEMO_PARAMS, provider=settings,
+                               name="provider", chain_poll_s=0.3), achain)
+    hook_out = tmp_path / "preempted.txt"
+    renter = Node(NodeConfig(tmp_path / "r", renter_key, params=DEMO_PARAMS, name="renter",
+                             chain_poll_s=0.3,
+                             on_preempt=("sh", "-c", f'echo "$GPUMARKET_REASON $GPUMARKET_STOP_MS" > {hook_out}')),
+                  achain)
+    renter_before = chain.token_balance(renter_wallet)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(provider.run)
+            await nursery.start(renter.run)
+            await renter.host.connect(provider.addrs()[0])
+
+            def held():
+                return renter.book.held(provider.key.public)
+
+            await wait_until(lambda: held() is not None and held().offer.interruptible, 15)
+            offer = held().offer
+            (spot_set,) = offer.interruptible
+            assert spot_set.notice_s == notice_s and len(offer.gpus) == 2
+            assert renter.search("class=interruptible notice>=4", "price") != []
+            price = spot_set.price_per_gpu_second  # 0.36 USDC/h = 100 units/s
+            assert price == 100 < offer.terms.price_per_gpu_second == 125
+
+            rental = await renter.rent([held()], gpu_count=1, duration_s=600,
+                                       max_price_per_gpu_second=price, notice_s=notice_s)
+            aid = rental.agreement_id
+            assert rental.details.notice_s == notice_s and rental.details.gpus == spot_set.gpus
+            await wait_until(lambda: rental.session.log.receipts >= 3, 20)
+            assert provider.curtailment is None
+
+            handler.price = "412.5"  # the spike
+            await wait_until(lambda: provider.curtailment is not None, 10)
+            assert provider.curtailment["reason"] == "power_price"
+            assert provider.curtailment["price_per_mwh"] == "412.5"
+            p_machine = provider.rentals[aid].session.machine
+            notice = p_machine.notice
+            assert notice is not None and notice.stop_ms - notice.sent_ms == notice_s * 1000
+            # The renter holds the notice and ran its hook with it.
+            await wait_until(lambda: rental.session.machine.notice is not None, 5)
+            await wait_until(lambda: hook_out.exists() and hook_out.read_text().strip(), 10)
+            assert hook_out.read_text().split() == ["1", str(notice.stop_ms)]
+            # While curtailed, the interruptible GPU is not offered (the rented one aside, the
+            # other GPU is on-demand, so the offer stays with no interruptible set).
+            await wait_until(lambda: held() is not None and not held().offer.interruptible
+                             and held().seq > offer.seq, 10)
+
+            # Service ends at the stop; the provider claims on the final receipt at once.
+            await wait_until(lambda: any(e.name == "Claimed" and e.agreement_id == aid
+                                         for e in chain.events()), 30)
+            claimed = next(e for e in chain.events() if e.name == "Claimed" and e.agreement_id == aid)
+            acked = claimed.args["acked_seconds"]
+            assert p_machine.stopped_ms >= notice.stop_ms  # served until the promised stop
+            assert rental.session.machine.acked_seconds == acked
+            # Paid exactly the acknowledged seconds: the rest of the deposit came back at once.
+            assert claimed.args["provider_amount"] == price * acked
+            assert chain.token_balance(renter_wallet) == renter_before - price * acked
+            assert chain.token_balance(provider_wallet) == price * acked
+            # The acknowledged time is the service until the stop (within a heartbeat and the
+            # late tolerance; the renter pays on its own clock, so never beyond the stop).
+            served_s = (notice.stop_ms - rental.started_s * 1000) / 1000
+            assert served_s - 3 <= acked <= served_s + 1
+            await wait_until(lambda: rental.session.machine.state == "done", 10)
+            assert p_machine.state == "done"
+
+            handler.price = "90"  # the price falls: the interruptible GPU is offered again
+            await wait_until(lambda: provider.curtailment is None, 10)
+            await wait_until(lambda: held() is not None and held().offer.interruptible, 15)
+            assert held().offer.interruptible[0].gpus == spot_set.gpus
+            nursery.cancel_scope.cancel()
+    finally:
+        server.shutdown()
+        server.server_close()
