@@ -247,3 +247,53 @@ def test_preemption__both_sides_restore_the_notice():
                               notices=[n])
     assert r2.state == "noticed" and r2.service_end_ms == T0 + 61_000
     assert p2.on_timer(T0 + 61_000)[0].reason == "preempted" and p2.state == "finishing"
+
+
+# ---------------------------------------------------------------------------------------------
+# The remaining renter rows, one by one
+
+
+def _noticed(a, stop_ms=T0 + 90_000):
+    p, r = machines(a)
+    hb = p.on_timer(T0)[1].message
+    r.receive_data(hb.encode(), T0)
+    r.receive_data(forged_notice(a, T0 + 1_000, stop_ms, after=p.sent[-1]).encode(), T0 + 1_000)
+    assert r.state == "noticed"
+    return p, r
+
+
+def test_preemption__silent_renter_takes_a_notice():
+    a = make_agreement(notice_s=60)
+    p, r = machines(a)
+    r.receive_data(p.on_timer(T0)[1].message.encode(), T0)
+    r.on_timer(r.next_deadline())
+    assert r.state == "silent"
+    r.receive_data(forged_notice(a, T0 + 20_000, T0 + 80_000).encode(), T0 + 20_000)
+    assert r.state == "noticed" and r.service_end_ms == T0 + 80_000
+
+
+def test_preemption__access_grant_while_noticed_is_kept():
+    from protocol.messages import AccessGrant
+
+    a = make_agreement(notice_s=60)
+    _, r = _noticed(a)
+    fx = r.receive_data(AccessGrant(a.agreement_id, "ssh gpu@10.0.0.2", T0 + 2_000).sign(a.provider).encode(), T0 + 2_000)
+    assert r.access == "ssh gpu@10.0.0.2" and fx[0].event == "access_granted" and r.state == "noticed"
+
+
+def test_preemption__long_silence_after_a_long_notice_closes():
+    a = make_agreement(max_seconds=6000, interval=10, notice_s=3000)
+    _, r = _noticed(a, stop_ms=T0 + 4_000_000)
+    silence = (TEST_PARAMS.renter_heartbeat_timeout_intervals + N) * 10_000
+    assert r.next_deadline() == T0 + silence  # the silence comes before the notice's stop
+    fx = r.on_timer(T0 + silence)
+    assert r.state == "closed" and isinstance(fx[0], EscrowCall) and fx[0].method == "close"
+
+
+def test_preemption__preempted_renter_settles_on_the_claim():
+    a = make_agreement(notice_s=60)
+    _, r = _noticed(a, stop_ms=T0 + 61_000)
+    r.on_timer(T0 + 61_000 + TOL)
+    assert r.state == "preempted" and r.next_deadline() == T0 + 61_000 + a.terms.grace * 500
+    fx = r.escrow_settled(T0 + 62_000 + TOL)
+    assert r.state == "done" and fx[0].event == "settled"
