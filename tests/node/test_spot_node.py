@@ -12,10 +12,14 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import trio
 
 from node.chain import AsyncChain, Chain
+from node.control import ControlServer
 from node.demo import DEMO_PARAMS, PROVIDERS, fake_gpus
 from node.node import Node, NodeConfig, ProviderSettings
 from node.spot import SpotSettings
+from protocol.encoding import decode
 from protocol.eth import private_key_address
+from protocol.evidence import verify_bundle
+from protocol.messages import EvidenceBundle
 
 
 class Feed(BaseHTTPRequestHandler):
@@ -105,6 +109,13 @@ async def test_spot__price_spike_preempts_with_notice_pays_exactly_and_the_offer
             await wait_until(lambda: rental.session.machine.notice is not None, 5)
             await wait_until(lambda: hook_out.exists() and hook_out.read_text().strip(), 10)
             assert hook_out.read_text().split() == ["1", str(notice.stop_ms)]
+            # `gpumarket status` says why; `gpumarket rentals` shows the notice and time left.
+            status = await ControlServer(provider, tmp_path / "p").op_status()
+            assert status["curtailment"]["reason"] == "power_price"
+            assert status["power_price"]["per_mwh"] == "412.5"
+            (row,) = await ControlServer(renter, tmp_path / "r").op_rentals()
+            assert row["class"] == "interruptible" and row["notice"]["stop_ms"] == notice.stop_ms
+            assert 0 <= row["notice"]["time_left_s"] <= notice_s
             # While curtailed, the interruptible GPU is not offered (the rented one aside, the
             # other GPU is on-demand, so the offer stays with no interruptible set).
             await wait_until(lambda: held() is not None and not held().offer.interruptible
@@ -127,6 +138,11 @@ async def test_spot__price_spike_preempts_with_notice_pays_exactly_and_the_offer
             assert served_s - 3 <= acked <= served_s + 1
             await wait_until(lambda: rental.session.machine.state == "done", 10)
             assert p_machine.state == "done"
+            # The renter's evidence holds the notice; the provider kept its promise.
+            doc = await ControlServer(renter, tmp_path / "r").op_evidence(aid.hex())
+            verdict = verify_bundle(decode(bytes.fromhex(doc["bundle"]), EvidenceBundle))
+            assert verdict.notice.stop_ms == notice.stop_ms and verdict.notice_faults == ()
+            assert verdict.acked_seconds == acked
 
             handler.price = "90"  # the price falls: the interruptible GPU is offered again
             await wait_until(lambda: provider.curtailment is None, 10)
