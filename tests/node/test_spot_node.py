@@ -9,15 +9,17 @@ import threading
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+import pytest
 import trio
 
+from node.anvil import AnvilProcess, find_anvil
 from node.chain import AsyncChain, Chain
 from node.control import ControlServer
 from node.demo import DEMO_PARAMS, PROVIDERS, fake_gpus
 from node.node import Node, NodeConfig, ProviderSettings
 from node.spot import SpotSettings
 from protocol.encoding import decode
-from protocol.eth import private_key_address
+from protocol.eth import keccak, private_key_address
 from protocol.evidence import verify_bundle
 from protocol.messages import EvidenceBundle
 
@@ -45,19 +47,51 @@ async def wait_until(predicate, timeout_s, step_s=0.1):
             await trio.sleep(step_s)
 
 
-async def test_spot__price_spike_preempts_with_notice_pays_exactly_and_the_offer_comes_back(tmp_path):
+def embedded_market():
+    chain = Chain.embedded()
+    keys = chain.dev_keys()
+    chain.deploy_local_market(keys[0])
+    chain.fund(private_key_address(keys[1]), token_units=10**9, minter_key=keys[0])
+    return chain, keys[1], keys[2], None
+
+
+def anvil_market():
+    """The devnet: an anvil process, the escrow and token deployed, a block every second."""
+    anvil = AnvilProcess().start()
+    deployer, renter, provider = (keccak(b"spot wallet " + n) for n in (b"deployer", b"renter", b"provider"))
+    for k in (deployer, renter, provider):
+        anvil.fund(private_key_address(k), 10**21)
+    chain = Chain.connect(anvil.url, chain_id=anvil.chain_id)
+    escrow, token = chain.deploy_local_market(deployer)
+    chain = Chain.connect(anvil.url, escrow=escrow, token=token)
+    chain.fund(private_key_address(renter), token_units=10**9, minter_key=deployer)
+    chain.w3.provider.make_request("evm_setIntervalMining", [1])
+    return chain, renter, provider, anvil
+
+
+@pytest.mark.parametrize("market", [
+    embedded_market,
+    pytest.param(anvil_market, marks=pytest.mark.skipif(
+        find_anvil() is None, reason="anvil not installed (set GPUMARKET_ANVIL)")),
+], ids=["embedded-evm", "anvil-devnet"])
+async def test_spot__price_spike_preempts_with_notice_pays_exactly_and_the_offer_comes_back(tmp_path, market):
+    chain, renter_key, provider_key, anvil = market()
+    try:
+        await _scenario(tmp_path, chain, renter_key, provider_key)
+    finally:
+        if anvil is not None:
+            anvil.stop()
+
+
+async def _scenario(tmp_path, chain, renter_key, provider_key):
     handler = type("SpotFeed", (Feed,), {})
     server = HTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/rt-price"
 
-    chain = Chain.embedded()
-    keys = chain.dev_keys()
-    chain.deploy_local_market(keys[0])
-    renter_key, provider_key = keys[1], keys[2]
     renter_wallet, provider_wallet = private_key_address(renter_key), private_key_address(provider_key)
-    chain.fund(renter_wallet, token_units=10**9, minter_key=keys[0])
-    await trio.sleep(chain.lead_s())
+    if chain.tester is not None:
+        await trio.sleep(chain.lead_s())  # eth-tester's clock runs ahead
     achain = AsyncChain(chain)
     notice_s = 4
     spot = SpotSettings(interruptible_gpus=1, notice_s=notice_s, price_per_gpu_hour=Decimal("0.36"),
