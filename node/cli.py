@@ -247,10 +247,14 @@ def _seconds(args: argparse.Namespace) -> int:
 
 def cmd_rent(args: argparse.Namespace) -> int:
     seconds = _seconds(args)
-    quote = _call(args, "quote", offer_id=args.offer_id, seconds=seconds, gpu_count=args.gpus)
+    quote = _call(args, "quote", offer_id=args.offer_id, seconds=seconds, gpu_count=args.gpus,
+                  notice_s=args.interruptible or 0)
     o = quote["offer"]
-    print(f"renting {args.gpus}x {o['model']} from {o['provider']} for {seconds} s at "
-          f"{o['price_per_gpu_hour']} {o['token']}/GPU-hour")
+    spot = [c for c in o.get("interruptible", []) if c["notice_s"] == args.interruptible]
+    price = spot[0]["price_per_gpu_hour"] if spot else o["price_per_gpu_hour"]
+    kind = f"interruptible ({args.interruptible} s notice) " if spot else ""
+    print(f"renting {args.gpus}x {kind}{o['model']} from {o['provider']} for {seconds} s at "
+          f"{price} {o['token']}/GPU-hour")
     print(f"this locks up to {quote['deposit_tokens']} {quote['token']} in the escrow contract; "
           "unused time is refunded")
     if not args.yes:

@@ -153,7 +153,7 @@ class ControlServer:
         cutoff = now - self.node.book.params.book_established_ms
         return [offer_row(e, now, cutoff) for e in entries]
 
-    async def op_quote(self, offer_id: str, seconds: int, gpu_count: int = 1) -> dict:
+    async def op_quote(self, offer_id: str, seconds: int, gpu_count: int = 1, notice_s: int = 0) -> dict:
         entry = self.node.book.get(offer_id)
         o = entry.offer
         if now_ms() > o.expires_ms:
@@ -161,7 +161,9 @@ class ControlServer:
         why = self.node.not_rentable(entry)
         if why is not None:
             raise ControlError(f"offer {offer_id} cannot be rented from this node: {why}")
-        deposit = o.terms.price_per_gpu_second * gpu_count * seconds
+        if notice_s and o.interruptible_set(notice_s) is None:
+            raise ControlError(f"offer {offer_id} has no interruptible GPUs with a {notice_s} s notice")
+        deposit = o.class_price(notice_s) * gpu_count * seconds
         now = now_ms()
         return {"offer": offer_row(entry, now, now - self.node.book.params.book_established_ms),
                 "deposit": deposit,
@@ -276,6 +278,11 @@ def offer_row(entry, now: int, established_before_ms: int) -> dict:
         "tier": TIER_NAMES[rank_tier(entry.score, entry.since_ms, established_before_ms)],
         "held_s": max(0, (now - entry.since_ms) // 1000),
         "expires_in_s": max(0, (o.expires_ms - now) // 1000),
+        # Interruptible sets: rent one with `gpumarket rent --interruptible NOTICE_S`
+        "interruptible": [{"gpus": len(s.gpus), "notice_s": s.notice_s,
+                           "price_per_gpu_hour": format_tokens(s.price_per_gpu_second * 3600,
+                                                               entry.token_decimals)}
+                          for s in o.interruptible],
     }
 
 

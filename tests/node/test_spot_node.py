@@ -122,6 +122,10 @@ async def _scenario(tmp_path, chain, renter_key, provider_key):
             (spot_set,) = offer.interruptible
             assert spot_set.notice_s == notice_s and len(offer.gpus) == 2
             assert renter.search("class=interruptible notice>=4", "price") != []
+            (hit,) = await ControlServer(renter, tmp_path / "r").op_search("class=interruptible notice>=4")
+            assert hit["interruptible"] == [{"gpus": 1, "notice_s": notice_s, "price_per_gpu_hour": "0.36"}]
+            quote = await ControlServer(renter, tmp_path / "r").op_quote(hit["offer_id"], 600, 1, notice_s)
+            assert quote["deposit"] == 100 * 600
             price = spot_set.price_per_gpu_second  # 0.36 USDC/h = 100 units/s
             assert price == 100 < offer.terms.price_per_gpu_second == 125
 
