@@ -297,3 +297,46 @@ def test_preemption__preempted_renter_settles_on_the_claim():
     assert r.state == "preempted" and r.next_deadline() == T0 + 61_000 + a.terms.grace * 500
     fx = r.escrow_settled(T0 + 62_000 + TOL)
     assert r.state == "done" and fx[0].event == "settled"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tampering, and a random sweep of when the notice comes and whether its messages are late
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_SPOT = make_agreement(11, max_seconds=600, interval=10, notice_s=60)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_preemption__any_single_byte_change_to_a_notice_is_rejected_and_changes_nothing(data):
+    a = _SPOT
+    _, r = machines(a)
+    wire = forged_notice(a, T0, T0 + 60_000).encode()
+    i = data.draw(st.integers(0, len(wire) - 1))
+    v = data.draw(st.integers(0, 255).filter(lambda v: v != wire[i]))
+    fx = r.receive_data(wire[:i] + bytes([v]) + wire[i + 1:], T0)
+    assert [e.event for e in fx] in (["notice_rejected"], ["heartbeat_rejected"])
+    assert r.state == "active" and r.notice is None and r.service_end_ms == r.end_ms
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(at_s=st.integers(0, 500), extra_s=st.integers(0, 30), delay_ms=st.integers(0, 1_500),
+       notice_delay_ms=st.integers(0, 50_000))
+def test_preemption__random_notice_times_and_delays__paid_exactly_the_served_seconds(at_s, extra_s, delay_ms,
+                                                                                  notice_delay_ms):
+    a = _SPOT
+    stop_ms = T0 + (at_s + 60 + extra_s) * 1000
+    pair = RentalPair(a, preempt=(T0 + at_s * 1000, stop_ms, POWER),
+                      delay_ms=lambda d, i: delay_ms, notice_delay_ms=notice_delay_ms).run()
+    if stop_ms >= T0 + 600_000:  # the agreement ends first: the provider refuses such a notice
+        assert pair.payout == claim_payout(a.terms, 600) and pair.provider.notice is None
+        return
+    # The final heartbeat at the stop is acknowledged: the renter pays the seconds until the
+    # stop, never more, and at most one delay's worth less (the first heartbeat's delay).
+    acked = pair.payout.provider // a.terms.price_per_second
+    served_s = (stop_ms - T0) // 1000
+    assert served_s - 2 <= acked <= served_s
+    assert pair.payout.renter == a.terms.deposit - pair.payout.provider
+    assert [(s, c.method) for s, _, c in pair.escrow_calls] == [("provider", "claim")]
+    assert verdict_of(pair).notice_faults == ()
