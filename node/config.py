@@ -47,6 +47,14 @@ class ProviderSection:
     bandwidth_mbps: int = 1000
     access_hook: tuple[str, ...] = ()
     fake_gpus: int = 0  # >0: simulated GPUs instead of NVML (demos and tests only)
+    # Interruptible capacity (node/spot.py, specs/node.md "Power price and curtailment")
+    interruptible_gpus: int = 0  # the last N GPUs are sold as interruptible
+    interruptible_notice_s: int = 60
+    interruptible_price_per_gpu_hour: Decimal | None = None
+    power_price_source: str = ""  # schedule file (.csv/.json) or http(s) URL polled
+    power_poll_s: float = 60.0
+    curtail_above_per_mwh: Decimal | None = None
+    resume_below_per_mwh: Decimal | None = None
 
     def __post_init__(self) -> None:
         for key in ("min_duration_s", "max_duration_s", "heartbeat_interval_s", "grace_s",
@@ -145,7 +153,11 @@ def load_config(path: Path) -> Config:
     _expect(prov, {"enabled": bool, "price_per_gpu_hour": (str, int, float),
                    "min_price_per_gpu_hour": (str, int, float), "min_duration_s": int,
                    "max_duration_s": int, "heartbeat_interval_s": int, "grace_s": int,
-                   "region": str, "bandwidth_mbps": int, "access_hook": list, "fake_gpus": int},
+                   "region": str, "bandwidth_mbps": int, "access_hook": list, "fake_gpus": int,
+                   "interruptible_gpus": int, "interruptible_notice_s": int,
+                   "interruptible_price_per_gpu_hour": (str, int, float), "power_price_source": str,
+                   "power_poll_s": (int, float), "curtail_above_per_mwh": (str, int, float),
+                   "resume_below_per_mwh": (str, int, float)},
             "provider")
     renter = doc.get("renter", {})
     _expect(renter, {"arbiters": list}, "renter")
@@ -156,6 +168,10 @@ def load_config(path: Path) -> Config:
         "min_price_per_gpu_hour": lambda v: _decimal(v, "provider.min_price_per_gpu_hour"),
         "region": _region,
         "access_hook": lambda v: tuple(str(a) for a in v),
+        "interruptible_price_per_gpu_hour": lambda v: _decimal(v, "provider.interruptible_price_per_gpu_hour"),
+        "curtail_above_per_mwh": lambda v: Decimal(str(v)),  # power prices may be negative
+        "resume_below_per_mwh": lambda v: Decimal(str(v)),
+        "power_poll_s": float,
     }
     # Absent keys take ProviderSection's defaults: the one place they are written.
     provider = ProviderSection(**{k: convert.get(k, lambda v: v)(v) for k, v in prov.items()})

@@ -56,6 +56,7 @@ from .negotiate import (DEFAULT_MAX_PENDING_PER_PEER, DEFAULT_MAX_PENDING_PER_WA
 from .offers import OfferService
 from .publisher import OfferPublisher, ProviderConfig
 from .rentals import HelloRefused, ProviderSession, RentalDesk, RenterSession
+from .spot import SpotMixin, SpotSettings
 from .records import decode_agreement, decode_bindings  # noqa: F401  (re-exported: callers import them from here)
 from .records import PendingAgreement, Rental, encode_agreement
 from .reputation import LocalReputation
@@ -97,6 +98,7 @@ class ProviderSettings:
     max_pending_per_peer: int = DEFAULT_MAX_PENDING_PER_PEER  # unopened agreements per renter peer
     max_pending_per_wallet: int = DEFAULT_MAX_PENDING_PER_WALLET  # ... and per renter wallet
     unopened_memory_ms: int = DEFAULT_UNOPENED_MEMORY_MS  # a hold left unopened counts this long
+    spot: SpotSettings | None = None  # interruptible GPUs and power curtailment (node/spot.py)
 
     @classmethod
     def from_section(cls, section: ProviderSection, *, nvml: Any = None) -> ProviderSettings:
@@ -105,7 +107,8 @@ class ProviderSettings:
                    min_duration_s=section.min_duration_s, max_duration_s=section.max_duration_s,
                    heartbeat_interval_s=section.heartbeat_interval_s, grace_s=section.grace_s,
                    region=section.region, bandwidth_mbps=section.bandwidth_mbps,
-                   access_hook=section.access_hook or None, nvml=nvml)
+                   access_hook=section.access_hook or None, nvml=nvml,
+                   spot=SpotSettings.from_section(section))
 
     def prices(self, decimals: int) -> tuple[int, int]:
         """(advertised, floor) in units per GPU-second of a token with `decimals`; ConfigError
@@ -140,6 +143,7 @@ class NodeConfig:
     history_from_block: int = 0
     history_chunk_blocks: int = 10_000
     clock: Clock = SYSTEM_CLOCK  # the node's one clock (node/clock.py)
+    on_preempt: Sequence[str] | None = None  # renter: command run when a preemption notice arrives
 
 
 @dataclass
@@ -155,7 +159,7 @@ class RentError(Exception):
     """Renting failed for a reason a person can act on; str() is one line."""
 
 
-class Node(ChainWatchMixin, ResumeMixin):
+class Node(SpotMixin, ChainWatchMixin, ResumeMixin):
     def __init__(self, config: NodeConfig, chain: AsyncChain) -> None:
         self.config = config
         self.chain = chain
@@ -191,6 +195,7 @@ class Node(ChainWatchMixin, ResumeMixin):
         self.resumed: dict[str, list[str]] = {}  # what the last start did: outcome -> agreement ids
         self.accept_to_open_s: float | None = None  # renter: the last rent's Accept-to-Opened time
         self.hold_used_ms: list[int] = []  # provider: Accept to the renter's hello on the open escrow
+        self.on_preempt = config.on_preempt
 
     @property
     def peer_id(self) -> ID:
@@ -289,6 +294,9 @@ class Node(ChainWatchMixin, ResumeMixin):
         self._all_gpus = self.publisher.gpus  # the inventory; the offer lists the free part
         self.capacity = Capacity([g.uuid_digest for g in self._all_gpus],
                                  unopened_memory_ms=settings.unopened_memory_ms)
+        await self._spot_start(nursery, settings.spot, decimals, price)
+        if self.spot_gpus:
+            await self._republish()  # the first offer went out before the split was known
         self._probe = GpuProbe(settings.nvml)
         self._probe.open()
         self.desk = ProviderDesk(
@@ -482,13 +490,14 @@ class Node(ChainWatchMixin, ResumeMixin):
         if self.publisher is None:
             return
         free = set(self.capacity.free(self.clock.now_ms()))
-        gpus = tuple(g for g in self._all_gpus if g.uuid_digest in free)
+        gpus, spot = self._spot_offer(tuple(g for g in self._all_gpus if g.uuid_digest in free))
         live = self.publisher.live is not None
-        if only_if_changed and ((live and gpus == self.publisher.gpus) or (not live and not gpus)):
+        if only_if_changed and ((live and gpus == self.publisher.gpus and spot == self.publisher.interruptible)
+                                or (not live and not gpus)):
             return
         try:
             if gpus:
-                self.publisher.gpus = gpus
+                self.publisher.gpus, self.publisher.interruptible = gpus, spot
                 await self.publisher.publish()
             else:
                 await self.publisher.withdraw()
@@ -498,7 +507,7 @@ class Node(ChainWatchMixin, ResumeMixin):
     # -- renter -------------------------------------------------------------------------------
 
     async def rent(self, entries: Sequence[Entry], *, gpu_count: int, duration_s: int,
-                   max_price_per_gpu_second: int, access_key: str = "") -> Rental:
+                   max_price_per_gpu_second: int, access_key: str = "", notice_s: int = 0) -> Rental:
         """Negotiate with every offer in `entries` at once, open the escrow for the first
         agreement, and start the rental session. Raises RentError."""
         if not entries:
@@ -551,7 +560,8 @@ class Node(ChainWatchMixin, ResumeMixin):
 
         group = await self._negotiate(entries, gpu_count=gpu_count, duration_s=duration_s,
                                       max_price_per_gpu_second=max_price_per_gpu_second,
-                                      access_key=access_key, persist=persist, escrow=escrow)
+                                      access_key=access_key, persist=persist, escrow=escrow,
+                                      notice_s=notice_s)
         winner = group.winner
         if winner is None:
             reasons = sorted({f"{n.failure.reason_name.lower()} ({n.failure.detail})"
@@ -576,6 +586,7 @@ class Node(ChainWatchMixin, ResumeMixin):
         machine = RenterRental(terms, details, escrow_domain(winner.offer), self.key,
                                self.wallet_key, opened.timestamp * 1000, self.rng, self.params)
         session = RenterSession(machine, terms, details, self.escrow, self.store, self.clock.now_ms)
+        session.on_report = lambda report: self._renter_report(rental, report)
         rental.session = session
         self._nursery.start_soon(session.run_timers)
         self._nursery.start_soon(session.run_connection, self.host, provider_peer)

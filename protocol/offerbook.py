@@ -83,6 +83,11 @@ def vram_gib(vram_mib: int) -> int:
     return (vram_mib + 512) // 1024
 
 
+_ON_DEMAND_ONLY = ("ON-DEMAND",)
+_INTERRUPTIBLE_ONLY = ("INTERRUPTIBLE",)
+_BOTH = ("ON-DEMAND", "INTERRUPTIBLE")
+
+
 class Entry:
     """One live offer with the facts queries use, derived once at insertion. The decoded
     `Offer` is not kept (memory): `offer` decodes the held wire bytes again on demand."""
@@ -91,7 +96,7 @@ class Entry:
         "data", "digest", "provider", "seq", "expires_ms", "models", "gpu_count",
         "vram_mib", "vram_gib", "region", "cuda_version", "cc", "token_symbol", "chain_id",
         "escrow", "token_decimals", "price_per_gpu_hour", "price_key", "score", "bucket", "_pkey", "_skey",
-        "body_at", "since_ms", "wallet", "proven",
+        "body_at", "since_ms", "wallet", "proven", "classes", "notice_s",
     )
 
     def __init__(self, offer: Offer, data: bytes, digest: bytes, score: float,
@@ -138,6 +143,14 @@ class Entry:
         self._pkey = (self.price_key, digest)
         self._skey = (score, -since_ms, self.expires_ms, digest)
         self.body_at = body_at  # where the body starts (see validation.offer_header)
+        # Query facts of interruptible capacity (query.py `class`, `notice`).
+        spot = offer.interruptible
+        if not spot:
+            self.classes, self.notice_s = _ON_DEMAND_ONLY, None
+        else:
+            on_demand = len({g for s in spot for g in s.gpus}) < len(gpus)
+            self.classes = _BOTH if on_demand else _INTERRUPTIBLE_ONLY
+            self.notice_s = max(s.notice_s for s in spot)
 
     def reannounced(self, data: bytes, digest: bytes, header: tuple[int, int, int, int],
                     score: float) -> "Entry":
@@ -158,6 +171,7 @@ class Entry:
         new.token_decimals = self.token_decimals
         new.price_per_gpu_hour = self.price_per_gpu_hour
         new.price_key = self.price_key
+        new.classes, new.notice_s = self.classes, self.notice_s
         new.data = data
         new.digest = digest
         new.seq, _, new.expires_ms, new.body_at = header

@@ -71,6 +71,10 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("cc", "version", "cc", "compute capability major.minor", "8.9"),
     Field("token", "glob", "token_symbol", "payment token symbol", "USDC", STRING_OPS),
     Field("chain", "integer", "chain_id", "EVM chain id", "8453", ("=", "!=")),
+    # Interruptible capacity: `class` holds if the offer has GPUs of that class; `notice` is
+    # the longest notice of its interruptible sets (an offer without one never matches it).
+    Field("class", "glob", "classes", "on-demand or interruptible", "interruptible", STRING_OPS),
+    Field("notice", "integer", "notice_s", "seconds of preemption notice", "60"),
 )}
 
 _EXPECTED = {
@@ -107,7 +111,7 @@ class Term:
 
     def test(self, value: Any) -> bool:
         """Does an entry's attribute value satisfy this term?"""
-        if self.field == "gpu":  # an offer matches if any of its model tokens matches
+        if self.field in ("gpu", "class"):  # any of the offer's models / classes matches
             hit = any(_glob_any(self.value, m) for m in value)
             return hit if self.op == "=" else not hit
         if FIELDS[self.field].kind == "glob":
@@ -115,6 +119,8 @@ class Term:
             return hit if self.op == "=" else not hit
         if self.field == "chain":
             return (value in self.value) == (self.op == "=")
+        if self.field == "notice" and value is None:  # no interruptible set: no notice at all
+            return False
         if self.field == "score":  # scores are floats from the reputation module
             return _COMPARE[self.op](Decimal(value), self.value)
         return _COMPARE[self.op](value, self.value)

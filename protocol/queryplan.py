@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .sortedlist import SortedList
 
 # Query fields that vary per offer, not per bucket: checked on each entry.
-_ENTRY_ONLY_FIELDS = frozenset({"price", "score"})
+_ENTRY_ONLY_FIELDS = frozenset({"price", "score", "class", "notice"})
 
 
 class QueryPlanner:
@@ -71,6 +71,7 @@ class QueryPlanner:
             return []
         bucket_terms = [t for t in q.terms if t.field not in _ENTRY_ONLY_FIELDS]
         price_ne = [t for t in q.terms if t.field == "price" and t.op == "!="]
+        class_terms = [t for t in q.terms if t.field in ("class", "notice")]
         score_terms = [t for t in q.terms if t.field == "score"]
         lo, hi = price_bounds(q.terms)
         if lo is not None and hi is not None and lo >= hi:
@@ -79,7 +80,7 @@ class QueryPlanner:
         hi_key = None if hi is None else (hi,)
 
         buckets = _choose_buckets(self._buckets.values(), bucket_terms)
-        residual = _residual(price_ne + score_terms)
+        residual = _residual(price_ne + score_terms + class_terms)
         if where is not None:
             residual = where if residual is None else _both(residual, where)
         if s.field == "rank":
@@ -428,12 +429,19 @@ def _both(first: Callable[[Entry], bool], second: Callable[[Entry], bool]) -> Ca
     return lambda e: first(e) and second(e)
 
 
+def _term_test(t: Term) -> Callable[[Any, Any], bool]:
+    """A class or notice term as a residual check: the term's own test (sets and None)."""
+    return lambda value, _unused: t.test(value)
+
+
 def _residual(terms: list[Term]) -> Callable[[Entry], bool] | None:
     """The per-entry check of `price!=` and `score` terms: the same comparisons as
     `Term.test`, made directly (a float or int compares exactly with a Decimal)."""
     if not terms:
         return None
-    checks = [_score_check(t) if t.field == "score" else (_OPS[t.op], t.attr, t.value)
+    checks = [_score_check(t) if t.field == "score"
+              else (_term_test(t), t.attr, None) if t.field in ("class", "notice")
+              else (_OPS[t.op], t.attr, t.value)
               for t in terms]
     if len(checks) == 1:
         (op, attr, value), = checks
