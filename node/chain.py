@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import requests
 import trio
 from eth_account import Account
+from hexbytes import HexBytes
 from web3 import EthereumTesterProvider, HTTPProvider, Web3
 from web3.exceptions import BadFunctionCallOutput, ContractLogicError, TimeExhausted, Web3RPCError
 from web3.providers.rpc.utils import ExceptionRetryConfiguration
@@ -40,6 +41,7 @@ from protocol.agreement import AgreementTerms, EscrowDomain
 from protocol.effects import EscrowCall
 from protocol.eth import ZERO_ADDRESS, private_key_address
 from protocol.money import MAX_TOKEN_DECIMALS, NATIVE_DECIMALS
+from protocol.standing import EscrowEvent
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,7 @@ class Chain:
         self._token_abi = load("TestToken")["abi"]
         self.escrow = None
         self.token = None
+        self._topics: dict[bytes, Any] | None = None  # escrow event topic0 -> event (decoder)
         self._decimals: dict[bytes, int] = {ZERO_ADDRESS: NATIVE_DECIMALS}  # token -> decimals()
         if escrow is not None:
             self.use_escrow(escrow)
@@ -183,6 +186,7 @@ class Chain:
             raise NoContractError(
                 f"no escrow contract at 0x{address.hex()} on chain {self.chain_id}")
         self.escrow = self.w3.eth.contract(address=_cs(address), abi=self._escrow_abi)
+        self._topics = None
 
     def use_token(self, address: bytes) -> None:
         if not self.w3.eth.get_code(_cs(address)):
@@ -344,6 +348,28 @@ class Chain:
                 out.append(ChainEvent(name, args.get("agreement_id"), args, ev.blockNumber,
                                       ev.transactionHash.to_0x_hex()))
         out.sort(key=lambda e: (e.block, e.tx_hash))
+        return out
+
+    def escrow_events(self, from_block: int, to_block: int) -> list[EscrowEvent]:
+        """The escrow's events in blocks [from_block, to_block], in chain order (block, log
+        index), from one eth_getLogs request, decoded for protocol.standing (addresses as 20
+        bytes). Events of other contracts, and unknown topics, are skipped."""
+        escrow = self._need_escrow()
+        if self._topics is None:
+            self._topics = {bytes(HexBytes(getattr(escrow.events, name).topic)):
+                            getattr(escrow.events, name) for name in EVENT_NAMES}
+        logs = self.w3.eth.get_logs({"address": escrow.address, "fromBlock": from_block,
+                                     "toBlock": to_block})
+        out: list[EscrowEvent] = []
+        for lg in sorted(logs, key=lambda lg: (lg["blockNumber"], lg["logIndex"])):
+            topics = lg.get("topics") or ()
+            event = self._topics.get(bytes(HexBytes(topics[0]))) if topics else None
+            if event is None or lg["address"] != escrow.address:
+                continue
+            decoded = event.process_log(lg)
+            args = {k: (bytes.fromhex(v[2:]) if isinstance(v, str) and v.startswith("0x") else v)
+                    for k, v in decoded.args.items()}
+            out.append(EscrowEvent(decoded.event, bytes(args.pop("agreement_id", b"")), args))
         return out
 
     # -- the escrow's lifecycle ---------------------------------------------------------------

@@ -12,6 +12,7 @@ import getpass
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import warnings
@@ -153,7 +154,9 @@ def cmd_node_run(args: argparse.Namespace) -> int:
                            listen=tuple(args.listen or config.listen),
                            bootstrap=tuple(args.bootstrap or config.bootstrap), mdns=config.mdns,
                            announce=config.announce, arbiters=frozenset(config.renter.arbiters),
-                           provider=provider, name=config.data_dir.name), AsyncChain(chain))
+                           provider=provider, name=config.data_dir.name,
+                           on_preempt=tuple(shlex.split(args.on_preempt)) if args.on_preempt else None),
+                AsyncChain(chain))
 
     _node_logging(str(node.peer_id), args.debug)
 
@@ -244,10 +247,14 @@ def _seconds(args: argparse.Namespace) -> int:
 
 def cmd_rent(args: argparse.Namespace) -> int:
     seconds = _seconds(args)
-    quote = _call(args, "quote", offer_id=args.offer_id, seconds=seconds, gpu_count=args.gpus)
+    quote = _call(args, "quote", offer_id=args.offer_id, seconds=seconds, gpu_count=args.gpus,
+                  notice_s=args.interruptible or 0)
     o = quote["offer"]
-    print(f"renting {args.gpus}x {o['model']} from {o['provider']} for {seconds} s at "
-          f"{o['price_per_gpu_hour']} {o['token']}/GPU-hour")
+    spot = [c for c in o.get("interruptible", []) if c["notice_s"] == args.interruptible]
+    price = spot[0]["price_per_gpu_hour"] if spot else o["price_per_gpu_hour"]
+    kind = f"interruptible ({args.interruptible} s notice) " if spot else ""
+    print(f"renting {args.gpus}x {kind}{o['model']} from {o['provider']} for {seconds} s at "
+          f"{price} {o['token']}/GPU-hour")
     print(f"this locks up to {quote['deposit_tokens']} {quote['token']} in the escrow contract; "
           "unused time is refunded")
     if not args.yes:
@@ -260,7 +267,8 @@ def cmd_rent(args: argparse.Namespace) -> int:
     if access_key and Path(access_key).expanduser().is_file():
         access_key = Path(access_key).expanduser().read_text().strip()
     row = _call(args, "rent", offer_id=args.offer_id, seconds=seconds, gpu_count=args.gpus,
-                max_price_per_gpu_hour=args.max_price, access_key=access_key or "")
+                max_price_per_gpu_hour=args.max_price, access_key=access_key or "",
+                notice_s=args.interruptible or 0)
     access = _wait_for_access(args, row["agreement_id"])
     row["access"] = access
     if args.json:
@@ -370,12 +378,15 @@ def cmd_rentals(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title="rentals")
-    for col in ("agreement", "role", "state", "GPUs", "elapsed", "acked", "cost so far", "heartbeats"):
+    for col in ("agreement", "role", "state", "GPUs", "elapsed", "acked", "cost so far", "heartbeats",
+                "notice"):
         table.add_column(col)
     for r in rows:
+        n = r.get("notice")
+        notice = "" if n is None else f"stops in {n['time_left_s']} s ({n['detail'] or n['reason']})"
         table.add_row(r["agreement_id"][:16], r["role"], r["state"], str(r["gpus"]),
                       f"{r['elapsed_s']}/{r['max_seconds']} s", f"{r['acked_seconds']} s",
-                      str(r["cost_so_far"]), str(r["heartbeats"]))
+                      str(r["cost_so_far"]), str(r["heartbeats"]), notice)
     _console().print(table)
     return 0
 
@@ -524,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bootstrap", action="append", help="peer multiaddr to dial (repeatable)")
     r.add_argument("--listen", action="append", help="listen multiaddr (repeatable)")
     r.add_argument("--provider", action="store_true", help="act as a provider (overrides the config)")
+    r.add_argument("--on-preempt", metavar="CMD",
+                   help="renter: run CMD when a provider sends a preemption notice (environment: "
+                        "GPUMARKET_AGREEMENT, GPUMARKET_STOP_MS, GPUMARKET_REASON, GPUMARKET_REMAINING_MS)")
     r.set_defaults(func=cmd_node_run)
 
     p = sub.add_parser("status", help="what the running node is doing")
@@ -538,8 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = osub.add_parser("search", help="search the offer book, e.g. 'gpu=RTX_4090 vram>=24 price<=0.60'")
     s.add_argument("query", nargs="?", default="")
     s.add_argument("--sort", default="rank",
-                   help="rank (default: known-good, established, new, known-bad providers, each by "
-                        "price), price, -price, score, -score, vram, count")
+                   help="rank (default: known-good, proven on the escrow, established, new, "
+                        "known-bad providers, each by price), price, -price, score, -score, "
+                        "vram, count")
     s.add_argument("--limit", type=int, default=50)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_offers_search)
@@ -556,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1, help="how many of the offer's GPUs")
     p.add_argument("--max-price", help="highest price per GPU-hour you accept, in token units")
     p.add_argument("--access-key", help="your public key (or a file with it) for the provider's access hook")
+    p.add_argument("--interruptible", type=int, metavar="NOTICE_S",
+                   help="rent the offer's interruptible GPUs with this notice (cheaper; may be preempted)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_rent)

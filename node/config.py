@@ -57,6 +57,14 @@ class ProviderSection:
     docker_memory_mib: int = 0  # memory shared out over all GPUs (0: 90% of the host's)
     docker_pids: int = 4096  # processes shared out over all GPUs
     docker_scratch: bool = False  # a per-rental volume at /scratch, removed at teardown
+    # Interruptible capacity (node/spot.py, specs/node.md "Power price and curtailment")
+    interruptible_gpus: int = 0  # the last N GPUs are sold as interruptible
+    interruptible_notice_s: int = 60
+    interruptible_price_per_gpu_hour: Decimal | None = None
+    power_price_source: str = ""  # schedule file (.csv/.json) or http(s) URL polled
+    power_poll_s: float = 60.0
+    curtail_above_per_mwh: Decimal | None = None
+    resume_below_per_mwh: Decimal | None = None
 
     def __post_init__(self) -> None:
         if self.runtime not in ("", "docker", "hook"):
@@ -177,7 +185,11 @@ def load_config(path: Path) -> Config:
                    "region": str, "bandwidth_mbps": int, "access_hook": list, "fake_gpus": int,
                    "runtime": str, "images": list, "docker_gpus": str, "docker_network": str,
                    "docker_cpus": (int, float), "docker_memory_mib": int, "docker_pids": int,
-                   "docker_scratch": bool},
+                   "docker_scratch": bool,
+                   "interruptible_gpus": int, "interruptible_notice_s": int,
+                   "interruptible_price_per_gpu_hour": (str, int, float), "power_price_source": str,
+                   "power_poll_s": (int, float), "curtail_above_per_mwh": (str, int, float),
+                   "resume_below_per_mwh": (str, int, float)},
             "provider")
     renter = doc.get("renter", {})
     _expect(renter, {"arbiters": list}, "renter")
@@ -190,6 +202,10 @@ def load_config(path: Path) -> Config:
         "access_hook": lambda v: tuple(str(a) for a in v),
         "images": lambda v: tuple(str(a) for a in v),
         "docker_cpus": float,
+        "interruptible_price_per_gpu_hour": lambda v: _decimal(v, "provider.interruptible_price_per_gpu_hour"),
+        "curtail_above_per_mwh": lambda v: Decimal(str(v)),  # power prices may be negative
+        "resume_below_per_mwh": lambda v: Decimal(str(v)),
+        "power_poll_s": float,
     }
     # Absent keys take ProviderSection's defaults: the one place they are written.
     provider = ProviderSection(**{k: convert.get(k, lambda v: v)(v) for k, v in prov.items()})

@@ -190,6 +190,11 @@ class ControlServer:
             "provider": n.publisher is not None, "offers_in_book": len(n.book),
             "rentals": len(n.rentals),
             "counters": dict(n.offers.counters) if n.offers is not None else {},
+            # Interruptible capacity: why it is withdrawn now (None: offered), the last price
+            "curtailment": n.curtailment,
+            "power_price": None if n.power_watch is None or n.power_watch.last is None else {
+                "per_mwh": str(n.power_watch.last.per_mwh), "at_s": n.power_watch.last.ts_s,
+                "feed_errors": n.power_watch.errors},
         }
 
     async def op_search(self, query: str = "", sort: str | None = "rank", limit: int = 50) -> list:
@@ -201,7 +206,7 @@ class ControlServer:
         cutoff = now - self.node.book.params.book_established_ms
         return [offer_row(e, now, cutoff) for e in entries]
 
-    async def op_quote(self, offer_id: str, seconds: int, gpu_count: int = 1) -> dict:
+    async def op_quote(self, offer_id: str, seconds: int, gpu_count: int = 1, notice_s: int = 0) -> dict:
         entry = self.node.book.get(offer_id)
         o = entry.offer
         if now_ms() > o.expires_ms:
@@ -209,7 +214,9 @@ class ControlServer:
         why = self.node.not_rentable(entry)
         if why is not None:
             raise ControlError(f"offer {offer_id} cannot be rented from this node: {why}")
-        deposit = o.terms.price_per_gpu_second * gpu_count * seconds
+        if notice_s and o.interruptible_set(notice_s) is None:
+            raise ControlError(f"offer {offer_id} has no interruptible GPUs with a {notice_s} s notice")
+        deposit = o.class_price(notice_s) * gpu_count * seconds
         now = now_ms()
         return {"offer": offer_row(entry, now, now - self.node.book.params.book_established_ms),
                 "deposit": deposit,
@@ -217,20 +224,24 @@ class ControlServer:
                 "token": o.terms.token_symbol}
 
     async def op_rent(self, offer_id: str, seconds: int, gpu_count: int = 1,
-                      max_price_per_gpu_hour: str | None = None, access_key: str = "") -> dict:
+                      max_price_per_gpu_hour: str | None = None, access_key: str = "",
+                      notice_s: int = 0) -> dict:
         entry = self.node.book.get(offer_id)
         o = entry.offer
         if now_ms() > o.expires_ms:
             raise ControlError(f"offer {offer_id} expired between search and rent; search again")
+        if notice_s and o.interruptible_set(notice_s) is None:
+            raise ControlError(f"offer {offer_id} has no interruptible GPUs with a {notice_s} s notice")
         if max_price_per_gpu_hour is None:
-            max_price = o.terms.price_per_gpu_second
+            max_price = o.class_price(notice_s)
         else:
             try:  # rounded down: never more per second than the renter wrote
                 max_price = max_units_per_second(Decimal(max_price_per_gpu_hour), o.terms.token_decimals)
             except (InvalidOperation, PriceError) as exc:
                 raise ControlError(f"--max-price {max_price_per_gpu_hour}: {exc}") from None
         rental = await self.node.rent([entry], gpu_count=gpu_count, duration_s=seconds,
-                                      max_price_per_gpu_second=max_price, access_key=access_key)
+                                      max_price_per_gpu_second=max_price, access_key=access_key,
+                                      notice_s=notice_s)
         return rental_row(self.node, rental)
 
     async def op_rentals(self) -> list:
@@ -246,8 +257,11 @@ class ControlServer:
         store = self.node.store
         heartbeats = [row.raw for row in await store.heartbeats(rental.agreement_id)]
         receipts = [row.raw for row in await store.receipts(rental.agreement_id)]
+        notices = [raw for kind, raw, _ in await store.evidence(rental.agreement_id)
+                   if kind == "preemption_notice"]
         bundle = build_bundle(rental.terms, rental.details, rental.provider_binding,
-                              rental.renter_binding, rental.started_s or 0, heartbeats, receipts)
+                              rental.renter_binding, rental.started_s or 0, heartbeats, receipts,
+                              notices)
         return {"agreement_id": rental.agreement_id.hex(), "bundle": bundle.encode().hex(),
                 "heartbeats": len(heartbeats), "receipts": len(receipts)}
 
@@ -300,7 +314,7 @@ class ControlServer:
         return matches[0]
 
 
-TIER_NAMES = ("known-good", "established", "new", "known-bad")  # query.rank_tier's order
+TIER_NAMES = ("known-good", "proven", "established", "new", "known-bad")  # query.rank_tier's order
 
 
 def offer_row(entry, now: int, established_before_ms: int) -> dict:
@@ -314,9 +328,15 @@ def offer_row(entry, now: int, established_before_ms: int) -> dict:
         "cuda": f"{g.cuda_version // 1000}.{g.cuda_version % 1000 // 10}",
         "price_per_gpu_hour": format_tokens(entry.price_per_gpu_hour, entry.token_decimals),
         "token": o.terms.token_symbol, "score": round(entry.score, 3),
-        "tier": TIER_NAMES[rank_tier(entry.score, entry.since_ms, established_before_ms)],
+        "tier": TIER_NAMES[rank_tier(entry.score, entry.since_ms, established_before_ms,
+                                     entry.proven)],
         "held_s": max(0, (now - entry.since_ms) // 1000),
         "expires_in_s": max(0, (o.expires_ms - now) // 1000),
+        # Interruptible sets: rent one with `gpumarket rent --interruptible NOTICE_S`
+        "interruptible": [{"gpus": len(s.gpus), "notice_s": s.notice_s,
+                           "price_per_gpu_hour": format_tokens(s.price_per_gpu_second * 3600,
+                                                               entry.token_decimals)}
+                          for s in o.interruptible],
     }
 
 
@@ -335,7 +355,18 @@ def rental_row(node: Node, rental) -> dict:
         "heartbeats": session.log.heartbeats if session else 0,
         "receipts": session.log.receipts if session else 0,
         "access": rental.access if rental.role == "provider" else getattr(session, "access", None),
+        "class": "interruptible" if rental.details.notice_s else "on-demand",
+        "notice": _notice_row(machine),
     }
+
+
+def _notice_row(machine) -> dict | None:
+    """A preemption notice sent (provider) or held (renter), with the time left to its stop."""
+    notice = getattr(machine, "notice", None)
+    if notice is None:
+        return None
+    return {"stop_ms": notice.stop_ms, "reason": notice.reason, "detail": notice.detail,
+            "time_left_s": max(0, (notice.stop_ms - now_ms()) // 1000)}
 
 
 async def _read_line(stream: trio.SocketStream) -> str:

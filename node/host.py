@@ -7,6 +7,10 @@ only security transport; gossipsub's heartbeat is 120 s by default, we use 1 s w
 Transport: TCP + Noise + yamux (the combination that interoperates with js-libp2p). Identify and
 ping come with ``BasicHost``'s default protocols. Bootstrap peers are dialled in parallel, each
 under its own deadline (``host.connect`` costs about 250 ms even on loopback).
+``HostConfig.fast_gossip`` (on) applies node/libp2p_perf.py's CPU fixes to py-libp2p's yamux,
+pubsub and gossipsub (window credit at half the window, buffered RPC frame reads, the signed peer
+record once per stream, IDONTWANT only for messages >= 1 KiB); the frames and protobufs on the
+wire stay ones py-libp2p, go and js accept (tests/interop).
 
 Gossipsub, as set by :class:`GossipConfig`:
 
@@ -83,6 +87,15 @@ Limits (hostile peers; issue 11). All counted in :attr:`GossipHost.counters` (``
   honest peer forwards each offer once, and a message is new only once, so honest peers sharing
   an IP (a devnet on one machine) share that rate too; while a flooder at their IP drains the IP
   budget their new messages are dropped as well, until it is graylisted.
+* Known senders: an offer or withdrawal whose payload names a provider the book holds a valid
+  offer of is counted against a lane of its own instead (per peer 20/s burst 40, per IP 40/s
+  burst 80, per peer and provider 1/s burst 5; beyond those it falls back to the budgets
+  above), so the re-announcements of known providers are not dropped with a relayed flood of
+  new identities. The payload is only peeked at: a forged one fails its signature in the
+  validator and costs the forwarder a REJECT.
+* Gossip control: IHAVE and IWANT ids per peer are bounded (duplicates in an RPC dropped; IHAVE
+  10 entries per RPC and 5,000 ids/s; IWANT 500 ids/s, burst 1,000): py-libp2p answered one
+  IWANT naming a cached message 3,000 times with 3,000 copies.
 * A bad envelope signature counts as a REJECT (P4) for the forwarder (an honest relay verifies
   before forwarding); py-libp2p dropped it at no cost to the sender.
 * A malformed or truncated pubsub frame resets that stream and graylists the sender; a message
@@ -130,6 +143,9 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from node.identity import NodeIdentity
 from node.libp2p_patches import ConnLimitsConfig, GuardedPubsub, PubsubLimits, apply_host_patches
+from node.libp2p_perf import (
+    BatchedYamux, FastGossipSub, FastPubsub, quiet_libp2p_debug, use_configured_muxer,
+)
 from node.ratelimit import KeyedBuckets, RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -173,6 +189,14 @@ class GossipConfig:
     message_ip_burst: float = 100.0
     max_rpcs_per_peer_per_second: float = 200.0  # RPC frames of any kind, before parsing
     rpc_burst: float = 400.0
+    # The known-sender lane (node/libp2p_patches.py): offers and withdrawals of providers the
+    # book holds, counted apart from the two budgets above
+    max_known_messages_per_peer_per_second: float = 20.0
+    known_message_burst: float = 40.0
+    max_known_messages_per_ip_per_second: float = 40.0
+    known_message_ip_burst: float = 80.0
+    max_known_messages_per_sender_per_second: float = 1.0  # per (peer, provider)
+    known_sender_burst: float = 5.0
     ignore_allowance_per_second: float = 5.0  # IGNORE verdicts a forwarder may cause for free
     ignore_burst: float = 50.0
     misbehaviour_threshold: float = 20.0  # points tolerated before the score goes down
@@ -206,6 +230,12 @@ class GossipConfig:
             message_ip_burst=self.message_ip_burst,
             rpcs_per_second=self.max_rpcs_per_peer_per_second,
             rpc_burst=self.rpc_burst,
+            known_messages_per_second=self.max_known_messages_per_peer_per_second,
+            known_message_burst=self.known_message_burst,
+            known_messages_per_ip_per_second=self.max_known_messages_per_ip_per_second,
+            known_message_ip_burst=self.known_message_ip_burst,
+            known_messages_per_sender_per_second=self.max_known_messages_per_sender_per_second,
+            known_sender_burst=self.known_sender_burst,
             malformed_rpc_penalty=self.malformed_rpc_penalty,
         )
 
@@ -220,6 +250,9 @@ class HostConfig:
     max_inbound_per_ip: int = 32  # concurrent inbound connections from one IP address
     max_inbound_per_peer: int = 3  # concurrent inbound connections of one peer id
     gossip: GossipConfig = field(default_factory=GossipConfig)
+    # py-libp2p CPU fixes (node/libp2p_perf.py); False = upstream's yamux, pubsub frame reads,
+    # peer records and IDONTWANT, for comparison benchmarks and the patched/unpatched interop test
+    fast_gossip: bool = True
 
     def conn_limits(self) -> ConnLimitsConfig:
         return ConnLimitsConfig(max_inbound_per_ip=self.max_inbound_per_ip,
@@ -279,8 +312,17 @@ class RejectOnlyScorer(PeerScorer):
         return excess * self.misbehaviour_weight if excess > 0 else 0.0
 
     def topic_score(self, peer: ID, topic: str) -> float:
-        # Every gate (allow_publish, allow_gossip, score, graylist) goes through topic_score.
-        return super().topic_score(peer, topic) - self.misbehaviour_penalty(peer)
+        # Every gate (allow_publish, allow_gossip, score, graylist) goes through topic_score,
+        # about 30 times per gossiped message per node. With P1-P3 weighted 0 (our params) their
+        # terms are 0 whatever the counters hold: skip their three nested dict lookups.
+        p = self.params
+        if p.p1_time_in_mesh.weight or p.p2_first_message_deliveries.weight or \
+                p.p3_mesh_message_deliveries.weight:
+            base = super().topic_score(peer, topic)
+        else:
+            p4 = p.p4_invalid_messages
+            base = -p4.weight * min(self.invalid_messages[peer][topic], p4.cap)
+        return base - self.misbehaviour_penalty(peer)
 
     def graylisted(self, peer: ID, topics: list[str]) -> bool:
         """Below ``graylist_threshold`` on any of ``topics`` (or on misbehaviour alone)."""
@@ -352,6 +394,10 @@ class ScoredGossipSub(GossipSub):
         await super().handle_graft(graft_msg, sender_peer_id)
 
 
+class FastScoredGossipSub(FastGossipSub, ScoredGossipSub):
+    """ScoredGossipSub with node/libp2p_perf.py's IDONTWANT threshold."""
+
+
 class GossipHost:
     """A libp2p host with our gossipsub router; run it with ``await nursery.start(node.run)``."""
 
@@ -360,11 +406,15 @@ class GossipHost:
         self.config = config
         self._listen = [multiaddr.Multiaddr(a) for a in config.listen_addrs]
         self.counters: Counter[str] = Counter()  # p2p.* events: refusals, drops, penalties
+        fast = config.fast_gossip
         self.host: IHost = build_libp2p_host(identity, self._listen, config.negotiate_timeout,
-                                             mdns=config.mdns)
+                                             mdns=config.mdns, fast_yamux=fast)
         apply_host_patches(self.host, conn_limits=config.conn_limits(), counters=self.counters)
+        if fast:
+            use_configured_muxer(self.host)
+            quiet_libp2p_debug()
         g = config.gossip
-        self.gossipsub = ScoredGossipSub(
+        self.gossipsub = (FastScoredGossipSub if fast else ScoredGossipSub)(
             protocols=list(GOSSIPSUB_PROTOCOLS),
             degree=g.degree,
             degree_low=g.degree_low,
@@ -379,7 +429,7 @@ class GossipHost:
         )
         # GossipSub builds a plain PeerScorer; swap in ours before anything is scored.
         self.gossipsub.scorer = RejectOnlyScorer(g.score_params(), g)
-        self.pubsub = GuardedPubsub(
+        self.pubsub = (FastPubsub if fast else GuardedPubsub)(
             self.host,
             self.gossipsub,
             strict_signing=True,
@@ -531,14 +581,15 @@ class GossipHost:
 
 def build_libp2p_host(
     identity: NodeIdentity, listen_addrs: Sequence[multiaddr.Multiaddr], negotiate_timeout: int = 5,
-    *, mdns: bool = False,
+    *, mdns: bool = False, fast_yamux: bool = True,
 ) -> IHost:
-    """A BasicHost with Noise as the ONLY security transport and yamux as the only muxer."""
+    """A BasicHost with Noise as the ONLY security transport and yamux as the only muxer
+    (:class:`node.libp2p_perf.BatchedYamux` unless ``fast_yamux`` is False)."""
     noise = NoiseTransport(identity.key_pair, noise_privkey=create_x25519_key_pair().private_key)
     return new_host(
         key_pair=identity.key_pair,
         sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
-        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): BatchedYamux if fast_yamux else Yamux},
         listen_addrs=listen_addrs,
         negotiate_timeout=negotiate_timeout,
         enable_mDNS=mdns,

@@ -12,7 +12,9 @@ go upstream. Counters (``p2p.*``) land in the host's :class:`collections.Counter
    read loop also rate-limits each peer's RPC frames and new messages *before* the envelope
    signature check and before any validator, drops a graylisted peer's frames unparsed (and
    disconnects it if it keeps sending), and penalises bad envelope signatures as REJECTs
-   (py-libp2p drops them silently, at no cost to the sender).
+   (py-libp2p drops them silently, at no cost to the sender). Messages from senders the
+   application already knows (``p2p_known_sender``) have a budget of their own, and the ids in
+   IHAVE/IWANT control entries are deduplicated and bounded per peer.
 2. :func:`guard_stream_handlers`: an exception from any stream handler (ours, identify, ping,
    pubsub, multistream-select) propagated into ``SwarmConn``'s nursery, the swarm's service
    manager, and the node. Now it resets that stream only.
@@ -24,6 +26,12 @@ go upstream. Counters (``p2p.*``) land in the host's :class:`collections.Counter
 4. :func:`install_libp2p_log_limits`: py-libp2p logs some peer-triggered events at WARNING or
    ERROR once per event (e.g. a traceback per failed inbound connection); a filter limits each
    (logger, message) to a few lines per minute plus a count.
+
+CPU fixes for the gossip path (issue 16: frame amplification, a signed peer record on every RPC,
+IDONTWANT for small messages, DEBUG f-strings) live in the sibling :mod:`node.libp2p_perf` and are
+applied from the same place (:class:`node.host.GossipHost`). Both modules are written against
+py-libp2p 0.8.1 (several overrides copy or depend on its private methods) and refuse to load
+against another version (:func:`check_libp2p_version`).
 
 Why not py-libp2p's resource manager (``libp2p/rcmgr``) for item 3 (read in 0.8.1, not adopted):
 it cannot say "N per remote IP": its ``CIDRLimiter`` keeps one aggregate count per configured
@@ -39,10 +47,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import libp2p
 import trio
 from google.protobuf.message import DecodeError
 from libp2p.abc import IMuxedConn, INetStream
@@ -66,6 +75,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 rlog = RateLimitedLog(log, burst=5, interval=60.0)
+
+LIBP2P_VERSION = "0.8.1"
+"""The py-libp2p release these patches were written and tested against."""
+
+
+def check_libp2p_version(version: str | None = None) -> None:
+    """Refuse to run the patches on another py-libp2p: they override (and in places copy) its
+    private methods, and a silent mismatch would change behaviour nobody has tested. Moving to
+    a new release means re-reading each patch against it, re-running tests/node/test_hostile_p2p.py,
+    tests/node/test_libp2p_perf.py and tests/interop, then changing :data:`LIBP2P_VERSION`."""
+    found = version if version is not None else getattr(libp2p, "__version__", "unknown")
+    if found != LIBP2P_VERSION:
+        raise RuntimeError(
+            f"node/libp2p_patches.py and node/libp2p_perf.py are written for py-libp2p "
+            f"{LIBP2P_VERSION}, found {found}: re-check each patch against it before changing "
+            f"LIBP2P_VERSION")
+
+
+check_libp2p_version()
 
 
 class PeerPenalties(Protocol):
@@ -100,6 +128,28 @@ class PubsubLimits:
     malformed_rpc_penalty: float = 1000.0  # misbehaviour points: graylists at once
     rate_excess_penalty: float = 1.0  # misbehaviour points per message/frame over the limit
     graylisted_frames_before_disconnect: int = 100  # then close the peer's connections
+    # The known-sender lane: messages the application says come from a sender it already
+    # holds valid state for (an offer or withdrawal of a provider in the book: see
+    # ``GuardedPubsub.p2p_known_sender``) are counted against these budgets instead of the
+    # two above, so a relay's flood of new identities cannot starve them. A forged one fails
+    # its signature in the validator and costs the forwarder a REJECT.
+    known_messages_per_second: float = 20.0  # per forwarding peer
+    known_message_burst: float = 40.0
+    known_messages_per_ip_per_second: float = 40.0  # all peers at one IP together
+    known_message_ip_burst: float = 80.0
+    known_messages_per_sender_per_second: float = 1.0  # per (forwarding peer, known sender)
+    known_sender_burst: float = 5.0
+    known_sender_keys: int = 16_384  # (peer, sender) buckets kept
+    # Gossip control entries per peer (gossipsub v1.1's max_ihave_length / max_ihave_messages,
+    # and a bound on IWANT): duplicates within an RPC are dropped, then at most these many ids
+    # a second (burst the same) and IHAVE entries per RPC are handed to the router; the rest is
+    # dropped and counted. py-libp2p bounded only the number of IHAVE/IWANT control messages per
+    # second, not their ids: one IWANT naming a cached message 15,000 times (a 1 MiB frame) was
+    # answered with 15,000 copies of it.
+    max_ihave_ids_per_second: float = 5000.0
+    max_ihave_messages_per_rpc: int = 10
+    max_iwant_ids_per_second: float = 500.0
+    iwant_id_burst: float = 1000.0
 
 
 class GuardedPubsub(Pubsub):
@@ -136,7 +186,21 @@ class GuardedPubsub(Pubsub):
         self._msg_buckets = KeyedBuckets(limits.messages_per_second, limits.message_burst)
         self._rpc_buckets = KeyedBuckets(limits.rpcs_per_second, limits.rpc_burst)
         self._ip_buckets = KeyedBuckets(limits.messages_per_ip_per_second, limits.message_ip_burst)
+        self._known_buckets = KeyedBuckets(limits.known_messages_per_second,
+                                           limits.known_message_burst)
+        self._known_ip_buckets = KeyedBuckets(limits.known_messages_per_ip_per_second,
+                                              limits.known_message_ip_burst)
+        self._known_sender_buckets = KeyedBuckets(limits.known_messages_per_sender_per_second,
+                                                  limits.known_sender_burst,
+                                                  max_keys=limits.known_sender_keys)
+        self._ihave_buckets = KeyedBuckets(limits.max_ihave_ids_per_second,
+                                           limits.max_ihave_ids_per_second)
+        self._iwant_buckets = KeyedBuckets(limits.max_iwant_ids_per_second, limits.iwant_id_burst)
         self._graylisted_frames: Counter[ID] = Counter()
+
+    # Set by the application (node/offers.py): the key of a sender it already holds valid
+    # state for, or None. Called before the signature check: it must only peek at the payload.
+    p2p_known_sender: Callable[[rpc_pb2.Message], Hashable | None] | None = None
 
     # -- penalties ---------------------------------------------------------------------------
 
@@ -178,9 +242,10 @@ class GuardedPubsub(Pubsub):
         ip = _stream_ip(stream)
         limits = self.p2p_limits
         counters = self.p2p_counters
+        frames = self._frame_reader(stream)
         try:
             while self.manager.is_running:
-                incoming = await read_varint_prefixed_bytes_limited(stream, self.max_inbound_rpc_size)
+                incoming = await frames.read_frame()
                 # Cheapest checks first, before the frame is even parsed.
                 if self._graylisted(peer_id):
                     counters["p2p.pubsub.drop.graylisted_rpc"] += 1
@@ -206,14 +271,13 @@ class GuardedPubsub(Pubsub):
                 rpc_incoming = rpc_pb2.RPC()
                 rpc_incoming.ParseFromString(incoming)  # DecodeError: handled in stream_handler
 
-                if not maybe_consume_signed_record(rpc_incoming, self.host, peer_id):
+                if not self._consume_sender_record(rpc_incoming, peer_id):
                     counters["p2p.pubsub.drop.bad_peer_record"] += 1
                     continue
 
                 for msg in rpc_incoming.publish:
                     if self._is_subscribed_to_msg(msg) and self._admit(peer_id, ip, msg):
-                        if self.manager.is_running:
-                            self.manager.run_task(self._push_msg_guarded, peer_id, msg)
+                        await self._dispatch(peer_id, msg)
 
                 if rpc_incoming.subscriptions:
                     if len(rpc_incoming.subscriptions) > self.max_subscriptions_per_rpc:
@@ -223,6 +287,7 @@ class GuardedPubsub(Pubsub):
                             self.handle_subscription(peer_id, message)
 
                 if rpc_incoming.HasField("control"):
+                    self._bound_gossip_control(peer_id, rpc_incoming.control)
                     await self.router.handle_rpc(rpc_incoming, peer_id)
 
                 if stream.metric_send_channel is not None:
@@ -243,6 +308,22 @@ class GuardedPubsub(Pubsub):
         except (StreamError, IOException, RawConnError) as error:
             log.debug("pubsub stream from %s failed: %r", peer_id, error)
 
+    async def _dispatch(self, peer: ID, msg: rpc_pb2.Message) -> None:
+        """Hand an admitted message on to validation and forwarding: upstream spawns a task for
+        each (``push_msg``)."""
+        if self.manager.is_running:
+            self.manager.run_task(self._push_msg_guarded, peer, msg)
+
+    def _frame_reader(self, stream: INetStream) -> Any:
+        """Where the read loop gets its RPC frames: upstream's reader (length prefix byte by
+        byte). :class:`node.libp2p_perf.FastPubsub` buffers instead."""
+        return _UpstreamFrames(stream, self.max_inbound_rpc_size)
+
+    def _consume_sender_record(self, rpc: rpc_pb2.RPC, peer: ID) -> bool:
+        """Upstream's handling of the RPC's signed peer record (verify and store it every time);
+        False drops the RPC."""
+        return maybe_consume_signed_record(rpc, self.host, peer)
+
     def _graylisted(self, peer: ID) -> bool:
         penalties = self._penalties()
         return penalties is not None and penalties.graylisted(peer, list(self.topic_ids))
@@ -252,6 +333,82 @@ class GuardedPubsub(Pubsub):
         counters = self.p2p_counters
         if self._is_msg_seen(msg):  # a duplicate: the cheapest drop, and not the peer's fault
             return False
+        if self._known_lane(peer, ip, msg):
+            counters["p2p.pubsub.admit.known_sender"] += 1
+        elif not self._within_budget(peer, ip):
+            return False
+        penalties = self._penalties()
+        topics = list(msg.topicIDs)
+        if penalties is not None and not penalties.allow_publish(peer, topics):
+            counters["p2p.pubsub.drop.below_publish_threshold"] += 1
+            return False
+        if self.strict_signing and not _signature_ok(msg):
+            # Provably bad: an honest relay verifies before forwarding.
+            counters["p2p.pubsub.reject.bad_signature"] += 1
+            if penalties is not None:
+                for topic in topics:
+                    penalties.record_reject(peer, topic)
+            rlog.info("pubsub.bad_signature", "message with a bad envelope signature from %s", peer)
+            return False
+        return True
+
+    def _bound_gossip_control(self, peer: ID, control: rpc_pb2.ControlMessage) -> None:
+        """Cut the IHAVE and IWANT entries of one RPC to the peer's budgets (in place)."""
+        limits = self.p2p_limits
+        counters = self.p2p_counters
+        if control.ihave:
+            entries = list(control.ihave)
+            if len(entries) > limits.max_ihave_messages_per_rpc:
+                counters["p2p.pubsub.drop.ihave_messages"] += len(entries) - limits.max_ihave_messages_per_rpc
+                entries = entries[:limits.max_ihave_messages_per_rpc]
+            kept = self._take_ids(peer, [(e.topicID, list(e.messageIDs)) for e in entries],
+                                  self._ihave_buckets, "ihave")
+            del control.ihave[:]
+            for topic, ids in kept:
+                control.ihave.add(topicID=topic, messageIDs=ids)
+        if control.iwant:
+            kept = self._take_ids(peer, [(None, list(e.messageIDs)) for e in control.iwant],
+                                  self._iwant_buckets, "iwant")
+            del control.iwant[:]
+            for _, ids in kept:
+                control.iwant.add(messageIDs=ids)
+
+    def _take_ids(self, peer: ID, groups: list[tuple[Any, list[bytes]]], buckets: KeyedBuckets,
+                  kind: str) -> list[tuple[Any, list[bytes]]]:
+        """Unique ids from `groups` in order, as many as the peer's bucket has tokens for."""
+        seen: set[bytes] = set()
+        unique: list[tuple[Any, list[bytes]]] = []
+        total = duplicates = 0
+        for key, ids in groups:
+            mine = []
+            for mid in ids:
+                if mid in seen:
+                    duplicates += 1
+                    continue
+                seen.add(mid)
+                mine.append(mid)
+            unique.append((key, mine))
+            total += len(mine)
+        allowed = min(total, int(buckets.tokens(peer)))
+        if allowed:
+            buckets.allow(peer, allowed)
+        if duplicates:
+            self.p2p_counters[f"p2p.pubsub.drop.{kind}_duplicate_ids"] += duplicates
+        if allowed < total:
+            self.p2p_counters[f"p2p.pubsub.drop.{kind}_ids"] += total - allowed
+            rlog.info(f"pubsub.{kind}_ids", "peer %s exceeds %s ids per second: %d dropped",
+                      peer, kind.upper(), total - allowed)
+        out = []
+        for key, ids in unique:
+            if allowed <= 0:
+                break
+            out.append((key, ids[:allowed]))
+            allowed -= len(out[-1][1])
+        return [(k, ids) for k, ids in out if ids]
+
+    def _within_budget(self, peer: ID, ip: str) -> bool:
+        """The ordinary per-peer and per-IP budgets of new messages."""
+        counters = self.p2p_counters
         if not self._msg_buckets.allow(peer):
             counters["p2p.pubsub.drop.message_rate"] += 1
             self._misbehaved(peer, self.p2p_limits.rate_excess_penalty)
@@ -269,20 +426,17 @@ class GuardedPubsub(Pubsub):
                          "together: dropping before validation", ip,
                          self.p2p_limits.messages_per_ip_per_second)
             return False
-        penalties = self._penalties()
-        topics = list(msg.topicIDs)
-        if penalties is not None and not penalties.allow_publish(peer, topics):
-            counters["p2p.pubsub.drop.below_publish_threshold"] += 1
-            return False
-        if self.strict_signing and not _signature_ok(msg):
-            # Provably bad: an honest relay verifies before forwarding.
-            counters["p2p.pubsub.reject.bad_signature"] += 1
-            if penalties is not None:
-                for topic in topics:
-                    penalties.record_reject(peer, topic)
-            rlog.info("pubsub.bad_signature", "message with a bad envelope signature from %s", peer)
-            return False
         return True
+
+    def _known_lane(self, peer: ID, ip: str, msg: rpc_pb2.Message) -> bool:
+        """Whether a message from a known sender fits the known-sender budgets (per peer, per
+        IP, per peer and sender). One that does not goes through the ordinary budgets."""
+        known = self.p2p_known_sender
+        sender = known(msg) if known is not None else None
+        if sender is None:
+            return False
+        return (self._known_sender_buckets.allow((peer, sender))
+                and self._known_buckets.allow(peer) and self._known_ip_buckets.allow(ip))
 
     async def _disconnect(self, peer: ID) -> None:
         try:
@@ -299,6 +453,15 @@ class GuardedPubsub(Pubsub):
             self.p2p_counters["p2p.pubsub.push_error"] += 1
             self._misbehaved(peer, self.p2p_limits.rate_excess_penalty)
             rlog.warning("pubsub.push_error", "processing a message from %s raised %r", peer, error)
+
+
+class _UpstreamFrames:
+    def __init__(self, stream: INetStream, max_length: int) -> None:
+        self._stream = stream
+        self._max = max_length
+
+    async def read_frame(self) -> bytes:
+        return await read_varint_prefixed_bytes_limited(self._stream, self._max)
 
 
 def _stream_ip(stream: INetStream) -> str:
@@ -580,6 +743,7 @@ def apply_host_patches(host: IHost, *, conn_limits: ConnLimitsConfig, counters: 
 
 
 __all__ = [
-    "ConnLimits", "ConnLimitsConfig", "GuardedPubsub", "GuardedSwarm", "PubsubLimits",
-    "apply_host_patches", "guard_stream_handlers", "guard_swarm", "install_libp2p_log_limits",
+    "LIBP2P_VERSION", "ConnLimits", "ConnLimitsConfig", "GuardedPubsub", "GuardedSwarm",
+    "PubsubLimits", "apply_host_patches", "check_libp2p_version", "guard_stream_handlers",
+    "guard_swarm", "install_libp2p_log_limits",
 ]

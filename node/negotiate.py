@@ -550,13 +550,15 @@ async def negotiate_first(
 
     async def talk(candidate: Candidate, machine: RenterNegotiation) -> None:
         provider = candidate.offer.provider
+        phase = "dial"
         try:
             with trio.fail_after(params.negotiation_step_timeout_ms / 1000):
                 await _dial_offer(host, candidate)
+                phase = "open stream"
                 stream = await host.host.new_stream(candidate.resolve_peer(),
                                                     [TProtocol(NEGOTIATE_PROTOCOL)])
         except Exception as exc:
-            log.info("cannot reach provider %s: %r", candidate.resolve_peer(), exc)
+            log.info("cannot reach provider %s (%s): %r", candidate.resolve_peer(), phase, exc)
             async with lock:
                 # Another provider may have agreed while this dial hung: the group has already
                 # cancelled this machine (cancelling it twice is a LocalProtocolError).

@@ -55,12 +55,14 @@ from .negotiate import (DEFAULT_MAX_PENDING_PER_PEER, DEFAULT_MAX_PENDING_PER_WA
 from .offers import OfferService
 from .publisher import OfferPublisher, ProviderConfig
 from .rentals import HelloRefused, ProviderSession, RentalDesk, RenterSession
+from .spot import SpotMixin, SpotSettings
 from .records import decode_agreement, decode_bindings  # noqa: F401  (re-exported: callers import them from here)
 from .records import PendingAgreement, Rental, encode_agreement
 from .reputation import LocalReputation
 from .resume import RENTER_OPEN_WAIT_S, ResumeMixin  # noqa: F401  (RENTER_OPEN_WAIT_S: re-exported)
 from .access import ExecDesk, ExecTarget
 from .runtime import DockerRuntime, DockerSettings, HookRuntime, RentalSpec, Runtime, RuntimeError_, nvml_uuids
+from .standing import STANDING_POLL_S, EscrowStanding
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,7 @@ class ProviderSettings:
     docker: DockerSettings | None = None  # a container per rental (node/runtime.py)
     rental_runtime: Runtime | None = None  # given directly (tests); default: docker, else the hook
     images: tuple[str, ...] = ()  # published in the offer (the docker runtime's images)
+    spot: SpotSettings | None = None  # interruptible GPUs and power curtailment (node/spot.py)
 
     @classmethod
     def from_section(cls, section: ProviderSection, *, nvml: Any = None) -> ProviderSettings:
@@ -117,7 +120,8 @@ class ProviderSettings:
                    heartbeat_interval_s=section.heartbeat_interval_s, grace_s=section.grace_s,
                    region=section.region, bandwidth_mbps=section.bandwidth_mbps,
                    access_hook=section.access_hook or None, nvml=nvml, docker=docker,
-                   images=section.images if docker is not None else ())
+                   images=section.images if docker is not None else (),
+                   spot=SpotSettings.from_section(section))
 
     def make_runtime(self, provider_peer_id: str) -> Runtime | None:
         if self.rental_runtime is not None:
@@ -156,7 +160,12 @@ class NodeConfig:
     arbiters: frozenset[bytes] = frozenset()
     name: str = "node"
     chain_poll_s: float = 0.5
+    # Provider standing for the rank sort (node/standing.py): escrow events from this block
+    # (the escrow's deployment block; 0 reads the whole chain), in chunks of this many blocks
+    history_from_block: int = 0
+    history_chunk_blocks: int = 10_000
     clock: Clock = SYSTEM_CLOCK  # the node's one clock (node/clock.py)
+    on_preempt: Sequence[str] | None = None  # renter: command run when a preemption notice arrives
 
 
 @dataclass
@@ -172,7 +181,7 @@ class RentError(Exception):
     """Renting failed for a reason a person can act on; str() is one line."""
 
 
-class Node(ChainWatchMixin, ResumeMixin):
+class Node(SpotMixin, ChainWatchMixin, ResumeMixin):
     def __init__(self, config: NodeConfig, chain: AsyncChain) -> None:
         self.config = config
         self.chain = chain
@@ -191,6 +200,7 @@ class Node(ChainWatchMixin, ResumeMixin):
         self.rentals: dict[bytes, Rental] = {}
         self.store: Store | None = None
         self.offers: OfferService | None = None
+        self.standing: EscrowStanding | None = None  # provider wallets' escrow standing
         self.publisher: OfferPublisher | None = None
         self.capacity: Capacity | None = None
         self.desk: ProviderDesk | None = None
@@ -211,6 +221,7 @@ class Node(ChainWatchMixin, ResumeMixin):
         self.resumed: dict[str, list[str]] = {}  # what the last start did: outcome -> agreement ids
         self.accept_to_open_s: float | None = None  # renter: the last rent's Accept-to-Opened time
         self.hold_used_ms: list[int] = []  # provider: Accept to the renter's hello on the open escrow
+        self.on_preempt = config.on_preempt
 
     @property
     def peer_id(self) -> ID:
@@ -243,9 +254,17 @@ class Node(ChainWatchMixin, ResumeMixin):
                 self.reputation = LocalReputation(self.store)
                 await self.reputation.load()
                 # The book keeps (and the node relays) only offers for the chain it serves.
+                self.standing = EscrowStanding(
+                    self.chain, self.params, self.chain.chain.token_address,
+                    from_block=self.config.history_from_block,
+                    chunk_blocks=self.config.history_chunk_blocks,
+                    poll_s=max(self.config.chain_poll_s, STANDING_POLL_S))
                 self.offers = OfferService(self.host, self.store, self.params, book=OfferBook(
                     self.params, score_of=self.reputation.score_of,
+                    proven_of=self.standing.proven,
                     chain_ids=frozenset({self.chain.chain.chain_id})), now_ms=self.clock.now_ms)
+                self.standing.book = self.offers.book
+                nursery.start_soon(self.standing.run)
                 await nursery.start(self.offers.run)
                 if self.config.provider is not None:
                     await self._start_provider(nursery, self.config.provider)
@@ -313,6 +332,9 @@ class Node(ChainWatchMixin, ResumeMixin):
         self._all_gpus = self.publisher.gpus  # the inventory; the offer lists the free part
         self.capacity = Capacity([g.uuid_digest for g in self._all_gpus],
                                  unopened_memory_ms=settings.unopened_memory_ms)
+        await self._spot_start(nursery, settings.spot, decimals, price)
+        if self.spot_gpus:
+            await self._republish()  # the first offer went out before the split was known
         self._probe = GpuProbe(settings.nvml)
         self._probe.open()
         self.runtime = settings.make_runtime(self.peer_id.to_base58())
@@ -570,13 +592,14 @@ class Node(ChainWatchMixin, ResumeMixin):
         if self.publisher is None:
             return
         free = set(self.capacity.free(self.clock.now_ms()))
-        gpus = tuple(g for g in self._all_gpus if g.uuid_digest in free)
+        gpus, spot = self._spot_offer(tuple(g for g in self._all_gpus if g.uuid_digest in free))
         live = self.publisher.live is not None
-        if only_if_changed and ((live and gpus == self.publisher.gpus) or (not live and not gpus)):
+        if only_if_changed and ((live and gpus == self.publisher.gpus and spot == self.publisher.interruptible)
+                                or (not live and not gpus)):
             return
         try:
             if gpus:
-                self.publisher.gpus = gpus
+                self.publisher.gpus, self.publisher.interruptible = gpus, spot
                 await self.publisher.publish()
             else:
                 await self.publisher.withdraw()
@@ -586,7 +609,7 @@ class Node(ChainWatchMixin, ResumeMixin):
     # -- renter -------------------------------------------------------------------------------
 
     async def rent(self, entries: Sequence[Entry], *, gpu_count: int, duration_s: int,
-                   max_price_per_gpu_second: int, access_key: str = "") -> Rental:
+                   max_price_per_gpu_second: int, access_key: str = "", notice_s: int = 0) -> Rental:
         """Negotiate with every offer in `entries` at once, open the escrow for the first
         agreement, and start the rental session. Raises RentError."""
         if not entries:
@@ -639,7 +662,8 @@ class Node(ChainWatchMixin, ResumeMixin):
 
         group = await self._negotiate(entries, gpu_count=gpu_count, duration_s=duration_s,
                                       max_price_per_gpu_second=max_price_per_gpu_second,
-                                      access_key=access_key, persist=persist, escrow=escrow)
+                                      access_key=access_key, persist=persist, escrow=escrow,
+                                      notice_s=notice_s)
         winner = group.winner
         if winner is None:
             reasons = sorted({f"{n.failure.reason_name.lower()} ({n.failure.detail})"
@@ -664,6 +688,7 @@ class Node(ChainWatchMixin, ResumeMixin):
         machine = RenterRental(terms, details, escrow_domain(winner.offer), self.key,
                                self.wallet_key, opened.timestamp * 1000, self.rng, self.params)
         session = RenterSession(machine, terms, details, self.escrow, self.store, self.clock.now_ms)
+        session.on_report = lambda report: self._renter_report(rental, report)
         rental.session = session
         self._nursery.start_soon(session.run_timers)
         self._nursery.start_soon(session.run_connection, self.host, provider_peer)

@@ -36,7 +36,7 @@ from node.reqresp import ReqRespError, read_frame, write_frame
 from node.store import Store
 from protocol.encoding import decode, unpack_canonical
 from protocol.errors import IGNORE, DecodeError, Ignore, ProtocolError, Reject, RemoteProtocolError
-from protocol.messages import Offer, OfferWithdrawal
+from protocol.messages import Offer, OfferWithdrawal, key_prefix
 from protocol.offerbook import Entry, OfferBook
 from protocol.params import DEFAULT_PARAMS, Params
 
@@ -109,6 +109,10 @@ def decode_sync_frame(frame: bytes, max_frame: int) -> list[bytes]:
 
 # ------------------------------------------------------------------------------------------
 # The service every node runs
+
+
+# Payload prefixes (type and version) of the messages the known-sender lane looks at.
+_KNOWN_PREFIXES = frozenset({key_prefix(Offer), key_prefix(OfferWithdrawal)})
 
 
 @dataclass(frozen=True)
@@ -297,6 +301,18 @@ class OfferService:
         if deadline < self._wake_at_ms:
             self._expiry_wake.set()
 
+    def known_sender(self, msg) -> bytes | None:
+        """The pubsub guard's known-sender lane (node/libp2p_patches.py): an offer or a
+        withdrawal on our topic by a provider whose valid offer the book holds, by the
+        provider key the payload names (peeked, not verified: a forged one fails validation
+        and costs its forwarder a REJECT). Its re-announcements then have a budget of their
+        own that relayed new identities cannot drain."""
+        data = msg.data
+        if len(data) < 37 or data[:5] not in _KNOWN_PREFIXES or self.config.topic not in msg.topicIDs:
+            return None
+        provider = data[5:37]
+        return provider if self.book.held(provider) is not None else None
+
     def validate_gossip(self, payload: bytes, forwarder: ID) -> Verdict:
         """The topic validator (sync: py-libp2p calls it inline for every message)."""
         return self.ingest(payload, "gossip", forwarder)
@@ -305,6 +321,7 @@ class OfferService:
     async def run(self, *, task_status: trio.TaskStatus[OfferService] = trio.TASK_STATUS_IGNORED) -> None:
         host = self.host
         host.set_topic_validator(self.config.topic, self.validate_gossip)
+        host.pubsub.p2p_known_sender = self.known_sender
         sub = await host.subscribe(self.config.topic)
         host.host.set_stream_handler(TProtocol(self.config.sync_protocol), self._serve_sync)
         try:

@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--rent-rounds", type=int, default=1)
     r.add_argument("--rent-candidates", type=int, default=1,
                    help="negotiate with the first N matching offers at once")
+    r.add_argument("--watch-provider", default=None,
+                   help="(benchmarks) a provider key in hex: each round says whether the book "
+                        "holds its offer and where it ranks in the hits")
     return p.parse_args(argv)
 
 
@@ -165,6 +168,18 @@ async def rent_repeatedly(node: Node, args: argparse.Namespace) -> None:
             outcome.update(ok=False, error=errors[-1] if errors else
                            (f"no offer matches {args.rent!r}" if not hits else "timed out"))
         outcome["rent_s"] = round(trio.current_time() - t0, 3)
+        # What the renter's gossip guard dropped so far (evidence for a missing offer), and
+        # where the provider it rented from last time sat in this round's hits.
+        outcome["drops"] = {k.removeprefix("p2p.pubsub.drop."): v
+                            for k, v in node.host.counters.items()
+                            if k.startswith("p2p.pubsub.drop.")}
+        if args.watch_provider:
+            held = node.book.held(_hex(args.watch_provider))
+            outcome["watched"] = {
+                "held": held is not None,
+                "seq": held.seq if held is not None else None,
+                "hit_index": next((i for i, e in enumerate(hits)
+                                   if e.provider == _hex(args.watch_provider)), None)}
         say(event="round", **outcome)
 
 

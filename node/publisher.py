@@ -110,6 +110,7 @@ class OfferPublisher:
         self.live: _Live | None = None
         self.last_seq: int | None = None
         self.gpus: tuple[GpuInfo, ...] = ()
+        self.interruptible: tuple = ()  # InterruptibleGpus sets of the offer (node/spot.py)
         self.host_info: HostInfo | None = None
 
     @property
@@ -164,6 +165,7 @@ class OfferPublisher:
                 provider=self.key.public, seq=seq, created_ms=now,
                 expires_ms=now + self.config.lifetime_ms, gpus=self.gpus, host=self.host_info,
                 terms=self.config.terms, binding=self.binding, addrs=self.config.addrs, images=self.config.images,
+                interruptible=self.interruptible,
             ).sign(self.key)
             check_offer_static(offer, svc.params)  # our own configuration error: raise here
             data = offer.encode()

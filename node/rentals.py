@@ -28,7 +28,8 @@ from libp2p.peer.id import ID
 from protocol.agreement import AgreementTerms
 from protocol.effects import Effect, EscrowCall, Persist, Report, Send
 from protocol.identity import peer_id_from_public_key
-from protocol.messages import AccessGrant, AgreementDetails, Heartbeat, UsageReceipt, digest
+from protocol.messages import (AccessGrant, AgreementDetails, Heartbeat, PreemptionNotice,
+                               UsageReceipt, digest)
 from protocol.rental import ProviderRental, RenterRental, State
 
 from .clock import now_ms
@@ -101,6 +102,8 @@ class _Session:
         self._wake = trio.Event()  # set when something may have moved the next deadline
         self._lock = trio.Lock()  # effects of the timer and of frames must not interleave
         self.done = trio.Event()
+        # Called with each Report after it is logged (the renter's --on-preempt hook).
+        self.on_report: Callable[[Report], Awaitable[None]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -127,6 +130,8 @@ class _Session:
     async def _report(self, effect: Report) -> None:
         self.log.reports.append(effect)
         log.info("rental %s: %s %s", self.agreement_id.hex()[:12], effect.event, effect.detail)
+        if self.on_report is not None:
+            await self.on_report(effect)
 
     async def on_service(self, effect: Effect) -> None:
         """StartService / StopService: the provider's business (see ProviderSession)."""
@@ -145,6 +150,10 @@ class _Session:
                 await self.store.put_rental_receipt(effect.agreement_id, msg.heartbeat_seq,
                                                     msg.acked_seconds, msg.encode(),
                                                     self.clock() / 1000)
+        elif isinstance(msg, PreemptionNotice) and self.store is not None:
+            # Evidence (specs/evidence.md step 8); kept beside the agreement's other records.
+            await self.store.add_evidence(effect.agreement_id, "preemption_notice", msg.encode(),
+                                          self.clock() / 1000)
 
     async def _send(self, effect: Send) -> None:
         stream = self.stream
@@ -217,6 +226,15 @@ class ProviderSession(_Session):
         if stream is not None:
             await close_quietly(stream)
 
+    async def preempt(self, stop_ms: int, reason: int, detail: str) -> PreemptionNotice | None:
+        """Interruptible agreements: notify the renter that service stops at `stop_ms` (the
+        machine checks the promised notice; see ProviderRental.preempt). None if not serving."""
+        async with self._lock:
+            if self.finished or self.machine.state is not State.SERVING:
+                return None
+            await self.carry_out(self.machine.preempt(self.clock(), stop_ms, reason, detail))  # type: ignore[union-attr]
+        return self.machine.notice  # type: ignore[union-attr]
+
     async def send_grant(self, grant: AccessGrant) -> None:
         self.grant = grant
         if self.stream is not None:
@@ -241,6 +259,9 @@ class ProviderSession(_Session):
         old, self.stream = self.stream, stream
         if self.grant is not None:
             await self._send(Send(self.details.renter_key, self.grant))
+        notice = getattr(self.machine, "notice", None)
+        if notice is not None:  # a renter that missed it (stream down) learns it now
+            await self._send(Send(self.details.renter_key, notice))
         if old is not None:
             self.log.reconnects += 1
             await close_quietly(old)

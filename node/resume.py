@@ -36,6 +36,10 @@ PEER_ADDR_TTL_S = 30 * 24 * 3600  # a restored rental's provider address, re-add
 class ResumeMixin:
     """Node's restart and resume (see the module's docstring)."""
 
+    async def _stored_notices(self, aid: bytes) -> list:
+        """The preemption notices stored for an agreement (sent or received), oldest first."""
+        return await _decode_notices(self.store, aid)
+
     async def _resume(self) -> None:
         """Bring every unsettled agreement in the store back in line with the escrow."""
         self.resumed = {}
@@ -97,9 +101,11 @@ class ResumeMixin:
                 and self.rental_desk is not None and self.clock.now_ms() < status.end_s * 1000):
             started_s = status.end_s - terms.max_seconds
             heartbeats = [decode(r.raw, Heartbeat) for r in await self.store.heartbeats(aid)]
+            notices = await self._stored_notices(aid)
             machine = ProviderRental.restore(terms, details, domain, self.key, started_s * 1000,
                                              self.params, heartbeats=heartbeats,
-                                             latest_receipt=latest, now_ms=self.clock.now_ms())
+                                             latest_receipt=latest, now_ms=self.clock.now_ms(),
+                                             notice=notices[0] if notices else None)
             self.capacity.reserve(aid, details.gpus, None)
             rental = Rental("provider", terms, details, started_s=started_s)
             self.rentals[aid] = rental
@@ -138,10 +144,11 @@ class ResumeMixin:
         machine = RenterRental.restore(terms, details, domain, self.key, self.wallet_key,
                                        started_s * 1000, self.rng, self.params,
                                        heartbeats=heartbeats, receipts=receipts,
-                                       closed_ms=closed_ms)
+                                       closed_ms=closed_ms, notices=await self._stored_notices(aid))
         rental = Rental("renter", terms, details, started_s=started_s)
         self.rentals[aid] = rental
         session = RenterSession(machine, terms, details, self.escrow, self.store, self.clock.now_ms)
+        session.on_report = lambda report: self._renter_report(rental, report)
         rental.session = session
         await self._set_state(aid, AgreementState.OPEN)
         self._nursery.start_soon(session.run_timers)
@@ -185,3 +192,11 @@ class ResumeMixin:
 
 
 __all__ = ["ResumeMixin", "RENTER_OPEN_WAIT_S", "PEER_ADDR_TTL_S"]
+
+
+async def _decode_notices(store, aid: bytes) -> list:
+    from protocol.encoding import decode
+    from protocol.messages import PreemptionNotice
+
+    return [decode(raw, PreemptionNotice) for kind, raw, _ in await store.evidence(aid)
+            if kind == "preemption_notice"]

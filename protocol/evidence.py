@@ -18,7 +18,8 @@ from typing import Any, Iterable
 from .agreement import AgreementTerms, EscrowDomain, recover_receipt_signer
 from .encoding import decode
 from .errors import LocalProtocolError, ProtocolError
-from .messages import AgreementDetails, Binding, EvidenceBundle, Heartbeat, TermsWire, UsageReceipt, digest
+from .messages import (AgreementDetails, Binding, EvidenceBundle, Heartbeat, PreemptionNotice,
+                       TermsWire, UsageReceipt, digest)
 from .params import DEFAULT_PARAMS, SECOND_MS, Params
 from .settlement import Payout, claim_payout
 
@@ -33,11 +34,15 @@ def build_bundle(
     started_s: int,
     heartbeats_bytes: Iterable[bytes],
     receipts_bytes: Iterable[bytes],
+    notices_bytes: Iterable[bytes] = (),
 ) -> EvidenceBundle:
     """Pack the records. Duplicated byte strings (the same heartbeat stored by both sides) are
     kept once; the order is canonical (sorted bytes), so two nodes that hold the same records
     build the same bundle byte for byte."""
-    for name, items in (("heartbeats", heartbeats_bytes), ("receipts", receipts_bytes)):
+    heartbeats_bytes, receipts_bytes, notices_bytes = (
+        list(heartbeats_bytes), list(receipts_bytes), list(notices_bytes))
+    for name, items in (("heartbeats", heartbeats_bytes), ("receipts", receipts_bytes),
+                        ("notices", notices_bytes)):
         if not all(type(b) is bytes for b in items):
             raise LocalProtocolError("bad_argument", f"{name} must be wire bytes")
     return EvidenceBundle(
@@ -48,6 +53,7 @@ def build_bundle(
         started_s=started_s,
         heartbeats=tuple(sorted(set(heartbeats_bytes))),
         receipts=tuple(sorted(set(receipts_bytes))),
+        notices=tuple(sorted(set(notices_bytes))),
     )
 
 
@@ -90,6 +96,23 @@ class Divergence:
     at_ms: int | None  # the heartbeat's sent_ms, or the receipt's sent_ms
 
 
+# Provable faults of a provider around preemption (specs/evidence.md, step 7).
+NOTICE_ON_DEMAND = "notice_on_demand"  # a preemption notice in an on-demand agreement
+SHORT_NOTICE = "short_notice"  # stop_ms - sent_ms below the agreed notice_s
+NOTICE_BACKDATED = "notice_backdated"  # sent_ms before the heartbeat the notice says it follows
+STOPPED_EARLY = "stopped_early"  # heartbeats (answered) end before the notice's stop
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeSeen:
+    """The binding preemption notice of a bundle: the valid one with the earliest stop."""
+
+    stop_ms: int
+    sent_ms: int
+    reason: int
+    notice_s: int  # what the agreement promised (details.notice_s)
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     agreement_id: bytes
@@ -105,6 +128,8 @@ class Verdict:
     unacknowledged: tuple[int, ...]  # seqs of valid heartbeats no valid receipt answers
     divergence: Divergence | None
     invalid: tuple[Invalid, ...] = field(default=())
+    notice: NoticeSeen | None = None
+    notice_faults: tuple[str, ...] = ()
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
@@ -125,6 +150,10 @@ class Verdict:
                 "at_ms": self.divergence.at_ms},
             "invalid": [{"kind": i.kind, "index": i.index, "code": i.code, "detail": i.detail}
                         for i in self.invalid],
+            "notice": None if self.notice is None else {
+                "stop_ms": self.notice.stop_ms, "sent_ms": self.notice.sent_ms,
+                "reason": self.notice.reason, "notice_s": self.notice.notice_s},
+            "notice_faults": list(self.notice_faults),
         }
 
     def to_json(self) -> str:
@@ -278,6 +307,43 @@ def verify_bundle(bundle: EvidenceBundle, params: Params = DEFAULT_PARAMS) -> Ve
     divergence = min(candidates, key=lambda d: (d.heartbeat_seq, d.kind != "unknown_heartbeat"),
                      default=None)
 
+    # 7. Preemption: the binding notice, and whether the provider kept its promise.
+    notices: list[PreemptionNotice] = []
+    for index, data in enumerate(bundle.notices):
+        try:
+            n = decode(data, PreemptionNotice)
+        except ProtocolError as err:
+            invalid.append(Invalid("notice", index, err.code, err.detail))
+            continue
+        assert isinstance(n, PreemptionNotice)
+        if n.agreement_id != agreement_id:
+            invalid.append(Invalid("notice", index, "wrong_agreement", ""))
+        elif not n.signature_valid(details.provider_key, data):
+            invalid.append(Invalid("notice", index, "bad_signature", "not signed by details.provider_key"))
+        elif n.stop_ms < n.sent_ms:
+            invalid.append(Invalid("notice", index, "bad_stop", "stop_ms before sent_ms"))
+        else:
+            notices.append(n)
+    seen: NoticeSeen | None = None
+    faults: list[str] = []
+    if notices:
+        n = min(notices, key=lambda n: (n.stop_ms, n.sent_ms, n.encode()))
+        seen = NoticeSeen(n.stop_ms, n.sent_ms, n.reason, details.notice_s)
+        if details.notice_s == 0:
+            faults.append(NOTICE_ON_DEMAND)
+        elif n.notice_ms < details.notice_s * SECOND_MS:
+            faults.append(SHORT_NOTICE)
+        after = next((hb for hb, h in chain if h == n.after_heartbeat), None)
+        if after is not None and n.sent_ms < after.sent_ms:
+            faults.append(NOTICE_BACKDATED)
+        # Service must go on until the stop (the final heartbeat is sent at stop_ms): heartbeats
+        # that end more than one cap before it, while the renter answered the last one, mean
+        # the provider stopped first. (Trailing unanswered heartbeats: the renter stopped.)
+        if chain and last_answered == chain[-1][0].seq \
+                and chain[-1][0].sent_ms < min(n.stop_ms, bundle.started_s * SECOND_MS
+                                               + terms.max_seconds * SECOND_MS) - cap_ms:
+            faults.append(STOPPED_EARLY)
+
     invalid.sort(key=lambda i: (i.kind, i.index, i.code))
     return Verdict(
         agreement_id=agreement_id,
@@ -293,6 +359,8 @@ def verify_bundle(bundle: EvidenceBundle, params: Params = DEFAULT_PARAMS) -> Ve
         unacknowledged=unacked,
         divergence=divergence,
         invalid=tuple(invalid),
+        notice=seen,
+        notice_faults=tuple(faults),
     )
 
 

@@ -10,6 +10,7 @@ Signed messages end with a 64-byte ed25519 `signature` over
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import hashlib
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ B16, B20, B32, B64, B65 = (FixedBytes(n) for n in (16, 20, 32, 64, 65))
 U8, U16, U32, U53 = UInt(8), UInt(16), UInt(32), UInt(53)
 
 MAX_GPUS_PER_OFFER = 64
+MAX_INTERRUPTIBLE_SETS = 8  # interruptible GPU sets per offer
 MAX_OFFER_ADDRS = 4
 MAX_ADDR_LEN = 128
 MAX_OFFER_IMAGES = 8  # container images a provider offers (specs/runtime.md)
@@ -161,6 +163,17 @@ class OfferTerms:
 
 
 @dataclass(frozen=True, slots=True)
+class InterruptibleGpus:
+    """A set of the offer's GPUs sold as interruptible: the provider may stop them before the
+    agreement's end, after a PreemptionNotice at least `notice_s` seconds ahead, and sells them
+    for less than on-demand. GPUs of an offer in no such set are on-demand."""
+
+    gpus: tuple = wire(ListOf(B32, MAX_GPUS_PER_OFFER))  # uuid digests, each a GPU of the offer
+    notice_s: int = wire(U32)  # the least notice promised before a preemption, >= 1
+    price_per_gpu_second: int = wire(Amount())  # below the on-demand price (terms)
+
+
+@dataclass(frozen=True, slots=True)
 class Binding:
     """A two-way binding of a peer key and an EVM wallet on one chain: the wallet signs the peer
     key (EIP-712 PeerBinding), the peer key signs [peer_key, wallet, chain_id] (ed25519)."""
@@ -251,6 +264,9 @@ class AgreementDetails:
     escrow: bytes = wire(B20)
     gpus: tuple = wire(ListOf(B32, MAX_GPUS_PER_OFFER))  # uuid digests of the rented GPUs
     access_key: str = wire(Text(1024))  # the renter's public key for access (e.g. ssh-ed25519)
+    # 0: on-demand. Otherwise interruptible: the provider may preempt after a PreemptionNotice
+    # at least this many seconds ahead (bound into details_hash, hence the agreement id).
+    notice_s: int = wire(U32, default=0)
 
     def encode(self) -> bytes:
         return encode_struct(self)
@@ -286,7 +302,35 @@ class Offer(Signed):
     # Container images a renter gets its rental in (the first: the default); empty for a
     # provider whose access is its own hook. Renters filter on them (`image=`).
     images: tuple = wire(ListOf(Text(MAX_IMAGE_LEN), MAX_OFFER_IMAGES), default=())
+    # GPU sets sold as interruptible (specs/wire.md, "Offer classes"); the rest are on-demand.
+    interruptible: tuple = wire(ListOf(Struct(InterruptibleGpus), MAX_INTERRUPTIBLE_SETS), default=())
     signature: bytes = wire(B64, default=b"\x00" * ED25519_SIG_LEN)
+
+    def interruptible_set(self, notice_s: int) -> "InterruptibleGpus | None":
+        """The interruptible set with exactly this notice (0, or none such: None)."""
+        for s in self.interruptible:
+            if s.notice_s == notice_s:
+                return s
+        return None
+
+    def on_demand_gpus(self) -> tuple[bytes, ...]:
+        """uuid digests of the GPUs in no interruptible set."""
+        spot = {g for s in self.interruptible for g in s.gpus}
+        return tuple(g.uuid_digest for g in self.gpus if g.uuid_digest not in spot)
+
+    def class_gpus(self, notice_s: int) -> tuple[bytes, ...]:
+        """The GPUs a proposal with `notice_s` may rent: on-demand ones for 0, else the set's."""
+        if notice_s == 0:
+            return self.on_demand_gpus()
+        s = self.interruptible_set(notice_s)
+        return () if s is None else tuple(s.gpus)
+
+    def class_price(self, notice_s: int) -> int:
+        """The advertised price per GPU-second of a class (0 for a notice with no set)."""
+        if notice_s == 0:
+            return self.terms.price_per_gpu_second
+        s = self.interruptible_set(notice_s)
+        return 0 if s is None else s.price_per_gpu_second
 
 
 @register
@@ -328,6 +372,8 @@ class Proposal(Signed):
     price_per_gpu_second: int = wire(Amount())
     access_key: str = wire(Text(1024))
     sent_ms: int = wire(U53)
+    # 0: on-demand GPUs; otherwise the notice_s of the offer's interruptible set asked for.
+    notice_s: int = wire(U32, default=0)
     signature: bytes = wire(B64, default=b"\x00" * ED25519_SIG_LEN)
 
 
@@ -448,6 +494,39 @@ class AccessGrant(Signed):
     signature: bytes = wire(B64, default=b"\x00" * ED25519_SIG_LEN)
 
 
+class PreemptionReason(enum.IntEnum):
+    """Why a provider preempts an interruptible rental (u8 on the wire; append only)."""
+
+    POWER_PRICE = 1  # the provider's power price crossed its curtailment threshold
+    PROVIDER_USE = 2  # the provider needs the GPUs itself
+    OTHER = 3  # anything else; `detail` says what
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class PreemptionNotice(Signed):
+    """Provider -> renter on the rental stream, interruptible agreements only: service stops at
+    `stop_ms`. `after_heartbeat` is the hash of the last heartbeat the provider sent before the
+    notice (zeros if none): the notice cannot be dated before that heartbeat (evidence)."""
+
+    TYPE: ClassVar[int] = 23
+    MAX_SIZE: ClassVar[int] = 512
+    DOMAIN: ClassVar[bytes] = b"gpumarket/preemption/v1\x00"
+
+    agreement_id: bytes = wire(B32)
+    stop_ms: int = wire(U53)  # unix ms, provider's clock: when service stops
+    reason: int = wire(U8)  # PreemptionReason
+    detail: str = wire(Text(200))
+    after_heartbeat: bytes = wire(B32)
+    sent_ms: int = wire(U53)
+    signature: bytes = wire(B64, default=b"\x00" * ED25519_SIG_LEN)
+
+    @property
+    def notice_ms(self) -> int:
+        """The notice given, by the notice's own signed times."""
+        return self.stop_ms - self.sent_ms
+
+
 # --------------------------------------------------------------------------------------------
 # Evidence
 
@@ -468,3 +547,4 @@ class EvidenceBundle(Message):
     started_s: int = wire(U53)  # block timestamp of the escrow's Opened event
     heartbeats: tuple = wire(ListOf(VarBytes(Heartbeat.MAX_SIZE), 200_000))
     receipts: tuple = wire(ListOf(VarBytes(UsageReceipt.MAX_SIZE), 200_000))
+    notices: tuple = wire(ListOf(VarBytes(PreemptionNotice.MAX_SIZE), 64), default=())

@@ -186,6 +186,7 @@ def build_agreement(
         escrow=t.escrow,
         gpus=tuple(gpus),
         access_key=proposal.access_key,
+        notice_s=proposal.notice_s,
     )
     terms = AgreementTerms(
         provider=offer.binding.wallet,
@@ -396,10 +397,13 @@ class RenterNegotiation(_Negotiation):
         min_duration_s: int | None = None,
         max_duration_s: int | None = None,
         opening_price_per_gpu_second: int | None = None,
+        notice_s: int = 0,
         verifier: Verifier = VERIFIER,
     ) -> None:
         super().__init__(renter, params, verifier)
         self.offer = offer
+        # 0: on-demand GPUs; otherwise the interruptible set with this notice (its price).
+        self.notice_s = notice_s
         self.offer_digest = offer_digest
         self.binding = renter_binding
         self.access_key = access_key
@@ -409,7 +413,8 @@ class RenterNegotiation(_Negotiation):
         self.min_gpu_count = gpu_count if min_gpu_count is None else min_gpu_count
         self.min_duration_s = duration_s if min_duration_s is None else min_duration_s
         self.max_duration_s = duration_s if max_duration_s is None else max_duration_s
-        opening = min(offer.terms.price_per_gpu_second, max_price_per_gpu_second)
+        opening = min(offer.class_price(notice_s) or offer.terms.price_per_gpu_second,
+                      max_price_per_gpu_second)
         if opening_price_per_gpu_second is not None:
             opening = min(opening, opening_price_per_gpu_second)
         self.opening_price = opening
@@ -433,6 +438,8 @@ class RenterNegotiation(_Negotiation):
             raise bad("the offer's arbiter is this renter's wallet")
         if self._key.public == self.offer.provider:
             raise bad("renter and provider keys must differ")
+        if self.notice_s and self.offer.interruptible_set(self.notice_s) is None:
+            raise bad(f"the offer has no interruptible set with notice_s {self.notice_s}")
         if not 1 <= self.min_gpu_count <= self.gpu_count <= MAX_GPUS_PER_OFFER:
             raise bad(f"need 1 <= min_gpu_count <= gpu_count <= {MAX_GPUS_PER_OFFER}")
         if not 1 <= self.min_duration_s <= self.duration_s <= self.max_duration_s <= UINT32_MAX:
@@ -452,7 +459,7 @@ class RenterNegotiation(_Negotiation):
             negotiation_id=self.negotiation_id, round=round_, offer_digest=self.offer_digest,
             provider=self.offer.provider, renter=self._key.public, renter_binding=self.binding,
             gpu_count=gpu_count, duration_s=duration_s, price_per_gpu_second=price,
-            access_key=self.access_key, sent_ms=now_ms,
+            access_key=self.access_key, sent_ms=now_ms, notice_s=self.notice_s,
         ).sign(self._key)
 
     def _send_proposal(self, round_: int, gpu_count: int, duration_s: int, price: int,
@@ -481,8 +488,9 @@ class RenterNegotiation(_Negotiation):
         self._check_envelope(msg, now_ms, (self.round,))
         t = self.offer.terms
         # [violation] a counter must be something the provider could accept under its offer
-        if not 1 <= msg.gpu_count <= len(self.offer.gpus):
-            raise NegotiationViolation(Reason.INVALID_MESSAGE, "counter GPU count outside the offer")
+        if not 1 <= msg.gpu_count <= len(self.offer.class_gpus(self.notice_s)):
+            raise NegotiationViolation(Reason.INVALID_MESSAGE,
+                                       "counter GPU count outside the offer's class")
         if not t.min_duration_s <= msg.duration_s <= t.max_duration_s:
             raise NegotiationViolation(Reason.INVALID_MESSAGE, "counter duration outside the offer")
         if msg.price_per_gpu_second == 0:
@@ -517,13 +525,14 @@ class RenterNegotiation(_Negotiation):
         self._check_envelope(msg, now_ms, (self.round,))
         proposal = self.proposal
         assert proposal is not None
-        offered = {g.uuid_digest for g in self.offer.gpus}
+        # The GPUs of the class the renter asked for: on-demand ones, or the interruptible set's.
+        offered = set(self.offer.class_gpus(proposal.notice_s))
         if len(msg.gpus) != proposal.gpu_count or len(set(msg.gpus)) != len(msg.gpus) \
                 or not set(msg.gpus) <= offered:
             raise NegotiationViolation(
                 Reason.INVALID_MESSAGE,
                 f"accept assigns {len(msg.gpus)} GPUs, need {proposal.gpu_count} distinct ones "
-                "from the offer",
+                "from the offer's class",
             )
         # [violation] a consent the renter cannot use in time (the escrow refuses after open_by)
         if msg.open_by * 1000 < now_ms + self.params.min_open_window_ms:
@@ -659,10 +668,10 @@ class ProviderNegotiation(_Negotiation):
         self._check_envelope(msg, now_ms, (self.round + 1,))
         first = self.proposal
         assert first is not None
-        if (msg.provider, msg.renter, msg.renter_binding, msg.access_key) != \
-                (first.provider, first.renter, first.renter_binding, first.access_key):
+        if (msg.provider, msg.renter, msg.renter_binding, msg.access_key, msg.notice_s) != \
+                (first.provider, first.renter, first.renter_binding, first.access_key, first.notice_s):
             raise NegotiationViolation(Reason.INVALID_MESSAGE,
-                                       "provider, renter, binding or access key changed")
+                                       "provider, renter, binding, access key or class changed")
         return self._decide(msg, now_ms)
 
     def _decide(self, msg: Proposal, now_ms: int) -> list[Effect]:
@@ -679,13 +688,17 @@ class ProviderNegotiation(_Negotiation):
             return self._fail(now_ms, Reason.OFFER_STALE, Fault.LOCAL,
                               "proposal names an offer that is not the current one")
         t = self.offer.terms
-        free = len(self.free_gpus)
+        # [violation] an interruptible proposal names one of the offer's sets by its notice
+        if msg.notice_s and self.offer.interruptible_set(msg.notice_s) is None:
+            raise NegotiationViolation(Reason.INVALID_MESSAGE,
+                                       f"the offer has no interruptible set with notice {msg.notice_s} s")
+        free = len(self._class_free(msg.notice_s))
         if free == 0:
             return self._fail(now_ms, Reason.NO_CAPACITY, Fault.LOCAL, "no free GPUs")
         want = (
             min(msg.gpu_count, free),
             min(max(msg.duration_s, t.min_duration_s), t.max_duration_s),
-            max(msg.price_per_gpu_second, self.min_price),
+            max(msg.price_per_gpu_second, self._floor(msg.notice_s)),
         )
         if want == (msg.gpu_count, msg.duration_s, msg.price_per_gpu_second):
             return self._accept(msg, now_ms)
@@ -706,10 +719,22 @@ class ProviderNegotiation(_Negotiation):
                               f"duration outside {t.min_duration_s}..{t.max_duration_s} s, "
                               "no round left")
         return self._fail(now_ms, Reason.PRICE_TOO_LOW, Fault.LOCAL,
-                          f"price below {self.min_price}, no round left")
+                          f"price below {self._floor(msg.notice_s)}, no round left")
+
+    def _class_free(self, notice_s: int) -> tuple[bytes, ...]:
+        """The free GPUs of a class: on-demand ones (notice 0) or the interruptible set's."""
+        allowed = set(self.offer.class_gpus(notice_s))
+        return tuple(g for g in self.free_gpus if g in allowed)
+
+    def _floor(self, notice_s: int) -> int:
+        """The least price per GPU-second accepted: `min_price` on demand; an interruptible
+        set's own advertised price (or `min_price` if that is lower)."""
+        if notice_s == 0:
+            return self.min_price
+        return min(self.min_price, self.offer.class_price(notice_s))
 
     def _accept(self, msg: Proposal, now_ms: int) -> list[Effect]:
-        gpus = self.free_gpus[: msg.gpu_count]
+        gpus = self._class_free(msg.notice_s)[: msg.gpu_count]
         # Everything the renter controls was checked above (counts, overflow, its wallet), so a
         # LocalProtocolError here would be this provider's own bug (e.g. its offer) and propagates.
         open_by = open_by_for(now_ms, self.open_hold_ms)

@@ -23,7 +23,9 @@ Indexes: entries are grouped in buckets by every low-cardinality fact a query ca
 (model tokens, GPU count, VRAM, region, CUDA, compute capability, token, chain); a query decides
 each bucket once, then takes a price range from the bucket, which is kept sorted by price. A
 global index by the keep order (score, -since, expiry) serves score filters and sorts, the
-eviction policy and the `rank` sort's known-good and known-bad tiers.
+eviction policy and the `rank` sort's known-good and known-bad tiers. For each wallet that
+`proven_of` says is proven on the escrow (protocol/standing.py), a list of its held offers by
+(since, provider) marks the first as the wallet's one `proven` offer (the rank's tier 1).
 """
 
 from __future__ import annotations
@@ -81,6 +83,11 @@ def vram_gib(vram_mib: int) -> int:
     return (vram_mib + 512) // 1024
 
 
+_ON_DEMAND_ONLY = ("ON-DEMAND",)
+_INTERRUPTIBLE_ONLY = ("INTERRUPTIBLE",)
+_BOTH = ("ON-DEMAND", "INTERRUPTIBLE")
+
+
 class Entry:
     """One live offer with the facts queries use, derived once at insertion. The decoded
     `Offer` is not kept (memory): `offer` decodes the held wire bytes again on demand."""
@@ -89,7 +96,7 @@ class Entry:
         "data", "digest", "provider", "seq", "expires_ms", "models", "gpu_count",
         "vram_mib", "vram_gib", "region", "cuda_version", "cc", "token_symbol", "chain_id",
         "escrow", "token_decimals", "price_per_gpu_hour", "price_key", "score", "bucket", "_pkey", "_skey",
-        "body_at", "since_ms", "images",
+        "body_at", "since_ms", "images", "wallet", "proven", "classes", "notice_s",
     )
 
     def __init__(self, offer: Offer, data: bytes, digest: bytes, score: float,
@@ -132,9 +139,19 @@ class Entry:
         # since_ms: when this book first held an offer of this provider (kept while it holds
         # one without a break); the keep order puts the longest-held first among equal scores.
         self.since_ms = since_ms
+        self.wallet = offer.binding.wallet  # the provider's bound wallet (its escrow standing)
+        self.proven = False  # the book's one offer of a proven wallet (set by the book)
         self._pkey = (self.price_key, digest)
         self._skey = (score, -since_ms, self.expires_ms, digest)
         self.body_at = body_at  # where the body starts (see validation.offer_header)
+        # Query facts of interruptible capacity (query.py `class`, `notice`).
+        spot = offer.interruptible
+        if not spot:
+            self.classes, self.notice_s = _ON_DEMAND_ONLY, None
+        else:
+            on_demand = len({g for s in spot for g in s.gpus}) < len(gpus)
+            self.classes = _BOTH if on_demand else _INTERRUPTIBLE_ONLY
+            self.notice_s = max(s.notice_s for s in spot)
 
     def reannounced(self, data: bytes, digest: bytes, header: tuple[int, int, int, int],
                     score: float) -> "Entry":
@@ -156,12 +173,15 @@ class Entry:
         new.token_decimals = self.token_decimals
         new.price_per_gpu_hour = self.price_per_gpu_hour
         new.price_key = self.price_key
+        new.classes, new.notice_s = self.classes, self.notice_s
         new.data = data
         new.digest = digest
         new.seq, _, new.expires_ms, new.body_at = header
         new.score = score
         new.bucket = None
         new.since_ms = self.since_ms
+        new.wallet = self.wallet
+        new.proven = False  # the book's _replace carries the flag over
         new._pkey = (self.price_key, digest)
         new._skey = (score, -new.since_ms, new.expires_ms, digest)
         return new
@@ -219,6 +239,7 @@ class OfferBook(QueryPlanner):
         params: Params,
         *,
         score_of: Callable[[bytes], float] | None = None,
+        proven_of: Callable[[bytes], bool] | None = None,
         bindings: BindingCache | None = None,
         chain_ids: frozenset[int] | None = None,
         verifier: Verifier = VERIFIER,
@@ -226,6 +247,9 @@ class OfferBook(QueryPlanner):
         self.params = params
         self.verifier = verifier  # decodes and checks signatures of what is ingested
         self.score_of = score_of or (lambda _provider: UNKNOWN_SCORE)
+        # Is this provider wallet proven on the escrow (protocol/standing.py)? The caller calls
+        # `restand(wallets)` whenever the answer changes for some wallets.
+        self.proven_of = proven_of or (lambda _wallet: False)
         self.bindings = bindings if bindings is not None else BindingCache(params.binding_cache_size)
         self.chain_ids = chain_ids
         self._by_provider: dict[bytes, Entry] = {}
@@ -233,6 +257,8 @@ class OfferBook(QueryPlanner):
         self._buckets: dict[tuple, _Bucket] = {}
         self._by_score = SortedList()  # keep order (score, -since_ms, expires_ms, digest) -> Entry
         self._by_since = SortedList()  # (since_ms, provider) -> Entry: the rank sort's tiers
+        # proven wallet -> its held entries by (since_ms, provider); the first is `proven`
+        self._proven: dict[bytes, SortedList] = {}
         self._bytes = 0  # wire bytes of the live offers
         # Called with each entry the caps evict (not expiry, not replacement, not withdrawal):
         # the node deletes its stored copy.
@@ -395,6 +421,11 @@ class OfferBook(QueryPlanner):
         bucket.entries.add(entry._pkey, entry)
         self._by_score.add(entry._skey, entry)
         self._by_since.add((entry.since_ms, entry.provider), entry)
+        ws = self._proven.get(entry.wallet)
+        if ws is None and self.proven_of(entry.wallet):
+            ws = self._proven[entry.wallet] = SortedList()
+        if ws is not None:
+            self._proven_add(ws, entry)
         self._push_expiry(entry)
 
     def _push_expiry(self, entry: Entry) -> None:
@@ -417,6 +448,10 @@ class OfferBook(QueryPlanner):
         self._by_score.replace(held._skey, entry._skey, entry)
         since_key = (held.since_ms, held.provider)  # the same for both: in place
         self._by_since.replace(since_key, since_key, entry)
+        ws = self._proven.get(entry.wallet)  # the same wallet: the body is the same
+        if ws is not None:
+            ws.replace(since_key, since_key, entry)
+            entry.proven, held.proven = held.proven, False
         self._push_expiry(entry)
 
     def _remove(self, entry: Entry) -> None:
@@ -430,7 +465,56 @@ class OfferBook(QueryPlanner):
             del self._buckets[bucket.key]
         self._by_score.remove(entry._skey)
         self._by_since.remove((entry.since_ms, entry.provider))
+        ws = self._proven.get(entry.wallet)
+        if ws is not None:
+            ws.remove((entry.since_ms, entry.provider))
+            if entry.proven:
+                entry.proven = False
+                if len(ws):
+                    ws.first().proven = True
         entry.bucket = None
+
+    def _proven_add(self, ws: SortedList, entry: Entry) -> None:
+        """Add an entry of a proven wallet; the wallet's first by (since_ms, provider) is the
+        one `proven` offer."""
+        first = ws.first() if len(ws) else None
+        ws.add((entry.since_ms, entry.provider), entry)
+        if first is None or (entry.since_ms, entry.provider) < (first.since_ms, first.provider):
+            if first is not None:
+                first.proven = False
+            entry.proven = True
+
+    def restand(self, wallets: set[bytes] | None = None) -> None:
+        """Read again from `proven_of` whether these wallets (default: every wallet held or
+        proven) are proven, and mark each proven wallet's one offer (specs/offerbook.md,
+        "Standing"). One pass over the book when some wallet became proven."""
+        if wallets is None:
+            wallets = set(self._proven) | {e.wallet for e in self._by_provider.values()}
+        became: set[bytes] = set()
+        for w in wallets:
+            now = bool(self.proven_of(w))
+            if now and w not in self._proven:
+                became.add(w)
+            elif not now and w in self._proven:
+                for e in self._proven.pop(w).irange():
+                    e.proven = False
+        if became:
+            found: dict[bytes, list[Entry]] = {w: [] for w in became}
+            for e in self._by_provider.values():
+                mine = found.get(e.wallet)
+                if mine is not None:
+                    mine.append(e)
+            for w, mine in found.items():
+                mine.sort(key=lambda e: (e.since_ms, e.provider))
+                ws = self._proven[w] = SortedList()
+                for e in mine:  # in key order: each add appends
+                    ws.add((e.since_ms, e.provider), e)
+                if mine:
+                    mine[0].proven = True
+
+    def proven_entries(self) -> list[Entry]:
+        """Each proven wallet's one offer (few: every proven wallet was paid on chain)."""
+        return [ws.first() for ws in self._proven.values() if len(ws)]
 
     def rescore(self, provider: bytes | None = None) -> None:
         """Read scores again from `score_of` (all providers, or one)."""

@@ -24,6 +24,7 @@ class Params:
     book_max_providers: int = 200_000  # one live offer per provider
     book_max_bytes: int = 128 * 1024 * 1024  # total wire bytes of the live offers
     book_established_ms: int = 10 * MINUTE_MS  # in the book this long: ranked above newcomers
+    book_proven_renters: int = 2  # distinct renters that paid a wallet on the escrow: "proven"
     binding_cache_size: int = 100_000  # verified wallet bindings kept
     # Offer terms that a node accepts as sane
     min_heartbeat_interval_s: int = 5

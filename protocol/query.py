@@ -73,6 +73,10 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("token", "glob", "token_symbol", "payment token symbol", "USDC", STRING_OPS),
     Field("chain", "integer", "chain_id", "EVM chain id", "8453", ("=", "!=")),
     Field("image", "glob", "images", "container image offered", "pytorch/pytorch:*", STRING_OPS),
+    # Interruptible capacity: `class` holds if the offer has GPUs of that class; `notice` is
+    # the longest notice of its interruptible sets (an offer without one never matches it).
+    Field("class", "glob", "classes", "on-demand or interruptible", "interruptible", STRING_OPS),
+    Field("notice", "integer", "notice_s", "seconds of preemption notice", "60"),
 )}
 
 _EXPECTED = {
@@ -109,7 +113,7 @@ class Term:
 
     def test(self, value: Any) -> bool:
         """Does an entry's attribute value satisfy this term?"""
-        if self.field in ("gpu", "image"):  # an offer matches if any of its values matches
+        if self.field in ("gpu", "image", "class"):  # an offer matches if any of its values matches
             hit = any(_glob_any(self.value, m) for m in value)
             return hit if self.op == "=" else not hit
         if FIELDS[self.field].kind == "glob":
@@ -117,6 +121,8 @@ class Term:
             return hit if self.op == "=" else not hit
         if self.field == "chain":
             return (value in self.value) == (self.op == "=")
+        if self.field == "notice" and value is None:  # no interruptible set: no notice at all
+            return False
         if self.field == "score":  # scores are floats from the reputation module
             return _COMPARE[self.op](Decimal(value), self.value)
         return _COMPARE[self.op](value, self.value)
@@ -228,17 +234,22 @@ def _parse_value(field: Field, value: str, col: int, text: str) -> Any:
 UNKNOWN_SCORE = 0.5  # the reputation module's score of a provider with no history
 
 # Tiers of the `rank` sort, best first (specs/offerbook.md, "Ranking").
-TIER_KNOWN_GOOD, TIER_ESTABLISHED, TIER_NEW, TIER_KNOWN_BAD = 0, 1, 2, 3
+TIER_KNOWN_GOOD, TIER_PROVEN, TIER_ESTABLISHED, TIER_NEW, TIER_KNOWN_BAD = 0, 1, 2, 3, 4
 
 
-def rank_tier(score: float, since_ms: int, established_before_ms: int) -> int:
+def rank_tier(score: float, since_ms: int, established_before_ms: int,
+              proven: bool = False) -> int:
     """The `rank` tier of an offer: a provider with a good record (score above unknown) first,
-    then unknown providers the book has held since `established_before_ms` or earlier, then
-    newer unknown ones, then providers with a bad record."""
+    then unknown providers whose wallet is proven on the escrow (`proven`: the book's one
+    offer for that wallet, specs/offerbook.md "Standing"), then unknown providers the book has
+    held since `established_before_ms` or earlier, then newer unknown ones, then providers
+    with a bad record."""
     if score > UNKNOWN_SCORE:
         return TIER_KNOWN_GOOD
     if score < UNKNOWN_SCORE:
         return TIER_KNOWN_BAD
+    if proven:
+        return TIER_PROVEN
     return TIER_ESTABLISHED if since_ms <= established_before_ms else TIER_NEW
 
 
@@ -254,7 +265,8 @@ class Sort:
             if established_before_ms is None:
                 raise LocalProtocolError("bad_argument", "a rank sort needs the current time")
             cut = established_before_ms
-            return lambda e: (rank_tier(e.score, e.since_ms, cut), e.price_key, e.digest)
+            return lambda e: (rank_tier(e.score, e.since_ms, cut, e.proven), e.price_key,
+                              e.digest)
         attr = SORT_FIELDS[self.field]
         if self.field == "price":
             if self.descending:

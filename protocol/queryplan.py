@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .sortedlist import SortedList
 
 # Query fields that vary per offer, not per bucket: checked on each entry.
-_ENTRY_ONLY_FIELDS = frozenset({"price", "score", "image"})
+_ENTRY_ONLY_FIELDS = frozenset({"price", "score", "image", "class", "notice"})
 
 
 class QueryPlanner:
@@ -32,6 +32,7 @@ class QueryPlanner:
     _buckets: dict[tuple, _Bucket]
     _by_score: SortedList
     _by_since: SortedList
+    proven_entries: Callable[[], list[Entry]]
 
     # A score-sorted query with a limit walks the score index instead of sorting candidates
     # when there are more than this many candidates beyond 8 x limit (tests set 0 to force it).
@@ -70,6 +71,7 @@ class QueryPlanner:
             return []
         bucket_terms = [t for t in q.terms if t.field not in _ENTRY_ONLY_FIELDS]
         price_ne = [t for t in q.terms if t.field == "price" and t.op == "!="]
+        class_terms = [t for t in q.terms if t.field in ("class", "notice")]
         score_terms = [t for t in q.terms if t.field == "score"]
         lo, hi = price_bounds(q.terms)
         if lo is not None and hi is not None and lo >= hi:
@@ -78,7 +80,7 @@ class QueryPlanner:
         hi_key = None if hi is None else (hi,)
 
         buckets = _choose_buckets(self._buckets.values(), bucket_terms)
-        residual = _residual(price_ne + score_terms)
+        residual = _residual(price_ne + score_terms + class_terms)
         for t in (t for t in q.terms if t.field == "image"):  # few offers name images: per entry
             residual = _both(residual, _image_check(t)) if residual is not None else _image_check(t)
         if where is not None:
@@ -161,7 +163,7 @@ class QueryPlanner:
                     cutoff: int) -> list[Entry]:
         # Tier by tier (query.rank_tier), each in price order. Known-good and known-bad
         # providers are ranges of the score index (few: only providers this node rented
-        # from). Unknown ones: when established providers are few, scan them in the since
+        # from); proven wallets' offers are the book's list of them. Other unknown ones: when established providers are few, scan them in the since
         # index, then stream new ones from the buckets' price order; otherwise stream both,
         # established ones taken as they come and new ones kept aside until enough are found.
         key = RANK_SORT.key(cutoff)
@@ -184,6 +186,16 @@ class QueryPlanner:
         above = (math.nextafter(UNKNOWN_SCORE, math.inf),)
         out = score_range(above, None)[:limit]
         need = limit - len(out)
+        if need:
+            # Proven wallets' offers (tier 1): one per proven wallet, few (each proven wallet
+            # was paid on the escrow by several renters).
+            proven = [e for e in self.proven_entries()
+                      if e.score == UNKNOWN_SCORE and e.bucket in chosen
+                      and (lo is None or e.price_key >= lo) and (hi is None or e.price_key < hi)
+                      and (residual is None or residual(e))]
+            proven.sort(key=_pkey)
+            out += proven[:need]
+            need = limit - len(out)
         est_hi = (cutoff + 1,)  # (since_ms, provider) keys with since_ms <= cutoff lie below
         n_est = self._by_since.count(None, est_hi)
         scan = n_est * n_est < need * len(self)
@@ -194,7 +206,7 @@ class QueryPlanner:
             # scan them, then stream the new ones, which are then most of the unknown offers.
             # Streaming for the established ones would pass over about need * len / n_est.
             est = [e for sl in self._by_since.slices(None, est_hi) for e in sl
-                   if e.score == UNKNOWN_SCORE and e.bucket in chosen
+                   if e.score == UNKNOWN_SCORE and not e.proven and e.bucket in chosen
                    and (lo is None or e.price_key >= lo) and (hi is None or e.price_key < hi)
                    and (residual is None or residual(e))]
             est.sort(key=_pkey)
@@ -204,14 +216,15 @@ class QueryPlanner:
                 merged = heapq.merge(*[b.entries.irange(lo_key, hi_key) for b in buckets],
                                      key=_pkey)
                 newer = filter(lambda e: e.score == UNKNOWN_SCORE and e.since_ms > cutoff
-                               and (residual is None or residual(e)), merged)
+                               and not e.proven and (residual is None or residual(e)), merged)
                 out += islice(newer, need)
         elif need:
             established: list[Entry] = []
             newer_kept: list[Entry] = []
             merged = heapq.merge(*[b.entries.irange(lo_key, hi_key) for b in buckets], key=_pkey)
             for e in merged:
-                if e.score != UNKNOWN_SCORE or (residual is not None and not residual(e)):
+                if (e.score != UNKNOWN_SCORE or e.proven
+                        or (residual is not None and not residual(e))):
                     continue
                 if e.since_ms <= cutoff:
                     established.append(e)
@@ -420,6 +433,9 @@ def _both(first: Callable[[Entry], bool], second: Callable[[Entry], bool]) -> Ca
 
 def _image_check(t: Term) -> Callable[[Entry], bool]:
     return lambda e: t.test(e.images)
+def _term_test(t: Term) -> Callable[[Any, Any], bool]:
+    """A class or notice term as a residual check: the term's own test (sets and None)."""
+    return lambda value, _unused: t.test(value)
 
 
 def _residual(terms: list[Term]) -> Callable[[Entry], bool] | None:
@@ -427,7 +443,9 @@ def _residual(terms: list[Term]) -> Callable[[Entry], bool] | None:
     `Term.test`, made directly (a float or int compares exactly with a Decimal)."""
     if not terms:
         return None
-    checks = [_score_check(t) if t.field == "score" else (_OPS[t.op], t.attr, t.value)
+    checks = [_score_check(t) if t.field == "score"
+              else (_term_test(t), t.attr, None) if t.field in ("class", "notice")
+              else (_OPS[t.op], t.attr, t.value)
               for t in terms]
     if len(checks) == 1:
         (op, attr, value), = checks

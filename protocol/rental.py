@@ -32,7 +32,8 @@ from .encoding import Message, decode
 from .errors import DecodeError, Ignore, LocalProtocolError, Reject, RemoteProtocolError
 from .eth import private_key_address
 from .identity import PeerKey
-from .messages import AccessGrant, AgreementDetails, GpuMetrics, Heartbeat, UsageReceipt, digest
+from .messages import (AccessGrant, AgreementDetails, GpuMetrics, Heartbeat, PreemptionNotice,
+                       PreemptionReason, UsageReceipt, digest)
 from .verifier import VERIFIER, Verifier
 from .params import DEFAULT_PARAMS, SECOND_MS, Params
 
@@ -61,9 +62,12 @@ class State(enum.StrEnum):
     """Rental states (both roles). A str enum: the value is what nodes show and tests compare."""
 
     SERVING = "serving"  # provider: heartbeats out, receipts in
+    NOTICE = "notice"  # provider: serving, a preemption notice sent; service stops at its stop_ms
     FINISHING = "finishing"  # provider: past the end, final heartbeat out, awaiting its receipt
     ACTIVE = "active"  # renter: good heartbeats arriving, receipts out
     SILENT = "silent"  # renter: no good heartbeat for a while (receipts withheld anyway)
+    NOTICED = "noticed"  # renter: a preemption notice holds; receipts go on until its stop
+    PREEMPTED = "preempted"  # renter: past the notice's stop, waiting for the provider's claim
     CLOSED = "closed"  # renter: closed the escrow early, waiting to recover
     ENDED = "ended"  # renter: the agreement's end passed, waiting for the claim or to recover
     DONE = "done"  # both: settled, claimed or recovered; nothing more happens
@@ -84,6 +88,9 @@ class Event(enum.StrEnum):
     STOP = "stop"  # renter driver: stop(now)
     SETTLED = "settled"  # renter driver: escrow_settled (claimed or finalized on chain)
     RECOVER_DUE = "recover_due"  # renter timer: end + grace + 1 s + clock_skew
+    PREEMPT = "preempt"  # provider driver: preempt(now, stop_ms, reason)
+    NOTICE_END = "notice_end"  # timer: provider at the notice's stop_ms, renter at stop_ms + tol
+    CLAIM_OVERDUE = "claim_overdue"  # renter timer: stop_ms + grace/2 without a settlement
 
 
 Input = Event | type[Message]  # a key of a TRANSITIONS table: an Event or a message type
@@ -217,6 +224,8 @@ class ProviderRental(_Machine):
         self.progress_acked = -1
         self.final_seq: int | None = None
         self.stopped_ms: int | None = None  # when StopService was emitted
+        self.notice: PreemptionNotice | None = None  # the preemption notice sent, if any
+        self.finish_ms = self.end_ms  # when the final heartbeat went out (end or notice stop)
 
     @classmethod
     def restore(
@@ -232,6 +241,7 @@ class ProviderRental(_Machine):
         latest_receipt: UsageReceipt | None,
         now_ms: int,
         metrics: Sequence[GpuMetrics] | None = None,
+        notice: PreemptionNotice | None = None,
     ) -> "ProviderRental":
         """A serving machine rebuilt from this provider's own records after a restart.
 
@@ -264,6 +274,10 @@ class ProviderRental(_Machine):
             slots = max(0, m.sent_ms[-1] - started_ms) // m.interval_ms + 1
             m.next_heartbeat_ms = started_ms + slots * m.interval_ms
         m.last_progress_ms = now_ms
+        if notice is not None:  # sent before the restart: the machine keeps its promise
+            if notice.agreement_id != m.agreement_id or not notice.signature_valid(provider.public):
+                raise LocalProtocolError("bad_record", "stored notice is not this agreement's")
+            m.notice, m.state = notice, State.NOTICE
         return m
 
     # -- driver inputs ---------------------------------------------------------------------
@@ -292,8 +306,11 @@ class ProviderRental(_Machine):
     def next_deadline(self) -> int | None:
         if self.state is State.SERVING:
             return min(self.next_heartbeat_ms, self.stop_deadline_ms(), self.end_ms)
+        if self.state is State.NOTICE:
+            assert self.notice is not None
+            return min(self.next_heartbeat_ms, self.stop_deadline_ms(), self.notice.stop_ms)
         if self.state is State.FINISHING:
-            return self.end_ms + self.final_wait_ms
+            return self.finish_ms + self.final_wait_ms
         return None
 
     def on_timer(self, now_ms: int) -> list[Effect]:
@@ -302,16 +319,36 @@ class ProviderRental(_Machine):
         return self._on_timer_event(self._due(now_ms), now_ms)
 
     def _due(self, now_ms: int) -> Event | None:
-        if self.state is State.SERVING:
-            if now_ms >= self.end_ms:
+        if self.state in (State.SERVING, State.NOTICE):
+            if self.state is State.SERVING and now_ms >= self.end_ms:
                 return Event.AGREEMENT_END
+            if self.notice is not None and now_ms >= self.notice.stop_ms:
+                return Event.NOTICE_END
             if now_ms >= self.stop_deadline_ms():
                 return Event.RECEIPTS_MISSED
             if now_ms >= self.next_heartbeat_ms:
                 return Event.HEARTBEAT_DUE
-        elif self.state is State.FINISHING and now_ms >= self.end_ms + self.final_wait_ms:
+        elif self.state is State.FINISHING and now_ms >= self.finish_ms + self.final_wait_ms:
             return Event.FINAL_WAIT_OVER
         return None
+
+    def preempt(self, now_ms: int, stop_ms: int, reason: PreemptionReason | int,
+                detail: str = "") -> list[Effect]:
+        """Stop an interruptible rental at `stop_ms`: a signed PreemptionNotice goes to the
+        renter now; heartbeats go on until `stop_ms`, then service stops and the final heartbeat
+        is sent (as at the agreement's end). The notice must keep the promise: `stop_ms` at
+        least `details.notice_s` seconds after `now_ms`, and before the agreement's end."""
+        if self.details.notice_s == 0:
+            raise LocalProtocolError("not_interruptible", "an on-demand agreement is not preempted")
+        if stop_ms < now_ms + _duration_ms(self.details.notice_s):
+            raise LocalProtocolError("notice_too_short",
+                                     f"stop_ms gives less than the promised {self.details.notice_s} s")
+        if stop_ms >= self.end_ms:
+            raise LocalProtocolError("after_end", "the agreement ends before stop_ms anyway")
+        if int(reason) not in PreemptionReason.__members__.values():
+            raise LocalProtocolError("bad_argument", f"unknown preemption reason {reason}")
+        self._pending_notice = (stop_ms, int(reason), detail)
+        return self._step(Event.PREEMPT, None, now_ms)
 
     def escrow_closed(self, now_ms: int) -> list[Effect]:
         """The driver saw the renter's `Closed` event: stop serving and claim now."""
@@ -331,7 +368,7 @@ class ProviderRental(_Machine):
         """The driver saw the rented environment die (its container exited): nothing is served
         any more, so no heartbeat is sent again; claim what was acknowledged. The renter sees
         the silence and closes (specs/heartbeat.md)."""
-        if self.state is not State.SERVING:
+        if self.state not in (State.SERVING, State.NOTICE):
             return []
         return self._step(Event.SERVICE_LOST, None, now_ms)
 
@@ -373,6 +410,24 @@ class ProviderRental(_Machine):
         return [StopService(self.agreement_id, "service_lost"),
                 Report("service_lost", {"acked_seconds": self.acked_seconds}), *self._claim()]
 
+    def _on_preempt(self, _: None, now_ms: int) -> list[Effect]:
+        stop_ms, reason, detail = self._pending_notice
+        self.notice = PreemptionNotice(
+            agreement_id=self.agreement_id, stop_ms=stop_ms, reason=reason, detail=detail,
+            after_heartbeat=self.sent[-1] if self.sent else ZERO_HASH, sent_ms=now_ms,
+        ).sign(self.key)
+        return [Persist("notice", self.agreement_id, self.notice),
+                Send(self.details.renter_key, self.notice),
+                Report("preemption_sent", {"stop_ms": stop_ms, "reason": reason})]
+
+    def _on_notice_end(self, _: None, now_ms: int) -> list[Effect]:
+        # As at the agreement's end: stop, then a final heartbeat the renter's last receipt
+        # answers (it acknowledges up to the stop); that receipt is claimed at once.
+        self.stopped_ms = now_ms
+        self.finish_ms = now_ms
+        self.final_seq = len(self.sent)
+        return [StopService(self.agreement_id, "preempted"), *self._heartbeat(now_ms)]
+
     def _on_renter_closed(self, _: None, now_ms: int) -> list[Effect]:
         self.stopped_ms = now_ms
         return [StopService(self.agreement_id, "renter_closed"), *self._claim()]
@@ -392,6 +447,14 @@ class ProviderRental(_Machine):
         (State.FINISHING, Event.FINAL_RECEIPT): (State.DONE, _on_claim),  # claim
         (State.FINISHING, Event.FINAL_WAIT_OVER): (State.DONE, _on_claim),  # claim
         (State.FINISHING, Event.RENTER_CLOSED): (State.DONE, _on_claim),  # claim
+        # Interruptible agreements: a notice, service until its stop, then as at the end.
+        (State.SERVING, Event.PREEMPT): (State.NOTICE, _on_preempt),  # Persist + Send notice
+        (State.NOTICE, Event.HEARTBEAT_DUE): (State.NOTICE, _on_heartbeat_due),  # Persist + Send heartbeat
+        (State.NOTICE, UsageReceipt): (State.NOTICE, _on_receipt),  # Persist receipt, adopt nonce
+        (State.NOTICE, Event.RECEIPTS_MISSED): (State.DONE, _on_receipts_missed),  # StopService + claim
+        (State.NOTICE, Event.NOTICE_END): (State.FINISHING, _on_notice_end),  # StopService, final heartbeat
+        (State.NOTICE, Event.RENTER_CLOSED): (State.DONE, _on_renter_closed),  # StopService + claim
+        (State.NOTICE, Event.SERVICE_LOST): (State.DONE, _on_service_lost),  # StopService + claim
     }
 
     # -- internals -------------------------------------------------------------------------
@@ -472,7 +535,8 @@ class RenterRental(_Machine):
     renter's own clock: the provider's `sent_ms` is checked for sanity but never paid on.
     """
 
-    RECEIVES = {Heartbeat: "heartbeat_rejected", AccessGrant: "access_rejected"}
+    RECEIVES = {Heartbeat: "heartbeat_rejected", AccessGrant: "access_rejected",
+                PreemptionNotice: "notice_rejected"}
 
     def __init__(
         self,
@@ -520,6 +584,10 @@ class RenterRental(_Machine):
         self.recover_at_ms: int | None = None
         self.closed_ms: int | None = None
         self.access: str | None = None  # from the provider's AccessGrant, once one arrives
+        # Interruptible agreements: the binding preemption notice (the earliest stop received)
+        # and the end of paid service it sets (renter's clock; the acked rule caps at it).
+        self.notice: PreemptionNotice | None = None
+        self.service_end_ms = self.end_ms
 
     @classmethod
     def restore(
@@ -536,6 +604,7 @@ class RenterRental(_Machine):
         heartbeats: Sequence[tuple[Heartbeat, int]],
         receipts: Sequence[UsageReceipt],
         closed_ms: int | None = None,
+        notices: Sequence[PreemptionNotice] = (),
     ) -> "RenterRental":
         """A machine rebuilt from this renter's own records after a restart.
 
@@ -549,10 +618,16 @@ class RenterRental(_Machine):
         (block time): the machine waits to recover. The silence clock runs on from the last
         good heartbeat: downtime is not paid for."""
         m = cls(terms, details, domain, renter, renter_wallet_key, started_ms, rng, params)
+        for n in notices:  # accepted before the restart: they bind again
+            if n.agreement_id != m.agreement_id or not n.signature_valid(details.provider_key):
+                raise LocalProtocolError("bad_record", "stored notice is not this agreement's")
+            if m.notice is None or n.stop_ms < m.notice.stop_ms:
+                m.notice, m.service_end_ms = n, min(m.end_ms, n.stop_ms)
+                m.state = State.NOTICED
         for hb, accepted_ms in heartbeats:
             if hb.agreement_id != m.agreement_id or (m.last_seq is not None and hb.seq <= m.last_seq):
                 raise LocalProtocolError("bad_record", f"stored heartbeat {hb.seq} out of order")
-            t = min(accepted_ms, m.end_ms)
+            t = min(accepted_ms, m.service_end_ms)
             if m.last_good_ms is not None:
                 m.acked_ms += min(max(0, t - m.last_good_ms), m.cap_ms)
             m.last_good_ms = t if m.last_good_ms is None else max(m.last_good_ms, t)
@@ -586,15 +661,23 @@ class RenterRental(_Machine):
     def next_deadline(self) -> int | None:
         if self.state is State.ACTIVE:
             return min(self._silence_since() + self.silent_after_ms, self._end_seen_ms())
-        if self.state is State.SILENT:
+        if self.state in (State.SILENT, State.NOTICED):
             return min(self._silence_since() + self.close_after_ms, self._end_seen_ms())
+        if self.state is State.PREEMPTED:
+            return self._claim_overdue_ms()
         if self.state in (State.CLOSED, State.ENDED):
             return self.recover_at_ms
         return None
 
     def _end_seen_ms(self) -> int:
-        # The final heartbeat is sent at end_ms; accept it for the late tolerance.
-        return self.end_ms + self.params.heartbeat_late_tolerance_ms
+        # The final heartbeat is sent at the end (or a notice's stop); accept it for the late
+        # tolerance.
+        return self.service_end_ms + self.params.heartbeat_late_tolerance_ms
+
+    def _claim_overdue_ms(self) -> int:
+        # After a preemption the provider claims on the final receipt at once; past half the
+        # grace the renter closes the escrow, so that it can recover if no claim comes.
+        return self.service_end_ms + self.grace_ms // 2
 
     def on_timer(self, now_ms: int) -> list[Effect]:
         """Fire the timer event that is due, if any (the end first, then the silences, then
@@ -605,10 +688,14 @@ class RenterRental(_Machine):
         running = self.state in (State.ACTIVE, State.SILENT)
         if running and now_ms >= self._end_seen_ms():
             return Event.AGREEMENT_END
+        if self.state is State.NOTICED and now_ms >= self._end_seen_ms():
+            return Event.NOTICE_END
+        if self.state is State.PREEMPTED and now_ms >= self._claim_overdue_ms():
+            return Event.CLAIM_OVERDUE
         since = self._silence_since()
         if self.state is State.ACTIVE and now_ms >= since + self.silent_after_ms:
             return Event.SILENCE
-        if self.state is State.SILENT and now_ms >= since + self.close_after_ms:
+        if self.state in (State.SILENT, State.NOTICED) and now_ms >= since + self.close_after_ms:
             return Event.LONG_SILENCE
         if self.state in (State.CLOSED, State.ENDED) and self.recover_at_ms is not None \
                 and now_ms >= self.recover_at_ms:
@@ -617,7 +704,7 @@ class RenterRental(_Machine):
 
     def stop(self, now_ms: int) -> list[Effect]:
         """The renter ends the rental early: close the escrow (end := now on-chain)."""
-        if self.state not in (State.ACTIVE, State.SILENT):
+        if self.state not in (State.ACTIVE, State.SILENT, State.NOTICED):
             raise LocalProtocolError("not_running", f"stop in state {self.state.value}")
         if now_ms >= self.end_ms:
             raise LocalProtocolError("already_ended", "the agreement has reached its end")
@@ -635,8 +722,8 @@ class RenterRental(_Machine):
     def _on_heartbeat(self, hb: Heartbeat, now_ms: int) -> list[Effect]:
         h = heartbeat_hash(hb)
         effects: list[Effect] = [Persist("heartbeat", self.agreement_id, hb)]
-        # Acked-seconds rule.
-        t = min(now_ms, self.end_ms)
+        # Acked-seconds rule (a preemption notice moves the end to its stop).
+        t = min(now_ms, self.service_end_ms)
         if self.last_good_ms is not None:
             self.acked_ms += min(max(0, t - self.last_good_ms), self.cap_ms)
         self.last_good_ms = t if self.last_good_ms is None else max(self.last_good_ms, t)
@@ -667,6 +754,28 @@ class RenterRental(_Machine):
         # Sent on every stream the provider attaches: the latest one is the one to use.
         self.access = grant.access
         return [Report("access_granted", {})]
+
+    def _on_notice(self, notice: PreemptionNotice, now_ms: int) -> list[Effect]:
+        # The earliest stop binds (_validate ignores a notice that does not move it earlier).
+        self.notice = notice
+        self.service_end_ms = min(self.end_ms, notice.stop_ms)
+        promised_ms = _duration_ms(self.details.notice_s)
+        return [Persist("notice", self.agreement_id, notice),
+                Report("preemption_notice", {
+                    "stop_ms": notice.stop_ms, "reason": notice.reason, "detail": notice.detail,
+                    # less notice than promised by its own signed times (a provable fault), or
+                    # received with less left than promised (late: delay, or backdated)
+                    "short": notice.notice_ms < promised_ms,
+                    "late": notice.stop_ms - now_ms < promised_ms - self.params.clock_skew_ms,
+                    "remaining_ms": max(0, notice.stop_ms - now_ms),
+                    "acked_seconds": self.acked_seconds})]
+
+    def _on_notice_end(self, _: None, now_ms: int) -> list[Effect]:
+        return [Report("preempted", {"acked_seconds": self.acked_seconds,
+                                     "stop_ms": self.service_end_ms})]
+
+    def _on_claim_overdue(self, _: None, now_ms: int) -> list[Effect]:
+        return self._close(now_ms, "preempted_unclaimed")
 
     def _on_silence(self, _: None, now_ms: int) -> list[Effect]:
         return [Report("provider_silent", {"since_ms": self._silence_since(),
@@ -709,20 +818,34 @@ class RenterRental(_Machine):
         (State.SILENT, AccessGrant): (State.SILENT, _on_access_grant),
         (State.CLOSED, AccessGrant): (State.CLOSED, _on_access_grant),
         (State.ENDED, AccessGrant): (State.ENDED, _on_access_grant),
+        # Interruptible agreements: a notice moves the end of paid service to its stop.
+        (State.ACTIVE, PreemptionNotice): (State.NOTICED, _on_notice),  # Persist notice, Report preemption_notice
+        (State.SILENT, PreemptionNotice): (State.NOTICED, _on_notice),
+        (State.NOTICED, PreemptionNotice): (State.NOTICED, _on_notice),  # an earlier stop binds
+        (State.NOTICED, Heartbeat): (State.NOTICED, _on_heartbeat),  # Persist heartbeat, Persist + Send receipt
+        (State.NOTICED, AccessGrant): (State.NOTICED, _on_access_grant),
+        (State.NOTICED, Event.LONG_SILENCE): (State.CLOSED, _on_long_silence),  # EscrowCall close
+        (State.NOTICED, Event.STOP): (State.CLOSED, _on_stop),  # EscrowCall close
+        (State.NOTICED, Event.NOTICE_END): (State.PREEMPTED, _on_notice_end),  # Report preempted
+        (State.NOTICED, Event.SETTLED): (State.DONE, _on_settled),
+        (State.PREEMPTED, Event.SETTLED): (State.DONE, _on_settled),  # the provider claimed
+        (State.PREEMPTED, Event.CLAIM_OVERDUE): (State.CLOSED, _on_claim_overdue),  # EscrowCall close
     }
 
     # -- internals -------------------------------------------------------------------------
 
     def _not_expected(self, message: Message) -> RemoteProtocolError:
         # [IGNORE not_running] closed, ended or settled: a heartbeat that crossed our close
-        what = "heartbeat" if isinstance(message, Heartbeat) else "access grant"
+        what = {Heartbeat: "heartbeat", AccessGrant: "access grant"}.get(type(message), "notice")
         return Ignore("not_running", f"{what} in state {self.state.value}")
 
-    def _validate(self, message: Heartbeat | AccessGrant, now_ms: int) -> Heartbeat | AccessGrant:
+    def _validate(self, message: Any, now_ms: int) -> Any:
         """The checks after `_admit`, in order; the first failing one decides the code
         (specs/heartbeat.md)."""
         if isinstance(message, AccessGrant):
             return self._validate_grant(message)
+        if isinstance(message, PreemptionNotice):
+            return self._validate_notice(message, now_ms)
         hb = message
         # [REJECT wrong_agreement]
         if hb.agreement_id != self.agreement_id:
@@ -765,6 +888,27 @@ class RenterRental(_Machine):
         if not grant.signature_valid(self.details.provider_key, None, self.verifier):
             raise Reject("bad_signature", "access grant not signed by the provider's peer key")
         return grant
+
+    def _validate_notice(self, n: PreemptionNotice, now_ms: int) -> PreemptionNotice:
+        # [REJECT wrong_agreement]
+        if n.agreement_id != self.agreement_id:
+            raise Reject("wrong_agreement", "notice for another agreement")
+        # [REJECT bad_signature] ed25519 by details.provider_key
+        if not n.signature_valid(self.details.provider_key, None, self.verifier):
+            raise Reject("bad_signature", "notice not signed by the provider's peer key")
+        # [REJECT not_interruptible] an on-demand agreement has no preemption
+        if self.details.notice_s == 0:
+            raise Reject("not_interruptible", "a preemption notice for an on-demand agreement")
+        # [REJECT from_future] sent_ms beyond our clock plus the tolerated skew
+        if n.sent_ms > now_ms + self.params.clock_skew_ms:
+            raise Reject("from_future", f"sent_ms {n.sent_ms} > now {now_ms} + skew")
+        # [REJECT bad_stop] service cannot stop before the notice was sent
+        if n.stop_ms < n.sent_ms:
+            raise Reject("bad_stop", f"stop_ms {n.stop_ms} before sent_ms {n.sent_ms}")
+        # [IGNORE notice_not_earlier] a repeat, or a later stop: the earliest stop binds
+        if self.notice is not None and n.stop_ms >= self.notice.stop_ms:
+            raise Ignore("notice_not_earlier", "the notice held already stops no later")
+        return n
 
     def _recover_time(self, end_ms: int) -> int:
         # The contract allows recover once block time > end + grace; allow for clock skew.

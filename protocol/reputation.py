@@ -9,6 +9,7 @@ but not delivered":
 
     w_i   = min(paid_hours_i, MAX_WEIGHT_HOURS)          weight of agreement i
     f_i   = min(1, acked_seconds_i / paid_seconds_i)     fraction of paid-for time delivered
+            (0 when the evidence shows a preemption fault: notice promise broken)
     alpha = PRIOR_HOURS + sum(w_i * f_i)
     beta  = PRIOR_HOURS + sum(w_i * (1 - f_i))
 
@@ -45,6 +46,9 @@ class AgreementOutcome:
     paid_seconds: int
     acked_seconds: int
     disputed: bool = False
+    # Provable preemption faults in the verdict (evidence.NOTICE_* codes): the provider broke
+    # its notice promise, so the agreement counts as failed whatever was delivered.
+    notice_faults: int = 0
 
     def __post_init__(self) -> None:
         if self.paid_seconds < 0 or self.acked_seconds < 0:
@@ -54,10 +58,12 @@ class AgreementOutcome:
     def from_verdict(cls, verdict, provider_key: bytes, started_s: int, ended_s: int,
                      disputed: bool = False) -> "AgreementOutcome":
         return cls(verdict.agreement_id, provider_key, ended_s, max(0, ended_s - started_s),
-                   verdict.acked_seconds, disputed)
+                   verdict.acked_seconds, disputed, len(verdict.notice_faults))
 
     @property
     def delivered_fraction(self) -> float:
+        if self.notice_faults:
+            return 0.0
         if self.paid_seconds == 0:
             return 1.0
         return min(1.0, self.acked_seconds / self.paid_seconds)
@@ -74,6 +80,7 @@ class ProviderScore:
     paid_hours: float
     delivered_hours: float
     history: tuple[float, ...]  # delivered fractions of the last HISTORY_LEN agreements, oldest first
+    notice_faults: int = 0  # agreements with a provable preemption fault
 
     @property
     def sparkline(self) -> str:
@@ -120,6 +127,7 @@ def score_provider(provider_key: bytes, outcomes: Iterable[AgreementOutcome]) ->
         paid_hours=paid_h,
         delivered_hours=delivered_h,
         history=tuple(o.delivered_fraction for o in mine[-HISTORY_LEN:]),
+        notice_faults=sum(1 for o in mine if o.notice_faults),
     )
 
 

@@ -95,6 +95,21 @@ def check_offer_static(offer: Offer, params: Params) -> None:
         raise Reject("bad_terms", f"token decimals above {MAX_TOKEN_DECIMALS}")
     if terms.price_per_gpu_second * len(offer.gpus) * terms.max_duration_s > UINT256_MAX:
         raise Reject("bad_terms", "largest deposit overflows uint256")
+    # [REJECT] interruptible sets: each names GPUs of this offer, none in two sets, at least
+    # one, a positive notice no two sets share (a proposal names its set by the notice), and a
+    # price below on-demand (a renter takes the risk of a preemption for less)
+    spot: set[bytes] = set()
+    notices: set[int] = set()
+    for s in offer.interruptible:
+        if not s.gpus or not set(s.gpus) <= seen or spot & set(s.gpus) or len(set(s.gpus)) != len(s.gpus):
+            raise Reject("bad_interruptible", "an interruptible set must name distinct GPUs of "
+                         "the offer, each in one set only")
+        spot |= set(s.gpus)
+        if s.notice_s == 0 or s.notice_s in notices:
+            raise Reject("bad_interruptible", "notice_s must be positive and differ between sets")
+        notices.add(s.notice_s)
+        if not 0 < s.price_per_gpu_second < terms.price_per_gpu_second:
+            raise Reject("bad_interruptible", "an interruptible price is positive and below on-demand")
     # [REJECT] every address names the provider's own peer id (a renter dials these: an offer
     # must not steer renters at someone else's host)
     if offer.addrs:

@@ -19,6 +19,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="directory for config, metrics, log (required to run)")
     p.add_argument("--sweep", metavar="SECTION.KEY=V1,V2,...", help="one run per value, across cores")
     p.add_argument("--jobs", type=int, default=None, help="processes for --sweep (default: cores)")
+    p.add_argument("--cluster", metavar="tcp://SCHEDULER:8786",
+                   help="run --sweep on a Dask distributed cluster, one scenario run per task")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=dispatch)
 
@@ -44,7 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load(args.scenario)
         if args.sweep:
-            rows = run_sweep(cfg, args.seed, args.out, args.sweep, args.jobs)
+            rows = run_sweep(cfg, args.seed, args.out, args.sweep, args.jobs, cluster=args.cluster)
             for row in rows:
                 print(json.dumps(row, sort_keys=True))
             return 0

@@ -86,9 +86,58 @@ def _sweep_one(args: tuple) -> dict:
     return row
 
 
-def run_sweep(cfg: dict, seed: int, out: str | os.PathLike, spec: str, jobs: int | None = None) -> list[dict]:
-    """`spec` is `section.key=v1,v2,...`; one run per value, across CPU cores; sweep.csv and
-    sweep.json collect one row per value (in the order given)."""
+def _sweep_one_files(args: tuple) -> tuple[dict, dict[str, bytes]]:
+    """One sweep run on a cluster worker: run in a scratch directory there and send the result
+    files back (the worker's disk is not the client's)."""
+    import tempfile
+
+    cfg, seed, param, value = args
+    with tempfile.TemporaryDirectory(prefix="gpumarket-sweep-") as tmp:
+        row = _sweep_one((cfg, seed, tmp, param, value))
+        root = pathlib.Path(tmp)
+        files = {p.relative_to(root).as_posix(): p.read_bytes()
+                 for p in sorted(root.rglob("*")) if p.is_file()}
+    return row, files
+
+
+def _write_files(out_dir: pathlib.Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        path = (out_dir / rel).resolve()
+        if out_dir.resolve() not in path.parents:  # a worker's answer never writes elsewhere
+            raise ValueError(f"sweep result file {rel!r} escapes {out_dir}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def _run_on_cluster(address: str, tasks: list[tuple], timeout_s: float = 30.0) -> list[dict]:
+    """One scenario run per Dask task on the cluster at `address` (tcp://HOST:8786); each run's
+    files are written into its directory as soon as it comes back. Workers need this code
+    importable (the same checkout and the `sim` and `cluster` extras)."""
+    try:
+        from distributed import Client, as_completed
+    except ImportError:
+        raise ValueError("--cluster needs the dask `distributed` package (the `cluster` extra)") from None
+    rows: dict[int, dict] = {}
+    with Client(address, timeout=timeout_s) as client:
+        where = {}
+        futures = []
+        for i, (cfg, seed, out_dir, param, value) in enumerate(tasks):
+            fut = client.submit(_sweep_one_files, (cfg, seed, param, value), pure=False,
+                                key=f"sweep-{i}")
+            where[fut.key] = (i, pathlib.Path(out_dir))
+            futures.append(fut)
+        for fut, (row, files) in as_completed(futures, with_results=True):
+            i, out_dir = where[fut.key]
+            _write_files(out_dir, files)
+            rows[i] = row
+    return [rows[i] for i in range(len(tasks))]
+
+
+def run_sweep(cfg: dict, seed: int, out: str | os.PathLike, spec: str, jobs: int | None = None,
+              cluster: str | None = None) -> list[dict]:
+    """`spec` is `section.key=v1,v2,...`; one run per value, across CPU cores (or one Dask task
+    per value on `cluster`); sweep.csv and sweep.json collect one row per value (in the order
+    given)."""
     param, _, values = spec.partition("=")
     section, _, key = param.partition(".")
     if not values or not key:
@@ -99,7 +148,9 @@ def run_sweep(cfg: dict, seed: int, out: str | os.PathLike, spec: str, jobs: int
         v = parse_value(section, key, text)
         tasks.append((with_override(cfg, param, v), seed, str(out / f"{param}={text}"), param, v))
     jobs = jobs or min(len(tasks), os.cpu_count() or 1)
-    if jobs > 1:
+    if cluster:
+        rows = _run_on_cluster(cluster, tasks)
+    elif jobs > 1:
         with get_context("spawn").Pool(jobs) as pool:
             rows = pool.map(_sweep_one, tasks)
     else:

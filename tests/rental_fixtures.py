@@ -45,6 +45,7 @@ def make_agreement(
     arbiter: bytes = ZERO_ADDRESS,
     dispute_window: int = 0,
     open_by: int = 4_102_444_800,  # 2100-01-01: these agreements are never opened on a chain
+    notice_s: int = 0,  # > 0: an interruptible agreement with this notice
 ) -> Agreement:
     rng = random.Random(seed)
     provider, renter = PeerKey(rng.randbytes(32)), PeerKey(rng.randbytes(32))
@@ -59,6 +60,7 @@ def make_agreement(
         escrow=ESCROW,
         gpus=gpus,
         access_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample renter@host",
+        notice_s=notice_s,
     )
     terms = AgreementTerms(
         provider=private_key_address(pw),
@@ -93,6 +95,7 @@ def make_agreement(
 from protocol import settlement  # noqa: E402
 from protocol.effects import EscrowCall, Persist, Send, StartService, StopService  # noqa: E402
 from protocol.params import Params  # noqa: E402
+from protocol.messages import PreemptionNotice  # noqa: E402
 from protocol.rental import ProviderRental, RenterRental  # noqa: E402
 
 TEST_PARAMS = Params(
@@ -113,7 +116,7 @@ class RentalPair:
 
     def __init__(self, a: Agreement, *, start_ms: int = 1_700_000_000_000, params: Params = TEST_PARAMS,
                  drop=None, delay_ms=None, provider_crash_ms=None, renter_vanish_ms=None,
-                 renter_stop_ms=None, seed: int = 7):
+                 renter_stop_ms=None, seed: int = 7, preempt=None, notice_delay_ms: int = 0):
         self.a, self.params, self.now = a, params, start_ms
         self.start_ms = start_ms
         self.provider = ProviderRental(a.terms, a.details, a.domain, a.provider, start_ms, params)
@@ -124,6 +127,8 @@ class RentalPair:
         self.delay_ms = delay_ms or (lambda d, i: 0)
         self.provider_crash_ms, self.renter_vanish_ms = provider_crash_ms, renter_vanish_ms
         self.renter_stop_ms = renter_stop_ms
+        # (at_ms, stop_ms, reason): the provider preempts then; notices travel notice_delay_ms late
+        self.preempt, self.notice_delay_ms = preempt, notice_delay_ms
         self.in_flight: list[tuple[int, int, str, bytes]] = []  # (deliver_ms, order, to, bytes)
         self.sent_count = {"p2r": 0, "r2p": 0}
         self.order = 0
@@ -156,7 +161,9 @@ class RentalPair:
                 if not self.drop(d, i):
                     self.order += 1
                     to = "renter" if side == "provider" else "provider"
-                    self.in_flight.append((self.now + self.delay_ms(d, i), self.order, to, e.message.encode()))
+                    late = self.notice_delay_ms if isinstance(e.message, PreemptionNotice) else 0
+                    self.in_flight.append((self.now + self.delay_ms(d, i) + late, self.order, to,
+                                           e.message.encode()))
             elif isinstance(e, StartService):
                 self.service_started_ms = self.now
             elif isinstance(e, StopService):
@@ -198,6 +205,8 @@ class RentalPair:
             times.append(d)
         if self.renter_stop_ms is not None:
             times.append(self.renter_stop_ms)
+        if self.preempt is not None:
+            times.append(self.preempt[0])
         return min(times) if times else None
 
     def step(self) -> bool:
@@ -207,8 +216,13 @@ class RentalPair:
         self.now = max(self.now, t)
         if self.renter_stop_ms is not None and self.now >= self.renter_stop_ms:
             self.renter_stop_ms = None
-            if self.renter_up() and self.renter.state in ("active", "silent"):
+            if self.renter_up() and self.renter.state in ("active", "silent", "noticed"):
                 self._apply("renter", self.renter.stop(self.now))
+        if self.preempt is not None and self.now >= self.preempt[0]:
+            _, stop_ms, reason = self.preempt
+            self.preempt = None
+            if self.provider_up() and self.provider.state == "serving":
+                self._apply("provider", self.provider.preempt(self.now, stop_ms, reason))
         due = sorted(m for m in self.in_flight if m[0] <= self.now)
         self.in_flight = [m for m in self.in_flight if m[0] > self.now]
         for _, _, to, data in due:

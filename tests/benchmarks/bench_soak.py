@@ -22,7 +22,9 @@ attackers on 127.0.0.1 with real libp2p hosts and raw sockets:
 Every `--rent-every` seconds the renter searches its book (the default rank order, as `offers
 search`) and rents one GPU for 20 s, trying the matches of the victim's GPU model 8 at a time, at
 most 32 (Sybils offer the same model, cheaper). `--attack-delay S` starts the attack S seconds
-after the renter, so that it has rented from the victim before (a known provider). Measured:
+after the renter, so that it has rented from the victim before (a known provider);
+`--provider-history N` gives the victim's wallet N agreements paid by other renters on the
+escrow before the renter starts (a fresh renter can read that standing). Measured:
 honest rents succeeded / tried (all, and those after the attack began), search time p50/p99, rent time, the victim's RSS (start, max, end),
 its CPU share, whether it stayed up, and what each attacker managed to send. The last line
 is JSON. Nothing here is asserted: the figures are reported as measured.
@@ -59,6 +61,7 @@ from node.offers import OFFER_TOPIC, SYNC_PROTOCOL, OfferService, encode_sync_re
 from node.reqresp import close_quietly, encode_uvarint, read_frame, write_frame  # noqa: E402
 from node.rentals import RENTAL_PROTOCOL  # noqa: E402
 from node.wallet import Wallet  # noqa: E402
+from protocol.agreement import AgreementTerms, sign_consent, sign_receipt  # noqa: E402
 from protocol.identity import PeerKey, peer_id_from_public_key  # noqa: E402
 from protocol.messages import Binding  # noqa: E402
 from protocol.params import Params  # noqa: E402
@@ -300,6 +303,28 @@ class Victim:
             return False
 
 
+def provider_history(chain: Chain, wallets: dict, n: int, anvil: AnvilProcess) -> list[int]:
+    """The victim's past: `n` agreements between its wallet and `n` other renter wallets,
+    opened and claimed on the escrow (what n earlier honest rentals leave on chain; the victim
+    node sees Opened events of agreements it does not know, and ignores them). The gas each
+    open + claim used is returned."""
+    gas = []
+    provider = wallets["provider"]
+    for i in range(n):
+        renter = Wallet.from_key(keccak(b"soak past renter %d" % i))
+        anvil.fund(renter.address, 10**21)
+        t = AgreementTerms(provider=provider.address, renter=renter.address,
+                           token=chain.token_address, price_per_second=PRICE, max_seconds=600,
+                           heartbeat_interval=30, grace=600, arbiter=b"\0" * 20, dispute_window=0,
+                           details_hash=keccak(b"soak past %d" % i), open_by=chain.now_s() + 120)
+        chain.fund(renter.address, token_units=t.deposit, minter_key=wallets["deployer"].key)
+        opened = chain.open(renter.key, t, sign_consent(provider.key, chain.domain, t))
+        claimed = chain.claim(provider.key, t, 300,
+                              sign_receipt(renter.key, chain.domain, t.agreement_id(), 300))
+        gas.append(opened.gas_used + claimed.gas_used)
+    return gas
+
+
 async def main(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     with AnvilProcess() as anvil:
@@ -324,16 +349,19 @@ async def main(args: argparse.Namespace) -> dict:
         port = _free_port()
         listen = f"/ip4/127.0.0.1/tcp/{port}"
         victim_peer = load_or_create_identity(tmp / "provider" / "identity.seed").peer_id
+        victim_key = victim_peer.extract_public_key().to_bytes()
         victim_addr = f"{listen}/p2p/{victim_peer}"
         provider = start("provider", "provider", "--listen", listen, "--fake-gpus", "4",
                          "--gpu-model", MODEL.name, "--price", str(PRICE), "--heartbeat-interval", "1",
                          "--grace", "600", "--min-duration", "5")
         provider.wait("ready", 60)
+        history_gas = provider_history(chain, wallets, args.provider_history, anvil)
         rounds = int((args.attack_delay + args.seconds) // args.rent_every)
         renter = start("renter", "renter", "--bootstrap", victim_addr,
                        "--rent", "gpu=RTX_4090", "--duration", "20",
                        "--max-price", str(PRICE), "--rent-every", str(args.rent_every),
-                       "--rent-rounds", str(rounds), "--rent-candidates", "8")
+                       "--rent-rounds", str(rounds), "--rent-candidates", "8",
+                       "--watch-provider", victim_key.hex())
         renter.wait("ready", 60)
         victim = Victim(provider.proc.pid)
         victim.sample()
@@ -355,7 +383,6 @@ async def main(args: argparse.Namespace) -> dict:
             await nursery.start(svc.run)
             synced = await svc.sync([victim_peer])
             print(f"attackers synced from the victim: {synced}", flush=True)
-            victim_key = victim_peer.extract_public_key().to_bytes()
 
             def victim_offer():
                 return svc.book.held(victim_key)
@@ -364,22 +391,27 @@ async def main(args: argparse.Namespace) -> dict:
             stop_at = attack_at + args.seconds
             vpid = victim_peer
 
+            chosen = set(args.attacks.split(","))
+
             async def attacks() -> None:
                 await trio.sleep_until(attack_at)
                 async with trio.open_nursery() as n:
-                    n.start_soon(gossip_flood, hosts[0], args.flood_rate, anvil.chain_id, escrow,
-                                 token, attack, stop_at)
+                    def run(name, *a):
+                        if name in chosen:
+                            n.start_soon(*a)
+                    run("flood", gossip_flood, hosts[0], args.flood_rate, anvil.chain_id, escrow,
+                        token, attack, stop_at)
                     # the Sybil publisher does nothing else: the other attacks get their hosts
                     # graylisted, and then nothing of theirs reaches validation
-                    n.start_soon(sybils, hosts[2], args.sybil_rate, anvil.chain_id, escrow, token,
-                                 attack, stop_at)
-                    n.start_soon(churn, port, args.churn_rate, attack, stop_at)
-                    n.start_soon(libp2p_churn, victim_addr, 5.0, attack, stop_at)
-                    n.start_soon(sync_abuse, hosts[1], vpid, 8, attack, stop_at)
-                    n.start_soon(negotiation_abuse, hosts[0], victim_offer, params, anvil.chain_id,
-                                 1.0, attack, stop_at)
-                    n.start_soon(rental_hellos, hosts[1], vpid, args.hello_rate, attack, stop_at)
-                    n.start_soon(bad_protobuf, hosts[3], vpid, 10.0, attack, stop_at)
+                    run("sybil", sybils, hosts[2], args.sybil_rate, anvil.chain_id, escrow, token,
+                        attack, stop_at)
+                    run("churn", churn, port, args.churn_rate, attack, stop_at)
+                    run("churn", libp2p_churn, victim_addr, 5.0, attack, stop_at)
+                    run("sync", sync_abuse, hosts[1], vpid, 8, attack, stop_at)
+                    run("negotiation", negotiation_abuse, hosts[0], victim_offer, params,
+                        anvil.chain_id, 1.0, attack, stop_at)
+                    run("hello", rental_hellos, hosts[1], vpid, args.hello_rate, attack, stop_at)
+                    run("protobuf", bad_protobuf, hosts[3], vpid, 10.0, attack, stop_at)
 
             nursery.start_soon(attacks)
 
@@ -419,6 +451,9 @@ async def main(args: argparse.Namespace) -> dict:
     return {
         "seconds": args.seconds,
         "attack_delay_s": args.attack_delay,
+        "provider_history": args.provider_history,
+        "attacks": args.attacks,
+        "provider_history_gas": history_gas,
         "honest_rents": {"ok": len(ok), "tried": len(rounds_seen), "errors": errors},
         "honest_rents_under_attack": {"ok": sum(1 for r in attacked if r.get("ok")),
                                       "tried": len(attacked)},
@@ -427,6 +462,10 @@ async def main(args: argparse.Namespace) -> dict:
                       "max": pct([r["search_ms"] for r in rounds_seen], 100)},
         "rent_s": {"p50": pct([r["rent_s"] for r in ok], 50), "max": pct([r["rent_s"] for r in ok], 100)},
         "renter_book": [r["book"] for r in rounds_seen][-1:] or None,
+        # per round: did the renter's book hold the victim's offer, and where did it rank
+        "victim_in_renter_book": [(r.get("watched") or {}).get("held") for r in rounds_seen],
+        "victim_hit_index": [(r.get("watched") or {}).get("hit_index") for r in rounds_seen],
+        "renter_gossip_drops": (rounds_seen[-1].get("drops") if rounds_seen else None),
         "victim": {"up": victim_up, "rss_start_mib": rss0 >> 20,
                    "rss_max_mib": max(s[1] for s in victim.samples) >> 20, "rss_end_mib": rss1 >> 20,
                    "cpu_share": round((cpu1 - cpu0) / max(t1 - t0, 1e-9), 3),
@@ -435,6 +474,9 @@ async def main(args: argparse.Namespace) -> dict:
         "attack_first_errors": attack.first_error,
         "logs": str(tmp),
     }
+
+
+ALL_ATTACKS = "flood,sybil,churn,sync,negotiation,hello,protobuf"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -448,6 +490,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attack-delay", type=float, default=0.0,
                    help="start the attack this long after the renter (a renter that rented "
                         "before the attack knows the provider: its rank sort puts it first)")
+    p.add_argument("--provider-history", type=int, default=0,
+                   help="before the renter starts, this many agreements between the victim's "
+                        "wallet and as many other renter wallets are opened and claimed on the "
+                        "escrow (a provider with a paid past: 2 or more make its wallet proven, "
+                        "specs/offerbook.md 'Standing'); 0: a provider nobody has paid yet")
+    p.add_argument("--attacks", default=ALL_ATTACKS,
+                   help="comma-separated attacks to run (default: all): " + ALL_ATTACKS + ". On "
+                        "loopback the renter shares 127.0.0.1 with every attacker, so the "
+                        "connection attacks (churn, sync, hello) also fill the victim's per-IP "
+                        "inbound limit against the renter; 'sybil' alone measures the Sybil flood")
     p.add_argument("--progress", action="store_true")
     return p.parse_args(argv)
 

@@ -71,3 +71,37 @@ def test_config__a_price_below_one_unit_per_second_is_a_configuration_error():
     with pytest.raises(ConfigError, match="less than one unit"):
         settings.prices(6)
     assert settings.prices(18) == (277_777_777_778, 277_777_777_778)
+
+
+def test_config__interruptible_and_power_keys_reach_the_node(tmp_path):
+    from decimal import Decimal
+
+    from node.node import ProviderSettings
+    from node.spot import SpotSettings
+
+    path = tmp_path / "config.toml"
+    path.write_text('[provider]\nprice_per_gpu_hour = "0.45"\ninterruptible_gpus = 2\n'
+                    'interruptible_notice_s = 120\ninterruptible_price_per_gpu_hour = "0.30"\n'
+                    'power_price_source = "http://127.0.0.1:8080/price"\npower_poll_s = 30\n'
+                    'curtail_above_per_mwh = 250\nresume_below_per_mwh = "-5.5"\n')
+    spot = ProviderSettings.from_section(load_config(path).provider).spot
+    assert spot == SpotSettings(2, 120, Decimal("0.30"), "http://127.0.0.1:8080/price", 30.0,
+                                Decimal(250), Decimal("-5.5"))
+    plain = tmp_path / "plain.toml"
+    plain.write_text('[provider]\nprice_per_gpu_hour = "0.45"\n')
+    assert ProviderSettings.from_section(load_config(plain).provider).spot is None
+
+
+@pytest.mark.parametrize("text, why", [
+    ('interruptible_gpus = 1\n', "interruptible price"),
+    ('power_price_source = "prices.csv"\ncurtail_above_per_mwh = 100\n', "resume_below_per_mwh"),
+    ('power_price_source = "p.csv"\ncurtail_above_per_mwh = 100\nresume_below_per_mwh = 100\n', "hysteresis"),
+])
+def test_config__bad_interruptible_settings_fail_on_load(tmp_path, text, why):
+    from node.node import ProviderSettings
+
+    path = tmp_path / "config.toml"
+    path.write_text("[provider]\n" + text)
+    with pytest.raises(ConfigError) as err:
+        ProviderSettings.from_section(load_config(path).provider)
+    assert why in str(err.value)

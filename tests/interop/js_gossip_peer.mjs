@@ -3,8 +3,10 @@
 // 127.0.0.1. It relays what it receives like any gossipsub node and reports on stdout, one JSON
 // object a line: {"listening": [multiaddr...], "peer": id} once, then {"message": sha256 hex,
 // "from": id, "bytes": n} per message received. Lines on stdin are multiaddrs to dial; it
-// answers {"dialled": addr} or {"dial_error": addr, "error": text}. Ends on stdin EOF or after
-// --lifetime seconds (default 60), whichever comes first.
+// answers {"dialled": addr} or {"dial_error": addr, "error": text}. A line "publish HEX"
+// publishes those bytes on the topic (signed by this peer) and answers {"published": sha256 hex,
+// "recipients": n} or {"publish_error": text}. Ends on stdin EOF or after --lifetime seconds
+// (default 60), whichever comes first.
 import './node20_polyfills.mjs'
 import { createHash } from 'node:crypto'
 import { createInterface } from 'node:readline'
@@ -62,6 +64,16 @@ const lines = createInterface({ input: process.stdin })
 lines.on('line', async (line) => {
   const addr = line.trim()
   if (!addr) return
+  if (addr.startsWith('publish ')) {
+    const data = Buffer.from(addr.slice('publish '.length), 'hex')
+    try {
+      const result = await node.services.pubsub.publish(topic, data)
+      out({ published: sha256(data).toString('hex'), recipients: result.recipients.length })
+    } catch (err) {
+      out({ publish_error: String(err) })
+    }
+    return
+  }
   try {
     await node.dial(multiaddr(addr))
     out({ dialled: addr })

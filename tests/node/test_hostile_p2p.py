@@ -536,3 +536,106 @@ async def test_new_peer_ids_from_one_ip_share_one_message_budget(tmp_path):
         assert 0 < validated <= admitted_bound(elapsed), (validated, elapsed)
         assert victim.host.counters["p2p.pubsub.drop.message_rate_ip"] > 0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_known_providers_reannouncement_is_not_starved_by_relayed_new_identities(tmp_path):
+    """A peer relays a flood of valid offers from fresh identities (a Sybil flood passing
+    through an honest neighbour) and, behind them, the re-announcement of a provider the
+    victim's book already holds. The flood uses up the relay's per-peer message budget; the
+    known provider's offer has a lane of its own (issue 11: before, it was dropped with the
+    flood and the book kept the old offer). A forged "known provider" message takes the same
+    lane and costs the relay a REJECT."""
+    rng = random.Random(11)
+    known_peer, _, known_binding = make_provider(rng)
+    async with trio.open_nursery() as nursery:
+        victim = await start_node(nursery, tmp_path / "victim.db")
+        relay = await start_attacker(nursery)
+        await relay.connect(victim.host.addrs()[0])
+        now = victim.service.now_ms()
+        first = make_offer(known_peer, known_binding, rng, now, seq=1)
+        await send_rpcs(relay, victim.host, [envelope(relay, first.encode(), 0)])
+        await wait_until(lambda: victim.book.held(known_peer.public) is not None, timeout=10)
+        await trio.sleep(2.5)  # the relay's budget refills after that one message
+        flood = []
+        for i in range(150):
+            peer, _, binding = make_provider(rng)
+            flood.append(envelope(relay, make_offer(peer, binding, rng, now, seq=1).encode(), i + 1))
+        again = make_offer(known_peer, known_binding, rng, now, seq=2)
+        # one RPC frame: the guard admits its messages back to back, so the flood meets the
+        # budget whatever the machine's load (in several frames the budget refills between)
+        await send_rpcs(relay, victim.host, flood + [envelope(relay, again.encode(), 500)],
+                        per_rpc=len(flood) + 1)
+        with trio.fail_after(30):  # a hang guard: the outcome is what is checked
+            await wait_until(lambda: victim.book.held(known_peer.public).seq == 2, timeout=20)
+        counters = victim.host.counters
+        print(f"relayed flood of 150 new identities: dropped by the per-peer budget "
+              f"{counters['p2p.pubsub.drop.message_rate']}, known-sender lane "
+              f"{counters['p2p.pubsub.admit.known_sender']}")
+        assert counters["p2p.pubsub.drop.message_rate"] > 0  # the flood did hit the budget
+        assert counters["p2p.pubsub.admit.known_sender"] >= 1
+        # A forgery in the lane: the known provider's key, another body, not its signature
+        forged = make_offer(known_peer, known_binding, rng, now, seq=3)
+        forged = forged.encode()[:-64] + bytes(64)
+        score_before = victim.host.score(relay.peer_id, OFFER_TOPIC)
+        await send_rpcs(relay, victim.host, [envelope(relay, forged, 501)])
+        await wait_until(lambda: victim.service.counters["offers.gossip.reject.bad_signature"] >= 1,
+                         timeout=10)
+        assert victim.host.score(relay.peer_id, OFFER_TOPIC) < score_before
+        assert victim.book.held(known_peer.public).seq == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_ihave_and_iwant_entries_are_bounded_per_peer(tmp_path):
+    """Gossip control entries (gossipsub v1.1's max_ihave_length / max_ihave_messages): one
+    IWANT naming a cached message 3,000 times was answered with 3,000 copies of it (py-libp2p
+    limits IWANT messages per second, not the ids in them); one IHAVE of 20,000 unknown ids
+    was answered with an IWANT for all of them (20,000 here). Now duplicates are dropped and each peer gets
+    at most its per-second budget of ids."""
+    from libp2p.pubsub.mcache import default_msg_id_fn
+
+    rng = random.Random(12)
+    peer, _, binding = make_provider(rng)
+    async with trio.open_nursery() as nursery:
+        victim = await start_node(nursery, tmp_path / "victim.db")
+        attacker = await start_attacker(nursery)
+        await attacker.connect(victim.host.addrs()[0])
+        data = make_offer(peer, binding, rng, victim.service.now_ms(), seq=1).encode()
+        await send_rpcs(attacker, victim.host, [envelope(attacker, data, 1)])
+        await wait_until(lambda: victim.book.held(peer.public) is not None, timeout=10)
+        router = victim.host.gossipsub
+        sent_to_attacker: list[int] = []
+        wanted: list[int] = []
+        send_rpc, emit_iwant = router.send_rpc, router.emit_iwant
+
+        def spy_send(to, packet, *a, **kw):
+            if to == attacker.peer_id and packet.publish:
+                sent_to_attacker.append(len(packet.publish))
+            return send_rpc(to, packet, *a, **kw)
+
+        async def spy_iwant(ids, to, *a, **kw):
+            if to == attacker.peer_id:
+                wanted.append(len(ids))
+            return await emit_iwant(ids, to, *a, **kw)
+
+        router.send_rpc = spy_send
+        router.emit_iwant = spy_iwant
+        # py-libp2p's mcache keys messages by its default id (from + seqno), not by the
+        # content id the node configures; an IWANT must name that key to hit the cache
+        mid = default_msg_id_fn(envelope(attacker, data, 1))
+        stream = await attacker.host.new_stream(victim.host.peer_id, [PROTOCOL_ID_V12])
+        iwant = rpc_pb2.RPC(control=rpc_pb2.ControlMessage(
+            iwant=[rpc_pb2.ControlIWant(messageIDs=[mid] * 3000)]))
+        await stream.write(frame(iwant.SerializeToString()))
+        ihave = rpc_pb2.RPC(control=rpc_pb2.ControlMessage(ihave=[rpc_pb2.ControlIHave(
+            topicID=OFFER_TOPIC, messageIDs=[rng.randbytes(32) for _ in range(20_000)])]))
+        await stream.write(frame(ihave.SerializeToString()))
+        await wait_until(lambda: sent_to_attacker and wanted, timeout=10)
+        await trio.sleep(0.5)
+        counters = victim.host.counters
+        print(f"IWANT x3000 of one id: {sum(sent_to_attacker)} copies sent; IHAVE of 20,000 ids: "
+              f"IWANT for {sum(wanted)}; dropped {dict((k, v) for k, v in counters.items() if 'ids' in k)}")
+        assert sum(sent_to_attacker) == 1
+        assert sum(wanted) <= 5000
+        assert counters["p2p.pubsub.drop.iwant_duplicate_ids"] == 2999
+        assert counters["p2p.pubsub.drop.ihave_ids"] >= 15_000
+        nursery.cancel_scope.cancel()

@@ -18,11 +18,22 @@ def provider(i: int):
     return make_provider(random.Random(f"provider-{i}"))
 
 
+@functools.cache
+def provider_of_wallet(i: int, owner: int):
+    """Provider i's peer key bound to provider `owner`'s wallet (one wallet, several keys:
+    a provider with several machines, or a Sybil reusing a wallet)."""
+    from protocol.messages import Binding
+
+    peer, _, _ = make_provider(random.Random(f"provider-{i}"))
+    _, wallet_key, _ = provider(owner)
+    return peer, wallet_key, Binding.create(peer, wallet_key, 31337)
+
+
 def offer(i: int, *, seq: int = 1, now: int = NOW, model=GPU_MODELS[0], count: int = 1,
           region: str = "eu-frankfurt", price_per_gpu_second: int = 100, symbol: str = "USDC",
           decimals: int = 6, cuda: int = 12040, mixed_with=None, lifetime_ms: int = 3_600_000,
-          chain_id: int = 31337):
-    peer, _, binding = provider(i)
+          chain_id: int = 31337, wallet_of: int | None = None):
+    peer, _, binding = provider(i) if wallet_of is None else provider_of_wallet(i, wallet_of)
     o = make_offer(peer, binding, random.Random(i * 1000 + seq), now, seq=seq, model=model,
                    gpu_count=count, region=region, price_per_gpu_second=price_per_gpu_second,
                    lifetime_ms=lifetime_ms)

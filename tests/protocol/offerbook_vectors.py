@@ -3,8 +3,8 @@
 One scenario a second implementation can replay against its own offer book: a sequence of
 signed offers, each ingested at a given time with given provider scores, with the verdict and
 the offers evicted to make room under `book_max_providers` and `book_max_bytes`
-(specs/offerbook.md, "Caps and eviction"), then the order of the `rank` sort and of the price
-sort (specs/offerbook.md, "Ranking"). Every key here is a fixed test key: never use them for
+(specs/offerbook.md, "Caps and eviction"), then the order of the `rank` sort (with one wallet
+proven on the escrow, "Standing") and of the price sort (specs/offerbook.md, "Ranking"). Every key here is a fixed test key: never use them for
 real funds.
 """
 
@@ -24,8 +24,9 @@ T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 ESTABLISHED_MS = 60_000
 
 
-def _offers() -> tuple[dict[str, float], list[tuple[str, int, bytes]]]:
-    """(score per provider name, [(provider name, now_ms, wire bytes)] in ingest order)."""
+def _offers() -> tuple[dict[str, float], list[tuple[str, int, bytes]], set[str]]:
+    """(score per provider name, [(provider name, now_ms, wire bytes)] in ingest order, the
+    proven wallets)."""
     keys = {name: make_provider(random.Random(f"offerbook-vector-{name}"))
             for name in ("A", "B", "C", "D", "E", "G", "X")}
 
@@ -47,16 +48,18 @@ def _offers() -> tuple[dict[str, float], list[tuple[str, int, bytes]]]:
         ("X", T0 + 6_500, wire("X", T0 + 6_500, price=70)),  # known-bad, no slot: book_full
         ("A", T0 + 7_000, wire("A", T0 + 7_000, seq=2, price=120)),  # re-announce: since kept
     ]
+    proven = {keys["D"][2].wallet.hex()}  # D's wallet: paid on the escrow by two renters
     return {keys[n][0].public.hex(): s for n, s in scores.items()}, [
-        (keys[n][0].public.hex(), now, data) for n, now, data in steps]
+        (keys[n][0].public.hex(), now, data) for n, now, data in steps], proven
 
 
 def build() -> dict:
-    scores, steps = _offers()
+    scores, steps, proven = _offers()
     slim, fat = len(steps[0][2]), len(steps[2][2])
     params = Params().replace(book_max_providers=4, book_max_bytes=2 * slim + fat + 64,
                               book_established_ms=ESTABLISHED_MS)
-    book = OfferBook(params, score_of=lambda p: scores.get(p.hex(), 0.5))
+    book = OfferBook(params, score_of=lambda p: scores.get(p.hex(), 0.5),
+                     proven_of=lambda w: w.hex() in proven)
     evicted: list[str] = []
     book.on_evict = lambda e: evicted.append(e.provider.hex())
     out_steps = []
@@ -78,9 +81,11 @@ def build() -> dict:
                    "clock_skew_ms": params.clock_skew_ms},
         "scores": scores,
         "unknown_score": 0.5,
+        "proven_wallets": sorted(proven),
         "steps": out_steps,
         "held": sorted(({"provider": e.provider.hex(), "seq": e.seq, "since_ms": e.since_ms,
-                         "digest": e.digest.hex()} for e in book), key=lambda r: r["provider"]),
+                         "digest": e.digest.hex(), "wallet": e.wallet.hex()} for e in book),
+                       key=lambda r: r["provider"]),
         "rank": {"now_ms": now, "query": "", "order": [e.provider.hex() for e in
                                                        book.query("", "rank", now_ms=now)]},
         "price": {"query": "", "order": [e.provider.hex() for e in book.query("", "price")]},

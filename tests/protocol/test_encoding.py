@@ -41,7 +41,7 @@ def test_encoding__wire_layout_is_type_version_then_fields():
     data = sample_offer().encode()
     value = msgpack.unpackb(data)
     assert value[0] == Offer.TYPE and value[1] == Offer.VERSION
-    assert len(value) == 2 + 11  # ... addrs, images, signature
+    assert len(value) == 2 + 12  # ... addrs, images, interruptible, signature
 
 
 @pytest.mark.parametrize(

@@ -71,13 +71,24 @@ def test_offerbook_vectors__replay_with_an_independent_model():
 
     cutoff = DOC["rank"]["now_ms"] - params["book_established_ms"]
 
+    wallet = {h["provider"]: h["wallet"] for h in DOC["held"]}
+    firsts: dict[str, tuple] = {}  # proven wallet -> (since, provider) of its first offer
+    for p in held:
+        if wallet[p] in DOC["proven_wallets"]:
+            k = (held[p]["since"], bytes.fromhex(p))
+            firsts[wallet[p]] = min(firsts.get(wallet[p], k), k)
+    proven = {k[1].hex() for k in firsts.values()}
+    assert proven  # the vector covers the proven tier
+
     def tier(p: str) -> int:
         s = held[p]["score"]
         if s > unknown:
             return 0
         if s < unknown:
-            return 3
-        return 1 if held[p]["since"] <= cutoff else 2
+            return 4
+        if p in proven:
+            return 1
+        return 2 if held[p]["since"] <= cutoff else 3
 
     def digest(p: str) -> bytes:
         return held[p]["digest"]

@@ -11,7 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.protocol.book_helpers import NOW, offer, provider
+from tests.protocol.book_helpers import NOW, offer, provider, provider_of_wallet
+from protocol.encoding import decode
+from protocol.messages import OfferWithdrawal
 from protocol.errors import LocalProtocolError
 from protocol.offerbook import OfferBook
 from protocol.params import Params
@@ -336,41 +338,87 @@ def test_query__score_residual_matches_decimal_for_any_float(score, value, op):
 # The rank sort: known-good, established unknown, new unknown, known-bad; each by price
 
 
-def brute_rank(book, query, limit, now, established_ms):
+def brute_rank(book, query, limit, now, established_ms, proven_wallets=frozenset()):
+    # specs/offerbook.md "Standing": each proven wallet's one offer is its held offer first
+    # seen (since_ms), then the smallest provider key
+    firsts = {}
+    for e in book:
+        if e.wallet in proven_wallets:
+            k = (e.since_ms, e.provider)
+            if e.wallet not in firsts or k < firsts[e.wallet]:
+                firsts[e.wallet] = k
+    proven = {k[1] for k in firsts.values()}
+
     def tier(e):
         if e.score > 0.5:
             return 0
         if e.score < 0.5:
-            return 3
-        return 1 if e.since_ms <= now - established_ms else 2
+            return 4
+        if e.provider in proven:
+            return 1
+        return 2 if e.since_ms <= now - established_ms else 3
 
     found = sorted((e for e in book if brute_matches(e, query)),
                    key=lambda e: (tier(e), e.price_key, e.digest))
     return found if limit is None else found[:limit]
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Offers of 12 more provider keys bound to the wallets of POOL's first 6 providers (two keys
+# per wallet besides the owner's): the proven tier takes one offer per wallet.
+SHARED = [offer(300 + j, wallet_of=100 + j % 6, **POOL_SPECS[(j * 5) % len(POOL)]).encode()
+          for j in range(12)]
+RANK_POOL = POOL + SHARED
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    indices=st.lists(st.integers(0, len(POOL) - 1), unique=True, max_size=len(POOL)),
+    indices=st.lists(st.integers(0, len(RANK_POOL) - 1), unique=True, max_size=len(RANK_POOL)),
     score_values=st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.5, 0.5, 0.8, 1.0]),
-                          min_size=len(POOL), max_size=len(POOL)),
-    arrivals=st.lists(st.sampled_from([0, 1000, 2000]), min_size=len(POOL), max_size=len(POOL)),
+                          min_size=len(RANK_POOL), max_size=len(RANK_POOL)),
+    arrivals=st.lists(st.sampled_from([0, 1000, 2000]), min_size=len(RANK_POOL),
+                      max_size=len(RANK_POOL)),
+    proven_owners=st.sets(st.integers(0, 9), max_size=6),
+    restand_after=st.booleans(),
+    drop=st.lists(st.integers(0, len(RANK_POOL) - 1), max_size=6),
     terms=st.lists(term_strategy(), max_size=3),
     limit=st.one_of(st.none(), st.integers(1, 10)),
     plan=st.sampled_from([None, "collect", "rank_scan", "rank_stream"]),
 )
-def test_query__rank_sort_agrees_with_brute_force(indices, score_values, arrivals, terms, limit,
-                                                   plan):
-    scores = {provider(100 + i)[0].public: score_values[i] for i in range(len(POOL))}
+def test_query__rank_sort_agrees_with_brute_force(indices, score_values, arrivals, proven_owners,
+                                                   restand_after, drop, terms, limit, plan):
+    keys = [decode(d).provider for d in RANK_POOL]
+    scores = {keys[i]: score_values[i] for i in range(len(RANK_POOL))}
+    proven = {provider(100 + i)[2].wallet for i in proven_owners}
+    known = set() if restand_after else proven
     params = Params().replace(book_established_ms=1500)
-    book = OfferBook(params, bindings=BINDINGS, score_of=lambda p: scores.get(p, 0.5))
+    book = OfferBook(params, bindings=BINDINGS, score_of=lambda p: scores.get(p, 0.5),
+                     proven_of=lambda w: w in known)
     for i in sorted(indices, key=lambda i: arrivals[i]):
-        book.ingest_offer(POOL[i], NOW + arrivals[i])
+        book.ingest_offer(RANK_POOL[i], NOW + arrivals[i])
+    if restand_after:  # the chain's standing arrives after the offers
+        known = proven
+        book.restand()
+    for i in drop:  # a proven wallet's first offer leaves: the next one takes its place
+        if book.held(keys[i]) is not None:
+            book.ingest_withdrawal(withdrawal_of(RANK_POOL[i]), NOW + 2100)
     book.force_plan = plan
     query = " ".join(terms)
     now = NOW + 2500  # arrivals at 0 and 1000 are established (held >= 1500 ms), 2000 is new
     got = book.query(query, "rank", limit, now_ms=now)
-    assert got == brute_rank(book, query, limit, now, 1500), query
+    assert got == brute_rank(book, query, limit, now, 1500, proven), query
+    assert sum(e.proven for e in book) == len({e.wallet for e in book if e.wallet in proven})
+
+
+def withdrawal_of(data: bytes) -> bytes:
+    o = decode(data)
+    j = next(i for i in list(range(100, 148)) + list(range(300, 312))
+             if _peer_of(i).public == o.provider)
+    peer = _peer_of(j)
+    return OfferWithdrawal(provider=peer.public, seq=o.seq, created_ms=NOW).sign(peer).encode()
+
+
+def _peer_of(i: int):
+    return provider(i)[0] if i < 300 else provider_of_wallet(i, 100 + (i - 300) % 6)[0]
 
 
 def test_query__rank_keeps_known_and_established_providers_above_cheaper_fresh_sybils():

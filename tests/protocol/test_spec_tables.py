@@ -138,7 +138,7 @@ def test_spec_table_parser__sees_a_missing_and_an_extra_row():
     """The comparison is not vacuous: dropping or adding a row shows up."""
     spec = rental_rows("## Renter")
     code = {row: nxt for row, (nxt, _handler) in RenterRental.TRANSITIONS.items()}
-    assert len(spec) == len(code) == 18
+    assert len(spec) == len(code) == 29
     dropped = dict(spec)
     del dropped[(RentalState.CLOSED, Event.RECOVER_DUE)]
     assert diff(dropped, code) == [f"only in code: {(RentalState.CLOSED, Event.RECOVER_DUE)} -> done"]

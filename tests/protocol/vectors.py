@@ -23,8 +23,9 @@ from protocol.identity import (
     _binding_domain_separator, binding_digest, peer_id_from_public_key,
 )
 from protocol.messages import (
-    AccessGrant, Accept, AgreementDetails, Binding, CounterProposal, GpuMetrics, Heartbeat, NegotiationReject,
-    Offer, OfferWithdrawal, Proposal, UsageReceipt, digest,
+    AccessGrant, Accept, AgreementDetails, Binding, CounterProposal, GpuMetrics, Heartbeat,
+    InterruptibleGpus, NegotiationReject, Offer, OfferWithdrawal, PreemptionNotice, Proposal,
+    UsageReceipt, digest,
 )
 from protocol.samples import GPU_MODELS, make_offer
 
@@ -69,6 +70,8 @@ def build() -> dict[str, dict]:
                        gpu_count=2, region="eu-frankfurt", price_per_gpu_second=139,
                        escrow=ESCROW, token=TOKEN)
     offer_bytes = offer.encode()
+    spot_offer = dataclasses.replace(offer, interruptible=(
+        InterruptibleGpus((offer.gpus[1].uuid_digest,), 60, 100),)).sign(provider)
     nid = bytes(range(16))
     proposal = Proposal(nid, 1, digest(offer_bytes), provider.public, renter.public, r_binding, 1,
                         3600, 139, "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIexample renter@laptop",
@@ -100,6 +103,15 @@ def build() -> dict[str, dict]:
         message_vector("reject", NegotiationReject(nid, 1, 1, "price below ask", NOW_MS + 1500).sign(renter), renter),
         message_vector("heartbeat_0", hb0, provider),
         message_vector("receipt_30s", receipt, renter),
+        # Interruptible capacity: the offer's second GPU as an interruptible set (60 s notice,
+        # 100 < 139 per GPU-second), a proposal for it, and a preemption notice.
+        message_vector("offer_one_on_demand_one_interruptible", spot_offer, provider),
+        message_vector("proposal_interruptible", dataclasses.replace(
+            proposal, offer_digest=digest(spot_offer.encode()), price_per_gpu_second=100,
+            notice_s=60).sign(renter), renter),
+        message_vector("preemption_notice", PreemptionNotice(
+            aid, NOW_MS + 95_000, 1, "power price 412.50 USD/MWh", digest(hb0.encode()),
+            NOW_MS + 35_000).sign(provider), provider),
     ]
 
     def tamper(data: bytes, pos: int) -> str:
@@ -110,6 +122,10 @@ def build() -> dict[str, dict]:
         changed = dataclasses.replace(offer, terms=dataclasses.replace(offer.terms, **changes))
         return changed.sign(provider).encode().hex()
 
+    def with_spot(*sets) -> str:
+        return dataclasses.replace(offer, interruptible=sets).sign(provider).encode().hex()
+
+    g0, g1 = offer.gpus[0].uuid_digest, offer.gpus[1].uuid_digest
     big_seq = bytearray(offer_bytes)
     invalid = [
         {"name": "signature_bit_flipped", "wire_hex": tamper(offer_bytes, len(offer_bytes) - 1),
@@ -144,6 +160,19 @@ def build() -> dict[str, dict]:
         {"name": "dispute_window_above_max",
          "wire_hex": with_terms(arbiter=bytes([0xab] * 20), dispute_window_s=604_801),
          "now_ms": NOW_MS, "verdict": "reject", "code": "bad_terms"},
+        # interruptible sets (specs/validation.md)
+        {"name": "interruptible_price_not_below_on_demand", "wire_hex": with_spot(InterruptibleGpus((g1,), 60, 139)),
+         "now_ms": NOW_MS, "verdict": "reject", "code": "bad_interruptible"},
+        {"name": "interruptible_zero_notice", "wire_hex": with_spot(InterruptibleGpus((g1,), 0, 100)),
+         "now_ms": NOW_MS, "verdict": "reject", "code": "bad_interruptible"},
+        {"name": "interruptible_gpu_not_in_offer", "wire_hex": with_spot(InterruptibleGpus((b"\x05" * 32,), 60, 100)),
+         "now_ms": NOW_MS, "verdict": "reject", "code": "bad_interruptible"},
+        {"name": "interruptible_gpu_in_two_sets",
+         "wire_hex": with_spot(InterruptibleGpus((g1,), 60, 100), InterruptibleGpus((g0, g1), 120, 90)),
+         "now_ms": NOW_MS, "verdict": "reject", "code": "bad_interruptible"},
+        {"name": "interruptible_same_notice_twice",
+         "wire_hex": with_spot(InterruptibleGpus((g0,), 60, 100), InterruptibleGpus((g1,), 60, 90)),
+         "now_ms": NOW_MS, "verdict": "reject", "code": "bad_interruptible"},
         {"name": "arbiter_is_the_provider_wallet",
          "wire_hex": with_terms(arbiter=p_binding.wallet, dispute_window_s=3600),
          "now_ms": NOW_MS, "verdict": "reject", "code": "bad_terms"},

@@ -1,0 +1,458 @@
+"""node/libp2p_perf.py: each CPU fix does what it says, on real hosts on 127.0.0.1 (issue 16).
+
+Every test that measures a fix also runs the same thing on an unpatched host
+(``HostConfig(fast_gossip=False)``) and checks that upstream behaves as the patch says it does,
+so a test fails if its patch stops applying (a py-libp2p change, a wiring mistake).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.exceptions import ParseError
+from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
+from libp2p.pubsub import pubsub as pubsub_module
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.utils.varint import read_varint_prefixed_bytes_limited
+
+from node import libp2p_patches
+from node.host import GossipHost, HostConfig
+from node.identity import NodeIdentity
+from node.libp2p_perf import (
+    BatchedYamux, BatchedYamuxStream, FrameReader, quiet_libp2p_debug,
+)
+from node.reqresp import encode_uvarint
+from node.testing import LOOPBACK, connect_pairs, running_hosts, settle_meshes
+
+TOPIC = "/gpumarket/test/perf"
+PATCHED = HostConfig(listen_addrs=LOOPBACK)
+UNPATCHED = replace(PATCHED, fast_gossip=False)
+TYPE_NAMES = {0: "data", 1: "window_update", 2: "ping", 3: "go_away"}
+
+
+def count_frames(host: GossipHost) -> Counter[str]:
+    """Count the yamux frames ``host`` writes on its current connections, by type."""
+    counts: Counter[str] = Counter()
+    for conns in host.host.get_network().connections.values():
+        for conn in conns if isinstance(conns, list) else [conns]:
+            muxed = conn.muxed_conn
+            inner = muxed._write_frame
+
+            async def counted(data: bytes, inner=inner) -> None:
+                counts[TYPE_NAMES.get(data[1], "?")] += 1
+                await inner(data)
+
+            muxed._write_frame = counted
+    return counts
+
+
+async def read_all(stream, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = await stream.read(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# 1-2. yamux: window credit at half the window (and the configured muxer class is used)
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_the_configured_yamux_class_is_used_so_streams_batch_window_updates():
+    async with running_hosts(2, PATCHED) as (a, b):
+        await a.connect(b.addrs()[0])
+        conn = a.host.get_network().connections[b.peer_id][0]
+        assert type(conn.muxed_conn) is BatchedYamux
+        stream = await a.host.new_stream(b.peer_id, [TProtocol("/ipfs/ping/1.0.0")])
+        assert type(stream.muxed_stream) is BatchedYamuxStream
+    async with running_hosts(2, UNPATCHED) as (a, b):  # upstream hard-codes Yamux
+        await a.connect(b.addrs()[0])
+        assert type(a.host.get_network().connections[b.peer_id][0].muxed_conn) is Yamux
+
+
+@pytest.mark.parametrize("config, most", [(PATCHED, 0), (UNPATCHED, None)])
+async def test_reads_below_half_the_window_send_no_window_update(config, most):
+    """100 reads of 1,000 bytes (100 kB, under half of the 256 KiB window): upstream credits
+    every read with a WINDOW_UPDATE frame; patched, none."""
+    protocol = TProtocol("/gpumarket/test/sink/1")
+    got = trio.Event()
+    async with running_hosts(2, config) as (a, b):
+        async def sink(stream):
+            for _ in range(100):
+                assert len(await read_all(stream, 1000)) == 1000
+            got.set()
+
+        b.host.set_stream_handler(protocol, sink)
+        await a.connect(b.addrs()[0])
+        stream = await a.host.new_stream(b.peer_id, [protocol])
+        frames = count_frames(b)
+        for _ in range(100):
+            await stream.write(os.urandom(1000))
+            await trio.sleep(0.001)  # one read per write
+        with trio.fail_after(10):
+            await got.wait()
+        if most is None:
+            assert frames["window_update"] >= 90, frames
+        else:
+            assert frames["window_update"] <= most, frames
+
+
+async def test_a_transfer_of_four_windows_still_flows_with_batched_credit():
+    """1 MiB through one stream (four 256 KiB windows): the sender blocks on an empty window
+    unless credit comes back, and it does, about every half window."""
+    protocol = TProtocol("/gpumarket/test/bulk/1")
+    size = 1 << 20
+    received = []
+    async with running_hosts(2, PATCHED) as (a, b):
+        async def sink(stream):
+            received.append(await read_all(stream, size))
+
+        b.host.set_stream_handler(protocol, sink)
+        await a.connect(b.addrs()[0])
+        stream = await a.host.new_stream(b.peer_id, [protocol])
+        frames = count_frames(b)
+        payload = os.urandom(size)
+        with trio.fail_after(20):
+            await stream.write(payload)
+            while not received:
+                await trio.sleep(0.01)
+        assert received[0] == payload
+        assert 2 <= frames["window_update"] <= 12, frames
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. pubsub frames from a buffer
+# ---------------------------------------------------------------------------------------------
+
+
+class ChunkedReader:
+    """An in-memory stream that returns at most what it holds, in the given chunk sizes."""
+
+    def __init__(self, data: bytes, chunks: list[int] | None = None) -> None:
+        self.data = data
+        self.chunks = list(chunks or [])
+        self.reads = 0
+
+    async def read(self, n: int = -1) -> bytes:
+        self.reads += 1
+        size = self.chunks.pop(0) if self.chunks else len(self.data)
+        size = min(size, n if n and n > 0 else size)
+        out, self.data = self.data[:size], self.data[size:]
+        return out
+
+
+def frames_of(payloads: list[bytes]) -> bytes:
+    return b"".join(encode_uvarint(len(p)) + p for p in payloads)
+
+
+async def test_frame_reader_returns_frames_whatever_the_read_boundaries():
+    payloads = [os.urandom(n) for n in (0, 1, 127, 128, 300, 20_000, 5)]
+    data = frames_of(payloads)
+    for chunks in ([1] * len(data), [3, 1, 7, 1000, 2], [len(data)]):
+        reader = FrameReader(ChunkedReader(data, chunks), max_length=1 << 20)
+        assert [await reader.read_frame() for _ in payloads] == payloads
+
+
+async def test_frame_reader_reads_a_burst_of_frames_in_one_read_upstream_in_many():
+    payloads = [os.urandom(800) for _ in range(20)]
+    ours = ChunkedReader(frames_of(payloads))
+    reader = FrameReader(ours, max_length=1 << 20)
+    assert [await reader.read_frame() for _ in payloads] == payloads
+    assert ours.reads == 1
+    theirs = ChunkedReader(frames_of(payloads))
+    for p in payloads:
+        assert await read_varint_prefixed_bytes_limited(theirs, 1 << 20) == p
+    assert theirs.reads >= 3 * len(payloads)  # two prefix bytes one at a time, then the body
+
+
+async def test_frame_reader_keeps_upstreams_limits_and_errors():
+    too_big = encode_uvarint(1001)  # refused on the prefix alone, no body needed
+    with pytest.raises(MessageTooLarge):
+        await FrameReader(ChunkedReader(too_big), max_length=1000).read_frame()
+    with pytest.raises(ParseError):
+        await FrameReader(ChunkedReader(b"\xff" * 11), max_length=1000).read_frame()
+    with pytest.raises(IncompleteReadError):
+        await FrameReader(ChunkedReader(encode_uvarint(10) + b"abc"), max_length=1000).read_frame()
+    with pytest.raises(ValueError):
+        FrameReader(ChunkedReader(b""), max_length=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. the signed peer record: once per stream, verified once per distinct record
+# 5. IDONTWANT only for received messages of 1 KiB or more
+# ---------------------------------------------------------------------------------------------
+
+
+def count_records(host: GossipHost) -> Counter[str]:
+    """Count the RPCs ``host`` receives that carry a signed peer record."""
+    counts: Counter[str] = Counter()
+    inner = host.pubsub._consume_sender_record
+
+    def counted(rpc, peer):
+        if rpc.HasField("senderRecord"):
+            counts["with_record"] += 1
+        counts["rpcs"] += 1
+        return inner(rpc, peer)
+
+    host.pubsub._consume_sender_record = counted
+    return counts
+
+
+def count_idontwant(host: GossipHost) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    inner = host.gossipsub.handle_idontwant
+
+    async def counted(msg, peer):
+        counts["idontwant"] += 1
+        await inner(msg, peer)
+
+    host.gossipsub.handle_idontwant = counted
+    return counts
+
+
+async def full_mesh(hosts: list[GossipHost]) -> list:
+    subs = [await h.subscribe(TOPIC) for h in hosts]
+    await connect_pairs(hosts, [(i, j) for i in range(len(hosts)) for j in range(i + 1, len(hosts))])
+    await settle_meshes(hosts, TOPIC, timeout=6, d_low=len(hosts) - 1)
+    return subs
+
+
+async def gossip(hosts: list[GossipHost], subs: list, messages: int, size: int) -> list[int]:
+    """``messages`` from rotating publishers; returns each host's deliveries."""
+    got = [0] * len(hosts)
+
+    async def reader(k, sub):
+        while True:
+            await sub.get()
+            got[k] += 1
+
+    async with trio.open_nursery() as nursery:
+        for k, sub in enumerate(subs):
+            nursery.start_soon(reader, k, sub)
+        for m in range(messages):
+            await hosts[m % len(hosts)].publish(TOPIC, b"%d:" % m + os.urandom(size))
+            await trio.sleep(0.02)
+        with trio.move_on_after(10):
+            while sum(got) < messages * len(hosts):
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    return got
+
+
+@pytest.mark.parametrize("sender", [PATCHED, UNPATCHED])
+async def test_peer_records_ride_once_per_stream_and_are_verified_once(sender):
+    """30 messages from ``sender`` to a patched receiver. A patched sender attaches its record
+    only to the first RPCs of its stream; an unpatched one to every RPC, and the patched
+    receiver verifies each distinct record once and reuses the result."""
+    async with trio.open_nursery() as nursery:
+        a = await nursery.start(GossipHost(NodeIdentity.from_seed(os.urandom(32)), sender).run)
+        b = await nursery.start(GossipHost(NodeIdentity.from_seed(os.urandom(32)), PATCHED).run)
+        records = count_records(b)
+        sub = await b.subscribe(TOPIC)
+        await a.subscribe(TOPIC)
+        await a.connect(b.addrs()[0])
+        await settle_meshes([a, b], TOPIC, timeout=6, d_low=1)
+        for m in range(30):
+            await a.publish(TOPIC, b"%d:" % m + os.urandom(700))
+            await trio.sleep(0.01)
+        with trio.fail_after(10):
+            for _ in range(30):
+                await sub.get()
+        if sender.fast_gossip:
+            assert records["with_record"] <= 3, records
+        else:
+            assert records["with_record"] >= 30, records
+        assert b.counters["p2p.pubsub.peer_record.verified"] <= 2
+        # the record still reached the certified address book
+        assert b.host.get_peerstore().get_peer_record(a.peer_id) is not None
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_changed_or_forged_peer_record_is_still_verified():
+    """The cache is keyed by the exact bytes: a different record from the same peer goes
+    through upstream's verification, and a forged one drops the RPC."""
+    async with running_hosts(2, PATCHED) as (a, b):
+        await a.connect(b.addrs()[0])
+        with trio.fail_after(5):  # pubsub streams open and their hello RPCs read
+            while a.peer_id not in b.pubsub.peers or b.peer_id not in a.pubsub.peers:
+                await trio.sleep(0.02)
+        stream = await a.host.new_stream(b.peer_id, [TProtocol("/meshsub/1.2.0")])
+        record = a.host.get_peerstore().get_local_record().marshal_envelope()
+        forged = record[:-1] + bytes([record[-1] ^ 1])  # last signature byte flipped
+        before = b.counters["p2p.pubsub.drop.bad_peer_record"]
+        for rec in (record, forged):
+            rpc = rpc_pb2.RPC(senderRecord=rec, subscriptions=[
+                rpc_pb2.RPC.SubOpts(subscribe=True, topicid="/x")])
+            payload = rpc.SerializeToString()
+            await stream.write(encode_uvarint(len(payload)) + payload)
+        with trio.fail_after(5):
+            while b.counters["p2p.pubsub.drop.bad_peer_record"] == before:
+                await trio.sleep(0.02)
+
+
+@pytest.mark.parametrize("config, size, sent", [
+    (PATCHED, 750, False), (PATCHED, 2000, True), (UNPATCHED, 750, True)])
+async def test_idontwant_only_for_messages_of_a_kibibyte_or_more(config, size, sent):
+    async with running_hosts(3, config) as hosts:
+        counts = [count_idontwant(h) for h in hosts]
+        got = await gossip(hosts, await full_mesh(hosts), messages=12, size=size)
+        assert got == [12, 12, 12]
+        total = sum(c["idontwant"] for c in counts)
+        assert (total > 0) is sent, total
+
+
+async def test_patched_mesh_sends_fewer_frames_per_message_than_upstream():
+    """The whole effect on the wire: frames written per delivered message, 4-node full mesh,
+    750-byte messages. Upstream writes several times as many (window updates after every read,
+    IDONTWANT to every mesh peer)."""
+    per_message = {}
+    for name, config in (("patched", PATCHED), ("unpatched", UNPATCHED)):
+        async with running_hosts(4, config) as hosts:
+            subs = await full_mesh(hosts)
+            frames = [count_frames(h) for h in hosts]
+            got = await gossip(hosts, subs, messages=20, size=750)
+            assert got == [20] * 4
+            per_message[name] = sum(sum(f.values()) for f in frames) / (20 * 4)
+    assert per_message["unpatched"] >= 2 * per_message["patched"], per_message
+
+
+# ---------------------------------------------------------------------------------------------
+# 6-7. each message's signature verified once; copies in flight dropped; no task per message
+# ---------------------------------------------------------------------------------------------
+
+
+def signed_message(host: GossipHost, data: bytes, seqno: int) -> rpc_pb2.Message:
+    msg = rpc_pb2.Message(from_id=host.peer_id.to_bytes(), data=data,
+                          seqno=seqno.to_bytes(8, "big"), topicIDs=[TOPIC])
+    key = host.identity.key_pair
+    msg.signature = key.private_key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
+    msg.key = key.public_key.serialize()
+    return msg
+
+
+@pytest.mark.parametrize("config, slow_validator, checks_per_message, dropped_in_flight", [
+    (PATCHED, False, 1, 0), (PATCHED, True, 1, 1), (UNPATCHED, False, 3, 0),
+    (UNPATCHED, True, 4, 0)])
+async def test_a_message_is_verified_once_and_its_copy_in_flight_dropped(
+        monkeypatch, config, slow_validator, checks_per_message, dropped_in_flight):
+    """One RPC carrying the same signed message twice (as two mesh peers' copies arriving
+    together would). Patched: one signature check; with synchronous validators the first copy is
+    validated in the read loop, so the second is already "seen"; with a slow async validator
+    the second copy arrives while the first is in flight and is dropped at once. Upstream: our
+    guard's check for each copy plus push_msg's for the first (3), and with the slow validator
+    push_msg's for the second too, since the first is not yet "seen" (4)."""
+    checks = Counter()
+    for module in (libp2p_patches, pubsub_module):
+        inner = module.signature_validator
+
+        def counted(msg, inner=inner):
+            checks["signature"] += 1
+            return inner(msg)
+
+        monkeypatch.setattr(module, "signature_validator", counted)
+    async with running_hosts(2, config) as (sender, victim):
+        sub = await victim.subscribe(TOPIC)
+        if slow_validator:
+            async def slow(forwarder, msg):
+                await trio.sleep(0.1)
+                return True
+
+            victim.pubsub.set_topic_validator(TOPIC, slow, is_async_validator=True)
+        await sender.connect(victim.addrs()[0])
+        with trio.fail_after(5):
+            while sender.peer_id not in victim.pubsub.peers:
+                await trio.sleep(0.02)
+        msg = signed_message(sender, b"one message, two copies", 1)
+        stream = await sender.host.new_stream(victim.peer_id, [TProtocol("/meshsub/1.2.0")])
+        payload = rpc_pb2.RPC(publish=[msg, msg]).SerializeToString()
+        await stream.write(encode_uvarint(len(payload)) + payload)
+        with trio.fail_after(5):
+            assert (await sub.get()).data == msg.data
+        await trio.sleep(0.3)  # the second copy's task, if any, has run
+        assert checks["signature"] == checks_per_message
+        assert victim.counters["p2p.pubsub.drop.duplicate_in_flight"] == dropped_in_flight
+        # item 7: validated in the read loop unless a validator is async
+        inline = 1 if config.fast_gossip and not slow_validator else 0
+        assert victim.counters["p2p.pubsub.inline"] == inline
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. logging, and the version pin
+# ---------------------------------------------------------------------------------------------
+
+
+def test_libp2p_debug_stays_off_unless_configured(monkeypatch):
+    logger = logging.getLogger("libp2p")
+    saved = logger.level
+    try:
+        monkeypatch.delenv("GPUMARKET_LIBP2P_DEBUG", raising=False)
+        logger.setLevel(logging.NOTSET)
+        logging.getLogger().setLevel(logging.DEBUG)
+        assert logging.getLogger("libp2p.stream_muxer.yamux.yamux").isEnabledFor(logging.DEBUG)
+        quiet_libp2p_debug()
+        assert not logging.getLogger("libp2p.stream_muxer.yamux.yamux").isEnabledFor(logging.DEBUG)
+        logger.setLevel(logging.DEBUG)  # configured on purpose: left alone
+        quiet_libp2p_debug()
+        assert logger.level == logging.DEBUG
+        logger.setLevel(logging.NOTSET)
+        monkeypatch.setenv("GPUMARKET_LIBP2P_DEBUG", "1")
+        quiet_libp2p_debug()
+        assert logger.level == logging.NOTSET
+    finally:
+        logger.setLevel(saved)
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+async def test_yamux_frames_still_flow_with_its_debug_log_on(caplog):
+    """With DEBUG on for the muxer, BatchedYamux takes upstream's logging path."""
+    caplog.set_level(logging.DEBUG, logger="libp2p.stream_muxer.yamux.yamux")
+    async with running_hosts(2, PATCHED) as (a, b):
+        await b.subscribe(TOPIC)
+        sub = await a.subscribe(TOPIC)
+        await a.connect(b.addrs()[0])
+        await settle_meshes([a, b], TOPIC, timeout=6, d_low=1)
+        await b.publish(TOPIC, b"hello")
+        with trio.fail_after(5):
+            assert (await sub.get()).data == b"hello"
+    assert any("YAMUX TX" in r.getMessage() for r in caplog.records)
+
+
+def test_the_patches_refuse_another_libp2p_version():
+    libp2p_patches.check_libp2p_version("0.8.1")
+    with pytest.raises(RuntimeError, match="written for py-libp2p 0.8.1, found 0.9.0"):
+        libp2p_patches.check_libp2p_version("0.9.0")
+
+
+def test_scorer_fast_path_gives_upstreams_topic_score():
+    """RejectOnlyScorer skips the P1-P3 terms when their weights are 0 (node/host.py): the score
+    is the same as upstream's formula, and with a P1 weight the full formula is used."""
+    from libp2p.peer.id import ID
+    from libp2p.pubsub.score import PeerScorer, TopicScoreParams
+
+    from node.host import GossipConfig, RejectOnlyScorer
+
+    peer = ID(b"\x00\x24" + bytes(36))
+    config = GossipConfig()
+    for params in (config.score_params(),
+                   replace(config.score_params(),
+                           p1_time_in_mesh=TopicScoreParams(weight=0.5, cap=10.0, decay=1.0))):
+        scorer = RejectOnlyScorer(params, config)
+        scorer.time_in_mesh[peer]["t"] = 4.0
+        scorer.first_message_deliveries[peer]["t"] = 3.0
+        scorer.record_reject(peer, "t")
+        scorer.record_reject(peer, "t")
+        scorer.record_misbehaviour(peer, 25.0)  # 5 over the threshold
+        upstream = PeerScorer.topic_score(scorer, peer, "t") - scorer.misbehaviour_penalty(peer)
+        assert scorer.topic_score(peer, "t") == upstream
+        assert upstream == -2.0 - 5.0 + 0.5 * 4.0 * (params.p1_time_in_mesh.weight > 0)

@@ -1,0 +1,96 @@
+"""The spot/power simulator (simulations/spot.py): deterministic, the protocol's settlement rule,
+curtailment only where the policy has it, CSV price input, and a strict scenario schema."""
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from simulations.spot import (POLICIES, SpotScenarioError, csv_prices, plot, resolve, run_scenario,
+                              synthetic_prices, write_results)
+
+SCENARIO = Path(__file__).resolve().parents[2] / "simulations" / "scenarios" / "spot_power.toml"
+
+
+def small(**changes):
+    doc = tomllib.loads(SCENARIO.read_text())
+    doc["run"]["days"] = 3
+    doc["power"]["spikes_per_day"] = 1.5  # make sure a spike happens in 3 days
+    for section, kv in changes.items():
+        doc.setdefault(section, {}).update(kv)
+    return doc
+
+
+def files(out: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*")) if p.is_file()}
+
+
+def test_spot_sim__same_seed_same_bytes_other_seed_differs(tmp_path):
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        write_results(tmp_path / name, run_scenario(small(), seed))
+    assert files(tmp_path / "a") == files(tmp_path / "b")
+    assert files(tmp_path / "a")["metrics.json"] != files(tmp_path / "c")["metrics.json"]
+
+
+def test_spot_sim__policies_behave_as_named_and_money_adds_up():
+    res = run_scenario(small(), 3)
+    m = res["metrics"]
+    assert set(m) == set(POLICIES)
+    assert m["on_demand"]["curtailed_gpu_hours"] == 0 and m["spot_no_curtail"]["curtailed_gpu_hours"] == 0
+    assert m["curtail_idle"]["preemptions"] == 0 and m["spot_curtail"]["preemptions"] > 0
+    assert m["spot_curtail"]["curtailed_gpu_hours"] > 0
+    # Without interruptible sales the checkpointing jobs (budget: the spot price) find nothing.
+    assert m["on_demand"]["checkpointing_jobs"]["jobs_done"] == 0
+    assert m["spot_no_curtail"]["checkpointing_jobs"]["jobs_done"] > 0
+    assert m["spot_curtail"]["work_lost_gpu_hours"] > 0 and m["spot_no_curtail"]["work_lost_gpu_hours"] == 0
+    # Settlement: every rental pays price x served seconds exactly and returns the rest.
+    for rental in res["markets"]["spot_curtail"].stats.rentals:
+        policy, job, kind, spot, served, to_provider, back = rental
+        price = res["markets"]["spot_curtail"].spot_price if spot else res["markets"]["spot_curtail"].od_price
+        assert to_provider == price * served and back >= 0
+
+
+def test_spot_sim__curtailment_saves_power_in_spikes():
+    m = run_scenario(small(), 3)["metrics"]
+    assert m["spot_curtail"]["provider_power_cost_per_gpu_hour"] < m["spot_no_curtail"]["provider_power_cost_per_gpu_hour"]
+    assert m["curtail_idle"]["provider_power_cost_per_gpu_hour"] < m["on_demand"]["provider_power_cost_per_gpu_hour"]
+
+
+def test_spot_sim__prices_from_csv_per_region(tmp_path):
+    for region, spike in (("texas", 900), ("nordic", 20)):
+        (tmp_path / f"{region}.csv").write_text(
+            "# recorded\ntimestamp,price_per_mwh\n0,30\n3600,%d\n7200,25\n" % spike)
+    doc = small(power={"csv_dir": str(tmp_path)}, run={"days": 1})
+    res = run_scenario(doc, 1)
+    assert res["prices"]["texas"][:13] == [30.0] * 12 + [900.0]
+    assert max(res["prices"]["nordic"]) == 30.0
+    assert res["metrics"]["spot_curtail"]["curtailed_gpu_hours"] > 0
+
+
+def test_spot_sim__synthetic_series_has_spikes_and_a_daily_shape():
+    cfg = resolve(small())["power"]
+    prices = synthetic_prices({**cfg, "spikes_per_day": 2.0}, "texas", 1, 288 * 10, 300)
+    assert max(prices) >= cfg["spike_min_per_mwh"] * 0.7
+    assert sorted(prices)[len(prices) // 2] < 100  # the median stays near base_per_mwh
+
+
+@pytest.mark.parametrize("doc, why", [
+    ({"run": {"dayz": 1}}, "unknown key"),
+    ({"providers": {"gpus": "eight"}}, "expected int"),
+    ({"providers": {"curtail_above_per_mwh": 100, "resume_below_per_mwh": 100}}, "resume_below"),
+    ({"providers": {"spot_per_gpu_hour": 0.5}}, "spot_per_gpu_hour"),
+    ({"extra": {}}, "unknown section"),
+])
+def test_spot_sim__bad_scenario_says_which_key(doc, why):
+    with pytest.raises(SpotScenarioError) as err:
+        resolve(doc)
+    assert why in str(err.value)
+
+
+def test_spot_sim__plots_from_results(tmp_path):
+    write_results(tmp_path, run_scenario(small(run={"days": 1}), 2))
+    made = plot(tmp_path)
+    assert [p.name for p in made] == ["prices_and_curtailment.png", "policies.png"]
+    assert all(p.stat().st_size > 10_000 for p in made)
+    assert json.loads((tmp_path / "config.resolved.json").read_text())["seed"] == 2
