@@ -131,16 +131,22 @@ def _build_chain(config, rpc_override: str | None, wallet_key: bytes):
 
 
 def cmd_node_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    config = load_config(_config_path(args))
+    with lock_data_dir(config.data_dir):  # held while this node runs
+        return _run_node(args, config)
+
+
+def _run_node(args: argparse.Namespace, config) -> int:
     import trio
 
     from .chain import AsyncChain
-    from .config import load_config
     from .control import ControlServer
     from .fake_nvml import FakeNvml
     from .node import Node, NodeConfig, ProviderSettings
     from .wallet import Wallet
 
-    config = load_config(_config_path(args))
     wallet = Wallet.from_keystore(config.keystore_path, _password())
     chain = _build_chain(config, args.chain, wallet.key)
     provider = None
@@ -167,11 +173,37 @@ def cmd_node_run(args: argparse.Namespace) -> int:
                                   "provider": provider is not None}), flush=True)
                 async for sig in signals:
                     logging.getLogger("gpumarket").warning("signal %s: shutting down", sig)
+                    await node.withdraw_before_exit()
                     nursery.cancel_scope.cancel()
                     break
 
     trio.run(main)
     return 0
+
+
+LOCK_NAME = "node.lock"
+
+
+def lock_data_dir(data_dir: Path):
+    """One node per data directory: an exclusive lock on DATA_DIR/node.lock, held by the open
+    file (the OS releases it when the process ends, however it ends)."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    f = open(data_dir / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"another node is already running on {data_dir} (pid {pid}): stop it, or "
+                        "give this one its own --data-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def _node_logging(peer_id: str, debug: bool) -> None:
@@ -453,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_node_run)
 
     p = sub.add_parser("status", help="what the running node is doing")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("gpus", help="what the NVML probe sees on this machine")
@@ -552,39 +585,51 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from protocol.errors import ProtocolError
-    from protocol.query import QueryError
-
-    from .chain import ChainError
-    from .config import ConfigError
-    from .control import ControlError
-    from .wallet import WalletError
-
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ConfigError, UserError) as exc:
+    except Exception as raised:
         if args.debug:
             raise
-        print(f"gpumarket: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except QueryError as exc:
-        if args.debug:
-            raise
-        print(f"gpumarket: {exc.detail}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ControlError, ChainError, WalletError, ProtocolError) as exc:
-        if args.debug:
-            raise
-        print(f"gpumarket: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except Exception as exc:
-        if args.debug:
-            raise
+        exc = _one_cause(raised)
+        if _is(exc, "node.gpu", "NoGpuError"):
+            exc = UserError(f"no GPU to offer: {exc}. A provider needs an NVIDIA GPU and its "
+                            "driver; to rent only, set [provider] enabled = false")
+        if _is(exc, "protocol.query", "QueryError"):
+            print(f"gpumarket: {exc.detail}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(exc, UserError) or _is(exc, "node.config", "ConfigError") or _is(
+                exc, "node.addresses", "NoDialableAddress") or _is(exc, "node.host", "ListenError"):
+            print(f"gpumarket: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if any(_is(exc, m, n) for m, n in (("node.control", "ControlError"), ("node.chain", "ChainError"),
+                                           ("node.wallet", "WalletError"),
+                                           ("protocol.errors", "ProtocolError"))):
+            print(f"gpumarket: {exc}", file=sys.stderr)
+            return EXIT_ERROR
         print(f"gpumarket: unexpected {type(exc).__name__}: {exc} (run with --debug for details)",
               file=sys.stderr)
         return EXIT_ERROR
+
+
+def _is(exc: BaseException, module: str, name: str) -> bool:
+    """isinstance(exc, module.name) without importing the module: a command that never loaded
+    it cannot have raised its errors (the CLI stays fast, see _lazy imports)."""
+    mod = sys.modules.get(module)
+    cls = getattr(mod, name, None) if mod is not None else None
+    return cls is not None and isinstance(exc, cls)
+
+
+def _one_cause(exc: BaseException) -> BaseException:
+    """The one error inside trio's nested exception groups (a node's task failed and the rest
+    were cancelled), so that it is reported as itself; the group when there are several."""
+    while isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if type(e).__name__ != "Cancelled"]
+        if len(inner) != 1:
+            return exc
+        exc = inner[0]
+    return exc
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ SOCKET_NAME = "control.sock"
 TOKEN_NAME = "control.token"
 MAX_REQUEST = 64 * 1024
 REQUEST_TIMEOUT_S = 10.0
+SHOWN_IDS = 4096  # offer ids a search showed, remembered to name their replacements
 
 
 class ControlError(Exception):
@@ -71,6 +72,7 @@ class ControlServer:
         self.sock_path = Path(data_dir) / SOCKET_NAME
         self.token_path = Path(data_dir) / TOKEN_NAME
         self.token = ""
+        self._shown: dict[str, bytes] = {}  # offer ids shown by search -> provider, newest last
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.token = _write_token(self.token_path)
@@ -132,6 +134,7 @@ class ControlServer:
         n = self.node
         return {
             "name": n.config.name, "peer_id": str(n.peer_id), "addrs": n.addrs(),
+            "dialable": list(n.announce_addrs()),
             "wallet": "0x" + n.binding.wallet.hex(), "chain_id": n.chain.chain.chain_id,
             "escrow": "0x" + n.chain.chain.escrow_address.hex(),
             "provider": n.publisher is not None, "offers_in_book": len(n.book),
@@ -145,11 +148,44 @@ class ControlServer:
         # identities does not bury the providers this node knows.
         now = now_ms()
         entries = self.node.search(query, sort or "rank", limit=limit, at_ms=now)
+        self._remember_shown(entries)
         cutoff = now - self.node.book.params.book_established_ms
         return [offer_row(e, now, cutoff) for e in entries]
 
+    def _entry(self, offer_id: str):
+        """The book's entry for an id the renter gives. An id this server showed in a search
+        whose offer its provider has since re-announced (a new seq, so a new digest) or
+        withdrawn is answered with what replaced it, never a bare unknown_offer."""
+        try:
+            return self.node.book.get(offer_id)
+        except ProtocolError as exc:
+            if getattr(exc, "code", None) != "unknown_offer":
+                raise
+            prefix = offer_id.strip().lower()
+            provider = next((p for oid, p in reversed(self._shown.items())
+                             if oid.startswith(prefix) or prefix.startswith(oid)), None)
+            if provider is None:
+                raise
+            now = now_ms()
+            held = self.node.book.held(provider)
+            if held is None:
+                raise ControlError(f"offer {offer_id} was withdrawn by its provider "
+                                   f"{short_id(provider)}; search again") from None
+            row = offer_row(held, now, now - self.node.book.params.book_established_ms)
+            raise ControlError(
+                f"offer {offer_id} was replaced by offer {held.offer_id} from the same provider "
+                f"({row['gpus']}x {row['model']} at {row['price_per_gpu_hour']} {row['token']}"
+                f"/GPU-hour): rent {held.offer_id}") from None
+
+    def _remember_shown(self, entries) -> None:
+        for e in entries:
+            self._shown.pop(e.offer_id, None)
+            self._shown[e.offer_id] = e.provider
+        while len(self._shown) > SHOWN_IDS:
+            self._shown.pop(next(iter(self._shown)))
+
     async def op_quote(self, offer_id: str, seconds: int, gpu_count: int = 1) -> dict:
-        entry = self.node.book.get(offer_id)
+        entry = self._entry(offer_id)
         o = entry.offer
         if now_ms() > o.expires_ms:
             raise ControlError(f"offer {offer_id} expired; search again")
@@ -165,7 +201,7 @@ class ControlServer:
 
     async def op_rent(self, offer_id: str, seconds: int, gpu_count: int = 1,
                       max_price_per_gpu_hour: str | None = None, access_key: str = "") -> dict:
-        entry = self.node.book.get(offer_id)
+        entry = self._entry(offer_id)
         o = entry.offer
         if now_ms() > o.expires_ms:
             raise ControlError(f"offer {offer_id} expired between search and rent; search again")
@@ -264,6 +300,7 @@ def offer_row(entry, now: int, established_before_ms: int) -> dict:
         "tier": TIER_NAMES[rank_tier(entry.score, entry.since_ms, established_before_ms)],
         "held_s": max(0, (now - entry.since_ms) // 1000),
         "expires_in_s": max(0, (o.expires_ms - now) // 1000),
+        "addrs": list(o.addrs),
     }
 
 
