@@ -147,6 +147,10 @@ def _run_node(args: argparse.Namespace, config) -> int:
     from .node import Node, NodeConfig, ProviderSettings
     from .wallet import Wallet
 
+    from .config import check_multiaddrs
+
+    check_multiaddrs(args.listen or (), "--listen")
+    check_multiaddrs(args.bootstrap or (), "--bootstrap", peer_id=True)
     wallet = Wallet.from_keystore(config.keystore_path, _password())
     chain = _build_chain(config, args.chain, wallet.key)
     provider = None
@@ -161,7 +165,7 @@ def _run_node(args: argparse.Namespace, config) -> int:
                            announce=config.announce, arbiters=frozenset(config.renter.arbiters),
                            provider=provider, name=config.data_dir.name), AsyncChain(chain))
 
-    _node_logging(str(node.peer_id), args.debug)
+    _node_logging(str(node.peer_id), args.debug, config.data_dir)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -178,7 +182,23 @@ def _run_node(args: argparse.Namespace, config) -> int:
                     break
 
     trio.run(main)
+    _close_leaked_sockets()
     return 0
+
+
+def _close_leaked_sockets() -> None:
+    """py-libp2p 0.8.1 leaves some connections' sockets open when its hosts are cancelled
+    (still referenced, so no collection frees them before exit), and the interpreter warns
+    about each at exit, past our ResourceWarning filter. The node has stopped: close them."""
+    import gc
+    import socket
+
+    leaked = [o for o in gc.get_objects() if isinstance(o, socket.socket) and o.fileno() != -1
+              and o.family in (socket.AF_INET, socket.AF_INET6)]
+    for sock in leaked:
+        sock.close()
+    if leaked:
+        logging.getLogger("gpumarket").debug("closed %d socket(s) py-libp2p left open", len(leaked))
 
 
 LOCK_NAME = "node.lock"
@@ -206,9 +226,15 @@ def lock_data_dir(data_dir: Path):
     return f
 
 
-def _node_logging(peer_id: str, debug: bool) -> None:
-    """A running node logs what it does at INFO, each line tagged with its (short) peer id;
-    py-libp2p's own chatter stays at WARNING unless --debug."""
+OUR_LOGGERS = ("node", "protocol", "gpumarket")
+LOG_NAME = "node.log"
+
+
+def _node_logging(peer_id: str, debug: bool, data_dir: Path) -> None:
+    """A running node logs what it does at INFO, each line tagged with its (short) peer id: to
+    the terminal (stderr) and to DATA_DIR/node.log. py-libp2p's own loggers (and any other
+    library's) go to node.log only: the ~40 "Failed to open TCP stream" lines of one dead peer
+    are the node log's business, not the terminal's. --debug shows everything everywhere."""
     tag = peer_id[-8:]
 
     class PeerTag(logging.Filter):
@@ -216,13 +242,29 @@ def _node_logging(peer_id: str, debug: bool) -> None:
             record.peer = tag
             return True
 
+    class Ours(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return record.name.split(".", 1)[0] in OUR_LOGGERS
+
+    fmt = logging.Formatter("%(asctime)s %(levelname)-7s peer=%(peer)s %(name)s: %(message)s")
     root = logging.getLogger()
     for handler in root.handlers:
         handler.addFilter(PeerTag())
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)-7s peer=%(peer)s %(name)s: %(message)s"))
-    for name in ("node", "protocol", "gpumarket"):
+        handler.setFormatter(fmt)
+        if not debug:
+            handler.addFilter(Ours())
+    file = logging.FileHandler(data_dir / LOG_NAME, encoding="utf-8")
+    file.addFilter(PeerTag())
+    file.setFormatter(fmt)
+    root.addHandler(file)
+    for name in OUR_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.INFO)
+    # py-libp2p (without LIBP2P_DEBUG) gives its "libp2p" logger no handler and no propagation,
+    # so Python's last-resort handler printed its warnings bare on the terminal: route them here.
+    lib = logging.getLogger("libp2p")
+    lib.handlers.clear()
+    lib.propagate = True
+    lib.setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 # ---------------------------------------------------------------------------------------------

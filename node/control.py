@@ -135,6 +135,7 @@ class ControlServer:
         return {
             "name": n.config.name, "peer_id": str(n.peer_id), "addrs": n.addrs(),
             "dialable": list(n.announce_addrs()),
+            "peers": len(n.host.host.get_network().connections),
             "wallet": "0x" + n.binding.wallet.hex(), "chain_id": n.chain.chain.chain_id,
             "escrow": "0x" + n.chain.chain.escrow_address.hex(),
             "provider": n.publisher is not None, "offers_in_book": len(n.book),

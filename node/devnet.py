@@ -45,9 +45,10 @@ def _configure(data_dir: Path, url: str, chain_id: int, escrow: bytes, token: by
 
 def start_node_process(exe: str, data_dir: Path, env: dict, *extra: str,
                        timeout_s: float = 60.0) -> tuple[subprocess.Popen, dict]:
-    """Start `gpumarket node run` for `data_dir` (its log goes to data_dir/node.log: a pipe
-    nobody reads would block the node) and return it with its JSON ready line."""
-    log = open(data_dir / "node.log", "w")
+    """Start `gpumarket node run` for `data_dir` (the node writes its log to data_dir/node.log;
+    its terminal output goes to data_dir/stderr.log: a pipe nobody reads would block the node)
+    and return it with its JSON ready line."""
+    log = open(data_dir / "stderr.log", "w")
     proc = subprocess.Popen([exe, "--data-dir", str(data_dir), "node", "run", *extra],
                             stdout=subprocess.PIPE, stderr=log, text=True, env=env,
                             stdin=subprocess.DEVNULL)
@@ -60,7 +61,7 @@ def start_node_process(exe: str, data_dir: Path, env: dict, *extra: str,
         if proc.poll() is not None:
             break
     proc.kill()
-    tail = (data_dir / "node.log").read_text()[-2000:]
+    tail = (data_dir / "stderr.log").read_text()[-2000:]
     raise RuntimeError(f"node in {data_dir} did not start: {tail}")
 
 

@@ -194,7 +194,7 @@ def test_cli__wrong_password_is_a_clear_error(tmp_path):
     out = subprocess.run([EXE, "--data-dir", str(d), "node", "run"], capture_output=True, text=True,
                          env={**ENV, "GPUMARKET_PASSWORD": "wrong"}, timeout=60,
                          stdin=subprocess.DEVNULL)
-    assert out.returncode == 1 and "cannot decrypt keystore" in out.stderr
+    assert out.returncode == 1 and "wrong password" in out.stderr
 
 
 def test_cli__devnet_starts_a_chain_and_nodes_that_see_each_other(tmp_path):
