@@ -16,7 +16,6 @@ import signal
 import sys
 import warnings
 from decimal import Decimal, InvalidOperation
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 EXIT_ERROR = 1
@@ -28,6 +27,8 @@ class UserError(Exception):
 
 
 def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("gpumarket")
     except PackageNotFoundError:  # running from a source tree without installing
@@ -272,7 +273,7 @@ def _node_logging(peer_id: str, debug: bool, data_dir: Path) -> None:
 
 
 def _call(args: argparse.Namespace, op: str, **kw):
-    from .control import call
+    from .control_client import call  # stdlib only: no trio, web3 or libp2p to import
 
     return call(_data_dir(args), op, **kw)
 
@@ -490,10 +491,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _VersionAction(argparse.Action):
+    """--version, read from the installed metadata only when asked (importlib.metadata is slow)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"gpumarket {_version()}")
+        parser.exit()
+
+
+def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpumarket", description="A decentralized peer-to-peer GPU rental market.")
-    parser.add_argument("--version", action="version", version=f"gpumarket {_version()}")
+    parser.add_argument("--version", action=_VersionAction, nargs=0, help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("--data-dir", help="node data directory (default $GPUMARKET_HOME or ~/.gpumarket)")
     parser.add_argument("--config", help="configuration file (default DATA_DIR/config.toml)")
@@ -594,14 +603,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("agreement_id")
     s.set_defaults(func=cmd_escrow_recover)
 
-    _register_plugin_commands(sub)
+    if plugins:
+        _register_plugin_commands(sub)
     return parser
+
+
+def _builtin_command(argv: list[str]) -> bool:
+    """Whether argv names one of this module's commands: then no plugin is loaded (loading the
+    simulator's entry point alone costs a third of a second that `gpumarket status` need not pay)."""
+    # options that take a value come before the command: skip their values
+    i, first = 0, None
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--data-dir", "--config"):
+            i += 2
+            continue
+        if not a.startswith("-"):
+            first = a
+            break
+        i += 1
+    return first in BUILTIN_COMMANDS
 
 
 # Commands that other packages add (the simulator's `gpumarket simulate`): each entry point in
 # this group names a `register(subparsers)` function. The node never imports those packages
 # itself, so a provider's node runs without the simulator's numpy, numba and matplotlib.
 PLUGIN_GROUP = "gpumarket.commands"
+BUILTIN_COMMANDS = frozenset({"demo", "devnet", "init", "node", "status", "gpus", "offers", "rent",
+                              "rentals", "rental", "evidence", "escrow", "balance"})
 
 
 def _register_plugin_commands(sub) -> None:
@@ -617,7 +646,8 @@ def _register_plugin_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(plugins=not _builtin_command(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -645,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
                 exc, "node.addresses", "NoDialableAddress") or _is(exc, "node.host", "ListenError"):
             print(f"gpumarket: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        if any(_is(exc, m, n) for m, n in (("node.control", "ControlError"), ("node.chain", "ChainError"),
+        if any(_is(exc, m, n) for m, n in (("node.control_client", "ControlError"), ("node.chain", "ChainError"),
                                            ("node.wallet", "WalletError"),
                                            ("protocol.errors", "ProtocolError"))):
             print(f"gpumarket: {exc}", file=sys.stderr)

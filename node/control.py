@@ -33,23 +33,14 @@ from protocol.identity import short_id
 from protocol.query import rank_tier
 
 from .chain import ChainError
+from .control_client import SOCKET_NAME, TOKEN_NAME, ControlError, NoNodeRunning, call  # noqa: F401
 from .node import Node, RentError, now_ms
 
 log = logging.getLogger(__name__)
 
-SOCKET_NAME = "control.sock"
-TOKEN_NAME = "control.token"
 MAX_REQUEST = 64 * 1024
 REQUEST_TIMEOUT_S = 10.0
 SHOWN_IDS = 4096  # offer ids a search showed, remembered to name their replacements
-
-
-class ControlError(Exception):
-    """A control request failed; str() is one line for the person at the terminal."""
-
-
-class NoNodeRunning(ControlError):
-    """No node answers on this data directory's control socket."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,44 +331,3 @@ async def _send(stream: trio.SocketStream, doc: dict) -> None:
         await stream.send_all(json.dumps(doc, default=str).encode() + b"\n")
     except trio.BrokenResourceError:
         pass
-
-
-# ---------------------------------------------------------------------------------------------
-# Client (synchronous: the CLI is a short-lived process)
-
-
-def call(data_dir: Path, op: str, timeout_s: float = 120.0, **args: Any) -> Any:
-    data_dir = Path(data_dir).expanduser()
-    sock_path, token_path = data_dir / SOCKET_NAME, data_dir / TOKEN_NAME
-    hint = f"no node is running for {data_dir}: start one with `gpumarket node run`"
-    try:
-        token = token_path.read_text().strip()
-    except FileNotFoundError:
-        raise NoNodeRunning(hint) from None
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout_s)
-    try:
-        s.connect(str(sock_path))
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise NoNodeRunning(hint) from None
-    try:
-        s.sendall(json.dumps({"token": token, "op": op, "args": args}).encode() + b"\n")
-        buf = bytearray()
-        while b"\n" not in buf:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    except socket.timeout:
-        raise ControlError(f"the node did not answer {op!r} within {timeout_s:.0f} s") from None
-    finally:
-        s.close()
-    if not buf:
-        raise ControlError("the node closed the connection without answering")
-    reply = json.loads(buf.split(b"\n", 1)[0])
-    if not reply.get("ok"):
-        raise ControlError(reply.get("error", "unknown error"))
-    return reply.get("result")
-
-
-
