@@ -17,11 +17,21 @@ TOKEN_NAME = "control.token"
 
 
 class ControlError(Exception):
-    """A control request failed; str() is one line for the person at the terminal."""
+    """A control request failed; str() is one line for the person at the terminal. `kind` says
+    which (the CLI's exit code follows it): "refused" (the node or a peer would not do it),
+    "not_found" (no such offer or rental, no node), "chain" (the chain refused or is
+    unreachable), "internal" (a bug)."""
+
+    def __init__(self, message: str, kind: str = "refused") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class NoNodeRunning(ControlError):
     """No node answers on this data directory's control socket."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "not_found")
 
 
 def call(data_dir: Path, op: str, timeout_s: float = 120.0, **args: Any) -> Any:
@@ -54,7 +64,7 @@ def call(data_dir: Path, op: str, timeout_s: float = 120.0, **args: Any) -> Any:
         raise ControlError("the node closed the connection without answering")
     reply = json.loads(buf.split(b"\n", 1)[0])
     if not reply.get("ok"):
-        raise ControlError(reply.get("error", "unknown error"))
+        raise ControlError(reply.get("error", "unknown error"), reply.get("kind", "refused"))
     return reply.get("result")
 
 

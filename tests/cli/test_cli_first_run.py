@@ -218,10 +218,10 @@ def test_first_run__a_replaced_offer_id_names_its_replacement(market):
     new = wait_for(lambda: [r for r in search(rent) if r["offer_id"] != old], 30,
                    "the re-announced offer at the renter")[0]["offer_id"]
     out = gm(rent, "rent", old, "--hours", "1", "--yes")
-    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.returncode == 3, out.stdout + out.stderr  # not found, and what replaced it
     assert f"offer {old} was replaced by offer {new}" in out.stderr and f"rent {new}" in out.stderr
     assert "unknown_offer" not in out.stderr
     gm(prov, "offers", "withdraw")
     wait_for(lambda: not search(rent), 30, "the withdrawal at the renter")
     out = gm(rent, "rent", new, "--hours", "1", "--yes")
-    assert out.returncode == 1 and f"offer {new} was withdrawn by its provider" in out.stderr, out.stderr
+    assert out.returncode == 3 and f"offer {new} was withdrawn by its provider" in out.stderr, out.stderr
