@@ -309,8 +309,7 @@ class ControlServer:
         chain = n.chain.chain
         me = n.binding.wallet
         token = chain.token_address
-        decimals = await n.chain.run(chain.decimals, token)
-        symbol = await n.chain.run(n._token_symbol)
+        symbol, decimals = await self._token()
         native = await n.chain.run(chain.native_balance, me)
         held = await n.chain.run(chain.balance, me, token)
         credits = await n.chain.run(chain.credits, me, token)
