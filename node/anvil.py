@@ -47,7 +47,8 @@ class AnvilProcess:
     """An anvil chain on 127.0.0.1 on a free port; use as a context manager."""
 
     def __init__(self, binary: str | None = None, *, chain_id: int = 31337,
-                 block_time: float | None = None) -> None:
+                 block_time: float | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        self.extra_args = tuple(extra_args)  # e.g. --disable-default-create2-deployer
         self.binary = binary or find_anvil()
         if not self.binary:
             raise ChainError("anvil binary not found: set GPUMARKET_ANVIL or run "
@@ -67,6 +68,7 @@ class AnvilProcess:
                "--chain-id", str(self.chain_id), "--silent"]
         if self.block_time:
             cmd += ["--block-time", str(self.block_time)]
+        cmd += list(self.extra_args)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout

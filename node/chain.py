@@ -231,12 +231,18 @@ class Chain:
         receipt = self._send(key, contract.constructor(*args), method=f"deploy {name}")
         return bytes.fromhex(receipt.contractAddress[2:])
 
-    def deploy_local_market(self, key: bytes, *, symbol: str = "tUSDC", decimals: int | None = 6
-                            ) -> tuple[bytes, bytes]:
+    def deploy_local_market(self, key: bytes, *, symbol: str = "tUSDC", decimals: int | None = 6,
+                            deterministic: bool = False) -> tuple[bytes, bytes]:
         """Deploy the escrow and a test token (`symbol`, `decimals`; decimals=None: no token,
         offers are priced in the native coin); use them. Returns their addresses (the token's
-        is ZERO_ADDRESS for the native coin)."""
-        escrow = self.deploy("Escrow", key)
+        is ZERO_ADDRESS for the native coin). `deterministic`: the escrow at its computed
+        address through the deployment proxy (node/deterministic.py; reused when there)."""
+        if deterministic:
+            from .deterministic import deploy_escrow
+
+            escrow = deploy_escrow(self, key).address
+        else:
+            escrow = self.deploy("Escrow", key)
         self.use_escrow(escrow)
         if decimals is None:
             self.token = None

@@ -17,18 +17,31 @@ import signal
 import sys
 import warnings
 from decimal import Decimal, InvalidOperation
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
+# Exit codes (README, "Exit codes"): every command, with or without --json.
+EXIT_OK = 0
+EXIT_REFUSED = 1  # the node, a peer, the chain's rules or the person said no (funds, unreachable)
+EXIT_USAGE = 2  # bad arguments or configuration: fix the command line or the config
+EXIT_NOT_FOUND = 3  # no node running, no such offer, rental or file
+EXIT_CHAIN = 4  # the chain refused a transaction or cannot be reached
+EXIT_INTERNAL = 5  # a bug: an unexpected error (run with --debug)
+EXIT_ERROR = EXIT_REFUSED
+EXIT_CODES = {"refused": EXIT_REFUSED, "usage": EXIT_USAGE, "not_found": EXIT_NOT_FOUND,
+              "chain": EXIT_CHAIN, "internal": EXIT_INTERNAL}
 
 
 class UserError(Exception):
-    """A problem the person can fix; printed as one line."""
+    """A problem the person can fix; printed as one line. `kind`: an EXIT_CODES key."""
+
+    def __init__(self, message: str, kind: str = "usage") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("gpumarket")
     except PackageNotFoundError:  # running from a source tree without installing
@@ -77,6 +90,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     from .wallet import Wallet
 
     data_dir = _data_dir(args)
+    if args.network:
+        _with_network("", args.network)  # an unknown name fails before anything is created
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
     identity = load_or_create_identity(data_dir / "identity.seed")
@@ -99,13 +114,39 @@ def cmd_init(args: argparse.Namespace) -> int:
         address = wallet.checksum
     config = data_dir / CONFIG_NAME
     if not config.exists():
-        config.write_text(default_config_text(data_dir, provider=args.provider))
+        text = default_config_text(data_dir, provider=args.provider)
+        if args.network:
+            text = _with_network(text, args.network)
+        config.write_text(text)
+    elif args.network:
+        raise UserError(f"{config} exists already: edit its [chain] section, or move it away and "
+                        f"run `gpumarket init --network {args.network}` again")
+    if args.json:
+        _print_json({"data_dir": str(data_dir), "peer_id": identity.peer_id.to_base58(),
+                     "wallet": address, "wallet_note": wallet_note, "config": str(config)})
+        return 0
     print(f"data directory: {data_dir}")
     print(f"peer id:        {identity.peer_id.to_base58()}")
     print(f"wallet:         {address} ({wallet_note})")
     print(f"config:         {config}")
     print("next: edit the config ([chain] rpc/escrow/token, [provider]), then `gpumarket node run`")
     return 0
+
+
+def _with_network(text: str, name: str) -> str:
+    """The default config with the known network's chain settings and bootstrap peers."""
+    from .networks import UnknownNetwork, chain_section, network
+
+    try:
+        net = network(name)
+    except UnknownNetwork as exc:
+        raise UserError(str(exc)) from None
+    text = text.replace('rpc = "embedded"        # "embedded" (an in-process EVM for this node alone) or a JSON-RPC URL\n', "")
+    text = text.replace("[chain]\n", "[chain]\n" + chain_section(name) + "\n", 1)
+    text = text.replace("# chain_id = 31337      # checked against the endpoint\n", "")
+    text = text.replace("# escrow = \"0x...\"      # the escrow contract's address on that chain\n", "")
+    text = text.replace("# token = \"0x...\"       # the ERC-20 offers are priced in (none: the native coin)\n", "")
+    return text.replace("bootstrap = []", f"bootstrap = {json.dumps(net['bootstrap'])}", 1)
 
 
 def _build_chain(config, rpc_override: str | None, wallet_key: bytes):
@@ -115,7 +156,8 @@ def _build_chain(config, rpc_override: str | None, wallet_key: bytes):
     if rpc == "embedded":
         chain = Chain.embedded()
         keys = chain.dev_keys()
-        chain.deploy_local_market(keys[0])
+        # the escrow at its computed address, through the deployment proxy (deployed first)
+        chain.deploy_local_market(keys[0], deterministic=True)
         from protocol.eth import private_key_address
 
         me = private_key_address(wallet_key)
@@ -124,24 +166,48 @@ def _build_chain(config, rpc_override: str | None, wallet_key: bytes):
         logging.getLogger("gpumarket").warning(
             "embedded chain: an in-process EVM that only this node can see (for trying things out)")
         return chain
-    if config.chain.escrow is None:
-        raise UserError("[chain] escrow is not set: the escrow contract's address is needed for "
-                        f"{rpc} (or use rpc = \"embedded\")")
-    return Chain.connect(rpc, chain_id=config.chain.chain_id, escrow=config.chain.escrow,
-                         token=config.chain.token)
+    from .chain import NoContractError
+    from .deterministic import escrow_address
+
+    computed = escrow_address()
+    escrow = config.chain.escrow or computed
+    if escrow != computed:
+        logging.getLogger("gpumarket").warning(
+            "chain.escrow 0x%s is not this version's escrow address 0x%s (computed from its init "
+            "code): offers name 0x%s, and nodes on the computed address will not take them",
+            escrow.hex(), computed.hex(), escrow.hex())
+    try:
+        return Chain.connect(rpc, chain_id=config.chain.chain_id, escrow=escrow,
+                             token=config.chain.token)
+    except NoContractError as exc:
+        if config.chain.escrow is None and "escrow" in str(exc):
+            raise UserError(f"no escrow at its computed address 0x{computed.hex()} on {rpc}: "
+                            f"deploy it once with `gpumarket escrow deploy --rpc {rpc}` (anyone "
+                            "may; it lands at that address on every chain)", "chain") from None
+        raise
 
 
 def cmd_node_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    config = load_config(_config_path(args))
+    with lock_data_dir(config.data_dir):  # held while this node runs
+        return _run_node(args, config)
+
+
+def _run_node(args: argparse.Namespace, config) -> int:
     import trio
 
     from .chain import AsyncChain
-    from .config import load_config
     from .control import ControlServer
     from .fake_nvml import FakeNvml
     from .node import Node, NodeConfig, ProviderSettings
     from .wallet import Wallet
 
-    config = load_config(_config_path(args))
+    from .config import check_multiaddrs
+
+    check_multiaddrs(args.listen or (), "--listen")
+    check_multiaddrs(args.bootstrap or (), "--bootstrap", peer_id=True)
     wallet = Wallet.from_keystore(config.keystore_path, _password())
     chain = _build_chain(config, args.chain, wallet.key)
     provider = None
@@ -158,7 +224,7 @@ def cmd_node_run(args: argparse.Namespace) -> int:
                            on_preempt=tuple(shlex.split(args.on_preempt)) if args.on_preempt else None),
                 AsyncChain(chain))
 
-    _node_logging(str(node.peer_id), args.debug)
+    _node_logging(str(node.peer_id), args.debug, config.data_dir)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -170,16 +236,64 @@ def cmd_node_run(args: argparse.Namespace) -> int:
                                   "provider": provider is not None}), flush=True)
                 async for sig in signals:
                     logging.getLogger("gpumarket").warning("signal %s: shutting down", sig)
+                    await node.withdraw_before_exit()
                     nursery.cancel_scope.cancel()
                     break
 
     trio.run(main)
+    _close_leaked_sockets()
     return 0
 
 
-def _node_logging(peer_id: str, debug: bool) -> None:
-    """A running node logs what it does at INFO, each line tagged with its (short) peer id;
-    py-libp2p's own chatter stays at WARNING unless --debug."""
+def _close_leaked_sockets() -> None:
+    """py-libp2p 0.8.1 leaves some connections' sockets open when its hosts are cancelled
+    (still referenced, so no collection frees them before exit), and the interpreter warns
+    about each at exit, past our ResourceWarning filter. The node has stopped: close them."""
+    import gc
+    import socket
+
+    leaked = [o for o in gc.get_objects() if isinstance(o, socket.socket) and o.fileno() != -1
+              and o.family in (socket.AF_INET, socket.AF_INET6)]
+    for sock in leaked:
+        sock.close()
+    if leaked:
+        logging.getLogger("gpumarket").debug("closed %d socket(s) py-libp2p left open", len(leaked))
+
+
+LOCK_NAME = "node.lock"
+
+
+def lock_data_dir(data_dir: Path):
+    """One node per data directory: an exclusive lock on DATA_DIR/node.lock, held by the open
+    file (the OS releases it when the process ends, however it ends)."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    f = open(data_dir / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"another node is already running on {data_dir} (pid {pid}): stop it, or "
+                        "give this one its own --data-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+OUR_LOGGERS = ("node", "protocol", "gpumarket")
+LOG_NAME = "node.log"
+
+
+def _node_logging(peer_id: str, debug: bool, data_dir: Path) -> None:
+    """A running node logs what it does at INFO, each line tagged with its (short) peer id: to
+    the terminal (stderr) and to DATA_DIR/node.log. py-libp2p's own loggers (and any other
+    library's) go to node.log only: the ~40 "Failed to open TCP stream" lines of one dead peer
+    are the node log's business, not the terminal's. --debug shows everything everywhere."""
     tag = peer_id[-8:]
 
     class PeerTag(logging.Filter):
@@ -187,13 +301,29 @@ def _node_logging(peer_id: str, debug: bool) -> None:
             record.peer = tag
             return True
 
+    class Ours(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return record.name.split(".", 1)[0] in OUR_LOGGERS
+
+    fmt = logging.Formatter("%(asctime)s %(levelname)-7s peer=%(peer)s %(name)s: %(message)s")
     root = logging.getLogger()
     for handler in root.handlers:
         handler.addFilter(PeerTag())
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)-7s peer=%(peer)s %(name)s: %(message)s"))
-    for name in ("node", "protocol", "gpumarket"):
+        handler.setFormatter(fmt)
+        if not debug:
+            handler.addFilter(Ours())
+    file = logging.FileHandler(data_dir / LOG_NAME, encoding="utf-8")
+    file.addFilter(PeerTag())
+    file.setFormatter(fmt)
+    root.addHandler(file)
+    for name in OUR_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.INFO)
+    # py-libp2p (without LIBP2P_DEBUG) gives its "libp2p" logger no handler and no propagation,
+    # so Python's last-resort handler printed its warnings bare on the terminal: route them here.
+    lib = logging.getLogger("libp2p")
+    lib.handlers.clear()
+    lib.propagate = True
+    lib.setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,13 +331,58 @@ def _node_logging(peer_id: str, debug: bool) -> None:
 
 
 def _call(args: argparse.Namespace, op: str, **kw):
-    from .control import call
+    from .control_client import call  # stdlib only: no trio, web3 or libp2p to import
 
     return call(_data_dir(args), op, **kw)
 
 
+def _say(args: argparse.Namespace, text: str) -> None:
+    """A human line: on stdout, or on stderr under --json (stdout is then JSON only)."""
+    print(text, file=sys.stderr if getattr(args, "json", False) else sys.stdout)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    _print_json(_call(args, "status"))
+    doc = _call(args, "status")
+    try:
+        doc["balance"] = _call(args, "balance")
+    except Exception as exc:  # a chain that does not answer must not hide the node's status
+        doc["balance"] = {"error": str(exc)}
+    if args.json:
+        _print_json(doc)
+        return 0
+    role = "provider" if doc["provider"] else "renter"
+    print(f"node:        {doc['name']} ({role}), peer {doc['peer_id']}")
+    print(f"wallet:      {doc['wallet']} on chain {doc['chain_id']}, escrow {doc['escrow']}")
+    b = doc["balance"]
+    if "error" in b:
+        print(f"balances:    unavailable ({b['error']})")
+    else:
+        print(f"balances:    {b['balance']} {b['token']}, {b['native']} {b['native_unit']} for gas, "
+              f"{b['locked_in_rentals']} {b['token']} locked in rentals, "
+              f"{b['escrow_credits']} {b['token']} escrow credits")
+    print(f"peers:       {doc['peers']} connected")
+    print(f"offer book:  {doc['offers_in_book']} offers; {doc['rentals']} rentals on this node")
+    dialable = doc.get("dialable") or []
+    print("dialable:    " + (", ".join(dialable) if dialable else
+                             "none (set node.announce to the address other machines dial)"))
+    if not doc.get("bootstrap"):
+        print("bootstrap:   the list is empty: this node finds no market by itself. Add a peer's "
+              "multiaddr to node.bootstrap (or `gpumarket init --network NAME` for a known "
+              "network), or pass --bootstrap to `gpumarket node run`")
+    return 0
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    doc = _call(args, "balance")
+    if args.json:
+        _print_json(doc)
+        return 0
+    t = doc["token"]
+    print(f"wallet {doc['wallet']} on chain {doc['chain_id']}")
+    print(f"  {doc['balance']:>20} {t}  in the wallet")
+    print(f"  {doc['locked_in_rentals']:>20} {t}  locked in this node's open rentals (deposits)")
+    print(f"  {doc['escrow_credits']:>20} {t}  escrow credits to withdraw")
+    print(f"  {doc['native']:>20} {doc['native_unit']}  for gas")
     return 0
 
 
@@ -217,6 +392,8 @@ def cmd_offers_search(args: argparse.Namespace) -> int:
     parse_query(args.query)  # a malformed query fails here, with a caret, before any I/O
     if args.sort:
         parse_sort(args.sort)
+    if args.limit < 1:
+        raise UserError(f"--limit {args.limit}: must be at least 1")
     rows = _call(args, "search", query=args.query, sort=args.sort, limit=args.limit)
     if args.json:
         _print_json(rows)
@@ -224,45 +401,100 @@ def cmd_offers_search(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"offers matching {args.query!r}" if args.query else "offers")
-    for col in ("offer", "GPUs", "VRAM", "CUDA", "region", "price/GPU-h", "score", "tier", "provider"):
+    for col in ("offer", "GPUs", "model", "VRAM", "CUDA", "region", "price/GPU-h", "hours",
+                "score", "tier", "provider"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["offer_id"], f"{r['gpus']}x {r['model']}", f"{r['vram_gib']} GiB", r["cuda"],
-                      r["region"], f"{r['price_per_gpu_hour']} {r['token']}", f"{r['score']:.2f}",
-                      r["tier"], r["provider"])
+        table.add_row(r["offer_id"], f"{r['gpus']}x {r['model']}", r["model_token"],
+                      f"{r['vram_gib']} GiB", r["cuda"], r["region"],
+                      f"{r['price_per_gpu_hour']} {r['token']}",
+                      f"{_hours(r['min_duration_s'])}-{_hours(r['max_duration_s'])}",
+                      f"{r['score']:.2f}", r["tier"], r["provider"])
     _console().print(table)
     if not rows:
         print("no offers match; try a broader query, or wait for offers to arrive")
     return 0
 
 
+def _hours(seconds: int) -> str:
+    """Seconds as hours for a person: 600 -> "0.17", 7200 -> "2", 45 -> "0.0125"."""
+    h = Decimal(seconds) / 3600
+    text = f"{h:.2f}" if h >= Decimal("0.01") else f"{h:.4f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def _seconds(args: argparse.Namespace) -> int:
-    if args.seconds:
+    """The rental length in seconds, from --hours or --seconds; positive, or a usage error."""
+    if args.seconds is not None:
+        if args.seconds <= 0:
+            raise UserError(f"--seconds {args.seconds}: a rental lasts at least one second")
         return args.seconds
     try:
-        return int(Decimal(args.hours) * 3600)
+        hours = Decimal(args.hours)
     except (InvalidOperation, TypeError):
-        raise UserError(f"--hours {args.hours!r} is not a number") from None
+        raise UserError(f"--hours {args.hours!r} is not a number (e.g. 2 or 0.5)") from None
+    if not hours.is_finite() or hours <= 0:
+        raise UserError(f"--hours {args.hours}: must be more than 0")
+    seconds = int(hours * 3600)
+    if seconds < 1:
+        raise UserError(f"--hours {args.hours} is less than a second")
+    return seconds
+
+
+def _check_rent_args(args: argparse.Namespace) -> int:
+    """What can be checked before asking the node anything: returns the seconds."""
+    seconds = _seconds(args)
+    if args.gpus < 1:
+        raise UserError(f"--gpus {args.gpus}: rent at least 1 GPU")
+    if args.max_price is not None:
+        try:
+            price = Decimal(args.max_price)
+        except InvalidOperation:
+            raise UserError(f"--max-price {args.max_price!r} is not a number: the highest price per "
+                            "GPU-hour you accept, in token units (e.g. 0.60)") from None
+        if not price.is_finite() or price <= 0:
+            raise UserError(f"--max-price {args.max_price}: must be more than 0 (per GPU-hour)")
+    return seconds
+
+
+def _check_against_offer(args: argparse.Namespace, seconds: int, offer: dict,
+                         price: str | None = None, free_gpus: int | None = None) -> None:
+    """The offer's limits, in the person's units, before anything is signed or sent (`price`
+    and `free_gpus`: the interruptible set's when renting one)."""
+    price = offer["price_per_gpu_hour"] if price is None else price
+    free = offer["gpus"] if free_gpus is None else free_gpus
+    lo, hi = offer["min_duration_s"], offer["max_duration_s"]
+    if not lo <= seconds <= hi:
+        asked = f"--hours {args.hours}" if args.hours is not None else f"--seconds {args.seconds}"
+        raise UserError(f"{asked} is outside this offer's rental length of {_hours(lo)} to "
+                        f"{_hours(hi)} hours ({lo} to {hi} s)")
+    if args.gpus > free:
+        raise UserError(f"--gpus {args.gpus}: offer {offer['offer_id']} has {free} "
+                        f"GPU{'s' if free != 1 else ''} free")
+    if args.max_price is not None and Decimal(args.max_price) < Decimal(price):
+        raise UserError(f"--max-price {args.max_price} {offer['token']} per GPU-hour is below this "
+                        f"offer's price of {price} {offer['token']} per GPU-hour")
 
 
 def cmd_rent(args: argparse.Namespace) -> int:
-    seconds = _seconds(args)
+    seconds = _check_rent_args(args)
     quote = _call(args, "quote", offer_id=args.offer_id, seconds=seconds, gpu_count=args.gpus,
                   notice_s=args.interruptible or 0)
     o = quote["offer"]
     spot = [c for c in o.get("interruptible", []) if c["notice_s"] == args.interruptible]
     price = spot[0]["price_per_gpu_hour"] if spot else o["price_per_gpu_hour"]
     kind = f"interruptible ({args.interruptible} s notice) " if spot else ""
-    print(f"renting {args.gpus}x {kind}{o['model']} from {o['provider']} for {seconds} s at "
-          f"{price} {o['token']}/GPU-hour")
-    print(f"this locks up to {quote['deposit_tokens']} {quote['token']} in the escrow contract; "
-          "unused time is refunded")
+    _check_against_offer(args, seconds, o, price, spot[0]["gpus"] if spot else None)
+    _say(args, f"renting {args.gpus}x {kind}{o['model']} from {o['provider']} for {_hours(seconds)} "
+               f"hours ({seconds} s) at {price} {o['token']} per GPU-hour")
+    _say(args, f"this locks up to {quote['deposit_tokens']} {quote['token']} in the escrow "
+               "contract; unused time is refunded")
     if not args.yes:
         if not sys.stdin.isatty():
             raise UserError("confirmation needed: pass --yes to rent without a prompt")
         if input("proceed? [y/N] ").strip().lower() not in ("y", "yes"):
-            print("not rented")
-            return EXIT_ERROR
+            _say(args, "not rented")
+            raise UserError("not rented: not confirmed", "refused")
     access_key = args.access_key
     if access_key and Path(access_key).expanduser().is_file():
         access_key = Path(access_key).expanduser().read_text().strip()
@@ -274,8 +506,8 @@ def cmd_rent(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(row)
     else:
-        print(f"rented: agreement {row['agreement_id'][:16]}, deposit {row['deposit']} units locked; "
-              "`gpumarket rentals` shows its progress")
+        print(f"rented: agreement {row['agreement_id'][:16]}, deposit {row['deposit_tokens']} "
+              f"{row['token']} locked; `gpumarket rentals` shows its progress")
         print(f"access: {access}" if access else
               "access: none received yet (the provider may not run an access hook)")
         if access and "gpumarket shell" in access:  # a container (node/runtime.py)
@@ -371,37 +603,79 @@ def _wait_for_access(args: argparse.Namespace, agreement_id: str, timeout_s: flo
 
 
 def cmd_rentals(args: argparse.Namespace) -> int:
-    rows = _call(args, "rentals")
+    if args.watch is not None:
+        if args.json:
+            raise UserError("--watch draws a live table; use --json without it")
+        if args.watch <= 0:
+            raise UserError(f"--watch {args.watch}: the refresh interval must be positive (seconds)")
+        return _watch_rentals(args)
+    rows = _call(args, "rentals", all=args.all)
     if args.json:
         _print_json(rows)
         return 0
+    _console().print(_rentals_table(rows, args.all))
+    if not rows:
+        print("no rentals on this node" + ("" if args.all else " since it started (--all: history)"))
+    return 0
+
+
+def _watch_rentals(args: argparse.Namespace) -> int:
+    """The rentals table, redrawn every --watch seconds until Ctrl-C."""
+    import time
+
+    from rich.live import Live
+
+    try:
+        with Live(_rentals_table(_call(args, "rentals", all=args.all), args.all),
+                  console=_console(), auto_refresh=False) as live:
+            while True:
+                time.sleep(args.watch)
+                live.update(_rentals_table(_call(args, "rentals", all=args.all), args.all),
+                            refresh=True)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _rentals_table(rows: list, history: bool):
     from rich.table import Table
 
-    table = Table(title="rentals")
-    for col in ("agreement", "role", "state", "GPUs", "elapsed", "acked", "cost so far", "heartbeats",
-                "notice"):
+    table = Table(title="rentals (all recorded)" if history else "rentals")
+    for col in ("agreement", "role", "state", "GPUs", "elapsed", "acked", "price/GPU-h",
+                "deposit", "cost so far", "heartbeats", "notice"):
         table.add_column(col)
     for r in rows:
+        t = r["token"]
         n = r.get("notice")
         notice = "" if n is None else f"stops in {n['time_left_s']} s ({n['detail'] or n['reason']})"
         table.add_row(r["agreement_id"][:16], r["role"], r["state"], str(r["gpus"]),
                       f"{r['elapsed_s']}/{r['max_seconds']} s", f"{r['acked_seconds']} s",
-                      str(r["cost_so_far"]), str(r["heartbeats"]), notice)
-    _console().print(table)
-    return 0
+                      f"{r['price_per_gpu_hour']} {t}", f"{r['deposit_tokens']} {t}",
+                      f"{r['cost_so_far_tokens']} {t}", str(r["heartbeats"]), notice)
+    return table
 
 
 def cmd_rental_stop(args: argparse.Namespace) -> int:
     row = _call(args, "stop", agreement_id=args.agreement_id)
-    print(f"stopping {row['agreement_id'][:16]}: the escrow is closed; the provider claims for the "
-          f"{row['acked_seconds']} s acknowledged and the rest comes back to you")
+    if args.json:
+        _print_json(row)
+        return 0
+    print(f"stopping {row['agreement_id'][:16]}: the escrow is closed; the provider claims "
+          f"{row['cost_so_far_tokens']} {row['token']} for the {row['acked_seconds']} s acknowledged "
+          "and the rest of the deposit comes back to you")
     return 0
 
 
 def cmd_evidence_export(args: argparse.Namespace) -> int:
     doc = _call(args, "evidence", agreement_id=args.agreement_id)
     out = Path(args.output or f"evidence-{doc['agreement_id'][:16]}.bin")
+    if out.is_dir():
+        raise UserError(f"{out} is a directory: give a file name with -o")
     out.write_bytes(bytes.fromhex(doc["bundle"]))
+    result = {"file": str(out), "agreement_id": doc["agreement_id"],
+              "heartbeats": doc["heartbeats"], "receipts": doc["receipts"]}
+    if args.json:
+        _print_json(result)
+        return 0
     print(f"wrote {out}: {doc['heartbeats']} heartbeats, {doc['receipts']} receipts; "
           f"check it with `gpumarket evidence verify {out}`")
     return 0
@@ -413,37 +687,104 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
     from protocol.evidence import verify_bundle
     from protocol.messages import EvidenceBundle
 
+    path = Path(args.file)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not an evidence bundle file")
     try:
-        bundle = decode(Path(args.file).read_bytes(), EvidenceBundle)
+        bundle = decode(path.read_bytes(), EvidenceBundle)
     except FileNotFoundError:
-        raise UserError(f"no such file: {args.file}") from None
+        raise UserError(f"no such file: {path}", "not_found") from None
     except DecodeError as exc:
-        raise UserError(f"{args.file} is not an evidence bundle: {exc}") from None
+        raise UserError(f"{path} is not an evidence bundle: {exc}", "refused") from None
     verdict = verify_bundle(bundle)
     doc = verdict.to_json_dict()
+    valid = not doc.get("invalid")
+    doc = {"valid": valid, **doc}
     if args.json:
         _print_json(doc)
     else:
+        print("VALID" if valid else "INVALID")
         for key, value in doc.items():
-            print(f"{key:>24}: {value}")
-    return 0 if not doc.get("invalid") else EXIT_ERROR
+            if key not in ("valid", "invalid"):
+                print(f"{key:>24}: {value}")
+        for f in doc.get("invalid") or []:
+            where = f"{f['kind']} #{f['index']}" if f["index"] >= 0 else f["kind"]
+            print(f"  failed: {where}: {f['detail'] or f['code']} ({f['code']})")
+    return 0 if valid else EXIT_REFUSED
 
 
 def cmd_escrow_status(args: argparse.Namespace) -> int:
-    _print_json(_call(args, "escrow_status", agreement_id=args.agreement_id))
+    doc = _call(args, "escrow_status", agreement_id=args.agreement_id)
+    if args.json:
+        _print_json(doc)
+        return 0
+    t = doc["token"]
+    print(f"agreement {doc['agreement_id'][:16]}: {doc['state']}, deposit {doc['deposit_tokens']} {t}")
+    print(f"  acknowledged: {doc['acked_seconds']} s -> {doc['to_provider_tokens']} {t} to the "
+          f"provider, {doc['to_renter_tokens']} {t} back to the renter")
     return 0
 
 
 def cmd_escrow_claim(args: argparse.Namespace) -> int:
     doc = _call(args, "escrow_claim", agreement_id=args.agreement_id)
-    print(f"claimed {doc['acked_seconds']} s: {doc['paid']} units paid (tx {doc['tx']})")
+    if args.json:
+        _print_json(doc)
+        return 0
+    print(f"claimed {doc['acked_seconds']} s: {doc['paid_tokens']} {doc['token']} paid (tx {doc['tx']})")
     return 0
 
 
 def cmd_escrow_recover(args: argparse.Namespace) -> int:
     doc = _call(args, "escrow_recover", agreement_id=args.agreement_id)
-    print(f"recovered: {doc['refunded']} units back to the renter (tx {doc['tx']})")
+    if args.json:
+        _print_json(doc)
+        return 0
+    print(f"recovered: {doc['refunded_tokens']} {doc['token']} back to the renter (tx {doc['tx']})")
     return 0
+
+
+def cmd_escrow_deploy(args: argparse.Namespace) -> int:
+    """Deploy the escrow at its computed address where it is missing (idempotent)."""
+    from .chain import Chain
+    from .deterministic import deploy_escrow, escrow_address
+
+    key = _deployer_key(args)
+    chain = Chain.connect(args.rpc)
+    d = deploy_escrow(chain, key)
+    doc = {"escrow": "0x" + d.address.hex(), "chain_id": chain.chain_id, "deployed": d.deployed,
+           "gas_used": d.gas_used, "proxy_deployed": d.proxy_deployed}
+    assert d.address == escrow_address()
+    if args.json:
+        _print_json(doc)
+    elif d.deployed:
+        print(f"deployed the escrow at 0x{d.address.hex()} on chain {chain.chain_id}: "
+              f"{d.gas_used} gas" + (" (and the deployment proxy first)" if d.proxy_deployed else ""))
+    else:
+        print(f"the escrow is already at 0x{d.address.hex()} on chain {chain.chain_id}: nothing sent")
+    return 0
+
+
+def cmd_escrow_address(args: argparse.Namespace) -> int:
+    from .deterministic import ESCROW_SALT, PROXY_ADDRESS, escrow_address
+
+    doc = {"escrow": "0x" + escrow_address().hex(), "proxy": "0x" + PROXY_ADDRESS.hex(),
+           "salt": "0x" + ESCROW_SALT.hex()}
+    print(json.dumps(doc) if args.json else doc["escrow"])
+    return 0
+
+
+def _deployer_key(args: argparse.Namespace) -> bytes:
+    """The key that pays for a deployment: --key-file (hex), else this node's wallet keystore."""
+    if args.key_file:
+        try:
+            return bytes.fromhex(Path(args.key_file).read_text().strip().removeprefix("0x"))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read a hex private key from {args.key_file}: {exc}") from None
+    from .config import load_config
+    from .wallet import Wallet
+
+    config = load_config(_config_path(args))
+    return Wallet.from_keystore(config.keystore_path, _password()).key
 
 
 def cmd_offers_publish(args: argparse.Namespace) -> int:
@@ -491,6 +832,30 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     return run_devnet(Path(args.dir), args.providers, args.renters)
 
 
+def cmd_devnet_faucet(args: argparse.Namespace) -> int:
+    from .devnet import faucet
+
+    text = args.address.removeprefix("0x")
+    try:
+        address = bytes.fromhex(text)
+    except ValueError:
+        address = b""
+    if len(address) != 20:
+        raise UserError(f"{args.address!r} is not a 0x-prefixed 20-byte address")
+    if args.eth < 0 or args.tokens < 0:
+        raise UserError("--eth and --tokens must not be negative")
+    try:
+        doc = faucet(Path(args.dir), address, args.eth, args.tokens)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc), "not_found") from None
+    if args.json:
+        _print_json(doc)
+    else:
+        print(f"funded {doc['address']}: {args.eth} ETH and {args.tokens} tUSDC "
+              f"(tUSDC balance now {doc['tUSDC_balance']:g})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -501,10 +866,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _VersionAction(argparse.Action):
+    """--version, read from the installed metadata only when asked (importlib.metadata is slow)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"gpumarket {_version()}")
+        parser.exit()
+
+
+def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gpumarket", description="A decentralized peer-to-peer GPU rental market.")
-    parser.add_argument("--version", action="version", version=f"gpumarket {_version()}")
+        prog="gpumarket", description="A decentralized peer-to-peer GPU rental market.",
+        epilog="exit codes: 0 ok, 1 refused, 2 usage or configuration, 3 not found (no node "
+               "running, no such offer, rental or file), 4 chain error, 5 internal error")
+    parser.add_argument("--version", action=_VersionAction, nargs=0, help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("--data-dir", help="node data directory (default $GPUMARKET_HOME or ~/.gpumarket)")
     parser.add_argument("--config", help="configuration file (default DATA_DIR/config.toml)")
@@ -517,15 +892,30 @@ def build_parser() -> argparse.ArgumentParser:
                                    "any step does not happen.")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("devnet", help="start anvil and N node processes for experiments")
+    p = sub.add_parser("devnet", help="start anvil and N node processes for experiments",
+                       description="Starts anvil (the binary in $GPUMARKET_ANVIL, else the one "
+                                   "`npm install --prefix .anvil` put in the repository) and N "
+                                   "node processes; prints their dialable multiaddrs and the "
+                                   "export lines to use them.")
     p.add_argument("--providers", type=int, default=3)
     p.add_argument("--renters", type=int, default=1)
     p.add_argument("--dir", default="./devnet", help="where the nodes' data directories go")
     p.set_defaults(func=cmd_devnet)
+    dsub = p.add_subparsers(dest="devnet_command", metavar="SUBCOMMAND")
+    s = dsub.add_parser("faucet", help="fund a wallet on the running devnet (10 ETH, 1000 tUSDC)")
+    s.add_argument("address", help="0x-prefixed wallet address")
+    s.add_argument("--dir", default=argparse.SUPPRESS, help="the running devnet's directory (default ./devnet)")
+    s.add_argument("--eth", type=int, default=10)
+    s.add_argument("--tokens", type=int, default=1000, help="tUSDC to mint")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
+    s.set_defaults(func=cmd_devnet_faucet)
 
     p = sub.add_parser("init", help="create the node's identity, encrypted wallet and config")
     p.add_argument("--provider", action="store_true", help="enable the provider role in the config")
     p.add_argument("--import-key-file", help="import a hex private key from this file (into the keystore)")
+    p.add_argument("--network", help="fill [chain] and the bootstrap list for a known network "
+                                     "(local, base-sepolia, arbitrum-sepolia, sepolia, base)")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("node", help="run the node")
@@ -541,10 +931,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_node_run)
 
     p = sub.add_parser("status", help="what the running node is doing")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("balance", help="the wallet's balances in token units (and what rentals lock)")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+    p.set_defaults(func=cmd_balance)
 
     p = sub.add_parser("gpus", help="what the NVML probe sees on this machine")
     p.add_argument("--fake", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=cmd_gpus)
 
     p = sub.add_parser("offers", help="search, publish or withdraw offers")
@@ -559,8 +955,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_offers_search)
     s = osub.add_parser("publish", help="(provider) publish the offer now")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_offers_publish)
     s = osub.add_parser("withdraw", help="(provider) withdraw the offer")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_offers_withdraw)
 
     p = sub.add_parser("rent", help="negotiate, open the escrow and start renting an offer")
@@ -578,6 +976,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rent)
 
     p = sub.add_parser("rentals", help="this node's rentals with uptime and cost so far")
+    p.add_argument("--all", action="store_true", help="every agreement in the store (history), "
+                                                      "not only this run's")
+    p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                   help="redraw the table every SECONDS (default 2) until Ctrl-C")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_rentals)
 
@@ -585,6 +987,7 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = p.add_subparsers(dest="rental_command", metavar="SUBCOMMAND", required=True)
     s = rsub.add_parser("stop", help="end a rental early and settle")
     s.add_argument("agreement_id")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_rental_stop)
 
     p = sub.add_parser("run", help="run a command in a rental's container (stdout, stderr, exit code)",
@@ -613,6 +1016,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = esub.add_parser("export", help="write an agreement's evidence bundle to a file")
     s.add_argument("agreement_id")
     s.add_argument("-o", "--output")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_evidence_export)
     s = esub.add_parser("verify", help="check a bundle offline and print the verdict")
     s.add_argument("file")
@@ -623,22 +1027,55 @@ def build_parser() -> argparse.ArgumentParser:
     xsub = p.add_subparsers(dest="escrow_command", metavar="SUBCOMMAND", required=True)
     s = xsub.add_parser("status", help="the escrow's state for an agreement")
     s.add_argument("agreement_id")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_escrow_status)
+    s = xsub.add_parser("deploy", help="deploy the escrow at its computed address on a chain "
+                                       "(idempotent; prints the address and the gas)")
+    s.add_argument("--rpc", required=True, help="the chain's JSON-RPC URL")
+    s.add_argument("--key-file", help="hex private key that pays the gas (default: this node's wallet)")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
+    s.set_defaults(func=cmd_escrow_deploy)
+    s = xsub.add_parser("address", help="the escrow's address, computed from its init code (no I/O)")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
+    s.set_defaults(func=cmd_escrow_address)
     s = xsub.add_parser("claim", help="(provider) claim now with the latest stored receipt")
     s.add_argument("agreement_id")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_escrow_claim)
     s = xsub.add_parser("recover", help="return the deposit to the renter after end + grace, unclaimed")
     s.add_argument("agreement_id")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_escrow_recover)
 
-    _register_plugin_commands(sub)
+    if plugins:
+        _register_plugin_commands(sub)
     return parser
+
+
+def _builtin_command(argv: list[str]) -> bool:
+    """Whether argv names one of this module's commands: then no plugin is loaded (loading the
+    simulator's entry point alone costs a third of a second that `gpumarket status` need not pay)."""
+    # options that take a value come before the command: skip their values
+    i, first = 0, None
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--data-dir", "--config"):
+            i += 2
+            continue
+        if not a.startswith("-"):
+            first = a
+            break
+        i += 1
+    return first in BUILTIN_COMMANDS
 
 
 # Commands that other packages add (the simulator's `gpumarket simulate`): each entry point in
 # this group names a `register(subparsers)` function. The node never imports those packages
 # itself, so a provider's node runs without the simulator's numpy, numba and matplotlib.
 PLUGIN_GROUP = "gpumarket.commands"
+JSON_HELP = "print JSON only on stdout (errors too, as {\"ok\": false, \"error\", \"kind\", \"exit\"})"
+BUILTIN_COMMANDS = frozenset({"demo", "devnet", "init", "node", "status", "gpus", "offers", "rent",
+                              "rentals", "rental", "evidence", "escrow", "balance"})
 
 
 def _register_plugin_commands(sub) -> None:
@@ -653,8 +1090,24 @@ def _register_plugin_commands(sub) -> None:
         register(sub)
 
 
+def _join_dash_values(argv: list[str]) -> list[str]:
+    """`--sort -price` as `--sort=-price`: argparse takes a value that starts with '-' for an
+    option of its own, and the help promises `-price`."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--sort" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"--sort={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = _join_dash_values(sys.argv[1:] if argv is None else list(argv))
+    parser = build_parser(plugins=not _builtin_command(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -664,39 +1117,60 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from protocol.errors import ProtocolError
-    from protocol.query import QueryError
-
-    from .chain import ChainError
-    from .config import ConfigError
-    from .control import ControlError
-    from .wallet import WalletError
-
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ConfigError, UserError) as exc:
+    except Exception as raised:
         if args.debug:
             raise
-        print(f"gpumarket: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except QueryError as exc:
-        if args.debug:
-            raise
-        print(f"gpumarket: {exc.detail}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ControlError, ChainError, WalletError, ProtocolError) as exc:
-        if args.debug:
-            raise
-        print(f"gpumarket: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except Exception as exc:
-        if args.debug:
-            raise
-        print(f"gpumarket: unexpected {type(exc).__name__}: {exc} (run with --debug for details)",
-              file=sys.stderr)
-        return EXIT_ERROR
+        message, kind = _describe(_one_cause(raised))
+        code = EXIT_CODES[kind]
+        if getattr(args, "json", False):  # stdout stays JSON: the error as a document too
+            print(json.dumps({"ok": False, "error": message, "kind": kind, "exit": code}))
+        print(f"gpumarket: {message}", file=sys.stderr)
+        return code
+
+
+def _describe(exc: BaseException) -> tuple[str, str]:
+    """(one line, kind) for an error a command raised; kind is an EXIT_CODES key."""
+    if _is(exc, "node.gpu", "NoGpuError"):
+        return (f"no GPU to offer: {exc}. A provider needs an NVIDIA GPU and its driver; to rent "
+                "only, set [provider] enabled = false"), "usage"
+    if _is(exc, "protocol.query", "QueryError"):
+        return exc.detail, "usage"
+    if isinstance(exc, UserError):
+        return str(exc), exc.kind
+    if any(_is(exc, m, n) for m, n in (("node.config", "ConfigError"),
+                                       ("node.addresses", "NoDialableAddress"),
+                                       ("node.host", "ListenError"))):
+        return str(exc), "usage"
+    if _is(exc, "node.control_client", "ControlError"):
+        return str(exc), exc.kind if exc.kind in EXIT_CODES else "refused"
+    if _is(exc, "node.chain", "ChainError"):
+        return str(exc), "chain"
+    if _is(exc, "node.wallet", "WalletError") or _is(exc, "protocol.errors", "ProtocolError"):
+        return str(exc), "refused"
+    return f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)", "internal"
+
+
+def _is(exc: BaseException, module: str, name: str) -> bool:
+    """isinstance(exc, module.name) without importing the module: a command that never loaded
+    it cannot have raised its errors (the CLI stays fast, see _lazy imports)."""
+    mod = sys.modules.get(module)
+    cls = getattr(mod, name, None) if mod is not None else None
+    return cls is not None and isinstance(exc, cls)
+
+
+def _one_cause(exc: BaseException) -> BaseException:
+    """The one error inside trio's nested exception groups (a node's task failed and the rest
+    were cancelled), so that it is reported as itself; the group when there are several."""
+    while isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if type(e).__name__ != "Cancelled"]
+        if len(inner) != 1:
+            return exc
+        exc = inner[0]
+    return exc
 
 
 if __name__ == "__main__":

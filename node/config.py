@@ -153,6 +153,28 @@ def _region(value: str) -> str:
     return value
 
 
+def check_multiaddrs(values, where: str, *, peer_id: bool = False) -> tuple[str, ...]:
+    """Each a multiaddr that parses; with ``peer_id`` (bootstrap) each names the peer to dial,
+    otherwise (listen, announce) none does (the node adds its own)."""
+    import multiaddr
+
+    out = []
+    for value in values:
+        text = str(value)
+        try:
+            addr = multiaddr.Multiaddr(text)
+        except Exception as exc:
+            raise ConfigError(f"{where}: {text!r} is not a multiaddr ({exc}); expected e.g. "
+                              f"\"/ip4/203.0.113.7/tcp/4001{'/p2p/12D3KooW...' if peer_id else ''}\"") from None
+        names = [p.name for p in addr.protocols()]
+        if peer_id and "p2p" not in names:
+            raise ConfigError(f"{where}: {text!r} does not end in /p2p/<peer id> (the peer to dial)")
+        if not peer_id and "p2p" in names and "listen" in where:
+            raise ConfigError(f"{where}: {text!r}: a listen address names no peer id")
+        out.append(text)
+    return tuple(out)
+
+
 def _expect(section: dict, allowed: dict[str, type | tuple], where: str) -> None:
     for key, value in section.items():
         if key not in allowed:
@@ -212,10 +234,10 @@ def load_config(path: Path) -> Config:
     return Config(
         path=path,
         data_dir=data_dir,
-        listen=tuple(str(a) for a in node.get("listen", ["/ip4/0.0.0.0/tcp/4001"])),
-        bootstrap=tuple(str(a) for a in node.get("bootstrap", [])),
+        listen=check_multiaddrs(node.get("listen", ["/ip4/0.0.0.0/tcp/4001"]), "node.listen"),
+        bootstrap=check_multiaddrs(node.get("bootstrap", []), "node.bootstrap", peer_id=True),
         mdns=node.get("mdns", False),
-        announce=tuple(str(a) for a in node.get("announce", [])),
+        announce=check_multiaddrs(node.get("announce", []), "node.announce"),
         chain=ChainSection(
             rpc=chain.get("rpc", "embedded"),
             chain_id=chain.get("chain_id"),

@@ -45,9 +45,10 @@ def _configure(data_dir: Path, url: str, chain_id: int, escrow: bytes, token: by
 
 def start_node_process(exe: str, data_dir: Path, env: dict, *extra: str,
                        timeout_s: float = 60.0) -> tuple[subprocess.Popen, dict]:
-    """Start `gpumarket node run` for `data_dir` (its log goes to data_dir/node.log: a pipe
-    nobody reads would block the node) and return it with its JSON ready line."""
-    log = open(data_dir / "node.log", "w")
+    """Start `gpumarket node run` for `data_dir` (the node writes its log to data_dir/node.log;
+    its terminal output goes to data_dir/stderr.log: a pipe nobody reads would block the node)
+    and return it with its JSON ready line."""
+    log = open(data_dir / "stderr.log", "w")
     proc = subprocess.Popen([exe, "--data-dir", str(data_dir), "node", "run", *extra],
                             stdout=subprocess.PIPE, stderr=log, text=True, env=env,
                             stdin=subprocess.DEVNULL)
@@ -60,8 +61,39 @@ def start_node_process(exe: str, data_dir: Path, env: dict, *extra: str,
         if proc.poll() is not None:
             break
     proc.kill()
-    tail = (data_dir / "node.log").read_text()[-2000:]
+    tail = (data_dir / "stderr.log").read_text()[-2000:]
     raise RuntimeError(f"node in {data_dir} did not start: {tail}")
+
+
+STATE_NAME = "devnet.json"
+
+
+def _write_state(root: Path, url: str, chain_id: int, escrow: bytes, token: bytes,
+                 minter_key: bytes) -> None:
+    """What `gpumarket devnet faucet` needs while the devnet runs (0600: it holds the test
+    token's minter key, a throwaway key of this devnet)."""
+    doc = {"rpc": url, "chain_id": chain_id, "escrow": "0x" + escrow.hex(),
+           "token": "0x" + token.hex(), "minter_key": minter_key.hex()}
+    path = root / STATE_NAME
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f)
+
+
+def faucet(root: Path, address: bytes, eth: int = 10, tokens: int = 1000) -> dict:
+    """Fund `address` on the running devnet in `root`: `eth` of the native coin, `tokens` tUSDC."""
+    root = root.expanduser().resolve()
+    try:
+        state = json.loads((root / STATE_NAME).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no devnet is running in {root} (start one with `gpumarket devnet "
+                                f"--dir {root}`)") from None
+    chain = Chain.connect(state["rpc"], chain_id=state["chain_id"],
+                          token=bytes.fromhex(state["token"][2:]))
+    minter = bytes.fromhex(state["minter_key"])
+    chain.fund(address, native_wei=eth * 10**18, token_units=tokens * USDC, minter_key=minter)
+    return {"address": "0x" + address.hex(), "eth": eth, "tUSDC": tokens,
+            "tUSDC_balance": chain.token_balance(address) / USDC}
 
 
 def run_devnet(root: Path, providers: int, renters: int) -> int:
@@ -74,7 +106,10 @@ def run_devnet(root: Path, providers: int, renters: int) -> int:
         deployer = Wallet.from_key(os.urandom(32))
         anvil.fund(deployer.address, 10**22)
         chain = Chain.connect(anvil.url, chain_id=anvil.chain_id)
-        escrow, token = chain.deploy_local_market(deployer.key, symbol="tUSDC", decimals=USDC_DECIMALS)
+        # the escrow at its computed address (the same on every chain), through the proxy
+        escrow, token = chain.deploy_local_market(deployer.key, symbol="tUSDC", decimals=USDC_DECIMALS,
+                                                  deterministic=True)
+        _write_state(root, anvil.url, anvil.chain_id, escrow, token, deployer.key)
         names = [f"provider-{i}" for i in range(providers)] + [f"renter-{i}" for i in range(renters)]
         for i, name in enumerate(names):
             d = root / name
@@ -98,16 +133,22 @@ def run_devnet(root: Path, providers: int, renters: int) -> int:
                                                  *(["--bootstrap", first] if first else []))
                 procs.append(proc)
                 first = first or ready["addrs"][0]
-                rows.append((name, ready["peer_id"], ready["wallet"]))
+                rows.append((name, ready["peer_id"], ready["wallet"], ready["addrs"]))
             print(f"devnet ready: anvil {anvil.url} (chain {anvil.chain_id}), escrow 0x{escrow.hex()}, "
                   f"tUSDC 0x{token.hex()}", flush=True)
-            for name, peer, wallet in rows:
+            for name, peer, wallet, addrs in rows:
                 print(f"  {name:<12} {peer}  {wallet}  {root / name}")
+                for addr in addrs:  # dialable: other nodes join with --bootstrap ADDR
+                    print(f"  {'':<12} {addr}")
             renter = next((n for n in names if n.startswith("renter")), names[0])
-            print("try:", flush=True)
+            print("try (in another terminal):", flush=True)
             print(f"  export GPUMARKET_PASSWORD={DEVNET_PASSWORD}")
-            print(f"  gpumarket --data-dir {root / renter} offers search 'gpu=H100*'")
-            print(f"  gpumarket --data-dir {root / renter} rent OFFER_ID --seconds 120 --yes")
+            print(f"  export GPUMARKET_HOME={root / renter}")
+            print("  gpumarket offers search 'gpu=H100'")
+            print("  gpumarket rent OFFER_ID --hours 0.05 --yes")
+            print(f"  gpumarket devnet faucet 0xYOUR_WALLET --dir {root}   # 10 ETH and 1000 tUSDC")
+            print(f"join it with your own node: rpc = \"{anvil.url}\", chain_id = {anvil.chain_id}, "
+                  f"token = \"0x{token.hex()}\", bootstrap = [\"{first}\"]")
             print("Ctrl-C stops everything.", flush=True)
 
             def stop(signum, frame):  # SIGTERM ends the devnet like Ctrl-C
@@ -122,6 +163,7 @@ def run_devnet(root: Path, providers: int, renters: int) -> int:
         except KeyboardInterrupt:
             pass
         finally:
+            (root / STATE_NAME).unlink(missing_ok=True)
             for proc in procs:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)

@@ -115,9 +115,11 @@ Limits (hostile peers; issue 11). All counted in :attr:`GossipHost.counters` (``
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import logging
 import math
+import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
@@ -398,6 +400,34 @@ class FastScoredGossipSub(FastGossipSub, ScoredGossipSub):
     """ScoredGossipSub with node/libp2p_perf.py's IDONTWANT threshold."""
 
 
+class ListenError(Exception):
+    """A listen address cannot be bound (its port is in use, or the address is not ours)."""
+
+
+def check_listen_addrs(addrs: Sequence[multiaddr.Multiaddr]) -> None:
+    """Bind each TCP listen address once, as the listener will (SO_REUSEADDR), and close it: a
+    port in use is refused here with its name, where py-libp2p 0.8.1 logs it and goes on
+    listening on nothing."""
+    for addr in addrs:
+        protos = [p.name for p in addr.protocols()]
+        if len(protos) < 2 or protos[0] not in ("ip4", "ip6") or protos[1] != "tcp":
+            continue
+        host, port = addr.value_for_protocol(protos[0]), int(addr.value_for_protocol("tcp"))
+        if port == 0:
+            continue
+        family = socket.AF_INET if protos[0] == "ip4" else socket.AF_INET6
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ListenError(f"cannot listen on {addr}: port {port} is already in use "
+                                      "(another gpumarket node or program); choose another port "
+                                      "in node.listen or with --listen") from None
+                raise ListenError(f"cannot listen on {addr}: {exc.strerror}") from None
+
+
 class GossipHost:
     """A libp2p host with our gossipsub router; run it with ``await nursery.start(node.run)``."""
 
@@ -450,8 +480,13 @@ class GossipHost:
 
     async def run(self, *, task_status: trio.TaskStatus[GossipHost] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, start pubsub, dial bootstrap peers (and mDNS-discovered ones when enabled);
-        ``started()`` once listening. Listeners and connections are closed on the way out."""
+        ``started()`` once listening. Listeners and connections are closed on the way out.
+        Raises ListenError when a listen address cannot be bound (py-libp2p only logs it)."""
+        check_listen_addrs(self._listen)
         async with self.host.run(listen_addrs=self._listen):
+            if self._listen and not self.host.get_transport_addrs():
+                raise ListenError(f"could not listen on {', '.join(map(str, self._listen))} "
+                                  "(see the node log)")
             try:
                 async with background_trio_service(self.pubsub):
                     async with background_trio_service(self.gossipsub):

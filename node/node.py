@@ -42,6 +42,7 @@ from protocol.params import DEFAULT_PARAMS, Params
 from protocol.rental import ProviderRental, RenterRental
 
 from .chain import AsyncChain, ChainError, RpcUnavailableError, TxResult, WalletEscrow
+from .addresses import NoDialableAddress, dialable_addrs, no_dialable_address_message
 from .chainwatch import ChainWatchMixin
 from .clock import SYSTEM_CLOCK, Clock, now_ms
 from .config import ConfigError, ProviderSection
@@ -236,12 +237,11 @@ class Node(SpotMixin, ChainWatchMixin, ResumeMixin):
         return [str(a) for a in self.host.addrs()]
 
     def announce_addrs(self) -> tuple[str, ...]:
-        """Addresses put in our offers: the configured public ones, else the listen addresses
-        a peer can dial (an unspecified 0.0.0.0 or :: is not), each with /p2p/<our peer id>."""
-        suffix = f"/p2p/{self.peer_id}"
-        given = [a if a.endswith(suffix) else a + suffix for a in self.config.announce]
-        found = [a for a in self.addrs() if "/ip4/0.0.0.0/" not in a and "/ip6/::/" not in a]
-        return tuple(a for a in (given or found) if len(a) <= MAX_ADDR_LEN)[:MAX_OFFER_ADDRS]
+        """Addresses put in our offers, each with /p2p/<our peer id> (node/addresses.py: the
+        configured public ones, else the listen addresses with 0.0.0.0/:: replaced by the
+        interfaces' addresses; never an unspecified one)."""
+        found = dialable_addrs(self.addrs(), self.config.announce, str(self.peer_id))
+        return tuple(a for a in found if len(a) <= MAX_ADDR_LEN)[:MAX_OFFER_ADDRS]
 
     # -- running ------------------------------------------------------------------------------
 
@@ -306,7 +306,22 @@ class Node(SpotMixin, ChainWatchMixin, ResumeMixin):
                         log.exception("flushing the offer service failed")
                 await self.store.close()
 
+    async def withdraw_before_exit(self, timeout_s: float = 3.0) -> None:
+        """Withdraw our offer while the connections are still up, so that renters stop seeing
+        it now: the publisher's own withdrawal on cancellation races the host's shutdown."""
+        if self.publisher is None:
+            return
+        with trio.move_on_after(timeout_s):
+            try:
+                await self.publisher.withdraw(rate_limited=False)
+            except Exception:
+                log.exception("withdrawing the offer before exit failed")
+            await trio.sleep(0.2)  # the withdrawal's frames leave before the sockets close
+
     async def _start_provider(self, nursery: trio.Nursery, settings: ProviderSettings) -> None:
+        addrs = self.announce_addrs()
+        if not addrs:  # an offer nobody can dial would be searchable and never rentable
+            raise NoDialableAddress(no_dialable_address_message(self.config.listen))
         chain = self.chain.chain
         decimals = await self.chain.run(chain.decimals, chain.token_address)
         price, floor = settings.prices(decimals)
@@ -324,7 +339,7 @@ class Node(SpotMixin, ChainWatchMixin, ResumeMixin):
                            bandwidth_mbps=settings.bandwidth_mbps,
                            lifetime_ms=settings.offer_lifetime_ms,
                            publish_interval_s=settings.publish_interval_s,
-                           data_dir=str(self.data_dir), addrs=self.announce_addrs(),
+                           data_dir=str(self.data_dir), addrs=addrs,
                            images=settings.images or (settings.docker.images if settings.docker else ())),
             nvml=settings.nvml,
         )

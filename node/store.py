@@ -355,6 +355,12 @@ class Store:
         row = await self._run(self._one, "SELECT * FROM agreements WHERE id = ?", (id,))
         return AgreementRow(*row) if row else None
 
+    async def all_agreements(self, limit: int = 1000) -> list[AgreementRow]:
+        """Every agreement this node recorded, newest first (its history)."""
+        rows = await self._run(self._all, "SELECT * FROM agreements ORDER BY created_at DESC LIMIT ?",
+                               (limit,))
+        return [AgreementRow(*r) for r in rows]
+
     async def agreements_in_state(self, state: str) -> list[AgreementRow]:
         rows = await self._run(self._all, "SELECT * FROM agreements WHERE state = ? ORDER BY created_at", (state,))
         return [AgreementRow(*r) for r in rows]

@@ -44,6 +44,9 @@ class Wallet:
         except FileNotFoundError:
             raise WalletError(f"keystore {path} not found") from None
         except (ValueError, KeyError, TypeError) as exc:  # wrong password (MAC) or malformed file
+            if "MAC mismatch" in str(exc):  # the keystore's check of the derived key failed
+                raise WalletError(f"wrong password for the wallet keystore {path} "
+                                  "(GPUMARKET_PASSWORD or the prompt)") from None
             raise WalletError(f"cannot decrypt keystore {path}: {exc}") from None
         return cls.from_key(bytes(key))
 

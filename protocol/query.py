@@ -113,7 +113,10 @@ class Term:
 
     def test(self, value: Any) -> bool:
         """Does an entry's attribute value satisfy this term?"""
-        if self.field in ("gpu", "image", "class"):  # an offer matches if any of its values matches
+        if self.field == "gpu":  # an offer matches if any of its model tokens matches
+            hit = any(_model_match(self.value, m) for m in value)
+            return hit if self.op == "=" else not hit
+        if self.field in ("image", "class"):  # an offer matches if any of its values matches
             hit = any(_glob_any(self.value, m) for m in value)
             return hit if self.op == "=" else not hit
         if FIELDS[self.field].kind == "glob":
@@ -130,6 +133,12 @@ class Term:
 
 def _glob_any(patterns: tuple[str, ...], value: str) -> bool:
     return any(fnmatchcase(value, p) for p in patterns)
+
+
+def _model_match(patterns: tuple[str, ...], token: str) -> bool:
+    """A gpu pattern matches a model token, or its leading words: `H100` finds `H100_80GB_HBM3`
+    (as `H100_*` would), `RTX_4090` finds `RTX_4090_D`, but `H10` finds nothing."""
+    return any(fnmatchcase(token, p) or fnmatchcase(token, p + "_*") for p in patterns)
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def test_cli__provider_and_renter_rent_stop_and_verify(tmp_path):
 
         # errors people meet, before any node runs
         out = gm(rent_dir, "offers", "search", "gpu=H100*")
-        assert out.returncode == 1 and "no node is running" in out.stderr
+        assert out.returncode == 3 and "no node is running" in out.stderr  # not found
         out = gm(rent_dir, "offers", "search", "price<=abc")
         assert out.returncode == 2 and "price" in out.stderr and "column" in out.stderr
 
@@ -117,9 +117,9 @@ def test_cli__provider_and_renter_rent_stop_and_verify(tmp_path):
             out = gm(rent_dir, "rent", rows[0]["offer_id"], "--seconds", "120", "--yes", "--json",
                      "--access-key", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAItest renter@laptop")
             assert out.returncode == 0, out.stdout + out.stderr
-            agreement = json.loads(out.stdout[out.stdout.index("{"):])
+            agreement = json.loads(out.stdout)  # --json: stdout is the document alone
             aid = agreement["agreement_id"]
-            assert "locks up to" in out.stdout
+            assert "locks up to" in out.stderr and "tUSDC" in out.stderr
             # the provider's access hook ran and its output reached the renter, signed
             assert agreement["access"] == f"ssh -p 2222 gpu@127.0.0.1  # for renter@laptop {aid[:8]}"
 
@@ -135,7 +135,7 @@ def test_cli__provider_and_renter_rent_stop_and_verify(tmp_path):
             assert out.returncode == 0, out.stderr
 
             def settled():
-                res = gm(rent_dir, "escrow", "status", aid[:12])
+                res = gm(rent_dir, "escrow", "status", aid[:12], "--json")
                 doc = json.loads(res.stdout)
                 return doc if doc["state"] == "final" else None
 
@@ -144,9 +144,9 @@ def test_cli__provider_and_renter_rent_stop_and_verify(tmp_path):
 
             # the manual on-chain commands explain why a settled escrow cannot be claimed again
             out = gm(prov_dir, "escrow", "claim", aid[:12])
-            assert out.returncode == 1 and "agreement is not open" in out.stderr, out.stderr
+            assert out.returncode == 4 and "agreement is not open" in out.stderr, out.stderr
             out = gm(rent_dir, "escrow", "recover", aid[:12])
-            assert out.returncode == 1 and "agreement is not open" in out.stderr, out.stderr
+            assert out.returncode == 4 and "agreement is not open" in out.stderr, out.stderr
 
             bundle = tmp_path / "evidence.bin"
             out = gm(rent_dir, "evidence", "export", aid[:12], "-o", str(bundle))
@@ -154,7 +154,28 @@ def test_cli__provider_and_renter_rent_stop_and_verify(tmp_path):
             out = gm(rent_dir, "evidence", "verify", str(bundle), "--json")
             verdict = json.loads(out.stdout)
             assert out.returncode == 0, out.stdout
-            assert verdict["acked_seconds"] >= 5
+            assert verdict["acked_seconds"] >= 5 and verdict["valid"] is True
+            out = gm(rent_dir, "evidence", "verify", str(bundle))
+            assert out.returncode == 0 and out.stdout.splitlines()[0] == "VALID", out.stdout
+            out = gm(rent_dir, "evidence", "verify", str(tmp_path))
+            assert out.returncode == 2 and "is a directory" in out.stderr
+            out = gm(rent_dir, "evidence", "verify", str(tmp_path / "missing.bin"))
+            assert out.returncode == 3 and "no such file" in out.stderr
+
+            # history survives a restart: the store lists the agreement and its evidence
+            stop_node(renter)
+            renter, _ = start_node(rent_dir, "--bootstrap", p_ready["addrs"][0])
+            assert json.loads(gm(rent_dir, "rentals", "--json").stdout) == []  # none this run
+            history = json.loads(gm(rent_dir, "rentals", "--all", "--json").stdout)
+            past = [r for r in history if r["agreement_id"] == aid]
+            assert len(past) == 1 and past[0]["live"] is False and past[0]["token"] == "tUSDC"
+            assert past[0]["acked_seconds"] >= 5 and past[0]["elapsed_s"] == past[0]["acked_seconds"]
+            assert "tUSDC" in gm(rent_dir, "rentals", "--all").stdout
+            again = tmp_path / "evidence-again.bin"
+            out = gm(rent_dir, "evidence", "export", aid[:12], "-o", str(again))
+            assert out.returncode == 0, out.stderr
+            out = gm(rent_dir, "evidence", "verify", str(again), "--json")
+            assert out.returncode == 0 and json.loads(out.stdout)["valid"] is True, out.stdout
         finally:
             times = [stop_node(p) for p in (renter, provider)]
         assert renter.returncode == 0 and provider.returncode == 0
@@ -182,10 +203,10 @@ def test_cli__wrong_chain_id_is_refused_before_starting(tmp_path):
         text = (d / "config.toml").read_text().replace(f"chain_id = {anvil.chain_id}", "chain_id = 137")
         (d / "config.toml").write_text(text)
         out = gm(d, "node", "run", timeout=60)
-        assert out.returncode == 1 and "serves chain 31337, but the configuration says 137" in out.stderr
+        assert out.returncode == 4 and "serves chain 31337, but the configuration says 137" in out.stderr
         (d / "config.toml").write_text(text.replace("chain_id = 137", f"chain_id = {anvil.chain_id}"))
         out = gm(d, "node", "run", timeout=60)
-        assert out.returncode == 1 and "no escrow contract at 0x0101" in out.stderr
+        assert out.returncode == 4 and "no escrow contract at 0x0101" in out.stderr
 
 
 def test_cli__wrong_password_is_a_clear_error(tmp_path):
@@ -194,7 +215,7 @@ def test_cli__wrong_password_is_a_clear_error(tmp_path):
     out = subprocess.run([EXE, "--data-dir", str(d), "node", "run"], capture_output=True, text=True,
                          env={**ENV, "GPUMARKET_PASSWORD": "wrong"}, timeout=60,
                          stdin=subprocess.DEVNULL)
-    assert out.returncode == 1 and "cannot decrypt keystore" in out.stderr
+    assert out.returncode == 1 and "wrong password" in out.stderr
 
 
 def test_cli__devnet_starts_a_chain_and_nodes_that_see_each_other(tmp_path):

@@ -59,7 +59,10 @@ def brute_matches(entry, query: str) -> bool:
         if field in ("gpu", "region", "token"):
             have = {"gpu": entry.models, "region": (entry.region,),
                     "token": (entry.token_symbol,)}[field]
-            hit = any(fnmatchcase(h.upper(), p.upper()) for h in have for p in value.split(","))
+            # a gpu pattern also matches a model token's leading words (H100 -> H100_80GB_HBM3)
+            pats = [p.upper() for p in value.split(",")]
+            pats += [p + "_*" for p in pats] if field == "gpu" else []
+            hit = any(fnmatchcase(h.upper(), p) for h in have for p in pats)
             ok = hit if op == "=" else not hit
         elif field == "chain":
             ok = (entry.chain_id in {int(v) for v in value.split(",")}) == (op == "=")
