@@ -34,7 +34,7 @@ from protocol.encoding import is_wire_text, to_wire_text
 from protocol.identity import PeerKey, peer_id_from_public_key
 from protocol.messages import (MAX_ADDR_LEN, MAX_OFFER_ADDRS, AccessGrant, AgreementDetails,
                                Binding, GpuMetrics, OfferTerms)
-from protocol.money import PriceError, price_units_per_second
+from protocol.money import PriceError, format_tokens, price_units_per_second
 from protocol.negotiation import (FirstAgreementWins, ProviderNegotiation, RenterNegotiation,
                                   escrow_domain, renter_refusal)
 from protocol.offerbook import Entry, OfferBook
@@ -144,6 +144,11 @@ class ProviderSettings:
             raise ConfigError(f"provider price: {exc}") from None
         if floor > price:
             raise ConfigError("provider.min_price_per_gpu_hour is above price_per_gpu_hour")
+        published = format_tokens(price * 3600, decimals)
+        if Decimal(published) != Decimal(self.price_per_gpu_hour):  # specs/node.md, "Prices"
+            log.info("price %s per GPU-hour is not a whole number of token units per second: "
+                        "published as %s (%d units per GPU-second, rounded down)",
+                        self.price_per_gpu_hour, published, price)
         return price, floor
 
 

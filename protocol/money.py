@@ -7,9 +7,11 @@ decimals always comes from the token contract's `decimals()` (the native coin: 1
 a constant: a price of 0.50 is 500_000 units per hour in USDC (6) and 5 * 10**17 in DAI (18).
 
 Rounding (specs/node.md, "Prices: whole tokens and units"):
-- a provider's configured hourly price becomes units per GPU-second rounded to the nearest
-  unit, halves up (`price_units_per_second`); a price that rounds to zero units is refused, not
-  raised to one. The advertised hourly price is then exactly that integer * 3600 units.
+- a provider's configured hourly price becomes units per GPU-second rounded down
+  (`price_units_per_second`): the advertised hourly price, exactly that integer * 3600 units,
+  is never above what the provider wrote, so a renter who searches `price<=` or rents with
+  `--max-price` at the provider's own figure finds and accepts it. A price below one unit per
+  second is refused, not raised to one.
 - a renter's ceiling (`--max-price`) rounds down (`max_units_per_second`): the node never
   agrees to pay more per second than the renter wrote.
 - display (`tokens`) is exact: units / 10**decimals as a Decimal, never rounded.
@@ -39,13 +41,13 @@ def _per_second(per_gpu_hour: Decimal | str | int, decimals: int) -> Fraction:
 
 
 def price_units_per_second(per_gpu_hour: Decimal | str | int, decimals: int) -> int:
-    """A provider's price per GPU-hour in whole tokens -> units per GPU-second, rounded to the
-    nearest unit with halves up; PriceError when that is zero units."""
-    exact = _per_second(per_gpu_hour, decimals)
-    units = int(exact + Fraction(1, 2))  # floor(x + 1/2) for x > 0: nearest, halves up
+    """A provider's price per GPU-hour in whole tokens -> units per GPU-second, rounded down
+    (the published hourly price never exceeds the configured one); PriceError when that is
+    zero units."""
+    units = int(_per_second(per_gpu_hour, decimals))  # floor for x > 0
     if units < 1:
         raise PriceError(f"{per_gpu_hour} per GPU-hour is less than one unit per second of a "
-                         f"{decimals}-decimal token (the least is {tokens(SECONDS_PER_HOUR // 2, decimals)})")
+                         f"{decimals}-decimal token (the least is {tokens(SECONDS_PER_HOUR, decimals)})")
     return units
 
 
