@@ -165,6 +165,12 @@ class NatLab:
         sh("ip", "netns", "exec", router, "iptables", "-A", "FORWARD", "-i", "wan", "-m", "conntrack",
            "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
         sh("ip", "netns", "exec", router, "iptables", "-A", "FORWARD", "-i", "wan", "-j", "DROP")
+        # ... and the router itself answers nothing unsolicited: a SYN to a port with no mapping is
+        # dropped, not refused (a RST would travel back through the peer's NAT and tear down the
+        # mapping its own simultaneous SYN just made; home routers drop silently)
+        sh("ip", "netns", "exec", router, "iptables", "-A", "INPUT", "-i", "wan", "-m", "conntrack",
+           "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+        sh("ip", "netns", "exec", router, "iptables", "-A", "INPUT", "-i", "wan", "-j", "DROP")
         return Home(name=name, kind=kind, netns=home, router=router, addr=lan_home, public_addr=wan)
 
     # -- using ------------------------------------------------------------------------------------
