@@ -131,6 +131,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from node.identity import NodeIdentity
 from node.libp2p_patches import ConnLimitsConfig, GuardedPubsub, PubsubLimits, apply_host_patches
 from node.ratelimit import KeyedBuckets, RateLimitedLog
+from node.reachability import Reachability, ReachabilityConfig
 
 log = logging.getLogger(__name__)
 rlog = RateLimitedLog(log, burst=5, interval=60.0)
@@ -220,6 +221,8 @@ class HostConfig:
     max_inbound_per_ip: int = 32  # concurrent inbound connections from one IP address
     max_inbound_per_peer: int = 3  # concurrent inbound connections of one peer id
     gossip: GossipConfig = field(default_factory=GossipConfig)
+    # AutoNAT, relay v2 and DCUtR (node/reachability.py); None: none of them (no NAT traversal)
+    reachability: ReachabilityConfig | None = field(default_factory=ReachabilityConfig)
 
     def conn_limits(self) -> ConnLimitsConfig:
         return ConnLimitsConfig(max_inbound_per_ip=self.max_inbound_per_ip,
@@ -388,6 +391,8 @@ class GossipHost:
             max_inbound_rpc_size=g.max_message_bytes,
         )
         self.pubsub.configure_guard(g.pubsub_limits(), self.counters)
+        self.reachability = (Reachability(self.host, config.reachability, self.counters)
+                             if config.reachability is not None else None)
 
     @property
     def peer_id(self) -> ID:
@@ -409,6 +414,8 @@ class GossipHost:
                             await self.pubsub.wait_until_ready()
                         task_status.started(self)
                         async with trio.open_nursery() as nursery:
+                            if self.reachability is not None:
+                                await nursery.start(self.reachability.run)
                             if self.config.mdns:
                                 nursery.start_soon(self._dial_discovered)
                             if self.config.bootstrap:
@@ -471,7 +478,18 @@ class GossipHost:
             peerDiscovery.unregister_peer_discovered_handler(on_discovered)
 
     async def connect(self, addr: str | multiaddr.Multiaddr | PeerInfo) -> None:
-        """Dial one peer under ``dial_timeout``; raises on failure."""
+        """Dial one peer under ``dial_timeout``; raises on failure. A ``/p2p-circuit`` address
+        is dialled through the relay it names (py-libp2p's swarm skips those)."""
+        if not isinstance(addr, PeerInfo) and "/p2p-circuit" in str(addr):
+            maddr = multiaddr.Multiaddr(str(addr))
+            peer = ID.from_base58(maddr.get_peer_id())
+            if peer in self.host.get_network().connections:
+                return
+            if self.reachability is None:
+                raise ConnectionError(f"{addr}: relayed addresses need reachability enabled")
+            with trio.fail_after(self.config.dial_timeout):
+                await self.reachability.dial_circuit(maddr)
+            return
         info = addr if isinstance(addr, PeerInfo) else info_from_p2p_addr(multiaddr.Multiaddr(str(addr)))
         with trio.fail_after(self.config.dial_timeout):
             await self.host.connect(info)

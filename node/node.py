@@ -21,7 +21,7 @@ import random
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from .config import ConfigError, ProviderSection
 from .gpu import GpuProbe
 from .host import GossipHost, HostConfig
 from .identity import load_or_create_identity
+from .reachability import ReachabilityConfig, Reachable
 from .lifecycle import AgreementState, check_transition
 from .negotiate import (DEFAULT_MAX_PENDING_PER_PEER, DEFAULT_MAX_PENDING_PER_WALLET,
                         DEFAULT_OPEN_HOLD_MS, DEFAULT_UNOPENED_MEMORY_MS, Candidate, Capacity, HoldPolicy, ProviderDesk,
@@ -135,6 +136,8 @@ class NodeConfig:
     name: str = "node"
     chain_poll_s: float = 0.5
     clock: Clock = SYSTEM_CLOCK  # the node's one clock (node/clock.py)
+    # AutoNAT, relay v2 (serve while public, reserve while not), DCUtR: node/reachability.py
+    reachability: ReachabilityConfig = field(default_factory=ReachabilityConfig)
 
 
 @dataclass
@@ -164,7 +167,10 @@ class Node(ChainWatchMixin, ResumeMixin):
         self.binding = Binding.create(self.key, self.wallet_key, chain.chain.chain_id)
         self.host = GossipHost(self.identity, HostConfig(listen_addrs=tuple(config.listen),
                                                          bootstrap=tuple(config.bootstrap),
-                                                         mdns=config.mdns))
+                                                         mdns=config.mdns,
+                                                         reachability=config.reachability))
+        if self.host.reachability is not None:
+            self.host.reachability.on_change = self._reachability_changed
         self.escrow = WalletEscrow(chain, self.wallet_key)
         self.rentals: dict[bytes, Rental] = {}
         self.store: Store | None = None
@@ -204,7 +210,21 @@ class Node(ChainWatchMixin, ResumeMixin):
         suffix = f"/p2p/{self.peer_id}"
         given = [a if a.endswith(suffix) else a + suffix for a in self.config.announce]
         found = [a for a in self.addrs() if "/ip4/0.0.0.0/" not in a and "/ip6/::/" not in a]
+        reach = self.host.reachability
+        if not given and reach is not None and reach.status is Reachable.PRIVATE and reach.circuit_addrs:
+            found = reach.circuit_addrs  # behind NAT: only relayed addresses reach us
         return tuple(a for a in (given or found) if len(a) <= MAX_ADDR_LEN)[:MAX_OFFER_ADDRS]
+
+    def _reachability_changed(self) -> None:
+        """Reachability or our relay reservations changed: offer the new addresses."""
+        if self.publisher is None or self._nursery is None:
+            return
+        addrs = self.announce_addrs()
+        if addrs == self.publisher.config.addrs:
+            return
+        self.publisher.config = replace(self.publisher.config, addrs=addrs)
+        if self.publisher.live is not None:
+            self._nursery.start_soon(self._republish)
 
     # -- running ------------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ U8, U16, U32, U53 = UInt(8), UInt(16), UInt(32), UInt(53)
 
 MAX_GPUS_PER_OFFER = 64
 MAX_OFFER_ADDRS = 4
-MAX_ADDR_LEN = 128
+MAX_ADDR_LEN = 256  # a relayed address names two peer ids (about 155 characters)
 KIB = 1024
 MIB = 1024 * 1024
 

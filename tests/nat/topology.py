@@ -49,6 +49,11 @@ def unavailable_reason() -> str | None:
     probe = subprocess.run(["iptables", "-t", "nat", "-S"], capture_output=True, timeout=CMD_TIMEOUT_S)
     if probe.returncode != 0:
         return f"iptables does not work here: {probe.stderr.decode(errors='replace').strip()}"
+    name = f"gmprobe{os.getpid()}"
+    probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, timeout=CMD_TIMEOUT_S)
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=CMD_TIMEOUT_S)
+    if probe.returncode != 0:
+        return f"cannot create network namespaces: {probe.stderr.decode(errors='replace').strip()}"
     return None
 
 

@@ -1,0 +1,80 @@
+"""A provider behind NAT A rented by a renter behind NAT B (issue 15), every node in its own OS
+process inside the namespaces of tests/nat/topology.py, anvil and a relay/bootstrap node in the
+"internet" namespace. Neither home can be dialled: the provider learns that (AutoNAT dial-back
+fails), reserves a slot on the public node (whose AutoNAT answer is public, so it serves relay
+v2), and offers only its /p2p-circuit address; the renter finds the offer by gossip, negotiates
+through the relay, opens the escrow, and the rental runs heartbeats and receipts to settlement."""
+
+from __future__ import annotations
+
+import pytest
+
+from node.anvil import AnvilProcess, find_anvil
+from tests.nat.topology import NatLab, unavailable_reason
+from tests.node.test_processes import FAST, PRICE, Market
+
+REASON = unavailable_reason() or (None if find_anvil() else "anvil not installed")
+pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+NAT_PARAMS = dict(FAST, renter_heartbeat_timeout_intervals=3, provider_stop_after_missed_receipts=5)
+
+
+def wait_reachability(proc, want: str, circuit: bool = False, timeout: float = 60.0) -> dict:
+    import time
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        got = proc.wait("reachability", left)
+        if got["reachability"] == want and (not circuit or any(
+                "/p2p-circuit/" in a for a in got["offer_addrs"])):
+            return got
+    raise AssertionError(f"{proc.name}: not {want} within {timeout} s")
+
+
+@pytest.fixture
+def nat_market(tmp_path, request):
+    kinds = request.param
+    with NatLab({"a": kinds[0], "b": kinds[1]}) as lab:
+        with AnvilProcess(host=lab.inet_addr, prefix=tuple(lab.exec_prefix("inet"))) as anvil:
+            market = Market(tmp_path, anvil)
+            market.lab = lab
+            try:
+                yield market
+            finally:
+                market.close()
+
+
+def start_relay(m: Market) -> tuple[object, str]:
+    listen = f"/ip4/{m.lab.inet_addr}/tcp/4001"
+    relay = m.start("relay", "renter", "--listen", listen, "--autonat-interval", "10",
+                    params=NAT_PARAMS, prefix=tuple(m.lab.exec_prefix("inet")))
+    ready = relay.wait("ready", 60)
+    return relay, f"{listen}/p2p/{ready['peer_id']}"
+
+
+@pytest.mark.parametrize("nat_market", [("symmetric", "symmetric"), ("eim", "eim")],
+                         indirect=True, ids=["symmetric-symmetric", "eim-eim"])
+def test_rental_across_two_nats_through_a_relay(nat_market: Market) -> None:
+    m = nat_market
+    relay, relay_addr = start_relay(m)
+    provider = m.start("provider", "provider", "--listen", "/ip4/0.0.0.0/tcp/4001",
+                       "--bootstrap", relay_addr, "--autonat-interval", "10",
+                       params=NAT_PARAMS, prefix=tuple(m.lab.exec_prefix("a")))
+    provider.wait("ready", 60)
+    wait_reachability(relay, "public")
+    offered = wait_reachability(provider, "private", circuit=True)
+    assert offered["relays"] and all("/p2p-circuit/" in a for a in offered["offer_addrs"])
+    renter = m.start("renter", "renter", "--listen", "/ip4/0.0.0.0/tcp/4001",
+                     "--bootstrap", relay_addr, "--rent", "", "--duration", "20",
+                     "--max-price", str(PRICE), "--find-timeout", "60",
+                     params=NAT_PARAMS, prefix=tuple(m.lab.exec_prefix("b")))
+    rented = renter.wait("rented", 120)
+    aid = bytes.fromhex(rented["agreement_id"])
+    m.wait_receipts("renter", aid, 3, timeout=30)
+    events = m.wait_final(aid, timeout=60)
+    assert [e.name for e in events] == ["Opened", "Claimed"]
+    last = m.latest_receipt("provider", aid)
+    assert events[1].args["acked_seconds"] == last.acked_seconds
+    assert last.acked_seconds >= 15  # of 20: heartbeats and receipts flowed across both NATs
+    assert m.chain.token_balance(m.wallets["provider"].address) == PRICE * last.acked_seconds
+    for p in (renter, provider, relay):
+        assert p.terminate(10) < 10
