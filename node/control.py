@@ -137,6 +137,8 @@ class ControlServer:
             "provider": n.publisher is not None, "offers_in_book": len(n.book),
             "rentals": len(n.rentals),
             "counters": dict(n.offers.counters) if n.offers is not None else {},
+            # public / private / unknown, relay service, reservations (node/reachability.py)
+            "reachability": n.host.reachability.summary() if n.host.reachability else None,
         }
 
     async def op_search(self, query: str = "", sort: str | None = "rank", limit: int = 50) -> list:
