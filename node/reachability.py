@@ -54,6 +54,15 @@ from node.libp2p_nat_patches import DialBackAutoNAT, GuardedRelay, RelayGuardLim
 log = logging.getLogger(__name__)
 
 AUTONAT_QUERY_TIMEOUT_S = 15.0
+HOLE_PUNCH_RETRY_S = 300.0  # a peer still reached only through a relay is tried again after this
+
+
+class QuietDCUtR(DCUtRProtocol):
+    """py-libp2p's DCUtR without its auto-drive loop (every 2 s it started a hole punch to
+    every relayed peer, from both ends at once); :class:`Reachability` decides who starts."""
+
+    async def _auto_drive_loop(self) -> None:
+        return
 
 
 class Reachable(enum.Enum):
@@ -150,7 +159,8 @@ class Reachability:
         # STOP only: dialling through a relay must not take a reservation there (py-libp2p's
         # transport reserves on every dial when the CLIENT role is set); we reserve ourselves.
         self.transport = CircuitV2Transport(host, self.relay, Libp2pRelayConfig(roles=RelayRole.STOP))
-        self.dcutr = DCUtRProtocol(host) if config.hole_punch else None
+        self.dcutr = QuietDCUtR(host) if config.hole_punch else None
+        self._punched: dict[ID, float] = {}  # peer -> when we last tried a hole punch
         self.reservations: dict[ID, _Reservation] = {}
         self.last_answers: dict[str, int] = {}  # peer -> AutoNAT status of its last answer
         self._wake = trio.Event()
@@ -169,8 +179,12 @@ class Reachability:
 
     def summary(self) -> dict:
         """For `gpumarket status`."""
+        direct, relayed = self._peers_by_path()
         return {"reachability": self.status.value, "relay_service": self.serving_relay,
-                "relays": [str(p) for p in self.reservations], "circuit_addrs": self.circuit_addrs}
+                "relays": [str(p) for p in self.reservations], "circuit_addrs": self.circuit_addrs,
+                "direct_peers": len(direct), "relayed_only_peers": len(relayed),
+                "hole_punches": {"ok": self.counters["nat.hole_punch_ok"],
+                                 "failed": self.counters["nat.hole_punch_failed"]}}
 
     def poke(self) -> None:
         """Check again soon (a new peer, a new address)."""
@@ -179,19 +193,20 @@ class Reachability:
     # -- running ------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with background_trio_service(self.relay):
+        async with background_trio_service(self.relay), trio.open_nursery() as nursery:
             self._apply_relay_service()
             if self.dcutr is not None:
                 async with background_trio_service(self.dcutr):
                     task_status.started()
-                    await self._loop()
+                    await self._loop(nursery)
             else:
                 task_status.started()
-                await self._loop()
+                await self._loop(nursery)
 
-    async def _loop(self) -> None:
+    async def _loop(self, nursery: trio.Nursery) -> None:
         next_check = trio.current_time()
         while True:
+            self._start_hole_punches(nursery)
             now = trio.current_time()
             candidates = tuple(sorted(self.candidate_addrs()))
             direct = self._direct_peers()
@@ -207,14 +222,49 @@ class Reachability:
                 await self._wake.wait()
             self._wake = trio.Event()
 
+    def _peers_by_path(self) -> tuple[list[ID], list[ID]]:
+        """(peers with a direct connection, peers reached only through a relay)."""
+        direct, relayed = [], []
+        for peer, conns in list(self.host.get_network().connections.items()):
+            conns = [c for c in (conns if isinstance(conns, list) else [conns])
+                     if not getattr(c, "is_closed", False)]
+            if any(not is_relayed(c) for c in conns):
+                direct.append(peer)
+            elif conns:
+                relayed.append(peer)
+        return direct, relayed
+
     def _direct_peers(self) -> list[ID]:
-        network = self.host.get_network()
-        peers = []
-        for peer, conns in list(network.connections.items()):
-            conns = conns if isinstance(conns, list) else [conns]
-            if any(not is_relayed(c) and not getattr(c, "is_closed", False) for c in conns):
-                peers.append(peer)
-        return peers
+        return self._peers_by_path()[0]
+
+    # -- hole punching ------------------------------------------------------------------------
+
+    def _start_hole_punches(self, nursery: trio.Nursery) -> None:
+        """For each peer reached only through a relay, try DCUtR once per
+        ``HOLE_PUNCH_RETRY_S``. Of the two ends only the one with the smaller peer id starts it
+        (py-libp2p's own loop drove it from both ends at once, and the two sessions collided)."""
+        if self.dcutr is None:
+            return
+        now = trio.current_time()
+        me = self.host.get_id().to_bytes()
+        for peer in self._peers_by_path()[1]:
+            if peer.to_bytes() > me or now - self._punched.get(peer, -1e9) < HOLE_PUNCH_RETRY_S:
+                continue
+            self._punched[peer] = now
+            nursery.start_soon(self._hole_punch, peer)
+
+    async def _hole_punch(self, peer: ID) -> None:
+        assert self.dcutr is not None
+        t0 = trio.current_time()
+        try:
+            with trio.fail_after(60):
+                ok = await self.dcutr.initiate_hole_punch(peer)
+        except Exception as exc:
+            log.info("hole punch to %s raised %r", peer, exc)
+            ok = False
+        self.counters["nat.hole_punch_ok" if ok else "nat.hole_punch_failed"] += 1
+        log.info("hole punch to %s: %s after %.2f s", peer, "direct" if ok else "failed",
+                 trio.current_time() - t0)
 
     # -- AutoNAT client -----------------------------------------------------------------------
 
