@@ -40,6 +40,20 @@ def wait_hole_punch(procs, timeout: float = 60.0) -> dict:
     raise AssertionError(f"no hole punch within {timeout} s")
 
 
+def wait_event(proc, name: str, timeout: float) -> dict:
+    """Like NodeProc.wait, but a rent_failed line is what we wait for, not a failure."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            got = proc.events.get(timeout=left)
+        except queue.Empty:
+            break
+        if got["event"] == name:
+            return got
+        assert got["event"] != "exited", f"{proc.name} exited"
+    raise AssertionError(f"{proc.name}: no {name!r} within {timeout} s")
+
+
 def wait_reachability(proc, want: str, circuit: bool = False, timeout: float = 60.0) -> dict:
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
@@ -104,3 +118,28 @@ def test_rental_across_two_nats_through_a_relay(nat_market: Market) -> None:
     assert m.chain.token_balance(m.wallets["provider"].address) == PRICE * last.acked_seconds
     for p in (renter, provider) + ((relay,) if relay.proc.poll() is None else ()):
         assert p.terminate(10) < 10
+
+
+@pytest.mark.parametrize("nat_market", [("symmetric", "eim")], indirect=True, ids=["no-relay"])
+def test_renter_is_told_the_provider_is_unreachable_before_any_escrow(nat_market: Market) -> None:
+    """No node serves a relay: the provider behind NAT offers only its home address, which no
+    one outside can dial. The renter's rent fails, saying so, and nothing reaches the chain."""
+    m = nat_market
+    listen = f"/ip4/{m.lab.inet_addr}/tcp/4001"
+    relay = m.start("relay", "renter", "--listen", listen, "--relay-service", "off",
+                    params=NAT_PARAMS, prefix=tuple(m.lab.exec_prefix("inet")))
+    relay_addr = f"{listen}/p2p/{relay.wait('ready', 60)['peer_id']}"
+    home = m.lab.homes["a"].addr
+    provider = m.start("provider", "provider", "--listen", f"/ip4/{home}/tcp/4001",
+                       "--bootstrap", relay_addr, "--autonat-interval", "10",
+                       params=NAT_PARAMS, prefix=tuple(m.lab.exec_prefix("a")))
+    peer = provider.wait("ready", 60)["peer_id"]
+    got = wait_reachability(provider, "private")
+    assert got["relays"] == [] and got["offer_addrs"] == [f"/ip4/{home}/tcp/4001/p2p/{peer}"]
+    renter = m.start("renter", "renter", "--bootstrap", relay_addr, "--rent", "",
+                     "--duration", "20", "--max-price", str(PRICE), "--find-timeout", "60",
+                     params=NAT_PARAMS, prefix=tuple(m.lab.exec_prefix("b")))
+    failed = wait_event(renter, "rent_failed", 120)
+    assert "unreachable from here" in failed["error"], failed
+    assert f"/ip4/{home}/tcp/4001" in failed["error"]
+    assert m.chain.events() == []  # no escrow opened, nothing approved to anyone's loss
