@@ -138,6 +138,7 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     from .control import ControlServer
     from .fake_nvml import FakeNvml
     from .node import Node, NodeConfig, ProviderSettings
+    from .reachability import ReachabilityConfig
     from .wallet import Wallet
 
     config = load_config(_config_path(args))
@@ -153,7 +154,8 @@ def cmd_node_run(args: argparse.Namespace) -> int:
                            listen=tuple(args.listen or config.listen),
                            bootstrap=tuple(args.bootstrap or config.bootstrap), mdns=config.mdns,
                            announce=config.announce, arbiters=frozenset(config.renter.arbiters),
-                           provider=provider, name=config.data_dir.name), AsyncChain(chain))
+                           provider=provider, name=config.data_dir.name,
+                           reachability=ReachabilityConfig(**config.relay)), AsyncChain(chain))
 
     _node_logging(str(node.peer_id), args.debug)
 

@@ -71,3 +71,21 @@ def test_config__a_price_below_one_unit_per_second_is_a_configuration_error():
     with pytest.raises(ConfigError, match="less than one unit"):
         settings.prices(6)
     assert settings.prices(18) == (277_777_777_778, 277_777_777_778)
+
+
+def test_config__relay_section_keys_defaults_and_errors(tmp_path):
+    from node.config import default_config_text
+    from node.reachability import ReachabilityConfig
+
+    path = tmp_path / "config.toml"
+    path.write_text(default_config_text(tmp_path))
+    assert ReachabilityConfig(**load_config(path).relay) == ReachabilityConfig()  # the defaults
+    path.write_text('[relay]\nmax_circuits_per_peer = 2\ncircuit_max_seconds = 600\n')
+    got = ReachabilityConfig(**load_config(path).relay)
+    assert (got.max_circuits_per_peer, got.circuit_max_seconds) == (2, 600)
+    for text, why in (('[relay]\nrelay_service = "maybe"\n', "one of auto, on, off"),
+                      ("[relay]\nmax_circuits = 0\n", "max_circuits: must be positive"),
+                      ("[relay]\ncircuits = 3\n", "unknown key 'circuits'")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=why):
+            load_config(path)
