@@ -49,6 +49,7 @@ from .config import ConfigError, ProviderSection
 from .gpu import GpuProbe
 from .host import GossipHost, HostConfig
 from .identity import load_or_create_identity
+from .peer_table import PeerTable
 from .reachability import ReachabilityConfig, Reachable
 from .lifecycle import AgreementState, check_transition
 from .negotiate import (DEFAULT_MAX_PENDING_PER_PEER, DEFAULT_MAX_PENDING_PER_WALLET,
@@ -254,6 +255,8 @@ class Node(ChainWatchMixin, ResumeMixin):
                 if self.config.provider is not None:
                     nursery.start_soon(self._keep_offer_current)
                 nursery.start_soon(self._sync_on_join)
+                self.peer_table = PeerTable(self.host, self.store, self.clock)
+                nursery.start_soon(self.peer_table.run, bool(self.config.bootstrap))
                 log.info("%s up: peer %s, wallet 0x%s", self.config.name, self.peer_id,
                          self.binding.wallet.hex())
                 task_status.started(self)
