@@ -25,6 +25,9 @@ go upstream. Counters (``p2p.*``) land in the host's :class:`collections.Counter
    ERROR once per event (e.g. a traceback per failed inbound connection); a filter limits each
    (logger, message) to a few lines per minute plus a count.
 
+NAT traversal (AutoNAT, circuit relay v2, DCUtR): fixes and findings in the sibling module
+:mod:`node.libp2p_nat_patches`, applied by :mod:`node.reachability`.
+
 Why not py-libp2p's resource manager (``libp2p/rcmgr``) for item 3 (read in 0.8.1, not adopted):
 it cannot say "N per remote IP": its ``CIDRLimiter`` keeps one aggregate count per configured
 network (a ``0.0.0.0/0`` rule caps all inbound connections together, and a per-IP cap would need
