@@ -47,24 +47,30 @@ class AnvilProcess:
     """An anvil chain on 127.0.0.1 on a free port; use as a context manager."""
 
     def __init__(self, binary: str | None = None, *, chain_id: int = 31337,
-                 block_time: float | None = None, extra_args: tuple[str, ...] = ()) -> None:
-        self.extra_args = tuple(extra_args)  # e.g. --disable-default-create2-deployer
+                 block_time: float | None = None, extra_args: tuple[str, ...] = (),
+                 host: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> None:
+        """`extra_args`: more anvil flags (e.g. --disable-default-create2-deployer). `host` and
+        `prefix` (e.g. ``ip netns exec NS``) run it elsewhere: the NAT tests put it in their
+        internet namespace (tests/nat/topology.py); then the port is fixed (8545)."""
+        self.extra_args = tuple(extra_args)
         self.binary = binary or find_anvil()
         if not self.binary:
             raise ChainError("anvil binary not found: set GPUMARKET_ANVIL or run "
                              f"npm install --prefix .anvil {ANVIL_PACKAGE}@1.7.1")
         self.chain_id = chain_id
         self.block_time = block_time
+        self.host = host
+        self.prefix = tuple(prefix)
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> "AnvilProcess":
-        self.port = _free_port()
-        cmd = [self.binary, "--host", "127.0.0.1", "--port", str(self.port),
+        self.port = _free_port() if not self.prefix else 8545
+        cmd = [*self.prefix, self.binary, "--host", self.host, "--port", str(self.port),
                "--chain-id", str(self.chain_id), "--silent"]
         if self.block_time:
             cmd += ["--block-time", str(self.block_time)]

@@ -202,6 +202,7 @@ def _run_node(args: argparse.Namespace, config) -> int:
     from .control import ControlServer
     from .fake_nvml import FakeNvml
     from .node import Node, NodeConfig, ProviderSettings
+    from .reachability import ReachabilityConfig
     from .wallet import Wallet
 
     from .config import check_multiaddrs
@@ -221,7 +222,8 @@ def _run_node(args: argparse.Namespace, config) -> int:
                            bootstrap=tuple(args.bootstrap or config.bootstrap), mdns=config.mdns,
                            announce=config.announce, arbiters=frozenset(config.renter.arbiters),
                            provider=provider, name=config.data_dir.name,
-                           on_preempt=tuple(shlex.split(args.on_preempt)) if args.on_preempt else None),
+                           on_preempt=tuple(shlex.split(args.on_preempt)) if args.on_preempt else None,
+                           reachability=ReachabilityConfig(**config.relay)),
                 AsyncChain(chain))
 
     _node_logging(str(node.peer_id), args.debug, config.data_dir)

@@ -106,6 +106,15 @@ class RenterSection:
     arbiters: tuple[bytes, ...] = ()
 
 
+# [relay]: node/reachability.py's ReachabilityConfig, key for key (specs/node.md, "Reachability")
+RELAY_KEYS: dict[str, type | tuple] = {
+    "relay_service": str, "max_reservations": int, "max_reservations_per_ip": int,
+    "max_circuits": int, "max_circuits_per_peer": int, "circuit_max_seconds": int,
+    "circuit_max_bytes": int, "reservation_ttl_s": int, "relays_to_reserve": int,
+    "autonat_servers": int, "autonat_interval_s": (int, float), "hole_punch": bool,
+}
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path
@@ -117,6 +126,7 @@ class Config:
     chain: ChainSection = field(default_factory=ChainSection)
     provider: ProviderSection = field(default_factory=ProviderSection)
     renter: RenterSection = field(default_factory=RenterSection)
+    relay: dict[str, Any] = field(default_factory=dict)  # [relay] keys given (RELAY_KEYS)
 
     @property
     def keystore_path(self) -> Path:
@@ -194,7 +204,16 @@ def load_config(path: Path) -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    _expect(doc, {"node": dict, "chain": dict, "provider": dict, "renter": dict}, str(path))
+    _expect(doc, {"node": dict, "chain": dict, "provider": dict, "renter": dict, "relay": dict},
+            str(path))
+    relay = doc.get("relay", {})
+    _expect(relay, RELAY_KEYS, "relay")
+    try:
+        from node.reachability import ReachabilityConfig
+
+        ReachabilityConfig(**relay)  # checked here, once
+    except ValueError as exc:
+        raise ConfigError(f"relay: {exc}") from None
     node = doc.get("node", {})
     _expect(node, {"data_dir": str, "listen": list, "bootstrap": list, "mdns": bool,
                    "announce": list}, "node")
@@ -247,6 +266,7 @@ def load_config(path: Path) -> Config:
         ),
         provider=provider,
         renter=RenterSection(arbiters=arbiters),
+        relay=dict(relay),
     )
 
 
@@ -270,6 +290,12 @@ keystore = "wallet.json" # encrypted wallet keystore, relative to data_dir; neve
 [renter]
 arbiters = []           # arbiter wallets you trust ("0x..."); offers naming any other arbiter
                         # are refused before negotiating (an arbiter rules on the whole deposit)
+
+[relay]                 # NAT traversal (specs/node.md, "Reachability"); these are the defaults
+relay_service = "auto"  # serve circuit relay v2 while publicly reachable; "on", "off"
+# max_reservations = 128, max_reservations_per_ip = 8, max_circuits = 256,
+# max_circuits_per_peer = 8, circuit_max_seconds = 3600, circuit_max_bytes = 67108864,
+# relays_to_reserve = 2 (while unreachable), autonat_interval_s = 60, hole_punch = true
 
 [provider]
 enabled = {"true" if provider else "false"}

@@ -194,6 +194,8 @@ class ControlServer:
             "power_price": None if n.power_watch is None or n.power_watch.last is None else {
                 "per_mwh": str(n.power_watch.last.per_mwh), "at_s": n.power_watch.last.ts_s,
                 "feed_errors": n.power_watch.errors},
+            # public / private / unknown, relay service, reservations (node/reachability.py)
+            "reachability": n.host.reachability.summary() if n.host.reachability else None,
         }
 
     async def op_search(self, query: str = "", sort: str | None = "rank", limit: int = 50) -> list:

@@ -149,6 +149,7 @@ from node.libp2p_perf import (
     BatchedYamux, FastGossipSub, FastPubsub, quiet_libp2p_debug, use_configured_muxer,
 )
 from node.ratelimit import KeyedBuckets, RateLimitedLog
+from node.reachability import Reachability, ReachabilityConfig
 
 log = logging.getLogger(__name__)
 rlog = RateLimitedLog(log, burst=5, interval=60.0)
@@ -255,6 +256,8 @@ class HostConfig:
     # py-libp2p CPU fixes (node/libp2p_perf.py); False = upstream's yamux, pubsub frame reads,
     # peer records and IDONTWANT, for comparison benchmarks and the patched/unpatched interop test
     fast_gossip: bool = True
+    # AutoNAT, relay v2 and DCUtR (node/reachability.py); None: none of them (no NAT traversal)
+    reachability: ReachabilityConfig | None = field(default_factory=ReachabilityConfig)
 
     def conn_limits(self) -> ConnLimitsConfig:
         return ConnLimitsConfig(max_inbound_per_ip=self.max_inbound_per_ip,
@@ -468,6 +471,8 @@ class GossipHost:
             max_inbound_rpc_size=g.max_message_bytes,
         )
         self.pubsub.configure_guard(g.pubsub_limits(), self.counters)
+        self.reachability = (Reachability(self.host, config.reachability, self.counters)
+                             if config.reachability is not None else None)
 
     @property
     def peer_id(self) -> ID:
@@ -494,6 +499,8 @@ class GossipHost:
                             await self.pubsub.wait_until_ready()
                         task_status.started(self)
                         async with trio.open_nursery() as nursery:
+                            if self.reachability is not None:
+                                await nursery.start(self.reachability.run)
                             if self.config.mdns:
                                 nursery.start_soon(self._dial_discovered)
                             if self.config.bootstrap:
@@ -556,7 +563,18 @@ class GossipHost:
             peerDiscovery.unregister_peer_discovered_handler(on_discovered)
 
     async def connect(self, addr: str | multiaddr.Multiaddr | PeerInfo) -> None:
-        """Dial one peer under ``dial_timeout``; raises on failure."""
+        """Dial one peer under ``dial_timeout``; raises on failure. A ``/p2p-circuit`` address
+        is dialled through the relay it names (py-libp2p's swarm skips those)."""
+        if not isinstance(addr, PeerInfo) and "/p2p-circuit" in str(addr):
+            maddr = multiaddr.Multiaddr(str(addr))
+            peer = ID.from_base58(maddr.get_peer_id())
+            if peer in self.host.get_network().connections:
+                return
+            if self.reachability is None:
+                raise ConnectionError(f"{addr}: relayed addresses need reachability enabled")
+            with trio.fail_after(self.config.dial_timeout):
+                await self.reachability.dial_circuit(maddr)
+            return
         info = addr if isinstance(addr, PeerInfo) else info_from_p2p_addr(multiaddr.Multiaddr(str(addr)))
         with trio.fail_after(self.config.dial_timeout):
             await self.host.connect(info)

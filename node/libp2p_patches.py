@@ -32,6 +32,8 @@ IDONTWANT for small messages, DEBUG f-strings) live in the sibling :mod:`node.li
 applied from the same place (:class:`node.host.GossipHost`). Both modules are written against
 py-libp2p 0.8.1 (several overrides copy or depend on its private methods) and refuse to load
 against another version (:func:`check_libp2p_version`).
+NAT traversal (AutoNAT, circuit relay v2, DCUtR): fixes and findings in the sibling module
+:mod:`node.libp2p_nat_patches`, applied by :mod:`node.reachability`.
 
 Why not py-libp2p's resource manager (``libp2p/rcmgr``) for item 3 (read in 0.8.1, not adopted):
 it cannot say "N per remote IP": its ``CIDRLimiter`` keeps one aggregate count per configured

@@ -456,12 +456,18 @@ async def _dial_offer(host: GossipHost, candidate: "Candidate") -> None:
     peer = candidate.resolve_peer()
     if peer in host.host.get_network().connections:
         return
+    tried = []
     for addr in candidate.offer.addrs:
         try:
             await host.connect(addr)
             return
         except Exception as exc:
             log.info("dialling %s failed: %r", addr, exc)
+            how = "relayed" if "/p2p-circuit" in addr else "direct"
+            tried.append(f"{how} {addr.split('/p2p/')[0]}: {type(exc).__name__} {str(exc)[:80]}")
+    # every address failed: say so (before any escrow is opened), not a bare timeout
+    raise ConnectionError("unreachable from here (" + ("; ".join(tried) or
+                          "the offer names no address and we are not connected") + ")")
 
 
 async def _await_peer_close(stream: INetStream) -> None:
@@ -563,7 +569,13 @@ async def negotiate_first(
                 # Another provider may have agreed while this dial hung: the group has already
                 # cancelled this machine (cancelling it twice is a LocalProtocolError).
                 if machine.state not in (State.AGREED, State.FAILED):
-                    await dispatch(machine.cancel(clock(), f"provider unreachable: {type(exc).__name__}"))
+                    why = str(exc) if isinstance(exc, ConnectionError) else type(exc).__name__
+                    if isinstance(exc, trio.TooSlowError) and candidate.resolve_peer() not in \
+                            host.host.get_network().connections:
+                        why = (f"unreachable from here (no connection within "
+                               f"{params.negotiation_step_timeout_ms / 1000:g} s to "
+                               + ", ".join(a.split("/p2p/")[0] for a in candidate.offer.addrs) + ")")
+                    await dispatch(machine.cancel(clock(), f"provider unreachable: {why}"[:500]))
             return
         streams[provider] = stream
         try:

@@ -20,7 +20,7 @@ import random
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,8 @@ from .config import ConfigError, ProviderSection
 from .gpu import GpuProbe
 from .host import GossipHost, HostConfig
 from .identity import load_or_create_identity
+from .peer_table import PeerTable
+from .reachability import ReachabilityConfig, Reachable
 from .lifecycle import AgreementState, check_transition
 from .negotiate import (DEFAULT_MAX_PENDING_PER_PEER, DEFAULT_MAX_PENDING_PER_WALLET,
                         DEFAULT_OPEN_HOLD_MS, DEFAULT_UNOPENED_MEMORY_MS, Candidate, Capacity, HoldPolicy, ProviderDesk,
@@ -172,6 +174,8 @@ class NodeConfig:
     history_chunk_blocks: int = 10_000
     clock: Clock = SYSTEM_CLOCK  # the node's one clock (node/clock.py)
     on_preempt: Sequence[str] | None = None  # renter: command run when a preemption notice arrives
+    # AutoNAT, relay v2 (serve while public, reserve while not), DCUtR: node/reachability.py
+    reachability: ReachabilityConfig = field(default_factory=ReachabilityConfig)
 
 
 @dataclass
@@ -201,7 +205,10 @@ class Node(SpotMixin, ChainWatchMixin, ResumeMixin):
         self.binding = Binding.create(self.key, self.wallet_key, chain.chain.chain_id)
         self.host = GossipHost(self.identity, HostConfig(listen_addrs=tuple(config.listen),
                                                          bootstrap=tuple(config.bootstrap),
-                                                         mdns=config.mdns))
+                                                         mdns=config.mdns,
+                                                         reachability=config.reachability))
+        if self.host.reachability is not None:
+            self.host.reachability.on_change = self._reachability_changed
         self.escrow = WalletEscrow(chain, self.wallet_key)
         self.rentals: dict[bytes, Rental] = {}
         self.store: Store | None = None
@@ -244,9 +251,26 @@ class Node(SpotMixin, ChainWatchMixin, ResumeMixin):
     def announce_addrs(self) -> tuple[str, ...]:
         """Addresses put in our offers, each with /p2p/<our peer id> (node/addresses.py: the
         configured public ones, else the listen addresses with 0.0.0.0/:: replaced by the
-        interfaces' addresses; never an unspecified one)."""
-        found = dialable_addrs(self.addrs(), self.config.announce, str(self.peer_id))
+        interfaces' addresses; never an unspecified one). Behind NAT with no configured
+        address: only the relayed addresses (node/reachability.py) reach us."""
+        reach = self.host.reachability
+        if (not self.config.announce and reach is not None and reach.status is Reachable.PRIVATE
+                and reach.circuit_addrs):
+            found = list(reach.circuit_addrs)
+        else:
+            found = dialable_addrs(self.addrs(), self.config.announce, str(self.peer_id))
         return tuple(a for a in found if len(a) <= MAX_ADDR_LEN)[:MAX_OFFER_ADDRS]
+
+    def _reachability_changed(self) -> None:
+        """Reachability or our relay reservations changed: offer the new addresses."""
+        if self.publisher is None or self._nursery is None:
+            return
+        addrs = self.announce_addrs()
+        if addrs == self.publisher.config.addrs:
+            return
+        self.publisher.config = replace(self.publisher.config, addrs=addrs)
+        if self.publisher.live is not None:
+            self._nursery.start_soon(self._republish)
 
     # -- running ------------------------------------------------------------------------------
 
@@ -293,6 +317,8 @@ class Node(SpotMixin, ChainWatchMixin, ResumeMixin):
                 if self.config.provider is not None:
                     nursery.start_soon(self._keep_offer_current)
                 nursery.start_soon(self._sync_on_join)
+                self.peer_table = PeerTable(self.host, self.store, self.clock)
+                nursery.start_soon(self.peer_table.run, bool(self.config.bootstrap))
                 log.info("%s up: peer %s, wallet 0x%s", self.config.name, self.peer_id,
                          self.binding.wallet.hex())
                 task_status.started(self)

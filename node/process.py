@@ -10,6 +10,8 @@ It prints one JSON object per line on stdout:
       what the restart did with each unsettled agreement in the data dir, node.Node.resumed)
   {"event": "rented", "agreement_id", "started_s", "deposit", "provider"}  (renter with --rent)
   {"event": "rent_failed", "error"}
+  {"event": "reachability", "reachability", "relay_service", "relays", "circuit_addrs",
+      "offer_addrs"}  whenever one of these changes (node/reachability.py)
   {"event": "stopped", "signal"}  after SIGINT/SIGTERM and a clean shutdown
 and exits 0. The wallet key file holds the key as hex (a test wallet; the user CLI uses the
 keystore). The same data dir restarts the same node (identity, store, rentals).
@@ -33,6 +35,7 @@ from .chain import AsyncChain, Chain
 from .fake_nvml import FakeGpu, FakeNvml
 from .node import Node, NodeConfig, ProviderSettings, RentError
 from .runtime import DockerSettings
+from .reachability import ReachabilityConfig
 
 FIND_POLL_S = 0.2
 
@@ -58,6 +61,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bootstrap", action="append", default=[])
     p.add_argument("--params", default="{}", help="JSON object of protocol.params.Params fields")
     p.add_argument("--chain-poll-s", type=float, default=0.3)
+    n = p.add_argument_group("reachability (node/reachability.py)")
+    n.add_argument("--relay-service", default="auto", choices=("auto", "on", "off"))
+    n.add_argument("--relay-circuit-seconds", type=int, default=ReachabilityConfig.circuit_max_seconds)
+    n.add_argument("--relay-circuit-bytes", type=int, default=ReachabilityConfig.circuit_max_bytes)
+    n.add_argument("--relay-circuits-per-peer", type=int,
+                   default=ReachabilityConfig.max_circuits_per_peer)
+    n.add_argument("--relay-reservations-per-ip", type=int,
+                   default=ReachabilityConfig.max_reservations_per_ip)
+    n.add_argument("--autonat-interval", type=float, default=ReachabilityConfig.autonat_interval_s)
+    n.add_argument("--no-hole-punch", action="store_true")
     g = p.add_argument_group("provider")
     g.add_argument("--fake-gpus", type=int, default=0, help="simulated GPUs (0: the real NVML)")
     g.add_argument("--gpu-model", default="NVIDIA GeForce RTX 4090")
@@ -109,7 +122,15 @@ def build_node(args: argparse.Namespace) -> Node:
     config = NodeConfig(data_dir=args.data_dir, wallet_key=key, listen=(args.listen,),
                         bootstrap=tuple(args.bootstrap), params=Params(**json.loads(args.params)),
                         provider=provider, name=args.name or args.role,
-                        chain_poll_s=args.chain_poll_s)
+                        chain_poll_s=args.chain_poll_s,
+                        reachability=ReachabilityConfig(
+                            relay_service=args.relay_service,
+                            circuit_max_seconds=args.relay_circuit_seconds,
+                            circuit_max_bytes=args.relay_circuit_bytes,
+                            max_circuits_per_peer=args.relay_circuits_per_peer,
+                            max_reservations_per_ip=args.relay_reservations_per_ip,
+                            autonat_interval_s=args.autonat_interval,
+                            hole_punch=not args.no_hole_punch))
     return Node(config, AsyncChain(chain))
 
 
@@ -183,6 +204,17 @@ async def rent_repeatedly(node: Node, args: argparse.Namespace) -> None:
         say(event="round", **outcome)
 
 
+async def report_reachability(node: Node) -> None:
+    """One `reachability` line whenever what the node knows about it changes (polled)."""
+    last = None
+    while node.host.reachability is not None:
+        now = dict(node.host.reachability.summary(), offer_addrs=list(node.announce_addrs()))
+        if now != last:
+            say(event="reachability", **now)
+            last = now
+        await trio.sleep(0.2)
+
+
 async def main(args: argparse.Namespace) -> None:
     node = build_node(args)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -190,6 +222,7 @@ async def main(args: argparse.Namespace) -> None:
             await nursery.start(node.run)
             say(event="ready", peer_id=str(node.peer_id), addrs=node.addrs(),
                 wallet=node.binding.wallet.hex(), resumed=node.resumed)
+            nursery.start_soon(report_reachability, node)
             if args.role == "renter" and args.rent is not None:
                 nursery.start_soon(rent_repeatedly if args.rent_every else rent_cheapest, node, args)
             got = None

@@ -334,6 +334,13 @@ class Store:
             (peer_id, "\n".join(addrs), now, now),
         )
 
+    async def prune_peers(self, limit: int) -> int:
+        """Keep the `limit` most recently seen peers; returns how many rows went."""
+        return await self._run(
+            self._write,
+            "DELETE FROM peers WHERE peer_id NOT IN "
+            "(SELECT peer_id FROM peers ORDER BY last_seen DESC LIMIT ?)", (limit,))
+
     async def peers(self) -> list[tuple[str, list[str], float, float]]:
         rows = await self._run(self._all, "SELECT * FROM peers ORDER BY last_seen DESC")
         return [(p, a.split("\n") if a else [], f, l) for p, a, f, l in rows]

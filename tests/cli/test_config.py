@@ -70,7 +70,7 @@ def test_config__a_price_below_one_unit_per_second_is_a_configuration_error():
     settings = ProviderSettings(price_per_gpu_hour=Decimal("0.001"))  # 0.28 units/s at 6 decimals
     with pytest.raises(ConfigError, match="less than one unit"):
         settings.prices(6)
-    assert settings.prices(18) == (277_777_777_778, 277_777_777_778)
+    assert settings.prices(18) == (277_777_777_777, 277_777_777_777)  # 277777777777.78, down
 
 
 def test_config__interruptible_and_power_keys_reach_the_node(tmp_path):
@@ -105,3 +105,19 @@ def test_config__bad_interruptible_settings_fail_on_load(tmp_path, text, why):
     with pytest.raises(ConfigError) as err:
         ProviderSettings.from_section(load_config(path).provider)
     assert why in str(err.value)
+def test_config__relay_section_keys_defaults_and_errors(tmp_path):
+    from node.config import default_config_text
+    from node.reachability import ReachabilityConfig
+
+    path = tmp_path / "config.toml"
+    path.write_text(default_config_text(tmp_path))
+    assert ReachabilityConfig(**load_config(path).relay) == ReachabilityConfig()  # the defaults
+    path.write_text('[relay]\nmax_circuits_per_peer = 2\ncircuit_max_seconds = 600\n')
+    got = ReachabilityConfig(**load_config(path).relay)
+    assert (got.max_circuits_per_peer, got.circuit_max_seconds) == (2, 600)
+    for text, why in (('[relay]\nrelay_service = "maybe"\n', "one of auto, on, off"),
+                      ("[relay]\nmax_circuits = 0\n", "max_circuits: must be positive"),
+                      ("[relay]\ncircuits = 3\n", "unknown key 'circuits'")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=why):
+            load_config(path)

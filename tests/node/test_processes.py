@@ -55,13 +55,14 @@ def _free_port() -> int:
 class NodeProc:
     """A `python -m node.process` child; its JSON lines arrive on a queue."""
 
-    def __init__(self, tmp: Path, name: str, args: list[str]) -> None:
+    def __init__(self, tmp: Path, name: str, args: list[str], prefix: tuple[str, ...] = ()) -> None:
         self.name = name
         # the checkout first; then whatever the test run itself imports from (PYTHONPATH)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
         self.stderr = open(tmp / f"{name}.{time.monotonic_ns()}.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.process", *args], cwd=ROOT,
+        # prefix: e.g. `ip netns exec NS` (the NAT tests run nodes inside namespaces)
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "node.process", *args], cwd=ROOT,
                                      env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True)
         self.events: queue.Queue = queue.Queue()
@@ -109,7 +110,7 @@ class Market:
     def __init__(self, tmp: Path, anvil: AnvilProcess) -> None:
         self.tmp, self.anvil = tmp, anvil
         self.wallets = {n: Wallet.from_key(keccak(b"proc wallet " + n.encode()))
-                        for n in ("deployer", "provider", "renter")}
+                        for n in ("deployer", "provider", "renter", "relay")}
         for w in self.wallets.values():
             anvil.fund(w.address, 10**21)
         chain = Chain.connect(anvil.url, chain_id=anvil.chain_id)
@@ -125,7 +126,8 @@ class Market:
         self.chain.w3.provider.make_request("evm_setIntervalMining", [1])
         self.procs: list[NodeProc] = []
 
-    def start(self, name: str, role: str, *extra: str, params: dict = FAST) -> NodeProc:
+    def start(self, name: str, role: str, *extra: str, params: dict = FAST,
+              prefix: tuple[str, ...] = ()) -> NodeProc:
         key_file = self.tmp / f"{name}.key"
         key_file.write_text(self.wallets[name].key.hex())
         args = ["--data-dir", str(self.tmp / name), "--chain-url", self.anvil.url,
@@ -135,7 +137,7 @@ class Market:
         if role == "provider":
             args += ["--fake-gpus", "1", "--price", str(PRICE), "--heartbeat-interval", "1",
                      "--grace", "300"]
-        proc = NodeProc(self.tmp, name, args)
+        proc = NodeProc(self.tmp, name, args, prefix)
         self.procs.append(proc)
         return proc
 

@@ -1,0 +1,96 @@
+"""The node's bounded table of peers (the store's ``peers`` rows), and rejoining from it.
+
+Every ``interval_s`` the node records each peer it has a direct connection to, with the
+addresses it can dial it at again (the remote address of a connection we dialled, and the
+peer's identify listen addresses that are not wildcards), and keeps the ``limit`` most recently
+seen rows. At start, when no bootstrap peer could be reached (or none is configured), it dials
+the ``rejoin`` most recently seen stored peers in parallel: a node restarted without its
+bootstrap list rejoins the network it knew (specs/node.md, "Reachability").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from .reachability import is_relayed
+
+if TYPE_CHECKING:
+    from .host import GossipHost
+    from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PeerTableConfig:
+    limit: int = 200  # rows kept (most recently seen)
+    rejoin: int = 8  # stored peers dialled at start when no bootstrap peer answered
+    interval_s: float = 30.0
+
+
+class PeerTable:
+    def __init__(self, host: GossipHost, store: Store, clock, config: PeerTableConfig = PeerTableConfig()):
+        self.host, self.store, self.clock, self.config = host, store, clock, config
+        self.rejoined: list[str] = []  # peer ids reached from the table at the last start
+
+    def dialable(self) -> dict[str, list[str]]:
+        """Directly connected peers and where to dial them again."""
+        out: dict[str, list[str]] = {}
+        network = self.host.host.get_network()
+        store = self.host.host.get_peerstore()
+        for peer, conns in list(network.connections.items()):
+            conns = conns if isinstance(conns, list) else [conns]
+            direct = [c for c in conns if not is_relayed(c)]
+            if not direct:
+                continue
+            addrs: list[str] = []
+            for conn in direct:
+                if getattr(getattr(conn, "muxed_conn", None), "is_initiator", False):
+                    addrs += [str(a) for a in conn.get_transport_addresses()]
+            addrs += [str(a) for a in store.addrs(peer)]
+            keep = []
+            for a in addrs:
+                a = a.split("/p2p/")[0]
+                if "/ip4/0.0.0.0/" in a + "/" or "/p2p-circuit" in a or a in keep:
+                    continue
+                keep.append(a)
+            if keep:
+                out[peer.to_base58()] = [f"{a}/p2p/{peer.to_base58()}" for a in keep[:4]]
+        return out
+
+    async def record(self) -> None:
+        now = self.clock.time()
+        for peer, addrs in self.dialable().items():
+            await self.store.upsert_peer(peer, addrs, now)
+        await self.store.prune_peers(self.config.limit)
+
+    async def rejoin(self) -> list[str]:
+        """Dial the most recently seen stored peers (each under the host's dial timeout)."""
+        me = self.host.peer_id.to_base58()
+        rows = [r for r in await self.store.peers() if r[0] != me and r[1]][: self.config.rejoin]
+        ok = await self.host.connect_all([r[1][0] for r in rows])
+        self.rejoined = [r[0] for r, good in zip(rows, ok) if good]
+        log.info("rejoined %d of %d stored peers", len(self.rejoined), len(rows))
+        return self.rejoined
+
+    async def run(self, bootstrap: bool) -> None:
+        """``bootstrap``: whether bootstrap peers are configured (their dials are under way)."""
+        network = self.host.host.get_network()
+        if bootstrap:
+            with trio.move_on_after(self.host.config.dial_timeout + 1):
+                while not network.connections:
+                    await trio.sleep(0.2)
+        if not network.connections:
+            await self.rejoin()
+        recorded = False
+        while True:
+            await trio.sleep(self.config.interval_s if recorded else 2.0)
+            recorded = bool(network.connections)
+            try:
+                await self.record()
+            except Exception:
+                log.exception("recording peers failed")
