@@ -502,7 +502,7 @@ def cmd_rent(args: argparse.Namespace) -> int:
         access_key = Path(access_key).expanduser().read_text().strip()
     row = _call(args, "rent", offer_id=args.offer_id, seconds=seconds, gpu_count=args.gpus,
                 max_price_per_gpu_hour=args.max_price, access_key=access_key or "",
-                notice_s=args.interruptible or 0)
+                notice_s=args.interruptible or 0, image=args.image or "")
     access = _wait_for_access(args, row["agreement_id"])
     row["access"] = access
     if args.json:
@@ -973,6 +973,8 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--access-key", help="your public key (or a file with it) for the provider's access hook")
     p.add_argument("--interruptible", type=int, metavar="NOTICE_S",
                    help="rent the offer's interruptible GPUs with this notice (cheaper; may be preempted)")
+    p.add_argument("--image", metavar="REF",
+                   help="the container image to run in: one of the offer's images (default: its first)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_rent)

@@ -259,7 +259,7 @@ class ControlServer:
 
     async def op_rent(self, offer_id: str, seconds: int, gpu_count: int = 1,
                       max_price_per_gpu_hour: str | None = None, access_key: str = "",
-                      notice_s: int = 0) -> dict:
+                      notice_s: int = 0, image: str = "") -> dict:
         entry = self._entry(offer_id)
         o = entry.offer
         if now_ms() > o.expires_ms:
@@ -275,7 +275,7 @@ class ControlServer:
                 raise ControlError(f"--max-price {max_price_per_gpu_hour}: {exc}") from None
         rental = await self.node.rent([entry], gpu_count=gpu_count, duration_s=seconds,
                                       max_price_per_gpu_second=max_price, access_key=access_key,
-                                      notice_s=notice_s)
+                                      notice_s=notice_s, image=image)
         return rental_row(self.node, rental, await self._token())
 
     async def op_rentals(self, all: bool = False) -> list:
@@ -524,6 +524,7 @@ def rental_row(node: Node, rental, token: tuple[str, int] | None = None) -> dict
         "receipts": session.log.receipts if session else 0, "live": True,
         "access": rental.access if rental.role == "provider" else getattr(session, "access", None),
         "class": "interruptible" if rental.details.notice_s else "on-demand",
+        "image": rental.details.image,
         "notice": _notice_row(machine),
     }
 

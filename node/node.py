@@ -32,8 +32,8 @@ from protocol.agreement import AgreementTerms
 from protocol.effects import EscrowCall, Persist
 from protocol.encoding import is_wire_text, to_wire_text
 from protocol.identity import PeerKey, peer_id_from_public_key
-from protocol.messages import (MAX_ADDR_LEN, MAX_OFFER_ADDRS, AccessGrant, AgreementDetails,
-                               Binding, GpuMetrics, OfferTerms)
+from protocol.messages import (MAX_ADDR_LEN, MAX_IMAGE_LEN, MAX_OFFER_ADDRS, AccessGrant,
+                               AgreementDetails, Binding, GpuMetrics, OfferTerms)
 from protocol.money import PriceError, format_tokens, price_units_per_second
 from protocol.negotiation import (FirstAgreementWins, ProviderNegotiation, RenterNegotiation,
                                   escrow_domain, renter_refusal)
@@ -550,7 +550,8 @@ class Node(SpotMixin, ChainWatchMixin, ResumeMixin):
             renter_wallet=rental.terms.renter, gpu_digests=gpus,
             gpu_uuids=tuple(self._gpu_uuids[g] for g in gpus),
             share=len(gpus) / max(len(gpus), len(self._all_gpus)),
-            max_seconds=rental.terms.max_seconds, access_key=rental.details.access_key)
+            max_seconds=rental.terms.max_seconds, access_key=rental.details.access_key,
+            image=rental.details.image)
 
     async def _start_runtime(self, rental: Rental) -> str | None:
         """Start what the rental hands over; its access text (wire text: printable ASCII, at
@@ -655,7 +656,8 @@ class Node(SpotMixin, ChainWatchMixin, ResumeMixin):
     # -- renter -------------------------------------------------------------------------------
 
     async def rent(self, entries: Sequence[Entry], *, gpu_count: int, duration_s: int,
-                   max_price_per_gpu_second: int, access_key: str = "", notice_s: int = 0) -> Rental:
+                   max_price_per_gpu_second: int, access_key: str = "", notice_s: int = 0,
+                   image: str = "") -> Rental:
         """Negotiate with every offer in `entries` at once, open the escrow for the first
         agreement, and start the rental session. Raises RentError."""
         if not entries:
@@ -674,6 +676,10 @@ class Node(SpotMixin, ChainWatchMixin, ResumeMixin):
         if not is_wire_text(access_key) or len(access_key) > 1024:
             raise RentError("the access key must be printable ASCII (U+0020..U+007E, no line "
                             "breaks), at most 1024 characters")
+        # The image is not checked against the offers here: each provider decides
+        # (IMAGE_NOT_OFFERED), and the refusal names the images it offers.
+        if not is_wire_text(image) or len(image) > MAX_IMAGE_LEN:
+            raise RentError(f"the image must be printable ASCII, at most {MAX_IMAGE_LEN} characters")
         # Offers this renter must not take at all (an untrusted arbiter, a refused token): say
         # why before negotiating, so no provider holds GPUs for an agreement we would refuse.
         refusals = [(e, renter_refusal(e.offer, self.config.arbiters)) for e in entries]
@@ -709,7 +715,7 @@ class Node(SpotMixin, ChainWatchMixin, ResumeMixin):
         group = await self._negotiate(entries, gpu_count=gpu_count, duration_s=duration_s,
                                       max_price_per_gpu_second=max_price_per_gpu_second,
                                       access_key=access_key, persist=persist, escrow=escrow,
-                                      notice_s=notice_s)
+                                      notice_s=notice_s, image=image)
         winner = group.winner
         if winner is None:
             reasons = sorted({f"{n.failure.reason_name.lower()} ({n.failure.detail})"

@@ -226,13 +226,20 @@ class ProviderSession(_Session):
         if stream is not None:
             await close_quietly(stream)
 
-    async def preempt(self, stop_ms: int, reason: int, detail: str) -> PreemptionNotice | None:
-        """Interruptible agreements: notify the renter that service stops at `stop_ms` (the
-        machine checks the promised notice; see ProviderRental.preempt). None if not serving."""
+    async def preempt(self, notice_ms: int, reason: int, detail: str) -> PreemptionNotice | None:
+        """Interruptible agreements: notify the renter that service stops `notice_ms` from now
+        (the machine checks the promised notice; see ProviderRental.preempt). None if not
+        serving, or if the agreement ends before that stop anyway. The stop is taken from the
+        same clock reading as the notice's time, inside the lock: a stop computed before
+        waiting for the lock came out a few ms short of the promised notice under load."""
         async with self._lock:
             if self.finished or self.machine.state is not State.SERVING:
                 return None
-            await self.carry_out(self.machine.preempt(self.clock(), stop_ms, reason, detail))  # type: ignore[union-attr]
+            now = self.clock()
+            stop_ms = now + notice_ms
+            if stop_ms >= self.machine.end_ms:  # type: ignore[union-attr]
+                return None
+            await self.carry_out(self.machine.preempt(now, stop_ms, reason, detail))  # type: ignore[union-attr]
         return self.machine.notice  # type: ignore[union-attr]
 
     async def send_grant(self, grant: AccessGrant) -> None:

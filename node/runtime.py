@@ -80,6 +80,11 @@ class Runtime(Protocol):
     async def alive(self, agreement_id: bytes) -> bool:
         """Whether the rental's environment still runs."""
 
+    async def warn_stop(self, agreement_id: bytes) -> bool:
+        """Service stops soon (a preemption notice went out): tell the renter's processes now
+        (SIGTERM), so that they can checkpoint; the environment itself keeps running until
+        `stop`. Whether anything was told."""
+
     async def reconcile(self, live: set[bytes]) -> dict[str, list[str]]:
         """At start: keep what belongs to `live` agreements, remove the rest of ours."""
 
@@ -129,6 +134,9 @@ class HookRuntime:
     async def alive(self, agreement_id: bytes) -> bool:
         return True
 
+    async def warn_stop(self, agreement_id: bytes) -> bool:
+        return False  # the hook's environment is the provider's own business
+
     async def reconcile(self, live: set[bytes]) -> dict[str, list[str]]:
         return {}
 
@@ -148,7 +156,10 @@ class DockerSettings:
     pids: int = 4096  # processes handed out over all GPUs
     scratch: bool = False  # a per-rental volume at /scratch, removed at teardown
     cap_add: tuple[str, ...] = ()  # CUDA needs none; only what the provider chooses to allow
-    keepalive: tuple[str, ...] = ("sleep", "2147483647")  # the container's command
+    # The container's command. It ignores SIGTERM (an ignored signal stays ignored across exec),
+    # so that `warn_stop` can send SIGTERM to every process of the container and the container
+    # itself lives on until the stop.
+    keepalive: tuple[str, ...] = ("sh", "-c", "trap '' TERM; exec sleep 2147483647")
     block_host: bool = True  # bridge: drop traffic from rentals to the host's own addresses
 
 
@@ -358,6 +369,27 @@ class DockerRuntime:
     async def alive(self, agreement_id: bytes) -> bool:
         container = await self._call(self._find, agreement_id)
         return container is not None and container["State"] == "running"
+
+    def _warn_stop_blocking(self, agreement_id: bytes) -> bool:
+        container = self._find(agreement_id)
+        if container is None or container["State"] != "running":
+            return False
+        # kill(-1) from inside: every process of the container's PID namespace but PID 1 (the
+        # init) and the caller; the keepalive ignores it. As the container's root user, which
+        # without CAP_KILL reaches the processes running as root (the renter's execs).
+        ex = self.client.api.exec_create(container["Id"], ["sh", "-c", "kill -TERM -1"], user="0")
+        self.client.api.exec_start(ex["Id"])  # attached: returns when the kill has run
+        return self.client.api.exec_inspect(ex["Id"]).get("ExitCode") == 0
+
+    async def warn_stop(self, agreement_id: bytes) -> bool:
+        try:
+            told = await self._call(self._warn_stop_blocking, agreement_id)
+        except Exception as exc:
+            log.warning("rental %s: SIGTERM to the container failed: %r", agreement_id.hex()[:12], exc)
+            return False
+        log.info("rental %s: SIGTERM sent to the container's processes (preemption notice)",
+                 agreement_id.hex()[:12])
+        return told
 
     async def container_id(self, agreement_id: bytes) -> str | None:
         container = await self._call(self._find, agreement_id)

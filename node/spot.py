@@ -8,9 +8,9 @@ on-demand. When the curtailment rule fires, every serving interruptible rental g
 (stop = now + notice), service ends at the stop (the rental machine), the interruptible GPUs
 leave the offer until the rule resumes, and `status` shows why (`curtailment`).
 
-Hook point for a container runtime (issue 14): `on_preemption_notice(rental, notice)` runs when
-a notice goes out; a runtime sends its container SIGTERM there (so the renter's job can
-checkpoint) and removes it at StopService("preempted").
+When a notice goes out, `on_preemption_notice` has the runtime send the container's processes
+SIGTERM at once (so the renter's job can checkpoint: specs/runtime.md 1.4); the container is
+removed at StopService("preempted"), at the notice's stop.
 """
 
 from __future__ import annotations
@@ -145,19 +145,26 @@ class SpotMixin:
                 continue
             if session.machine.state is not State.SERVING:
                 continue
-            stop_ms = self.clock.now_ms() + rental.details.notice_s * 1000
-            if stop_ms >= session.machine.end_ms:
-                continue  # the agreement ends before the stop anyway
-            notice = await session.preempt(stop_ms, reason, detail)
+            # None also when the agreement ends before the stop anyway
+            notice = await session.preempt(rental.details.notice_s * 1000, reason, detail)
             if notice is not None:
                 done.append(aid)
                 await self.on_preemption_notice(rental, notice)
         return done
 
     async def on_preemption_notice(self, rental: Any, notice: PreemptionNotice) -> None:
-        """Hook point: a container runtime sends SIGTERM to the rental's container here, and
-        removes it at StopService("preempted") (the machine emits it at notice.stop_ms)."""
+        """A notice went out: the runtime tells the rental's processes at once (the Docker
+        runtime: SIGTERM to every process of the container, which keeps running), so that the
+        renter's job can checkpoint; the container is removed at StopService("preempted"),
+        which the machine emits at notice.stop_ms. In the background: one slow daemon must not
+        hold up the other rentals' notices."""
         rental.events.append("PreemptionNotice")
+        if getattr(self, "runtime", None) is not None:
+            self._nursery.start_soon(self._warn_runtime, rental)
+
+    async def _warn_runtime(self, rental: Any) -> None:
+        if await self.runtime.warn_stop(rental.agreement_id):
+            rental.events.append("SIGTERM")
 
     # -- renter --------------------------------------------------------------------------------
 

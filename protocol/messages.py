@@ -267,6 +267,9 @@ class AgreementDetails:
     # 0: on-demand. Otherwise interruptible: the provider may preempt after a PreemptionNotice
     # at least this many seconds ahead (bound into details_hash, hence the agreement id).
     notice_s: int = wire(U32, default=0)
+    # The container image the rental runs in: the proposal's image, or the offer's first (its
+    # default) when the proposal named none; "" when the offer lists no images (specs/negotiation.md).
+    image: str = wire(Text(MAX_IMAGE_LEN), default="")
 
     def encode(self) -> bytes:
         return encode_struct(self)
@@ -374,6 +377,8 @@ class Proposal(Signed):
     sent_ms: int = wire(U53)
     # 0: on-demand GPUs; otherwise the notice_s of the offer's interruptible set asked for.
     notice_s: int = wire(U32, default=0)
+    # One of the offer's `images` to run the rental in; "": the offer's default (its first).
+    image: str = wire(Text(MAX_IMAGE_LEN), default="")
     signature: bytes = wire(B64, default=b"\x00" * ED25519_SIG_LEN)
 
 

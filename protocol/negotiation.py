@@ -77,6 +77,7 @@ class Reason(enum.IntEnum):
     INSUFFICIENT_FUNDS = 19  # provider: the renter wallet's balance or allowance to the escrow is below the deposit
     TOO_MANY_PENDING = 20  # provider: this renter peer or wallet already holds its cap of unopened agreements
     PROVIDER_BUSY = 21  # provider: it could not check the renter's funds in time; try again later
+    IMAGE_NOT_OFFERED = 22  # provider: the proposal's image is not one of the offer's images
 
 
 def reason_name(code: int) -> str:
@@ -163,6 +164,12 @@ def open_by_for(now_ms: int, open_hold_ms: int) -> int:
     return (now_ms + open_hold_ms) // 1000
 
 
+def agreement_image(offer: Offer, image: str) -> str:
+    """The image an agreement names: the proposal's, or the offer's default (its first image)
+    when the proposal named none; "" when the offer lists no images."""
+    return image or (offer.images[0] if offer.images else "")
+
+
 def build_agreement(
     offer: Offer, offer_digest: bytes, proposal: Proposal, gpus: Sequence[bytes], open_by: int
 ) -> tuple[AgreementTerms, AgreementDetails]:
@@ -187,6 +194,7 @@ def build_agreement(
         gpus=tuple(gpus),
         access_key=proposal.access_key,
         notice_s=proposal.notice_s,
+        image=agreement_image(offer, proposal.image),
     )
     terms = AgreementTerms(
         provider=offer.binding.wallet,
@@ -398,9 +406,13 @@ class RenterNegotiation(_Negotiation):
         max_duration_s: int | None = None,
         opening_price_per_gpu_second: int | None = None,
         notice_s: int = 0,
+        image: str = "",
         verifier: Verifier = VERIFIER,
     ) -> None:
         super().__init__(renter, params, verifier)
+        # One of the offer's images, or "" for its default. Not checked here: the provider
+        # decides (IMAGE_NOT_OFFERED), as for any other term it does not offer.
+        self.image = image
         self.offer = offer
         # 0: on-demand GPUs; otherwise the interruptible set with this notice (its price).
         self.notice_s = notice_s
@@ -459,7 +471,7 @@ class RenterNegotiation(_Negotiation):
             negotiation_id=self.negotiation_id, round=round_, offer_digest=self.offer_digest,
             provider=self.offer.provider, renter=self._key.public, renter_binding=self.binding,
             gpu_count=gpu_count, duration_s=duration_s, price_per_gpu_second=price,
-            access_key=self.access_key, sent_ms=now_ms, notice_s=self.notice_s,
+            access_key=self.access_key, sent_ms=now_ms, notice_s=self.notice_s, image=self.image,
         ).sign(self._key)
 
     def _send_proposal(self, round_: int, gpu_count: int, duration_s: int, price: int,
@@ -668,10 +680,11 @@ class ProviderNegotiation(_Negotiation):
         self._check_envelope(msg, now_ms, (self.round + 1,))
         first = self.proposal
         assert first is not None
-        if (msg.provider, msg.renter, msg.renter_binding, msg.access_key, msg.notice_s) != \
-                (first.provider, first.renter, first.renter_binding, first.access_key, first.notice_s):
+        if (msg.provider, msg.renter, msg.renter_binding, msg.access_key, msg.notice_s, msg.image) != \
+                (first.provider, first.renter, first.renter_binding, first.access_key, first.notice_s,
+                 first.image):
             raise NegotiationViolation(Reason.INVALID_MESSAGE,
-                                       "provider, renter, binding, access key or class changed")
+                                       "provider, renter, binding, access key, class or image changed")
         return self._decide(msg, now_ms)
 
     def _decide(self, msg: Proposal, now_ms: int) -> list[Effect]:
@@ -687,6 +700,11 @@ class ProviderNegotiation(_Negotiation):
         if msg.offer_digest != self.offer_digest:
             return self._fail(now_ms, Reason.OFFER_STALE, Fault.LOCAL,
                               "proposal names an offer that is not the current one")
+        # [decline] an image the offer does not list: a term the provider does not sell, no penalty
+        if msg.image and msg.image not in self.offer.images:
+            offered = ", ".join(self.offer.images) or "none"
+            return self._fail(now_ms, Reason.IMAGE_NOT_OFFERED, Fault.LOCAL,
+                              f"image {msg.image} is not offered (offered: {offered})")
         t = self.offer.terms
         # [violation] an interruptible proposal names one of the offer's sets by its notice
         if msg.notice_s and self.offer.interruptible_set(msg.notice_s) is None:

@@ -76,3 +76,33 @@ def busybox_image() -> str:
     client.images.build(fileobj=buf, custom_context=True, tag=TEST_IMAGE, pull=False, rm=True,
                         forcerm=True)
     return TEST_IMAGE
+
+
+SECOND_IMAGE = "gpumarket-test-busybox-second:1"
+SECOND_DOCKERFILE = f"""FROM {TEST_IMAGE}
+RUN ["/bin/sh", "-c", "echo second > /image-name"]
+""".encode()
+
+
+@functools.cache
+def second_image() -> str:
+    """A second image, built locally on top of busybox_image() (nothing pulled), with the file
+    /image-name saying "second": tells which image a container runs."""
+    import docker.errors
+
+    busybox_image()
+    client = docker_client()
+    try:
+        client.images.get(SECOND_IMAGE)
+        return SECOND_IMAGE
+    except docker.errors.ImageNotFound:
+        pass
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(SECOND_DOCKERFILE)
+        tar.addfile(info, io.BytesIO(SECOND_DOCKERFILE))
+    buf.seek(0)
+    client.images.build(fileobj=buf, custom_context=True, tag=SECOND_IMAGE, pull=False, rm=True,
+                        forcerm=True)
+    return SECOND_IMAGE

@@ -19,7 +19,8 @@ every stream figure includes both ends' CPU. Measured:
   `gpumarket forward`'s path (local TCP -> control socket -> renter node -> libp2p (Noise, yamux)
   -> provider -> the container's bridge address), against, in the same run: plain TCP on
   loopback (a trio server), the container's address read directly from the host, and a bare
-  libp2p stream between the two hosts (the Noise + yamux ceiling without our relays).
+  libp2p stream between the two hosts (the Noise + yamux ceiling without our relays), and that
+  stream fed by the same container source as forward (what the renter's relays cost).
 - keystroke: in a `shell` session, one byte typed to its echo by the container's terminal.
 Prints one line per figure, then one JSON line (the last line).
 """
@@ -39,7 +40,7 @@ from pathlib import Path
 import trio
 from libp2p.custom_types import TProtocol
 
-from node.access import STDOUT, exec_session, forward_listen
+from node.access import STDOUT, copy_trio_to_p2p, exec_session, forward_listen
 from node.chain import AsyncChain, Chain
 from node.control import SOCKET_NAME, ControlServer
 from node.demo import DEMO_PARAMS, PROVIDERS, fake_gpus
@@ -99,12 +100,20 @@ async def plain_tcp(nbytes: int) -> float:
     return rate
 
 
-async def bare_libp2p(provider: Node, renter: Node, nbytes: int) -> float:
-    """A stream between the two hosts, no relays: the provider writes, the renter reads."""
-    proto = TProtocol("/gpumarket/bench-bulk/1")
+async def bare_libp2p(provider: Node, renter: Node, nbytes: int,
+                      source: tuple[str, int] | None = None) -> float:
+    """A stream between the two hosts, no relays: the provider writes, the renter reads. The
+    provider writes zeros from memory, or with `source` what it reads from that TCP address
+    (the container's nc: the same source as forward's, without the renter's relays)."""
+    proto = TProtocol(f"/gpumarket/bench-bulk/{'src' if source else 'mem'}/1")
     chunk = b"\0" * (32 * 1024)
 
     async def handler(stream) -> None:
+        if source is not None:
+            tcp = await trio.open_tcp_stream(*source)
+            async with tcp:
+                await copy_trio_to_p2p(tcp, stream)
+            return
         left = nbytes
         while left:
             n = min(left, len(chunk))
@@ -217,6 +226,8 @@ async def main(args: argparse.Namespace) -> dict:
         serve_zeros(container, 9000, nbytes)
         rates["container_direct"] = await timed_read(lambda: trio.open_tcp_stream(ip, 9000), nbytes)
         rates["bare_libp2p_stream"] = await bare_libp2p(provider, renter, nbytes)
+        serve_zeros(container, 9002, nbytes)
+        rates["bare_libp2p_from_container"] = await bare_libp2p(provider, renter, nbytes, (ip, 9002))
         local = await nursery.start(forward_listen, sock, control.token, aid, 9001, 0, print)
         serve_zeros(container, 9001, nbytes)
         rates["forward"] = await timed_read(lambda: trio.open_tcp_stream("127.0.0.1", local), nbytes)
@@ -224,7 +235,9 @@ async def main(args: argparse.Namespace) -> dict:
             print(f"{k}: {v:.1f} MiB/s for {args.forward_mib} MiB", flush=True)
         out["forward"] = {"mib": args.forward_mib, **{f"{k}_mib_s": round(v, 1) for k, v in rates.items()},
                           "ratio_vs_plain_tcp": round(rates["forward"] / rates["plain_tcp_loopback"], 4),
-                          "ratio_vs_bare_libp2p": round(rates["forward"] / rates["bare_libp2p_stream"], 3)}
+                          "ratio_vs_bare_libp2p": round(rates["forward"] / rates["bare_libp2p_stream"], 3),
+                          "ratio_vs_bare_libp2p_same_source":
+                              round(rates["forward"] / rates["bare_libp2p_from_container"], 3)}
 
         # keystrokes: type one character, wait for the terminal's echo
         send, receive = trio.open_memory_channel(0)

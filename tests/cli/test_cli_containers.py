@@ -55,10 +55,16 @@ def test_cli_containers__rent_run_forward_cp_stop_on_a_devnet(tmp_path):
 
             rows = wait_for(offers, 30, "the provider's offer, found by its image")
             assert not json.loads(gm(rent_dir, "offers", "search", "image=pytorch/*", "--json").stdout)
-            out = gm(rent_dir, "rent", rows[0]["offer_id"], "--seconds", "300", "--yes")
+            # an image the offer does not list: the provider refuses it with its code
+            out = gm(rent_dir, "rent", rows[0]["offer_id"], "--seconds", "300", "--yes",
+                     "--image", "pytorch/pytorch:latest")
+            assert out.returncode != 0 and "image_not_offered" in out.stdout + out.stderr, out.stdout + out.stderr
+            out = gm(rent_dir, "rent", rows[0]["offer_id"], "--seconds", "300", "--yes", "--image", image)
             assert out.returncode == 0, out.stdout + out.stderr
             assert "gpumarket shell" in out.stdout and "gpumarket run" in out.stdout, out.stdout
-            aid = next(r["agreement_id"] for r in json.loads(gm(rent_dir, "rentals", "--json").stdout))
+            (row,) = json.loads(gm(rent_dir, "rentals", "--json").stdout)
+            aid = row["agreement_id"]
+            assert row["image"] == image
 
             out = gm(rent_dir, "run", aid[:12], "--", "sh", "-c", "echo in-the-container; exit 3")
             assert (out.returncode, out.stdout) == (3, "in-the-container\n"), out.stderr

@@ -89,6 +89,7 @@ async def test_hook_runtime__prints_access_or_fails_with_a_reason(tmp_path):
     assert await hook.start(spec) == "ssh -p 2222 rent@host"
     with pytest.raises(RuntimeError_, match="exited 3"):
         await HookRuntime(["sh", "-c", "exit 3"]).start(spec)
+    assert await hook.warn_stop(spec.agreement_id) is False  # a preemption tells the hook nothing
 
 
 # -- against the real daemon ------------------------------------------------------------------
@@ -140,8 +141,21 @@ async def test_docker__container_has_the_limits_no_host_files_and_is_gone_after_
     await rt.start(spec)
     assert client.containers.get(container_name(spec.agreement_id)).id == c.id
     assert await rt.alive(spec.agreement_id)
+    # warn_stop (a preemption notice): SIGTERM reaches a process of the container, which keeps
+    # running (its keepalive ignores TERM)
+    c.exec_run(["sh", "-c", "trap 'echo termed > /termed; exit' TERM; touch /trapped; "
+                "while true; do sleep 1; done"], detach=True)
+    with trio.fail_after(10):  # the trap is set before the signal is sent
+        while _exec(c, "test -e /trapped")[0] != 0:
+            await trio.sleep(0.1)
+    assert await rt.warn_stop(spec.agreement_id) is True
+    with trio.fail_after(10):
+        while _exec(c, "cat /termed")[1].strip() != "termed":
+            await trio.sleep(0.1)
+    assert await rt.alive(spec.agreement_id)
     await rt.stop(spec.agreement_id)
     assert not await rt.alive(spec.agreement_id)
+    assert await rt.warn_stop(spec.agreement_id) is False  # no container: nothing told
     assert not client.containers.list(all=True, filters={"label": f"{LABEL_AGREEMENT}={spec.hex}"})
     assert not [v for v in client.volumes.list() if v.name.endswith(spec.hex[:16])]
     await rt.stop(spec.agreement_id)  # again: nothing to do, no error

@@ -72,6 +72,8 @@ def build() -> dict[str, dict]:
     offer_bytes = offer.encode()
     spot_offer = dataclasses.replace(offer, interruptible=(
         InterruptibleGpus((offer.gpus[1].uuid_digest,), 60, 100),)).sign(provider)
+    image_offer = dataclasses.replace(
+        offer, images=("pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime", "ubuntu:24.04")).sign(provider)
     nid = bytes(range(16))
     proposal = Proposal(nid, 1, digest(offer_bytes), provider.public, renter.public, r_binding, 1,
                         3600, 139, "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIexample renter@laptop",
@@ -92,9 +94,7 @@ def build() -> dict[str, dict]:
 
     valid = [
         message_vector("offer_two_rtx4090", offer, provider),
-        message_vector("offer_with_images", dataclasses.replace(
-            offer, images=("pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime", "ubuntu:24.04")).sign(provider),
-            provider),
+        message_vector("offer_with_images", image_offer, provider),
         message_vector("withdrawal", OfferWithdrawal(provider.public, 7, NOW_MS + 5000).sign(provider), provider),
         message_vector("proposal", proposal, renter),
         message_vector("counter", CounterProposal(nid, 1, 1, 3600, 150, NOW_MS + 1500).sign(provider), provider),
@@ -109,6 +109,9 @@ def build() -> dict[str, dict]:
         message_vector("proposal_interruptible", dataclasses.replace(
             proposal, offer_digest=digest(spot_offer.encode()), price_per_gpu_second=100,
             notice_s=60).sign(renter), renter),
+        # The renter chooses the offer's second image (bound into AgreementDetails.image).
+        message_vector("proposal_with_image", dataclasses.replace(
+            proposal, offer_digest=digest(image_offer.encode()), image="ubuntu:24.04").sign(renter), renter),
         message_vector("preemption_notice", PreemptionNotice(
             aid, NOW_MS + 95_000, 1, "power price 412.50 USD/MWh", digest(hb0.encode()),
             NOW_MS + 35_000).sign(provider), provider),
@@ -182,6 +185,11 @@ def build() -> dict[str, dict]:
         "terms": jsonable(terms),
         "details_wire_hex": details.encode().hex(),
         "details_hash": details.details_hash().hex(),
+        # The same details for the proposal_with_image vector: only image (and the offer) differ.
+        "details_with_image": {
+            "wire_hex": (di := dataclasses.replace(details, offer_digest=digest(image_offer.encode()),
+                                                   image="ubuntu:24.04")).encode().hex(),
+            "details_hash": di.details_hash().hex()},
         "agreement_id": aid.hex(),
         "domain_separator": domain.separator().hex(),
         "consent_digest": consent_digest(domain, terms).hex(),
@@ -321,6 +329,8 @@ def text_cases(provider: PeerKey, offer) -> list[dict]:
     v = msgpack_list(offer)
     v[11] = ["ubuntu" + nbsp + ":24.04"]
     case("offer_images_U+00A0", Offer, v, "images[0]", nbsp, provider)
+    image_offer = dataclasses.replace(
+        offer, images=("pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime", "ubuntu:24.04")).sign(provider)
     nid = bytes(range(16))
     reject = msgpack_list(NegotiationReject(nid, 1, 1, "price below ask", NOW_MS).sign(provider))
     reject[5] = "price" + nbsp + "below ask"
