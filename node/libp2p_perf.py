@@ -76,12 +76,25 @@ maintainers' version of each):
    records per message. Upstream: use ``%``-style arguments (or ``isEnabledFor``) in hot paths,
    as 1. does for ``_write_frame``.
 
+9. :class:`BatchedYamuxStream` and :class:`BatchedYamux` again: a stream write takes no lock
+   (and passes no scheduling point) that nobody else holds. Upstream (``YamuxStream.write``,
+   ``Yamux._write_frame``): every frame passes the stream's write lock, its window lock and the
+   connection's write lock, each acquire a scheduling point even when free, and then one more
+   ``checkpoint()``: with NetStream's lock, the TCP stream's lock and the socket send, 7
+   scheduling points per small write (3 patched, measured). Here the window check and debit
+   and the header, which contain no ``await``, run without the stream's locks when no other
+   writer holds them; the connection's write lock is taken with ``acquire_nowait`` when free
+   (trio's Lock is fair, so this never jumps a waiter); the trailing checkpoint is dropped
+   because the secured connection's write is a checkpoint already. Frames still go out whole
+   and in order; a contended lock, a large write or an empty window takes upstream's path.
+
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import struct
 import time
 from collections import OrderedDict
 from typing import Any
@@ -107,6 +120,9 @@ check_libp2p_version()
 log = logging.getLogger(__name__)
 _yamux_log = _yamux.logger  # the muxer's own logger: its DEBUG switch is the user's to set
 
+_YAMUX_HEADER = _yamux.YAMUX_HEADER_FORMAT
+_MAX_FRAME_DATA = _yamux.MAX_MESSAGE_SIZE - _yamux.HEADER_SIZE  # upstream's largest DATA chunk
+_pack_header = struct.pack
 READ_CHUNK = 64 * 1024  # bytes asked of the stream per read (= yamux's largest DATA frame)
 IDONTWANT_MIN_BYTES = 1024  # go-libp2p's GossipSubIDontWantMessageThreshold
 PEER_RECORD_REVERIFY_S = 600.0  # re-verify (and refresh the 2 h address-book TTL) this often
@@ -138,6 +154,23 @@ class BatchedYamuxStream(YamuxStream):
         if increment > 0:
             await self.send_window_update(increment)
 
+    async def write(self, data: bytes) -> None:
+        """Item 9: a write that fits in one frame and in the send window, while no other
+        writer of this stream holds its locks, is framed without taking them: the check, the
+        window debit and the header involve no ``await``, so under trio nothing can interleave
+        with them; upstream's two lock passes were two scheduling points and nothing else.
+        Anything else (a large write, an empty window, a closed stream, a contended lock) is
+        upstream's ``write``."""
+        size = len(data)
+        if (0 < size <= _MAX_FRAME_DATA and size <= self.send_window and not self.send_closed
+                and not self.closed and self.rw_lock._writer_lock.value
+                and not self.window_lock.locked()):
+            self.send_window -= size
+            await self.conn._write_frame(
+                _pack_header(_YAMUX_HEADER, 0, _yamux.TYPE_DATA, 0, self.stream_id, size) + data)
+            return
+        await super().write(data)
+
 
 class BatchedYamux(Yamux):
     """The yamux muxer whose streams are :class:`BatchedYamuxStream` (``new_host`` takes the
@@ -156,9 +189,19 @@ class BatchedYamux(Yamux):
         if _yamux_log.isEnabledFor(logging.DEBUG):
             await super()._write_frame(data)
             return
-        async with self._write_lock:
+        # Item 9: the write lock is taken without a scheduling point when it is free (trio's
+        # Lock is fair: acquire_nowait fails while anyone waits), and no checkpoint follows
+        # the write: the secured connection's write is itself a checkpoint (its TCP stream
+        # takes a lock and the socket send yields), so each frame still is one.
+        lock = self._write_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             await self.secured_conn.write(data)
-        await trio.lowlevel.checkpoint()
+        finally:
+            lock.release()
 
 
 def _batched(stream: Any) -> Any:

@@ -131,6 +131,87 @@ async def test_a_transfer_of_four_windows_still_flows_with_batched_credit():
         assert 2 <= frames["window_update"] <= 12, frames
 
 
+class TaskSteps(trio.abc.Instrument):
+    """Counts how often one task is scheduled (each scheduling point it passes is one step)."""
+
+    def __init__(self, task) -> None:
+        self.task = task
+        self.steps = 0
+
+    def before_task_step(self, task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+@pytest.mark.parametrize("config, fewest, most", [(PATCHED, 1, 3), (UNPATCHED, 6, None)])
+async def test_a_small_stream_write_passes_few_scheduling_points(config, fewest, most):
+    """Item 9: 50 writes of 750 bytes on one stream, counting the writing task's scheduling
+    points per write. Upstream: NetStream's lock, the stream's write and window locks, the
+    connection's write lock, the TCP stream's lock, the socket send and a trailing checkpoint
+    (7); patched, the uncontended yamux locks and the trailing checkpoint are gone, and each
+    write is still a checkpoint (at least 1)."""
+    protocol = TProtocol("/gpumarket/test/steps/1")
+    got = trio.Event()
+    async with running_hosts(2, config) as (a, b):
+        async def sink(stream):
+            assert len(await read_all(stream, 50 * 750)) == 50 * 750
+            got.set()
+
+        b.host.set_stream_handler(protocol, sink)
+        await a.connect(b.addrs()[0])
+        stream = await a.host.new_stream(b.peer_id, [protocol])
+        await stream.write(b"")  # any first-write work out of the way
+        steps = TaskSteps(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(steps)
+        try:
+            for _ in range(50):
+                await stream.write(os.urandom(750))
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        with trio.fail_after(10):
+            await got.wait()
+    per_write = steps.steps / 50
+    assert per_write >= fewest, per_write
+    if most is not None:
+        assert per_write <= most, per_write
+
+
+async def test_concurrent_writers_on_one_stream_keep_their_frames_whole_and_in_order():
+    """Item 9's unlocked framing with writers racing on one stream (and on the connection's
+    other stream): every write arrives whole, each writer's writes in order."""
+    protocol = TProtocol("/gpumarket/test/race/1")
+    size, count = 700, 60
+    received: dict[str, bytes] = {}
+    done = trio.Event()
+    async with running_hosts(2, PATCHED) as (a, b):
+        async def sink(stream):
+            tag = (await read_all(stream, 1)).decode()
+            received[tag] = await read_all(stream, 2 * count * size)
+            if len(received) == 2:
+                done.set()
+
+        b.host.set_stream_handler(protocol, sink)
+        await a.connect(b.addrs()[0])
+        streams = {t: await a.host.new_stream(b.peer_id, [protocol]) for t in "xy"}
+
+        async def writer(stream, tag: str, who: int) -> None:
+            for i in range(count):
+                await stream.write(bytes([who, i]) * (size // 2))
+
+        async with trio.open_nursery() as nursery:
+            for tag, stream in streams.items():
+                await stream.write(tag.encode())
+                for who in (1, 2):  # two writers per stream
+                    nursery.start_soon(writer, stream, tag, who)
+        with trio.fail_after(10):
+            await done.wait()
+    for tag, data in received.items():
+        chunks = [data[i:i + size] for i in range(0, len(data), size)]
+        for who in (1, 2):
+            mine = [c for c in chunks if c[0] == who]
+            assert mine == [bytes([who, i]) * (size // 2) for i in range(count)], tag
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. pubsub frames from a buffer
 # ---------------------------------------------------------------------------------------------
