@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import struct
 from collections import Counter
 from dataclasses import replace
 
 import pytest
 import trio
+import trio.testing
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import ParseError
-from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
+from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError, MessageTooLarge
+from libp2p.io.trio import TrioTCPStream
 from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
@@ -27,7 +31,7 @@ from node import libp2p_patches
 from node.host import GossipHost, HostConfig
 from node.identity import NodeIdentity
 from node.libp2p_perf import (
-    BatchedYamux, BatchedYamuxStream, FrameReader, quiet_libp2p_debug,
+    BatchedYamux, BatchedYamuxStream, FastTCPStream, FrameReader, quiet_libp2p_debug,
 )
 from node.reqresp import encode_uvarint
 from node.testing import LOOPBACK, connect_pairs, running_hosts, settle_meshes
@@ -143,13 +147,13 @@ class TaskSteps(trio.abc.Instrument):
             self.steps += 1
 
 
-@pytest.mark.parametrize("config, fewest, most", [(PATCHED, 1, 3), (UNPATCHED, 6, None)])
+@pytest.mark.parametrize("config, fewest, most", [(PATCHED, 1, 2), (UNPATCHED, 6, None)])
 async def test_a_small_stream_write_passes_few_scheduling_points(config, fewest, most):
-    """Item 9: 50 writes of 750 bytes on one stream, counting the writing task's scheduling
+    """Items 9-10: 50 writes of 750 bytes on one stream, counting the writing task's scheduling
     points per write. Upstream: NetStream's lock, the stream's write and window locks, the
     connection's write lock, the TCP stream's lock, the socket send and a trailing checkpoint
-    (7); patched, the uncontended yamux locks and the trailing checkpoint are gone, and each
-    write is still a checkpoint (at least 1)."""
+    (7); patched, the uncontended yamux and TCP locks and the trailing checkpoint are gone
+    (NetStream's lock and the socket send remain), and each write is still a checkpoint."""
     protocol = TProtocol("/gpumarket/test/steps/1")
     got = trio.Event()
     async with running_hosts(2, config) as (a, b):
@@ -174,6 +178,48 @@ async def test_a_small_stream_write_passes_few_scheduling_points(config, fewest,
     assert per_write >= fewest, per_write
     if most is not None:
         assert per_write <= most, per_write
+
+
+async def test_patched_connections_run_on_the_fast_tcp_stream():
+    async with running_hosts(2, PATCHED) as (a, b):
+        await a.connect(b.addrs()[0])
+        for host, peer in ((a, b), (b, a)):
+            muxed = host.host.get_network().connections[peer.peer_id][0].muxed_conn
+            tcp = muxed.secured_conn.conn.read_writer.read_write_closer.stream
+            assert type(tcp) is FastTCPStream
+    async with running_hosts(2, UNPATCHED) as (a, b):
+        await a.connect(b.addrs()[0])
+        muxed = a.host.get_network().connections[b.peer_id][0].muxed_conn
+        assert type(muxed.secured_conn.conn.read_writer.read_write_closer.stream) is TrioTCPStream
+
+
+async def test_fast_tcp_stream_keeps_upstreams_results_errors_and_checkpoints():
+    """Item 10: every read and write, ending normally or in an error, is still a checkpoint
+    (trio.testing.assert_checkpoints), with upstream's results: data, b"" for a zero-byte read
+    and after a local close, nothing raised on a write after a local close, and
+    ConnectionClosedError once the peer has reset the connection."""
+    left, right = trio.socket.socketpair()
+    ours, theirs = FastTCPStream(trio.SocketStream(left)), trio.SocketStream(right)
+    with trio.testing.assert_checkpoints():
+        await ours.write(b"ping")
+    assert await theirs.receive_some(10) == b"ping"
+    await theirs.send_all(b"pong")
+    with trio.testing.assert_checkpoints():
+        assert await ours.read(10) == b"pong"
+    with trio.testing.assert_checkpoints():
+        assert await ours.read(0) == b""
+    right.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await theirs.aclose()  # linger 0: a reset, not a FIN
+    with pytest.raises(ConnectionClosedError):
+        for _ in range(20):  # the first write may still be accepted by the kernel
+            with trio.testing.assert_checkpoints():
+                await ours.write(b"x" * 1000)
+            await trio.sleep(0.01)
+    await ours.close()
+    with trio.testing.assert_checkpoints():
+        assert await ours.read(10) == b""
+    with trio.testing.assert_checkpoints():
+        await ours.write(b"late")
 
 
 async def test_concurrent_writers_on_one_stream_keep_their_frames_whole_and_in_order():
