@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import struct
 from collections import Counter
 from dataclasses import replace
 
 import pytest
 import trio
+import trio.testing
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import ParseError
-from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
+from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError, MessageTooLarge
+from libp2p.io.trio import TrioTCPStream
 from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
@@ -27,7 +31,7 @@ from node import libp2p_patches
 from node.host import GossipHost, HostConfig
 from node.identity import NodeIdentity
 from node.libp2p_perf import (
-    BatchedYamux, BatchedYamuxStream, FrameReader, quiet_libp2p_debug,
+    BatchedYamux, BatchedYamuxStream, FastTCPStream, FrameReader, quiet_libp2p_debug,
 )
 from node.reqresp import encode_uvarint
 from node.testing import LOOPBACK, connect_pairs, running_hosts, settle_meshes
@@ -129,6 +133,129 @@ async def test_a_transfer_of_four_windows_still_flows_with_batched_credit():
                 await trio.sleep(0.01)
         assert received[0] == payload
         assert 2 <= frames["window_update"] <= 12, frames
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Counts how often one task is scheduled (each scheduling point it passes is one step)."""
+
+    def __init__(self, task) -> None:
+        self.task = task
+        self.steps = 0
+
+    def before_task_step(self, task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+@pytest.mark.parametrize("config, fewest, most", [(PATCHED, 1, 2), (UNPATCHED, 6, None)])
+async def test_a_small_stream_write_passes_few_scheduling_points(config, fewest, most):
+    """Items 9-10: 50 writes of 750 bytes on one stream, counting the writing task's scheduling
+    points per write. Upstream: NetStream's lock, the stream's write and window locks, the
+    connection's write lock, the TCP stream's lock, the socket send and a trailing checkpoint
+    (7); patched, the uncontended yamux and TCP locks and the trailing checkpoint are gone
+    (NetStream's lock and the socket send remain), and each write is still a checkpoint."""
+    protocol = TProtocol("/gpumarket/test/steps/1")
+    got = trio.Event()
+    async with running_hosts(2, config) as (a, b):
+        async def sink(stream):
+            assert len(await read_all(stream, 50 * 750)) == 50 * 750
+            got.set()
+
+        b.host.set_stream_handler(protocol, sink)
+        await a.connect(b.addrs()[0])
+        stream = await a.host.new_stream(b.peer_id, [protocol])
+        await stream.write(b"")  # any first-write work out of the way
+        steps = TaskSteps(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(steps)
+        try:
+            for _ in range(50):
+                await stream.write(os.urandom(750))
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        with trio.fail_after(10):
+            await got.wait()
+    per_write = steps.steps / 50
+    assert per_write >= fewest, per_write
+    if most is not None:
+        assert per_write <= most, per_write
+
+
+async def test_patched_connections_run_on_the_fast_tcp_stream():
+    async with running_hosts(2, PATCHED) as (a, b):
+        await a.connect(b.addrs()[0])
+        for host, peer in ((a, b), (b, a)):
+            muxed = host.host.get_network().connections[peer.peer_id][0].muxed_conn
+            tcp = muxed.secured_conn.conn.read_writer.read_write_closer.stream
+            assert type(tcp) is FastTCPStream
+    async with running_hosts(2, UNPATCHED) as (a, b):
+        await a.connect(b.addrs()[0])
+        muxed = a.host.get_network().connections[b.peer_id][0].muxed_conn
+        assert type(muxed.secured_conn.conn.read_writer.read_write_closer.stream) is TrioTCPStream
+
+
+async def test_fast_tcp_stream_keeps_upstreams_results_errors_and_checkpoints():
+    """Item 10: every read and write, ending normally or in an error, is still a checkpoint
+    (trio.testing.assert_checkpoints), with upstream's results: data, b"" for a zero-byte read
+    and after a local close, nothing raised on a write after a local close, and
+    ConnectionClosedError once the peer has reset the connection."""
+    left, right = trio.socket.socketpair()
+    ours, theirs = FastTCPStream(trio.SocketStream(left)), trio.SocketStream(right)
+    with trio.testing.assert_checkpoints():
+        await ours.write(b"ping")
+    assert await theirs.receive_some(10) == b"ping"
+    await theirs.send_all(b"pong")
+    with trio.testing.assert_checkpoints():
+        assert await ours.read(10) == b"pong"
+    with trio.testing.assert_checkpoints():
+        assert await ours.read(0) == b""
+    right.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await theirs.aclose()  # linger 0: a reset, not a FIN
+    with pytest.raises(ConnectionClosedError):
+        for _ in range(20):  # the first write may still be accepted by the kernel
+            with trio.testing.assert_checkpoints():
+                await ours.write(b"x" * 1000)
+            await trio.sleep(0.01)
+    await ours.close()
+    with trio.testing.assert_checkpoints():
+        assert await ours.read(10) == b""
+    with trio.testing.assert_checkpoints():
+        await ours.write(b"late")
+
+
+async def test_concurrent_writers_on_one_stream_keep_their_frames_whole_and_in_order():
+    """Item 9's unlocked framing with writers racing on one stream (and on the connection's
+    other stream): every write arrives whole, each writer's writes in order."""
+    protocol = TProtocol("/gpumarket/test/race/1")
+    size, count = 700, 60
+    received: dict[str, bytes] = {}
+    done = trio.Event()
+    async with running_hosts(2, PATCHED) as (a, b):
+        async def sink(stream):
+            tag = (await read_all(stream, 1)).decode()
+            received[tag] = await read_all(stream, 2 * count * size)
+            if len(received) == 2:
+                done.set()
+
+        b.host.set_stream_handler(protocol, sink)
+        await a.connect(b.addrs()[0])
+        streams = {t: await a.host.new_stream(b.peer_id, [protocol]) for t in "xy"}
+
+        async def writer(stream, tag: str, who: int) -> None:
+            for i in range(count):
+                await stream.write(bytes([who, i]) * (size // 2))
+
+        async with trio.open_nursery() as nursery:
+            for tag, stream in streams.items():
+                await stream.write(tag.encode())
+                for who in (1, 2):  # two writers per stream
+                    nursery.start_soon(writer, stream, tag, who)
+        with trio.fail_after(10):
+            await done.wait()
+    for tag, data in received.items():
+        chunks = [data[i:i + size] for i in range(0, len(data), size)]
+        for who in (1, 2):
+            mine = [c for c in chunks if c[0] == who]
+            assert mine == [bytes([who, i]) * (size // 2) for i in range(count)], tag
 
 
 # ---------------------------------------------------------------------------------------------
