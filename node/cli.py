@@ -404,14 +404,17 @@ def cmd_offers_search(args: argparse.Namespace) -> int:
 
     table = Table(title=f"offers matching {args.query!r}" if args.query else "offers")
     for col in ("offer", "GPUs", "model", "VRAM", "CUDA", "region", "price/GPU-h", "hours",
-                "score", "tier", "provider"):
+                "score", "tier", "provider", "images", "interruptible"):
         table.add_column(col)
     for r in rows:
+        spot = ", ".join(f"{c['gpus']}x at {c['price_per_gpu_hour']}, {c['notice_s']} s notice"
+                         for c in r.get("interruptible", []))
         table.add_row(r["offer_id"], f"{r['gpus']}x {r['model']}", r["model_token"],
                       f"{r['vram_gib']} GiB", r["cuda"], r["region"],
                       f"{r['price_per_gpu_hour']} {r['token']}",
                       f"{_hours(r['min_duration_s'])}-{_hours(r['max_duration_s'])}",
-                      f"{r['score']:.2f}", r["tier"], r["provider"])
+                      f"{r['score']:.2f}", r["tier"], r["provider"],
+                      " ".join(r.get("images", [])), spot)
     _console().print(table)
     if not rows:
         print("no offers match; try a broader query, or wait for offers to arrive")

@@ -493,6 +493,7 @@ def offer_row(entry, now: int, established_before_ms: int) -> dict:
                                                                entry.token_decimals)}
                           for s in o.interruptible],
         "addrs": list(o.addrs),
+        "images": list(o.images),  # rent --image picks one (the first: the default)
         "model_token": "+".join(entry.models),
         "min_duration_s": o.terms.min_duration_s, "max_duration_s": o.terms.max_duration_s,
     }
