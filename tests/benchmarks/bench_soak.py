@@ -63,7 +63,7 @@ from node.anvil import AnvilProcess  # noqa: E402
 from node.chain import Chain  # noqa: E402
 from node.host import GossipHost, HostConfig  # noqa: E402
 from node.identity import NodeIdentity, load_or_create_identity  # noqa: E402
-from node.negotiate import Candidate, negotiate_first  # noqa: E402
+from node.negotiate import NEGOTIATE_PROTOCOL, Candidate, negotiate_first  # noqa: E402
 from node.offers import OFFER_TOPIC, SYNC_PROTOCOL, OfferService, encode_sync_request  # noqa: E402
 from node.reqresp import close_quietly, encode_uvarint, read_frame, write_frame  # noqa: E402
 from node.rentals import RENTAL_PROTOCOL  # noqa: E402
@@ -323,6 +323,73 @@ async def bad_protobuf(host: GossipHost, victim: ID, every_s: float, attack: Att
         await trio.sleep(every_s)
 
 
+PROBE_IP = "127.0.0.3"  # the probe's own address: neither the renter's nor the attackers'
+
+
+async def probe(victim_addr: str, victim: ID, every_s: float, results: list, stop_at: float) -> None:
+    """An honest bystander on its own address: every `every_s`, the time to open a ping stream
+    and a negotiation stream (yamux + multistream-select on the victim; the latter is closed
+    unused) on a kept connection whose host follows the offer topic as the renter's does, and to
+    dial a fresh connection (TCP + Noise + yamux) with a new peer id and ping there; None = not
+    within 5 s. Tells a victim that answers nobody from one that answers everyone but the
+    renter."""
+    rng = random.Random(7)
+
+    async def open_close(host: GossipHost, protocol: str) -> float | None:
+        t0 = trio.current_time()
+        with trio.move_on_after(5):
+            try:
+                stream = await host.host.new_stream(victim, [TProtocol(protocol)])
+            except Exception:
+                return None
+            await close_quietly(stream)
+            return round((trio.current_time() - t0) * 1000, 1)
+        return None
+
+    async def ping_stream(host: GossipHost) -> float | None:
+        t0 = trio.current_time()
+        with trio.move_on_after(5):
+            try:
+                stream = await host.host.new_stream(victim, [TProtocol("/ipfs/ping/1.0.0")])
+            except Exception:
+                return None
+            try:
+                await stream.write(b"\0" * 32)
+                await stream.read(32)
+            finally:
+                await close_quietly(stream)
+            return round((trio.current_time() - t0) * 1000, 1)
+        return None
+
+    async with trio.open_nursery() as nursery:
+        kept = dial_from(GossipHost(NodeIdentity.from_seed(keccak(b"probe")),
+                                    HostConfig(listen_addrs=attacker_listen(PROBE_IP))), PROBE_IP)
+        await nursery.start(kept.run)
+        await nursery.start(OfferService(kept, None, Params(**PARAMS)).run)  # on the offer topic
+        with trio.move_on_after(10):
+            await kept.connect(victim_addr)
+        while trio.current_time() < stop_at:
+            kept_ms = await ping_stream(kept)
+            negotiate_ms = await open_close(kept, NEGOTIATE_PROTOCOL)
+            fresh_ms = None
+            fresh = dial_from(GossipHost(NodeIdentity.from_seed(rng.randbytes(32)),
+                                         HostConfig(listen_addrs=attacker_listen(PROBE_IP))), PROBE_IP)
+            async with trio.open_nursery() as n:
+                await n.start(fresh.run)
+                t0 = trio.current_time()
+                with trio.move_on_after(5):
+                    try:
+                        await fresh.connect(victim_addr)
+                        if await ping_stream(fresh) is not None:
+                            fresh_ms = round((trio.current_time() - t0) * 1000, 1)
+                    except Exception:
+                        pass
+                n.cancel_scope.cancel()
+            results.append((round(trio.current_time(), 1), kept_ms, negotiate_ms, fresh_ms))
+            await trio.sleep(every_s)
+        nursery.cancel_scope.cancel()
+
+
 class Victim:
     """RSS and CPU of the victim process, sampled."""
 
@@ -453,6 +520,10 @@ async def main(args: argparse.Namespace) -> dict:
                     run("protobuf", bad_protobuf, hosts[3], vpid, 10.0, attack, stop_at)
 
             nursery.start_soon(attacks)
+            probes: list = []
+            if args.probe_every > 0:
+                nursery.start_soon(probe, victim_addr, victim_peer, args.probe_every, probes,
+                                   stop_at)
 
             alive = True
             while trio.current_time() < stop_at + 40:
@@ -511,6 +582,10 @@ async def main(args: argparse.Namespace) -> dict:
                    "rss_max_mib": max(s[1] for s in victim.samples) >> 20, "rss_end_mib": rss1 >> 20,
                    "cpu_share": round((cpu1 - cpu0) / max(t1 - t0, 1e-9), 3),
                    "sigterm_exit_s": None if stop_s is None else round(stop_s, 2)},
+        # (seconds since the attack began, ms to a ping stream and to a negotiation stream on a
+        # kept connection that follows the offer topic, ms to a fresh connection and a ping
+        # stream on it; null = not within 5 s), from PROBE_IP
+        "probe": [(round(p[0] - attack_at, 1), *p[1:]) for p in probes],
         "attack": attack.sent,
         "attack_first_errors": attack.first_error,
         "logs": str(tmp),
@@ -550,6 +625,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "127.0.0.1: the renter's own, so the connection attacks (churn, sync, "
                         "hello) also fill the victim's per-IP inbound limit against the renter; "
                         "127.0.0.2: attacker and renter on different addresses, as on a network)")
+    p.add_argument("--probe-every", type=float, default=10.0,
+                   help="an honest bystander at " + PROBE_IP + " opens a ping stream to the victim "
+                        "this often (on a kept connection and on a fresh one); 0: off")
     p.add_argument("--progress", action="store_true")
     return p.parse_args(argv)
 
