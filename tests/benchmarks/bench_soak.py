@@ -385,9 +385,23 @@ async def probe(victim_addr: str, victim: ID, every_s: float, results: list, sto
                     except Exception:
                         pass
                 n.cancel_scope.cancel()
-            results.append((round(trio.current_time(), 1), kept_ms, negotiate_ms, fresh_ms))
+            results.append((round(trio.current_time(), 1), kept_ms, negotiate_ms, fresh_ms,
+                            conn_state(kept, victim)))
             await trio.sleep(every_s)
         nursery.cancel_scope.cancel()
+
+
+def conn_state(host: GossipHost, peer: ID) -> dict | None:
+    """The probe's side of its yamux connection to `peer`: open streams, free outbound-stream
+    backlog slots (py-libp2p 0.8.1 allows 256) and bytes received but not yet read."""
+    for conn in host.host.get_network().get_connections(peer):
+        m = conn.muxed_conn
+        try:
+            return {"streams": len(m.streams), "backlog_free": m.stream_backlog_semaphore.value,
+                    "unread": sum(len(b) for b in m.stream_buffers.values())}
+        except AttributeError:
+            return None
+    return None
 
 
 class Victim:
@@ -584,7 +598,8 @@ async def main(args: argparse.Namespace) -> dict:
                    "sigterm_exit_s": None if stop_s is None else round(stop_s, 2)},
         # (seconds since the attack began, ms to a ping stream and to a negotiation stream on a
         # kept connection that follows the offer topic, ms to a fresh connection and a ping
-        # stream on it; null = not within 5 s), from PROBE_IP
+        # stream on it; null = not within 5 s; then the kept connection's yamux state), from
+        # PROBE_IP
         "probe": [(round(p[0] - attack_at, 1), *p[1:]) for p in probes],
         "attack": attack.sent,
         "attack_first_errors": attack.first_error,
