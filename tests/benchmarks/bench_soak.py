@@ -481,6 +481,8 @@ async def main(args: argparse.Namespace) -> dict:
                        "--watch-provider", victim_key.hex())
         renter.wait("ready", 60)
         victim = Victim(provider.proc.pid)
+        renter_proc = Victim(renter.proc.pid)  # the same samples, for the renter's CPU share
+        renter_proc.sample()
         victim.sample()
         attack = Attack()
         params = Params(**PARAMS)
@@ -543,6 +545,7 @@ async def main(args: argparse.Namespace) -> dict:
             while trio.current_time() < stop_at + 40:
                 await trio.sleep(5)
                 alive = victim.sample() and alive
+                renter_proc.sample()
                 while not renter.events.empty():
                     ev = renter.events.get_nowait()
                     if ev.get("event") == "round":
@@ -592,6 +595,9 @@ async def main(args: argparse.Namespace) -> dict:
         "victim_in_renter_book": [(r.get("watched") or {}).get("held") for r in rounds_seen],
         "victim_hit_index": [(r.get("watched") or {}).get("hit_index") for r in rounds_seen],
         "renter_gossip_drops": (rounds_seen[-1].get("drops") if rounds_seen else None),
+        # CPU seconds per second of the renter process per 5 s sample (1.0: one core busy)
+        "renter_cpu_share": [round((b[2] - a[2]) / max(b[0] - a[0], 1e-9), 2)
+                             for a, b in zip(renter_proc.samples, renter_proc.samples[1:])],
         "victim": {"up": victim_up, "rss_start_mib": rss0 >> 20,
                    "rss_max_mib": max(s[1] for s in victim.samples) >> 20, "rss_end_mib": rss1 >> 20,
                    "cpu_share": round((cpu1 - cpu0) / max(t1 - t0, 1e-9), 3),
