@@ -40,9 +40,10 @@ class Node:
 
 async def start_node(nursery: trio.Nursery, db_path, *, seed: bytes | None = None,
                      params: Params = TEST_PARAMS,
-                     config: OfferServiceConfig = OfferServiceConfig(flush_interval_s=0.2)) -> Node:
+                     config: OfferServiceConfig = OfferServiceConfig(flush_interval_s=0.2),
+                     host_config: HostConfig | None = None) -> Node:
     identity = NodeIdentity.from_seed(seed or os.urandom(32))
-    host = await nursery.start(GossipHost(identity, HostConfig(listen_addrs=LOOPBACK)).run)
+    host = await nursery.start(GossipHost(identity, host_config or HostConfig(listen_addrs=LOOPBACK)).run)
     store = await Store.open(db_path, synchronous="NORMAL")
     service = OfferService(host, store, params, config=config)
     await nursery.start(service.run)
