@@ -103,8 +103,9 @@ Limits (hostile peers; issue 11). All counted in :attr:`GossipHost.counters` (``
   resets that stream only (py-libp2p let each of these stop the node).
 * Connections: an inbound connection holds one of py-libp2p's 250 inbound slots until it closes
   (py-libp2p held it until the swarm stopped: lockout after 250 lifetime inbound connections).
-  At most ``max_inbound_per_ip`` (32) concurrent inbound connections per remote IP, refused at
-  accept before any handshake work, and ``max_inbound_per_peer`` (3) per peer id, refused before
+  At most ``max_inbound_per_ip`` (32) concurrent inbound connections per remote IP and
+  ``max_inbound_rate_per_ip`` (10/s, burst 40) new ones, refused at accept before any handshake
+  work, and ``max_inbound_per_peer`` (3) per peer id, refused before
   the connection is registered. A devnet of many nodes on one machine shares one IP: raise
   ``max_inbound_per_ip`` there.
 * Log lines a peer can trigger are rate-limited (:mod:`node.ratelimit`): ours through
@@ -252,6 +253,7 @@ class HostConfig:
     negotiate_timeout: int = 5
     max_inbound_per_ip: int = 32  # concurrent inbound connections from one IP address
     max_inbound_per_peer: int = 3  # concurrent inbound connections of one peer id
+    max_inbound_rate_per_ip: float = 10.0  # new inbound connections/s from one IP (burst 4x)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     # py-libp2p CPU fixes (node/libp2p_perf.py); False = upstream's yamux, pubsub frame reads,
     # peer records and IDONTWANT, for comparison benchmarks and the patched/unpatched interop test
@@ -261,7 +263,9 @@ class HostConfig:
 
     def conn_limits(self) -> ConnLimitsConfig:
         return ConnLimitsConfig(max_inbound_per_ip=self.max_inbound_per_ip,
-                                max_inbound_per_peer=self.max_inbound_per_peer)
+                                max_inbound_per_peer=self.max_inbound_per_peer,
+                                inbound_per_ip_per_second=self.max_inbound_rate_per_ip,
+                                inbound_per_ip_burst=4 * self.max_inbound_rate_per_ip)
 
 
 class RejectOnlyScorer(PeerScorer):

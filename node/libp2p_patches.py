@@ -550,6 +550,10 @@ def _peer_of(stream: INetStream) -> Any:
 class ConnLimitsConfig:
     max_inbound_per_ip: int = 32  # concurrent, counted from accept (before the handshake)
     max_inbound_per_peer: int = 3  # concurrent inbound connections of one peer id
+    # New inbound connections (each one a Noise handshake to pay for) per remote IP, a token
+    # bucket: the concurrent cap alone lets an address connect and drop as fast as it likes.
+    inbound_per_ip_per_second: float = 10.0
+    inbound_per_ip_burst: float = 40.0
 
 
 class ConnLimits:
@@ -560,6 +564,12 @@ class ConnLimits:
         self.config = config
         self.per_ip: Counter[str] = Counter()
         self.per_peer: Counter[ID] = Counter()
+        self.rate_per_ip = KeyedBuckets(config.inbound_per_ip_per_second,
+                                        config.inbound_per_ip_burst)
+
+    def allow_new_from(self, ip: str) -> bool:
+        """Whether `ip` may start one more inbound connection now (its rate)."""
+        return self.rate_per_ip.allow(ip)
 
     def acquire_ip(self, ip: str) -> bool:
         if self.per_ip[ip] >= self.config.max_inbound_per_ip:
@@ -598,9 +608,10 @@ class GuardedSwarm(Swarm):
     (``SwarmConn.event_closed``), not the swarm's. The handler must stay alive while the
     connection lives (trio's ``serve_listeners`` closes the socket when it returns).
 
-    Added limits (documented in node/host.py): at most ``max_inbound_per_ip`` concurrent
-    inbound connections per remote IP, counted from accept so a flood of handshakes from one
-    address is refused before any Noise work; at most ``max_inbound_per_peer`` concurrent inbound
+    Added limits (documented in node/host.py): at most ``inbound_per_ip_per_second`` new
+    inbound connections per remote IP (a token bucket) and ``max_inbound_per_ip`` concurrent
+    ones, both counted from accept so a flood of handshakes from one address is refused before
+    any Noise work; at most ``max_inbound_per_peer`` concurrent inbound
     connections per authenticated peer id, checked in ``add_conn`` before the connection is
     registered (so no notifications, identify or pubsub streams are spent on it).
     """
@@ -610,6 +621,16 @@ class GuardedSwarm(Swarm):
 
     async def _handle_inbound_connection(self, read_write_closer: Any, maddr: Any) -> None:
         ip = _remote_ip(read_write_closer)
+        if not self.p2p_conn_limits.allow_new_from(ip):
+            self.p2p_counters["p2p.conn.refused.per_ip_rate"] += 1
+            rlog.info("conn.refused.per_ip_rate", "inbound connection from %s refused: more than "
+                      "%.0f new connections/s from that IP", ip,
+                      self.p2p_conn_limits.config.inbound_per_ip_per_second)
+            try:
+                await read_write_closer.close()
+            except Exception:
+                pass
+            return
         if not self.p2p_conn_limits.acquire_ip(ip):
             self.p2p_counters["p2p.conn.refused.per_ip"] += 1
             rlog.info("conn.refused.per_ip", "inbound connection from %s refused: %d open from "

@@ -6,7 +6,8 @@ Run from the repository root (anvil needed, as for the process tests):
 
 Three OS processes on one anvil chain: the victim (a provider, `python -m node.process`, 4 fake
 GPUs), an honest renter (`python -m node.process --rent-every`), and this process, which runs the
-attackers on 127.0.0.1 with real libp2p hosts and raw sockets:
+attackers with real libp2p hosts and raw sockets, from `--attacker-ip` (127.0.0.1 by default, the
+renter's address too; 127.0.0.2 puts them on an address of their own, as on a real network):
 
 - gossip flood: forged, expired and malformed messages on the offer topic (REJECT / IGNORE work);
 - Sybil offers: valid, fat offers (8 GPUs, 4 long addresses) from fresh provider keys, for the
@@ -33,7 +34,9 @@ is JSON. Nothing here is asserted: the figures are reported as measured.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import dataclasses
+import ipaddress
 import json
 import random
 import socket
@@ -47,7 +50,11 @@ import psutil
 import trio
 from eth_utils import keccak
 from libp2p.custom_types import TProtocol
+from libp2p.io.trio import TrioTCPStream
+from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
+from libp2p.transport.tcp.tcp import TCP
+from multiaddr import Multiaddr
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -56,7 +63,7 @@ from node.anvil import AnvilProcess  # noqa: E402
 from node.chain import Chain  # noqa: E402
 from node.host import GossipHost, HostConfig  # noqa: E402
 from node.identity import NodeIdentity, load_or_create_identity  # noqa: E402
-from node.negotiate import Candidate, negotiate_first  # noqa: E402
+from node.negotiate import NEGOTIATE_PROTOCOL, Candidate, negotiate_first  # noqa: E402
 from node.offers import OFFER_TOPIC, SYNC_PROTOCOL, OfferService, encode_sync_request  # noqa: E402
 from node.reqresp import close_quietly, encode_uvarint, read_frame, write_frame  # noqa: E402
 from node.rentals import RENTAL_PROTOCOL  # noqa: E402
@@ -72,7 +79,33 @@ PRICE = 1_000  # victim's price, token units per GPU-second
 MODEL = GPU_MODELS[0]  # the victim's model; Sybils offer it too
 PARAMS = {"clock_skew_ms": 5_000, "min_heartbeat_interval_s": 1, "heartbeat_late_tolerance_ms": 1_000,
           "negotiation_step_timeout_ms": 5_000}
-LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
+RENTER_IP = "127.0.0.1"  # the renter's (and the victim's) address; attackers use --attacker-ip
+
+
+def attacker_listen(ip: str) -> tuple[str, ...]:
+    return (f"/ip4/{ip}/tcp/0",)
+
+
+DIALED_FROM: Counter[str] = Counter()  # source address of each attacker libp2p dial (checks dial_from)
+
+
+def dial_from(host: GossipHost, ip: str) -> GossipHost:
+    """Make every outbound TCP connection of this attacker's host leave from `ip` (on Linux all
+    of 127.0.0.0/8 is the loopback interface), so that the victim counts it against that
+    address and not the renter's. trio's `local_address` raises if the address cannot be
+    bound: no silent fallback to 127.0.0.1 (py-libp2p's `dial_with_source` has one)."""
+    if ip == RENTER_IP:
+        return host
+    for transport in host.host.get_network().transport_manager.get_transports():
+        if isinstance(transport, TCP):
+            async def dial(maddr: Multiaddr) -> RawConnection:
+                stream = await trio.open_tcp_stream(maddr.value_for_protocol("ip4"),
+                                                    int(maddr.value_for_protocol("tcp")),
+                                                    local_address=ip)
+                DIALED_FROM[stream.socket.getsockname()[0]] += 1
+                return RawConnection(TrioTCPStream(stream), True)
+            transport.dial = dial  # type: ignore[method-assign]
+    return host
 
 
 def pct(values: list[float], p: float) -> float | None:
@@ -147,9 +180,10 @@ async def sybils(host: GossipHost, rate: float, chain_id: int, escrow: bytes, to
         await trio.sleep(1 / rate)
 
 
-def _tcp_connect_drop(port: int, header: bool) -> bool:
+def _tcp_connect_drop(port: int, header: bool, source_ip: str) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=2,
+                                      source_address=(source_ip, 0)) as s:
             if header:
                 s.sendall(b"\x13/multistream/1.0.0\n")
         return True
@@ -157,20 +191,22 @@ def _tcp_connect_drop(port: int, header: bool) -> bool:
         return False
 
 
-async def churn(port: int, rate: float, attack: Attack, stop_at: float) -> None:
+async def churn(port: int, rate: float, source_ip: str, attack: Attack, stop_at: float) -> None:
     n = 0
     while trio.current_time() < stop_at:
-        ok = await trio.to_thread.run_sync(_tcp_connect_drop, port, n % 2 == 0)
+        ok = await trio.to_thread.run_sync(_tcp_connect_drop, port, n % 2 == 0, source_ip)
         attack.count("tcp_churn" if ok else "tcp_churn_refused")
         n += 1
         await trio.sleep(1 / rate)
 
 
-async def libp2p_churn(victim_addr: str, every_s: float, attack: Attack, stop_at: float) -> None:
+async def libp2p_churn(victim_addr: str, every_s: float, source_ip: str, attack: Attack,
+                       stop_at: float) -> None:
     """Fresh hosts that complete Noise + yamux, then go away (each one a new peer id)."""
     rng = random.Random(3)
     while trio.current_time() < stop_at:
-        host = GossipHost(NodeIdentity.from_seed(rng.randbytes(32)), HostConfig(listen_addrs=LOOPBACK))
+        host = dial_from(GossipHost(NodeIdentity.from_seed(rng.randbytes(32)),
+                                    HostConfig(listen_addrs=attacker_listen(source_ip))), source_ip)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(host.run)
@@ -287,6 +323,87 @@ async def bad_protobuf(host: GossipHost, victim: ID, every_s: float, attack: Att
         await trio.sleep(every_s)
 
 
+PROBE_IP = "127.0.0.3"  # the probe's own address: neither the renter's nor the attackers'
+
+
+async def probe(victim_addr: str, victim: ID, every_s: float, results: list, stop_at: float) -> None:
+    """An honest bystander on its own address: every `every_s`, the time to open a ping stream
+    and a negotiation stream (yamux + multistream-select on the victim; the latter is closed
+    unused) on a kept connection whose host follows the offer topic as the renter's does, and to
+    dial a fresh connection (TCP + Noise + yamux) with a new peer id and ping there; None = not
+    within 5 s. Tells a victim that answers nobody from one that answers everyone but the
+    renter."""
+    rng = random.Random(7)
+
+    async def open_close(host: GossipHost, protocol: str) -> float | None:
+        t0 = trio.current_time()
+        with trio.move_on_after(5):
+            try:
+                stream = await host.host.new_stream(victim, [TProtocol(protocol)])
+            except Exception:
+                return None
+            await close_quietly(stream)
+            return round((trio.current_time() - t0) * 1000, 1)
+        return None
+
+    async def ping_stream(host: GossipHost) -> float | None:
+        t0 = trio.current_time()
+        with trio.move_on_after(5):
+            try:
+                stream = await host.host.new_stream(victim, [TProtocol("/ipfs/ping/1.0.0")])
+            except Exception:
+                return None
+            try:
+                await stream.write(b"\0" * 32)
+                await stream.read(32)
+            finally:
+                await close_quietly(stream)
+            return round((trio.current_time() - t0) * 1000, 1)
+        return None
+
+    async with trio.open_nursery() as nursery:
+        kept = dial_from(GossipHost(NodeIdentity.from_seed(keccak(b"probe")),
+                                    HostConfig(listen_addrs=attacker_listen(PROBE_IP))), PROBE_IP)
+        await nursery.start(kept.run)
+        await nursery.start(OfferService(kept, None, Params(**PARAMS)).run)  # on the offer topic
+        with trio.move_on_after(10):
+            await kept.connect(victim_addr)
+        while trio.current_time() < stop_at:
+            kept_ms = await ping_stream(kept)
+            negotiate_ms = await open_close(kept, NEGOTIATE_PROTOCOL)
+            fresh_ms = None
+            fresh = dial_from(GossipHost(NodeIdentity.from_seed(rng.randbytes(32)),
+                                         HostConfig(listen_addrs=attacker_listen(PROBE_IP))), PROBE_IP)
+            async with trio.open_nursery() as n:
+                await n.start(fresh.run)
+                t0 = trio.current_time()
+                with trio.move_on_after(5):
+                    try:
+                        await fresh.connect(victim_addr)
+                        if await ping_stream(fresh) is not None:
+                            fresh_ms = round((trio.current_time() - t0) * 1000, 1)
+                    except Exception:
+                        pass
+                n.cancel_scope.cancel()
+            results.append((round(trio.current_time(), 1), kept_ms, negotiate_ms, fresh_ms,
+                            conn_state(kept, victim)))
+            await trio.sleep(every_s)
+        nursery.cancel_scope.cancel()
+
+
+def conn_state(host: GossipHost, peer: ID) -> dict | None:
+    """The probe's side of its yamux connection to `peer`: open streams, free outbound-stream
+    backlog slots (py-libp2p 0.8.1 allows 256) and bytes received but not yet read."""
+    for conn in host.host.get_network().get_connections(peer):
+        m = conn.muxed_conn
+        try:
+            return {"streams": len(m.streams), "backlog_free": m.stream_backlog_semaphore.value,
+                    "unread": sum(len(b) for b in m.stream_buffers.values())}
+        except AttributeError:
+            return None
+    return None
+
+
 class Victim:
     """RSS and CPU of the victim process, sampled."""
 
@@ -364,6 +481,8 @@ async def main(args: argparse.Namespace) -> dict:
                        "--watch-provider", victim_key.hex())
         renter.wait("ready", 60)
         victim = Victim(provider.proc.pid)
+        renter_proc = Victim(renter.proc.pid)  # the same samples, for the renter's CPU share
+        renter_proc.sample()
         victim.sample()
         attack = Attack()
         params = Params(**PARAMS)
@@ -373,11 +492,14 @@ async def main(args: argparse.Namespace) -> dict:
         async with trio.open_nursery() as nursery:
             hosts = []
             for i in range(4):
-                h = GossipHost(NodeIdentity.from_seed(keccak(b"attacker %d" % i)),
-                               HostConfig(listen_addrs=LOOPBACK))
+                h = dial_from(GossipHost(NodeIdentity.from_seed(keccak(b"attacker %d" % i)),
+                                         HostConfig(listen_addrs=attacker_listen(args.attacker_ip))),
+                              args.attacker_ip)
                 await nursery.start(h.run)
                 await h.connect(victim_addr)
                 hosts.append(h)
+            if args.attacker_ip != RENTER_IP and set(DIALED_FROM) != {args.attacker_ip}:
+                raise SystemExit(f"attackers dialled from {dict(DIALED_FROM)}, not {args.attacker_ip}")
             # the attackers' own offer book, to learn the victim's current offer and digest
             svc = OfferService(hosts[0], None, params)
             await nursery.start(svc.run)
@@ -405,8 +527,8 @@ async def main(args: argparse.Namespace) -> dict:
                     # graylisted, and then nothing of theirs reaches validation
                     run("sybil", sybils, hosts[2], args.sybil_rate, anvil.chain_id, escrow, token,
                         attack, stop_at)
-                    run("churn", churn, port, args.churn_rate, attack, stop_at)
-                    run("churn", libp2p_churn, victim_addr, 5.0, attack, stop_at)
+                    run("churn", churn, port, args.churn_rate, args.attacker_ip, attack, stop_at)
+                    run("churn", libp2p_churn, victim_addr, 5.0, args.attacker_ip, attack, stop_at)
                     run("sync", sync_abuse, hosts[1], vpid, 8, attack, stop_at)
                     run("negotiation", negotiation_abuse, hosts[0], victim_offer, params,
                         anvil.chain_id, 1.0, attack, stop_at)
@@ -414,11 +536,16 @@ async def main(args: argparse.Namespace) -> dict:
                     run("protobuf", bad_protobuf, hosts[3], vpid, 10.0, attack, stop_at)
 
             nursery.start_soon(attacks)
+            probes: list = []
+            if args.probe_every > 0:
+                nursery.start_soon(probe, victim_addr, victim_peer, args.probe_every, probes,
+                                   stop_at)
 
             alive = True
             while trio.current_time() < stop_at + 40:
                 await trio.sleep(5)
                 alive = victim.sample() and alive
+                renter_proc.sample()
                 while not renter.events.empty():
                     ev = renter.events.get_nowait()
                     if ev.get("event") == "round":
@@ -453,6 +580,8 @@ async def main(args: argparse.Namespace) -> dict:
         "attack_delay_s": args.attack_delay,
         "provider_history": args.provider_history,
         "attacks": args.attacks,
+        "attacker_ip": args.attacker_ip,
+        "attacker_dials_from": dict(DIALED_FROM),
         "provider_history_gas": history_gas,
         "honest_rents": {"ok": len(ok), "tried": len(rounds_seen), "errors": errors},
         "honest_rents_under_attack": {"ok": sum(1 for r in attacked if r.get("ok")),
@@ -466,10 +595,18 @@ async def main(args: argparse.Namespace) -> dict:
         "victim_in_renter_book": [(r.get("watched") or {}).get("held") for r in rounds_seen],
         "victim_hit_index": [(r.get("watched") or {}).get("hit_index") for r in rounds_seen],
         "renter_gossip_drops": (rounds_seen[-1].get("drops") if rounds_seen else None),
+        # CPU seconds per second of the renter process per 5 s sample (1.0: one core busy)
+        "renter_cpu_share": [round((b[2] - a[2]) / max(b[0] - a[0], 1e-9), 2)
+                             for a, b in zip(renter_proc.samples, renter_proc.samples[1:])],
         "victim": {"up": victim_up, "rss_start_mib": rss0 >> 20,
                    "rss_max_mib": max(s[1] for s in victim.samples) >> 20, "rss_end_mib": rss1 >> 20,
                    "cpu_share": round((cpu1 - cpu0) / max(t1 - t0, 1e-9), 3),
                    "sigterm_exit_s": None if stop_s is None else round(stop_s, 2)},
+        # (seconds since the attack began, ms to a ping stream and to a negotiation stream on a
+        # kept connection that follows the offer topic, ms to a fresh connection and a ping
+        # stream on it; null = not within 5 s; then the kept connection's yamux state), from
+        # PROBE_IP
+        "probe": [(round(p[0] - attack_at, 1), *p[1:]) for p in probes],
         "attack": attack.sent,
         "attack_first_errors": attack.first_error,
         "logs": str(tmp),
@@ -477,6 +614,13 @@ async def main(args: argparse.Namespace) -> dict:
 
 
 ALL_ATTACKS = "flood,sybil,churn,sync,negotiation,hello,protobuf"
+
+
+def loopback_ip(text: str) -> str:
+    ip = ipaddress.IPv4Address(text)
+    if not ip.is_loopback:
+        raise argparse.ArgumentTypeError(f"{text} is not a 127.0.0.0/8 address")
+    return str(ip)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -496,10 +640,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "escrow (a provider with a paid past: 2 or more make its wallet proven, "
                         "specs/offerbook.md 'Standing'); 0: a provider nobody has paid yet")
     p.add_argument("--attacks", default=ALL_ATTACKS,
-                   help="comma-separated attacks to run (default: all): " + ALL_ATTACKS + ". On "
-                        "loopback the renter shares 127.0.0.1 with every attacker, so the "
-                        "connection attacks (churn, sync, hello) also fill the victim's per-IP "
-                        "inbound limit against the renter; 'sybil' alone measures the Sybil flood")
+                   help="comma-separated attacks to run (default: all): " + ALL_ATTACKS)
+    p.add_argument("--attacker-ip", default=RENTER_IP, type=loopback_ip,
+                   help="the 127.x.y.z address every attacker connection leaves from (default "
+                        "127.0.0.1: the renter's own, so the connection attacks (churn, sync, "
+                        "hello) also fill the victim's per-IP inbound limit against the renter; "
+                        "127.0.0.2: attacker and renter on different addresses, as on a network)")
+    p.add_argument("--probe-every", type=float, default=10.0,
+                   help="an honest bystander at " + PROBE_IP + " opens a ping stream to the victim "
+                        "this often (on a kept connection and on a fresh one); 0: off")
     p.add_argument("--progress", action="store_true")
     return p.parse_args(argv)
 

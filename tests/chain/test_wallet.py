@@ -21,7 +21,7 @@ def test_wallet__keystore_round_trip_with_mode_0600(tmp_path):
 def test_wallet__wrong_password_and_missing_file_are_clear_errors(tmp_path):
     w = Wallet.create()
     w.write_keystore(tmp_path / "k.json", "pw")
-    with pytest.raises(WalletError, match="cannot decrypt"):
+    with pytest.raises(WalletError, match="wrong password"):
         Wallet.from_keystore(tmp_path / "k.json", "not pw")
     with pytest.raises(WalletError, match="not found"):
         Wallet.from_keystore(tmp_path / "missing.json", "pw")

@@ -21,6 +21,9 @@ ELSEWHERE = {  # documented commands exercised by other tests
     ("demo",): "tests/cli/test_demo.py",
     ("node", "run"): "this test's devnet runs every node with it",
     ("devnet",): "this test starts one",
+    # a docker provider's container: tests/cli/test_cli_containers.py rents on a devnet and runs each
+    ("shell",): "tests/node/test_exec.py (a terminal session: pty, resize, Ctrl-C)", ("run",): "tests/cli/test_cli_containers.py",
+    ("forward",): "tests/cli/test_cli_containers.py", ("cp",): "tests/cli/test_cli_containers.py",
 }
 
 

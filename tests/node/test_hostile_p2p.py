@@ -352,7 +352,9 @@ async def churn(attacker: GossipHost, victim: GossipHost, cycles: int) -> None:
 
 async def test_connect_drop_cycles_beyond_the_inbound_cap_do_not_lock_the_node_out(tmp_path):
     async with trio.open_nursery() as nursery:
-        victim = await start_node(nursery, tmp_path / "victim.db")
+        # the per-IP rate of new connections is lifted: this test is about slots coming back
+        victim = await start_node(nursery, tmp_path / "victim.db", host_config=HostConfig(
+            listen_addrs=LOOPBACK, max_inbound_rate_per_ip=10_000))
         honest = await start_node(nursery, tmp_path / "honest.db")
         attackers = [await start_attacker(nursery) for _ in range(CHURNERS)]
         with trio.fail_after(240):
@@ -387,6 +389,28 @@ async def test_per_ip_limit_refuses_extra_inbound_connections_before_the_handsha
         await wait_until(lambda: not victim.host.get_network().p2p_conn_limits.per_ip)
         honest = await start_attacker(nursery)
         await honest.connect(victim.addrs()[0])
+        nursery.cancel_scope.cancel()
+
+
+async def test_per_ip_rate_refuses_new_connections_beyond_it_before_the_handshake(tmp_path):
+    """Connect-and-drop from one address, each one within the concurrent cap: beyond the
+    address's rate (a burst of 2 here, one every 2 s) the victim closes new connections at
+    accept; another address is not affected."""
+    async with trio.open_nursery() as nursery:
+        victim = await nursery.start(GossipHost(NodeIdentity.from_seed(os.urandom(32)), HostConfig(
+            listen_addrs=LOOPBACK, max_inbound_rate_per_ip=0.5)).run)
+        port = int(victim.addrs()[0].value_for_protocol("tcp"))
+        cut = []
+        for _ in range(8):  # one at a time: never more than one open from 127.0.0.1
+            s = await trio.open_tcp_stream("127.0.0.1", port)
+            cut.append(await closed_by_peer(s, within=0.3))
+            await s.aclose()
+        assert cut[:2] == [False, False]  # the burst: waiting for our handshake
+        assert sum(cut) >= 5  # at most one more token refilled while the loop ran
+        assert victim.counters["p2p.conn.refused.per_ip_rate"] == sum(cut)
+        other = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.2")
+        assert not await closed_by_peer(other, within=0.3)  # a different address has its own rate
+        await other.aclose()
         nursery.cancel_scope.cancel()
 
 
