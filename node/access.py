@@ -596,21 +596,33 @@ class ExecDesk:
 # -- renter: the node relays its control connection to the provider ---------------------------
 
 
+PROVIDER_STREAM_TIMEOUT_S = 15  # connect (if needed) and negotiate the protocol
+
+
+async def open_to_provider(node: Any, agreement_id: bytes, protocol: str) -> Any:
+    """A new `protocol` stream to the provider of this node's rental `agreement_id`. Raises
+    ExecRefused("unknown_agreement") for an id that is not one of this node's rentals as
+    renter, ExecRefused("unreachable") when the stream cannot be opened in time."""
+    rental = node.rentals.get(agreement_id)
+    if rental is None or rental.role != "renter":
+        raise ExecRefused("unknown_agreement", "no rental of yours has that id")
+    provider = ID.from_base58(peer_id_from_public_key(rental.details.provider_key))
+    try:
+        with trio.fail_after(PROVIDER_STREAM_TIMEOUT_S):
+            return await node.host.host.new_stream(provider, [TProtocol(protocol)])
+    except Exception as exc:
+        raise ExecRefused("unreachable", f"the provider: {exc!r}") from None
+
+
 async def relay_exec(node: Any, client: trio.abc.Stream, agreement_id: bytes, argv: list[str],
                      tty: bool, rows: int, cols: int) -> None:
     """Open the exec stream to the rental's provider, send OPEN, then copy frames both ways
     until the provider sends EXIT or REFUSED or either side goes away."""
-    rental = node.rentals.get(agreement_id)
-    if rental is None or rental.role != "renter":
-        await write_control_frame(client, refused_frame("unknown_agreement", "no rental of yours has that id"))
-        return
-    provider = ID.from_base58(peer_id_from_public_key(rental.details.provider_key))
     request = Open(agreement_id, tty, rows, cols, tuple(argv))
     try:
-        with trio.fail_after(15):
-            p2p = await node.host.host.new_stream(provider, [TProtocol(EXEC_PROTOCOL)])
-    except Exception as exc:
-        await write_control_frame(client, refused_frame("unreachable", f"the provider: {exc!r}"))
+        p2p = await open_to_provider(node, agreement_id, EXEC_PROTOCOL)
+    except ExecRefused as exc:
+        await write_control_frame(client, refused_frame(exc.code, exc.detail))
         return
     try:
         await write_frame(p2p, request.encode(), max_frame=MAX_EXEC_FRAME)
@@ -841,16 +853,10 @@ async def relay_forward(node: Any, client: trio.abc.Stream, agreement_id: bytes,
                         reply: Callable[[dict], Awaitable[None]]) -> None:
     """Renter's node: open `/gpumarket/forward/1` to the rental's provider for `port`, answer
     the control request with `reply`, then copy bytes both ways."""
-    rental = node.rentals.get(agreement_id)
-    if rental is None or rental.role != "renter":
-        await reply({"ok": False, "error": "refused (unknown_agreement): no rental of yours has that id"})
-        return
-    provider = ID.from_base58(peer_id_from_public_key(rental.details.provider_key))
     try:
-        with trio.fail_after(15):
-            p2p = await node.host.host.new_stream(provider, [TProtocol(FORWARD_PROTOCOL)])
-    except Exception as exc:
-        await reply({"ok": False, "error": f"refused (unreachable): the provider: {exc!r}"})
+        p2p = await open_to_provider(node, agreement_id, FORWARD_PROTOCOL)
+    except ExecRefused as exc:
+        await reply({"ok": False, "error": f"refused ({exc.code}): {exc.detail}"})
         return
     try:
         await write_frame(p2p, ForwardOpen(agreement_id, port).encode(), max_frame=MAX_EXEC_FRAME)
@@ -937,16 +943,10 @@ async def relay_copy(node: Any, client: trio.abc.Stream, agreement_id: bytes, di
     """Renter's node: `/gpumarket/cp/1` to the rental's provider. Out: after the reply line the
     tar bytes follow to the end of the connection. In: the client's tar bytes up to its
     half-close go to the provider, then one more JSON line says how it went."""
-    rental = node.rentals.get(agreement_id)
-    if rental is None or rental.role != "renter":
-        await reply({"ok": False, "error": "refused (unknown_agreement): no rental of yours has that id"})
-        return
-    provider = ID.from_base58(peer_id_from_public_key(rental.details.provider_key))
     try:
-        with trio.fail_after(15):
-            p2p = await node.host.host.new_stream(provider, [TProtocol(COPY_PROTOCOL)])
-    except Exception as exc:
-        await reply({"ok": False, "error": f"refused (unreachable): the provider: {exc!r}"})
+        p2p = await open_to_provider(node, agreement_id, COPY_PROTOCOL)
+    except ExecRefused as exc:
+        await reply({"ok": False, "error": f"refused ({exc.code}): {exc.detail}"})
         return
     try:
         await write_frame(p2p, CopyOpen(agreement_id, direction, path).encode(), max_frame=MAX_EXEC_FRAME)
