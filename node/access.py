@@ -614,6 +614,36 @@ async def open_to_provider(node: Any, agreement_id: bytes, protocol: str) -> Any
         raise ExecRefused("unreachable", f"the provider: {exc!r}") from None
 
 
+async def open_accepted(node: Any, agreement_id: bytes, protocol: str, request: bytes,
+                        timeout_s: float, reply: Callable[[dict], Awaitable[None]]) -> Any:
+    """`open_to_provider`, send `request` and wait `timeout_s` for the provider's ACCEPTED:
+    the accepted stream, after replying ok to the control client; None after replying with
+    the refusal (the stream closed)."""
+    try:
+        p2p = await open_to_provider(node, agreement_id, protocol)
+    except ExecRefused as exc:
+        await reply({"ok": False, "error": f"refused ({exc.code}): {exc.detail}"})
+        return None
+    try:
+        await write_frame(p2p, request, max_frame=MAX_EXEC_FRAME)
+        try:
+            answer = await read_frame(p2p, max_frame=MAX_EXEC_FRAME, timeout=timeout_s)
+        except ReqRespError as exc:
+            await reply({"ok": False, "error": f"refused (unreachable): {exc}"})
+            await close_quietly(p2p)
+            return None
+        if not answer or answer[0] != ACCEPTED:
+            code, detail = parse_refused(answer) if answer and answer[0] == REFUSED else ("bad_frame", "?")
+            await reply({"ok": False, "error": f"refused ({code}): {detail}"})
+            await close_quietly(p2p)
+            return None
+        await reply({"ok": True, "result": "bytes follow"})
+    except BaseException:
+        await close_quietly(p2p)
+        raise
+    return p2p
+
+
 async def relay_exec(node: Any, client: trio.abc.Stream, agreement_id: bytes, argv: list[str],
                      tty: bool, rows: int, cols: int) -> None:
     """Open the exec stream to the rental's provider, send OPEN, then copy frames both ways
@@ -853,23 +883,11 @@ async def relay_forward(node: Any, client: trio.abc.Stream, agreement_id: bytes,
                         reply: Callable[[dict], Awaitable[None]]) -> None:
     """Renter's node: open `/gpumarket/forward/1` to the rental's provider for `port`, answer
     the control request with `reply`, then copy bytes both ways."""
-    try:
-        p2p = await open_to_provider(node, agreement_id, FORWARD_PROTOCOL)
-    except ExecRefused as exc:
-        await reply({"ok": False, "error": f"refused ({exc.code}): {exc.detail}"})
+    p2p = await open_accepted(node, agreement_id, FORWARD_PROTOCOL,
+                              ForwardOpen(agreement_id, port).encode(), OPEN_TIMEOUT_S + 5, reply)
+    if p2p is None:
         return
     try:
-        await write_frame(p2p, ForwardOpen(agreement_id, port).encode(), max_frame=MAX_EXEC_FRAME)
-        try:
-            answer = await read_frame(p2p, max_frame=MAX_EXEC_FRAME, timeout=OPEN_TIMEOUT_S + 5)
-        except ReqRespError as exc:
-            await reply({"ok": False, "error": f"refused (unreachable): {exc}"})
-            return
-        if not answer or answer[0] != ACCEPTED:
-            code, detail = parse_refused(answer) if answer and answer[0] == REFUSED else ("bad_frame", "?")
-            await reply({"ok": False, "error": f"refused ({code}): {detail}"})
-            return
-        await reply({"ok": True, "result": "bytes follow"})
         async with trio.open_nursery() as nursery:
             nursery.start_soon(copy_p2p_to_trio, p2p, client)
             nursery.start_soon(copy_trio_to_p2p, client, p2p)
@@ -943,23 +961,11 @@ async def relay_copy(node: Any, client: trio.abc.Stream, agreement_id: bytes, di
     """Renter's node: `/gpumarket/cp/1` to the rental's provider. Out: after the reply line the
     tar bytes follow to the end of the connection. In: the client's tar bytes up to its
     half-close go to the provider, then one more JSON line says how it went."""
-    try:
-        p2p = await open_to_provider(node, agreement_id, COPY_PROTOCOL)
-    except ExecRefused as exc:
-        await reply({"ok": False, "error": f"refused ({exc.code}): {exc.detail}"})
+    p2p = await open_accepted(node, agreement_id, COPY_PROTOCOL,
+                              CopyOpen(agreement_id, direction, path).encode(), OPEN_TIMEOUT_S + 20, reply)
+    if p2p is None:
         return
     try:
-        await write_frame(p2p, CopyOpen(agreement_id, direction, path).encode(), max_frame=MAX_EXEC_FRAME)
-        try:
-            answer = await read_frame(p2p, max_frame=MAX_EXEC_FRAME, timeout=OPEN_TIMEOUT_S + 20)
-        except ReqRespError as exc:
-            await reply({"ok": False, "error": f"refused (unreachable): {exc}"})
-            return
-        if not answer or answer[0] != ACCEPTED:
-            code, detail = parse_refused(answer) if answer and answer[0] == REFUSED else ("bad_frame", "?")
-            await reply({"ok": False, "error": f"refused ({code}): {detail}"})
-            return
-        await reply({"ok": True, "result": "bytes follow"})
         if direction == COPY_OUT:
             await copy_p2p_to_trio(p2p, client)
             return
