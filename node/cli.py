@@ -838,15 +838,10 @@ def cmd_devnet(args: argparse.Namespace) -> int:
 
 
 def cmd_devnet_faucet(args: argparse.Namespace) -> int:
+    from .config import parse_address
     from .devnet import faucet
 
-    text = args.address.removeprefix("0x")
-    try:
-        address = bytes.fromhex(text)
-    except ValueError:
-        address = b""
-    if len(address) != 20:
-        raise UserError(f"{args.address!r} is not a 0x-prefixed 20-byte address")
+    address = parse_address(args.address, "ADDRESS")  # ConfigError: a usage error (exit 2)
     if args.eth < 0 or args.tokens < 0:
         raise UserError("--eth and --tokens must not be negative")
     try:

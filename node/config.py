@@ -133,7 +133,8 @@ class Config:
         return (self.data_dir / self.chain.keystore).expanduser()
 
 
-def _address(value: Any, where: str) -> bytes:
+def parse_address(value: Any, where: str) -> bytes:
+    """A 0x-prefixed (or bare) 20-byte hex address; ConfigError naming `where` otherwise."""
     text = str(value)
     raw = text[2:] if text.startswith("0x") else text
     try:
@@ -234,7 +235,7 @@ def load_config(path: Path) -> Config:
             "provider")
     renter = doc.get("renter", {})
     _expect(renter, {"arbiters": list}, "renter")
-    arbiters = tuple(_address(a, "renter.arbiters") for a in renter.get("arbiters", []))
+    arbiters = tuple(parse_address(a, "renter.arbiters") for a in renter.get("arbiters", []))
     data_dir = Path(node.get("data_dir", str(path.parent))).expanduser()
     convert = {
         "price_per_gpu_hour": lambda v: _decimal(v, "provider.price_per_gpu_hour"),
@@ -260,8 +261,8 @@ def load_config(path: Path) -> Config:
         chain=ChainSection(
             rpc=chain.get("rpc", "embedded"),
             chain_id=chain.get("chain_id"),
-            escrow=_address(chain["escrow"], "chain.escrow") if "escrow" in chain else None,
-            token=_address(chain["token"], "chain.token") if "token" in chain else None,
+            escrow=parse_address(chain["escrow"], "chain.escrow") if "escrow" in chain else None,
+            token=parse_address(chain["token"], "chain.token") if "token" in chain else None,
             keystore=chain.get("keystore", "wallet.json"),
         ),
         provider=provider,
