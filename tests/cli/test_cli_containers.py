@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import urllib.request
 
 import pytest
 
-from node.anvil import AnvilProcess, find_anvil
-from node.chain import Chain
+from node.anvil import find_anvil
 from node.runtime import LABEL_AGREEMENT
-from node.wallet import Wallet
-from tests.cli.test_cli_e2e import ENV, EXE, configure, gm, start_node, stop_node, wait_for
+from tests.cli.harness import ENV, EXE, anvil_market, gm, start_node, stop, wait_for
 from tests.docker_image import busybox_image, docker_client, no_daemon_reason
 
 pytestmark = [
@@ -28,22 +25,12 @@ pytestmark = [
 
 def test_cli_containers__rent_run_forward_cp_stop_on_a_devnet(tmp_path):
     image = busybox_image()
-    with AnvilProcess() as anvil:
-        deployer = Wallet.from_key(b"\x02" * 32)
-        anvil.fund(deployer.address, 10**21)
-        chain = Chain.connect(anvil.url, chain_id=anvil.chain_id)
-        escrow, token = chain.deploy_local_market(deployer.key)
-        prov_dir, rent_dir = tmp_path / "provider", tmp_path / "renter"
-        for d, provider in ((prov_dir, True), (rent_dir, False)):
-            assert gm(d, "init", *(["--provider"] if provider else [])).returncode == 0
-            address = bytes.fromhex(json.loads((d / "wallet.json").read_text())["address"])
-            anvil.fund(address, 10**20)
-            configure(d, anvil, escrow, token, provider)
+    with anvil_market(tmp_path, deployer_key=b"\x02" * 32) as m:
+        prov_dir, rent_dir = m.provider_dir, m.renter_dir
         with open(prov_dir / "config.toml", "a") as f:  # the container runtime, no GPU request
             f.write(f'runtime = "docker"\nimages = ["{image}"]\ndocker_gpus = "none"\n'
                     f'docker_cpus = 1\ndocker_memory_mib = 256\n')
-        renter_addr = bytes.fromhex(json.loads((rent_dir / "wallet.json").read_text())["address"])
-        chain.fund(renter_addr, token_units=100 * 10**6, minter_key=deployer.key)
+        m.fund_renter(token_units=100 * 10**6)
 
         provider, p_ready = start_node(prov_dir)
         renter, _ = start_node(rent_dir, "--bootstrap", p_ready["addrs"][0])
@@ -112,7 +99,7 @@ def test_cli_containers__rent_run_forward_cp_stop_on_a_devnet(tmp_path):
                 forward.kill()
                 forward.wait(10)
             for proc in (renter, provider):
-                stop_node(proc)
+                stop(proc)
             for c in docker_client().api.containers(all=True, filters={"label": LABEL_AGREEMENT}):
                 if c["Labels"].get("gpumarket.provider") == p_ready["peer_id"]:
                     docker_client().api.remove_container(c["Id"], force=True)

@@ -3,96 +3,26 @@ search, rent, rentals, stop, escrow status, evidence export and verify, and the 
 meet. Skipped when anvil is not installed (.ci/run installs it)."""
 
 import json
-import os
 import re
-import shutil
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from node.anvil import AnvilProcess, find_anvil
-from node.chain import Chain
-from node.devnet import start_node_process
-from node.wallet import Wallet
+
+from .harness import (ENV, anvil_market, configure_for_anvil, gm, start_devnet, start_node, stop,
+                      wait_for)
 
 pytestmark = pytest.mark.skipif(find_anvil() is None, reason="anvil not installed (.ci/run installs it)")
 
-EXE = shutil.which("gpumarket") or os.path.join(os.path.dirname(sys.executable), "gpumarket")
-ENV = {**os.environ, "GPUMARKET_PASSWORD": "test password", "COLUMNS": "200"}
-
-
-def gm(data_dir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([EXE, "--data-dir", str(data_dir), *args], capture_output=True,
-                          text=True, timeout=timeout, env=ENV, stdin=subprocess.DEVNULL)
-
-
-HOOK = """import json, sys
-agreement = json.load(sys.stdin)
-print("ssh -p 2222 gpu@127.0.0.1  # for", agreement["access_key"].split()[-1], agreement["agreement_id"][:8])
-"""
-
-
-def configure(data_dir: Path, anvil: AnvilProcess, escrow: bytes, token: bytes, provider: bool) -> None:
-    cfg = data_dir / "config.toml"
-    text = cfg.read_text()
-    text = text.replace('rpc = "embedded"', f'rpc = "{anvil.url}"\nchain_id = {anvil.chain_id}\n'
-                        f'escrow = "0x{escrow.hex()}"\ntoken = "0x{token.hex()}"')
-    text = text.replace('listen = ["/ip4/0.0.0.0/tcp/4001"]', 'listen = ["/ip4/127.0.0.1/tcp/0"]')
-    if provider:
-        text = text.replace("min_duration_s = 600", "min_duration_s = 10")
-        text = text.replace("heartbeat_interval_s = 30", "heartbeat_interval_s = 5")
-        text = text.replace("grace_s = 600", "grace_s = 300")  # the escrow's minimum
-        hook = data_dir / "access_hook.py"
-        hook.write_text(HOOK)
-        text += "fake_gpus = 2\n"
-        text += f"access_hook = ['{sys.executable}', '{hook}']\n"
-    cfg.write_text(text)
-
-
-def start_node(data_dir: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
-    return start_node_process(EXE, data_dir, ENV, *extra)
-
-
-def stop_node(proc: subprocess.Popen) -> float:
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=20)
-    return time.monotonic() - t0
-
-
-def wait_for(fn, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 def test_cli__provider_and_renter_rent_stop_and_verify(tmp_path):
-    with AnvilProcess() as anvil:
-        deployer = Wallet.from_key(b"\x01" * 32)
-        anvil.fund(deployer.address, 10**21)
-        chain = Chain.connect(anvil.url, chain_id=anvil.chain_id)
-        escrow, token = chain.deploy_local_market(deployer.key)
-
-        prov_dir, rent_dir = tmp_path / "provider", tmp_path / "renter"
-        for d, provider in ((prov_dir, True), (rent_dir, False)):
-            out = gm(d, "init", *(["--provider"] if provider else []))
-            assert out.returncode == 0, out.stderr
-            assert "wallet:" in out.stdout and "0x" in out.stdout
+    with anvil_market(tmp_path) as m:
+        prov_dir, rent_dir = m.provider_dir, m.renter_dir
+        for d in (prov_dir, rent_dir):
             keystore = json.loads((d / "wallet.json").read_text())
             assert "crypto" in keystore  # encrypted; no plain key anywhere in the data dir
-            address = bytes.fromhex(keystore["address"].removeprefix("0x"))
-            anvil.fund(address, 10**20)
-            configure(d, anvil, escrow, token, provider)
-        renter_addr = bytes.fromhex(json.loads((rent_dir / "wallet.json").read_text())["address"])
-
+            assert "wallet:" in m.init_stdout[d] and keystore["address"].lower() in m.init_stdout[d].lower()
         # errors people meet, before any node runs
         out = gm(rent_dir, "offers", "search", "gpu=H100*")
         assert out.returncode == 3 and "no node is running" in out.stderr  # not found
@@ -113,7 +43,7 @@ def test_cli__provider_and_renter_rent_stop_and_verify(tmp_path):
             # no stablecoins yet: refused before negotiating, with the amounts
             out = gm(rent_dir, "rent", rows[0]["offer_id"], "--seconds", "120", "--yes")
             assert out.returncode == 1 and "not enough funds" in out.stderr, out.stderr
-            chain.fund(renter_addr, token_units=100 * 10**6, minter_key=deployer.key)
+            m.fund_renter(token_units=100 * 10**6)
             out = gm(rent_dir, "rent", rows[0]["offer_id"], "--seconds", "120", "--yes", "--json",
                      "--access-key", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAItest renter@laptop")
             assert out.returncode == 0, out.stdout + out.stderr
@@ -163,7 +93,7 @@ def test_cli__provider_and_renter_rent_stop_and_verify(tmp_path):
             assert out.returncode == 3 and "no such file" in out.stderr
 
             # history survives a restart: the store lists the agreement and its evidence
-            stop_node(renter)
+            stop(renter)
             renter, _ = start_node(rent_dir, "--bootstrap", p_ready["addrs"][0])
             assert json.loads(gm(rent_dir, "rentals", "--json").stdout) == []  # none this run
             history = json.loads(gm(rent_dir, "rentals", "--all", "--json").stdout)
@@ -177,7 +107,7 @@ def test_cli__provider_and_renter_rent_stop_and_verify(tmp_path):
             out = gm(rent_dir, "evidence", "verify", str(again), "--json")
             assert out.returncode == 0 and json.loads(out.stdout)["valid"] is True, out.stdout
         finally:
-            times = [stop_node(p) for p in (renter, provider)]
+            times = [stop(p) for p in (renter, provider)]
         assert renter.returncode == 0 and provider.returncode == 0
         assert max(times) < 10  # SIGTERM shuts down cleanly within seconds
         # the provider withdrew its offer and closed its store: a second start still works
@@ -199,7 +129,7 @@ def test_cli__wrong_chain_id_is_refused_before_starting(tmp_path):
     with AnvilProcess() as anvil:
         d = tmp_path / "n"
         assert gm(d, "init").returncode == 0
-        configure(d, anvil, b"\x01" * 20, b"\x02" * 20, provider=False)
+        configure_for_anvil(d, anvil, b"\x01" * 20, b"\x02" * 20, provider=False)
         text = (d / "config.toml").read_text().replace(f"chain_id = {anvil.chain_id}", "chain_id = 137")
         (d / "config.toml").write_text(text)
         out = gm(d, "node", "run", timeout=60)
@@ -212,25 +142,14 @@ def test_cli__wrong_chain_id_is_refused_before_starting(tmp_path):
 def test_cli__wrong_password_is_a_clear_error(tmp_path):
     d = tmp_path / "n"
     assert gm(d, "init").returncode == 0
-    out = subprocess.run([EXE, "--data-dir", str(d), "node", "run"], capture_output=True, text=True,
-                         env={**ENV, "GPUMARKET_PASSWORD": "wrong"}, timeout=60,
-                         stdin=subprocess.DEVNULL)
+    out = gm(d, "node", "run", env={**ENV, "GPUMARKET_PASSWORD": "wrong"}, timeout=60)
     assert out.returncode == 1 and "wrong password" in out.stderr
 
 
 def test_cli__devnet_starts_a_chain_and_nodes_that_see_each_other(tmp_path):
-    proc = subprocess.Popen([EXE, "devnet", "--providers", "2", "--renters", "1", "--dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            stdin=subprocess.DEVNULL)
+    proc, lines = start_devnet(tmp_path, providers=2, renters=1)
     try:
-        deadline = time.monotonic() + 120
-        lines = []
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if line.startswith("Ctrl-C") or proc.poll() is not None:
-                break
-        assert any(l.startswith("devnet ready") for l in lines), "".join(lines) + proc.stderr.read()
+        assert any(l.startswith("devnet ready") for l in lines), "".join(lines)
 
         def offers():
             res = gm(tmp_path / "renter-0", "offers", "search", "--json")

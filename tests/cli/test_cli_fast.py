@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-from node.devnet import start_node_process
 
-from .test_cli_first_run import ENV, EXE, init, stop
+from .harness import ENV, init, start_node, stop
 
 HEAVY = ("trio", "web3", "eth_account", "libp2p", "eth_abi", "nacl", "rich", "numpy")
 
@@ -26,7 +25,7 @@ print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
 def node_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("fast") / "n"
     init(d, provider=True)
-    proc, _ = start_node_process(EXE, d, ENV)
+    proc, _ = start_node(d)
     yield d
     stop(proc)
 

@@ -10,45 +10,14 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from node.addresses import dialable_addrs
-from node.devnet import start_node_process
 
-EXE = shutil.which("gpumarket") or os.path.join(os.path.dirname(sys.executable), "gpumarket")
-ENV = {**os.environ, "GPUMARKET_PASSWORD": "test password", "COLUMNS": "200"}
+from .harness import gm, init, search, start_node, stop, wait_for
+
 PEER = "12D3KooWSdKcv6HWWvWwHmWvidHQLqbajCk76DqtJgP5JiXb1gjt"
-
-
-def gm(data_dir: Path, *args: str, timeout: float = 120, env: dict | None = None,
-       prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, EXE, "--data-dir", str(data_dir), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env or ENV, stdin=subprocess.DEVNULL)
-
-
-def init(data_dir: Path, *, provider: bool, fake_gpus: int = 1,
-         listen: str = "/ip4/127.0.0.1/tcp/0") -> None:
-    out = gm(data_dir, "init", *(["--provider"] if provider else []))
-    assert out.returncode == 0, out.stderr
-    cfg = data_dir / "config.toml"
-    text = cfg.read_text().replace('listen = ["/ip4/0.0.0.0/tcp/4001"]', f'listen = ["{listen}"]')
-    if provider and fake_gpus:
-        text += f"fake_gpus = {fake_gpus}\n"
-    cfg.write_text(text)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # -- the address rule (node/addresses.py) ------------------------------------------------------
@@ -84,7 +53,7 @@ def test_first_run__a_0000_provider_publishes_interface_addresses(tmp_path):
         pytest.skip("this machine has no non-loopback IPv4 interface")
     d = tmp_path / "p"
     init(d, provider=True, listen="/ip4/0.0.0.0/tcp/0")
-    proc, ready = start_node_process(EXE, d, ENV)
+    proc, ready = start_node(d)
     try:
         status = json.loads(gm(d, "status", "--json").stdout)
         assert status["dialable"], status
@@ -143,7 +112,7 @@ def test_first_run__no_gpu_is_one_sentence(tmp_path):
 def test_first_run__one_node_per_data_directory(tmp_path):
     d = tmp_path / "n"
     init(d, provider=False)
-    proc, _ = start_node_process(EXE, d, ENV)
+    proc, _ = start_node(d)
     try:
         out = gm(d, "node", "run")
         assert out.returncode == 2
@@ -165,38 +134,6 @@ def test_first_run__a_port_in_use_is_refused_with_its_name(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert f"port {port} is already in use" in out.stderr and f"/ip4/127.0.0.1/tcp/{port}" in out.stderr
     assert "ExceptionGroup" not in out.stderr
-
-
-def wait_for(fn, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def search(d: Path, query: str = "") -> list:
-    out = gm(d, "offers", "search", *([query] if query else []), "--json")
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
-@pytest.fixture
-def market(tmp_path):
-    """A provider and a renter, each on the embedded chain (same chain id and escrow address:
-    the renter's book takes the provider's offers; nothing here is rented)."""
-    prov, rent = tmp_path / "provider", tmp_path / "renter"
-    init(prov, provider=True, fake_gpus=2)
-    init(rent, provider=False)
-    p_proc, p_ready = start_node_process(EXE, prov, ENV)
-    r_proc, _ = start_node_process(EXE, rent, ENV, "--bootstrap", p_ready["addrs"][0])
-    try:
-        yield prov, rent, p_proc
-    finally:
-        stop(r_proc)
-        stop(p_proc)
 
 
 def test_first_run__offers_are_withdrawn_before_the_node_exits(market):

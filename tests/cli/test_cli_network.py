@@ -5,8 +5,6 @@ export lines and faucet."""
 
 import json
 import signal
-import subprocess
-import time
 
 import pytest
 import rlp
@@ -16,11 +14,10 @@ from node.anvil import AnvilProcess, find_anvil
 from node.chain import Chain, _cs
 from node.deterministic import (PROXY_ADDRESS, PROXY_DEPLOYMENT_TX, PROXY_SIGNER, deploy_escrow,
                                 escrow_address)
-from node.devnet import start_node_process
 from node.wallet import Wallet
 from protocol.eth import keccak
 
-from .test_cli_first_run import ENV, EXE, gm, init, stop
+from .harness import gm, start_devnet, start_node, stop
 
 needs_anvil = pytest.mark.skipif(find_anvil() is None, reason="anvil not installed (.ci/run installs it)")
 
@@ -86,7 +83,7 @@ def test_network__init_network_and_a_computed_escrow(tmp_path):
         assert f"gpumarket escrow deploy --rpc {anvil.url}" in out.stderr
         out = gm(d, "escrow", "deploy", "--rpc", anvil.url)  # paid by the node's own wallet
         assert out.returncode == 0 and "deployed the escrow at 0x" + escrow_address().hex() in out.stdout, out.stderr
-        proc, _ = start_node_process(EXE, d, ENV)
+        proc, _ = start_node(d)
         try:
             status = json.loads(gm(d, "status", "--json").stdout)
             assert status["escrow"] == "0x" + escrow_address().hex() and status["escrow_is_computed"]
@@ -99,19 +96,10 @@ def test_network__init_network_and_a_computed_escrow(tmp_path):
 
 @needs_anvil
 def test_devnet__prints_dialable_addresses_export_lines_and_funds_a_wallet(tmp_path):
-    proc = subprocess.Popen([EXE, "devnet", "--providers", "1", "--renters", "1", "--dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            stdin=subprocess.DEVNULL)
+    proc, lines = start_devnet(tmp_path, providers=1, renters=1)
     try:
-        deadline = time.monotonic() + 120
-        lines = []
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if line.startswith("Ctrl-C") or proc.poll() is not None:
-                break
         text = "".join(lines)
-        assert "devnet ready" in text, text + proc.stderr.read()
+        assert "devnet ready" in text, text
         assert f"escrow 0x{escrow_address().hex()}" in text
         addrs = [l.split()[-1] for l in lines if l.strip().startswith("/ip4/127.0.0.1/tcp/")]
         assert len(addrs) == 2 and all("/p2p/12D3KooW" in a for a in addrs)

@@ -7,9 +7,8 @@ import signal
 
 import pytest
 
-from node.devnet import start_node_process
 
-from .test_cli_first_run import ENV, EXE, gm, init, market, search, stop, wait_for  # noqa: F401
+from .harness import ENV, gm, init, search, start_node, stop, wait_for
 
 
 def test_quiet__libp2p_chatter_goes_to_the_node_log_not_the_terminal(market):
@@ -30,8 +29,8 @@ def test_quiet__no_resource_warning_at_exit(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     init(a, provider=False)
     init(b, provider=False)
-    a_proc, a_ready = start_node_process(EXE, a, ENV)
-    b_proc, _ = start_node_process(EXE, b, ENV, "--bootstrap", a_ready["addrs"][0])
+    a_proc, a_ready = start_node(a)
+    b_proc, _ = start_node(b, "--bootstrap", a_ready["addrs"][0])
     wait_for(lambda: json.loads(gm(b, "status", "--json").stdout)["peers"] >= 1, 30, "a connection")
     stop(b_proc)
     stop(a_proc)

@@ -5,7 +5,6 @@ coverage check below."""
 import json
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 
 from node.anvil import find_anvil
 
-from .test_cli_first_run import ENV, EXE, gm
+from .harness import gm, start_devnet, wait_for
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 ELSEWHERE = {  # documented commands exercised by other tests
@@ -48,15 +47,8 @@ def run_json(d: Path, *args: str, code: int = 0) -> object:
 def test_readme__every_documented_command_against_a_devnet(tmp_path):
     ran: set[tuple[str, ...]] = set()
     root = tmp_path / "devnet"
-    proc = subprocess.Popen([EXE, "devnet", "--providers", "1", "--renters", "1", "--dir", str(root)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            stdin=subprocess.DEVNULL)
+    proc, _ = start_devnet(root, providers=1, renters=1)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if line.startswith("Ctrl-C") or proc.poll() is not None:
-                break
         renter = root / "renter-0"
         state = json.loads((root / "devnet.json").read_text())
 
@@ -77,12 +69,9 @@ def test_readme__every_documented_command_against_a_devnet(tmp_path):
 
         assert run_json(renter, "status")["peers"] >= 1; ran.add(("status",))
         assert run_json(renter, "balance")["token"] == "tUSDC"; ran.add(("balance",))
-        rows = []
-        deadline = time.monotonic() + 40
-        while not rows and time.monotonic() < deadline:
-            rows = run_json(renter, "offers", "search", "gpu=H100 count>=1")
-            time.sleep(0.5)
-        assert rows; ran.add(("offers", "search"))
+        rows = wait_for(lambda: run_json(renter, "offers", "search", "gpu=H100 count>=1"), 40,
+                        "the devnet provider's offer at the renter")
+        ran.add(("offers", "search"))
         row = run_json(renter, "rent", rows[0]["offer_id"], "--hours", "0.05", "--yes",
                        "--max-price", rows[0]["price_per_gpu_hour"])
         aid = row["agreement_id"]; ran.add(("rent",))

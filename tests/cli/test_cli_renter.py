@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .test_cli_first_run import ENV, EXE, gm, init, market, search, wait_for  # noqa: F401
+from .harness import ENV, EXE, gm, search, wait_for
 
 
 @pytest.mark.parametrize("args, says", [
