@@ -128,3 +128,24 @@ def test_spot_sim__plots_from_results(tmp_path):
     assert [p.name for p in made] == ["prices_and_curtailment.png", "policies.png"]
     assert all(p.stat().st_size > 10_000 for p in made)
     assert json.loads((tmp_path / "config.resolved.json").read_text())["seed"] == 2
+
+
+def test_spot_sim__gpumarket_simulate_runs_a_power_scenario_and_plots_it(tmp_path, capsys):
+    """`gpumarket simulate SCENARIO --out DIR` (simulations.cli) sends a scenario with a [power]
+    section to this model, and `simulate plot DIR` draws its figures; a sweep is refused."""
+    from simulations.cli import main
+
+    path = tmp_path / "spot.toml"
+    text = SCENARIO.read_text().replace("days = 365", "days = 1")
+    assert "days = 1\n" in text
+    path.write_text(text)
+    out = tmp_path / "out"
+    assert main([str(path), "--out", str(out), "--seed", "2", "--quiet"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["model"] == "power" and set(line["net_per_gpu_hour"]) == set(POLICIES)
+    assert json.loads((out / "config.resolved.json").read_text())["seed"] == 2
+    assert main(["plot", str(out)]) == 0
+    assert capsys.readouterr().out.split() == [str(out / "figures" / n) for n in
+                                               ("prices_and_curtailment.png", "policies.png")]
+    assert main([str(path), "--out", str(out), "--sweep", "power.base_per_mwh=20,30"]) == 2
+    assert "one seed at a time" in capsys.readouterr().err
