@@ -365,4 +365,10 @@ bandwidth_mbps = {p.bandwidth_mbps}
 # docker_memory_mib = 0   # memory shared out likewise (0: 90% of this host's)
 # docker_pids = 4096      # processes shared out likewise
 # docker_scratch = false  # a per-rental volume at /scratch, removed when the rental ends
+# Interruptible sets (up to 8): GPUs sold for less that may be preempted after notice_s of
+# notice, taken from the end of the GPU list (specs/node.md, "Power price and curtailment")
+# [[provider.interruptible]]
+# gpus = 2
+# notice_s = 60
+# price_per_gpu_hour = "0.30"
 """
