@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from fnmatch import fnmatchcase
 from typing import Any, Callable
@@ -179,12 +180,32 @@ class Query:
         """A `class` or `notice` term binds the query to one class of an offer."""
         return any(t.field in CLASS_FIELDS for t in self.terms)
 
+    @cached_property
+    def _bound(self) -> tuple[Term, ...]:
+        return tuple(t for t in self.terms if t.field in CLASS_BOUND_FIELDS)
+
     def class_price(self, entry: Any) -> int | None:
         """A class-bound query: the lowest price key among the entry's classes that satisfy
         every class, notice and price term; None when none does."""
-        bound = [t for t in self.terms if t.field in CLASS_BOUND_FIELDS]
-        prices = [p for c, n, p in offer_classes(entry) if all(t.test_class(c, n, p) for t in bound)]
-        return min(prices) if prices else None
+        bound = self._bound
+        best = None
+        for c, n, p in offer_classes(entry):
+            if (best is None or p < best) and all(t.test_class(c, n, p) for t in bound):
+                best = p
+        return best
+
+    def only_on_demand(self) -> bool:
+        """Only an offer's on-demand GPUs can satisfy the class terms (no notice term, and a
+        class term refuses interruptible): price is then the on-demand price, as unbound."""
+        return not any(t.field == "notice" for t in self.terms) and any(
+            t.field == "class" and not t.test_class(INTERRUPTIBLE, 0, 0) for t in self.terms)
+
+    def accepts_on_demand(self) -> bool:
+        """Every class term holds for an on-demand class (and no notice term asks for one)."""
+        return all(t.test_class(ON_DEMAND, None, 0) for t in self.terms if t.field in CLASS_FIELDS)
+
+    def without_class_terms(self) -> "Query":
+        return Query(self.text, tuple(t for t in self.terms if t.field not in CLASS_FIELDS))
 
     def needs_interruptible(self) -> bool:
         """Only an interruptible set can satisfy the class terms (a notice term, or a class

@@ -13,8 +13,8 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from .errors import LocalProtocolError
-from .query import (CLASS_BOUND_FIELDS, RANK_SORT, SORT_FIELDS, UNKNOWN_SCORE, Query, Sort, Term,
-                    parse_query, parse_sort, price_bounds)
+from .query import (CLASS_BOUND_FIELDS, ON_DEMAND, RANK_SORT, SORT_FIELDS, UNKNOWN_SCORE, Query,
+                    Sort, Term, parse_query, parse_sort, price_bounds)
 
 if TYPE_CHECKING:
     from .offerbook import Entry, _Bucket
@@ -70,6 +70,14 @@ class QueryPlanner:
         if limit == 0:
             return []
         bucket_terms = [t for t in q.terms if t.field not in _ENTRY_ONLY_FIELDS]
+        if q.class_bound and q.only_on_demand():
+            # The on-demand class only: its price is the offer's, so the price index serves;
+            # the class is a per-entry check (the offer has GPUs in no interruptible set).
+            if not q.accepts_on_demand():
+                return []  # e.g. class=on-demand class=interruptible: no class is both
+            return self.query(q.without_class_terms(), s, limit,
+                              _has_on_demand if where is None else _both(_has_on_demand, where),
+                              now_ms=now_ms)
         if q.class_bound:
             return self._query_classes(q, _choose_buckets(self._buckets.values(), bucket_terms),
                                        s, limit, where, now_ms)
@@ -463,6 +471,10 @@ def _score_check(t: Term) -> tuple[Callable[[Any, Any], bool], str, Any]:
 
 def _both(first: Callable[[Entry], bool], second: Callable[[Entry], bool]) -> Callable[[Entry], bool]:
     return lambda e: first(e) and second(e)
+
+
+def _has_on_demand(e: Entry) -> bool:
+    return ON_DEMAND in e.classes
 
 
 def _image_check(t: Term) -> Callable[[Entry], bool]:

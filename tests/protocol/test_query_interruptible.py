@@ -102,6 +102,9 @@ def priced_book():
     ("class=interruptible price>0.3", "price", ["spot_two"]),  # its 600 s set at 0.324
     ("class=interruptible price=0.144", "price", ["spot_two"]),
     ("class=interruptible count>=3", "price", ["spot_two"]),
+    ("class=on-demand class=interruptible", "price", []),  # no class is both
+    ("class!=interruptible price<=0.4", "-price", ["spot_cheap", "od"]),  # via the price index
+    ("class=on-demand notice>=30", "price", []),  # an on-demand class has no notice
 ])
 def test_query__price_is_the_matching_class_price(priced_book, query, sort, expected):
     b, names = priced_book
@@ -142,3 +145,24 @@ def test_query__class_vectors_are_current_and_replay_from_the_wire():
         assert [names[e.digest] for e in b.query(v["query"], v["sort"])] == v["expect"], v
         q = parse_query(v["query"])
         assert {names[e.digest] for e in b.query("") if q.matches(e)} == set(v["expect"])
+
+
+def test_query__random_class_bound_queries_agree_with_the_reference_and_sort_by_class_price(priced_book):
+    import random
+
+    b, names = priced_book
+    rng = random.Random(18)
+    pool = ["class=interruptible", "class=on-demand", "class!=interruptible", "class!=on-demand",
+            "class=on-demand,interruptible", "notice>=30", "notice>=60", "notice<100", "notice=600",
+            "price<=0.2", "price<0.36", "price>=0.18", "price>0.3", "price!=0.144", "count>=2",
+            "count<3", "price<=0.5"]
+    for _ in range(300):
+        q = parse_query(" ".join(rng.sample(pool, rng.randint(1, 4))))
+        sort = rng.choice(["price", "-price", "count", "rank"])
+        got = b.query(q, sort, now_ms=NOW)
+        expect = {e.digest for e in b.query("") if q.matches(e)}
+        assert {e.digest for e in got} == expect, q.text
+        if q.class_bound and sort in ("price", "-price") and got:
+            prices = [q.class_price(e) for e in got]
+            assert prices == sorted(prices, reverse=sort == "-price"), q.text
+        assert [e.digest for e in b.query(q, sort, limit=2, now_ms=NOW)] == [e.digest for e in got[:2]], q.text
