@@ -9,8 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from protocol.encoding import decode
 from protocol.errors import LocalProtocolError
-from protocol.evidence import (NOTICE_ON_DEMAND, SHORT_NOTICE, STOPPED_EARLY, arbiter_ruling,
-                               build_bundle, verify_bundle)
+from protocol.evidence import NOTICE_ON_DEMAND, SHORT_NOTICE, STOPPED_EARLY, arbiter_ruling, verify_bundle
 from protocol.messages import EvidenceBundle, TermsWire
 from protocol.settlement import EscrowModel, claim_payout, deposit
 from tests.protocol.arbitration_vectors import FILE, T0, agreement, build, forged, render, served_bundle

@@ -7,7 +7,6 @@ one. A killed node's container is kept and resumed: node/node.py `_stop_all_runt
 
 from __future__ import annotations
 
-import dataclasses
 from decimal import Decimal
 
 import pytest
