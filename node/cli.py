@@ -705,6 +705,10 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
     doc = verdict.to_json_dict()
     valid = not doc.get("invalid")
     doc = {"valid": valid, **doc}
+    if verdict.terms_valid:  # what an arbiter awards on a disputed claim (specs/evidence.md)
+        from protocol.evidence import arbiter_ruling
+
+        doc["arbiter_ruling"] = arbiter_ruling(bundle).to_json_dict()
     if args.json:
         _print_json(doc)
     else:

@@ -65,6 +65,9 @@ class ProviderSection:
     power_poll_s: float = 60.0
     curtail_above_per_mwh: Decimal | None = None
     resume_below_per_mwh: Decimal | None = None
+    # Several interruptible sets ([[provider.interruptible]] tables; instead of the three
+    # interruptible_* keys above, which describe one set)
+    interruptible: tuple["InterruptibleSet", ...] = ()
 
     def __post_init__(self) -> None:
         if self.runtime not in ("", "docker", "hook"):
@@ -96,6 +99,49 @@ class ProviderSection:
             raise ConfigError("provider.min_duration_s: above max_duration_s")
         if self.min_price_per_gpu_hour is not None and self.min_price_per_gpu_hour > self.price_per_gpu_hour:
             raise ConfigError("provider.min_price_per_gpu_hour: above price_per_gpu_hour")
+
+
+MAX_INTERRUPTIBLE_SETS = 8  # protocol.messages.MAX_INTERRUPTIBLE_SETS: what one offer carries
+INTERRUPTIBLE_SET_KEYS = {"gpus": int, "notice_s": int, "price_per_gpu_hour": (str, int, float)}
+
+
+@dataclass(frozen=True)
+class InterruptibleSet:
+    """One [[provider.interruptible]] table: `gpus` GPUs sold as interruptible with at least
+    `notice_s` of notice before a preemption, at `price_per_gpu_hour` (whole tokens, below the
+    on-demand price). Sets take GPUs from the end of the inventory, in the order written."""
+
+    gpus: int
+    notice_s: int
+    price_per_gpu_hour: Decimal
+
+
+def parse_interruptible(tables: object) -> tuple[InterruptibleSet, ...]:
+    """[[provider.interruptible]] tables, checked: each key known and typed, gpus and notice_s
+    positive, a price, a notice no two sets share (a renter names its set by the notice), at
+    most 8 sets (one offer carries at most 8)."""
+    where = "provider.interruptible"
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{where}: expected [[provider.interruptible]] tables")
+    if len(tables) > MAX_INTERRUPTIBLE_SETS:
+        raise ConfigError(f"{where}: {len(tables)} sets, at most {MAX_INTERRUPTIBLE_SETS} "
+                          f"(an offer carries at most {MAX_INTERRUPTIBLE_SETS})")
+    out: list[InterruptibleSet] = []
+    for i, t in enumerate(tables):
+        here = f"{where}[{i}]"
+        _expect(t, INTERRUPTIBLE_SET_KEYS, here)
+        missing = [k for k in INTERRUPTIBLE_SET_KEYS if k not in t]
+        if missing:
+            raise ConfigError(f"{here}: missing {', '.join(missing)}")
+        for key in ("gpus", "notice_s"):
+            if t[key] < 1:
+                raise ConfigError(f"{here}.{key}: must be at least 1, got {t[key]}")
+        price = _decimal(t["price_per_gpu_hour"], f"{here}.price_per_gpu_hour")  # > 0
+        if any(o.notice_s == t["notice_s"] for o in out):
+            raise ConfigError(f"{here}.notice_s: {t['notice_s']} is already another set's notice "
+                              f"(a renter picks a set by its notice: each set needs its own)")
+        out.append(InterruptibleSet(t["gpus"], t["notice_s"], price))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -151,6 +197,8 @@ def _decimal(value: Any, where: str) -> Decimal:
         out = Decimal(str(value))
     except InvalidOperation:
         raise ConfigError(f"{where}: {value!r} is not a number like 0.45") from None
+    if not out.is_finite():
+        raise ConfigError(f"{where}: {value!r} is not a number like 0.45")
     if out <= 0:
         raise ConfigError(f"{where}: must be positive")
     return out
@@ -231,7 +279,7 @@ def load_config(path: Path) -> Config:
                    "interruptible_gpus": int, "interruptible_notice_s": int,
                    "interruptible_price_per_gpu_hour": (str, int, float), "power_price_source": str,
                    "power_poll_s": (int, float), "curtail_above_per_mwh": (str, int, float),
-                   "resume_below_per_mwh": (str, int, float)},
+                   "resume_below_per_mwh": (str, int, float), "interruptible": list},
             "provider")
     renter = doc.get("renter", {})
     _expect(renter, {"arbiters": list}, "renter")
@@ -248,6 +296,7 @@ def load_config(path: Path) -> Config:
         "curtail_above_per_mwh": lambda v: Decimal(str(v)),  # power prices may be negative
         "resume_below_per_mwh": lambda v: Decimal(str(v)),
         "power_poll_s": float,
+        "interruptible": parse_interruptible,
     }
     # Absent keys take ProviderSection's defaults: the one place they are written.
     provider = ProviderSection(**{k: convert.get(k, lambda v: v)(v) for k, v in prov.items()})
@@ -316,4 +365,10 @@ bandwidth_mbps = {p.bandwidth_mbps}
 # docker_memory_mib = 0   # memory shared out likewise (0: 90% of this host's)
 # docker_pids = 4096      # processes shared out likewise
 # docker_scratch = false  # a per-rental volume at /scratch, removed when the rental ends
+# Interruptible sets (up to 8): GPUs sold for less that may be preempted after notice_s of
+# notice, taken from the end of the GPU list (specs/node.md, "Power price and curtailment")
+# [[provider.interruptible]]
+# gpus = 2
+# notice_s = 60
+# price_per_gpu_hour = "0.30"
 """

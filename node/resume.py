@@ -117,6 +117,8 @@ class ResumeMixin:
             self.rental_desk.sessions[aid] = session
             await self._set_state(aid, AgreementState.OPEN)
             await session.carry_out(machine.start())  # the access hook runs again: make it idempotent
+            if machine.notice is not None:  # a notice outstanding: its processes are told again
+                await self.on_preemption_notice(rental, machine.notice)
             self._nursery.start_soon(session.run_timers)
             return "resumed"
         # Closed by the renter, past its end, or stopped before the crash: claim what we hold.

@@ -2,11 +2,14 @@
 price watch that curtails them, preemption of the running interruptible rentals, and the
 renter's `--on-preempt` hook.
 
-The provider splits its GPUs: the last `interruptible_gpus` of its inventory (NVML order) form
-one interruptible set with `interruptible_notice_s` and its own (lower) price; the rest are
-on-demand. When the curtailment rule fires, every serving interruptible rental gets a notice
-(stop = now + notice), service ends at the stop (the rental machine), the interruptible GPUs
-leave the offer until the rule resumes, and `status` shows why (`curtailment`).
+The provider splits its GPUs into on-demand ones and up to 8 interruptible sets, each with its
+own notice and (lower) price: `[[provider.interruptible]]` tables, or the shorthand
+`interruptible_gpus` / `interruptible_notice_s` / `interruptible_price_per_gpu_hour` for one
+set. Sets take GPUs from the end of the inventory (NVML order) in the order written: the first
+set the last GPUs. When the curtailment rule fires, every serving interruptible rental gets a
+notice with its own agreement's notice (stop = now + notice_s), service ends at the stop (the
+rental machine), every interruptible set leaves the offer until the rule resumes, and `status`
+shows why (`curtailment`).
 
 When a notice goes out, `on_preemption_notice` has the runtime send the container's processes
 SIGTERM at once (so the renter's job can checkpoint: specs/runtime.md 1.4); the container is
@@ -29,7 +32,7 @@ from protocol.rental import State
 
 from protocol.money import PriceError, price_units_per_second
 
-from .config import ConfigError
+from .config import MAX_INTERRUPTIBLE_SETS, ConfigError, InterruptibleSet
 from .power import CurtailmentRule, PowerWatch, PricePoint, price_source
 
 log = logging.getLogger(__name__)
@@ -39,25 +42,28 @@ PREEMPT_HOOK_TIMEOUT_S = 30.0
 
 @dataclass(frozen=True)
 class SpotSettings:
-    """The provider's interruptible split and its power-price curtailment."""
+    """The provider's interruptible sets and its power-price curtailment."""
 
-    interruptible_gpus: int = 0  # the last N GPUs are sold as interruptible
-    notice_s: int = 60  # least notice promised before a preemption
-    price_per_gpu_hour: Decimal | None = None  # whole tokens; below the on-demand price
+    interruptible_gpus: int = 0  # shorthand for one set: the last N GPUs ...
+    notice_s: int = 60  # ... with this least notice before a preemption ...
+    price_per_gpu_hour: Decimal | None = None  # ... at this price (whole tokens, below on-demand)
     power_source: str = ""  # a schedule file (.csv / .json) or an http(s) URL; "" = no watch
     power_poll_s: float = 60.0
     curtail_above_per_mwh: Decimal | None = None
     resume_below_per_mwh: Decimal | None = None
+    sets: tuple[InterruptibleSet, ...] = ()  # several sets ([[provider.interruptible]])
 
     @classmethod
     def from_section(cls, section: Any) -> "SpotSettings | None":
         """From the [provider] section (node.config.ProviderSection); None when it uses neither."""
-        if not section.interruptible_gpus and not section.power_price_source:
+        if not section.interruptible_gpus and not section.power_price_source \
+                and not section.interruptible:
             return None
         try:
             return cls(section.interruptible_gpus, section.interruptible_notice_s,
                        section.interruptible_price_per_gpu_hour, section.power_price_source,
-                       section.power_poll_s, section.curtail_above_per_mwh, section.resume_below_per_mwh)
+                       section.power_poll_s, section.curtail_above_per_mwh,
+                       section.resume_below_per_mwh, tuple(section.interruptible))
         except ValueError as exc:
             raise ConfigError(f"provider: {exc}") from None
 
@@ -66,18 +72,67 @@ class SpotSettings:
             raise ValueError("interruptible_gpus >= 0, notice_s >= 1 and power_poll_s > 0")
         if self.interruptible_gpus and self.price_per_gpu_hour is None:
             raise ValueError("interruptible GPUs need an interruptible price_per_gpu_hour")
+        if self.interruptible_gpus and self.sets:
+            raise ValueError("interruptible_gpus describes one set, [[provider.interruptible]] "
+                             "several: use one or the other")
+        if len(self.sets) > MAX_INTERRUPTIBLE_SETS:
+            raise ValueError(f"at most {MAX_INTERRUPTIBLE_SETS} interruptible sets")
+        if len({s.notice_s for s in self.sets}) != len(self.sets):
+            raise ValueError("two interruptible sets with one notice_s (a renter picks a set by it)")
+        if any(s.gpus < 1 or s.notice_s < 1 or s.price_per_gpu_hour <= 0 for s in self.sets):
+            raise ValueError("each interruptible set needs gpus >= 1, notice_s >= 1 and a price")
         if self.power_source and (self.curtail_above_per_mwh is None or self.resume_below_per_mwh is None):
             raise ValueError("a power source needs curtail_above_per_mwh and resume_below_per_mwh")
         if self.power_source and not self.resume_below_per_mwh < self.curtail_above_per_mwh:
             raise ValueError("resume_below_per_mwh must be below curtail_above_per_mwh (hysteresis)")
+
+    @property
+    def all_sets(self) -> tuple[InterruptibleSet, ...]:
+        """Every interruptible set, the shorthand's one included."""
+        if self.interruptible_gpus:
+            assert self.price_per_gpu_hour is not None
+            return (InterruptibleSet(self.interruptible_gpus, self.notice_s, self.price_per_gpu_hour),)
+        return self.sets
+
+
+@dataclass(frozen=True)
+class SpotSet:
+    """An interruptible set as the node sells it: its GPUs, notice and price in token units."""
+
+    gpus: tuple[bytes, ...]  # uuid digests, inventory order
+    notice_s: int
+    price_units: int  # per GPU-second
+
+
+def split_sets(sets: Sequence[InterruptibleSet], inventory: Sequence[bytes], decimals: int,
+               on_demand_price: int) -> tuple[SpotSet, ...]:
+    """Give each set its GPUs from the end of `inventory`, in order, with its price in units;
+    ConfigError when the sets need more GPUs than there are or a price is not below on-demand."""
+    need = sum(s.gpus for s in sets)
+    if need > len(inventory):
+        raise ConfigError(f"provider.interruptible: the sets need {need} GPUs, this node has "
+                          f"{len(inventory)}")
+    out, end = [], len(inventory)
+    for i, s in enumerate(sets):
+        where = "provider.interruptible_price_per_gpu_hour" if len(sets) == 1 \
+            else f"provider.interruptible[{i}].price_per_gpu_hour"
+        try:
+            units = price_units_per_second(s.price_per_gpu_hour, decimals)
+        except PriceError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if not 0 < units < on_demand_price:
+            raise ConfigError(f"{where} must be below price_per_gpu_hour")
+        out.append(SpotSet(tuple(inventory[end - s.gpus:end]), s.notice_s, units))
+        end -= s.gpus
+    return tuple(out)
 
 
 class SpotMixin:
     """Node methods for interruptible capacity (mixed into node.node.Node)."""
 
     spot: SpotSettings | None = None
-    spot_gpus: frozenset[bytes] = frozenset()
-    spot_price_units: int = 0
+    spot_sets: tuple[SpotSet, ...] = ()
+    spot_gpus: frozenset[bytes] = frozenset()  # every interruptible set's GPUs
     curtailment: dict | None = None  # while curtailed: {"reason", "price_per_mwh", "since_ms"}
     power_watch: PowerWatch | None = None
     on_preempt: Sequence[str] | None = None  # renter: command run when a notice arrives
@@ -90,18 +145,9 @@ class SpotMixin:
         self.spot = spot
         if spot is None:
             return
-        if spot.interruptible_gpus:
-            if spot.interruptible_gpus > len(self._all_gpus):
-                raise ConfigError(f"provider.interruptible_gpus: {spot.interruptible_gpus} of "
-                                  f"{len(self._all_gpus)} GPUs")
-            try:
-                self.spot_price_units = price_units_per_second(spot.price_per_gpu_hour, decimals)
-            except PriceError as exc:
-                raise ConfigError(f"provider.interruptible_price_per_gpu_hour: {exc}") from None
-            if not 0 < self.spot_price_units < on_demand_price:
-                raise ConfigError("provider.interruptible_price_per_gpu_hour must be below "
-                                  "price_per_gpu_hour")
-            self.spot_gpus = frozenset(g.uuid_digest for g in self._all_gpus[-spot.interruptible_gpus:])
+        self.spot_sets = split_sets(spot.all_sets, [g.uuid_digest for g in self._all_gpus],
+                                    decimals, on_demand_price)
+        self.spot_gpus = frozenset(g for s in self.spot_sets for g in s.gpus)
         if spot.power_source:
             rule = CurtailmentRule(spot.curtail_above_per_mwh, spot.resume_below_per_mwh)
             self.power_watch = PowerWatch(price_source(spot.power_source), rule, spot.power_poll_s,
@@ -109,16 +155,16 @@ class SpotMixin:
             nursery.start_soon(self.power_watch.run)
 
     def _spot_offer(self, free_gpus: Sequence[Any]) -> tuple[tuple[Any, ...], tuple[InterruptibleGpus, ...]]:
-        """The GPUs the offer lists and its interruptible set: while curtailed the interruptible
-        GPUs are left out altogether."""
+        """The GPUs the offer lists and its interruptible sets (those with a free GPU, in config
+        order): while curtailed the interruptible GPUs are left out altogether."""
         if self.spot is None or not self.spot_gpus:
             return tuple(free_gpus), ()
         if self.curtailment is not None:
             return tuple(g for g in free_gpus if g.uuid_digest not in self.spot_gpus), ()
-        spot = tuple(g.uuid_digest for g in free_gpus if g.uuid_digest in self.spot_gpus)
-        if not spot:
-            return tuple(free_gpus), ()
-        return tuple(free_gpus), (InterruptibleGpus(spot, self.spot.notice_s, self.spot_price_units),)
+        free = {g.uuid_digest for g in free_gpus}
+        sets = tuple(InterruptibleGpus(tuple(g for g in s.gpus if g in free), s.notice_s, s.price_units)
+                     for s in self.spot_sets if free & set(s.gpus))
+        return tuple(free_gpus), sets
 
     async def _curtail(self, point: PricePoint) -> None:
         self.curtailment = {"reason": "power_price", "price_per_mwh": str(point.per_mwh),

@@ -21,7 +21,7 @@ from .errors import LocalProtocolError, ProtocolError
 from .messages import (AgreementDetails, Binding, EvidenceBundle, Heartbeat, PreemptionNotice,
                        TermsWire, UsageReceipt, digest)
 from .params import DEFAULT_PARAMS, SECOND_MS, Params
-from .settlement import Payout, claim_payout
+from .settlement import Payout, claim_payout, deposit
 
 ZERO_HASH = b"\x00" * 32
 
@@ -362,6 +362,67 @@ def verify_bundle(bundle: EvidenceBundle, params: Params = DEFAULT_PARAMS) -> Ve
         notice=seen,
         notice_faults=tuple(faults),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Arbitration (specs/evidence.md, "Arbitration"): what an arbiter awards on a disputed claim.
+
+
+@dataclass(frozen=True, slots=True)
+class Ruling:
+    """The arbiter's split of the deposit computed from a bundle alone. `paid_seconds` =
+    max(0, acked_seconds - forfeit_seconds); `provider_amount` = price * paid_seconds, the
+    renter gets the rest of the deposit. `faults`: the verdict's notice_faults that counted."""
+
+    agreement_id: bytes
+    acked_seconds: int
+    forfeit_seconds: int
+    paid_seconds: int
+    provider_amount: int
+    renter_amount: int
+    faults: tuple[str, ...]
+
+    @property
+    def payout(self) -> Payout:
+        return Payout(self.provider_amount, self.renter_amount)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {"agreement_id": self.agreement_id.hex(), "acked_seconds": self.acked_seconds,
+                "forfeit_seconds": self.forfeit_seconds, "paid_seconds": self.paid_seconds,
+                # decimal strings, as the verdict's payout: 18-decimal amounts exceed JSON numbers
+                "provider_amount": str(self.provider_amount),
+                "renter_amount": str(self.renter_amount), "faults": list(self.faults)}
+
+
+def arbiter_ruling(bundle: EvidenceBundle, params: Params = DEFAULT_PARAMS) -> Ruling:
+    """The ruling an arbiter gives on a disputed claim from the agreement's evidence.
+
+    Without a notice fault: the receipt rule (price * acked_seconds, as the claim). A provable
+    notice fault forfeits pay for the service the broken promise took from the renter (faults
+    do not add up; the largest forfeit counts), never more than the claim:
+    - short_notice, notice_backdated, stopped_early: `details.notice_s` seconds, the notice
+      the interruptible agreement promised and the renter did not get;
+    - notice_on_demand: the on-demand agreement's service the notice cut off, from the notice's
+      stop to the agreement's end, in whole seconds rounded up.
+    Raises LocalProtocolError("bad_terms") when the bundle's terms do not verify: the bundle is
+    not evidence of any agreement."""
+    verdict = verify_bundle(bundle, params)
+    if not verdict.terms_valid:
+        detail = verdict.invalid[0].detail if verdict.invalid else ""
+        raise LocalProtocolError("bad_terms", f"the bundle's terms do not verify: {detail}")
+    terms = bundle.terms.to_terms()
+    forfeit = 0
+    faults = verdict.notice_faults
+    if verdict.notice is not None:
+        if NOTICE_ON_DEMAND in faults:
+            end_ms = (bundle.started_s + terms.max_seconds) * SECOND_MS
+            forfeit = max(forfeit, -(-max(0, end_ms - verdict.notice.stop_ms) // SECOND_MS))
+        if {SHORT_NOTICE, NOTICE_BACKDATED, STOPPED_EARLY} & set(faults):
+            forfeit = max(forfeit, bundle.details.notice_s)
+    paid = max(0, verdict.acked_seconds - forfeit)
+    provider_amount = terms.price_per_second * paid
+    return Ruling(verdict.agreement_id, verdict.acked_seconds, min(forfeit, verdict.acked_seconds),
+                  paid, provider_amount, deposit(terms) - provider_amount, faults)
 
 
 def _binding_problem(binding: Binding, key: bytes, wallet: bytes, chain_id: int) -> tuple[str, str] | None:

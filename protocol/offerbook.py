@@ -96,7 +96,7 @@ class Entry:
         "data", "digest", "provider", "seq", "expires_ms", "models", "gpu_count",
         "vram_mib", "vram_gib", "region", "cuda_version", "cc", "token_symbol", "chain_id",
         "escrow", "token_decimals", "price_per_gpu_hour", "price_key", "score", "bucket", "_pkey", "_skey",
-        "body_at", "since_ms", "images", "wallet", "proven", "classes", "notice_s",
+        "body_at", "since_ms", "images", "wallet", "proven", "classes", "notice_s", "spot",
     )
 
     def __init__(self, offer: Offer, data: bytes, digest: bytes, score: float,
@@ -132,8 +132,8 @@ class Entry:
         decimals = self.token_decimals = terms.token_decimals
         price = self.price_per_gpu_hour = terms.price_per_gpu_second * 3600  # smallest unit
         # Comparable across tokens of different decimals (validation caps decimals at 36).
-        self.price_key = price * (_PRICE_SCALES[decimals] if decimals <= PRICE_SCALE
-                                  else 10 ** (PRICE_SCALE - decimals))
+        scale = _PRICE_SCALES[decimals] if decimals <= PRICE_SCALE else 10 ** (PRICE_SCALE - decimals)
+        self.price_key = price * scale
         self.score = score
         self.bucket: _Bucket | None = None
         # since_ms: when this book first held an offer of this provider (kept while it holds
@@ -146,6 +146,8 @@ class Entry:
         self.body_at = body_at  # where the body starts (see validation.offer_header)
         # Query facts of interruptible capacity (query.py `class`, `notice`).
         spot = offer.interruptible
+        # (notice_s, price key) of each interruptible set: a class-bound query's classes
+        self.spot = tuple((s.notice_s, s.price_per_gpu_second * 3600 * scale) for s in spot)
         if not spot:
             self.classes, self.notice_s = _ON_DEMAND_ONLY, None
         else:
@@ -173,7 +175,7 @@ class Entry:
         new.token_decimals = self.token_decimals
         new.price_per_gpu_hour = self.price_per_gpu_hour
         new.price_key = self.price_key
-        new.classes, new.notice_s = self.classes, self.notice_s
+        new.classes, new.notice_s, new.spot = self.classes, self.notice_s, self.spot
         new.data = data
         new.digest = digest
         new.seq, _, new.expires_ms, new.body_at = header
@@ -257,6 +259,7 @@ class OfferBook(QueryPlanner):
         self._buckets: dict[tuple, _Bucket] = {}
         self._by_score = SortedList()  # keep order (score, -since_ms, expires_ms, digest) -> Entry
         self._by_since = SortedList()  # (since_ms, provider) -> Entry: the rank sort's tiers
+        self._spot: dict[bytes, Entry] = {}  # digest -> entry, offers with an interruptible set
         # proven wallet -> its held entries by (since_ms, provider); the first is `proven`
         self._proven: dict[bytes, SortedList] = {}
         self._bytes = 0  # wire bytes of the live offers
@@ -421,6 +424,8 @@ class OfferBook(QueryPlanner):
         bucket.entries.add(entry._pkey, entry)
         self._by_score.add(entry._skey, entry)
         self._by_since.add((entry.since_ms, entry.provider), entry)
+        if entry.spot:
+            self._spot[entry.digest] = entry
         ws = self._proven.get(entry.wallet)
         if ws is None and self.proven_of(entry.wallet):
             ws = self._proven[entry.wallet] = SortedList()
@@ -448,6 +453,8 @@ class OfferBook(QueryPlanner):
         self._by_score.replace(held._skey, entry._skey, entry)
         since_key = (held.since_ms, held.provider)  # the same for both: in place
         self._by_since.replace(since_key, since_key, entry)
+        if self._spot.pop(held.digest, None) is not None:  # the same body: the same sets
+            self._spot[entry.digest] = entry
         ws = self._proven.get(entry.wallet)  # the same wallet: the body is the same
         if ws is not None:
             ws.replace(since_key, since_key, entry)
@@ -465,6 +472,7 @@ class OfferBook(QueryPlanner):
             del self._buckets[bucket.key]
         self._by_score.remove(entry._skey)
         self._by_since.remove((entry.since_ms, entry.provider))
+        self._spot.pop(entry.digest, None)
         ws = self._proven.get(entry.wallet)
         if ws is not None:
             ws.remove((entry.since_ms, entry.provider))

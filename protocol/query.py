@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from fnmatch import fnmatchcase
 from typing import Any, Callable
@@ -73,11 +74,18 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("token", "glob", "token_symbol", "payment token symbol", "USDC", STRING_OPS),
     Field("chain", "integer", "chain_id", "EVM chain id", "8453", ("=", "!=")),
     Field("image", "glob", "images", "container image offered", "pytorch/pytorch:*", STRING_OPS),
-    # Interruptible capacity: `class` holds if the offer has GPUs of that class; `notice` is
-    # the longest notice of its interruptible sets (an offer without one never matches it).
+    # Interruptible capacity: a query with a `class` or `notice` term picks one class of the
+    # offer (its on-demand GPUs, or one interruptible set) that satisfies every class, notice
+    # and price term together; `price` is then that class's price (specs/offerbook.md).
     Field("class", "glob", "classes", "on-demand or interruptible", "interruptible", STRING_OPS),
     Field("notice", "integer", "notice_s", "seconds of preemption notice", "60"),
 )}
+
+# Terms whose presence binds a query to one class of an offer, and the terms then checked
+# against that class rather than the offer.
+CLASS_FIELDS = frozenset({"class", "notice"})
+CLASS_BOUND_FIELDS = frozenset({"class", "notice", "price"})
+ON_DEMAND, INTERRUPTIBLE = "ON-DEMAND", "INTERRUPTIBLE"
 
 _EXPECTED = {
     "number": "a number like {example}",
@@ -131,6 +139,27 @@ class Term:
         return _COMPARE[self.op](value, self.value)
 
 
+    def test_class(self, cls: str, notice_s: int | None, price_key: int) -> bool:
+        """A class, notice or price term against one class of an offer: `cls` (ON_DEMAND or
+        INTERRUPTIBLE), its notice (None on demand: no notice term holds) and its price key."""
+        if self.field == "class":
+            hit = _glob_any(self.value, cls)
+            return hit if self.op == "=" else not hit
+        if self.field == "notice":
+            return notice_s is not None and _COMPARE[self.op](notice_s, self.value)
+        return _COMPARE[self.op](price_key, self.value)
+
+
+def offer_classes(entry: Any) -> list[tuple[str, int | None, int]]:
+    """(class, notice_s or None, price key) of each class an entry sells: its on-demand GPUs
+    (when it has any) at the offer's price, then each interruptible set at its own price."""
+    out: list[tuple[str, int | None, int]] = []
+    if ON_DEMAND in entry.classes:
+        out.append((ON_DEMAND, None, entry.price_key))
+    out.extend((INTERRUPTIBLE, notice, price) for notice, price in entry.spot)
+    return out
+
+
 def _glob_any(patterns: tuple[str, ...], value: str) -> bool:
     return any(fnmatchcase(value, p) for p in patterns)
 
@@ -146,10 +175,53 @@ class Query:
     text: str
     terms: tuple[Term, ...]
 
+    @property
+    def class_bound(self) -> bool:
+        """A `class` or `notice` term binds the query to one class of an offer."""
+        return any(t.field in CLASS_FIELDS for t in self.terms)
+
+    @cached_property
+    def _bound(self) -> tuple[Term, ...]:
+        return tuple(t for t in self.terms if t.field in CLASS_BOUND_FIELDS)
+
+    def class_price(self, entry: Any) -> int | None:
+        """A class-bound query: the lowest price key among the entry's classes that satisfy
+        every class, notice and price term; None when none does."""
+        bound = self._bound
+        best = None
+        for c, n, p in offer_classes(entry):
+            if (best is None or p < best) and all(t.test_class(c, n, p) for t in bound):
+                best = p
+        return best
+
+    def only_on_demand(self) -> bool:
+        """Only an offer's on-demand GPUs can satisfy the class terms (no notice term, and a
+        class term refuses interruptible): price is then the on-demand price, as unbound."""
+        return not any(t.field == "notice" for t in self.terms) and any(
+            t.field == "class" and not t.test_class(INTERRUPTIBLE, 0, 0) for t in self.terms)
+
+    def accepts_on_demand(self) -> bool:
+        """Every class term holds for an on-demand class (and no notice term asks for one)."""
+        return all(t.test_class(ON_DEMAND, None, 0) for t in self.terms if t.field in CLASS_FIELDS)
+
+    def without_class_terms(self) -> "Query":
+        return Query(self.text, tuple(t for t in self.terms if t.field not in CLASS_FIELDS))
+
+    def needs_interruptible(self) -> bool:
+        """Only an interruptible set can satisfy the class terms (a notice term, or a class
+        term that refuses on-demand): the book then looks at offers with a set only."""
+        return any(t.field == "notice" or (t.field == "class" and not t.test_class(ON_DEMAND, None, 0))
+                   for t in self.terms)
+
     def matches(self, entry: Any) -> bool:
         """Reference semantics: every term holds for the entry (a plain scan; the book's indexed
-        query must agree with it)."""
-        return all(t.test(getattr(entry, t.attr)) for t in self.terms)
+        query must agree with it). Class-bound: the offer-level terms hold, and one class of
+        the offer satisfies the class, notice and price terms together."""
+        if not self.class_bound:
+            return all(t.test(getattr(entry, t.attr)) for t in self.terms)
+        return (all(t.test(getattr(entry, t.attr)) for t in self.terms
+                    if t.field not in CLASS_BOUND_FIELDS)
+                and self.class_price(entry) is not None)
 
 
 def parse_query(text: str) -> Query:
@@ -266,6 +338,23 @@ def rank_tier(score: float, since_ms: int, established_before_ms: int,
 class Sort:
     field: str  # "price", "score", "vram", "count", "rank"
     descending: bool
+
+    def class_key(self, price_of: Callable[[Any], int],
+                  established_before_ms: int | None = None) -> Callable[[Any], tuple]:
+        """`key` with `price_of(entry)` (a class-bound query's class price) in place of the
+        offer's price, in the field and in the tie order."""
+        if self.field == "rank":
+            if established_before_ms is None:
+                raise LocalProtocolError("bad_argument", "a rank sort needs the current time")
+            cut = established_before_ms
+            return lambda e: (rank_tier(e.score, e.since_ms, cut, e.proven), price_of(e), e.digest)
+        if self.field == "price":
+            sign = -1 if self.descending else 1
+            return lambda e: (sign * price_of(e), e.digest)
+        attr = SORT_FIELDS[self.field]
+        if self.descending:
+            return lambda e: (-getattr(e, attr), price_of(e), e.digest)
+        return lambda e: (getattr(e, attr), price_of(e), e.digest)
 
     def key(self, established_before_ms: int | None = None) -> Callable[[Any], tuple]:
         """Total order: the field (in the asked direction), then price ascending, then digest.

@@ -13,8 +13,8 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from .errors import LocalProtocolError
-from .query import (RANK_SORT, SORT_FIELDS, UNKNOWN_SCORE, Query, Sort, Term, parse_query,
-                    parse_sort, price_bounds)
+from .query import (CLASS_BOUND_FIELDS, ON_DEMAND, RANK_SORT, SORT_FIELDS, UNKNOWN_SCORE, Query,
+                    Sort, Term, parse_query, parse_sort, price_bounds)
 
 if TYPE_CHECKING:
     from .offerbook import Entry, _Bucket
@@ -70,8 +70,18 @@ class QueryPlanner:
         if limit == 0:
             return []
         bucket_terms = [t for t in q.terms if t.field not in _ENTRY_ONLY_FIELDS]
+        if q.class_bound and q.only_on_demand():
+            # The on-demand class only: its price is the offer's, so the price index serves;
+            # the class is a per-entry check (the offer has GPUs in no interruptible set).
+            if not q.accepts_on_demand():
+                return []  # e.g. class=on-demand class=interruptible: no class is both
+            return self.query(q.without_class_terms(), s, limit,
+                              _has_on_demand if where is None else _both(_has_on_demand, where),
+                              now_ms=now_ms)
+        if q.class_bound:
+            return self._query_classes(q, _choose_buckets(self._buckets.values(), bucket_terms),
+                                       s, limit, where, now_ms)
         price_ne = [t for t in q.terms if t.field == "price" and t.op == "!="]
-        class_terms = [t for t in q.terms if t.field in ("class", "notice")]
         score_terms = [t for t in q.terms if t.field == "score"]
         lo, hi = price_bounds(q.terms)
         if lo is not None and hi is not None and lo >= hi:
@@ -80,7 +90,7 @@ class QueryPlanner:
         hi_key = None if hi is None else (hi,)
 
         buckets = _choose_buckets(self._buckets.values(), bucket_terms)
-        residual = _residual(price_ne + score_terms + class_terms)
+        residual = _residual(price_ne + score_terms)
         for t in (t for t in q.terms if t.field == "image"):  # few offers name images: per entry
             residual = _both(residual, _image_check(t)) if residual is not None else _image_check(t)
         if where is not None:
@@ -126,6 +136,38 @@ class QueryPlanner:
             for sl in b.entries.slices(lo_key, hi_key):
                 out.extend(sl if residual is None else filter(residual, sl))
         return _in_order(out, s, limit)
+
+    def _query_classes(self, q: Query, buckets: list[_Bucket], s: Sort, limit: int | None,
+                       where: Callable[[Entry], bool] | None, now_ms: int | None) -> list[Entry]:
+        # A class-bound query (a `class` or `notice` term): price is the matching class's, so
+        # the price index (the on-demand price) cannot bound it. The candidates are the chosen
+        # buckets' entries, or only the book's offers with an interruptible set when no
+        # on-demand class can match; each is checked and sorted by its class price.
+        chosen = set(buckets)
+        if q.needs_interruptible():
+            pool: Iterable[Entry] = (e for e in self._spot.values() if e.bucket in chosen)
+        else:
+            pool = (e for b in buckets for sl in b.entries.slices(None, None) for e in sl)
+        others = [t for t in q.terms if t.field not in CLASS_BOUND_FIELDS
+                  and t.field not in _BUCKET_ATTR]
+        found: dict[bytes, int] = {}
+        out = []
+        for e in pool:
+            if not all(t.test(getattr(e, t.attr)) for t in others):
+                continue
+            if where is not None and not where(e):
+                continue
+            price = q.class_price(e)
+            if price is not None:
+                found[e.digest] = price
+                out.append(e)
+        cutoff = None
+        if s.field == "rank":
+            if now_ms is None:
+                raise LocalProtocolError("bad_argument", "a rank sort needs now_ms")
+            cutoff = now_ms - self.params.book_established_ms
+        out.sort(key=s.class_key(lambda e: found[e.digest], cutoff))
+        return out if limit is None else out[:limit]
 
     def _query_stream(self, buckets: list[_Bucket], lo_key: tuple | None, hi_key: tuple | None,
                       residual: Callable[[Entry], bool] | None, s: Sort,
@@ -431,21 +473,18 @@ def _both(first: Callable[[Entry], bool], second: Callable[[Entry], bool]) -> Ca
     return lambda e: first(e) and second(e)
 
 
+def _has_on_demand(e: Entry) -> bool:
+    return ON_DEMAND in e.classes
+
+
 def _image_check(t: Term) -> Callable[[Entry], bool]:
     return lambda e: t.test(e.images)
-def _term_test(t: Term) -> Callable[[Any, Any], bool]:
-    """A class or notice term as a residual check: the term's own test (sets and None)."""
-    return lambda value, _unused: t.test(value)
-
-
 def _residual(terms: list[Term]) -> Callable[[Entry], bool] | None:
     """The per-entry check of `price!=` and `score` terms: the same comparisons as
     `Term.test`, made directly (a float or int compares exactly with a Decimal)."""
     if not terms:
         return None
-    checks = [_score_check(t) if t.field == "score"
-              else (_term_test(t), t.attr, None) if t.field in ("class", "notice")
-              else (_OPS[t.op], t.attr, t.value)
+    checks = [_score_check(t) if t.field == "score" else (_OPS[t.op], t.attr, t.value)
               for t in terms]
     if len(checks) == 1:
         (op, attr, value), = checks

@@ -1,6 +1,9 @@
 """Command line: `python -m simulations SCENARIO.toml --seed N --out DIR [--sweep P=v1,v2]`
 and `python -m simulations plot DIR`; `register(subparsers)` adds the same as
-`gpumarket simulate ...` and `gpumarket simulate plot DIR`."""
+`gpumarket simulate ...` and `gpumarket simulate plot DIR`.
+
+A scenario with a `[power]` section is the power-price model's (simulations/spot.py, e.g.
+scenarios/spot_power.toml): it runs that model, and `plot DIR` on its results draws its figures."""
 
 from __future__ import annotations
 
@@ -40,9 +43,46 @@ def dispatch(args: argparse.Namespace) -> int:
     return cmd_run(args)
 
 
+def _power_scenario(path: str) -> dict | None:
+    """The TOML of a power-price scenario (it has a [power] section), else None."""
+    import tomllib
+    from pathlib import Path
+
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None  # the network simulator's loader says what is wrong
+    return doc if "power" in doc else None
+
+
+def cmd_run_power(args: argparse.Namespace, doc: dict) -> int:
+    """Run the power-price model (simulations/spot.py) on one scenario."""
+    from pathlib import Path
+
+    from .spot import SpotScenarioError, run_scenario, write_results
+
+    if args.sweep or args.cluster:
+        print("error: --sweep and --cluster run the network simulator's scenarios; a power "
+              "scenario runs one seed at a time", file=sys.stderr)
+        return 2
+    try:
+        res = run_scenario(doc, args.seed)
+    except SpotScenarioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    write_results(Path(args.out), res)
+    print(json.dumps({"scenario": res["config"]["run"]["name"], "seed": args.seed, "model": "power",
+                      "net_per_gpu_hour": {p: m["provider_net_per_gpu_hour"]
+                                           for p, m in res["metrics"].items()}}, sort_keys=True))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_scenario, run_sweep
 
+    power = _power_scenario(args.scenario)
+    if power is not None:
+        return cmd_run_power(args, power)
     try:
         cfg = load(args.scenario)
         if args.sweep:
@@ -60,8 +100,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .plot import plot_dir
 
+    if (Path(args.dir) / "curtailment.csv").exists():  # the power-price model's results
+        from .spot import plot
+
+        for path in plot(Path(args.dir)):
+            print(path)
+        return 0
     for path in plot_dir(args.dir):
         print(path)
     return 0

@@ -52,18 +52,21 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, str, str]]] = {
         "price_step_s": (int, 300, "s", "interval of the real-time price (and of the curtailment rule's checks)"),
     },
     "power": {
-        "regions": (list, ["texas", "nordic"], "-", "regions, each with its own price series"),
+        "regions": (list, ["texas_a", "texas_b"], "-", "regions, each with its own price series"),
         "csv_dir": (str, "", "path", "if set: <csv_dir>/<region>.csv (timestamp,price_per_mwh) replaces the generator"),
-        "base_per_mwh": (float, 45.0, "USD/MWh", "synthetic: median price"),
+        # Defaults: fitted to ERCOT's 2017 real-time prices (ERCOT_2017 below, and
+        # simulations/scenarios/spot_power.md "Power prices"); the daily shape and the noise
+        # are not fitted (no published figure found for them).
+        "base_per_mwh": (float, 25.09, "USD/MWh", "synthetic: scale of the ordinary (non-spike) price"),
         "daily_amplitude": (float, 0.35, "fraction", "synthetic: daily swing of the log-price (peak at peak_hour)"),
         "peak_hour": (float, 17.0, "h", "synthetic: hour of the daily peak"),
         "noise_sigma": (float, 0.15, "log", "synthetic: AR(1) noise of the log-price per step"),
         "noise_phi": (float, 0.9, "-", "synthetic: AR(1) persistence per step"),
-        "spikes_per_day": (float, 0.4, "1/day", "synthetic: rate of scarcity spikes"),
-        "spike_mean_min": (float, 45.0, "min", "synthetic: mean spike length (exponential)"),
+        "spikes_per_day": (float, 0.0474, "1/day", "synthetic: rate of scarcity spikes"),
+        "spike_mean_min": (float, 30.0, "min", "synthetic: mean spike length (exponential)"),
         "spike_min_per_mwh": (float, 300.0, "USD/MWh", "synthetic: spike height, log-uniform from"),
-        "spike_max_per_mwh": (float, 5000.0, "USD/MWh", "synthetic: ... to (a price cap)"),
-        "negative_per_day": (float, 0.2, "1/day", "synthetic: rate of surplus hours with negative prices"),
+        "spike_max_per_mwh": (float, 3000.0, "USD/MWh", "synthetic: ... to (a price cap)"),
+        "negative_per_day": (float, 0.0986, "1/day", "synthetic: rate of surplus hours with negative prices"),
     },
     "providers": {
         "per_region": (int, 5, "providers", "providers in each region"),
@@ -128,11 +131,48 @@ def resolve(doc: dict) -> dict:
 # Prices
 
 
+# Published summary statistics of ERCOT's real-time energy prices in 2017, the targets of the
+# generator's defaults. Sources: Potomac Economics, "2017 State of the Market Report for the
+# ERCOT Electricity Markets" (Independent Market Monitor, May 2018), as summarised by the Texas
+# Coalition for Affordable Power (tcaptx.com, "ERCOT power prices, congestion costs increase
+# in 2017") and RTO Insider ("ERCOT Briefs: Week of June 5, 2018"): load-weighted average
+# real-time price 28.25 USD/MWh; prices never above 3,000 USD/MWh; above 1,000 USD/MWh for 3.5
+# hours in the year. System-wide negative prices: 36 hours in 2017 (0.4% of the year), the IMM's
+# count as quoted in "Negative Pricing is Not a Problem in the ERCOT Market" (docslib.org).
+# Not found published: the median and the daily shape; the generator's are not fitted.
+ERCOT_2017 = {"mean": 28.25, "hours_above_1000": 3.5, "max_below": 3000.0, "hours_negative": 36.0}
+
+
+def expected_price_stats(cfg: dict, spike_above: float = 1000.0) -> dict:
+    """The generator's long-run statistics from its parameters (per-step rounding of lengths
+    and the rare overlap of a spike with a high ordinary price left out): how the defaults were
+    fitted to ERCOT_2017. The ordinary price is lognormal: its mean is base * E[exp(AR(1))] *
+    E[exp(daily cosine)] (the latter the Bessel function I0(amplitude)); a spike lasts
+    spike_mean_min on average at height h * u, h log-uniform on [min, max], u uniform on
+    [0.7, 1]; a surplus period lasts one hour at -uniform(0, 20)."""
+    var = cfg["noise_sigma"] ** 2 / (1 - cfg["noise_phi"] ** 2)
+    a = cfg["daily_amplitude"]
+    i0 = sum((a / 2) ** (2 * k) / math.factorial(k) ** 2 for k in range(12))
+    ordinary = cfg["base_per_mwh"] * math.exp(var / 2) * i0
+    lo, hi = cfg["spike_min_per_mwh"], cfg["spike_max_per_mwh"]
+    spike_mean = (hi - lo) / math.log(hi / lo) * 0.85
+    spike_frac = cfg["spikes_per_day"] * cfg["spike_mean_min"] / 1440
+    neg_frac = cfg["negative_per_day"] / 24
+    # P(h * u > x) for h log-uniform on [lo, hi], u uniform on [0.7, 1] (by quadrature over u)
+    n = 1000
+    p_above = sum(min(1.0, max(0.0, math.log(hi / max(lo, spike_above / u)) / math.log(hi / lo)))
+                  for u in (0.7 + 0.3 * (i + 0.5) / n for i in range(n))) / n
+    return {"mean": ordinary * (1 - spike_frac - neg_frac) + spike_frac * spike_mean - neg_frac * 10,
+            "hours_above_per_year": spike_frac * p_above * 8760,
+            "hours_negative_per_year": neg_frac * 8760, "max": hi}
+
+
 def synthetic_prices(cfg: dict, region: str, seed: int, steps: int, step_s: int) -> list[float]:
     """A real-time price series in USD/MWh, one value per step: a daily shape on the log-price,
     AR(1) noise, Poisson scarcity spikes (log-uniform height up to a cap, exponential length)
-    and Poisson surplus periods with negative prices. Illustrative parameters (scenario file);
-    a CSV per region replaces it with recorded data."""
+    and Poisson surplus periods with negative prices. The defaults are fitted to ERCOT's 2017
+    real-time prices (ERCOT_2017: mean, hours above 1,000 USD/MWh, maximum, hours below zero);
+    a CSV per region replaces the generator with recorded data."""
     rng = stream_rng(seed, f"power/{region}")
     per_day = 86400 / step_s
     base = math.log(cfg["base_per_mwh"])
@@ -157,6 +197,24 @@ def synthetic_prices(cfg: dict, region: str, seed: int, steps: int, step_s: int)
             price, neg_left = -rng.uniform(0, 20), neg_left - 1
         out.append(round(price, 2))
     return out
+
+
+def price_stats(prices: list[float], step_s: int, spike_above: float = 1000.0) -> dict:
+    """Summary statistics of a price series in the terms market monitors publish them: the
+    time-average and median price, the share of time above `spike_above` and below zero, the
+    hours per year that share makes, the maximum, and the mean price by hour of day."""
+    n = len(prices)
+    ordered = sorted(prices)
+    median = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+    above = sum(1 for p in prices if p > spike_above) / n
+    negative = sum(1 for p in prices if p < 0) / n
+    by_hour: list[list[float]] = [[] for _ in range(24)]
+    for k, p in enumerate(prices):
+        by_hour[int(k * step_s // 3600) % 24].append(p)
+    return {"mean": sum(prices) / n, "median": median, "max": ordered[-1], "min": ordered[0],
+            "share_above": above, "hours_above_per_year": above * 8760,
+            "share_negative": negative, "hours_negative_per_year": negative * 8760,
+            "hourly_mean": [sum(h) / len(h) if h else None for h in by_hour]}
 
 
 def csv_prices(path: Path, steps: int, step_s: int, start_s: float) -> list[float]:

@@ -121,3 +121,53 @@ def test_config__relay_section_keys_defaults_and_errors(tmp_path):
         path.write_text(text)
         with pytest.raises(ConfigError, match=why):
             load_config(path)
+
+
+def test_config__several_interruptible_sets_reach_the_node(tmp_path):
+    from decimal import Decimal
+
+    from node.config import InterruptibleSet
+    from node.node import ProviderSettings
+
+    path = tmp_path / "config.toml"
+    path.write_text('[provider]\nprice_per_gpu_hour = "0.45"\n'
+                    '[[provider.interruptible]]\ngpus = 2\nnotice_s = 60\nprice_per_gpu_hour = "0.30"\n'
+                    '[[provider.interruptible]]\ngpus = 1\nnotice_s = 600\nprice_per_gpu_hour = 0.38\n')
+    spot = ProviderSettings.from_section(load_config(path).provider).spot
+    assert spot.all_sets == (InterruptibleSet(2, 60, Decimal("0.30")),
+                             InterruptibleSet(1, 600, Decimal("0.38")))
+
+
+SET = '[[provider.interruptible]]\ngpus = 1\nnotice_s = {n}\nprice_per_gpu_hour = "0.3"\n'
+
+
+@pytest.mark.parametrize("text, why", [
+    ('[[provider.interruptible]]\ngpus = 1\nnotice_s = 60\n', r"provider.interruptible\[0\]: missing price_per_gpu_hour"),
+    ('[[provider.interruptible]]\ngpu = 1\n', r"provider.interruptible\[0\]: unknown key 'gpu'"),
+    ('[[provider.interruptible]]\ngpus = 0\nnotice_s = 60\nprice_per_gpu_hour = "0.3"\n',
+     r"provider.interruptible\[0\].gpus: must be at least 1"),
+    ('[[provider.interruptible]]\ngpus = 1\nnotice_s = "60"\nprice_per_gpu_hour = "0.3"\n',
+     r"provider.interruptible\[0\].notice_s: expected int"),
+    ('[[provider.interruptible]]\ngpus = 1\nnotice_s = 60\nprice_per_gpu_hour = "cheap"\n',
+     r"price_per_gpu_hour: 'cheap' is not a number"),
+    ('[[provider.interruptible]]\ngpus = 1\nnotice_s = 60\nprice_per_gpu_hour = "nan"\n',
+     r"price_per_gpu_hour: 'nan' is not a number"),
+    (SET.format(n=60) + SET.format(n=60), r"provider.interruptible\[1\].notice_s: 60 is already another set's notice"),
+    ("".join(SET.format(n=n) for n in range(1, 10)), "9 sets, at most 8"),
+    ('interruptible = 3\n', "provider.interruptible: expected list"),
+])
+def test_config__bad_interruptible_sets_fail_on_load_with_where_and_why(tmp_path, text, why):
+    path = tmp_path / "config.toml"
+    path.write_text('[provider]\nprice_per_gpu_hour = "0.45"\n' + text)
+    with pytest.raises(ConfigError, match=why):
+        load_config(path)
+
+
+def test_config__one_set_shorthand_and_tables_together_refused(tmp_path):
+    from node.node import ProviderSettings
+
+    path = tmp_path / "config.toml"
+    path.write_text('[provider]\nprice_per_gpu_hour = "0.45"\ninterruptible_gpus = 1\n'
+                    'interruptible_price_per_gpu_hour = "0.3"\n' + SET.format(n=60))
+    with pytest.raises(ConfigError, match="use one or the other"):
+        ProviderSettings.from_section(load_config(path).provider)

@@ -67,7 +67,9 @@ def test_vectors__agreement_signatures_recover_with_eth_account():
 
 
 # offerbook.json has its own generator and checks (tests/protocol/test_offerbook_vectors.py)
-CHECKED_ELSEWHERE = ("offerbook.json", "exec.json")  # tests/protocol/test_offerbook_vectors.py, tests/node/test_exec_vectors.py
+# tests/protocol/test_offerbook_vectors.py, tests/node/test_exec_vectors.py, tests/test_arbitration.py,
+# tests/protocol/test_query_interruptible.py
+CHECKED_ELSEWHERE = ("offerbook.json", "exec.json", "arbitration.json", "query_classes.json")
 
 
 def test_vectors__every_file_is_checked_here():
