@@ -159,34 +159,44 @@ class RenterFunds:
     """A renter wallet's token balance and allowance to the escrow, read from the chain before
     the provider sends Accept. Reads run through `read` (a worker thread: the caller's chain
     client) under `timeout_s`; at most `at_once` run together; each answer is kept `ttl_s` so a
-    renter that negotiates again (or a flood from one wallet) costs one read per `ttl_s`."""
+    renter that negotiates again (or a flood from one wallet) costs one read per `ttl_s`.
+    A kept answer that would refuse is read again once it is `recheck_s` old: a renter that
+    approves the escrow for its next rental must not be refused on the allowance its last
+    `open` spent (the read before that approval)."""
 
-    def __init__(self, read: ReadFunds, *, ttl_s: float = 2.0, timeout_s: float = 5.0,
-                 at_once: int = 4, max_cached: int = 4096) -> None:
+    def __init__(self, read: ReadFunds, *, ttl_s: float = 2.0, recheck_s: float = 0.25,
+                 timeout_s: float = 5.0, at_once: int = 4, max_cached: int = 4096) -> None:
         self._read = read
         self.ttl_s = ttl_s
+        self.recheck_s = recheck_s
         self.timeout_s = timeout_s
         self.max_cached = max_cached
         self._limiter = trio.CapacityLimiter(at_once)
         self._cache: dict[tuple[bytes, bytes], tuple[float, tuple[int, int]]] = {}
         self.reads = 0  # chain reads made (for metrics and tests)
 
-    async def get(self, wallet: bytes, token: bytes) -> tuple[int, int]:
-        """(balance, allowance); raises FundsUnavailable."""
+    async def get(self, wallet: bytes, token: bytes, *, max_age_s: float | None = None) -> tuple[int, int]:
+        """(balance, allowance), read at most `max_age_s` (default `ttl_s`) ago; raises
+        FundsUnavailable."""
         key = (wallet, token)
-        hit = self._cache.get(key)
-        if hit is not None and trio.current_time() - hit[0] < self.ttl_s:
-            return hit[1]
+        max_age = self.ttl_s if max_age_s is None else max_age_s
+
+        def kept() -> tuple[int, int] | None:
+            hit = self._cache.get(key)
+            return hit[1] if hit is not None and trio.current_time() - hit[0] < max_age else None
+
+        if (value := kept()) is not None:
+            return value
         with trio.move_on_after(self.timeout_s):
             async with self._limiter:
-                hit = self._cache.get(key)  # another stream may have read it meanwhile
-                if hit is not None and trio.current_time() - hit[0] < self.ttl_s:
-                    return hit[1]
+                if (value := kept()) is not None:  # another stream may have read it meanwhile
+                    return value
                 self.reads += 1
                 try:
                     value = await self._read(wallet, token)
                 except Exception as exc:
                     raise FundsUnavailable(f"reading the renter's funds failed: {exc!r}") from None
+                self._cache.pop(key, None)
                 if len(self._cache) >= self.max_cached:
                     self._cache.pop(next(iter(self._cache)))
                 self._cache[key] = (trio.current_time(), value)
@@ -399,11 +409,14 @@ class ProviderDesk:
         aid = terms.agreement_id()
         others = sum(h.deposit for a, h in self.capacity.unopened(self.clock()).items()
                      if h.wallet == terms.renter and a != aid)
+        need = terms.deposit + others
         try:
             balance, allowance = await self.funds.get(terms.renter, terms.token)
+            if balance < need or allowance < terms.deposit:  # refuse on a fresh reading only
+                balance, allowance = await self.funds.get(terms.renter, terms.token,
+                                                          max_age_s=self.funds.recheck_s)
         except FundsUnavailable as exc:
             return Reason.PROVIDER_BUSY, str(exc)
-        need = terms.deposit + others
         if balance < need:
             return (Reason.INSUFFICIENT_FUNDS,
                     f"balance {balance} < {need} (deposit {terms.deposit} + {others} for this "

@@ -253,6 +253,43 @@ async def test_negotiate__funds_are_read_once_per_wallet_within_the_cache_time()
         nursery.cancel_scope.cancel()
 
 
+async def test_negotiate__a_kept_reading_that_would_refuse_is_read_again():
+    # The renter's last open spent its allowance; it approved again before this proposal. The
+    # provider's 2 s-old reading says "allowance 0": refusing on it refused an honest second
+    # rental (found by test_spot_sets). A refusal is judged on a reading at most recheck_s old.
+    rng = random.Random(10)
+    provider, renter = Party(rng), Party(rng)
+    allowance = [0]
+    reads = []
+
+    async def read(wallet, token):
+        reads.append(allowance[0])
+        return 10**18, allowance[0]
+
+    async with trio.open_nursery() as nursery:
+        await start(nursery, [provider, renter])
+        desk, offer, d, capacity, agreed = provider_desk(
+            provider, rng, gpu_count=3, funds=RenterFunds(read, ttl_s=30, recheck_s=0.05))
+        await renter.host.connect(provider.host.addrs()[0])
+
+        async def propose(seed):
+            return await negotiate_first(
+                renter.host, renter.key, renter.binding, [Candidate(offer, d)], gpu_count=1,
+                duration_s=3600, max_price_per_gpu_second=100, access_key="k", params=PARAMS,
+                rng=random.Random(seed))
+
+        refused = await propose(1)  # no allowance yet: refused, on a reading made for it
+        (m,) = refused.negotiations.values()
+        assert refused.winner is None and m.failure.reason == Reason.INSUFFICIENT_FUNDS
+        assert "allowance to the escrow 0" in m.failure.detail
+        allowance[0] = 10**18  # the renter approves
+        await trio.sleep(0.1)
+        agreed_group = await propose(2)  # the kept reading (0) is 0.1 s old: read again
+        assert agreed_group.winner is not None
+        assert reads == [0, 10**18]  # the refusal re-read nothing younger than recheck_s
+        nursery.cancel_scope.cancel()
+
+
 async def test_negotiate__an_agreement_while_another_dial_hangs_does_not_crash_the_renter():
     # A Sybil offer whose address accepts TCP and never answers: its dial hangs until the step
     # deadline, while an honest provider agrees at once and the group cancels the hung one.
