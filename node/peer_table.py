@@ -1,6 +1,7 @@
 """The node's bounded table of peers (the store's ``peers`` rows), and rejoining from it.
 
-Every ``interval_s`` the node records each peer it has a direct connection to, with the
+Every ``interval_s``, and within 2 s of connecting to a new peer, the node records each peer it
+has a direct connection to, with the
 addresses it can dial it at again (the remote address of a connection we dialled, and the
 peer's identify listen addresses that are not wildcards), and keeps the ``limit`` most recently
 seen rows. At start, when no bootstrap peer could be reached (or none is configured), it dials
@@ -86,10 +87,15 @@ class PeerTable:
                     await trio.sleep(0.2)
         if not network.connections:
             await self.rejoin()
-        recorded = False
+        recorded: set = set()
+        next_record = trio.current_time()
         while True:
-            await trio.sleep(self.config.interval_s if recorded else 2.0)
-            recorded = bool(network.connections)
+            # every interval_s, and within 2 s of a new peer (one found by node/discovery.py)
+            await trio.sleep(2.0)
+            peers = set(network.connections)
+            if not peers or (peers <= recorded and trio.current_time() < next_record):
+                continue
+            recorded, next_record = peers, trio.current_time() + self.config.interval_s
             try:
                 await self.record()
             except Exception:
