@@ -212,6 +212,9 @@ class Node(SpotMixin, ChainWatchMixin, ResumeMixin):
                                                          reachability=config.reachability))
         if self.host.reachability is not None:
             self.host.reachability.on_change = self._reachability_changed
+            # only a node that publishes offers needs to be dialled (a relay reservation);
+            # a renter dials out
+            self.host.reachability.wants_inbound = lambda: self.config.provider is not None
         self.escrow = WalletEscrow(chain, self.wallet_key)
         self.rentals: dict[bytes, Rental] = {}
         self.store: Store | None = None

@@ -13,8 +13,9 @@ What a node does (specs/node.md, "Reachability"):
   relay v2 with the limits of :class:`ReachabilityConfig`, announced in each reservation and
   CONNECT answer (the relay v2 ``Limit``: seconds and bytes per circuit) and enforced by
   :class:`node.libp2p_patches.GuardedRelay`.
-* While PRIVATE it keeps reservations on up to ``relays_to_reserve`` directly connected peers
-  that accept one and offers ``<relay addr>/p2p/<relay>/p2p-circuit/p2p/<us>`` addresses
+* While PRIVATE, and only if it must be dialled (:attr:`Reachability.wants_inbound`: a node
+  that publishes offers; a renter only dials out and takes no relay slot), it keeps
+  reservations on up to ``relays_to_reserve`` directly connected peers that accept one and offers ``<relay addr>/p2p/<relay>/p2p-circuit/p2p/<us>`` addresses
   (:attr:`Reachability.circuit_addrs`); a reservation is renewed before it expires and dropped
   with its relay's connection.
 * It answers DCUtR on every connection and, when a relayed connection to a peer appears, tries
@@ -165,6 +166,9 @@ class Reachability:
         self.last_answers: dict[str, int] = {}  # peer -> AutoNAT status of its last answer
         self._wake = trio.Event()
         self._candidates: tuple[str, ...] = ()
+        # Whether others must be able to dial us (node.node sets it: a provider publishing
+        # offers); without it no reservation is taken, as dialling out needs none.
+        self.wants_inbound: Callable[[], bool] = lambda: True
 
     # -- what others read ---------------------------------------------------------------------
 
@@ -330,6 +334,11 @@ class Reachability:
 
     async def _keep_reservations(self, direct: list[ID]) -> None:
         if self.status is not Reachable.PRIVATE:
+            return
+        if not self.wants_inbound():
+            if self.reservations:  # (a provider that stopped offering) let them lapse
+                self.reservations.clear()
+                self.on_change()
             return
         now = trio.current_time()
         before = set(self.circuit_addrs)
