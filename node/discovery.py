@@ -36,8 +36,9 @@ What a hostile peer can do, and the bounds here:
   per peer; candidates are kept in memory only (``max_candidates``, at most
   ``max_peers_per_answer`` per answering peer), never written to the store.
 * Dial amplification against a third party: at most ``dials_per_round`` new dials per round
-  (``interval_s``), each a single TCP attempt (the swarm's own dial retries 3 times), at most
-  one per IP address per round, a failed peer is not dialled again
+  (``interval_s``, or ``short_interval_s`` while below ``target_peers``), each a single TCP
+  attempt (the swarm's own dial retries 3 times), at most ``dials_per_ip_per_round`` (1) per IP
+  address per round, a failed peer is not dialled again
   for ``retry_s``, and unspecified, multicast, link-local and reserved addresses are dropped.
   Private and loopback addresses are kept only when the peer that named them is itself at a
   private or loopback address (a LAN, or tests on 127.0.0.1), unless ``allow_private``.
@@ -83,10 +84,12 @@ QUERY_TIMEOUT_S = 10.0
 class DiscoveryConfig:
     enabled: bool = True
     interval_s: float = 30.0  # one round: a few FIND_NODE queries, then a few dials
+    short_interval_s: float = 5.0  # the same while below target_peers direct connections
     first_round_s: float = 2.0
     target_peers: int = 8  # dial candidates while fewer direct connections than this
     queries_per_round: int = 2
     dials_per_round: int = 4
+    dials_per_ip_per_round: int = 1  # (on loopback every candidate shares one IP)
     max_peers_per_answer: int = 20
     max_addrs_per_peer: int = 4
     max_candidates: int = 256
@@ -95,10 +98,11 @@ class DiscoveryConfig:
     allow_private: bool = False  # keep private/loopback addresses whoever named them
 
     def __post_init__(self) -> None:
-        for key in ("interval_s", "first_round_s", "serve_per_peer_per_second"):
+        for key in ("interval_s", "short_interval_s", "first_round_s",
+                    "serve_per_peer_per_second"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}: must be positive")
-        for key in ("target_peers", "queries_per_round", "dials_per_round",
+        for key in ("target_peers", "queries_per_round", "dials_per_round", "dials_per_ip_per_round",
                     "max_peers_per_answer", "max_addrs_per_peer", "max_candidates"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be >= 0")
@@ -312,7 +316,8 @@ class Discovery:
 
     def pick_dials(self, now: float, direct: int) -> list[tuple[ID, _Candidate]]:
         """Up to ``dials_per_round`` candidates (never more than we lack), round-robin across
-        the peers that named them, at most one per IP address, none that failed recently."""
+        the peers that named them, at most ``dials_per_ip_per_round`` per IP address, none that
+        failed recently."""
         c = self.config
         want = min(c.dials_per_round, max(0, c.target_peers - direct))
         connected = self.host.host.get_network().connections
@@ -326,7 +331,7 @@ class Discovery:
                 continue
             by_source.setdefault(cand.source, []).append(peer)
         picked: list[tuple[ID, _Candidate]] = []
-        ips: set[str] = set()
+        ips: Counter[str] = Counter()
         while len(picked) < want and any(by_source.values()):
             for source in list(by_source):
                 if not by_source[source] or len(picked) >= want:
@@ -334,18 +339,25 @@ class Discovery:
                 peer = by_source[source].pop(0)
                 cand = self.candidates[peer]
                 ip = cand.addr.split("/")[2]
-                if ip in ips:
+                if ips[ip] >= c.dials_per_ip_per_round:
                     continue
-                ips.add(ip)
+                ips[ip] += 1
                 picked.append((peer, cand))
         return picked
+
+    def _direct(self) -> list[ID]:
+        network = self.host.host.get_network()
+        return [p for p, conns in list(network.connections.items())
+                if any(not is_relayed(c) for c in (conns if isinstance(conns, list) else [conns]))]
+
+    def _direct_count(self) -> int:
+        return len(self._direct())
 
     async def round(self) -> None:
         """Query a few connected peers, then dial a few candidates."""
         self.rounds += 1
         network = self.host.host.get_network()
-        direct = [p for p, conns in list(network.connections.items())
-                  if any(not is_relayed(c) for c in (conns if isinstance(conns, list) else [conns]))]
+        direct = self._direct()
         now = trio.current_time()
         ask = sorted(direct, key=lambda p: self._queried.get(p, -1e18))[: self.config.queries_per_round]
         key = self.host.peer_id.to_bytes() if self.rounds % 2 == 1 else b"\x12\x20" + os.urandom(32)
@@ -401,7 +413,8 @@ class Discovery:
                 await self.round()
             except Exception:
                 log.exception("discovery round failed")
-            await trio.sleep(self.config.interval_s)
+            short = self._direct_count() < self.config.target_peers
+            await trio.sleep(self.config.short_interval_s if short else self.config.interval_s)
 
 
 __all__ = ["Discovery", "DiscoveryConfig", "PROTOCOL_ID", "check_addr", "ip_scope", "may_use"]

@@ -24,7 +24,7 @@ from node.host import GossipHost, HostConfig
 from node.identity import NodeIdentity
 from node.peer_table import PeerTable
 
-FAST = DiscoveryConfig(interval_s=0.3, first_round_s=0.1, target_peers=5, dials_per_round=3)
+FAST = DiscoveryConfig(interval_s=0.3, short_interval_s=0.3, first_round_s=0.1, target_peers=5, dials_per_round=3)
 
 
 async def start(stack: AsyncExitStack, nursery: trio.Nursery, bootstrap=(),
@@ -117,7 +117,7 @@ async def test_a_hostile_answer_is_bounded(shape: str) -> None:
 
         size = len(answer().SerializeToString())
         await hostile_server(hostile, answer)
-        config = DiscoveryConfig(interval_s=0.2, first_round_s=0.05, target_peers=50,
+        config = DiscoveryConfig(interval_s=0.2, short_interval_s=0.2, first_round_s=0.05, target_peers=50,
                                  dials_per_round=4)
         node, d = await start(stack, nursery, bootstrap=[str(hostile.addrs()[0])], config=config)
         with trio.fail_after(20):
