@@ -11,7 +11,9 @@ bootstrap list rejoins the network it knew (specs/node.md, "Reachability").
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +33,37 @@ class PeerTableConfig:
     limit: int = 200  # rows kept (most recently seen)
     rejoin: int = 8  # stored peers dialled at start when no bootstrap peer answered
     interval_s: float = 30.0
+    per_group: int = 2  # stored peers dialled at start from one /24 (IPv4) or /48 (IPv6)
+
+
+def address_group(addr: str) -> str:
+    """The /24 (IPv4) or /48 (IPv6) of a multiaddr's IP: many peer ids there cost an attacker
+    one address block."""
+    parts = addr.split("/")
+    try:
+        if parts[1] == "ip4":
+            return str(ipaddress.ip_network(f"{parts[2]}/24", strict=False))
+        if parts[1] == "ip6":
+            return str(ipaddress.ip_network(f"{parts[2]}/48", strict=False))
+    except (IndexError, ValueError):
+        pass
+    return addr
+
+
+def choose_rejoin(rows: list, n: int, per_group: int) -> list:
+    """The ``n`` most recent rows (peer, addrs, ...), at most ``per_group`` per address group of
+    their first address: peer ids are free, so a restart must not dial only the identities one
+    attacker connected with last (an eclipse); loopback and LAN peers share a group too."""
+    out, groups = [], Counter()
+    for row in rows:
+        group = address_group(row[1][0])
+        if groups[group] >= per_group:
+            continue
+        groups[group] += 1
+        out.append(row)
+        if len(out) >= n:
+            break
+    return out
 
 
 class PeerTable:
@@ -70,9 +103,11 @@ class PeerTable:
         await self.store.prune_peers(self.config.limit)
 
     async def rejoin(self) -> list[str]:
-        """Dial the most recently seen stored peers (each under the host's dial timeout)."""
+        """Dial the most recently seen stored peers (each under the host's dial timeout), at
+        most ``per_group`` of them in one address group (:func:`choose_rejoin`)."""
         me = self.host.peer_id.to_base58()
-        rows = [r for r in await self.store.peers() if r[0] != me and r[1]][: self.config.rejoin]
+        rows = choose_rejoin([r for r in await self.store.peers() if r[0] != me and r[1]],
+                             self.config.rejoin, self.config.per_group)
         ok = await self.host.connect_all([r[1][0] for r in rows])
         self.rejoined = [r[0] for r, good in zip(rows, ok) if good]
         log.info("rejoined %d of %d stored peers", len(self.rejoined), len(rows))

@@ -195,3 +195,16 @@ def test_the_server_answers_the_closest_and_hides_private_addresses() -> None:
     assert public.closerPeers[0].id == fake_id(5).to_bytes()  # distance 0 first
     lan = d.answer(fake_id(5).to_bytes(), requester, "private")
     assert all(len(e.addrs) == 2 for e in lan.closerPeers)
+
+
+def test_a_restart_rejoins_diverse_peers_not_the_latest_sybils() -> None:
+    """node/peer_table.py choose_rejoin: 50 identities from one /24 seen last must not take
+    all 8 rejoin dials from the honest peers seen before them."""
+    from node.peer_table import address_group, choose_rejoin
+
+    sybils = [(f"s{i}", [f"/ip4/203.0.113.{i}/tcp/4001/p2p/s{i}"]) for i in range(50)]
+    honest = [(f"h{i}", [f"/ip4/198.51.{i}.7/tcp/4001/p2p/h{i}"]) for i in range(10)]
+    chosen = choose_rejoin(sybils + honest, 8, 2)  # most recent first: the sybils
+    assert [r[0] for r in chosen] == ["s0", "s1"] + [f"h{i}" for i in range(6)]
+    assert address_group("/ip6/2001:db8:1:2::5/tcp/1") == "2001:db8:1::/48"
+    assert address_group("/dns4/x/tcp/1") == "/dns4/x/tcp/1"
