@@ -32,7 +32,9 @@ What py-libp2p 0.8.1 ships for NAT traversal, as measured on the NAT test topolo
   relay) nothing appears. DCUtR reads them with ``min_observers=1``, and so do we. The observed
   port belongs to an outbound socket; only with a port-preserving NAT and the listen port does
   it predict a dialable address.
-* Kademlia DHT (``libp2p/kad_dht``) and gossipsub peer exchange exist; not used or measured yet.
+* Kademlia DHT (``libp2p/kad_dht``) and gossipsub peer exchange: measured, not used; why, and
+  what they lack, in :mod:`node.discovery`. ``CircuitV2Transport.dial`` drops the ``Limit`` of
+  the relay's CONNECT answer: :meth:`node.reachability.Reachability.dial_circuit` keeps it.
 """
 
 from __future__ import annotations

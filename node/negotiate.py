@@ -483,6 +483,31 @@ async def _dial_offer(host: GossipHost, candidate: "Candidate") -> None:
                           "the offer names no address and we are not connected") + ")")
 
 
+HOLE_PUNCH_WAIT_S = 8.0  # a relay too short for the rental: how long a hole punch may take
+
+
+async def _check_relay_limits(host: GossipHost, candidate: "Candidate", duration_s: int,
+                              wait_s: float) -> None:
+    """Before anything is agreed (so before any escrow): when the provider is reached only
+    through a relay whose published limits (seconds, bytes per circuit) do not cover this
+    rental, try for a direct connection (hole punch) for up to ``wait_s``; failing that, say
+    so with the numbers (ConnectionError)."""
+    reach = host.reachability
+    if reach is None:
+        return
+    peer = candidate.resolve_peer()
+    interval = candidate.offer.terms.heartbeat_interval_s
+    why = reach.relay_shortfall(peer, duration_s, interval)
+    if why is None:
+        return
+    log.info("provider %s: %s; trying for a direct connection", peer, why)
+    if await reach.wait_direct(peer, wait_s):
+        return
+    why = reach.relay_shortfall(peer, duration_s, interval) or why
+    raise ConnectionError(f"unreachable from here for this rental ({why}; no direct "
+                          f"connection: hole punching {'failed' if reach.dcutr else 'is off'})")
+
+
 async def _await_peer_close(stream: INetStream) -> None:
     """After we sent a NegotiationReject, let the peer read it and close first (bounded):
     closing at once can drop the frame, and a provider takes a plain close for agreement."""
@@ -573,6 +598,9 @@ async def negotiate_first(
         try:
             with trio.fail_after(params.negotiation_step_timeout_ms / 1000):
                 await _dial_offer(host, candidate)
+                phase = "relay limits"
+                await _check_relay_limits(host, candidate, duration_s, min(
+                    HOLE_PUNCH_WAIT_S, params.negotiation_step_timeout_ms / 1000 * 0.6))
                 phase = "open stream"
                 stream = await host.host.new_stream(candidate.resolve_peer(),
                                                     [TProtocol(NEGOTIATE_PROTOCOL)])

@@ -49,6 +49,7 @@ from .config import ConfigError, ProviderSection
 from .gpu import GpuProbe
 from .host import GossipHost, HostConfig
 from .identity import load_or_create_identity
+from .discovery import Discovery, DiscoveryConfig
 from .peer_table import PeerTable
 from .reachability import ReachabilityConfig, Reachable
 from .lifecycle import AgreementState, check_transition
@@ -176,6 +177,8 @@ class NodeConfig:
     on_preempt: Sequence[str] | None = None  # renter: command run when a preemption notice arrives
     # AutoNAT, relay v2 (serve while public, reserve while not), DCUtR: node/reachability.py
     reachability: ReachabilityConfig = field(default_factory=ReachabilityConfig)
+    # finding peers beyond the bootstrap list (Kademlia FIND_NODE, bounded): node/discovery.py
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
 
 @dataclass
@@ -209,6 +212,9 @@ class Node(SpotMixin, ChainWatchMixin, ResumeMixin):
                                                          reachability=config.reachability))
         if self.host.reachability is not None:
             self.host.reachability.on_change = self._reachability_changed
+            # only a node that publishes offers needs to be dialled (a relay reservation);
+            # a renter dials out
+            self.host.reachability.wants_inbound = lambda: self.config.provider is not None
         self.escrow = WalletEscrow(chain, self.wallet_key)
         self.rentals: dict[bytes, Rental] = {}
         self.store: Store | None = None
@@ -319,6 +325,10 @@ class Node(SpotMixin, ChainWatchMixin, ResumeMixin):
                 nursery.start_soon(self._sync_on_join)
                 self.peer_table = PeerTable(self.host, self.store, self.clock)
                 nursery.start_soon(self.peer_table.run, bool(self.config.bootstrap))
+                if self.config.discovery.enabled:
+                    self.discovery = Discovery(self.host, self.peer_table.dialable,
+                                               self.config.discovery)
+                    nursery.start_soon(self.discovery.run)
                 log.info("%s up: peer %s, wallet 0x%s", self.config.name, self.peer_id,
                          self.binding.wallet.hex())
                 task_status.started(self)

@@ -1,6 +1,7 @@
 """The node's bounded table of peers (the store's ``peers`` rows), and rejoining from it.
 
-Every ``interval_s`` the node records each peer it has a direct connection to, with the
+Every ``interval_s``, and within 2 s of connecting to a new peer, the node records each peer it
+has a direct connection to, with the
 addresses it can dial it at again (the remote address of a connection we dialled, and the
 peer's identify listen addresses that are not wildcards), and keeps the ``limit`` most recently
 seen rows. At start, when no bootstrap peer could be reached (or none is configured), it dials
@@ -10,7 +11,9 @@ bootstrap list rejoins the network it knew (specs/node.md, "Reachability").
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +33,37 @@ class PeerTableConfig:
     limit: int = 200  # rows kept (most recently seen)
     rejoin: int = 8  # stored peers dialled at start when no bootstrap peer answered
     interval_s: float = 30.0
+    per_group: int = 2  # stored peers dialled at start from one /24 (IPv4) or /48 (IPv6)
+
+
+def address_group(addr: str) -> str:
+    """The /24 (IPv4) or /48 (IPv6) of a multiaddr's IP: many peer ids there cost an attacker
+    one address block."""
+    parts = addr.split("/")
+    try:
+        if parts[1] == "ip4":
+            return str(ipaddress.ip_network(f"{parts[2]}/24", strict=False))
+        if parts[1] == "ip6":
+            return str(ipaddress.ip_network(f"{parts[2]}/48", strict=False))
+    except (IndexError, ValueError):
+        pass
+    return addr
+
+
+def choose_rejoin(rows: list, n: int, per_group: int) -> list:
+    """The ``n`` most recent rows (peer, addrs, ...), at most ``per_group`` per address group of
+    their first address: peer ids are free, so a restart must not dial only the identities one
+    attacker connected with last (an eclipse); loopback and LAN peers share a group too."""
+    out, groups = [], Counter()
+    for row in rows:
+        group = address_group(row[1][0])
+        if groups[group] >= per_group:
+            continue
+        groups[group] += 1
+        out.append(row)
+        if len(out) >= n:
+            break
+    return out
 
 
 class PeerTable:
@@ -69,9 +103,11 @@ class PeerTable:
         await self.store.prune_peers(self.config.limit)
 
     async def rejoin(self) -> list[str]:
-        """Dial the most recently seen stored peers (each under the host's dial timeout)."""
+        """Dial the most recently seen stored peers (each under the host's dial timeout), at
+        most ``per_group`` of them in one address group (:func:`choose_rejoin`)."""
         me = self.host.peer_id.to_base58()
-        rows = [r for r in await self.store.peers() if r[0] != me and r[1]][: self.config.rejoin]
+        rows = choose_rejoin([r for r in await self.store.peers() if r[0] != me and r[1]],
+                             self.config.rejoin, self.config.per_group)
         ok = await self.host.connect_all([r[1][0] for r in rows])
         self.rejoined = [r[0] for r, good in zip(rows, ok) if good]
         log.info("rejoined %d of %d stored peers", len(self.rejoined), len(rows))
@@ -86,10 +122,15 @@ class PeerTable:
                     await trio.sleep(0.2)
         if not network.connections:
             await self.rejoin()
-        recorded = False
+        recorded: set = set()
+        next_record = trio.current_time()
         while True:
-            await trio.sleep(self.config.interval_s if recorded else 2.0)
-            recorded = bool(network.connections)
+            # every interval_s, and within 2 s of a new peer (one found by node/discovery.py)
+            await trio.sleep(2.0)
+            peers = set(network.connections)
+            if not peers or (peers <= recorded and trio.current_time() < next_record):
+                continue
+            recorded, next_record = peers, trio.current_time() + self.config.interval_s
             try:
                 await self.record()
             except Exception:

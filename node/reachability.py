@@ -13,8 +13,9 @@ What a node does (specs/node.md, "Reachability"):
   relay v2 with the limits of :class:`ReachabilityConfig`, announced in each reservation and
   CONNECT answer (the relay v2 ``Limit``: seconds and bytes per circuit) and enforced by
   :class:`node.libp2p_patches.GuardedRelay`.
-* While PRIVATE it keeps reservations on up to ``relays_to_reserve`` directly connected peers
-  that accept one and offers ``<relay addr>/p2p/<relay>/p2p-circuit/p2p/<us>`` addresses
+* While PRIVATE, and only if it must be dialled (:attr:`Reachability.wants_inbound`: a node
+  that publishes offers; a renter only dials out and takes no relay slot), it keeps
+  reservations on up to ``relays_to_reserve`` directly connected peers that accept one and offers ``<relay addr>/p2p/<relay>/p2p-circuit/p2p/<us>`` addresses
   (:attr:`Reachability.circuit_addrs`); a reservation is renewed before it expires and dropped
   with its relay's connection.
 * It answers DCUtR on every connection and, when a relayed connection to a peer appears, tries
@@ -43,11 +44,20 @@ from libp2p.host.autonat.pb.autonat_pb2 import Message as AutoNATMessage
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig as Libp2pRelayConfig
 from libp2p.relay.circuit_v2.config import RelayRole
+from libp2p.connection_types import ConnectionType
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
+from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
+
+from protocol.messages import Heartbeat, UsageReceipt
 
 from node.libp2p_nat_patches import DialBackAutoNAT, GuardedRelay, RelayGuardLimits
 
@@ -137,6 +147,32 @@ def is_relayed(conn: object) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class CircuitLimit:
+    """What a relay published in its CONNECT answer (relay v2 ``Limit``) for one circuit we
+    dialled; 0: no limit published."""
+
+    relay: ID
+    duration_s: int
+    data_bytes: int
+    opened_at: float  # trio.current_time() when the circuit opened
+
+
+# A rental over a relayed connection: per heartbeat interval one Heartbeat frame and one
+# UsageReceipt frame at their maximum wire sizes, plus framing (length prefix, yamux header,
+# Noise tag, window updates); plus the negotiation, AccessGrant, identify and pubsub hellos once.
+HEARTBEAT_ROUND_BYTES = Heartbeat.MAX_SIZE + UsageReceipt.MAX_SIZE + 256
+RENTAL_SETUP_BYTES = 64 << 10
+RENTAL_SLACK_S = 60  # negotiation, escrow confirmation, the final heartbeat and receipt
+
+
+def rental_needs(duration_s: int, heartbeat_interval_s: int) -> tuple[int, int]:
+    """(seconds, bytes) one circuit must carry for a rental of ``duration_s``."""
+    interval = max(1, heartbeat_interval_s)
+    seconds = duration_s + 2 * interval + RENTAL_SLACK_S
+    return seconds, RENTAL_SETUP_BYTES + (duration_s // interval + 2) * HEARTBEAT_ROUND_BYTES
+
+
 @dataclass
 class _Reservation:
     relay: ID
@@ -162,9 +198,13 @@ class Reachability:
         self.dcutr = QuietDCUtR(host) if config.hole_punch else None
         self._punched: dict[ID, float] = {}  # peer -> when we last tried a hole punch
         self.reservations: dict[ID, _Reservation] = {}
+        self.circuit_limits: dict[ID, CircuitLimit] = {}  # peer -> its circuit we dialled
         self.last_answers: dict[str, int] = {}  # peer -> AutoNAT status of its last answer
         self._wake = trio.Event()
         self._candidates: tuple[str, ...] = ()
+        # Whether others must be able to dial us (node.node sets it: a provider publishing
+        # offers); without it no reservation is taken, as dialling out needs none.
+        self.wants_inbound: Callable[[], bool] = lambda: True
 
     # -- what others read ---------------------------------------------------------------------
 
@@ -331,6 +371,11 @@ class Reachability:
     async def _keep_reservations(self, direct: list[ID]) -> None:
         if self.status is not Reachable.PRIVATE:
             return
+        if not self.wants_inbound():
+            if self.reservations:  # (a provider that stopped offering) let them lapse
+                self.reservations.clear()
+                self.on_change()
+            return
         now = trio.current_time()
         before = set(self.circuit_addrs)
         for relay in list(self.reservations):
@@ -388,9 +433,87 @@ class Reachability:
     # -- dialling -----------------------------------------------------------------------------
 
     async def dial_circuit(self, addr: multiaddr.Multiaddr) -> None:
-        """Connect to a peer through the relay its circuit address names."""
-        await self.transport.dial(addr)
+        """Connect to a peer through the relay its circuit address names, and keep the limits
+        the relay published for the circuit (:attr:`circuit_limits`).
+
+        py-libp2p 0.8.1's ``CircuitV2Transport.dial`` reads the CONNECT answer's ``Limit`` and
+        drops it, so nobody can tell whether a circuit will outlast what it is used for; this
+        is its CONNECT path (HOP CONNECT on a fresh stream to the relay, STATUS, then the
+        relayed stream upgraded as an outbound connection) keeping the limit."""
+        relay_ma, dest = self.transport.parse_circuit_ma(addr)
+        relay = ID.from_base58(relay_ma.get_peer_id())
+        if relay not in self.host.get_network().connections:
+            await self.host.connect(PeerInfo(relay, [relay_ma]))
+        stream = await self.host.new_stream(relay, [HOP_PROTOCOL_ID])
+        try:
+            await write_delimited_msg(stream, HopMessage(type=HopMessage.CONNECT,
+                                                         peer=CircuitPeerId(id=dest.to_bytes())))
+            with trio.fail_after(15):
+                resp = await read_delimited_msg(stream, HopMessage)
+            status = StatusCode(resp.status) if resp.HasField("status") else StatusCode.OK
+            if status != StatusCode.OK:
+                raise ConnectionError(f"relay {relay} refused the circuit: {status.name}")
+            opened = trio.current_time()
+            raw = RawConnection(stream=stream, initiator=True,
+                                connection_type=ConnectionType.RELAYED,
+                                addresses=[multiaddr.Multiaddr(f"/p2p/{relay}/p2p-circuit/p2p/{dest}")])
+            await self.host.upgrade_outbound_connection(raw, dest)
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await stream.reset()
+                except Exception:
+                    pass
+            raise
+        limit = resp.limit if resp.HasField("limit") else None
+        connections = self.host.get_network().connections
+        for peer in [p for p in self.circuit_limits if p not in connections]:
+            del self.circuit_limits[peer]
+        self.circuit_limits[dest] = CircuitLimit(relay, int(limit.duration) if limit else 0,
+                                                 int(limit.data) if limit else 0, opened)
         self.counters["nat.circuit_dials"] += 1
 
+    def relayed_only(self, peer: ID) -> bool:
+        """Connected to ``peer``, and only through relays."""
+        conns = [c for c in self.host.get_network().connections.get(peer, [])
+                 if not getattr(c, "is_closed", False)]
+        return bool(conns) and all(is_relayed(c) for c in conns)
 
-__all__ = ["Reachability", "ReachabilityConfig", "Reachable", "is_public_ip", "is_relayed"]
+    def relay_shortfall(self, peer: ID, duration_s: int, heartbeat_interval_s: int) -> str | None:
+        """Why the relayed connection to ``peer`` cannot carry a rental of ``duration_s``
+        (the relay's published seconds or bytes per circuit are too few), or None: a direct
+        connection, no connection, a circuit we did not dial (limits unknown), or enough."""
+        if not self.relayed_only(peer):
+            return None
+        limit = self.circuit_limits.get(peer)
+        if limit is None:
+            return None
+        need_s, need_bytes = rental_needs(duration_s, heartbeat_interval_s)
+        left_s = limit.duration_s - (trio.current_time() - limit.opened_at)
+        short = []
+        if limit.duration_s and left_s < need_s:
+            short.append(f"{limit.duration_s} s per circuit ({left_s:.0f} s left on this one), "
+                         f"the rental needs {need_s} s")
+        if limit.data_bytes and limit.data_bytes < need_bytes:
+            short.append(f"{limit.data_bytes} bytes per circuit, the rental needs about "
+                         f"{need_bytes} bytes of heartbeats and receipts")
+        if not short:
+            return None
+        return (f"reachable only through relay {limit.relay}, whose limits do not cover a "
+                f"{duration_s} s rental: " + "; ".join(short))
+
+    async def wait_direct(self, peer: ID, timeout: float) -> bool:
+        """Try a hole punch to ``peer`` now (when hole punching is on) and wait up to
+        ``timeout`` for a direct connection; returns whether there is one."""
+        if self.dcutr is None:
+            return not self.relayed_only(peer)
+        self._punched.pop(peer, None)  # whichever end starts it, let it start now
+        self.poke()
+        with trio.move_on_after(timeout):
+            while self.relayed_only(peer):
+                await trio.sleep(0.2)
+        return not self.relayed_only(peer)
+
+
+__all__ = ["CircuitLimit", "Reachability", "ReachabilityConfig", "Reachable", "is_public_ip",
+           "is_relayed", "rental_needs"]

@@ -143,3 +143,36 @@ def test_renter_is_told_the_provider_is_unreachable_before_any_escrow(nat_market
     assert "unreachable from here" in failed["error"], failed
     assert f"/ip4/{home}/tcp/4001" in failed["error"]
     assert m.chain.events() == []  # no escrow opened, nothing approved to anyone's loss
+
+
+@pytest.mark.parametrize("nat_market", [("eim", "eim")], indirect=True, ids=["eim-eim"])
+def test_a_renter_behind_nat_reserves_no_relay_slot(nat_market: Market) -> None:
+    """Both homes are private and directly connected to the same public relay; the provider
+    (it publishes an offer, so it must be dialled) reserves a slot, the renter (it only dials
+    out) never does."""
+    m = nat_market
+    relay, relay_addr = start_relay(m)
+    provider = m.start("provider", "provider", "--listen", "/ip4/0.0.0.0/tcp/4001",
+                       "--bootstrap", relay_addr, "--autonat-interval", "10",
+                       params=NAT_PARAMS, prefix=tuple(m.lab.exec_prefix("a")))
+    renter = m.start("renter", "renter", "--listen", "/ip4/0.0.0.0/tcp/4001",
+                     "--bootstrap", relay_addr, "--autonat-interval", "10",
+                     params=NAT_PARAMS, prefix=tuple(m.lab.exec_prefix("b")))
+    provider.wait("ready", 60)
+    renter.wait("ready", 60)
+    wait_reachability(relay, "public")
+    assert wait_reachability(provider, "private", circuit=True)["relays"]
+    lines = [wait_reachability(renter, "private")]
+    deadline = time.monotonic() + 12  # two reservation rounds (every 5 s while private)
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            got = renter.events.get(timeout=left)
+        except queue.Empty:
+            break
+        assert got["event"] != "exited"
+        if got["event"] == "reachability":
+            lines.append(got)
+    assert lines[-1]["reachability"] == "private" and lines[-1]["direct_peers"] >= 1
+    assert all(line["relays"] == [] and line["circuit_addrs"] == [] for line in lines), lines
+    for p in (renter, provider, relay):
+        assert p.terminate(10) < 10

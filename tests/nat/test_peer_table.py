@@ -40,3 +40,29 @@ def test_restart_without_bootstrap_rejoins_from_the_peer_table(market) -> None: 
         got = b.wait("reachability", max(0.1, deadline - time.monotonic()))
         if got["direct_peers"] >= 1:
             break
+
+
+def test_a_peer_found_by_discovery_is_stored_and_rejoined_without_bootstrap(market) -> None:  # noqa: F811
+    """C knows only A; it finds B through A (node/discovery.py), stores it, and after A is gone
+    and C restarts without a bootstrap list, C reaches the network through B."""
+    listen = f"/ip4/127.0.0.1/tcp/{_free_port()}"
+    a = market.start("relay", "renter", "--listen", listen, params=FAST)
+    a_peer = a.wait("ready", 60)["peer_id"]
+    boot = ("--bootstrap", f"{listen}/p2p/{a_peer}")
+    b = market.start("provider", "renter", *boot, params=FAST)
+    b_peer = b.wait("ready", 60)["peer_id"]
+    c = market.start("renter", "renter", *boot, params=FAST)
+    c.wait("ready", 60)
+    deadline = time.monotonic() + 40
+    while b_peer not in stored_peers(market.tmp / "renter" / "node.db"):
+        assert time.monotonic() < deadline, "C never found and stored B"
+        time.sleep(0.3)
+    c.terminate(10)
+    a.terminate(10)
+    c = market.start("renter", "renter", params=FAST)  # no --bootstrap, and A is gone
+    c.wait("ready", 60)
+    deadline = time.monotonic() + 30
+    while True:
+        got = c.wait("reachability", max(0.1, deadline - time.monotonic()))
+        if got["direct_peers"] >= 1:  # only B is left to connect to
+            break
