@@ -275,6 +275,12 @@ def decoding_cases(provider: PeerKey) -> list[dict]:
         # an Offer (16 KiB) holding arrays nested 1 + 1023 = 1024 deep: parses, wrong fields
         ("nesting_1024_then_bad_field", (b"\x93\x01\x01" + nested(1023)).hex(), None, "bad_field"),
         ("nesting_1025", (b"\x93\x01\x01" + nested(1024)).hex(), None, "malformed"),
+        # the 1025th level's header is malformed before its count is looked at: even a count
+        # over the whole input (truncated at any other level) or an input ending right there
+        ("nesting_1025_with_count_over_input", (b"\x93\x01\x01" + b"\x91" * 1023 + b"\xdd\xff\xff\xff\xff").hex(), None, "malformed"),
+        ("nesting_1025_map_with_count_over_input", (b"\x93\x01\x01" + b"\x91" * 1023 + b"\xdf\xff\xff\xff\xff").hex(), None, "malformed"),
+        ("nesting_1025_header_at_end_of_input", (b"\x93\x01\x01" + b"\x91" * 1024).hex(), None, "malformed"),
+        ("nesting_1024_with_count_over_input", (b"\x93\x01\x01" + b"\x91" * 1022 + b"\xdd\xff\xff\xff\xff").hex(), None, "truncated"),
         ("padded_integer", with_field(3, b"\xce\x00\x00\x00\x07"), None, "non_canonical"),
         ("str8_for_short_text", "9202d90161", None, "non_canonical"),
         ("bool_in_a_field", with_field(3, b"\xc3"), None, "bad_field"),

@@ -64,15 +64,15 @@ export function parseOne(buf) {
     return { t: 'ext', type: signed, data };
   };
   const arr = (count, depth) => {
-    if (count > n) throw new WireError('truncated', 'array count over input length');
     if (depth > MAX_DEPTH) throw new WireError('malformed', 'nesting');
+    if (count > n) throw new WireError('truncated', 'array count over input length');
     const v = [];
     for (let i = 0; i < count; i++) v.push(value(depth));
     return { t: 'arr', v };
   };
   const map = (count, depth) => {
-    if (count > Math.floor(n / 2)) throw new WireError('truncated', 'map count over half input length');
     if (depth > MAX_DEPTH) throw new WireError('malformed', 'nesting');
+    if (count > Math.floor(n / 2)) throw new WireError('truncated', 'map count over half input length');
     tainted = true;
     const v = [];
     for (let i = 0; i < count; i++) v.push([value(depth), value(depth)]);
