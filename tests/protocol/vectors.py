@@ -179,6 +179,7 @@ def build() -> dict[str, dict]:
         {"name": "arbiter_is_the_provider_wallet",
          "wire_hex": with_terms(arbiter=p_binding.wallet, dispute_window_s=3600),
          "now_ms": NOW_MS, "verdict": "reject", "code": "bad_terms"},
+        *more_offer_verdicts(offer, provider, p_binding, r_binding),
     ]
     agreement = {
         "chain_id": CHAIN_ID, "escrow": ESCROW.hex(),
@@ -213,6 +214,127 @@ def build() -> dict[str, dict]:
         "validation.json": {"keys": keys, "params": {"clock_skew_ms": 30_000}, "offers": invalid},
         "agreement.json": {"keys": keys, "agreement": agreement},
     }
+
+
+def _unrecoverable_r() -> int:
+    """The smallest r that is no secp256k1 point's x coordinate (ecrecover fails for it)."""
+    from protocol.eth import SECP256K1_HALF_N
+    p = 2**256 - 2**32 - 977
+    r = 1
+    while pow((r**3 + 7) % p, (p - 1) // 2, p) == 1:
+        r += 1
+    assert r < SECP256K1_HALF_N
+    return r
+
+
+def more_offer_verdicts(offer: Offer, provider: PeerKey, p_binding: Binding, r_binding: Binding) -> list[dict]:
+    """One case per row of specs/validation.md's offer table not covered above (each offer
+    signed again after the change, so the row under test is its first fault), the order of
+    rows where an offer has two faults, the binding's sub-checks with their codes, and the rows
+    that need what the node holds from the provider (known_seq, known_digest, withdrawn_seq)."""
+    from protocol.eth import SECP256K1_N
+    from protocol.identity import sign_binding
+
+    def signed(o: Offer) -> str:
+        return o.sign(provider).encode().hex()
+
+    def case(name: str, wire_hex: str, verdict: str, code: str | None, **extra) -> dict:
+        return {"name": name, "wire_hex": wire_hex, "now_ms": NOW_MS, "verdict": verdict, "code": code, **extra}
+
+    def terms(**changes) -> str:
+        return signed(dataclasses.replace(offer, terms=dataclasses.replace(offer.terms, **changes)))
+
+    def gpu0(**changes) -> str:
+        return signed(dataclasses.replace(offer, gpus=(dataclasses.replace(offer.gpus[0], **changes), *offer.gpus[1:])))
+
+    def binding(**changes) -> str:
+        return signed(dataclasses.replace(offer, binding=dataclasses.replace(p_binding, **changes)))
+
+    sig = p_binding.wallet_sig
+    r, s, v = sig[:32], int.from_bytes(sig[32:64], "big"), sig[64]
+    high_s = r + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])  # the malleated twin
+    peer_id = provider.peer_id
+    bad_peer_sig = p_binding.peer_sig[:-1] + bytes([p_binding.peer_sig[-1] ^ 1])
+    data = bytes.fromhex(signed(offer))
+    offer_digest = digest(data).hex()
+    return [
+        case("accept", signed(offer), "accept", None),
+        case("lifetime_below_min", signed(dataclasses.replace(offer, expires_ms=offer.created_ms + 59_999)), "reject", "bad_lifetime"),
+        case("lifetime_min", signed(dataclasses.replace(offer, expires_ms=offer.created_ms + 60_000)), "accept", None),
+        case("lifetime_above_max", signed(dataclasses.replace(offer, expires_ms=offer.created_ms + 7_200_001)), "reject", "bad_lifetime"),
+        case("expires_before_created", signed(dataclasses.replace(offer, expires_ms=offer.created_ms - 1)), "reject", "bad_lifetime"),
+        case("no_gpus", signed(dataclasses.replace(offer, gpus=())), "reject", "no_gpus"),
+        case("duplicate_gpu", signed(dataclasses.replace(offer, gpus=(offer.gpus[0], offer.gpus[0]))), "reject", "duplicate_gpu"),
+        # a duplicate GPU is found before the second copy's facts are checked
+        case("duplicate_gpu_before_bad_gpu", signed(dataclasses.replace(offer, gpus=(
+            offer.gpus[0], dataclasses.replace(offer.gpus[0], vram_mib=0)))), "reject", "duplicate_gpu"),
+        case("gpu_vram_zero", gpu0(vram_mib=0), "reject", "bad_gpu"),
+        case("gpu_model_empty", gpu0(model=""), "reject", "bad_gpu"),
+        case("gpu_cc_major_zero", gpu0(cc_major=0), "reject", "bad_gpu"),
+        case("host_no_cpu", signed(dataclasses.replace(offer, host=dataclasses.replace(offer.host, cpu_cores=0))), "reject", "bad_host"),
+        case("host_no_ram", signed(dataclasses.replace(offer, host=dataclasses.replace(offer.host, ram_mib=0))), "reject", "bad_host"),
+        case("price_zero", terms(price_per_gpu_second=0), "reject", "bad_terms"),
+        case("min_duration_zero", terms(min_duration_s=0), "reject", "bad_terms"),
+        case("min_duration_above_max", terms(min_duration_s=604_801), "reject", "bad_terms"),
+        case("max_duration_above_max_rental", terms(max_duration_s=2_592_001), "reject", "bad_terms"),
+        case("heartbeat_below_min", terms(heartbeat_interval_s=4), "reject", "bad_terms"),
+        case("heartbeat_above_max", terms(heartbeat_interval_s=601, grace_s=700), "reject", "bad_terms"),
+        case("grace_below_heartbeat", terms(heartbeat_interval_s=600, grace_s=599), "reject", "bad_terms"),
+        case("escrow_zero", terms(escrow=b"\x00" * 20), "reject", "bad_terms"),
+        case("arbiter_without_window", terms(arbiter=bytes([0xab] * 20)), "reject", "bad_terms"),
+        case("window_without_arbiter", terms(dispute_window_s=3600), "reject", "bad_terms"),
+        case("arbiter_with_window", terms(arbiter=bytes([0xab] * 20), dispute_window_s=3600), "accept", None),
+        case("token_decimals_37", terms(token_decimals=37), "reject", "bad_terms"),
+        case("token_decimals_36", terms(token_decimals=36), "accept", None),
+        # price * len(gpus) * max_duration_s must stay below 2^256 (the largest deposit)
+        case("deposit_overflows", terms(price_per_gpu_second=2**256 // (2 * 604_800) + 1), "reject", "bad_terms"),
+        case("deposit_largest", terms(price_per_gpu_second=(2**256 - 1) // (2 * 604_800)), "accept", None),
+        case("addr_own_peer_id", signed(dataclasses.replace(offer, addrs=(f"/ip4/127.0.0.1/tcp/4001/p2p/{peer_id}",))), "accept", None),
+        case("addr_relayed", signed(dataclasses.replace(offer, addrs=(
+            f"/ip4/10.0.0.1/tcp/4001/p2p/{PeerKey(RENTER_SEED).peer_id}/p2p-circuit/p2p/{peer_id}",))), "accept", None),
+        case("addr_other_peer_id", signed(dataclasses.replace(offer, addrs=(
+            f"/ip4/127.0.0.1/tcp/4001/p2p/{PeerKey(RENTER_SEED).peer_id}",))), "reject", "bad_addrs"),
+        case("addr_not_starting_with_slash", signed(dataclasses.replace(offer, addrs=(f"ip4/127.0.0.1/tcp/4001/p2p/{peer_id}",))), "reject", "bad_addrs"),
+        # the address rule comes after the interruptible sets, the binding rows after it
+        case("bad_addrs_before_binding_peer_mismatch", signed(dataclasses.replace(
+            offer, binding=r_binding, addrs=("/ip4/127.0.0.1/tcp/4001",))), "reject", "bad_addrs"),
+        case("binding_of_another_key", signed(dataclasses.replace(offer, binding=r_binding)), "reject", "binding_peer_mismatch"),
+        case("binding_for_another_chain", signed(dataclasses.replace(
+            offer, binding=Binding.create(provider, PROVIDER_WALLET_KEY, 1))), "reject", "binding_chain_mismatch"),
+        # the static rows come before the signature: a bad offer is blamed for what it says
+        case("bad_terms_before_bad_signature", tamper_last(terms(price_per_gpu_second=0)), "reject", "bad_terms"),
+        # row 15, in its order: zero wallet, then the peer signature, then the wallet signature
+        case("binding_zero_wallet", binding(wallet=b"\x00" * 20, peer_sig=bad_peer_sig), "reject", "binding_zero_wallet"),
+        case("binding_peer_sig_flipped", binding(peer_sig=bad_peer_sig), "reject", "binding_peer_sig"),
+        case("binding_peer_sig_before_wallet_sig", binding(peer_sig=bad_peer_sig, wallet_sig=sig[:64] + b"\x1d"), "reject", "binding_peer_sig"),
+        case("binding_wallet_sig_v_29", binding(wallet_sig=sig[:64] + b"\x1d"), "reject", "bad_signature_v"),
+        case("binding_wallet_sig_v_1", binding(wallet_sig=sig[:64] + bytes([v - 27])), "reject", "bad_signature_v"),
+        case("binding_wallet_sig_high_s", binding(wallet_sig=high_s), "reject", "bad_signature_high_s"),
+        case("binding_wallet_sig_r_zero", binding(wallet_sig=bytes(32) + sig[32:]), "reject", "bad_signature_high_s"),
+        case("binding_wallet_sig_s_zero", binding(wallet_sig=r + bytes(32) + sig[64:]), "reject", "bad_signature_high_s"),
+        case("binding_wallet_sig_r_is_n", binding(wallet_sig=SECP256K1_N.to_bytes(32, "big") + sig[32:]), "reject", "bad_signature_high_s"),
+        case("binding_wallet_sig_unrecoverable", binding(wallet_sig=_unrecoverable_r().to_bytes(32, "big") + sig[32:]), "reject", "bad_signature"),
+        case("binding_signed_by_another_wallet", binding(wallet_sig=sign_binding(RENTER_WALLET_KEY, provider.public, CHAIN_ID)), "reject", "binding_wallet_mismatch"),
+        # rows 2 and 16-18: what the node holds from this provider
+        case("duplicate", data.hex(), "ignore", "duplicate", known_seq=offer.seq, known_digest=offer_digest),
+        case("duplicate_even_if_expired", data.hex(), "ignore", "duplicate", known_seq=offer.seq, known_digest=offer_digest,
+             now_ms=offer.expires_ms + 30_001),
+        case("equivocation", signed(dataclasses.replace(offer, expires_ms=offer.expires_ms - 1)), "reject", "equivocation",
+             known_seq=offer.seq, known_digest=offer_digest),
+        case("stale_seq", data.hex(), "ignore", "stale_seq", known_seq=offer.seq + 1, known_digest="00" * 32),
+        case("withdrawn", data.hex(), "ignore", "withdrawn", withdrawn_seq=offer.seq),
+        case("withdrawn_below", data.hex(), "accept", None, withdrawn_seq=offer.seq - 1),
+        case("newer_than_held", data.hex(), "accept", None, known_seq=offer.seq - 1, known_digest="00" * 32),
+        # a bad signature is a REJECT even when the offer is stale (the signature row comes first)
+        case("bad_signature_before_stale_seq", tamper_last(data.hex()), "reject", "bad_signature", known_seq=offer.seq + 1,
+             known_digest="00" * 32),
+    ]
+
+
+def tamper_last(wire_hex: str) -> str:
+    """The message with the last byte of its signature flipped."""
+    data = bytes.fromhex(wire_hex)
+    return (data[:-1] + bytes([data[-1] ^ 1])).hex()
 
 
 def resign(value: list, cls, signer: PeerKey) -> bytes:

@@ -358,12 +358,12 @@ export function recoverWallet(digest, sig65) {
   const v = sig65[64];
   if (v !== 27 && v !== 28) throw new WireError('bad_signature_v', `v = ${v}`);
   const r = beInt(sig65.subarray(0, 32)), s = beInt(sig65.subarray(32, 64));
-  if (r === 0n || s === 0n || r >= SECP_N || s >= SECP_N) throw new WireError('bad_signature_rs', 'r or s out of range');
-  if (s > SECP_N / 2n) throw new WireError('bad_signature_high_s', 'high s');
+  // wire.md: one code for every r or s out of range, zero and r >= n included
+  if (!(r > 0n && r < SECP_N) || !(s > 0n && s <= (SECP_N - 1n) / 2n)) throw new WireError('bad_signature_high_s', 'r or s out of range');
   let pub;
   try {
     pub = secp256k1.Signature.fromBytes(sig65.subarray(0, 64), 'compact').addRecoveryBit(v - 27).recoverPublicKey(digest).toBytes(false);
-  } catch { throw new WireError('bad_signature_recover', 'does not recover'); }
+  } catch { throw new WireError('bad_signature', 'does not recover'); }
   return keccak(pub.subarray(1)).subarray(12);
 }
 
@@ -383,8 +383,8 @@ export function bindingPeerPayload(b) {
 export const BINDING_DOMAIN = ascii('gpumarket/binding/v1\0');
 // validation.md row 15; order of the sub-checks as implemented here (see the report)
 export function checkBinding(b) {
-  if (!ed25519Verify(b.peer_sig, concat(BINDING_DOMAIN, bindingPeerPayload(b)), b.peer_key)) throw new WireError('binding_peer_sig');
   if (b.wallet.every((x) => x === 0)) throw new WireError('binding_zero_wallet');
+  if (!ed25519Verify(b.peer_sig, concat(BINDING_DOMAIN, bindingPeerPayload(b)), b.peer_key)) throw new WireError('binding_peer_sig');
   const got = recoverWallet(bindingDigest(b.peer_key, b.chain_id), b.wallet_sig);
   if (!eq(got, b.wallet)) throw new WireError('binding_wallet_mismatch');
 }

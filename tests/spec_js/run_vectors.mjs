@@ -110,7 +110,9 @@ function checkKeys(file, keys) {
   checkKeys(f, d.keys);
   const params = { ...W.DEFAULT_PARAMS, ...d.params };
   for (const c of d.offers) {
-    check(f, c.name, () => same('verdict', verdictOf(() => W.validateOffer(unhex(c.wire_hex), c.now_ms, params, { chainIds: c.chain_ids ?? null })), [c.verdict, c.code]));
+    const held = { chainIds: c.chain_ids ?? null, knownSeq: c.known_seq ?? -1,
+      knownDigest: c.known_digest ? unhex(c.known_digest) : null, withdrawnSeq: c.withdrawn_seq ?? -1 };
+    check(f, c.name, () => same('verdict', verdictOf(() => W.validateOffer(unhex(c.wire_hex), c.now_ms, params, held)), [c.verdict, c.code]));
   }
 }
 
