@@ -5,6 +5,7 @@ import hashlib
 import json
 
 import msgpack
+import nacl.exceptions
 import nacl.signing
 import pytest
 from eth_account import Account
@@ -44,6 +45,17 @@ def test_vectors__valid_messages_check_independently(vec):
         assert unsigned.hex() == vec["unsigned_hex"]
         key = nacl.signing.VerifyKey(bytes.fromhex(vec["signer_public_key"]))
         key.verify(bytes.fromhex(vec["domain_hex"]) + unsigned, raw[-1])
+
+
+@pytest.mark.parametrize("vec", VECTORS["wire.json"]["ed25519_edges"], ids=lambda v: v["name"])
+def test_vectors__ed25519_edges_get_pynacl_verdict(vec):
+    key = nacl.signing.VerifyKey(bytes.fromhex(vec["public_key"]))
+    try:
+        key.verify(bytes.fromhex(vec["message_hex"]), bytes.fromhex(vec["signature"]))
+        valid = True
+    except nacl.exceptions.BadSignatureError:
+        valid = False
+    assert valid == vec["valid"]
 
 
 @pytest.mark.parametrize("vec", VECTORS["validation.json"]["offers"], ids=lambda v: v["name"])

@@ -210,7 +210,7 @@ def build() -> dict[str, dict]:
         "text.json": {"keys": keys, "rule": TEXT_RULE, "now_ms": NOW_MS,
                       "cases": text_cases(provider, offer)},
         "binding.json": {"keys": keys, "binding": binding_vector(provider, p_binding)},
-        "wire.json": {"keys": keys, "valid": valid},
+        "wire.json": {"keys": keys, "valid": valid, "ed25519_edges": ed25519_edge_cases()},
         "validation.json": {"keys": keys, "params": {"clock_skew_ms": 30_000}, "offers": invalid},
         "agreement.json": {"keys": keys, "agreement": agreement},
     }
@@ -497,6 +497,113 @@ def binding_vector(provider: PeerKey, binding: Binding) -> dict:
         "peer_sig_domain_hex": Binding.DOMAIN.hex(), "peer_sig_payload_hex": payload.hex(),
         "peer_sig": binding.peer_sig.hex(), "peer_public_key": provider.public.hex(),
     }
+
+
+# ed25519 edge cases (specs/wire.md, "Verification rules"): crafted with plain affine Edwards
+# arithmetic, since no signing library makes these signatures.
+_ED_P = 2**255 - 19
+_ED_L = 2**252 + 27742317777372353535851937790883648493
+_ED_D = -121665 * pow(121666, -1, _ED_P) % _ED_P
+
+
+def _ed_add(P: tuple, Q: tuple) -> tuple:
+    (x1, y1), (x2, y2) = P, Q
+    t = _ED_D * x1 * x2 * y1 * y2 % _ED_P
+    return ((x1 * y2 + x2 * y1) * pow(1 + t, -1, _ED_P) % _ED_P,
+            (y1 * y2 + x1 * x2) * pow(1 - t, -1, _ED_P) % _ED_P)
+
+
+def _ed_mul(k: int, P: tuple) -> tuple:
+    out = (0, 1)
+    while k:
+        if k & 1:
+            out = _ed_add(out, P)
+        P, k = _ed_add(P, P), k >> 1
+    return out
+
+
+def _ed_decode(b: bytes) -> tuple:
+    y = int.from_bytes(b, "little") & (2**255 - 1)
+    u, v = (y * y - 1) % _ED_P, (_ED_D * y * y + 1) % _ED_P
+    x = pow(u * pow(v, -1, _ED_P), (_ED_P + 3) // 8, _ED_P)
+    if (v * x * x - u) % _ED_P:
+        x = x * pow(2, (_ED_P - 1) // 4, _ED_P) % _ED_P
+    assert (v * x * x - u) % _ED_P == 0, "not a point"
+    if x & 1 != b[31] >> 7:
+        x = -x % _ED_P
+    return x, y
+
+
+def _ed_encode(P: tuple) -> bytes:
+    x, y = P
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
+def ed25519_edge_cases() -> list[dict]:
+    """Signatures where an RFC 8032 verifier may differ from ours (libsodium's rules): each with
+    the verdict of protocol.identity.verify_ed25519 and the rule that decides it."""
+    import hashlib
+
+    from protocol.identity import verify_ed25519
+
+    B = _ed_decode((4 * pow(5, -1, _ED_P) % _ED_P).to_bytes(32, "little"))
+    T = _ed_decode(bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"))
+    assert _ed_mul(8, T) == (0, 1) and _ed_mul(4, T) != (0, 1)  # order 8
+    a, r = 0x1234567890ABCDEF1234567890ABCDEF, 0xFEDCBA0987654321FEDCBA0987654321
+    A = _ed_mul(a, B)
+    Ab, Rb = _ed_encode(A), _ed_encode(_ed_mul(r, B))
+    Am = _ed_encode(_ed_add(A, T))  # mixed order: A plus a point of order 8
+
+    def k_of(R: bytes, key: bytes, msg: bytes) -> int:
+        return int.from_bytes(hashlib.sha512(R + key + msg).digest(), "little") % _ED_L
+
+    def sig(R: bytes, S: int) -> bytes:
+        return R + S.to_bytes(32, "little")
+
+    def message_where(pred, R_of, key: bytes, start: int) -> tuple[bytes, bytes, int]:
+        for i in range(start, start + 1000):
+            msg = f"gpumarket edge {i}".encode()
+            R = R_of(i)
+            k = k_of(R, key, msg)
+            if pred(k, i):
+                return msg, R, k
+        raise AssertionError("no message found")
+
+    cases = []
+
+    def add(name: str, key: bytes, msg: bytes, signature: bytes, valid: bool, why: str) -> None:
+        got = verify_ed25519(key, b"", msg, signature)
+        assert got == valid, (name, got)
+        cases.append({"name": name, "public_key": key.hex(), "message_hex": msg.hex(),
+                      "signature": signature.hex(), "valid": valid, "why": why})
+
+    m0 = b"gpumarket edge 0"
+    good = sig(Rb, (r + k_of(Rb, Ab, m0) * a) % _ED_L)
+    add("valid", Ab, m0, good, True, "an ordinary signature")
+    add("s_plus_l", Ab, m0, sig(Rb, int.from_bytes(good[32:], "little") + _ED_L), False, "rule 1: S >= L")
+    msg, _, _ = message_where(lambda k, i: k % 8 != 0, lambda i: Rb, Am, 100)
+    add("mixed_order_key", Am, msg, sig(Rb, (r + k_of(Rb, Am, msg) * a) % _ED_L), False,
+        "rule 5: the cofactored equation holds, the cofactorless one does not (k not a multiple of 8)")
+    msg, _, _ = message_where(lambda k, i: k % 8 == 0, lambda i: Rb, Am, 100)
+    add("mixed_order_key_k_multiple_of_8", Am, msg, sig(Rb, (r + k_of(Rb, Am, msg) * a) % _ED_L), True,
+        "a mixed-order key is not refused as such: both equations hold when 8 divides k")
+    Tb = _ed_encode(T)
+    add("small_order_r", Ab, m0, sig(Tb, k_of(Tb, Ab, m0) * a % _ED_L), False,
+        "rules 2 and 5: R of order 8; only the cofactored equation holds")
+    ident = _ed_encode((0, 1))
+    # R the identity over a mixed-order key, S = k a: [S]B - [k]A' = -[k]T = identity = R when
+    # 8 | k, so only rule 2 refuses it
+    msg, _, k = message_where(lambda k, i: k % 8 == 0, lambda i: ident, Am, 300)
+    add("identity_r_cofactorless_holds", Am, msg, sig(ident, k * a % _ED_L), False,
+        "rule 2 alone: R is the identity (small order) although the cofactorless equation holds")
+    # a small-order key T with S = 0 and R = -[k]T: the cofactorless equation holds; rule 3 refuses
+    msg, R, _ = message_where(lambda k, i: _ed_mul(-k % 8, T) == _ed_mul(i % 8, T),
+                              lambda i: _ed_encode(_ed_mul(i % 8, T)), Tb, 400)
+    add("small_order_key", Tb, msg, sig(R, 0), False,
+        "rule 3 (and rule 2 for R): the key has order 8 although the cofactorless equation holds")
+    y3 = (3 + _ED_P).to_bytes(32, "little")  # y = 3 is a point; p + 3 fits in 255 bits
+    add("non_canonical_key", y3, m0, good, False, "rule 3: y(A) >= p")
+    return cases
 
 
 def render(doc: dict) -> str:

@@ -4,7 +4,7 @@
 // exact enough for an implementer who never reads protocol/.
 import { ed25519 } from '../interop/node_modules/@noble/curves/ed25519.js';
 import { secp256k1 } from '../interop/node_modules/@noble/curves/secp256k1.js';
-import { sha256 } from '../interop/node_modules/@noble/hashes/sha2.js';
+import { sha256, sha512 } from '../interop/node_modules/@noble/hashes/sha2.js';
 import { keccak_256 } from '../interop/node_modules/@noble/hashes/sha3.js';
 
 // ---------------------------------------------------------------- bytes helpers
@@ -328,9 +328,41 @@ export function signingBytes(type, fields) {
     ...m.fields.slice(0, -1).map(([n, k]) => unfit(k, fields[n]))] });
   return { domain: ascii(m.domain), unsigned };
 }
+// wire.md "Signatures": RFC 8032 verification with libsodium's rules (crypto_sign_verify_detached):
+// S < L; neither R nor the key a small-order point (by encoding, sign bit ignored); the key's
+// encoding canonical; and the cofactorless equation, compared as bytes: encode([S]B - [k]A) == R.
+// (noble's own verify is cofactored: it accepts signatures libsodium refuses.)
+const EdPoint = ed25519.Point;
+const ED_L = EdPoint.CURVE().n;
+const ED_P = EdPoint.CURVE().p;
+const leInt = (b) => beInt(Uint8Array.from(b).reverse());
+// The encodings (sign bit cleared) libsodium refuses as R or as a key: the small-order points
+// (y = 0, 1, p - 1 and the two order-8 y values) and the non-canonical p and p + 1 (0 and 1).
+export const ED_SMALL_ORDER = [
+  '0000000000000000000000000000000000000000000000000000000000000000',
+  '0100000000000000000000000000000000000000000000000000000000000000',
+  '26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05',
+  'c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a',
+  'ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f',
+  'edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f',
+  'eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f',
+];
+const ED_SMALL_ORDER_Y = new Set(ED_SMALL_ORDER.map((h) => leInt(unhex(h))));
+const edY = (b) => leInt(b) & ((1n << 255n) - 1n);
 export function ed25519Verify(sig64, msg, key32) {
-  try { return ed25519.verify(sig64, msg, key32, { zip215: false }); } catch { return false; }
+  if (sig64.length !== 64 || key32.length !== 32) return false;
+  const R = sig64.subarray(0, 32), S = leInt(sig64.subarray(32));
+  if (S >= ED_L) return false;
+  if (ED_SMALL_ORDER_Y.has(edY(R))) return false;
+  if (edY(key32) >= ED_P || ED_SMALL_ORDER_Y.has(edY(key32))) return false;
+  let A;
+  try { A = EdPoint.fromBytes(key32, false); } catch { return false; }
+  const k = leInt(sha512(concat(R, key32, msg))) % ED_L;
+  const SB = S === 0n ? EdPoint.ZERO : EdPoint.BASE.multiply(S);
+  const check = SB.subtract(k === 0n ? EdPoint.ZERO : A.multiplyUnsafe(k));
+  return eq(check.toBytes(), R);
 }
+export const ed25519Cofactored = (sig64, msg, key32) => { try { return ed25519.verify(sig64, msg, key32, { zip215: false }); } catch { return false; } };
 export function verifyMessage(type, fields, key) {
   const { domain, unsigned } = signingBytes(type, fields);
   return ed25519Verify(fields.signature, concat(domain, unsigned), key);

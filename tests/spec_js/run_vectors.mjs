@@ -97,6 +97,13 @@ function checkKeys(file, keys) {
   }
 }
 
+{
+  const f = 'wire.json', d = load(f);
+  for (const c of d.ed25519_edges) {
+    check(f, `ed25519 edge ${c.name}`, () => same('valid', W.ed25519Verify(unhex(c.signature), unhex(c.message_hex), unhex(c.public_key)), c.valid));
+  }
+}
+
 // ------------------------------------------------------------------ decoding.json
 {
   const f = 'decoding.json', d = load(f);
