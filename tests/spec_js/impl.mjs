@@ -554,7 +554,7 @@ export function decodeFrame(payload) {
     case 'COPY': {
       const v = parseAny(body);
       if (v.t !== 'arr' || v.v.length !== 3 || v.v[0].t !== 'bin' || v.v[0].v.length !== 32 || !isUint(v.v[1], 1n)
-        || v.v[2].t !== 'str' || !v.v[2].v.startsWith('/') || v.v[2].v.length > 4096) fail('copy');
+        || v.v[2].t !== 'str' || !v.v[2].v.startsWith('/') || v.v[2].v.includes('\0') || [...v.v[2].v].length > 4096) fail('copy');
       return { kind, agreement_id: v.v[0].v, direction: Number(v.v[1].v), path: v.v[2].v };
     }
   }
