@@ -71,3 +71,181 @@ def test_runner_reports_a_corrupted_vector(tmp_path: Path) -> None:
     assert results["wire.json"]["fail"] >= 1
     assert any(case["name"] in line for line in results["decoding.json"]["failures"])
     assert results["binding.json"]["fail"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Differential checks beyond the vectors: inputs made here from the vectors by seeded random
+# changes, judged by protocol/ and by the JS implementation (tests/spec_js/oracle.mjs).
+
+ORACLE = HERE / "oracle.mjs"
+
+
+def _oracle(items: list[dict]) -> list:
+    done = subprocess.run([NODE, str(ORACLE)], input=json.dumps(items), capture_output=True,
+                          text=True, timeout=300, check=True)
+    return json.loads(done.stdout)
+
+
+def _vector_wires() -> list[bytes]:
+    out: list[bytes] = []
+
+    def walk(x) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if k == "wire_hex" and isinstance(v, str) and v:
+                    out.append(bytes.fromhex(v))
+                else:
+                    walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    for path in sorted(VECTORS.glob("*.json")):
+        walk(json.loads(path.read_text()))
+    return out
+
+
+_SPECIAL = (0xC0, 0xC1, 0xC2, 0xC3, 0xCA, 0xCB, 0xD4, 0xD6, 0xD7, 0xD8, 0xC7, 0x80, 0x81, 0x90,
+            0x91, 0x9F, 0xDC, 0xDD, 0xDE, 0xDF, 0xA0, 0xA1, 0xD9, 0xDA, 0xC4, 0xC5, 0xCC, 0xCD,
+            0xCE, 0xCF, 0xD0, 0xD3, 0xFF, 0xE0, 0x00, 0x7F, 0x01, 0x02)
+
+
+def _mutate(rng, data: bytes) -> bytes:
+    b = bytearray(data)
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        i = rng.randrange(len(b) + 1)
+        op = rng.randrange(6)
+        if op == 0 and b:
+            b[min(i, len(b) - 1)] = rng.randrange(256)
+        elif op == 1 and b:
+            b[min(i, len(b) - 1)] = rng.choice(_SPECIAL)
+        elif op == 2:
+            del b[i:]
+        elif op == 3:
+            b[i:i] = bytes([rng.choice(_SPECIAL)])
+        elif op == 4 and b:
+            del b[min(i, len(b) - 1)]
+        else:
+            b += bytes(rng.randrange(256) for _ in range(rng.randrange(1, 4)))
+    return bytes(b)
+
+
+def test_decoding_agrees_with_protocol_on_mutated_messages() -> None:
+    import random
+
+    from protocol import messages
+    from protocol.encoding import decode
+    from protocol.errors import ProtocolError
+
+    rng = random.Random(20261203)
+    names = ("Offer", "OfferWithdrawal", "Proposal", "Heartbeat", "UsageReceipt", "AccessGrant")
+    seeds = _vector_wires()
+    items, want = [], []
+    for _ in range(3000):
+        data = _mutate(rng, rng.choice(seeds))
+        expect = rng.choice(names) if rng.random() < 0.3 else None
+        try:
+            decode(data, getattr(messages, expect) if expect else None)
+            want.append(None)
+        except ProtocolError as exc:
+            want.append(exc.code)
+        items.append({"op": "decode", "hex": data.hex(), "expect": expect})
+    got = _oracle(items)
+    diffs = [(i["expect"], i["hex"][:120], w, g) for i, w, g in zip(items, want, got) if w != g]
+    assert not diffs, f"{len(diffs)} of {len(items)} differ, first: {diffs[:5]}"
+    assert len(set(want)) >= 8  # the mutations reach most decoding codes
+
+
+def _variants(rng, offer, provider_wallet: bytes, other_wallet: bytes):
+    """Offers with one or two fields changed to edge values (signed again by the caller)."""
+    import dataclasses
+
+    from protocol.encoding import Amount, FixedBytes, ListOf, Struct, Text, UInt
+
+    def edge(kind, value):
+        if isinstance(kind, UInt):
+            return rng.choice((0, 1, 4, 5, 299, 300, 600, 601, 604_800, 604_801, 2_592_001, 36, 37,
+                               kind.max, value + 1, max(value - 1, 0), value))
+        if isinstance(kind, Amount):
+            return rng.choice((0, 1, 138, 139, 140, 2**256 - 1, 2**200, value))
+        if isinstance(kind, FixedBytes):
+            return rng.choice((bytes(kind.size), bytes([0xAB]) * kind.size,
+                               (provider_wallet if kind.size == 20 else value),
+                               (other_wallet if kind.size == 20 else value),
+                               value[:-1] + bytes([value[-1] ^ 1])))
+        if isinstance(kind, Text):
+            return rng.choice(("", "x", value))
+        if isinstance(kind, ListOf):
+            if isinstance(kind.item, Struct) and value:
+                return rng.choice(((), value[:1], (value[0], value[0]), value[::-1]))
+            return value
+        return value
+
+    def change(obj):
+        fields = [f for f in dataclasses.fields(obj) if f.name != "signature"]
+        f = rng.choice(fields)
+        kind, value = f.metadata["wire"], getattr(obj, f.name)
+        if isinstance(kind, Struct):
+            return dataclasses.replace(obj, **{f.name: change(value)})
+        if isinstance(kind, ListOf) and isinstance(kind.item, Struct) and value and rng.random() < 0.5:
+            i = rng.randrange(len(value))
+            return dataclasses.replace(obj, **{f.name: (*value[:i], change(value[i]), *value[i + 1:])})
+        return dataclasses.replace(obj, **{f.name: edge(kind, value)})
+
+    for _ in range(rng.choice((1, 1, 2))):
+        offer = change(offer)
+    return offer
+
+
+def test_offer_verdicts_agree_with_protocol_on_changed_offers() -> None:
+    import dataclasses
+    import random
+
+    from protocol.encoding import decode
+
+    from protocol.errors import ProtocolError, RemoteProtocolError
+    from protocol.identity import PeerKey
+    from protocol.messages import InterruptibleGpus, digest
+    from protocol.params import Params
+    from protocol.validation import BindingCache, validate_offer
+
+    wire = json.loads((VECTORS / "wire.json").read_text())
+    keys = wire["keys"]
+    provider = PeerKey(bytes.fromhex(keys["provider_ed25519_seed"]))
+    bases = [decode(bytes.fromhex(v["wire_hex"])) for v in wire["valid"] if v["type"] == "Offer"]
+    rng = random.Random(31337)
+    now = bases[0].created_ms
+    items, want = [], []
+    while len(items) < 600:
+        offer = _variants(rng, rng.choice(bases), bytes.fromhex(keys["provider_wallet"]),
+                          bytes.fromhex(keys["renter_wallet"]))
+        if rng.random() < 0.1:
+            g = offer.gpus
+            spot = InterruptibleGpus((g[-1].uuid_digest,) if g else (), rng.choice((0, 60)),
+                                     rng.choice((0, 100, 139)))
+            offer = dataclasses.replace(offer, interruptible=(spot,))
+        try:
+            data = offer.sign(provider).encode()
+        except ProtocolError:
+            continue  # the encoder refuses it (out of its kind): not a wire message
+        if rng.random() < 0.1:
+            data = data[:-1] + bytes([data[-1] ^ 1])
+        held = rng.choice(({}, {"known_seq": offer.seq, "known_digest": digest(data).hex()},
+                           {"known_seq": offer.seq, "known_digest": "00" * 32},
+                           {"known_seq": offer.seq + 1, "known_digest": "00" * 32},
+                           {"withdrawn_seq": offer.seq}, {"chain_ids": [1]}))
+        now_ms = now + rng.choice((0, 0, 0, -30_001, 7_300_000))
+        try:
+            validate_offer(data, now_ms, Params(), BindingCache(4),
+                           known_seq=held.get("known_seq", -1),
+                           known_digest=bytes.fromhex(held["known_digest"]) if "known_digest" in held else None,
+                           withdrawn_seq=held.get("withdrawn_seq", -1),
+                           chain_ids=frozenset(held["chain_ids"]) if "chain_ids" in held else None)
+            want.append("accept")
+        except RemoteProtocolError as exc:
+            want.append(f"{exc.verdict}:{exc.code}")
+        items.append({"op": "offer", "hex": data.hex(), "now_ms": now_ms, **held})
+    got = _oracle(items)
+    diffs = [(w, g, i["hex"]) for i, w, g in zip(items, want, got) if w != g]
+    assert not diffs, f"{len(diffs)} of {len(items)} differ, first: {diffs[:3]}"
+    assert len(set(want)) >= 10  # the changes reach many rows
