@@ -23,9 +23,9 @@ from protocol.identity import (
     _binding_domain_separator, binding_digest, peer_id_from_public_key,
 )
 from protocol.messages import (
-    AccessGrant, Accept, AgreementDetails, Binding, CounterProposal, GpuMetrics, Heartbeat,
-    InterruptibleGpus, NegotiationReject, Offer, OfferWithdrawal, PreemptionNotice, Proposal,
-    UsageReceipt, digest,
+    AccessGrant, Accept, AgreementDetails, Binding, CounterProposal, EvidenceBundle, GpuMetrics,
+    Heartbeat, InterruptibleGpus, NegotiationReject, Offer, OfferWithdrawal, PreemptionNotice,
+    Proposal, TermsWire, UsageReceipt, digest,
 )
 from protocol.samples import GPU_MODELS, make_offer
 
@@ -115,6 +115,10 @@ def build() -> dict[str, dict]:
         message_vector("preemption_notice", PreemptionNotice(
             aid, NOW_MS + 95_000, 1, "power price 412.50 USD/MWh", digest(hb0.encode()),
             NOW_MS + 35_000).sign(provider), provider),
+        # unsigned itself: terms, details, both bindings and the signed messages' wire bytes
+        message_vector("evidence_bundle", EvidenceBundle(
+            TermsWire.from_terms(terms), details, p_binding, r_binding, (NOW_MS + 5000) // 1000,
+            (hb0.encode(),), (receipt.encode(),), ()), None),
     ]
 
     def tamper(data: bytes, pos: int) -> str:
