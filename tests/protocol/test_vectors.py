@@ -17,7 +17,7 @@ from protocol import messages
 from protocol.encoding import decode
 from protocol.errors import DecodeError, RemoteProtocolError
 from protocol.params import Params
-from protocol.validation import BindingCache, validate_offer
+from protocol.validation import BindingCache, validate_offer, validate_withdrawal
 from tests.protocol.vectors import VECTORS_DIR, build, render
 
 VECTORS = {name: json.loads((VECTORS_DIR / name).read_text()) for name in
@@ -66,6 +66,17 @@ def test_vectors__offers_get_their_verdict(vec):
         validate_offer(bytes.fromhex(vec["wire_hex"]), vec["now_ms"], Params(), BindingCache(4),
                        chain_ids=chain_ids, known_seq=vec.get("known_seq", -1),
                        known_digest=known_digest, withdrawn_seq=vec.get("withdrawn_seq", -1))
+        got = ("accept", None)
+    except RemoteProtocolError as err:
+        got = (err.verdict, err.code)
+    assert got == (vec["verdict"], vec["code"])
+
+
+@pytest.mark.parametrize("vec", VECTORS["validation.json"]["withdrawals"], ids=lambda v: v["name"])
+def test_vectors__withdrawals_get_their_verdict(vec):
+    try:
+        validate_withdrawal(bytes.fromhex(vec["wire_hex"]), vec["now_ms"], Params(),
+                            withdrawn_seq=vec.get("withdrawn_seq", -1))
         got = ("accept", None)
     except RemoteProtocolError as err:
         got = (err.verdict, err.code)

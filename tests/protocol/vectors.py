@@ -215,7 +215,8 @@ def build() -> dict[str, dict]:
                       "cases": text_cases(provider, offer)},
         "binding.json": {"keys": keys, "binding": binding_vector(provider, p_binding)},
         "wire.json": {"keys": keys, "valid": valid, "ed25519_edges": ed25519_edge_cases()},
-        "validation.json": {"keys": keys, "params": {"clock_skew_ms": 30_000}, "offers": invalid},
+        "validation.json": {"keys": keys, "params": {"clock_skew_ms": 30_000}, "offers": invalid,
+                            "withdrawals": withdrawal_verdicts(provider)},
         "agreement.json": {"keys": keys, "agreement": agreement},
     }
 
@@ -332,6 +333,30 @@ def more_offer_verdicts(offer: Offer, provider: PeerKey, p_binding: Binding, r_b
         # a bad signature is a REJECT even when the offer is stale (the signature row comes first)
         case("bad_signature_before_stale_seq", tamper_last(data.hex()), "reject", "bad_signature", known_seq=offer.seq + 1,
              known_digest="00" * 32),
+    ]
+
+
+def withdrawal_verdicts(provider: PeerKey) -> list[dict]:
+    """specs/validation.md, OfferWithdrawal: each row, its edges and the rows' order."""
+    w = OfferWithdrawal(provider.public, 7, NOW_MS).sign(provider).encode().hex()
+    live = NOW_MS + 7_200_000 + 30_000  # created_ms + offer_max_lifetime_ms + clock_skew_ms
+
+    def case(name: str, wire_hex: str, now_ms: int, verdict: str, code: str | None, **extra) -> dict:
+        return {"name": name, "wire_hex": wire_hex, "now_ms": now_ms, "verdict": verdict, "code": code, **extra}
+
+    return [
+        case("accept", w, NOW_MS, "accept", None),
+        case("accept_at_skew", w, NOW_MS - 30_000, "accept", None),
+        case("from_future", w, NOW_MS - 30_001, "ignore", "from_future"),
+        case("accept_last_ms", w, live, "accept", None),
+        case("expired", w, live + 1, "ignore", "expired"),
+        case("duplicate", w, NOW_MS, "ignore", "duplicate", withdrawn_seq=7),
+        case("newer_than_applied", w, NOW_MS, "accept", None, withdrawn_seq=6),
+        case("bad_signature", tamper_last(w), NOW_MS, "reject", "bad_signature"),
+        case("duplicate_before_bad_signature", tamper_last(w), NOW_MS, "ignore", "duplicate", withdrawn_seq=8),
+        case("oversized", w + "00" * (257 - len(w) // 2), NOW_MS, "reject", "oversized"),
+        # type 1 (an Offer's) with a withdrawal's fields: the wrong type is found before the fields
+        case("offer_type_is_unexpected", "9601" + w[4:], NOW_MS, "reject", "unexpected_type"),
     ]
 
 

@@ -503,6 +503,17 @@ export function validateOffer(data, nowMs, p = DEFAULT_PARAMS, { knownSeq = -1, 
   return { offer: o, digest };
 }
 
+export function validateWithdrawal(data, nowMs, p = DEFAULT_PARAMS, { withdrawnSeq = -1 } = {}) {
+  let msg;
+  try { msg = decode(data, 'OfferWithdrawal'); } catch (e) { if (e instanceof WireError) REJECT(e.code); throw e; }
+  const w = msg.fields;
+  if (Number(w.created_ms) > nowMs + p.clock_skew_ms) IGNORE('from_future');
+  if (Number(w.created_ms) + p.offer_max_lifetime_ms + p.clock_skew_ms < nowMs) IGNORE('expired');
+  if (Number(w.seq) <= withdrawnSeq) IGNORE('duplicate');
+  if (!verifyMessage('OfferWithdrawal', w, w.provider)) REJECT('bad_signature');
+  return w;
+}
+
 // ---------------------------------------------------------------- exec frames (runtime.md 2)
 export const FRAME = { OPEN: 0x01, STDIN: 0x02, STDIN_EOF: 0x03, RESIZE: 0x04, FORWARD: 0x05, COPY: 0x06,
   ACCEPTED: 0x10, STDOUT: 0x11, STDERR: 0x12, EXIT: 0x13, REFUSED: 0x14 };

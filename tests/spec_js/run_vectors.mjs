@@ -123,6 +123,15 @@ function checkKeys(file, keys) {
   }
 }
 
+{
+  const f = 'validation.json', d = load(f);
+  const params = { ...W.DEFAULT_PARAMS, ...d.params };
+  for (const c of d.withdrawals) {
+    check(f, `withdrawal ${c.name}`, () => same('verdict', verdictOf(() => W.validateWithdrawal(unhex(c.wire_hex), c.now_ms, params,
+      { withdrawnSeq: c.withdrawn_seq ?? -1 })), [c.verdict, c.code]));
+  }
+}
+
 // ------------------------------------------------------------------ text.json
 {
   const f = 'text.json', d = load(f);
