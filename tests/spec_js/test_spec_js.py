@@ -249,3 +249,68 @@ def test_offer_verdicts_agree_with_protocol_on_changed_offers() -> None:
     diffs = [(w, g, i["hex"]) for i, w, g in zip(items, want, got) if w != g]
     assert not diffs, f"{len(diffs)} of {len(items)} differ, first: {diffs[:3]}"
     assert len(set(want)) >= 10  # the changes reach many rows
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_offer_book_agrees_with_protocol_on_random_scenarios(tmp_path: Path, seed: int) -> None:
+    """Random ingests (new providers, re-announcements, equivocations, expiries; small caps)
+    through protocol.offerbook.OfferBook, written as an offerbook.json that the JS model of
+    specs/offerbook.md (tests/spec_js/offerbook.mjs) must replay step for step."""
+    import random
+
+    from protocol.errors import RemoteProtocolError
+    from protocol.offerbook import OfferBook
+    from protocol.params import Params
+    from protocol.samples import GPU_MODELS, make_offer, make_provider
+
+    rng = random.Random(seed)
+    names = [f"p{i}" for i in range(7)]
+    keys = {n: make_provider(random.Random(f"book-{seed}-{n}")) for n in names}
+    scores = {keys[n][0].public.hex(): rng.choice((0.2, 0.5, 0.5, 0.5, 0.9)) for n in names}
+    proven = {keys[n][2].wallet.hex() for n in rng.sample(names, 2)}
+    slim = len(make_offer(*keys[names[0]][::2], random.Random(0), 1, model=GPU_MODELS[3]).encode())
+    params = Params().replace(book_max_providers=4, book_max_bytes=3 * slim + rng.randrange(2000),
+                              book_established_ms=60_000)
+    book = OfferBook(params, score_of=lambda p: scores.get(p.hex(), 0.5),
+                     proven_of=lambda w: w.hex() in proven)
+    evicted: list[str] = []
+    book.on_evict = lambda e: evicted.append(e.provider.hex())
+    now, seqs, steps = 1_767_225_600_000, {n: 0 for n in names}, []
+    for i in range(40):
+        now += rng.choice((500, 1_000, 5_000, 40_000, 95_000))
+        n = rng.choice(names)
+        seqs[n] += rng.choice((1, 1, 1, 0))
+        peer, _, binding = keys[n]
+        data = make_offer(peer, binding, random.Random(f"{n}-{seqs[n]}-{i % 3}"), now,
+                          seq=max(seqs[n], 1), model=GPU_MODELS[3], gpu_count=rng.choice((1, 1, 2, 8)),
+                          region="eu-frankfurt", price_per_gpu_second=rng.randrange(50, 200),
+                          lifetime_ms=rng.choice((60_000, 120_000, 3_600_000))).encode()
+        book.expire(now)
+        evicted.clear()
+        try:
+            book.ingest_offer(data, now)
+            verdict = "accept"
+        except RemoteProtocolError as exc:
+            verdict = f"{exc.verdict}:{exc.code}"
+        steps.append({"provider": peer.public.hex(), "now_ms": now, "wire_hex": data.hex(),
+                      "size": len(data), "verdict": verdict, "evicted": list(evicted),
+                      "book_bytes_after": book.bytes})
+    rank_now = now + 1_000
+    doc = {
+        "params": {"book_max_providers": params.book_max_providers, "book_max_bytes": params.book_max_bytes,
+                   "book_established_ms": params.book_established_ms, "clock_skew_ms": params.clock_skew_ms},
+        "scores": scores, "unknown_score": 0.5, "proven_wallets": sorted(proven), "steps": steps,
+        "held": sorted(({"provider": e.provider.hex(), "seq": e.seq, "since_ms": e.since_ms,
+                         "digest": e.digest.hex(), "wallet": e.wallet.hex()} for e in book),
+                       key=lambda r: r["provider"]),
+        "rank": {"now_ms": rank_now, "query": "",
+                 "order": [e.provider.hex() for e in book.query("", "rank", now_ms=rank_now)]},
+        "price": {"query": "", "order": [e.provider.hex() for e in book.query("", "price")]},
+    }
+    assert len({s["verdict"] for s in steps}) >= 3
+    for path in VECTORS.iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    (tmp_path / "offerbook.json").write_text(json.dumps(doc, sort_keys=True))  # as the vectors: keys sorted
+    _, results = _run(tmp_path)
+    failures = results["offerbook.json"]["failures"]
+    assert failures == [], "\n".join(failures)
