@@ -314,3 +314,37 @@ def test_offer_book_agrees_with_protocol_on_random_scenarios(tmp_path: Path, see
     _, results = _run(tmp_path)
     failures = results["offerbook.json"]["failures"]
     assert failures == [], "\n".join(failures)
+
+
+def test_wallet_signature_codes_agree_with_protocol() -> None:
+    """protocol.eth.recover_signer and the JS steps of wire.md ("Wallet signatures") give the
+    same address or the same code for signatures with r, s and v at and around their edges."""
+    import random
+
+    from protocol.errors import RemoteProtocolError
+    from protocol.eth import SECP256K1_N, recover_signer
+
+    agreement = json.loads((VECTORS / "agreement.json").read_text())["agreement"]
+    digest = bytes.fromhex(agreement["consent_digest"])
+    good = bytes.fromhex(agreement["consent_signature"])
+    r0, s0 = int.from_bytes(good[:32], "big"), int.from_bytes(good[32:64], "big")
+    half = SECP256K1_N // 2
+    rng = random.Random(7)
+    rs = (0, 1, 2, 3, r0, half, half + 1, SECP256K1_N - 1, SECP256K1_N, 2**256 - 1)
+    items, want = [], []
+    for _ in range(400):
+        r = rng.choice(rs + (rng.randrange(2**256),))
+        s = rng.choice(rs + (s0, SECP256K1_N - s0, rng.randrange(2**256)))
+        v = rng.choice((0, 1, 26, 27, 27, 28, 28, 29, good[64]))
+        sig = r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes([v])
+        try:
+            want.append(recover_signer(digest, sig).hex())
+        except RemoteProtocolError as exc:
+            want.append(exc.code)
+        items.append({"op": "recover", "digest": digest.hex(), "sig": sig.hex()})
+    items.append({"op": "recover", "digest": digest.hex(), "sig": good.hex()})
+    want.append(agreement["terms"]["provider"])
+    got = _oracle(items)
+    diffs = [(i["sig"], w, g) for i, w, g in zip(items, want, got) if w != g]
+    assert not diffs, f"{len(diffs)} differ, first: {diffs[:3]}"
+    assert {"bad_signature_v", "bad_signature_high_s", "bad_signature"} <= set(want)
