@@ -5,6 +5,7 @@ import hashlib
 import json
 
 import msgpack
+import nacl.exceptions
 import nacl.signing
 import pytest
 from eth_account import Account
@@ -16,7 +17,7 @@ from protocol import messages
 from protocol.encoding import decode
 from protocol.errors import DecodeError, RemoteProtocolError
 from protocol.params import Params
-from protocol.validation import BindingCache, validate_offer
+from protocol.validation import BindingCache, validate_offer, validate_withdrawal
 from tests.protocol.vectors import VECTORS_DIR, build, render
 
 VECTORS = {name: json.loads((VECTORS_DIR / name).read_text()) for name in
@@ -46,13 +47,40 @@ def test_vectors__valid_messages_check_independently(vec):
         key.verify(bytes.fromhex(vec["domain_hex"]) + unsigned, raw[-1])
 
 
+@pytest.mark.parametrize("vec", VECTORS["wire.json"]["ed25519_edges"], ids=lambda v: v["name"])
+def test_vectors__ed25519_edges_get_pynacl_verdict(vec):
+    key = nacl.signing.VerifyKey(bytes.fromhex(vec["public_key"]))
+    try:
+        key.verify(bytes.fromhex(vec["message_hex"]), bytes.fromhex(vec["signature"]))
+        valid = True
+    except nacl.exceptions.BadSignatureError:
+        valid = False
+    assert valid == vec["valid"]
+
+
 @pytest.mark.parametrize("vec", VECTORS["validation.json"]["offers"], ids=lambda v: v["name"])
-def test_vectors__invalid_offers_get_their_verdict(vec):
-    with pytest.raises(RemoteProtocolError) as err:
-        chain_ids = frozenset(vec["chain_ids"]) if "chain_ids" in vec else None
+def test_vectors__offers_get_their_verdict(vec):
+    chain_ids = frozenset(vec["chain_ids"]) if "chain_ids" in vec else None
+    known_digest = bytes.fromhex(vec["known_digest"]) if "known_digest" in vec else None
+    try:
         validate_offer(bytes.fromhex(vec["wire_hex"]), vec["now_ms"], Params(), BindingCache(4),
-                       chain_ids=chain_ids)
-    assert (err.value.verdict, err.value.code) == (vec["verdict"], vec["code"])
+                       chain_ids=chain_ids, known_seq=vec.get("known_seq", -1),
+                       known_digest=known_digest, withdrawn_seq=vec.get("withdrawn_seq", -1))
+        got = ("accept", None)
+    except RemoteProtocolError as err:
+        got = (err.verdict, err.code)
+    assert got == (vec["verdict"], vec["code"])
+
+
+@pytest.mark.parametrize("vec", VECTORS["validation.json"]["withdrawals"], ids=lambda v: v["name"])
+def test_vectors__withdrawals_get_their_verdict(vec):
+    try:
+        validate_withdrawal(bytes.fromhex(vec["wire_hex"]), vec["now_ms"], Params(),
+                            withdrawn_seq=vec.get("withdrawn_seq", -1))
+        got = ("accept", None)
+    except RemoteProtocolError as err:
+        got = (err.verdict, err.code)
+    assert got == (vec["verdict"], vec["code"])
 
 
 def test_vectors__agreement_signatures_recover_with_eth_account():

@@ -23,9 +23,9 @@ from protocol.identity import (
     _binding_domain_separator, binding_digest, peer_id_from_public_key,
 )
 from protocol.messages import (
-    AccessGrant, Accept, AgreementDetails, Binding, CounterProposal, GpuMetrics, Heartbeat,
-    InterruptibleGpus, NegotiationReject, Offer, OfferWithdrawal, PreemptionNotice, Proposal,
-    UsageReceipt, digest,
+    AccessGrant, Accept, AgreementDetails, Binding, CounterProposal, EvidenceBundle, GpuMetrics,
+    Heartbeat, InterruptibleGpus, NegotiationReject, Offer, OfferWithdrawal, PreemptionNotice,
+    Proposal, TermsWire, UsageReceipt, digest,
 )
 from protocol.samples import GPU_MODELS, make_offer
 
@@ -115,6 +115,10 @@ def build() -> dict[str, dict]:
         message_vector("preemption_notice", PreemptionNotice(
             aid, NOW_MS + 95_000, 1, "power price 412.50 USD/MWh", digest(hb0.encode()),
             NOW_MS + 35_000).sign(provider), provider),
+        # unsigned itself: terms, details, both bindings and the signed messages' wire bytes
+        message_vector("evidence_bundle", EvidenceBundle(
+            TermsWire.from_terms(terms), details, p_binding, r_binding, (NOW_MS + 5000) // 1000,
+            (hb0.encode(),), (receipt.encode(),), ()), None),
     ]
 
     def tamper(data: bytes, pos: int) -> str:
@@ -179,6 +183,7 @@ def build() -> dict[str, dict]:
         {"name": "arbiter_is_the_provider_wallet",
          "wire_hex": with_terms(arbiter=p_binding.wallet, dispute_window_s=3600),
          "now_ms": NOW_MS, "verdict": "reject", "code": "bad_terms"},
+        *more_offer_verdicts(offer, provider, p_binding, r_binding),
     ]
     agreement = {
         "chain_id": CHAIN_ID, "escrow": ESCROW.hex(),
@@ -209,10 +214,156 @@ def build() -> dict[str, dict]:
         "text.json": {"keys": keys, "rule": TEXT_RULE, "now_ms": NOW_MS,
                       "cases": text_cases(provider, offer)},
         "binding.json": {"keys": keys, "binding": binding_vector(provider, p_binding)},
-        "wire.json": {"keys": keys, "valid": valid},
-        "validation.json": {"keys": keys, "params": {"clock_skew_ms": 30_000}, "offers": invalid},
+        "wire.json": {"keys": keys, "valid": valid, "ed25519_edges": ed25519_edge_cases()},
+        "validation.json": {"keys": keys, "params": {"clock_skew_ms": 30_000}, "offers": invalid,
+                            "withdrawals": withdrawal_verdicts(provider)},
         "agreement.json": {"keys": keys, "agreement": agreement},
     }
+
+
+def _unrecoverable_r() -> int:
+    """The smallest r that is no secp256k1 point's x coordinate (ecrecover fails for it)."""
+    from protocol.eth import SECP256K1_HALF_N
+    p = 2**256 - 2**32 - 977
+    r = 1
+    while pow((r**3 + 7) % p, (p - 1) // 2, p) == 1:
+        r += 1
+    assert r < SECP256K1_HALF_N
+    return r
+
+
+def more_offer_verdicts(offer: Offer, provider: PeerKey, p_binding: Binding, r_binding: Binding) -> list[dict]:
+    """One case per row of specs/validation.md's offer table not covered above (each offer
+    signed again after the change, so the row under test is its first fault), the order of
+    rows where an offer has two faults, the binding's sub-checks with their codes, and the rows
+    that need what the node holds from the provider (known_seq, known_digest, withdrawn_seq)."""
+    from protocol.eth import SECP256K1_N
+    from protocol.identity import sign_binding
+
+    def signed(o: Offer) -> str:
+        return o.sign(provider).encode().hex()
+
+    def case(name: str, wire_hex: str, verdict: str, code: str | None, **extra) -> dict:
+        return {"name": name, "wire_hex": wire_hex, "now_ms": NOW_MS, "verdict": verdict, "code": code, **extra}
+
+    def terms(**changes) -> str:
+        return signed(dataclasses.replace(offer, terms=dataclasses.replace(offer.terms, **changes)))
+
+    def gpu0(**changes) -> str:
+        return signed(dataclasses.replace(offer, gpus=(dataclasses.replace(offer.gpus[0], **changes), *offer.gpus[1:])))
+
+    def binding(**changes) -> str:
+        return signed(dataclasses.replace(offer, binding=dataclasses.replace(p_binding, **changes)))
+
+    sig = p_binding.wallet_sig
+    r, s, v = sig[:32], int.from_bytes(sig[32:64], "big"), sig[64]
+    high_s = r + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])  # the malleated twin
+    peer_id = provider.peer_id
+    bad_peer_sig = p_binding.peer_sig[:-1] + bytes([p_binding.peer_sig[-1] ^ 1])
+    data = bytes.fromhex(signed(offer))
+    offer_digest = digest(data).hex()
+    return [
+        case("accept", signed(offer), "accept", None),
+        case("lifetime_below_min", signed(dataclasses.replace(offer, expires_ms=offer.created_ms + 59_999)), "reject", "bad_lifetime"),
+        case("lifetime_min", signed(dataclasses.replace(offer, expires_ms=offer.created_ms + 60_000)), "accept", None),
+        case("lifetime_above_max", signed(dataclasses.replace(offer, expires_ms=offer.created_ms + 7_200_001)), "reject", "bad_lifetime"),
+        case("expires_before_created", signed(dataclasses.replace(offer, expires_ms=offer.created_ms - 1)), "reject", "bad_lifetime"),
+        case("no_gpus", signed(dataclasses.replace(offer, gpus=())), "reject", "no_gpus"),
+        case("duplicate_gpu", signed(dataclasses.replace(offer, gpus=(offer.gpus[0], offer.gpus[0]))), "reject", "duplicate_gpu"),
+        # a duplicate GPU is found before the second copy's facts are checked
+        case("duplicate_gpu_before_bad_gpu", signed(dataclasses.replace(offer, gpus=(
+            offer.gpus[0], dataclasses.replace(offer.gpus[0], vram_mib=0)))), "reject", "duplicate_gpu"),
+        case("gpu_vram_zero", gpu0(vram_mib=0), "reject", "bad_gpu"),
+        case("gpu_model_empty", gpu0(model=""), "reject", "bad_gpu"),
+        case("gpu_cc_major_zero", gpu0(cc_major=0), "reject", "bad_gpu"),
+        case("host_no_cpu", signed(dataclasses.replace(offer, host=dataclasses.replace(offer.host, cpu_cores=0))), "reject", "bad_host"),
+        case("host_no_ram", signed(dataclasses.replace(offer, host=dataclasses.replace(offer.host, ram_mib=0))), "reject", "bad_host"),
+        case("price_zero", terms(price_per_gpu_second=0), "reject", "bad_terms"),
+        case("min_duration_zero", terms(min_duration_s=0), "reject", "bad_terms"),
+        case("min_duration_above_max", terms(min_duration_s=604_801), "reject", "bad_terms"),
+        case("max_duration_above_max_rental", terms(max_duration_s=2_592_001), "reject", "bad_terms"),
+        case("heartbeat_below_min", terms(heartbeat_interval_s=4), "reject", "bad_terms"),
+        case("heartbeat_above_max", terms(heartbeat_interval_s=601, grace_s=700), "reject", "bad_terms"),
+        case("grace_below_heartbeat", terms(heartbeat_interval_s=600, grace_s=599), "reject", "bad_terms"),
+        case("escrow_zero", terms(escrow=b"\x00" * 20), "reject", "bad_terms"),
+        case("arbiter_without_window", terms(arbiter=bytes([0xab] * 20)), "reject", "bad_terms"),
+        case("window_without_arbiter", terms(dispute_window_s=3600), "reject", "bad_terms"),
+        case("arbiter_with_window", terms(arbiter=bytes([0xab] * 20), dispute_window_s=3600), "accept", None),
+        case("token_decimals_37", terms(token_decimals=37), "reject", "bad_terms"),
+        case("token_decimals_36", terms(token_decimals=36), "accept", None),
+        # price * len(gpus) * max_duration_s must stay below 2^256 (the largest deposit)
+        case("deposit_overflows", terms(price_per_gpu_second=2**256 // (2 * 604_800) + 1), "reject", "bad_terms"),
+        case("deposit_largest", terms(price_per_gpu_second=(2**256 - 1) // (2 * 604_800)), "accept", None),
+        case("addr_own_peer_id", signed(dataclasses.replace(offer, addrs=(f"/ip4/127.0.0.1/tcp/4001/p2p/{peer_id}",))), "accept", None),
+        case("addr_relayed", signed(dataclasses.replace(offer, addrs=(
+            f"/ip4/10.0.0.1/tcp/4001/p2p/{PeerKey(RENTER_SEED).peer_id}/p2p-circuit/p2p/{peer_id}",))), "accept", None),
+        case("addr_other_peer_id", signed(dataclasses.replace(offer, addrs=(
+            f"/ip4/127.0.0.1/tcp/4001/p2p/{PeerKey(RENTER_SEED).peer_id}",))), "reject", "bad_addrs"),
+        case("addr_not_starting_with_slash", signed(dataclasses.replace(offer, addrs=(f"ip4/127.0.0.1/tcp/4001/p2p/{peer_id}",))), "reject", "bad_addrs"),
+        # the address rule comes after the interruptible sets, the binding rows after it
+        case("bad_addrs_before_binding_peer_mismatch", signed(dataclasses.replace(
+            offer, binding=r_binding, addrs=("/ip4/127.0.0.1/tcp/4001",))), "reject", "bad_addrs"),
+        case("binding_of_another_key", signed(dataclasses.replace(offer, binding=r_binding)), "reject", "binding_peer_mismatch"),
+        case("binding_for_another_chain", signed(dataclasses.replace(
+            offer, binding=Binding.create(provider, PROVIDER_WALLET_KEY, 1))), "reject", "binding_chain_mismatch"),
+        # the static rows come before the signature: a bad offer is blamed for what it says
+        case("bad_terms_before_bad_signature", tamper_last(terms(price_per_gpu_second=0)), "reject", "bad_terms"),
+        # row 15, in its order: zero wallet, then the peer signature, then the wallet signature
+        case("binding_zero_wallet", binding(wallet=b"\x00" * 20, peer_sig=bad_peer_sig), "reject", "binding_zero_wallet"),
+        case("binding_peer_sig_flipped", binding(peer_sig=bad_peer_sig), "reject", "binding_peer_sig"),
+        case("binding_peer_sig_before_wallet_sig", binding(peer_sig=bad_peer_sig, wallet_sig=sig[:64] + b"\x1d"), "reject", "binding_peer_sig"),
+        case("binding_wallet_sig_v_29", binding(wallet_sig=sig[:64] + b"\x1d"), "reject", "bad_signature_v"),
+        case("binding_wallet_sig_v_1", binding(wallet_sig=sig[:64] + bytes([v - 27])), "reject", "bad_signature_v"),
+        case("binding_wallet_sig_high_s", binding(wallet_sig=high_s), "reject", "bad_signature_high_s"),
+        case("binding_wallet_sig_r_zero", binding(wallet_sig=bytes(32) + sig[32:]), "reject", "bad_signature_high_s"),
+        case("binding_wallet_sig_s_zero", binding(wallet_sig=r + bytes(32) + sig[64:]), "reject", "bad_signature_high_s"),
+        case("binding_wallet_sig_r_is_n", binding(wallet_sig=SECP256K1_N.to_bytes(32, "big") + sig[32:]), "reject", "bad_signature_high_s"),
+        case("binding_wallet_sig_unrecoverable", binding(wallet_sig=_unrecoverable_r().to_bytes(32, "big") + sig[32:]), "reject", "bad_signature"),
+        case("binding_signed_by_another_wallet", binding(wallet_sig=sign_binding(RENTER_WALLET_KEY, provider.public, CHAIN_ID)), "reject", "binding_wallet_mismatch"),
+        # rows 2 and 16-18: what the node holds from this provider
+        case("duplicate", data.hex(), "ignore", "duplicate", known_seq=offer.seq, known_digest=offer_digest),
+        case("duplicate_even_if_expired", data.hex(), "ignore", "duplicate", known_seq=offer.seq, known_digest=offer_digest,
+             now_ms=offer.expires_ms + 30_001),
+        case("equivocation", signed(dataclasses.replace(offer, expires_ms=offer.expires_ms - 1)), "reject", "equivocation",
+             known_seq=offer.seq, known_digest=offer_digest),
+        case("stale_seq", data.hex(), "ignore", "stale_seq", known_seq=offer.seq + 1, known_digest="00" * 32),
+        case("withdrawn", data.hex(), "ignore", "withdrawn", withdrawn_seq=offer.seq),
+        case("withdrawn_below", data.hex(), "accept", None, withdrawn_seq=offer.seq - 1),
+        case("newer_than_held", data.hex(), "accept", None, known_seq=offer.seq - 1, known_digest="00" * 32),
+        # a bad signature is a REJECT even when the offer is stale (the signature row comes first)
+        case("bad_signature_before_stale_seq", tamper_last(data.hex()), "reject", "bad_signature", known_seq=offer.seq + 1,
+             known_digest="00" * 32),
+    ]
+
+
+def withdrawal_verdicts(provider: PeerKey) -> list[dict]:
+    """specs/validation.md, OfferWithdrawal: each row, its edges and the rows' order."""
+    w = OfferWithdrawal(provider.public, 7, NOW_MS).sign(provider).encode().hex()
+    live = NOW_MS + 7_200_000 + 30_000  # created_ms + offer_max_lifetime_ms + clock_skew_ms
+
+    def case(name: str, wire_hex: str, now_ms: int, verdict: str, code: str | None, **extra) -> dict:
+        return {"name": name, "wire_hex": wire_hex, "now_ms": now_ms, "verdict": verdict, "code": code, **extra}
+
+    return [
+        case("accept", w, NOW_MS, "accept", None),
+        case("accept_at_skew", w, NOW_MS - 30_000, "accept", None),
+        case("from_future", w, NOW_MS - 30_001, "ignore", "from_future"),
+        case("accept_last_ms", w, live, "accept", None),
+        case("expired", w, live + 1, "ignore", "expired"),
+        case("duplicate", w, NOW_MS, "ignore", "duplicate", withdrawn_seq=7),
+        case("newer_than_applied", w, NOW_MS, "accept", None, withdrawn_seq=6),
+        case("bad_signature", tamper_last(w), NOW_MS, "reject", "bad_signature"),
+        case("duplicate_before_bad_signature", tamper_last(w), NOW_MS, "ignore", "duplicate", withdrawn_seq=8),
+        case("oversized", w + "00" * (257 - len(w) // 2), NOW_MS, "reject", "oversized"),
+        # type 1 (an Offer's) with a withdrawal's fields: the wrong type is found before the fields
+        case("offer_type_is_unexpected", "9601" + w[4:], NOW_MS, "reject", "unexpected_type"),
+    ]
+
+
+def tamper_last(wire_hex: str) -> str:
+    """The message with the last byte of its signature flipped."""
+    data = bytes.fromhex(wire_hex)
+    return (data[:-1] + bytes([data[-1] ^ 1])).hex()
 
 
 def resign(value: list, cls, signer: PeerKey) -> bytes:
@@ -275,6 +426,12 @@ def decoding_cases(provider: PeerKey) -> list[dict]:
         # an Offer (16 KiB) holding arrays nested 1 + 1023 = 1024 deep: parses, wrong fields
         ("nesting_1024_then_bad_field", (b"\x93\x01\x01" + nested(1023)).hex(), None, "bad_field"),
         ("nesting_1025", (b"\x93\x01\x01" + nested(1024)).hex(), None, "malformed"),
+        # the 1025th level's header is malformed before its count is looked at: even a count
+        # over the whole input (truncated at any other level) or an input ending right there
+        ("nesting_1025_with_count_over_input", (b"\x93\x01\x01" + b"\x91" * 1023 + b"\xdd\xff\xff\xff\xff").hex(), None, "malformed"),
+        ("nesting_1025_map_with_count_over_input", (b"\x93\x01\x01" + b"\x91" * 1023 + b"\xdf\xff\xff\xff\xff").hex(), None, "malformed"),
+        ("nesting_1025_header_at_end_of_input", (b"\x93\x01\x01" + b"\x91" * 1024).hex(), None, "malformed"),
+        ("nesting_1024_with_count_over_input", (b"\x93\x01\x01" + b"\x91" * 1022 + b"\xdd\xff\xff\xff\xff").hex(), None, "truncated"),
         ("padded_integer", with_field(3, b"\xce\x00\x00\x00\x07"), None, "non_canonical"),
         ("str8_for_short_text", "9202d90161", None, "non_canonical"),
         ("bool_in_a_field", with_field(3, b"\xc3"), None, "bad_field"),
@@ -369,6 +526,113 @@ def binding_vector(provider: PeerKey, binding: Binding) -> dict:
         "peer_sig_domain_hex": Binding.DOMAIN.hex(), "peer_sig_payload_hex": payload.hex(),
         "peer_sig": binding.peer_sig.hex(), "peer_public_key": provider.public.hex(),
     }
+
+
+# ed25519 edge cases (specs/wire.md, "Verification rules"): crafted with plain affine Edwards
+# arithmetic, since no signing library makes these signatures.
+_ED_P = 2**255 - 19
+_ED_L = 2**252 + 27742317777372353535851937790883648493
+_ED_D = -121665 * pow(121666, -1, _ED_P) % _ED_P
+
+
+def _ed_add(P: tuple, Q: tuple) -> tuple:
+    (x1, y1), (x2, y2) = P, Q
+    t = _ED_D * x1 * x2 * y1 * y2 % _ED_P
+    return ((x1 * y2 + x2 * y1) * pow(1 + t, -1, _ED_P) % _ED_P,
+            (y1 * y2 + x1 * x2) * pow(1 - t, -1, _ED_P) % _ED_P)
+
+
+def _ed_mul(k: int, P: tuple) -> tuple:
+    out = (0, 1)
+    while k:
+        if k & 1:
+            out = _ed_add(out, P)
+        P, k = _ed_add(P, P), k >> 1
+    return out
+
+
+def _ed_decode(b: bytes) -> tuple:
+    y = int.from_bytes(b, "little") & (2**255 - 1)
+    u, v = (y * y - 1) % _ED_P, (_ED_D * y * y + 1) % _ED_P
+    x = pow(u * pow(v, -1, _ED_P), (_ED_P + 3) // 8, _ED_P)
+    if (v * x * x - u) % _ED_P:
+        x = x * pow(2, (_ED_P - 1) // 4, _ED_P) % _ED_P
+    assert (v * x * x - u) % _ED_P == 0, "not a point"
+    if x & 1 != b[31] >> 7:
+        x = -x % _ED_P
+    return x, y
+
+
+def _ed_encode(P: tuple) -> bytes:
+    x, y = P
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
+def ed25519_edge_cases() -> list[dict]:
+    """Signatures where an RFC 8032 verifier may differ from ours (libsodium's rules): each with
+    the verdict of protocol.identity.verify_ed25519 and the rule that decides it."""
+    import hashlib
+
+    from protocol.identity import verify_ed25519
+
+    B = _ed_decode((4 * pow(5, -1, _ED_P) % _ED_P).to_bytes(32, "little"))
+    T = _ed_decode(bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"))
+    assert _ed_mul(8, T) == (0, 1) and _ed_mul(4, T) != (0, 1)  # order 8
+    a, r = 0x1234567890ABCDEF1234567890ABCDEF, 0xFEDCBA0987654321FEDCBA0987654321
+    A = _ed_mul(a, B)
+    Ab, Rb = _ed_encode(A), _ed_encode(_ed_mul(r, B))
+    Am = _ed_encode(_ed_add(A, T))  # mixed order: A plus a point of order 8
+
+    def k_of(R: bytes, key: bytes, msg: bytes) -> int:
+        return int.from_bytes(hashlib.sha512(R + key + msg).digest(), "little") % _ED_L
+
+    def sig(R: bytes, S: int) -> bytes:
+        return R + S.to_bytes(32, "little")
+
+    def message_where(pred, R_of, key: bytes, start: int) -> tuple[bytes, bytes, int]:
+        for i in range(start, start + 1000):
+            msg = f"gpumarket edge {i}".encode()
+            R = R_of(i)
+            k = k_of(R, key, msg)
+            if pred(k, i):
+                return msg, R, k
+        raise AssertionError("no message found")
+
+    cases = []
+
+    def add(name: str, key: bytes, msg: bytes, signature: bytes, valid: bool, why: str) -> None:
+        got = verify_ed25519(key, b"", msg, signature)
+        assert got == valid, (name, got)
+        cases.append({"name": name, "public_key": key.hex(), "message_hex": msg.hex(),
+                      "signature": signature.hex(), "valid": valid, "why": why})
+
+    m0 = b"gpumarket edge 0"
+    good = sig(Rb, (r + k_of(Rb, Ab, m0) * a) % _ED_L)
+    add("valid", Ab, m0, good, True, "an ordinary signature")
+    add("s_plus_l", Ab, m0, sig(Rb, int.from_bytes(good[32:], "little") + _ED_L), False, "rule 1: S >= L")
+    msg, _, _ = message_where(lambda k, i: k % 8 != 0, lambda i: Rb, Am, 100)
+    add("mixed_order_key", Am, msg, sig(Rb, (r + k_of(Rb, Am, msg) * a) % _ED_L), False,
+        "rule 5: the cofactored equation holds, the cofactorless one does not (k not a multiple of 8)")
+    msg, _, _ = message_where(lambda k, i: k % 8 == 0, lambda i: Rb, Am, 100)
+    add("mixed_order_key_k_multiple_of_8", Am, msg, sig(Rb, (r + k_of(Rb, Am, msg) * a) % _ED_L), True,
+        "a mixed-order key is not refused as such: both equations hold when 8 divides k")
+    Tb = _ed_encode(T)
+    add("small_order_r", Ab, m0, sig(Tb, k_of(Tb, Ab, m0) * a % _ED_L), False,
+        "rules 2 and 5: R of order 8; only the cofactored equation holds")
+    ident = _ed_encode((0, 1))
+    # R the identity over a mixed-order key, S = k a: [S]B - [k]A' = -[k]T = identity = R when
+    # 8 | k, so only rule 2 refuses it
+    msg, _, k = message_where(lambda k, i: k % 8 == 0, lambda i: ident, Am, 300)
+    add("identity_r_cofactorless_holds", Am, msg, sig(ident, k * a % _ED_L), False,
+        "rule 2 alone: R is the identity (small order) although the cofactorless equation holds")
+    # a small-order key T with S = 0 and R = -[k]T: the cofactorless equation holds; rule 3 refuses
+    msg, R, _ = message_where(lambda k, i: _ed_mul(-k % 8, T) == _ed_mul(i % 8, T),
+                              lambda i: _ed_encode(_ed_mul(i % 8, T)), Tb, 400)
+    add("small_order_key", Tb, msg, sig(R, 0), False,
+        "rule 3 (and rule 2 for R): the key has order 8 although the cofactorless equation holds")
+    y3 = (3 + _ED_P).to_bytes(32, "little")  # y = 3 is a point; p + 3 fits in 255 bits
+    add("non_canonical_key", y3, m0, good, False, "rule 3: y(A) >= p")
+    return cases
 
 
 def render(doc: dict) -> str:
