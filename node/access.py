@@ -103,10 +103,10 @@ class Open:
         aid, tty, rows, cols, argv = value
         if not (isinstance(aid, bytes) and len(aid) == 32):
             raise ExecError("bad_open", "agreement_id must be 32 bytes")
-        if tty not in (0, 1) or isinstance(tty, bool):
-            raise ExecError("bad_open", "tty must be 0 or 1")
+        if not (_is_integer(tty) and tty in (0, 1)):
+            raise ExecError("bad_open", "tty must be the integer 0 or 1")
         for n in (rows, cols):
-            if not (isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 0xFFFF):
+            if not (_is_integer(n) and 0 <= n <= 0xFFFF):
                 raise ExecError("bad_open", "rows and cols must be integers 0..65535")
         if not (isinstance(argv, list) and len(argv) <= MAX_ARGV
                 and all(isinstance(a, str) and "\x00" not in a for a in argv)):
@@ -114,6 +114,12 @@ class Open:
         if not argv and not tty:
             raise ExecError("bad_open", "a command is needed without a terminal")
         return cls(aid, bool(tty), rows, cols, tuple(argv))
+
+
+def _is_integer(value: object) -> bool:
+    """A msgpack integer: msgpack decodes floats to float and true/false to bool, and both
+    compare equal to 0 and 1 (1.0 in (0, 1) is True), so the type is checked, not the value."""
+    return type(value) is int
 
 
 @dataclass(frozen=True)
@@ -133,8 +139,7 @@ class ForwardOpen:
         except Exception as exc:
             raise ExecError("bad_open", f"FORWARD does not parse: {type(exc).__name__}") from None
         if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], bytes)
-                and len(value[0]) == 32 and isinstance(value[1], int)
-                and not isinstance(value[1], bool) and 1 <= value[1] <= 65535):
+                and len(value[0]) == 32 and _is_integer(value[1]) and 1 <= value[1] <= 65535):
             raise ExecError("bad_open", "FORWARD is [agreement_id: 32 bytes, port: 1..65535]")
         return cls(value[0], value[1])
 
@@ -158,8 +163,8 @@ class CopyOpen:
         except Exception as exc:
             raise ExecError("bad_open", f"COPY does not parse: {type(exc).__name__}") from None
         if not (isinstance(value, list) and len(value) == 3 and isinstance(value[0], bytes)
-                and len(value[0]) == 32 and value[1] in (COPY_IN, COPY_OUT)
-                and not isinstance(value[1], bool) and isinstance(value[2], str)
+                and len(value[0]) == 32 and _is_integer(value[1]) and value[1] in (COPY_IN, COPY_OUT)
+                and isinstance(value[2], str)
                 and value[2].startswith("/") and "\x00" not in value[2] and len(value[2]) <= 4096):
             raise ExecError("bad_open", "COPY is [agreement_id: 32 bytes, 0 or 1, an absolute path]")
         return cls(value[0], value[1], value[2])

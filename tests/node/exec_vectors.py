@@ -1,6 +1,6 @@
 """Builds specs/vectors/exec.json: the frames of /gpumarket/exec/1, /gpumarket/forward/1 and
 /gpumarket/cp/1 (specs/runtime.md), each payload as hex with its decoded meaning, and OPENs a
-provider must refuse with `bad_open` (run: python -m tests.node.exec_vectors)."""
+provider must refuse with `bad_open`, and FORWARDs and COPYs refused the same way (run: python -m tests.node.exec_vectors)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import msgpack
 
-from node.access import (ACCEPTED, COPY_IN, COPY_OUT, EXIT, STDERR, STDIN, STDIN_EOF, STDOUT,
-                         CopyOpen, ForwardOpen, Open, exit_frame, refused_frame, resize_frame)
+from node.access import (ACCEPTED, COPY, COPY_IN, COPY_OUT, EXIT, FORWARD, STDERR, STDIN, STDIN_EOF,
+                         STDOUT, CopyOpen, ForwardOpen, Open, exit_frame, refused_frame, resize_frame)
 
 PATH = Path(__file__).resolve().parents[2] / "specs" / "vectors" / "exec.json"
 AID = bytes(range(32))
@@ -46,15 +46,31 @@ def build() -> dict:
         ("short_agreement_id", b"\x01" + msgpack.packb([AID[:31], 0, 0, 0, ["true"]])),
         ("tty_2", b"\x01" + msgpack.packb([AID, 2, 0, 0, ["true"]])),
         ("tty_bool", b"\x01" + msgpack.packb([AID, True, 0, 0, ["true"]])),
+        ("tty_float", b"\x01" + msgpack.packb([AID, 1.0, 0, 0, []])),  # 1.0 == 1: a shell
+        ("rows_float", b"\x01" + msgpack.packb([AID, 1, 24.0, 80, []])),
         ("rows_too_big", b"\x01" + msgpack.packb([AID, 1, 65536, 80, []])),
         ("no_command_without_tty", b"\x01" + msgpack.packb([AID, 0, 0, 0, []])),
         ("nul_in_argv", b"\x01" + msgpack.packb([AID, 0, 0, 0, ["a\x00b"]])),
         ("argv_257", b"\x01" + msgpack.packb([AID, 0, 0, 0, ["x"] * 257])),
     ]
+    # FORWARD (0x05) and COPY (0x06) that are not well formed: refused bad_open as well
+    bad_stream_open = [
+        ("forward_port_0", bytes([FORWARD]) + msgpack.packb([AID, 0])),
+        ("forward_port_float", bytes([FORWARD]) + msgpack.packb([AID, 8888.0])),
+        ("forward_port_bool", bytes([FORWARD]) + msgpack.packb([AID, True])),
+        ("forward_three_fields", bytes([FORWARD]) + msgpack.packb([AID, 8888, 1])),
+        ("copy_direction_float", bytes([COPY]) + msgpack.packb([AID, 1.0, "/scratch"])),
+        ("copy_direction_bool", bytes([COPY]) + msgpack.packb([AID, False, "/scratch"])),
+        ("copy_direction_2", bytes([COPY]) + msgpack.packb([AID, 2, "/scratch"])),
+        ("copy_relative_path", bytes([COPY]) + msgpack.packb([AID, 0, "scratch"])),
+        ("copy_nul_in_path", bytes([COPY]) + msgpack.packb([AID, 0, "/scr\x00atch"])),
+        ("copy_path_4097", bytes([COPY]) + msgpack.packb([AID, 0, "/" + "x" * 4096])),
+    ]
     return {
         "about": "specs/runtime.md section 2; each frame is sent as a varint length and this payload",
         "valid": [{"name": n, "payload_hex": p.hex(), "decoded": d} for n, p, d in valid],
         "bad_open": [{"name": n, "payload_hex": p.hex(), "code": "bad_open"} for n, p in bad],
+        "bad_forward_copy": [{"name": n, "payload_hex": p.hex(), "code": "bad_open"} for n, p in bad_stream_open],
     }
 
 

@@ -36,3 +36,11 @@ def test_exec_vectors__bad_open_is_refused(vector):
     with pytest.raises(ExecError) as err:
         Open.decode(bytes.fromhex(vector["payload_hex"]))
     assert err.value.code == vector["code"]
+
+
+@pytest.mark.parametrize("vector", json.loads(PATH.read_text())["bad_forward_copy"], ids=lambda v: v["name"])
+def test_exec_vectors__bad_forward_or_copy_is_refused(vector):
+    payload = bytes.fromhex(vector["payload_hex"])
+    with pytest.raises(ExecError) as err:
+        (ForwardOpen if payload[0] == 0x05 else CopyOpen).decode(payload)
+    assert err.value.code == vector["code"]

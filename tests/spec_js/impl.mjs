@@ -542,6 +542,14 @@ export function decodeOpen(payload) {
   return { kind: 'OPEN', agreement_id: id.v, tty: Number(tty.v), rows: Number(rows.v), cols: Number(cols.v), argv: argv.v.map((a) => a.v) };
 }
 
+// The renter's first frame on /gpumarket/forward/1 and /gpumarket/cp/1: one not well formed is
+// refused bad_open (runtime.md 2.3, 2.4), not bad_frame.
+export function decodeStreamOpen(payload) {
+  const kind = FRAME_NAME[payload[0]];
+  if (kind !== 'FORWARD' && kind !== 'COPY') throw new WireError('bad_open', 'not a FORWARD or COPY frame');
+  try { return decodeFrame(payload); } catch (e) { throw new WireError('bad_open', e.message); }
+}
+
 export function decodeFrame(payload) {
   const kind = FRAME_NAME[payload[0]];
   const body = payload.subarray(1);

@@ -232,6 +232,7 @@ function checkKeys(file, keys) {
     check(f, `${v.name}: encode`, () => same('payload', hex(W.encodeFrame(fromDecoded(v.decoded))), v.payload_hex));
   }
   for (const c of d.bad_open) check(f, `bad_open ${c.name}`, () => same('code', code(() => W.decodeOpen(unhex(c.payload_hex))), c.code));
+  for (const c of d.bad_forward_copy) check(f, `bad_forward_copy ${c.name}`, () => same('code', code(() => W.decodeStreamOpen(unhex(c.payload_hex))), c.code));
 }
 
 // ------------------------------------------------------------------ offerbook.json
