@@ -61,7 +61,7 @@ async def run_peer(role: str, relay_addr: str | None, tries: int) -> None:
 
     from node.host import build_libp2p_host
     from node.identity import NodeIdentity
-    from node.reachability import QuietDCUtR, Reachability, ReachabilityConfig, is_relayed
+    from node.reachability import Reachability, ReachabilityConfig, is_relayed
 
     listen = [multiaddr.Multiaddr("/ip4/0.0.0.0/tcp/4001" if role != "renter" else "/ip4/0.0.0.0/tcp/0")]
 
@@ -84,7 +84,9 @@ async def run_peer(role: str, relay_addr: str | None, tries: int) -> None:
                                                       circuit_max_seconds=600), counters)
         async with host.run(listen), background_trio_service(reach.relay):
             reach.relay.set_serving(role == "relay")
-            async with background_trio_service(QuietDCUtR(host)):
+            if reach.birthday is not None:
+                reach.birthday.attach()
+            async with background_trio_service(reach.dcutr):
                 if role == "relay":
                     say(event="ready", peer_id=str(host.get_id()))
                 else:
@@ -130,8 +132,9 @@ async def run_peer(role: str, relay_addr: str | None, tries: int) -> None:
         try:
             with trio.fail_after(90):
                 async with host.run(listen), background_trio_service(reach.relay):
-                    dcutr = QuietDCUtR(host)
-                    async with background_trio_service(dcutr):
+                    if reach.birthday is not None:
+                        reach.birthday.attach()
+                    async with background_trio_service(reach.dcutr):
                         t_dial = time.monotonic()
                         await reach.dial_circuit(circuit)
                         await request(host, b"proposal")
@@ -140,9 +143,12 @@ async def run_peer(role: str, relay_addr: str | None, tries: int) -> None:
                         row["rtt_relayed_ms"] = round(await rtt_ms(host), 3)
                         rtt_phase = time.monotonic() - t_rtt  # not part of the direct path
                         t0 = time.monotonic()
-                        await dcutr.initiate_hole_punch(provider)
+                        await reach.punch(provider)
                         row["hole_punch_s"] = round(time.monotonic() - t0, 3)
                         row["direct"] = direct(host)
+                        if reach.birthday is not None and reach.birthday.last:
+                            row["birthday"] = reach.birthday.last
+                        row["counters"] = {k: v for k, v in counters.items() if k.startswith("nat.")}
                         if row["direct"]:
                             await request(host, b"proposal")
                             row["first_reply_direct_s"] = round(time.monotonic() - t_dial - rtt_phase, 4)
