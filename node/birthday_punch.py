@@ -79,7 +79,11 @@ MAX_ADDRS = 4
 PORT_MIN, PORT_MAX = 1024, 65535  # Linux's NAT range for source ports >= 1024
 MESSAGE_TIMEOUT_S = 10.0
 UPGRADE_TIMEOUT_S = 10.0
-MAX_UPGRADES = 8  # connected probes upgraded at once on the easy side
+# Every connected socket is upgraded at once, up to this many (then they wait for a slot): taking
+# a few at a time, each side could wait on a different few until the upgrade timeout. Measured
+# on the lab: up to 30 sockets of the hard side connect when earlier runs' holes are still open
+# in the easy side's router, most of them to nothing that answers.
+MAX_UPGRADES = 128
 FD_RESERVE = 256  # file descriptors always left to the rest of the node
 PRESERVING, REWRITING, UNKNOWN = "preserving", "rewriting", "unknown"
 
@@ -90,7 +94,7 @@ class BirthdayConfig:
     probes: int = 1024  # ports the port-preserving side tries
     window_s: float = 4.0  # how long every socket is held
     min_interval_s: float = 300.0  # per peer
-    runs_per_minute: float = 10.0  # all peers together (token bucket, burst = this many)
+    runs_per_minute: float = 4.0  # all peers together (token bucket, burst = this many)
 
     def __post_init__(self) -> None:
         if not (1 <= self.sockets <= 4096 and 1 <= self.probes <= 8192):
@@ -449,44 +453,56 @@ class BirthdayPunch:
             return False
         spray = _Spray(targets, bind)
         winner: list[Any] = []
-        connected = 0
-        upgrades = trio.Semaphore(1 if roles.hard else MAX_UPGRADES)
+        tally: Counter[str] = Counter()  # connected, upgraded, upgrade_failed
+        slots = trio.Semaphore(MAX_UPGRADES)
 
-        async def upgrade(sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        async def upgrade(sock: trio.socket.SocketType, nursery: trio.Nursery,
+                          spray_scope: trio.CancelScope) -> None:
             owned = False
             try:
-                async with upgrades:
-                    if winner:
+                async with slots:
+                    if winner and roles.hard:
                         return
                     owned = True
                     conn = await self._upgrade(peer, sock, roles.hard)
             finally:
                 if not owned:
                     sock.close()
+            tally["upgraded" if conn is not None else "upgrade_failed"] += 1
             if conn is None:
                 return
-            if winner:  # a second connection made it too: keep one
+            spray_scope.cancel()  # no more attempts needed
+            if not roles.hard:
+                # The dialler keeps the first of its connections that upgrades and closes the
+                # others: cancelling ours here could close the one it kept.
+                winner.append(conn)
+            elif winner:
                 with trio.move_on_after(2):
                     await conn.close()
-                return
-            winner.append(conn)
-            nursery.cancel_scope.cancel()
+            else:
+                winner.append(conn)
+                nursery.cancel_scope.cancel()  # the other upgrades close their sockets
 
         try:
-            async with trio.open_nursery() as nursery:
-                async def spraying() -> None:
-                    with trio.move_on_after(self.config.window_s):
-                        await spray.run()
-                    spray.close_unclaimed()  # ends the loop below; upgrades under way go on
+            # the window for the attempts, then at most one upgrade timeout for those under way
+            with trio.move_on_after(self.config.window_s + UPGRADE_TIMEOUT_S + 1):
+                async with trio.open_nursery() as nursery:
+                    spray_scope = trio.CancelScope()
 
-                nursery.start_soon(spraying)
-                async for sock in spray.connected:
-                    connected += 1
-                    nursery.start_soon(upgrade, sock, nursery)
+                    async def spraying() -> None:
+                        with spray_scope:
+                            with trio.move_on_after(self.config.window_s):
+                                await spray.run()
+                        spray.close_unclaimed()  # ends the loop below
+
+                    nursery.start_soon(spraying)
+                    async for sock in spray.connected:
+                        tally["connected"] += 1
+                        nursery.start_soon(upgrade, sock, nursery, spray_scope)
         finally:
             spray.close_unclaimed()
             self.last = {"hard": roles.hard, "attempts": count, "sent": spray.sent,
-                         "connected": connected, "direct": bool(winner),
+                         **tally, "direct": bool(winner),
                          "seconds": round(trio.current_time() - t0, 3)}
             log.info("birthday punch with %s: %s", peer, self.last)
         self.counters["nat.birthday_ok" if winner else "nat.birthday_failed"] += 1

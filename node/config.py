@@ -300,7 +300,7 @@ relay_service = "auto"  # serve circuit relay v2 while publicly reachable; "on",
 # max_circuits_per_peer = 8, circuit_max_seconds = 3600, circuit_max_bytes = 67108864,
 # relays_to_reserve = 2 (while unreachable), autonat_interval_s = 60, hole_punch = true,
 # hard_nat_punch = true, hard_nat_sockets = 256, hard_nat_probes = 1024,
-# hard_nat_window_s = 4.0, hard_nat_runs_per_minute = 10
+# hard_nat_window_s = 4.0, hard_nat_runs_per_minute = 4
 
 [provider]
 enabled = {"true" if provider else "false"}

@@ -93,7 +93,7 @@ class ReachabilityConfig:
     hard_nat_sockets: int = 256  # connections the port-rewriting side opens
     hard_nat_probes: int = 1024  # ports the port-preserving side tries
     hard_nat_window_s: float = 4.0
-    hard_nat_runs_per_minute: float = 10.0  # all peers together; one per peer per 300 s
+    hard_nat_runs_per_minute: float = 4.0  # all peers together; one per peer per 300 s
 
     def __post_init__(self) -> None:
         if self.relay_service not in ("auto", "on", "off"):
