@@ -27,9 +27,11 @@ retransmits its SYN once (TCP_SYNCNT=1). A round that connects nothing is run on
 (``rounds`` = 2: P(miss) 0.017 -> 0.0003; bench_nat measured 3 misses in 70 single rounds).
 
 libp2p roles on the resulting connection: the hard side upgrades it as the dialler (Noise
-initiator), the easy side as the listener, on every probe that connected (several may, the
-hard side keeps only the first that upgrades and closes the others). The connection is then an
-ordinary direct connection of the swarm.
+initiator), the easy side as the listener, every socket that connected at once (several may).
+The hard side keeps the first that upgrades, closes the others and names it to the easy side by
+opening a :data:`CHOICE_PROTOCOL_ID` stream on it; the easy side then closes its others (new
+streams would otherwise land on connections the hard side is closing). The connection is then
+an ordinary direct connection of the swarm.
 
 Bounds, so that a hostile peer cannot aim the node at a third party: only over a relayed
 connection to that peer, only when the two kinds differ (preserving vs rewriting); the targets
