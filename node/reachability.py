@@ -20,7 +20,8 @@ What a node does (specs/node.md, "Reachability"):
 * It answers DCUtR on every connection and, when a relayed connection to a peer appears, tries
   to upgrade it to a direct one (py-libp2p's ``DCUtRProtocol``, TCP simultaneous open from the
   listen port). New streams then take the direct connection; the relayed one is closed after a
-  grace period.
+  grace period. When one side's NAT keeps ports and the other's rewrites them (symmetric),
+  DCUtR cannot work and the birthday punch (node/birthday_punch.py) is run instead.
 
 The AutoNAT server is :class:`node.libp2p_patches.DialBackAutoNAT` (a fresh connection for each
 dial-back: py-libp2p reused the existing one and so told every node it was public).
