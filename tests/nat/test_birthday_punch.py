@@ -18,7 +18,7 @@ from libp2p.peer.id import ID
 from libp2p.utils.varint import encode_uvarint
 
 from node import birthday_punch as bp
-from node.reachability import ReachabilityConfig, is_public_ip
+from node.reachability import ReachabilityConfig, is_public_ip, is_relayed
 from tests.nat.topology import unavailable_reason
 
 EASY = "/ip4/198.18.7.10/tcp/4001"
@@ -232,3 +232,48 @@ def test_the_port_rewriting_router_picks_ports_over_1024_to_65535() -> None:
     assert min(ports) >= 1024 and min(ports) < 4000 and max(ports) > 62000
     below = sum(p < 33280 for p in ports) / n  # the middle of 1024-65535
     assert 0.4 < below < 0.6, below
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("our_mapping,why", [(None, "no hard/easy pair"),
+                                             ("preserving", "not a relayed peer")])
+async def test_a_plan_over_a_direct_connection_is_refused_on_the_wire(
+        our_mapping, why, monkeypatch) -> None:
+    """A peer on loopback sends a plan naming a public victim: the node answers refuse and
+    opens no socket, whether it knows its own NAT (then: the peer is not reached through a
+    relay) or not (no observation on loopback: no hard/easy pair)."""
+    import os
+
+    import multiaddr
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    from node.host import build_libp2p_host
+    from node.identity import NodeIdentity
+
+    local = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
+    node = build_libp2p_host(NodeIdentity.from_seed(os.urandom(32)), [local])
+    hostile = build_libp2p_host(NodeIdentity.from_seed(os.urandom(32)), [local])
+    counters: Counter[str] = Counter()
+    with trio.fail_after(30):
+        async with node.run([local]), hostile.run([local]):
+            if our_mapping is not None:
+                monkeypatch.setattr(bp, "port_mapping", lambda host, is_public: our_mapping)
+            def relayed_only(peer) -> bool:  # as Reachability._relayed_only decides
+                conns = node.get_network().connections.get(peer, [])
+                return bool(conns) and all(is_relayed(c) for c in conns)
+
+            punch = bp.BirthdayPunch(node, bp.BirthdayConfig(), counters, is_public_ip,
+                                     lambda: ["/ip4/198.18.7.10/tcp/4001"], relayed_only)
+            punch.attach()
+            await hostile.connect(info_from_p2p_addr(node.get_addrs()[0]))
+            stream = await hostile.new_stream(node.get_id(), [bp.PROTOCOL_ID])
+            await bp._send(stream, {"type": "plan", "mapping": "rewriting",
+                                    "addrs": ["/ip4/8.8.8.8/tcp/443"]})
+            reply = await bp._recv(stream)
+            assert reply["type"] == "refuse" and why in reply["reason"], reply
+            await stream.close()
+            with trio.move_on_after(5):
+                while not counters["nat.birthday_refused"]:
+                    await trio.sleep(0.05)
+    assert counters["nat.birthday_refused"] == 1 and punch.last == {}
+    assert not any(k in counters for k in ("nat.birthday_ok", "nat.birthday_failed"))
