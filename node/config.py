@@ -158,6 +158,8 @@ RELAY_KEYS: dict[str, type | tuple] = {
     "max_circuits": int, "max_circuits_per_peer": int, "circuit_max_seconds": int,
     "circuit_max_bytes": int, "reservation_ttl_s": int, "relays_to_reserve": int,
     "autonat_servers": int, "autonat_interval_s": (int, float), "hole_punch": bool,
+    "hard_nat_punch": bool, "hard_nat_sockets": int, "hard_nat_probes": int,
+    "hard_nat_window_s": (int, float), "hard_nat_runs_per_minute": (int, float),
 }
 
 
@@ -345,7 +347,9 @@ arbiters = []           # arbiter wallets you trust ("0x..."); offers naming any
 relay_service = "auto"  # serve circuit relay v2 while publicly reachable; "on", "off"
 # max_reservations = 128, max_reservations_per_ip = 8, max_circuits = 256,
 # max_circuits_per_peer = 8, circuit_max_seconds = 3600, circuit_max_bytes = 67108864,
-# relays_to_reserve = 2 (while unreachable), autonat_interval_s = 60, hole_punch = true
+# relays_to_reserve = 2 (while unreachable), autonat_interval_s = 60, hole_punch = true,
+# hard_nat_punch = true, hard_nat_sockets = 256, hard_nat_probes = 1024,
+# hard_nat_window_s = 4.0, hard_nat_runs_per_minute = 4
 
 [provider]
 enabled = {"true" if provider else "false"}

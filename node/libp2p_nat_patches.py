@@ -17,7 +17,9 @@ What py-libp2p 0.8.1 ships for NAT traversal, as measured on the NAT test topolo
   it fails, as NAT theory says it must, when either side maps each connection to a random port
   (Linux conntrack also filters by address and port). It needs the router to *drop* unsolicited
   SYNs: a router that answers them with a RST tears down the peer's fresh mapping. New streams
-  take the direct connection; the relayed one is closed after a grace period.
+  take the direct connection; the relayed one is closed after a grace period. Upstream has
+  nothing for a port-rewriting NAT; node/birthday_punch.py adds the birthday punch (one side
+  keeps ports, the other rewrites them), written as a separate protocol that could go upstream.
 * AutoNAT v1 (``host/autonat``): the client and the server exchange messages correctly, but
   (1) the server's dial-back calls ``host.connect``, which returns at once when the requester is
   already connected, and the requester always is (it asked over that connection): every node

@@ -21,7 +21,8 @@ What a node does (specs/node.md, "Reachability"):
 * It answers DCUtR on every connection and, when a relayed connection to a peer appears, tries
   to upgrade it to a direct one (py-libp2p's ``DCUtRProtocol``, TCP simultaneous open from the
   listen port). New streams then take the direct connection; the relayed one is closed after a
-  grace period.
+  grace period. When one side's NAT keeps ports and the other's rewrites them (symmetric),
+  DCUtR cannot work and the birthday punch (node/birthday_punch.py) is run instead.
 
 The AutoNAT server is :class:`node.libp2p_patches.DialBackAutoNAT` (a fresh connection for each
 dial-back: py-libp2p reused the existing one and so told every node it was public).
@@ -57,9 +58,9 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
 
-from protocol.messages import Heartbeat, UsageReceipt
-
+from node.birthday_punch import BirthdayConfig, BirthdayPunch
 from node.libp2p_nat_patches import DialBackAutoNAT, GuardedRelay, RelayGuardLimits
+from protocol.messages import Heartbeat, UsageReceipt
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,12 @@ class ReachabilityConfig:
     autonat_servers: int = 3  # peers asked for a dial-back per check
     autonat_interval_s: float = 60.0
     hole_punch: bool = True  # try DCUtR on relayed connections
+    # the birthday punch through a port-rewriting NAT (node/birthday_punch.py)
+    hard_nat_punch: bool = True
+    hard_nat_sockets: int = 256  # connections the port-rewriting side opens
+    hard_nat_probes: int = 1024  # ports the port-preserving side tries
+    hard_nat_window_s: float = 4.0
+    hard_nat_runs_per_minute: float = 4.0  # all peers together; one per peer per 300 s
 
     def __post_init__(self) -> None:
         if self.relay_service not in ("auto", "on", "off"):
@@ -108,6 +115,12 @@ class ReachabilityConfig:
                 raise ValueError(f"{key}: must be positive")
         if self.relays_to_reserve < 0 or self.autonat_interval_s <= 0:
             raise ValueError("relays_to_reserve must be >= 0 and autonat_interval_s > 0")
+        self.birthday_config()  # its own checks
+
+    def birthday_config(self) -> BirthdayConfig:
+        return BirthdayConfig(sockets=self.hard_nat_sockets, probes=self.hard_nat_probes,
+                              window_s=self.hard_nat_window_s, min_interval_s=HOLE_PUNCH_RETRY_S,
+                              runs_per_minute=self.hard_nat_runs_per_minute)
 
     def guard_limits(self) -> RelayGuardLimits:
         return RelayGuardLimits(max_reservations_per_ip=self.max_reservations_per_ip,
@@ -196,6 +209,9 @@ class Reachability:
         # transport reserves on every dial when the CLIENT role is set); we reserve ourselves.
         self.transport = CircuitV2Transport(host, self.relay, Libp2pRelayConfig(roles=RelayRole.STOP))
         self.dcutr = QuietDCUtR(host) if config.hole_punch else None
+        self.birthday = (BirthdayPunch(host, config.birthday_config(), counters, is_public_ip,
+                                       self.candidate_addrs, self._relayed_only)
+                         if config.hole_punch and config.hard_nat_punch else None)
         self._punched: dict[ID, float] = {}  # peer -> when we last tried a hole punch
         self.reservations: dict[ID, _Reservation] = {}
         self.circuit_limits: dict[ID, CircuitLimit] = {}  # peer -> its circuit we dialled
@@ -233,6 +249,8 @@ class Reachability:
     # -- running ------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self.birthday is not None:
+            self.birthday.attach()
         async with background_trio_service(self.relay), trio.open_nursery() as nursery:
             self._apply_relay_service()
             if self.dcutr is not None:
@@ -277,6 +295,9 @@ class Reachability:
     def _direct_peers(self) -> list[ID]:
         return self._peers_by_path()[0]
 
+    def _relayed_only(self, peer: ID) -> bool:
+        return peer in self._peers_by_path()[1]
+
     # -- hole punching ------------------------------------------------------------------------
 
     def _start_hole_punches(self, nursery: trio.Nursery) -> None:
@@ -293,12 +314,25 @@ class Reachability:
             self._punched[peer] = now
             nursery.start_soon(self._hole_punch, peer)
 
+    async def punch(self, peer: ID) -> bool:
+        """Upgrade a relayed connection to ``peer`` to a direct one: the birthday punch when one
+        side's NAT keeps ports and the other's rewrites them (the peer says which in its plan),
+        else DCUtR. True: a direct connection exists afterwards."""
+        assert self.dcutr is not None
+        if self.birthday is not None:
+            ran = await self.birthday.initiate(peer)
+            if ran is not None:
+                if ran:
+                    self.dcutr._schedule_relay_close(peer)
+                return ran
+        return await self.dcutr.initiate_hole_punch(peer)
+
     async def _hole_punch(self, peer: ID) -> None:
         assert self.dcutr is not None
         t0 = trio.current_time()
         try:
             with trio.fail_after(60):
-                ok = await self.dcutr.initiate_hole_punch(peer)
+                ok = await self.punch(peer)
         except Exception as exc:
             log.info("hole punch to %s raised %r", peer, exc)
             ok = False
