@@ -116,6 +116,10 @@ from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import ValidationError
 from libp2p.pubsub.utils import maybe_consume_signed_record
+from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
+from libp2p.security.noise import io as _noise_io
+from libp2p.security.noise.io import NoisePacketReadWriter, NoiseTransportReadWriter
+from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
 from libp2p.stream_muxer.yamux import yamux as _yamux
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -135,6 +139,9 @@ READ_CHUNK = 64 * 1024  # bytes asked of the stream per read (= yamux's largest 
 IDONTWANT_MIN_BYTES = 1024  # go-libp2p's GossipSubIDontWantMessageThreshold
 PEER_RECORD_REVERIFY_S = 600.0  # re-verify (and refresh the 2 h address-book TTL) this often
 MAX_REMEMBERED_RECORDS = 4096  # peers whose last verified record we remember
+MAX_SENDER_KEYS = 4096  # message origins whose public key (checked against the id) we keep
+_SIGNING_PREFIX = PUBSUB_SIGNING_PREFIX.encode()
+_noise_log = _noise_io.logger
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,6 +246,68 @@ def _fast_tcp(secured_conn: Any) -> None:
         tcp.__class__ = FastTCPStream
 
 
+class BufferedNoisePacketReader(NoisePacketReadWriter):
+    """Item 11: Noise transport frames (2-byte big-endian length, then the ciphertext) cut out
+    of a buffer filled by one socket read of whatever the connection has (up to
+    ``READ_CHUNK``). Upstream (``io/msgio.py``, ``read_length`` then ``read_exactly``): two
+    socket reads per frame, each a trio scheduling point and a ``recv`` system call; with
+    several frames waiting, one read now serves them all. Same frames, same errors: the end of
+    the connection before a frame is complete raises ``IncompleteReadError`` with the byte
+    counts upstream would report (``is_clean_close`` when it ends between frames). Writes are
+    upstream's. Installed by :func:`_fast_noise` after the handshake (whose reads are exact, so
+    nothing is buffered anywhere else at that point)."""
+
+    def __init__(self, read_write_closer: Any) -> None:
+        super().__init__(read_write_closer)
+        self._rbuf = bytearray()
+
+    async def read_msg(self) -> bytes:
+        buf = self._rbuf
+        while True:
+            have = len(buf)
+            if have >= 2:
+                end = 2 + ((buf[0] << 8) | buf[1])
+                if have >= end:
+                    msg = bytes(buf[2:end])
+                    del buf[:end]  # CPython moves the start of a bytearray: no copy
+                    return msg
+            data = await self.read_write_closer.read(READ_CHUNK)
+            if not data:
+                if have < 2:
+                    expected, received = 2, have
+                else:
+                    expected, received = end - 2, have - 2
+                buf.clear()
+                raise IncompleteReadError(
+                    f"Connection closed during read operation: expected {expected} bytes but "
+                    f"received {received} bytes", expected_bytes=expected,
+                    received_bytes=received)
+            buf += data
+
+
+class FastNoiseTransportReadWriter(NoiseTransportReadWriter):
+    """Item 11 too: the Noise session's ``read_msg`` without its three DEBUG f-strings, which
+    upstream (``security/noise/io.py``) formats for every frame whether or not DEBUG is on;
+    with the ``libp2p.security.noise.io`` logger at DEBUG, upstream's method runs."""
+
+    async def read_msg(self, prefix_encoded: bool = False) -> bytes:
+        if prefix_encoded or _noise_log.isEnabledFor(logging.DEBUG):
+            return await super().read_msg(prefix_encoded)
+        return self.noise_state.decrypt(await self.read_writer.read_msg())
+
+
+def _fast_noise(secured_conn: Any) -> None:
+    """Move a Noise session's transport reader onto items 11's classes (subclasses add no
+    slots, so ``__class__`` assignment is allowed). Other security transports are left as
+    they are."""
+    session = getattr(secured_conn, "conn", None)
+    packets = getattr(session, "read_writer", None)
+    if type(session) is NoiseTransportReadWriter and type(packets) is NoisePacketReadWriter:
+        packets._rbuf = bytearray()
+        packets.__class__ = BufferedNoisePacketReader
+        session.__class__ = FastNoiseTransportReadWriter
+
+
 class BatchedYamux(Yamux):
     """The yamux muxer whose streams are :class:`BatchedYamuxStream` (``new_host`` takes the
     muxer class in ``muxer_opt``). Streams are created inside upstream's ``open_stream`` and
@@ -249,6 +318,18 @@ class BatchedYamux(Yamux):
     def __init__(self, secured_conn: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(secured_conn, *args, **kwargs)
         _fast_tcp(secured_conn)  # item 10
+        _fast_noise(secured_conn)  # item 11
+
+    async def _read_data_body(self, length: int) -> bytes:
+        """Item 12: a DATA frame's body that is already decrypted in the secure session's
+        buffer (the usual case: a frame's header and body travel in one Noise message) is taken
+        from it directly. Upstream opens a ``trio.fail_after`` scope (a cancel scope and a
+        deadline registered and removed) around a read that cannot block."""
+        conn = self.secured_conn
+        if (type(conn) is SecureSession and length > 0
+                and conn.high_watermark - conn.low_watermark >= length):
+            return conn._drain(length)
+        return await super()._read_data_body(length)
 
     async def open_stream(self) -> YamuxStream:
         return _batched(await super().open_stream())
@@ -405,6 +486,49 @@ class FastPubsub(GuardedPubsub):
                 records.popitem(last=False)
         rpc.ClearField("senderRecord")  # consumed: GossipSub.handle_rpc would verify it again
         return True
+
+    # -- item 13: the origin's public key extracted and checked once per origin -----------
+
+    def _signature_ok(self, msg: rpc_pb2.Message) -> bool:
+        """The envelope signature check of upstream's ``signature_validator`` with the origin's
+        public key taken from a cache. Upstream, for every message: ``ID(from_id)``, a
+        multihash decode and a protobuf key decode (``extract_public_key``), then
+        ``ID.from_pubkey`` (serialise, multihash encode) to compare with the sender: about a
+        third of the check's cost, the same for every message of one origin. Here that happens
+        once per origin (up to ``MAX_SENDER_KEYS``); the ed25519 verification of the signed
+        bytes runs for every message as upstream. An origin whose key is not in its id (RSA:
+        the key travels in ``msg.key``) or whose id does not match the key takes upstream's
+        path (:meth:`GuardedPubsub._signature_ok`) every time."""
+        if not msg.signature:
+            return False
+        key = self._sender_key(msg.from_id)
+        if key is None:
+            return super()._signature_ok(msg)
+        payload = _SIGNING_PREFIX + rpc_pb2.Message(
+            data=msg.data, topicIDs=msg.topicIDs, from_id=msg.from_id,
+            seqno=msg.seqno).SerializeToString()
+        try:
+            return bool(key.verify(payload, msg.signature))
+        except Exception:
+            return False
+
+    def _sender_key(self, from_id: bytes) -> Any:
+        keys = self.__dict__.get("_p2p_sender_keys")
+        if keys is None:
+            keys = self._p2p_sender_keys = {}
+        key = keys.get(from_id)
+        if key is None:
+            sender = ID(from_id)
+            try:
+                key = sender.extract_public_key()
+            except Exception:
+                key = None
+            if key is None or ID.from_pubkey(key) != sender:
+                return None
+            keys[from_id] = key
+            if len(keys) > MAX_SENDER_KEYS:
+                del keys[next(iter(keys))]  # the oldest entry
+        return key
 
     # -- item 6: each message's signature verified once, duplicates in flight dropped ------
 
@@ -591,6 +715,7 @@ def quiet_libp2p_debug() -> None:
 
 
 __all__ = [
-    "IDONTWANT_MIN_BYTES", "BatchedYamux", "BatchedYamuxStream", "ConfiguredMuxerMultistream",
-    "FastGossipSub", "FastPubsub", "FastTCPStream", "FrameReader", "quiet_libp2p_debug", "use_configured_muxer",
+    "IDONTWANT_MIN_BYTES", "BatchedYamux", "BatchedYamuxStream", "BufferedNoisePacketReader",
+    "ConfiguredMuxerMultistream", "FastGossipSub", "FastNoiseTransportReadWriter", "FastPubsub",
+    "FastTCPStream", "FrameReader", "quiet_libp2p_debug", "use_configured_muxer",
 ]

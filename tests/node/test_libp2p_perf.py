@@ -23,7 +23,10 @@ from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError, Mes
 from libp2p.io.trio import TrioTCPStream
 from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.pb import rpc_pb2
+from libp2p.peer.id import ID
 from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
+from libp2p.security.noise.io import NoisePacketReadWriter, NoiseTransportReadWriter
+from libp2p.stream_muxer.yamux import yamux as yamux_module
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
@@ -31,7 +34,8 @@ from node import libp2p_patches
 from node.host import GossipHost, HostConfig
 from node.identity import NodeIdentity
 from node.libp2p_perf import (
-    BatchedYamux, BatchedYamuxStream, FastTCPStream, FrameReader, quiet_libp2p_debug,
+    BatchedYamux, BatchedYamuxStream, BufferedNoisePacketReader, FastNoiseTransportReadWriter,
+    FastTCPStream, FrameReader, quiet_libp2p_debug,
 )
 from node.reqresp import encode_uvarint
 from node.testing import LOOPBACK, connect_pairs, running_hosts, settle_meshes
@@ -480,15 +484,21 @@ async def test_a_message_is_verified_once_and_its_copy_in_flight_dropped(
     guard's check for each copy plus push_msg's for the first (3), and with the slow validator
     push_msg's for the second too, since the first is not yet "seen" (4)."""
     checks = Counter()
-    for module in (libp2p_patches, pubsub_module):
-        inner = module.signature_validator
+    inner = pubsub_module.signature_validator  # push_msg's check
 
-        def counted(msg, inner=inner):
-            checks["signature"] += 1
-            return inner(msg)
+    def counted(msg):
+        checks["signature"] += 1
+        return inner(msg)
 
-        monkeypatch.setattr(module, "signature_validator", counted)
+    monkeypatch.setattr(pubsub_module, "signature_validator", counted)
     async with running_hosts(2, config) as (sender, victim):
+        guard = victim.pubsub._signature_ok  # the read loop's check (item 13's, patched)
+
+        def guard_counted(msg):
+            checks["signature"] += 1
+            return guard(msg)
+
+        victim.pubsub._signature_ok = guard_counted
         sub = await victim.subscribe(TOPIC)
         if slow_validator:
             async def slow(forwarder, msg):
@@ -512,6 +522,162 @@ async def test_a_message_is_verified_once_and_its_copy_in_flight_dropped(
         # item 7: validated in the read loop unless a validator is async
         inline = 1 if config.fast_gossip and not slow_validator else 0
         assert victim.counters["p2p.pubsub.inline"] == inline
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Noise frames from a buffer; 12. yamux DATA bodies from the session's buffer;
+# 13. the origin's key checked once per origin
+# ---------------------------------------------------------------------------------------------
+
+
+def noise_frames(payloads: list[bytes]) -> bytes:
+    return b"".join(len(p).to_bytes(2, "big") + p for p in payloads)
+
+
+async def test_patched_connections_read_noise_frames_from_a_buffer():
+    for config, session_class, packets_class in (
+            (PATCHED, FastNoiseTransportReadWriter, BufferedNoisePacketReader),
+            (UNPATCHED, NoiseTransportReadWriter, NoisePacketReadWriter)):
+        async with running_hosts(2, config) as (a, b):
+            await a.connect(b.addrs()[0])
+            for host, peer in ((a, b), (b, a)):
+                muxed = host.host.get_network().connections[peer.peer_id][0].muxed_conn
+                assert type(muxed.secured_conn.conn) is session_class
+                assert type(muxed.secured_conn.conn.read_writer) is packets_class
+
+
+async def test_buffered_noise_reader_returns_upstreams_frames_in_fewer_reads():
+    payloads = [os.urandom(n) for n in (0, 1, 800, 65535, 16, 3000)]
+    data = noise_frames(payloads)
+    for chunks in ([1] * 40 + [len(data)], [3, 1, 7, 1000, 2], [len(data)]):
+        reader = BufferedNoisePacketReader(ChunkedReader(data, chunks))
+        assert [await reader.read_msg() for _ in payloads] == payloads
+    burst = [os.urandom(800) for _ in range(20)]
+    ours = ChunkedReader(noise_frames(burst))
+    reader = BufferedNoisePacketReader(ours)
+    assert [await reader.read_msg() for _ in burst] == burst
+    assert ours.reads == 1
+    theirs = ChunkedReader(noise_frames(burst))
+    upstream = NoisePacketReadWriter(theirs)
+    assert [await upstream.read_msg() for _ in burst] == burst
+    assert theirs.reads == 2 * len(burst)  # the 2-byte length, then the body
+
+
+async def test_buffered_noise_reader_ends_as_upstream_does_wherever_the_connection_ends():
+    """A connection cut at any byte of a frame: the same IncompleteReadError byte counts (and so
+    the same ``is_clean_close``, which yamux logs as a clean close or not) as upstream's."""
+    data = noise_frames([b"x" * 5, b"y" * 7])
+    for cut in range(len(data) + 1):
+        outcomes = []
+        for reader in (BufferedNoisePacketReader(ChunkedReader(data[:cut], [3] * 20)),
+                       NoisePacketReadWriter(ChunkedReader(data[:cut], [3] * 20))):
+            got = []
+            try:
+                for _ in range(3):
+                    got.append(await reader.read_msg())
+            except IncompleteReadError as error:
+                got.append((error.expected_bytes, error.received_bytes, error.is_clean_close))
+            outcomes.append(got)
+        assert outcomes[0] == outcomes[1], cut
+
+
+def count_body_timeouts(monkeypatch) -> Counter[str]:
+    """Count upstream's DATA-body reads (each opens a trio.fail_after scope)."""
+    counts: Counter[str] = Counter()
+    inner = yamux_module._yamux_data_read_timeout
+
+    def counted():
+        counts["timeout_scopes"] += 1
+        return inner()
+
+    monkeypatch.setattr(yamux_module, "_yamux_data_read_timeout", counted)
+    return counts
+
+
+async def stream_messages(a: GossipHost, b: GossipHost, count: int, size: int,
+                          split_frames: bool = False) -> list[bytes]:
+    """``count`` messages a -> b on one stream; with ``split_frames`` a writes each yamux
+    frame's header and body as two Noise messages (as another implementation may)."""
+    protocol = TProtocol("/gpumarket/test/body/1")
+    got: list[bytes] = []
+    done = trio.Event()
+
+    async def sink(stream):
+        for _ in range(count):
+            got.append(await read_all(stream, size))
+        done.set()
+
+    b.host.set_stream_handler(protocol, sink)
+    await a.connect(b.addrs()[0])
+    if split_frames:
+        muxed = a.host.get_network().connections[b.peer_id][0].muxed_conn
+
+        async def split(data: bytes) -> None:
+            async with muxed._write_lock:
+                await muxed.secured_conn.write(data[:12])
+                if data[12:]:
+                    await muxed.secured_conn.write(data[12:])
+
+        muxed._write_frame = split
+    stream = await a.host.new_stream(b.peer_id, [protocol])
+    for i in range(count):
+        await stream.write(bytes([i]) * size)
+    with trio.fail_after(10):
+        await done.wait()
+    return got
+
+
+@pytest.mark.parametrize("receiver, split, most", [
+    (PATCHED, False, 2), (PATCHED, True, None), (UNPATCHED, False, None)])
+async def test_a_data_body_already_decrypted_needs_no_timeout_scope(
+        monkeypatch, receiver, split, most):
+    """Item 12 (the sender is patched or not as the receiver: it writes header and body in
+    one Noise message either way): the receiver takes a DATA frame's body from the secure session's buffer when
+    the frame came in one Noise message (patched: no timeout scope for any of 30 messages; the
+    stream's opening frames may still take one). A frame whose body comes in a later Noise
+    message takes upstream's path, and every message arrives whole and in order either way."""
+    async with running_hosts(2, receiver) as (a, b):
+        counts = count_body_timeouts(monkeypatch)
+        got = await stream_messages(a, b, 30, 700, split_frames=split)
+    assert got == [bytes([i]) * 700 for i in range(30)]
+    if most is not None:
+        assert counts["timeout_scopes"] <= most, counts
+    else:
+        assert counts["timeout_scopes"] >= 30, counts
+
+
+@pytest.mark.parametrize("config, extractions", [(PATCHED, 1), (UNPATCHED, 20)])
+async def test_an_origins_key_is_extracted_once_and_bad_signatures_still_fail(
+        monkeypatch, config, extractions):
+    """Item 13: 20 messages of one origin cost one key extraction patched (20 upstream); with
+    the key cached, a changed payload, a signature by another key under this origin's id and a
+    missing signature are still refused, and an origin whose id holds no key (the key in
+    ``msg.key``, as for RSA) goes through upstream's check."""
+    calls: Counter[str] = Counter()
+    inner = ID.extract_public_key
+
+    def counted(self):
+        calls["extract"] += 1
+        return inner(self)
+
+    async with running_hosts(2, config) as (origin, victim):
+        monkeypatch.setattr(ID, "extract_public_key", counted)
+        check = victim.pubsub._signature_ok
+        for seqno in range(20):
+            assert check(signed_message(origin, b"offer %d" % seqno, seqno))
+        assert calls["extract"] == extractions
+        tampered = signed_message(origin, b"offer", 99)
+        tampered.data = b"offer, changed"
+        assert not check(tampered)
+        forged = signed_message(victim, b"offer", 100)
+        forged.from_id = origin.peer_id.to_bytes()  # signed by victim's key, origin's id
+        assert not check(forged)
+        unsigned = signed_message(origin, b"offer", 101)
+        unsigned.ClearField("signature")
+        assert not check(unsigned)
+        hashed_id = signed_message(origin, b"offer", 102)
+        hashed_id.from_id = b"\x12\x20" + os.urandom(32)  # a sha2-256 id: no key in it, so
+        assert not check(hashed_id)  # upstream's path, and msg.key does not hash to this id
 
 
 # ---------------------------------------------------------------------------------------------
