@@ -110,6 +110,7 @@ import trio
 from libp2p.exceptions import ParseError
 from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError, MessageTooLarge
 from libp2p.io.trio import TrioTCPStream
+from libp2p.network.stream.net_stream import NetStream, StreamState
 from libp2p.peer.id import ID
 from libp2p.pubsub.exceptions import NoPubsubAttached
 from libp2p.pubsub.gossipsub import GossipSub
@@ -142,6 +143,8 @@ MAX_REMEMBERED_RECORDS = 4096  # peers whose last verified record we remember
 MAX_SENDER_KEYS = 4096  # message origins whose public key (checked against the id) we keep
 _SIGNING_PREFIX = PUBSUB_SIGNING_PREFIX.encode()
 _noise_log = _noise_io.logger
+_READABLE = (StreamState.OPEN, StreamState.CLOSE_WRITE)  # NetStream states that read as usual
+_checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,6 +188,40 @@ class BatchedYamuxStream(YamuxStream):
                 _pack_header(_YAMUX_HEADER, 0, _yamux.TYPE_DATA, 0, self.stream_id, size) + data)
             return
         await super().write(data)
+
+
+    async def read(self, n: int | None = -1) -> bytes:
+        """Item 14: a read of up to ``n`` bytes from an open stream, while nobody holds the
+        muxer's ``streams_lock``, takes what the stream's buffer holds without the lock, or waits
+        for the stream's event when it is empty. Upstream (``Yamux.read_stream``): the lock (a
+        scheduling point even when free) before looking at the buffer, and again after every
+        wake-up, plus three DEBUG f-strings, for a check and a slice that contain no ``await``
+        and so cannot interleave with anything under trio. A read that finds data is still a
+        cancellation point (``checkpoint_if_cancelled``, as the first half of a lock acquire);
+        one that finds none waits, as upstream. Any other state (closed, reset, shutting down,
+        the lock held, ``n`` of -1) is upstream's ``read``."""
+        if n is None or n <= 0:
+            return await super().read(n)
+        conn = self.conn
+        sid = self.stream_id
+        while True:
+            buffer = conn.stream_buffers.get(sid)
+            if (buffer is None or self.recv_closed or self.reset_received or self.closed
+                    or conn.streams_lock.locked() or conn.event_shutting_down.is_set()
+                    or conn.streams.get(sid) is not self):
+                return await super().read(n)
+            if buffer:
+                await _checkpoint_if_cancelled()
+                data = bytes(buffer[:n])
+                del buffer[:n]
+                await self._auto_tune_and_send_window_update(bytes_read=len(data))
+                return data
+            event = conn.stream_events.get(sid)
+            if event is None:
+                return await super().read(n)
+            await event.wait()
+            if conn.stream_events.get(sid) is event:  # upstream: unconditionally, which can
+                conn.stream_events[sid] = trio.Event()  # re-add an entry for a removed stream
 
 
 class FastTCPStream(TrioTCPStream):
@@ -440,12 +477,27 @@ class FrameReader:
         del buf[:end]
         return frame
 
+    async def _read(self) -> bytes:
+        """Item 14 too: a ``NetStream`` in a readable state is read through its muxed stream
+        directly. Upstream's ``NetStream.read`` takes its ``_state_lock`` (a scheduling point)
+        only to look at the state, which nothing can change meanwhile under trio. An error
+        from the muxed stream (end of stream, reset: both raised again on the next read) is
+        handed to ``NetStream.read``, which raises it with upstream's state changes."""
+        stream = self._stream
+        if (type(stream) is NetStream and stream._state in _READABLE
+                and not stream._state_lock.locked()):
+            try:
+                return await stream.muxed_stream.read(self._chunk)
+            except Exception:
+                pass  # NetStream.read below raises it again, with its state transition
+        return await stream.read(self._chunk)
+
     async def read_frame(self) -> bytes:
         while True:
             frame = self._next_frame()
             if frame is not None:
                 return frame
-            data = await self._stream.read(self._chunk)
+            data = await self._read()
             self.reads += 1
             if not data:
                 raise IncompleteReadError("Stream ended inside a length-prefixed frame",
