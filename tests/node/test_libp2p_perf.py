@@ -21,6 +21,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.exceptions import ParseError
 from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError, MessageTooLarge
 from libp2p.io.trio import TrioTCPStream
+from libp2p.network.stream.net_stream import NetStream
 from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.peer.id import ID
@@ -678,6 +679,74 @@ async def test_an_origins_key_is_extracted_once_and_bad_signatures_still_fail(
         hashed_id = signed_message(origin, b"offer", 102)
         hashed_id.from_id = b"\x12\x20" + os.urandom(32)  # a sha2-256 id: no key in it, so
         assert not check(hashed_id)  # upstream's path, and msg.key does not hash to this id
+
+
+# ---------------------------------------------------------------------------------------------
+# 14. stream reads without lock passes when uncontended
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [PATCHED, UNPATCHED])
+async def test_pubsub_reads_skip_the_stream_locks_when_uncontended(monkeypatch, config):
+    """Gossip on a settled 3-node mesh: patched, pubsub's reads take neither NetStream's state
+    lock (``NetStream.read``) nor the muxer's ``streams_lock`` (``Yamux.read_stream``);
+    upstream passes both for every read."""
+    calls: Counter[str] = Counter()
+    for cls, name in ((NetStream, "read"), (Yamux, "read_stream")):
+        inner = getattr(cls, name)
+
+        async def counted(self, *args, inner=inner, key=f"{cls.__name__}.{name}", **kwargs):
+            calls[key] += 1
+            return await inner(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, counted)
+    async with running_hosts(3, config) as hosts:
+        subs = await full_mesh(hosts)
+        calls.clear()
+        assert await gossip(hosts, subs, messages=12, size=750) == [12] * 3
+    if config.fast_gossip:
+        assert calls["NetStream.read"] == 0 and calls["Yamux.read_stream"] == 0, calls
+    else:  # each host reads each message from 2 peers (and the sends' IDONTWANTs)
+        assert calls["NetStream.read"] >= 12 * 2 * 3 and calls["Yamux.read_stream"] >= 12 * 2 * 3
+
+
+async def test_a_stream_read_that_finds_data_is_still_a_cancellation_point():
+    """Item 14's buffered path does not yield to the scheduler, but a cancelled reader is
+    cancelled there, as at upstream's lock; with no data it waits and wakes as upstream."""
+    protocol = TProtocol("/gpumarket/test/cancel/1")
+    inbound: list = []
+    arrived = trio.Event()
+    async with running_hosts(2, PATCHED) as (a, b):
+        async def keep(stream):
+            inbound.append(stream)
+            arrived.set()
+            await trio.sleep_forever()
+
+        b.host.set_stream_handler(protocol, keep)
+        await a.connect(b.addrs()[0])
+        out = await a.host.new_stream(b.peer_id, [protocol])
+        await out.write(b"first")
+        with trio.fail_after(5):
+            await arrived.wait()
+        muxed = inbound[0].muxed_stream
+        assert type(muxed) is BatchedYamuxStream
+        with trio.fail_after(5):
+            while not muxed.conn.stream_buffers.get(muxed.stream_id):
+                await trio.sleep(0.01)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await muxed.read(100)  # data is there, but the scope is cancelled
+        assert scope.cancelled_caught
+        assert await muxed.read(100) == b"first"  # the data survived the cancelled read
+
+        async def later():
+            await trio.sleep(0.1)
+            await out.write(b"second")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(later)
+            with trio.fail_after(5):
+                assert await muxed.read(100) == b"second"  # waited for it
 
 
 # ---------------------------------------------------------------------------------------------
