@@ -110,7 +110,10 @@ import trio
 from libp2p.exceptions import ParseError
 from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError, MessageTooLarge
 from libp2p.io.trio import TrioTCPStream
+from libp2p.network.stream.exceptions import StreamClosed, StreamError, StreamReset
 from libp2p.network.stream.net_stream import NetStream, StreamState
+from libp2p.stream_muxer.exceptions import MuxedStreamClosed, MuxedStreamError, MuxedStreamReset
+from libp2p.transport.quic.exceptions import QUICStreamClosedError, QUICStreamResetError
 from libp2p.peer.id import ID
 from libp2p.pubsub.exceptions import NoPubsubAttached
 from libp2p.pubsub.gossipsub import GossipSub
@@ -144,6 +147,9 @@ MAX_SENDER_KEYS = 4096  # message origins whose public key (checked against the 
 _SIGNING_PREFIX = PUBSUB_SIGNING_PREFIX.encode()
 _noise_log = _noise_io.logger
 _READABLE = (StreamState.OPEN, StreamState.CLOSE_WRITE)  # NetStream states that read as usual
+_WRITABLE = (StreamState.OPEN, StreamState.CLOSE_READ)  # ... and that write as usual
+_KNOWN_WRITE_ERRORS = (MuxedStreamClosed, MuxedStreamReset, MuxedStreamError, QUICStreamClosedError,
+                       QUICStreamResetError, StreamClosed, StreamReset, ValueError)
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 
 
@@ -432,6 +438,57 @@ def use_configured_muxer(host: Any) -> None:
         raise TypeError(f"cannot patch a {type(negotiator).__name__}: expected MuxerMultistream")
 
 
+class FastNetStream(NetStream):
+    """Item 14 too: a ``NetStream`` that checks its state without taking ``_state_lock`` when
+    nobody holds it. Upstream (``network/stream/net_stream.py``): ``read`` and ``write`` take
+    the lock (a scheduling point even when free) only to look at ``_state``, then release it
+    and call the muxed stream; under trio nothing can change the state between that look and
+    the call, lock or not. Results, exceptions and state changes are upstream's: a read error
+    from the muxed stream (end of stream, reset: raised again on the next read) is handed to
+    ``NetStream.read``, which raises it with its state change; a write error goes through
+    upstream's mapping, copied here. A held lock or another state is upstream's method. Used
+    by pubsub's streams (:class:`FastPubsub` moves them onto this class)."""
+
+    async def read(self, n: int | None = None) -> bytes:
+        if self._state in _READABLE and not self._state_lock.locked():
+            try:
+                return await self.muxed_stream.read(n)
+            except Exception:
+                pass  # NetStream.read raises it again, with its state transition
+        return await super().read(n)
+
+    async def write(self, data: bytes) -> None:
+        lock = self._state_lock
+        if self._state not in _WRITABLE or lock.locked():
+            await super().write(data)
+            return
+        try:
+            await self.muxed_stream.write(data)
+        except (MuxedStreamClosed, QUICStreamClosedError, QUICStreamResetError) as error:
+            async with lock:
+                if self._state == StreamState.CLOSE_READ:
+                    self._state = StreamState.CLOSE_BOTH
+                elif self._state == StreamState.OPEN:
+                    self._state = StreamState.CLOSE_WRITE
+            raise StreamClosed() from error
+        except (MuxedStreamReset, MuxedStreamError) as error:
+            async with lock:
+                self._state = StreamState.RESET
+            raise StreamReset() from error
+        except Exception as error:
+            if not isinstance(error, _KNOWN_WRITE_ERRORS):
+                async with lock:
+                    self._state = StreamState.ERROR
+                raise StreamError(f"Write operation failed: {error}") from error
+            raise
+
+
+def _fast_net_stream(stream: Any) -> Any:
+    if type(stream) is NetStream:
+        stream.__class__ = FastNetStream  # a subclass adds no slots: allowed
+    return stream
+
+
 # --------------------------------------------------------------------------------------------
 # 3. pubsub frames from a buffer
 # --------------------------------------------------------------------------------------------
@@ -477,27 +534,12 @@ class FrameReader:
         del buf[:end]
         return frame
 
-    async def _read(self) -> bytes:
-        """Item 14 too: a ``NetStream`` in a readable state is read through its muxed stream
-        directly. Upstream's ``NetStream.read`` takes its ``_state_lock`` (a scheduling point)
-        only to look at the state, which nothing can change meanwhile under trio. An error
-        from the muxed stream (end of stream, reset: both raised again on the next read) is
-        handed to ``NetStream.read``, which raises it with upstream's state changes."""
-        stream = self._stream
-        if (type(stream) is NetStream and stream._state in _READABLE
-                and not stream._state_lock.locked()):
-            try:
-                return await stream.muxed_stream.read(self._chunk)
-            except Exception:
-                pass  # NetStream.read below raises it again, with its state transition
-        return await stream.read(self._chunk)
-
     async def read_frame(self) -> bytes:
         while True:
             frame = self._next_frame()
             if frame is not None:
                 return frame
-            data = await self._read()
+            data = await self._stream.read(self._chunk)
             self.reads += 1
             if not data:
                 raise IncompleteReadError("Stream ended inside a length-prefixed frame",
@@ -516,7 +558,7 @@ class FastPubsub(GuardedPubsub):
     once per stream and verified once per distinct record (item 4); items 6 and 7 below."""
 
     def _frame_reader(self, stream: Any) -> Any:
-        return FrameReader(stream, self.max_inbound_rpc_size)
+        return FrameReader(_fast_net_stream(stream), self.max_inbound_rpc_size)
 
     def _consume_sender_record(self, rpc: rpc_pb2.RPC, peer: ID) -> bool:
         if not rpc.HasField("senderRecord"):
@@ -670,7 +712,7 @@ class FastPubsub(GuardedPubsub):
                 rpc_msg.ClearField("senderRecord")
             else:
                 stream._p2p_sent_record = record
-        return await super().write_msg(stream, rpc_msg)
+        return await super().write_msg(_fast_net_stream(stream), rpc_msg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,6 +734,27 @@ class FastGossipSub(GossipSub):
     received message of at least ``idontwant_min_bytes`` of data."""
 
     idontwant_min_bytes: int = IDONTWANT_MIN_BYTES
+
+    def send_rpc(self, peer_id: ID, rpc: rpc_pb2.RPC, priority: bool = False) -> None:
+        """Item 15: an RPC of exactly one message and nothing else, for a peer with no
+        deferred GRAFT/PRUNE to piggyback, is queued as one copy. Upstream (``send_rpc``):
+        copy, piggyback check, then ``RpcQueue.split_rpc``, which for such an RPC walks its
+        sections in Python (sizes, a second empty RPC, ``ByteSize`` of it, and of the part)
+        to return one RPC equal to the copy; per peer, per forwarded message. The size limit
+        is checked as upstream (an RPC over ``max_message_size`` is dropped as "oversized");
+        anything else is upstream's ``send_rpc``."""
+        pubsub = self.pubsub
+        queue = pubsub.peer_queues.get(peer_id) if pubsub is not None else None
+        if (queue is None or peer_id in self._pending_control or len(rpc.publish) != 1
+                or rpc.subscriptions or rpc.senderRecord or rpc.HasField("control")):
+            super().send_rpc(peer_id, rpc, priority)
+            return
+        part = rpc_pb2.RPC()
+        part.CopyFrom(rpc)
+        if part.ByteSize() > queue.max_message_size:
+            self._handle_dropped_rpc(peer_id, part, "oversized")
+        elif not queue.push(part, priority=priority):
+            self._handle_dropped_rpc(peer_id, part, "queue_full")
 
     async def publish(self, msg_forwarder: ID, pubsub_msg: rpc_pb2.Message) -> None:
         if not self._check_spam_protection(msg_forwarder, pubsub_msg):
@@ -769,5 +832,5 @@ def quiet_libp2p_debug() -> None:
 __all__ = [
     "IDONTWANT_MIN_BYTES", "BatchedYamux", "BatchedYamuxStream", "BufferedNoisePacketReader",
     "ConfiguredMuxerMultistream", "FastGossipSub", "FastNoiseTransportReadWriter", "FastPubsub",
-    "FastTCPStream", "FrameReader", "quiet_libp2p_debug", "use_configured_muxer",
+    "FastNetStream", "FastTCPStream", "FrameReader", "quiet_libp2p_debug", "use_configured_muxer",
 ]

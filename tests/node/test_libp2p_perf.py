@@ -21,7 +21,9 @@ from libp2p.custom_types import TProtocol
 from libp2p.exceptions import ParseError
 from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError, MessageTooLarge
 from libp2p.io.trio import TrioTCPStream
+from libp2p.network.stream.exceptions import StreamClosed
 from libp2p.network.stream.net_stream import NetStream
+from libp2p.pubsub.rpc_queue import RpcQueue
 from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.peer.id import ID
@@ -35,8 +37,8 @@ from node import libp2p_patches
 from node.host import GossipHost, HostConfig
 from node.identity import NodeIdentity
 from node.libp2p_perf import (
-    BatchedYamux, BatchedYamuxStream, BufferedNoisePacketReader, FastNoiseTransportReadWriter,
-    FastTCPStream, FrameReader, quiet_libp2p_debug,
+    BatchedYamux, BatchedYamuxStream, BufferedNoisePacketReader, FastNetStream,
+    FastNoiseTransportReadWriter, FastTCPStream, FrameReader, _fast_net_stream, quiet_libp2p_debug,
 )
 from node.reqresp import encode_uvarint
 from node.testing import LOOPBACK, connect_pairs, running_hosts, settle_meshes
@@ -689,10 +691,11 @@ async def test_an_origins_key_is_extracted_once_and_bad_signatures_still_fail(
 @pytest.mark.parametrize("config", [PATCHED, UNPATCHED])
 async def test_pubsub_reads_skip_the_stream_locks_when_uncontended(monkeypatch, config):
     """Gossip on a settled 3-node mesh: patched, pubsub's reads take neither NetStream's state
-    lock (``NetStream.read``) nor the muxer's ``streams_lock`` (``Yamux.read_stream``);
-    upstream passes both for every read."""
+    lock (``NetStream.read``) nor the muxer's ``streams_lock`` (``Yamux.read_stream``), and its
+    writes not NetStream's lock (``NetStream.write``); upstream passes them on every read and
+    write."""
     calls: Counter[str] = Counter()
-    for cls, name in ((NetStream, "read"), (Yamux, "read_stream")):
+    for cls, name in ((NetStream, "read"), (NetStream, "write"), (Yamux, "read_stream")):
         inner = getattr(cls, name)
 
         async def counted(self, *args, inner=inner, key=f"{cls.__name__}.{name}", **kwargs):
@@ -705,9 +708,96 @@ async def test_pubsub_reads_skip_the_stream_locks_when_uncontended(monkeypatch, 
         calls.clear()
         assert await gossip(hosts, subs, messages=12, size=750) == [12] * 3
     if config.fast_gossip:
-        assert calls["NetStream.read"] == 0 and calls["Yamux.read_stream"] == 0, calls
+        assert calls["NetStream.read"] == calls["NetStream.write"] == 0, calls
+        assert calls["Yamux.read_stream"] == 0, calls
     else:  # each host reads each message from 2 peers (and the sends' IDONTWANTs)
         assert calls["NetStream.read"] >= 12 * 2 * 3 and calls["Yamux.read_stream"] >= 12 * 2 * 3
+        assert calls["NetStream.write"] >= 12 * 2, calls
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_net_stream_fast_path_keeps_upstreams_errors_and_states(fast):
+    """FastNetStream (item 14): after the peer resets the stream, a read and a write raise
+    what upstream's NetStream raises and leave the same state (compared in the next test);
+    after a local close, a write raises StreamClosed."""
+    protocol = TProtocol("/gpumarket/test/states/1")
+    outcomes = []
+    async with running_hosts(2, PATCHED) as (a, b):
+        async def reset_it(stream):
+            try:
+                await stream.read(5)
+            finally:
+                await stream.reset()
+
+        b.host.set_stream_handler(protocol, reset_it)
+        await a.connect(b.addrs()[0])
+        stream = await a.host.new_stream(b.peer_id, [protocol])
+        if fast:
+            assert type(_fast_net_stream(stream)) is FastNetStream
+        else:
+            assert type(stream) is NetStream
+        await stream.write(b"hello")
+        with trio.fail_after(5):
+            while not stream.muxed_stream.reset_received:
+                await trio.sleep(0.01)
+        for op in (stream.read, stream.write):
+            with pytest.raises(Exception) as caught:
+                await (op(10) if op == stream.read else op(b"x"))
+            outcomes.append((type(caught.value).__name__, stream._state.name))
+        closing = await a.host.new_stream(b.peer_id, [protocol])
+        if fast:
+            _fast_net_stream(closing)
+        await closing.close()
+        with pytest.raises(StreamClosed):
+            await closing.write(b"late")
+    assert outcomes[1] == ("StreamReset", "RESET"), outcomes  # (the read: StreamEOF upstream)
+    STATES[fast] = outcomes
+
+
+STATES: dict[bool, list] = {}
+
+
+def test_net_stream_fast_path_matched_upstream():
+    """The two runs above saw the same exceptions and states (pytest runs them first, in
+    file order)."""
+    assert STATES.get(True) and STATES.get(True) == STATES.get(False), STATES
+
+
+# ---------------------------------------------------------------------------------------------
+# 15. a one-message RPC queued without splitting
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [PATCHED, UNPATCHED])
+async def test_forwarded_messages_are_queued_without_splitting(monkeypatch, config):
+    """Gossip on a settled 3-node mesh: patched, forwarded messages skip RpcQueue.split_rpc
+    (control RPCs of the heartbeat still use it); an oversized one is still dropped."""
+    calls: Counter[str] = Counter()
+    inner = RpcQueue.split_rpc
+
+    def counted(self, rpc):
+        calls["split"] += 1
+        return inner(self, rpc)
+
+    monkeypatch.setattr(RpcQueue, "split_rpc", counted)
+    async with running_hosts(3, config) as hosts:
+        subs = await full_mesh(hosts)
+        calls.clear()
+        assert await gossip(hosts, subs, messages=12, size=750) == [12] * 3
+        if config.fast_gossip:
+            assert calls["split"] < 12, calls
+        else:
+            assert calls["split"] >= 12 * 2, calls
+        a, b = hosts[0], hosts[1]
+        queue = a.pubsub.peer_queues[b.peer_id]
+        msg = signed_message(a, os.urandom(500), 7)
+        limit, queue.max_message_size = queue.max_message_size, 100
+        before = len(queue)
+        a.gossipsub.send_rpc(b.peer_id, rpc_pb2.RPC(publish=[msg]))
+        assert len(queue) == before  # oversized: dropped, as upstream
+        queue.max_message_size = limit
+        a.gossipsub.send_rpc(b.peer_id, rpc_pb2.RPC(publish=[msg]))
+        assert len(queue) == before + 1
 
 
 async def test_a_stream_read_that_finds_data_is_still_a_cancellation_point():
