@@ -94,6 +94,27 @@ maintainers' version of each):
    still a checkpoint, errors included. Items 9-10 together: 16.3 -> 8.2 trio task steps and
    about 30% less CPU per 750-byte stream message, both ends (tests/benchmarks/
    bench_stream_steps.py; upstream: 25.6 steps).
+11. :class:`BufferedNoisePacketReader` and :class:`FastNoiseTransportReadWriter`: the Noise
+   session reads its transport frames out of a buffer filled by one socket read of whatever
+   the connection has, instead of two reads per frame (the 2-byte length, then the body), and
+   builds no DEBUG f-strings per frame. Upstream: ``io/msgio.py`` (``read_length``,
+   ``read_exactly``) and ``security/noise/io.py`` (``read_msg``).
+12. :meth:`BatchedYamux._read_data_body`: a DATA frame's body that the secure session has
+   already decrypted into its buffer is taken from it without upstream's ``trio.fail_after``
+   scope (a cancel scope and a deadline per frame for a read that cannot block).
+13. :meth:`FastPubsub._signature_ok`: the message origin's public key is extracted from its
+   peer id and checked against it once per origin, not for every message (upstream's
+   ``signature_validator``); the ed25519 verification itself still runs for every message.
+14. :meth:`BatchedYamuxStream.read` and :class:`FastNetStream`: a stream read, and a pubsub
+   stream's NetStream read and write, take no lock that nobody holds. Upstream: the muxer's
+   ``streams_lock`` (``Yamux.read_stream``, before looking at the buffer and after each
+   wake-up) and NetStream's ``_state_lock`` (to look at the state): scheduling points around
+   code that has no ``await``. A read that finds data is still a cancellation point, not a
+   scheduling point; one that finds none waits, as upstream.
+15. :meth:`FastGossipSub.send_rpc`: a forwarded one-message RPC (nothing else in it, no
+   deferred GRAFT/PRUNE for the peer) is queued as one copy; upstream runs
+   ``RpcQueue.split_rpc`` per peer per message to return an RPC equal to that copy.
+   Same size limit, same drops.
 
 """
 
