@@ -115,6 +115,8 @@ maintainers' version of each):
    deferred GRAFT/PRUNE for the peer) is queued as one copy; upstream runs
    ``RpcQueue.split_rpc`` per peer per message to return an RPC equal to that copy.
    Same size limit, same drops.
+16. :class:`UncontendedLock` for yamux's ``streams_lock``: taken without a scheduling point
+   when free (still a cancellation point); ``handle_incoming`` takes it for every frame.
 
 """
 
@@ -310,6 +312,50 @@ def _fast_tcp(secured_conn: Any) -> None:
         tcp.__class__ = FastTCPStream
 
 
+class UncontendedLock:
+    """Item 16: a ``trio.Lock`` (wrapped: trio's Lock cannot be subclassed) whose acquire,
+    when the lock is free, is a cancellation point but not a scheduling point. Used for
+    yamux's connection-wide ``streams_lock``, which upstream's ``handle_incoming`` takes for
+    every DATA and WINDOW_UPDATE frame it receives (``async with``: a full trip through the
+    scheduler even when free; it guards dict and buffer updates that contain no ``await``).
+    trio's ``Lock.acquire`` is ``checkpoint_if_cancelled()``, ``acquire_nowait()`` and then
+    ``cancel_shielded_checkpoint()``; this drops only the last step, and only when the lock was
+    free (trio's Lock is fair: ``acquire_nowait`` fails while anyone waits, so nobody is
+    overtaken). A contended acquire is trio's. The connection's reader still yields at every
+    socket read."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: trio.Lock) -> None:
+        self._lock = lock
+
+    async def acquire(self) -> None:
+        lock = self._lock
+        await _checkpoint_if_cancelled()
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+
+    def acquire_nowait(self) -> None:
+        self._lock.acquire_nowait()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def statistics(self) -> Any:
+        return self._lock.statistics()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
 class BufferedNoisePacketReader(NoisePacketReadWriter):
     """Item 11: Noise transport frames (2-byte big-endian length, then the ciphertext) cut out
     of a buffer filled by one socket read of whatever the connection has (up to
@@ -383,6 +429,7 @@ class BatchedYamux(Yamux):
         super().__init__(secured_conn, *args, **kwargs)
         _fast_tcp(secured_conn)  # item 10
         _fast_noise(secured_conn)  # item 11
+        self.streams_lock = UncontendedLock(self.streams_lock)  # item 16
 
     async def _read_data_body(self, length: int) -> bytes:
         """Item 12: a DATA frame's body that is already decrypted in the secure session's
@@ -853,5 +900,5 @@ def quiet_libp2p_debug() -> None:
 __all__ = [
     "IDONTWANT_MIN_BYTES", "BatchedYamux", "BatchedYamuxStream", "BufferedNoisePacketReader",
     "ConfiguredMuxerMultistream", "FastGossipSub", "FastNoiseTransportReadWriter", "FastPubsub",
-    "FastNetStream", "FastTCPStream", "FrameReader", "quiet_libp2p_debug", "use_configured_muxer",
+    "FastNetStream", "FastTCPStream", "FrameReader", "UncontendedLock", "quiet_libp2p_debug", "use_configured_muxer",
 ]

@@ -38,7 +38,8 @@ from node.host import GossipHost, HostConfig
 from node.identity import NodeIdentity
 from node.libp2p_perf import (
     BatchedYamux, BatchedYamuxStream, BufferedNoisePacketReader, FastNetStream,
-    FastNoiseTransportReadWriter, FastTCPStream, FrameReader, _fast_net_stream, quiet_libp2p_debug,
+    FastNoiseTransportReadWriter, FastTCPStream, FrameReader, UncontendedLock, _fast_net_stream,
+    quiet_libp2p_debug,
 )
 from node.reqresp import encode_uvarint
 from node.testing import LOOPBACK, connect_pairs, running_hosts, settle_meshes
@@ -837,6 +838,55 @@ async def test_a_stream_read_that_finds_data_is_still_a_cancellation_point():
             nursery.start_soon(later)
             with trio.fail_after(5):
                 assert await muxed.read(100) == b"second"  # waited for it
+
+
+# ---------------------------------------------------------------------------------------------
+# 16. yamux's streams_lock without a scheduling point when free
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_uncontended_lock_is_a_cancellation_point_fair_and_exclusive():
+    lock = UncontendedLock(trio.Lock())
+    steps = TaskSteps(trio.lowlevel.current_task())
+    trio.lowlevel.add_instrument(steps)
+    try:
+        for _ in range(10):
+            async with lock:
+                pass
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert steps.steps == 0  # upstream's Lock: one scheduling point per acquire
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        async with lock:
+            raise AssertionError("a cancelled task must not get the lock")
+    assert scope.cancelled_caught and not lock.locked()
+    order: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await lock.acquire()
+
+        async def waiter(name: str) -> None:
+            async with lock:
+                order.append(name)
+                await trio.sleep(0.01)
+
+        nursery.start_soon(waiter, "first")
+        await trio.sleep(0.01)
+        nursery.start_soon(waiter, "second")
+        await trio.sleep(0.01)
+        assert lock.locked() and lock.statistics().tasks_waiting == 2
+        lock.release()
+        with pytest.raises(trio.WouldBlock):  # a waiter is next: nobody jumps the queue
+            lock.acquire_nowait()
+    assert order == ["first", "second"]
+
+
+async def test_patched_yamux_connections_use_the_uncontended_lock():
+    for config, kind in ((PATCHED, UncontendedLock), (UNPATCHED, trio.Lock)):
+        async with running_hosts(2, config) as (a, b):
+            await a.connect(b.addrs()[0])
+            muxed = a.host.get_network().connections[b.peer_id][0].muxed_conn
+            assert type(muxed.streams_lock) is kind
 
 
 # ---------------------------------------------------------------------------------------------
