@@ -900,5 +900,6 @@ def quiet_libp2p_debug() -> None:
 __all__ = [
     "IDONTWANT_MIN_BYTES", "BatchedYamux", "BatchedYamuxStream", "BufferedNoisePacketReader",
     "ConfiguredMuxerMultistream", "FastGossipSub", "FastNoiseTransportReadWriter", "FastPubsub",
-    "FastNetStream", "FastTCPStream", "FrameReader", "UncontendedLock", "quiet_libp2p_debug", "use_configured_muxer",
+    "FastNetStream", "FastTCPStream", "FrameReader", "UncontendedLock", "quiet_libp2p_debug",
+    "use_configured_muxer",
 ]

@@ -327,7 +327,8 @@ def main(args) -> None:
     print("unpatched/patched CPU per message:", ratios)
     result = {
         "bench": "gossip_cpu",
-        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "fast", "profile", "sample")},
+        "args": {k: v for k, v in vars(args).items()
+                 if k not in ("worker", "fast", "profile", "sample")},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()]},

@@ -636,10 +636,11 @@ async def stream_messages(a: GossipHost, b: GossipHost, count: int, size: int,
 async def test_a_data_body_already_decrypted_needs_no_timeout_scope(
         monkeypatch, receiver, split, most):
     """Item 12 (the sender is patched or not as the receiver: it writes header and body in
-    one Noise message either way): the receiver takes a DATA frame's body from the secure session's buffer when
-    the frame came in one Noise message (patched: no timeout scope for any of 30 messages; the
-    stream's opening frames may still take one). A frame whose body comes in a later Noise
-    message takes upstream's path, and every message arrives whole and in order either way."""
+    one Noise message either way): the receiver takes a DATA frame's body from the secure
+    session's buffer when the frame came in one Noise message (patched: no timeout scope for
+    any of 30 messages; the stream's opening frames may still take one). A frame whose body
+    comes in a later Noise message takes upstream's path, and every message arrives whole and
+    in order either way."""
     async with running_hosts(2, receiver) as (a, b):
         counts = count_body_timeouts(monkeypatch)
         got = await stream_messages(a, b, 30, 700, split_frames=split)
