@@ -344,7 +344,7 @@ class GuardedPubsub(Pubsub):
         if penalties is not None and not penalties.allow_publish(peer, topics):
             counters["p2p.pubsub.drop.below_publish_threshold"] += 1
             return False
-        if self.strict_signing and not _signature_ok(msg):
+        if self.strict_signing and not self._signature_ok(msg):
             # Provably bad: an honest relay verifies before forwarding.
             counters["p2p.pubsub.reject.bad_signature"] += 1
             if penalties is not None:
@@ -353,6 +353,10 @@ class GuardedPubsub(Pubsub):
             rlog.info("pubsub.bad_signature", "message with a bad envelope signature from %s", peer)
             return False
         return True
+
+    def _signature_ok(self, msg: rpc_pb2.Message) -> bool:
+        """The envelope signature check (a method so node.libp2p_perf can cache keys)."""
+        return _signature_ok(msg)
 
     def _bound_gossip_control(self, peer: ID, control: rpc_pb2.ControlMessage) -> None:
         """Cut the IHAVE and IWANT entries of one RPC to the peer's budgets (in place)."""

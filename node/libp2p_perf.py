@@ -94,6 +94,29 @@ maintainers' version of each):
    still a checkpoint, errors included. Items 9-10 together: 16.3 -> 8.2 trio task steps and
    about 30% less CPU per 750-byte stream message, both ends (tests/benchmarks/
    bench_stream_steps.py; upstream: 25.6 steps).
+11. :class:`BufferedNoisePacketReader` and :class:`FastNoiseTransportReadWriter`: the Noise
+   session reads its transport frames out of a buffer filled by one socket read of whatever
+   the connection has, instead of two reads per frame (the 2-byte length, then the body), and
+   builds no DEBUG f-strings per frame. Upstream: ``io/msgio.py`` (``read_length``,
+   ``read_exactly``) and ``security/noise/io.py`` (``read_msg``).
+12. :meth:`BatchedYamux._read_data_body`: a DATA frame's body that the secure session has
+   already decrypted into its buffer is taken from it without upstream's ``trio.fail_after``
+   scope (a cancel scope and a deadline per frame for a read that cannot block).
+13. :meth:`FastPubsub._signature_ok`: the message origin's public key is extracted from its
+   peer id and checked against it once per origin, not for every message (upstream's
+   ``signature_validator``); the ed25519 verification itself still runs for every message.
+14. :meth:`BatchedYamuxStream.read` and :class:`FastNetStream`: a stream read, and a pubsub
+   stream's NetStream read and write, take no lock that nobody holds. Upstream: the muxer's
+   ``streams_lock`` (``Yamux.read_stream``, before looking at the buffer and after each
+   wake-up) and NetStream's ``_state_lock`` (to look at the state): scheduling points around
+   code that has no ``await``. A read that finds data is still a cancellation point, not a
+   scheduling point; one that finds none waits, as upstream.
+15. :meth:`FastGossipSub.send_rpc`: a forwarded one-message RPC (nothing else in it, no
+   deferred GRAFT/PRUNE for the peer) is queued as one copy; upstream runs
+   ``RpcQueue.split_rpc`` per peer per message to return an RPC equal to that copy.
+   Same size limit, same drops.
+16. :class:`UncontendedLock` for yamux's ``streams_lock``: taken without a scheduling point
+   when free (still a cancellation point); ``handle_incoming`` takes it for every frame.
 
 """
 
@@ -110,12 +133,20 @@ import trio
 from libp2p.exceptions import ParseError
 from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError, MessageTooLarge
 from libp2p.io.trio import TrioTCPStream
+from libp2p.network.stream.exceptions import StreamClosed, StreamError, StreamReset
+from libp2p.network.stream.net_stream import NetStream, StreamState
+from libp2p.stream_muxer.exceptions import MuxedStreamClosed, MuxedStreamError, MuxedStreamReset
+from libp2p.transport.quic.exceptions import QUICStreamClosedError, QUICStreamResetError
 from libp2p.peer.id import ID
 from libp2p.pubsub.exceptions import NoPubsubAttached
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import ValidationError
 from libp2p.pubsub.utils import maybe_consume_signed_record
+from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
+from libp2p.security.noise import io as _noise_io
+from libp2p.security.noise.io import NoisePacketReadWriter, NoiseTransportReadWriter
+from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
 from libp2p.stream_muxer.yamux import yamux as _yamux
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -135,6 +166,14 @@ READ_CHUNK = 64 * 1024  # bytes asked of the stream per read (= yamux's largest 
 IDONTWANT_MIN_BYTES = 1024  # go-libp2p's GossipSubIDontWantMessageThreshold
 PEER_RECORD_REVERIFY_S = 600.0  # re-verify (and refresh the 2 h address-book TTL) this often
 MAX_REMEMBERED_RECORDS = 4096  # peers whose last verified record we remember
+MAX_SENDER_KEYS = 4096  # message origins whose public key (checked against the id) we keep
+_SIGNING_PREFIX = PUBSUB_SIGNING_PREFIX.encode()
+_noise_log = _noise_io.logger
+_READABLE = (StreamState.OPEN, StreamState.CLOSE_WRITE)  # NetStream states that read as usual
+_WRITABLE = (StreamState.OPEN, StreamState.CLOSE_READ)  # ... and that write as usual
+_KNOWN_WRITE_ERRORS = (MuxedStreamClosed, MuxedStreamReset, MuxedStreamError, QUICStreamClosedError,
+                       QUICStreamResetError, StreamClosed, StreamReset, ValueError)
+_checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,6 +217,40 @@ class BatchedYamuxStream(YamuxStream):
                 _pack_header(_YAMUX_HEADER, 0, _yamux.TYPE_DATA, 0, self.stream_id, size) + data)
             return
         await super().write(data)
+
+
+    async def read(self, n: int | None = -1) -> bytes:
+        """Item 14: a read of up to ``n`` bytes from an open stream, while nobody holds the
+        muxer's ``streams_lock``, takes what the stream's buffer holds without the lock, or waits
+        for the stream's event when it is empty. Upstream (``Yamux.read_stream``): the lock (a
+        scheduling point even when free) before looking at the buffer, and again after every
+        wake-up, plus three DEBUG f-strings, for a check and a slice that contain no ``await``
+        and so cannot interleave with anything under trio. A read that finds data is still a
+        cancellation point (``checkpoint_if_cancelled``, as the first half of a lock acquire);
+        one that finds none waits, as upstream. Any other state (closed, reset, shutting down,
+        the lock held, ``n`` of -1) is upstream's ``read``."""
+        if n is None or n <= 0:
+            return await super().read(n)
+        conn = self.conn
+        sid = self.stream_id
+        while True:
+            buffer = conn.stream_buffers.get(sid)
+            if (buffer is None or self.recv_closed or self.reset_received or self.closed
+                    or conn.streams_lock.locked() or conn.event_shutting_down.is_set()
+                    or conn.streams.get(sid) is not self):
+                return await super().read(n)
+            if buffer:
+                await _checkpoint_if_cancelled()
+                data = bytes(buffer[:n])
+                del buffer[:n]
+                await self._auto_tune_and_send_window_update(bytes_read=len(data))
+                return data
+            event = conn.stream_events.get(sid)
+            if event is None:
+                return await super().read(n)
+            await event.wait()
+            if conn.stream_events.get(sid) is event:  # upstream: unconditionally, which can
+                conn.stream_events[sid] = trio.Event()  # re-add an entry for a removed stream
 
 
 class FastTCPStream(TrioTCPStream):
@@ -239,6 +312,112 @@ def _fast_tcp(secured_conn: Any) -> None:
         tcp.__class__ = FastTCPStream
 
 
+class UncontendedLock:
+    """Item 16: a ``trio.Lock`` (wrapped: trio's Lock cannot be subclassed) whose acquire,
+    when the lock is free, is a cancellation point but not a scheduling point. Used for
+    yamux's connection-wide ``streams_lock``, which upstream's ``handle_incoming`` takes for
+    every DATA and WINDOW_UPDATE frame it receives (``async with``: a full trip through the
+    scheduler even when free; it guards dict and buffer updates that contain no ``await``).
+    trio's ``Lock.acquire`` is ``checkpoint_if_cancelled()``, ``acquire_nowait()`` and then
+    ``cancel_shielded_checkpoint()``; this drops only the last step, and only when the lock was
+    free (trio's Lock is fair: ``acquire_nowait`` fails while anyone waits, so nobody is
+    overtaken). A contended acquire is trio's. The connection's reader still yields at every
+    socket read."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: trio.Lock) -> None:
+        self._lock = lock
+
+    async def acquire(self) -> None:
+        lock = self._lock
+        await _checkpoint_if_cancelled()
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+
+    def acquire_nowait(self) -> None:
+        self._lock.acquire_nowait()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def statistics(self) -> Any:
+        return self._lock.statistics()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+class BufferedNoisePacketReader(NoisePacketReadWriter):
+    """Item 11: Noise transport frames (2-byte big-endian length, then the ciphertext) cut out
+    of a buffer filled by one socket read of whatever the connection has (up to
+    ``READ_CHUNK``). Upstream (``io/msgio.py``, ``read_length`` then ``read_exactly``): two
+    socket reads per frame, each a trio scheduling point and a ``recv`` system call; with
+    several frames waiting, one read now serves them all. Same frames, same errors: the end of
+    the connection before a frame is complete raises ``IncompleteReadError`` with the byte
+    counts upstream would report (``is_clean_close`` when it ends between frames). Writes are
+    upstream's. Installed by :func:`_fast_noise` after the handshake (whose reads are exact, so
+    nothing is buffered anywhere else at that point)."""
+
+    def __init__(self, read_write_closer: Any) -> None:
+        super().__init__(read_write_closer)
+        self._rbuf = bytearray()
+
+    async def read_msg(self) -> bytes:
+        buf = self._rbuf
+        while True:
+            have = len(buf)
+            if have >= 2:
+                end = 2 + ((buf[0] << 8) | buf[1])
+                if have >= end:
+                    msg = bytes(buf[2:end])
+                    del buf[:end]  # CPython moves the start of a bytearray: no copy
+                    return msg
+            data = await self.read_write_closer.read(READ_CHUNK)
+            if not data:
+                if have < 2:
+                    expected, received = 2, have
+                else:
+                    expected, received = end - 2, have - 2
+                buf.clear()
+                raise IncompleteReadError(
+                    f"Connection closed during read operation: expected {expected} bytes but "
+                    f"received {received} bytes", expected_bytes=expected,
+                    received_bytes=received)
+            buf += data
+
+
+class FastNoiseTransportReadWriter(NoiseTransportReadWriter):
+    """Item 11 too: the Noise session's ``read_msg`` without its three DEBUG f-strings, which
+    upstream (``security/noise/io.py``) formats for every frame whether or not DEBUG is on;
+    with the ``libp2p.security.noise.io`` logger at DEBUG, upstream's method runs."""
+
+    async def read_msg(self, prefix_encoded: bool = False) -> bytes:
+        if prefix_encoded or _noise_log.isEnabledFor(logging.DEBUG):
+            return await super().read_msg(prefix_encoded)
+        return self.noise_state.decrypt(await self.read_writer.read_msg())
+
+
+def _fast_noise(secured_conn: Any) -> None:
+    """Move a Noise session's transport reader onto items 11's classes (subclasses add no
+    slots, so ``__class__`` assignment is allowed). Other security transports are left as
+    they are."""
+    session = getattr(secured_conn, "conn", None)
+    packets = getattr(session, "read_writer", None)
+    if type(session) is NoiseTransportReadWriter and type(packets) is NoisePacketReadWriter:
+        packets._rbuf = bytearray()
+        packets.__class__ = BufferedNoisePacketReader
+        session.__class__ = FastNoiseTransportReadWriter
+
+
 class BatchedYamux(Yamux):
     """The yamux muxer whose streams are :class:`BatchedYamuxStream` (``new_host`` takes the
     muxer class in ``muxer_opt``). Streams are created inside upstream's ``open_stream`` and
@@ -249,6 +428,19 @@ class BatchedYamux(Yamux):
     def __init__(self, secured_conn: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(secured_conn, *args, **kwargs)
         _fast_tcp(secured_conn)  # item 10
+        _fast_noise(secured_conn)  # item 11
+        self.streams_lock = UncontendedLock(self.streams_lock)  # item 16
+
+    async def _read_data_body(self, length: int) -> bytes:
+        """Item 12: a DATA frame's body that is already decrypted in the secure session's
+        buffer (the usual case: a frame's header and body travel in one Noise message) is taken
+        from it directly. Upstream opens a ``trio.fail_after`` scope (a cancel scope and a
+        deadline registered and removed) around a read that cannot block."""
+        conn = self.secured_conn
+        if (type(conn) is SecureSession and length > 0
+                and conn.high_watermark - conn.low_watermark >= length):
+            return conn._drain(length)
+        return await super()._read_data_body(length)
 
     async def open_stream(self) -> YamuxStream:
         return _batched(await super().open_stream())
@@ -312,6 +504,57 @@ def use_configured_muxer(host: Any) -> None:
         negotiator.__class__ = ConfiguredMuxerMultistream
     elif not isinstance(negotiator, ConfiguredMuxerMultistream):
         raise TypeError(f"cannot patch a {type(negotiator).__name__}: expected MuxerMultistream")
+
+
+class FastNetStream(NetStream):
+    """Item 14 too: a ``NetStream`` that checks its state without taking ``_state_lock`` when
+    nobody holds it. Upstream (``network/stream/net_stream.py``): ``read`` and ``write`` take
+    the lock (a scheduling point even when free) only to look at ``_state``, then release it
+    and call the muxed stream; under trio nothing can change the state between that look and
+    the call, lock or not. Results, exceptions and state changes are upstream's: a read error
+    from the muxed stream (end of stream, reset: raised again on the next read) is handed to
+    ``NetStream.read``, which raises it with its state change; a write error goes through
+    upstream's mapping, copied here. A held lock or another state is upstream's method. Used
+    by pubsub's streams (:class:`FastPubsub` moves them onto this class)."""
+
+    async def read(self, n: int | None = None) -> bytes:
+        if self._state in _READABLE and not self._state_lock.locked():
+            try:
+                return await self.muxed_stream.read(n)
+            except Exception:
+                pass  # NetStream.read raises it again, with its state transition
+        return await super().read(n)
+
+    async def write(self, data: bytes) -> None:
+        lock = self._state_lock
+        if self._state not in _WRITABLE or lock.locked():
+            await super().write(data)
+            return
+        try:
+            await self.muxed_stream.write(data)
+        except (MuxedStreamClosed, QUICStreamClosedError, QUICStreamResetError) as error:
+            async with lock:
+                if self._state == StreamState.CLOSE_READ:
+                    self._state = StreamState.CLOSE_BOTH
+                elif self._state == StreamState.OPEN:
+                    self._state = StreamState.CLOSE_WRITE
+            raise StreamClosed() from error
+        except (MuxedStreamReset, MuxedStreamError) as error:
+            async with lock:
+                self._state = StreamState.RESET
+            raise StreamReset() from error
+        except Exception as error:
+            if not isinstance(error, _KNOWN_WRITE_ERRORS):
+                async with lock:
+                    self._state = StreamState.ERROR
+                raise StreamError(f"Write operation failed: {error}") from error
+            raise
+
+
+def _fast_net_stream(stream: Any) -> Any:
+    if type(stream) is NetStream:
+        stream.__class__ = FastNetStream  # a subclass adds no slots: allowed
+    return stream
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,7 +626,7 @@ class FastPubsub(GuardedPubsub):
     once per stream and verified once per distinct record (item 4); items 6 and 7 below."""
 
     def _frame_reader(self, stream: Any) -> Any:
-        return FrameReader(stream, self.max_inbound_rpc_size)
+        return FrameReader(_fast_net_stream(stream), self.max_inbound_rpc_size)
 
     def _consume_sender_record(self, rpc: rpc_pb2.RPC, peer: ID) -> bool:
         if not rpc.HasField("senderRecord"):
@@ -405,6 +648,49 @@ class FastPubsub(GuardedPubsub):
                 records.popitem(last=False)
         rpc.ClearField("senderRecord")  # consumed: GossipSub.handle_rpc would verify it again
         return True
+
+    # -- item 13: the origin's public key extracted and checked once per origin -----------
+
+    def _signature_ok(self, msg: rpc_pb2.Message) -> bool:
+        """The envelope signature check of upstream's ``signature_validator`` with the origin's
+        public key taken from a cache. Upstream, for every message: ``ID(from_id)``, a
+        multihash decode and a protobuf key decode (``extract_public_key``), then
+        ``ID.from_pubkey`` (serialise, multihash encode) to compare with the sender: about a
+        third of the check's cost, the same for every message of one origin. Here that happens
+        once per origin (up to ``MAX_SENDER_KEYS``); the ed25519 verification of the signed
+        bytes runs for every message as upstream. An origin whose key is not in its id (RSA:
+        the key travels in ``msg.key``) or whose id does not match the key takes upstream's
+        path (:meth:`GuardedPubsub._signature_ok`) every time."""
+        if not msg.signature:
+            return False
+        key = self._sender_key(msg.from_id)
+        if key is None:
+            return super()._signature_ok(msg)
+        payload = _SIGNING_PREFIX + rpc_pb2.Message(
+            data=msg.data, topicIDs=msg.topicIDs, from_id=msg.from_id,
+            seqno=msg.seqno).SerializeToString()
+        try:
+            return bool(key.verify(payload, msg.signature))
+        except Exception:
+            return False
+
+    def _sender_key(self, from_id: bytes) -> Any:
+        keys = self.__dict__.get("_p2p_sender_keys")
+        if keys is None:
+            keys = self._p2p_sender_keys = {}
+        key = keys.get(from_id)
+        if key is None:
+            sender = ID(from_id)
+            try:
+                key = sender.extract_public_key()
+            except Exception:
+                key = None
+            if key is None or ID.from_pubkey(key) != sender:
+                return None
+            keys[from_id] = key
+            if len(keys) > MAX_SENDER_KEYS:
+                del keys[next(iter(keys))]  # the oldest entry
+        return key
 
     # -- item 6: each message's signature verified once, duplicates in flight dropped ------
 
@@ -494,7 +780,7 @@ class FastPubsub(GuardedPubsub):
                 rpc_msg.ClearField("senderRecord")
             else:
                 stream._p2p_sent_record = record
-        return await super().write_msg(stream, rpc_msg)
+        return await super().write_msg(_fast_net_stream(stream), rpc_msg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,6 +802,27 @@ class FastGossipSub(GossipSub):
     received message of at least ``idontwant_min_bytes`` of data."""
 
     idontwant_min_bytes: int = IDONTWANT_MIN_BYTES
+
+    def send_rpc(self, peer_id: ID, rpc: rpc_pb2.RPC, priority: bool = False) -> None:
+        """Item 15: an RPC of exactly one message and nothing else, for a peer with no
+        deferred GRAFT/PRUNE to piggyback, is queued as one copy. Upstream (``send_rpc``):
+        copy, piggyback check, then ``RpcQueue.split_rpc``, which for such an RPC walks its
+        sections in Python (sizes, a second empty RPC, ``ByteSize`` of it, and of the part)
+        to return one RPC equal to the copy; per peer, per forwarded message. The size limit
+        is checked as upstream (an RPC over ``max_message_size`` is dropped as "oversized");
+        anything else is upstream's ``send_rpc``."""
+        pubsub = self.pubsub
+        queue = pubsub.peer_queues.get(peer_id) if pubsub is not None else None
+        if (queue is None or peer_id in self._pending_control or len(rpc.publish) != 1
+                or rpc.subscriptions or rpc.senderRecord or rpc.HasField("control")):
+            super().send_rpc(peer_id, rpc, priority)
+            return
+        part = rpc_pb2.RPC()
+        part.CopyFrom(rpc)
+        if part.ByteSize() > queue.max_message_size:
+            self._handle_dropped_rpc(peer_id, part, "oversized")
+        elif not queue.push(part, priority=priority):
+            self._handle_dropped_rpc(peer_id, part, "queue_full")
 
     async def publish(self, msg_forwarder: ID, pubsub_msg: rpc_pb2.Message) -> None:
         if not self._check_spam_protection(msg_forwarder, pubsub_msg):
@@ -591,6 +898,8 @@ def quiet_libp2p_debug() -> None:
 
 
 __all__ = [
-    "IDONTWANT_MIN_BYTES", "BatchedYamux", "BatchedYamuxStream", "ConfiguredMuxerMultistream",
-    "FastGossipSub", "FastPubsub", "FastTCPStream", "FrameReader", "quiet_libp2p_debug", "use_configured_muxer",
+    "IDONTWANT_MIN_BYTES", "BatchedYamux", "BatchedYamuxStream", "BufferedNoisePacketReader",
+    "ConfiguredMuxerMultistream", "FastGossipSub", "FastNoiseTransportReadWriter", "FastPubsub",
+    "FastNetStream", "FastTCPStream", "FrameReader", "UncontendedLock", "quiet_libp2p_debug",
+    "use_configured_muxer",
 ]

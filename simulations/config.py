@@ -49,7 +49,7 @@ SCHEMA: dict[str, dict[str, P]] = {
         "jitter_frac": P(float, 0.1, "fraction", "one-way delay = RTT/2 * (1 + jitter_frac * U(-1,1))", 0, 1),
         "bandwidth_mbps": P(float, 100.0, "Mbit/s", "per-node uplink: serialization delay = size / bandwidth", 0.001),
         "loss": P(float, 0.0, "fraction", "probability that one transmission is lost", 0, 0.9),
-        "per_message_cpu_ms": P(float, 1.2, "ms", "CPU per message transmission (py-libp2p 0.8.1 with node/libp2p_perf.py, 7-node D=6 mesh, tests/benchmarks/bench_gossip_cpu.py; 4.7 ms unpatched)", 0),
+        "per_message_cpu_ms": P(float, 0.8, "ms", "CPU per message transmission (py-libp2p 0.8.1 with node/libp2p_perf.py items 1-16, 7-node D=6 mesh, tests/benchmarks/bench_gossip_cpu.py; 4.7 ms unpatched)", 0),
         "validate_ms": P(float, 0.2, "ms", "CPU to validate one offer before forwarding it (measured validate_offer, warm binding)", 0),
         "retransmit_timeout_ms": P(float, 200.0, "ms", "direct streams are reliable: each loss adds max(this, 2 RTT)", 0),
         "connections": P(int, 12, "peers", "connections a node opens when it joins", 1),

@@ -45,6 +45,38 @@ TOPIC = "/gpumarket/bench/gossip-cpu"
 
 
 # ---------------------------------------------------------------------------------------------
+# a CPU-time sampler: SIGPROF fires per millisecond of this process's CPU (user + system; the
+# kernel delivers it at its tick, 4 ms at HZ=250, so sample several nodes), and
+# the handler records the main thread's stack (where trio runs every task). A sample taken in a
+# system call lands when the call returns, on the same line. Overhead: a few percent.
+
+
+class CpuSampler:
+    def __init__(self, path: str, interval_s: float = 0.001) -> None:
+        import collections
+        import signal
+        self.path = path
+        self.stacks: collections.Counter = collections.Counter()
+        self._signal = signal
+        signal.signal(signal.SIGPROF, self._sample)
+        signal.setitimer(signal.ITIMER_PROF, interval_s, interval_s)
+
+    def _sample(self, signum, frame) -> None:
+        names = []
+        while frame is not None:
+            code = frame.f_code
+            names.append(f"{code.co_qualname} ({code.co_filename}:{code.co_firstlineno})")
+            frame = frame.f_back
+        self.stacks[";".join(reversed(names))] += 1
+
+    def stop(self) -> None:
+        self._signal.setitimer(self._signal.ITIMER_PROF, 0, 0)
+        with open(self.path, "w") as f:
+            for stack, n in self.stacks.most_common():
+                f.write(f"{stack} {n}\n")
+
+
+# ---------------------------------------------------------------------------------------------
 # worker: one node per process, driven by JSON lines on stdin/stdout
 
 
@@ -111,7 +143,9 @@ def worker(args) -> None:
                 import cProfile
                 profile = cProfile.Profile(time.process_time)
                 profile.enable()
+            sampler = CpuSampler(args.sample) if args.sample else None
             cpu0 = time.process_time()
+            times0 = os.times()
             idle_rate = (cpu0 - idle0) / plan["idle"]
             received = 0
             latencies.clear()
@@ -127,12 +161,16 @@ def worker(args) -> None:
                 await all_in.wait()  # an event, not polling: a poll costs CPU inside the window
             await trio.sleep(plan["drain"])
             cpu = time.process_time() - cpu0
+            times1 = os.times()
+            sys_s = times1.system - times0.system  # kernel share: socket calls on loopback
             window = time.time() - t0
+            if sampler is not None:
+                sampler.stop()
             if profile is not None:
                 profile.disable()
                 profile.dump_stats(args.profile)
             latencies.sort()
-            send({"cpu_s": cpu, "window_s": window, "idle_cpu_per_s": idle_rate,
+            send({"cpu_s": cpu, "sys_s": sys_s, "window_s": window, "idle_cpu_per_s": idle_rate,
                   "received": received, "published": published, "mesh": len(node.mesh_peers(TOPIC)),
                   "lat_ms": [x * 1000 for x in latencies[:: max(1, len(latencies) // 200)]],
                   "counters": {k: v for k, v in node.counters.items() if v}})
@@ -157,11 +195,15 @@ def run_phase(kind: str, fast: bool, args, procs_out: list) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--fast", "1" if fast else "0"]
 
     def profile_of(i):
-        if not args.profile_dir:
-            return []
-        os.makedirs(args.profile_dir, exist_ok=True)
-        name = f"{kind}_{'patched' if fast else 'unpatched'}_node{i}.prof"
-        return ["--profile", os.path.join(args.profile_dir, name)]
+        extra = []
+        name = f"{kind}_{'patched' if fast else 'unpatched'}_node{i}"
+        if args.sample_dir and (kind == "mesh" or 0 < i < n - 1):
+            os.makedirs(args.sample_dir, exist_ok=True)
+            extra += ["--sample", os.path.join(args.sample_dir, name + ".stacks")]
+        if args.profile_dir:
+            os.makedirs(args.profile_dir, exist_ok=True)
+            extra += ["--profile", os.path.join(args.profile_dir, name + ".prof")]
+        return extra
 
     procs = [subprocess.Popen(cmd + profile_of(i), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env=env) for i in range(n)]
@@ -233,6 +275,7 @@ def run_phase(kind: str, fast: bool, args, procs_out: list) -> dict:
         "cpu_ms_per_msg": round(per_msg, 3) if per_msg else None,
         "cpu_ms_per_msg_net": round(per_msg_net, 3) if per_msg_net else None,
         "msgs_per_s_per_core": round(1000 / per_msg, 1) if per_msg else None,
+        "sys_share": round(sum(outs[i]["sys_s"] for i in nodes) / cpu, 3) if cpu else None,
         "idle_cpu_ms_per_s": round(1000 * sum(outs[i]["idle_cpu_per_s"] for i in nodes)
                                    / len(nodes), 2),
         "cpu_ms_per_msg_each": [round(1000 * outs[i]["cpu_s"] / max(1, handled[i]), 3)
@@ -284,7 +327,8 @@ def main(args) -> None:
     print("unpatched/patched CPU per message:", ratios)
     result = {
         "bench": "gossip_cpu",
-        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "fast", "profile")},
+        "args": {k: v for k, v in vars(args).items()
+                 if k not in ("worker", "fast", "profile", "sample")},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
@@ -317,6 +361,11 @@ if __name__ == "__main__":
     ap.add_argument("--profile-dir", default="",
                     help="write each node's cProfile of its window here (inflates the figures)")
     ap.add_argument("--profile", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--sample-dir", default="",
+                    help="CPU-time stack samples (SIGPROF per ms of CPU, in practice per "
+                         "kernel tick: 4 ms at HZ=250; collapsed-stack text) of every mesh "
+                         "node and every relay of the line, over the window")
+    ap.add_argument("--sample", default="", help=argparse.SUPPRESS)
     ap.add_argument("--budget", type=float, default=300.0, help="watchdog: whole run, seconds")
     a = ap.parse_args()
     if a.worker:

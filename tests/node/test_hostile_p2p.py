@@ -426,7 +426,9 @@ async def test_per_peer_limit_refuses_a_peers_extra_inbound_connections(tmp_path
                 await swarm.dial_addr(addr, victim.peer_id)
             except Exception:
                 pass  # the refusal may surface on the dialler's side or as a closed connection
-        await wait_until(lambda: victim.counters["p2p.conn.refused.per_peer"] == 2)
+        # >= 2: a further dial (a retry, the auto-connector) may be refused too, depending on
+        # how fast the victim sees the attacker close its duplicates (issue 16's patches)
+        await wait_until(lambda: victim.counters["p2p.conn.refused.per_peer"] >= 2)
         assert len(victim.host.get_network().connections.get(attacker.peer_id, [])) <= 2
         assert victim.host.get_network().p2p_conn_limits.per_peer[attacker.peer_id] == 2
         # closing them gives the slots back

@@ -21,9 +21,15 @@ from libp2p.custom_types import TProtocol
 from libp2p.exceptions import ParseError
 from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError, MessageTooLarge
 from libp2p.io.trio import TrioTCPStream
+from libp2p.network.stream.exceptions import StreamClosed
+from libp2p.network.stream.net_stream import NetStream
+from libp2p.pubsub.rpc_queue import RpcQueue
 from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.pb import rpc_pb2
+from libp2p.peer.id import ID
 from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
+from libp2p.security.noise.io import NoisePacketReadWriter, NoiseTransportReadWriter
+from libp2p.stream_muxer.yamux import yamux as yamux_module
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
@@ -31,7 +37,9 @@ from node import libp2p_patches
 from node.host import GossipHost, HostConfig
 from node.identity import NodeIdentity
 from node.libp2p_perf import (
-    BatchedYamux, BatchedYamuxStream, FastTCPStream, FrameReader, quiet_libp2p_debug,
+    BatchedYamux, BatchedYamuxStream, BufferedNoisePacketReader, FastNetStream,
+    FastNoiseTransportReadWriter, FastTCPStream, FrameReader, UncontendedLock, _fast_net_stream,
+    quiet_libp2p_debug,
 )
 from node.reqresp import encode_uvarint
 from node.testing import LOOPBACK, connect_pairs, running_hosts, settle_meshes
@@ -480,15 +488,21 @@ async def test_a_message_is_verified_once_and_its_copy_in_flight_dropped(
     guard's check for each copy plus push_msg's for the first (3), and with the slow validator
     push_msg's for the second too, since the first is not yet "seen" (4)."""
     checks = Counter()
-    for module in (libp2p_patches, pubsub_module):
-        inner = module.signature_validator
+    inner = pubsub_module.signature_validator  # push_msg's check
 
-        def counted(msg, inner=inner):
-            checks["signature"] += 1
-            return inner(msg)
+    def counted(msg):
+        checks["signature"] += 1
+        return inner(msg)
 
-        monkeypatch.setattr(module, "signature_validator", counted)
+    monkeypatch.setattr(pubsub_module, "signature_validator", counted)
     async with running_hosts(2, config) as (sender, victim):
+        guard = victim.pubsub._signature_ok  # the read loop's check (item 13's, patched)
+
+        def guard_counted(msg):
+            checks["signature"] += 1
+            return guard(msg)
+
+        victim.pubsub._signature_ok = guard_counted
         sub = await victim.subscribe(TOPIC)
         if slow_validator:
             async def slow(forwarder, msg):
@@ -512,6 +526,368 @@ async def test_a_message_is_verified_once_and_its_copy_in_flight_dropped(
         # item 7: validated in the read loop unless a validator is async
         inline = 1 if config.fast_gossip and not slow_validator else 0
         assert victim.counters["p2p.pubsub.inline"] == inline
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Noise frames from a buffer; 12. yamux DATA bodies from the session's buffer;
+# 13. the origin's key checked once per origin
+# ---------------------------------------------------------------------------------------------
+
+
+def noise_frames(payloads: list[bytes]) -> bytes:
+    return b"".join(len(p).to_bytes(2, "big") + p for p in payloads)
+
+
+async def test_patched_connections_read_noise_frames_from_a_buffer():
+    for config, session_class, packets_class in (
+            (PATCHED, FastNoiseTransportReadWriter, BufferedNoisePacketReader),
+            (UNPATCHED, NoiseTransportReadWriter, NoisePacketReadWriter)):
+        async with running_hosts(2, config) as (a, b):
+            await a.connect(b.addrs()[0])
+            for host, peer in ((a, b), (b, a)):
+                muxed = host.host.get_network().connections[peer.peer_id][0].muxed_conn
+                assert type(muxed.secured_conn.conn) is session_class
+                assert type(muxed.secured_conn.conn.read_writer) is packets_class
+
+
+async def test_buffered_noise_reader_returns_upstreams_frames_in_fewer_reads():
+    payloads = [os.urandom(n) for n in (0, 1, 800, 65535, 16, 3000)]
+    data = noise_frames(payloads)
+    for chunks in ([1] * 40 + [len(data)], [3, 1, 7, 1000, 2], [len(data)]):
+        reader = BufferedNoisePacketReader(ChunkedReader(data, chunks))
+        assert [await reader.read_msg() for _ in payloads] == payloads
+    burst = [os.urandom(800) for _ in range(20)]
+    ours = ChunkedReader(noise_frames(burst))
+    reader = BufferedNoisePacketReader(ours)
+    assert [await reader.read_msg() for _ in burst] == burst
+    assert ours.reads == 1
+    theirs = ChunkedReader(noise_frames(burst))
+    upstream = NoisePacketReadWriter(theirs)
+    assert [await upstream.read_msg() for _ in burst] == burst
+    assert theirs.reads == 2 * len(burst)  # the 2-byte length, then the body
+
+
+async def test_buffered_noise_reader_ends_as_upstream_does_wherever_the_connection_ends():
+    """A connection cut at any byte of a frame: the same IncompleteReadError byte counts (and so
+    the same ``is_clean_close``, which yamux logs as a clean close or not) as upstream's."""
+    data = noise_frames([b"x" * 5, b"y" * 7])
+    for cut in range(len(data) + 1):
+        outcomes = []
+        for reader in (BufferedNoisePacketReader(ChunkedReader(data[:cut], [3] * 20)),
+                       NoisePacketReadWriter(ChunkedReader(data[:cut], [3] * 20))):
+            got = []
+            try:
+                for _ in range(3):
+                    got.append(await reader.read_msg())
+            except IncompleteReadError as error:
+                got.append((error.expected_bytes, error.received_bytes, error.is_clean_close))
+            outcomes.append(got)
+        assert outcomes[0] == outcomes[1], cut
+
+
+def count_body_timeouts(monkeypatch) -> Counter[str]:
+    """Count upstream's DATA-body reads (each opens a trio.fail_after scope)."""
+    counts: Counter[str] = Counter()
+    inner = yamux_module._yamux_data_read_timeout
+
+    def counted():
+        counts["timeout_scopes"] += 1
+        return inner()
+
+    monkeypatch.setattr(yamux_module, "_yamux_data_read_timeout", counted)
+    return counts
+
+
+async def stream_messages(a: GossipHost, b: GossipHost, count: int, size: int,
+                          split_frames: bool = False) -> list[bytes]:
+    """``count`` messages a -> b on one stream; with ``split_frames`` a writes each yamux
+    frame's header and body as two Noise messages (as another implementation may)."""
+    protocol = TProtocol("/gpumarket/test/body/1")
+    got: list[bytes] = []
+    done = trio.Event()
+
+    async def sink(stream):
+        for _ in range(count):
+            got.append(await read_all(stream, size))
+        done.set()
+
+    b.host.set_stream_handler(protocol, sink)
+    await a.connect(b.addrs()[0])
+    if split_frames:
+        muxed = a.host.get_network().connections[b.peer_id][0].muxed_conn
+
+        async def split(data: bytes) -> None:
+            async with muxed._write_lock:
+                await muxed.secured_conn.write(data[:12])
+                if data[12:]:
+                    await muxed.secured_conn.write(data[12:])
+
+        muxed._write_frame = split
+    stream = await a.host.new_stream(b.peer_id, [protocol])
+    for i in range(count):
+        await stream.write(bytes([i]) * size)
+    with trio.fail_after(10):
+        await done.wait()
+    return got
+
+
+@pytest.mark.parametrize("receiver, split, most", [
+    (PATCHED, False, 2), (PATCHED, True, None), (UNPATCHED, False, None)])
+async def test_a_data_body_already_decrypted_needs_no_timeout_scope(
+        monkeypatch, receiver, split, most):
+    """Item 12 (the sender is patched or not as the receiver: it writes header and body in
+    one Noise message either way): the receiver takes a DATA frame's body from the secure
+    session's buffer when the frame came in one Noise message (patched: no timeout scope for
+    any of 30 messages; the stream's opening frames may still take one). A frame whose body
+    comes in a later Noise message takes upstream's path, and every message arrives whole and
+    in order either way."""
+    async with running_hosts(2, receiver) as (a, b):
+        counts = count_body_timeouts(monkeypatch)
+        got = await stream_messages(a, b, 30, 700, split_frames=split)
+    assert got == [bytes([i]) * 700 for i in range(30)]
+    if most is not None:
+        assert counts["timeout_scopes"] <= most, counts
+    else:
+        assert counts["timeout_scopes"] >= 30, counts
+
+
+@pytest.mark.parametrize("config, extractions", [(PATCHED, 1), (UNPATCHED, 20)])
+async def test_an_origins_key_is_extracted_once_and_bad_signatures_still_fail(
+        monkeypatch, config, extractions):
+    """Item 13: 20 messages of one origin cost one key extraction patched (20 upstream); with
+    the key cached, a changed payload, a signature by another key under this origin's id and a
+    missing signature are still refused, and an origin whose id holds no key (the key in
+    ``msg.key``, as for RSA) goes through upstream's check."""
+    calls: Counter[str] = Counter()
+    inner = ID.extract_public_key
+
+    def counted(self):
+        calls["extract"] += 1
+        return inner(self)
+
+    async with running_hosts(2, config) as (origin, victim):
+        monkeypatch.setattr(ID, "extract_public_key", counted)
+        check = victim.pubsub._signature_ok
+        for seqno in range(20):
+            assert check(signed_message(origin, b"offer %d" % seqno, seqno))
+        assert calls["extract"] == extractions
+        tampered = signed_message(origin, b"offer", 99)
+        tampered.data = b"offer, changed"
+        assert not check(tampered)
+        forged = signed_message(victim, b"offer", 100)
+        forged.from_id = origin.peer_id.to_bytes()  # signed by victim's key, origin's id
+        assert not check(forged)
+        unsigned = signed_message(origin, b"offer", 101)
+        unsigned.ClearField("signature")
+        assert not check(unsigned)
+        hashed_id = signed_message(origin, b"offer", 102)
+        hashed_id.from_id = b"\x12\x20" + os.urandom(32)  # a sha2-256 id: no key in it, so
+        assert not check(hashed_id)  # upstream's path, and msg.key does not hash to this id
+
+
+# ---------------------------------------------------------------------------------------------
+# 14. stream reads without lock passes when uncontended
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [PATCHED, UNPATCHED])
+async def test_pubsub_reads_skip_the_stream_locks_when_uncontended(monkeypatch, config):
+    """Gossip on a settled 3-node mesh: patched, pubsub's reads take neither NetStream's state
+    lock (``NetStream.read``) nor the muxer's ``streams_lock`` (``Yamux.read_stream``), and its
+    writes not NetStream's lock (``NetStream.write``); upstream passes them on every read and
+    write."""
+    calls: Counter[str] = Counter()
+    for cls, name in ((NetStream, "read"), (NetStream, "write"), (Yamux, "read_stream")):
+        inner = getattr(cls, name)
+
+        async def counted(self, *args, inner=inner, key=f"{cls.__name__}.{name}", **kwargs):
+            calls[key] += 1
+            return await inner(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, counted)
+    async with running_hosts(3, config) as hosts:
+        subs = await full_mesh(hosts)
+        calls.clear()
+        assert await gossip(hosts, subs, messages=12, size=750) == [12] * 3
+    if config.fast_gossip:
+        assert calls["NetStream.read"] == calls["NetStream.write"] == 0, calls
+        assert calls["Yamux.read_stream"] == 0, calls
+    else:  # each host reads each message from 2 peers (and the sends' IDONTWANTs)
+        assert calls["NetStream.read"] >= 12 * 2 * 3 and calls["Yamux.read_stream"] >= 12 * 2 * 3
+        assert calls["NetStream.write"] >= 12 * 2, calls
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_net_stream_fast_path_keeps_upstreams_errors_and_states(fast):
+    """FastNetStream (item 14): after the peer resets the stream, a read and a write raise
+    what upstream's NetStream raises and leave the same state (compared in the next test);
+    after a local close, a write raises StreamClosed."""
+    protocol = TProtocol("/gpumarket/test/states/1")
+    outcomes = []
+    async with running_hosts(2, PATCHED) as (a, b):
+        async def reset_it(stream):
+            try:
+                await stream.read(5)
+            finally:
+                await stream.reset()
+
+        b.host.set_stream_handler(protocol, reset_it)
+        await a.connect(b.addrs()[0])
+        stream = await a.host.new_stream(b.peer_id, [protocol])
+        if fast:
+            assert type(_fast_net_stream(stream)) is FastNetStream
+        else:
+            assert type(stream) is NetStream
+        await stream.write(b"hello")
+        with trio.fail_after(5):
+            while not stream.muxed_stream.reset_received:
+                await trio.sleep(0.01)
+        for op in (stream.read, stream.write):
+            with pytest.raises(Exception) as caught:
+                await (op(10) if op == stream.read else op(b"x"))
+            outcomes.append((type(caught.value).__name__, stream._state.name))
+        closing = await a.host.new_stream(b.peer_id, [protocol])
+        if fast:
+            _fast_net_stream(closing)
+        await closing.close()
+        with pytest.raises(StreamClosed):
+            await closing.write(b"late")
+    assert outcomes[1] == ("StreamReset", "RESET"), outcomes  # (the read: StreamEOF upstream)
+    STATES[fast] = outcomes
+
+
+STATES: dict[bool, list] = {}
+
+
+def test_net_stream_fast_path_matched_upstream():
+    """The two runs above saw the same exceptions and states (pytest runs them first, in
+    file order)."""
+    assert STATES.get(True) and STATES.get(True) == STATES.get(False), STATES
+
+
+# ---------------------------------------------------------------------------------------------
+# 15. a one-message RPC queued without splitting
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [PATCHED, UNPATCHED])
+async def test_forwarded_messages_are_queued_without_splitting(monkeypatch, config):
+    """Gossip on a settled 3-node mesh: patched, forwarded messages skip RpcQueue.split_rpc
+    (control RPCs of the heartbeat still use it); an oversized one is still dropped."""
+    calls: Counter[str] = Counter()
+    inner = RpcQueue.split_rpc
+
+    def counted(self, rpc):
+        calls["split"] += 1
+        return inner(self, rpc)
+
+    monkeypatch.setattr(RpcQueue, "split_rpc", counted)
+    async with running_hosts(3, config) as hosts:
+        subs = await full_mesh(hosts)
+        calls.clear()
+        assert await gossip(hosts, subs, messages=12, size=750) == [12] * 3
+        if config.fast_gossip:
+            assert calls["split"] < 12, calls
+        else:
+            assert calls["split"] >= 12 * 2, calls
+        a, b = hosts[0], hosts[1]
+        queue = a.pubsub.peer_queues[b.peer_id]
+        msg = signed_message(a, os.urandom(500), 7)
+        limit, queue.max_message_size = queue.max_message_size, 100
+        before = len(queue)
+        a.gossipsub.send_rpc(b.peer_id, rpc_pb2.RPC(publish=[msg]))
+        assert len(queue) == before  # oversized: dropped, as upstream
+        queue.max_message_size = limit
+        a.gossipsub.send_rpc(b.peer_id, rpc_pb2.RPC(publish=[msg]))
+        assert len(queue) == before + 1
+
+
+async def test_a_stream_read_that_finds_data_is_still_a_cancellation_point():
+    """Item 14's buffered path does not yield to the scheduler, but a cancelled reader is
+    cancelled there, as at upstream's lock; with no data it waits and wakes as upstream."""
+    protocol = TProtocol("/gpumarket/test/cancel/1")
+    inbound: list = []
+    arrived = trio.Event()
+    async with running_hosts(2, PATCHED) as (a, b):
+        async def keep(stream):
+            inbound.append(stream)
+            arrived.set()
+            await trio.sleep_forever()
+
+        b.host.set_stream_handler(protocol, keep)
+        await a.connect(b.addrs()[0])
+        out = await a.host.new_stream(b.peer_id, [protocol])
+        await out.write(b"first")
+        with trio.fail_after(5):
+            await arrived.wait()
+        muxed = inbound[0].muxed_stream
+        assert type(muxed) is BatchedYamuxStream
+        with trio.fail_after(5):
+            while not muxed.conn.stream_buffers.get(muxed.stream_id):
+                await trio.sleep(0.01)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await muxed.read(100)  # data is there, but the scope is cancelled
+        assert scope.cancelled_caught
+        assert await muxed.read(100) == b"first"  # the data survived the cancelled read
+
+        async def later():
+            await trio.sleep(0.1)
+            await out.write(b"second")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(later)
+            with trio.fail_after(5):
+                assert await muxed.read(100) == b"second"  # waited for it
+
+
+# ---------------------------------------------------------------------------------------------
+# 16. yamux's streams_lock without a scheduling point when free
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_uncontended_lock_is_a_cancellation_point_fair_and_exclusive():
+    lock = UncontendedLock(trio.Lock())
+    steps = TaskSteps(trio.lowlevel.current_task())
+    trio.lowlevel.add_instrument(steps)
+    try:
+        for _ in range(10):
+            async with lock:
+                pass
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert steps.steps == 0  # upstream's Lock: one scheduling point per acquire
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        async with lock:
+            raise AssertionError("a cancelled task must not get the lock")
+    assert scope.cancelled_caught and not lock.locked()
+    order: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await lock.acquire()
+
+        async def waiter(name: str) -> None:
+            async with lock:
+                order.append(name)
+                await trio.sleep(0.01)
+
+        nursery.start_soon(waiter, "first")
+        await trio.sleep(0.01)
+        nursery.start_soon(waiter, "second")
+        await trio.sleep(0.01)
+        assert lock.locked() and lock.statistics().tasks_waiting == 2
+        lock.release()
+        with pytest.raises(trio.WouldBlock):  # a waiter is next: nobody jumps the queue
+            lock.acquire_nowait()
+    assert order == ["first", "second"]
+
+
+async def test_patched_yamux_connections_use_the_uncontended_lock():
+    for config, kind in ((PATCHED, UncontendedLock), (UNPATCHED, trio.Lock)):
+        async with running_hosts(2, config) as (a, b):
+            await a.connect(b.addrs()[0])
+            muxed = a.host.get_network().connections[b.peer_id][0].muxed_conn
+            assert type(muxed.streams_lock) is kind
 
 
 # ---------------------------------------------------------------------------------------------
