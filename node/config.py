@@ -160,6 +160,16 @@ RELAY_KEYS: dict[str, type | tuple] = {
     "autonat_servers": int, "autonat_interval_s": (int, float), "hole_punch": bool,
 }
 
+# [discovery]: node/discovery.py's DiscoveryConfig, key for key (specs/node.md, "Reachability",
+# item 9); seconds and rates may be written as integers
+DISCOVERY_KEYS: dict[str, type | tuple] = {
+    "enabled": bool, "interval_s": (int, float), "short_interval_s": (int, float),
+    "first_round_s": (int, float), "target_peers": int, "queries_per_round": int,
+    "dials_per_round": int, "dials_per_ip_per_round": int, "max_peers_per_answer": int,
+    "max_addrs_per_peer": int, "max_candidates": int, "retry_s": (int, float),
+    "serve_per_peer_per_second": (int, float), "allow_private": bool,
+}
+
 
 @dataclass(frozen=True)
 class Config:
@@ -173,6 +183,7 @@ class Config:
     provider: ProviderSection = field(default_factory=ProviderSection)
     renter: RenterSection = field(default_factory=RenterSection)
     relay: dict[str, Any] = field(default_factory=dict)  # [relay] keys given (RELAY_KEYS)
+    discovery: dict[str, Any] = field(default_factory=dict)  # [discovery] keys (DISCOVERY_KEYS)
 
     @property
     def keystore_path(self) -> Path:
@@ -253,8 +264,8 @@ def load_config(path: Path) -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    _expect(doc, {"node": dict, "chain": dict, "provider": dict, "renter": dict, "relay": dict},
-            str(path))
+    _expect(doc, {"node": dict, "chain": dict, "provider": dict, "renter": dict, "relay": dict,
+                  "discovery": dict}, str(path))
     relay = doc.get("relay", {})
     _expect(relay, RELAY_KEYS, "relay")
     try:
@@ -263,6 +274,15 @@ def load_config(path: Path) -> Config:
         ReachabilityConfig(**relay)  # checked here, once
     except ValueError as exc:
         raise ConfigError(f"relay: {exc}") from None
+    discovery = doc.get("discovery", {})
+    _expect(discovery, DISCOVERY_KEYS, "discovery")
+    discovery = {k: float(v) if DISCOVERY_KEYS[k] == (int, float) else v for k, v in discovery.items()}
+    try:
+        from node.discovery import DiscoveryConfig
+
+        DiscoveryConfig(**discovery)  # checked here, once
+    except ValueError as exc:
+        raise ConfigError(f"discovery: {exc}") from None
     node = doc.get("node", {})
     _expect(node, {"data_dir": str, "listen": list, "bootstrap": list, "mdns": bool,
                    "announce": list}, "node")
@@ -317,6 +337,7 @@ def load_config(path: Path) -> Config:
         provider=provider,
         renter=RenterSection(arbiters=arbiters),
         relay=dict(relay),
+        discovery=discovery,
     )
 
 
@@ -346,6 +367,12 @@ relay_service = "auto"  # serve circuit relay v2 while publicly reachable; "on",
 # max_reservations = 128, max_reservations_per_ip = 8, max_circuits = 256,
 # max_circuits_per_peer = 8, circuit_max_seconds = 3600, circuit_max_bytes = 67108864,
 # relays_to_reserve = 2 (while unreachable), autonat_interval_s = 60, hole_punch = true
+
+[discovery]             # finding peers beyond the bootstrap list (specs/node.md, "Reachability")
+enabled = true
+# target_peers = 8 (dial candidates while fewer direct connections), interval_s = 30,
+# short_interval_s = 5 (while below target_peers), dials_per_round = 4, retry_s = 600,
+# allow_private = false (true: keep private/loopback addresses whoever named them; LANs)
 
 [provider]
 enabled = {"true" if provider else "false"}
