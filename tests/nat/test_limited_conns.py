@@ -21,7 +21,7 @@ from node.host import GossipConfig, GossipHost, HostConfig
 from node.identity import NodeIdentity
 from node.libp2p_nat_patches import LimitedConnectionError, is_limited_conn
 from node.negotiate import Candidate, negotiate_first
-from node.offers import SYNC_PROTOCOL
+from node.offers import SYNC_PROTOCOL, OfferService
 from node.reachability import RELAYED_CONN_PROTOCOLS, ReachabilityConfig, rental_needs
 from node.discovery import PROTOCOL_ID as KAD_PROTOCOL
 from protocol.negotiation import State
@@ -97,7 +97,10 @@ async def test_gossip_stays_off_a_relayed_rental_and_a_hostile_meshsub_is_reset(
             refused_out = (renter.host.counters["nat.limited_conn.refused_outbound"]
                            + provider.host.counters["nat.limited_conn.refused_outbound"])
             assert refused_out >= 2, refused_out  # each side's pubsub tried once
-            # offer sync and discovery are refused locally too
+            # offer sync and discovery are refused locally too; sync never picks the peer
+            assert renter.host.peer_id not in OfferService(provider.host, None).sync_candidates()
+            assert provider.host.peer_id not in OfferService(renter.host, None).sync_candidates()
+            assert relay.peer_id in OfferService(renter.host, None).sync_candidates()
             with pytest.raises(LimitedConnectionError):
                 await renter.host.host.new_stream(provider.host.peer_id, [SYNC_PROTOCOL])
             with pytest.raises(LimitedConnectionError):
