@@ -200,6 +200,7 @@ def _run_node(args: argparse.Namespace, config) -> int:
 
     from .chain import AsyncChain
     from .control import ControlServer
+    from .discovery import DiscoveryConfig
     from .fake_nvml import FakeNvml
     from .node import Node, NodeConfig, ProviderSettings
     from .reachability import ReachabilityConfig
@@ -223,7 +224,8 @@ def _run_node(args: argparse.Namespace, config) -> int:
                            announce=config.announce, arbiters=frozenset(config.renter.arbiters),
                            provider=provider, name=config.data_dir.name,
                            on_preempt=tuple(shlex.split(args.on_preempt)) if args.on_preempt else None,
-                           reachability=ReachabilityConfig(**config.relay)),
+                           reachability=ReachabilityConfig(**config.relay),
+                           discovery=DiscoveryConfig(**config.discovery)),
                 AsyncChain(chain))
 
     _node_logging(str(node.peer_id), args.debug, config.data_dir)

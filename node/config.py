@@ -162,6 +162,16 @@ RELAY_KEYS: dict[str, type | tuple] = {
     "hard_nat_window_s": (int, float), "hard_nat_runs_per_minute": (int, float),
 }
 
+# [discovery]: node/discovery.py's DiscoveryConfig, key for key (specs/node.md, "Reachability",
+# item 9); seconds and rates may be written as integers
+DISCOVERY_KEYS: dict[str, type | tuple] = {
+    "enabled": bool, "interval_s": (int, float), "short_interval_s": (int, float),
+    "first_round_s": (int, float), "target_peers": int, "queries_per_round": int,
+    "dials_per_round": int, "dials_per_ip_per_round": int, "max_peers_per_answer": int,
+    "max_addrs_per_peer": int, "max_candidates": int, "retry_s": (int, float),
+    "serve_per_peer_per_second": (int, float), "allow_private": bool,
+}
+
 
 @dataclass(frozen=True)
 class Config:
@@ -175,6 +185,7 @@ class Config:
     provider: ProviderSection = field(default_factory=ProviderSection)
     renter: RenterSection = field(default_factory=RenterSection)
     relay: dict[str, Any] = field(default_factory=dict)  # [relay] keys given (RELAY_KEYS)
+    discovery: dict[str, Any] = field(default_factory=dict)  # [discovery] keys (DISCOVERY_KEYS)
 
     @property
     def keystore_path(self) -> Path:
@@ -255,8 +266,8 @@ def load_config(path: Path) -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    _expect(doc, {"node": dict, "chain": dict, "provider": dict, "renter": dict, "relay": dict},
-            str(path))
+    _expect(doc, {"node": dict, "chain": dict, "provider": dict, "renter": dict, "relay": dict,
+                  "discovery": dict}, str(path))
     relay = doc.get("relay", {})
     _expect(relay, RELAY_KEYS, "relay")
     try:
@@ -265,6 +276,15 @@ def load_config(path: Path) -> Config:
         ReachabilityConfig(**relay)  # checked here, once
     except ValueError as exc:
         raise ConfigError(f"relay: {exc}") from None
+    discovery = doc.get("discovery", {})
+    _expect(discovery, DISCOVERY_KEYS, "discovery")
+    discovery = {k: float(v) if DISCOVERY_KEYS[k] == (int, float) else v for k, v in discovery.items()}
+    try:
+        from node.discovery import DiscoveryConfig
+
+        DiscoveryConfig(**discovery)  # checked here, once
+    except ValueError as exc:
+        raise ConfigError(f"discovery: {exc}") from None
     node = doc.get("node", {})
     _expect(node, {"data_dir": str, "listen": list, "bootstrap": list, "mdns": bool,
                    "announce": list}, "node")
@@ -319,6 +339,7 @@ def load_config(path: Path) -> Config:
         provider=provider,
         renter=RenterSection(arbiters=arbiters),
         relay=dict(relay),
+        discovery=discovery,
     )
 
 
@@ -350,6 +371,12 @@ relay_service = "auto"  # serve circuit relay v2 while publicly reachable; "on",
 # relays_to_reserve = 2 (while unreachable), autonat_interval_s = 60, hole_punch = true,
 # hard_nat_punch = true, hard_nat_sockets = 256, hard_nat_probes = 1024,
 # hard_nat_window_s = 4.0, hard_nat_runs_per_minute = 4
+
+[discovery]             # finding peers beyond the bootstrap list (specs/node.md, "Reachability")
+enabled = true
+# target_peers = 8 (dial candidates while fewer direct connections), interval_s = 30,
+# short_interval_s = 5 (while below target_peers), dials_per_round = 4, retry_s = 600,
+# allow_private = false (true: keep private/loopback addresses whoever named them; LANs)
 
 [provider]
 enabled = {"true" if provider else "false"}

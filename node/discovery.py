@@ -119,6 +119,8 @@ class DiscoveryConfig:
                     "max_peers_per_answer", "max_addrs_per_peer", "max_candidates"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be >= 0")
+        if self.retry_s < 0:
+            raise ValueError("retry_s: must be >= 0")
 
 
 def ip_scope(ip: str) -> str | None:

@@ -34,6 +34,15 @@ What py-libp2p 0.8.1 ships for NAT traversal, as measured on the NAT test topolo
   relay) nothing appears. DCUtR reads them with ``min_observers=1``, and so do we. The observed
   port belongs to an outbound socket; only with a port-preserving NAT and the listen port does
   it predict a dialable address.
+* Limited (relayed) connections: py-libp2p opens any stream on any connection, a
+  ``/p2p-circuit`` one included, and its pubsub opens its stream to every newly connected peer
+  (``Pubsub.handle_peer_queue`` -> ``_handle_new_peer`` -> ``host.new_stream``, on each
+  ``connected`` notification): offer gossip between two peers joined only through a relay used
+  up the relay's byte limit per circuit, and the rental on that circuit died with it. go-libp2p
+  marks relayed connections "limited" and opens a stream on one only for a protocol that opts in
+  (``network.WithAllowLimitedConn``; gossipsub does not). :func:`limit_relayed_connections`
+  does the same for our hosts, in both directions (tests/nat/test_limited_conns.py: a gossip
+  flood left 5.4 kB on a rental's circuit; without the patch 170 kB, and the relay reset it).
 * Kademlia DHT (``libp2p/kad_dht``) and gossipsub peer exchange: measured, not used; why, and
   what they lack, in :mod:`node.discovery`. ``CircuitV2Transport.dial`` drops the ``Limit`` of
   the relay's CONNECT answer: :meth:`node.reachability.Reachability.dial_circuit` keeps it.
@@ -43,12 +52,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from libp2p.abc import IHost, INetStream
+from libp2p.connection_types import ConnectionType
 from libp2p.host.autonat.autonat import AutoNATService
 from libp2p.peer.id import ID
+from libp2p.protocol_muxer.multiselect import Multiselect
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
@@ -255,6 +268,7 @@ class GuardedRelay(CircuitV2Protocol):
                     break
                 if not data:
                     break
+                self.counters["relay.circuit_bytes"] += len(data)  # forwarded or not
                 if circuit_data_limit is not None:
                     if len(data) > circuit_data_limit[0]:
                         self.counters["relay.circuit_bytes_exceeded"] += 1
@@ -278,4 +292,134 @@ class GuardedRelay(CircuitV2Protocol):
                 circuit.cancel()  # the other direction
 
 
-__all__ = ["DialBackAutoNAT", "GuardedRelay", "RelayGuardLimits"]
+# --------------------------------------------------------------------------------------------
+# Limited connections: only the protocols that opt in run over a relay
+# --------------------------------------------------------------------------------------------
+
+_LIMITED_MARK = "_gpumarket_limited_conns"
+
+
+class LimitedConnectionError(Exception):
+    """A stream for a protocol that may not use a relayed connection, to a peer we are connected
+    to only through relays. Deliberately not a ``SwarmException``: py-libp2p's pubsub retries
+    those for as long as the peer stays connected (``_handle_new_peer_with_retry``); this one it
+    does not retry, and a later direct connection (a hole punch) notifies it afresh."""
+
+
+def is_limited_conn(conn: Any) -> bool:
+    """A relayed (``/p2p-circuit``) connection: by its type, or by its transport addresses (the
+    type stays UNKNOWN on some paths of py-libp2p 0.8.1)."""
+    try:
+        if conn.get_connection_type() == ConnectionType.RELAYED:
+            return True
+    except Exception:
+        pass
+    try:
+        return any("/p2p-circuit" in str(a) for a in conn.get_transport_addresses())
+    except Exception:
+        return False
+
+
+def _stream_conn(host: IHost, stream: Any) -> Any:
+    conn = getattr(stream, "swarm_conn", None)
+    if conn is not None:
+        return conn
+    muxed = getattr(stream, "muxed_conn", None)
+    for c in host.get_network().connections.get(getattr(muxed, "peer_id", None), []):
+        if getattr(c, "muxed_conn", None) is muxed:
+            return c
+    return None
+
+
+class LimitedConnMultiselect(Multiselect):
+    """The host's inbound protocol selection (``BasicHost.multiselect``, moved onto this class):
+    a stream negotiated on a relayed connection for a protocol not in :attr:`allowed_on_limited`
+    gets a handler that counts it and resets the stream, instead of the protocol's handler."""
+
+    allowed_on_limited: frozenset[str]
+    limited_host: IHost
+    limited_counters: Counter[str]
+
+    async def negotiate(self, communicator: Any, negotiate_timeout: int = 5) -> Any:
+        protocol, handler = await super().negotiate(communicator, negotiate_timeout)
+        if protocol is None or handler is None or str(protocol) in self.allowed_on_limited:
+            return protocol, handler
+        stream = getattr(communicator, "read_writer", None)
+        conn = _stream_conn(self.limited_host, stream)
+        if conn is None or not is_limited_conn(conn):
+            return protocol, handler
+        counters = self.limited_counters
+
+        async def refuse(net_stream: INetStream) -> None:
+            counters["nat.limited_conn.refused_inbound"] += 1
+            log.debug("inbound %s stream from %s on a relayed connection: reset", protocol,
+                      getattr(getattr(net_stream, "muxed_conn", None), "peer_id", "?"))
+            with trio.move_on_after(1):
+                try:
+                    await net_stream.reset()
+                except Exception:
+                    pass
+
+        return protocol, refuse
+
+
+def limit_relayed_connections(host: IHost, allowed: Iterable[str], counters: Counter[str]) -> None:
+    """Make relayed connections *limited*, as go-libp2p does: a stream runs on one only for a
+    protocol in ``allowed``, in either direction.
+
+    Upstream (py-libp2p 0.8.1): no notion of a limited connection; ``host.new_stream`` takes
+    the swarm's "best" connection (direct preferred, but a relayed one when that is all there
+    is, or when opening on the direct one fails), and every inbound stream is served.
+    Why it matters: pubsub opens its stream to every peer on connect; over a relayed connection
+    the offer gossip of a busy market (170 offers/s x 750 B) uses up a relay's 64 MiB per
+    circuit in minutes, and the rental riding that circuit is cut off.
+    Fix: outbound, ``host.new_stream`` for protocols not all in ``allowed`` raises
+    :class:`LimitedConnectionError` when every live connection to the peer is relayed, and a
+    stream that still lands on a relayed connection (the swarm's fallback) is reset and the same
+    error raised; inbound, :class:`LimitedConnMultiselect`. Counted in ``counters``
+    (``nat.limited_conn.refused_outbound``, ``nat.limited_conn.refused_inbound``).
+    Upstream fix: a per-call opt-in (go's ``WithAllowLimitedConn``) checked in
+    ``Swarm.new_stream`` and in ``BasicHost._swarm_stream_handler``. Idempotent."""
+    allowed_set = frozenset(str(p) for p in allowed)
+    multiselect = host.multiselect  # type: ignore[attr-defined]
+    if type(multiselect) is Multiselect:
+        multiselect.__class__ = LimitedConnMultiselect
+    elif not isinstance(multiselect, LimitedConnMultiselect):
+        raise TypeError(f"cannot limit a {type(multiselect).__name__}: expected Multiselect")
+    multiselect.allowed_on_limited = allowed_set
+    multiselect.limited_host = host
+    multiselect.limited_counters = counters
+    if getattr(host.new_stream, _LIMITED_MARK, False):
+        return
+    inner = host.new_stream
+
+    def refused(peer_id: ID, protocol_ids: Sequence[str]) -> LimitedConnectionError:
+        counters["nat.limited_conn.refused_outbound"] += 1
+        return LimitedConnectionError(
+            f"{peer_id} is reached only through a relay; {', '.join(map(str, protocol_ids))} "
+            "may not use a relayed connection")
+
+    async def new_stream(peer_id: ID, protocol_ids: Sequence[Any]) -> INetStream:
+        if all(str(p) in allowed_set for p in protocol_ids):
+            return await inner(peer_id, protocol_ids)
+        conns = [c for c in host.get_network().connections.get(peer_id, [])
+                 if not getattr(c, "is_closed", False)]
+        if conns and all(is_limited_conn(c) for c in conns):
+            raise refused(peer_id, protocol_ids)
+        stream = await inner(peer_id, protocol_ids)
+        conn = _stream_conn(host, stream)
+        if conn is not None and is_limited_conn(conn):
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await stream.reset()
+                except Exception:
+                    pass
+            raise refused(peer_id, protocol_ids)
+        return stream
+
+    setattr(new_stream, _LIMITED_MARK, True)
+    host.new_stream = new_stream  # type: ignore[method-assign]
+
+
+__all__ = ["DialBackAutoNAT", "GuardedRelay", "LimitedConnMultiselect", "LimitedConnectionError",
+           "RelayGuardLimits", "is_limited_conn", "limit_relayed_connections"]

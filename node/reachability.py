@@ -59,13 +59,26 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 from libp2p.tools.anyio_service import background_trio_service
 
 from node.birthday_punch import BirthdayConfig, BirthdayPunch
-from node.libp2p_nat_patches import DialBackAutoNAT, GuardedRelay, RelayGuardLimits
+from node.libp2p_nat_patches import (
+    DialBackAutoNAT, GuardedRelay, RelayGuardLimits, limit_relayed_connections,
+)
 from protocol.messages import Heartbeat, UsageReceipt
 
 log = logging.getLogger(__name__)
 
 AUTONAT_QUERY_TIMEOUT_S = 15.0
 HOLE_PUNCH_RETRY_S = 300.0  # a peer still reached only through a relay is tried again after this
+
+# The only protocols whose streams may run over a relayed (limited) connection, either way
+# (specs/node.md, "Reachability", item 6): the rental's own (node/negotiate.py, node/rentals.py,
+# node/access.py; tests/nat/test_limited_conns.py checks the names against those modules) and
+# what a hole punch needs. Pubsub, offer sync, discovery and everything else use direct
+# connections only, so gossip never spends a relay's bytes per circuit.
+RELAYED_CONN_PROTOCOLS = frozenset({
+    "/gpumarket/negotiate/1", "/gpumarket/rental/1",
+    "/gpumarket/exec/1", "/gpumarket/forward/1", "/gpumarket/cp/1",
+    "/libp2p/dcutr", "/ipfs/id/1.0.0", "/ipfs/id/push/1.0.0", "/ipfs/ping/1.0.0",
+})
 
 
 class QuietDCUtR(DCUtRProtocol):
@@ -203,6 +216,7 @@ class Reachability:
         self.counters = counters
         self.status = Reachable.UNKNOWN
         self.on_change = on_change or (lambda: None)
+        limit_relayed_connections(host, RELAYED_CONN_PROTOCOLS, counters)
         self.autonat = DialBackAutoNAT(host)
         self.relay = GuardedRelay(host, config.relay_limits(), config.guard_limits(), counters)
         # STOP only: dialling through a relay must not take a reservation there (py-libp2p's
@@ -549,5 +563,5 @@ class Reachability:
         return not self.relayed_only(peer)
 
 
-__all__ = ["CircuitLimit", "Reachability", "ReachabilityConfig", "Reachable", "is_public_ip",
+__all__ = ["RELAYED_CONN_PROTOCOLS", "CircuitLimit", "Reachability", "ReachabilityConfig", "Reachable", "is_public_ip",
            "is_relayed", "rental_needs"]

@@ -123,6 +123,28 @@ def test_config__relay_section_keys_defaults_and_errors(tmp_path):
             load_config(path)
 
 
+def test_config__discovery_section_keys_defaults_and_errors(tmp_path):
+    from node.config import default_config_text
+    from node.discovery import DiscoveryConfig
+
+    path = tmp_path / "config.toml"
+    path.write_text(default_config_text(tmp_path))
+    assert DiscoveryConfig(**load_config(path).discovery) == DiscoveryConfig()  # the defaults
+    path.write_text('[discovery]\ntarget_peers = 20\ninterval_s = 60\nallow_private = true\n')
+    got = DiscoveryConfig(**load_config(path).discovery)
+    assert (got.target_peers, got.interval_s, got.allow_private) == (20, 60.0, True)
+    assert isinstance(got.interval_s, float)
+    for text, why in (("[discovery]\ninterval_s = 0\n", "discovery: interval_s: must be positive"),
+                      ("[discovery]\ndials_per_round = -1\n", "dials_per_round: must be >= 0"),
+                      ("[discovery]\nretry_s = -5\n", "retry_s: must be >= 0"),
+                      ('[discovery]\ntarget_peers = "8"\n', r"discovery.target_peers: expected int"),
+                      ("[discovery]\nenabled = 1\n", "discovery.enabled: expected bool"),
+                      ("[discovery]\ntarget = 3\n", "unknown key 'target'")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=why):
+            load_config(path)
+
+
 def test_config__several_interruptible_sets_reach_the_node(tmp_path):
     from decimal import Decimal
 

@@ -1,7 +1,10 @@
 """`gpumarket run` (/gpumarket/exec/1, node/access.py) over a rental whose only connection is a
 relayed circuit (issue 15): whole nodes in one process on 127.0.0.1, a relay v2 host, the
 provider holding a reservation on it and offering only its circuit address, no hole punching
-and no discovery (either would make a direct connection), the real Docker daemon and EVM."""
+and no discovery (either would make a direct connection), the real Docker daemon and EVM. The
+relay host also carries the offer topic's gossip, as a public market node would: gossip never
+runs over the relayed connection (specs/node.md, "Reachability", item 6), so the renter hears of
+the offer through its direct connection to the relay."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from node.discovery import DiscoveryConfig
 from node.host import GossipHost, HostConfig
 from node.identity import NodeIdentity
 from node.node import Node, NodeConfig, ProviderSettings
+from node.offers import OFFER_TOPIC
 from node.reachability import Reachable, ReachabilityConfig
 from node.runtime import DockerSettings
 from tests.docker_image import busybox_image, docker_client, no_daemon_reason
@@ -58,6 +62,7 @@ async def test_run_works_over_a_relayed_rental(tmp_path):
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(relay.run)
+            await relay.subscribe(OFFER_TOPIC)  # a public node of the market relays its gossip
             for n in (provider, renter):
                 await nursery.start(n.run)
             await nursery.start(control.run)
@@ -95,6 +100,9 @@ async def test_run_works_over_a_relayed_rental(tmp_path):
             # carried a circuit
             assert renter.host.reachability.relayed_only(provider.peer_id)
             assert relay.counters["relay.circuits"] >= 1
+            # neither end's pubsub uses the circuit
+            assert provider.peer_id not in renter.host.pubsub.peers
+            assert renter.peer_id not in provider.host.pubsub.peers
             nursery.cancel_scope.cancel()
     finally:
         for c in docker_client().containers.list(

@@ -178,3 +178,44 @@ def test_a_renter_behind_nat_reserves_no_relay_slot(nat_market: Market) -> None:
     assert all(line["relays"] == [] and line["circuit_addrs"] == [] for line in lines), lines
     for p in (renter, provider, relay):
         assert p.terminate(10) < 10
+
+
+@pytest.mark.parametrize("nat_market", [("eim", "eim")], indirect=True, ids=["eim-eim"])
+def test_relay_limits_too_short_but_a_hole_punch_carries_the_rental(nat_market: Market) -> None:
+    """The relay's bytes per circuit (100 kB) cannot carry the rental (20 s at 1 s heartbeats:
+    65,536 + 22 x 4,864 = 172,544 bytes by the estimate), so before proposing the renter tries
+    for a direct connection (specs/node.md, "Reachability", item 6: up to min(8 s, 0.6 x the
+    negotiation step timeout; 14 s here, so 8 s, room for the provider's 5 s reachability loop
+    and the punch). Between two endpoint-independent NATs the punch succeeds and the rental
+    goes on, direct: the relay is killed mid-rental and it still settles."""
+    m = nat_market
+    params = dict(NAT_PARAMS, negotiation_step_timeout_ms=14_000)
+    listen = f"/ip4/{m.lab.inet_addr}/tcp/4001"
+    relay = m.start("relay", "renter", "--listen", listen, "--autonat-interval", "10",
+                    "--relay-circuit-bytes", "100000",
+                    params=params, prefix=tuple(m.lab.exec_prefix("inet")))
+    relay_addr = f"{listen}/p2p/{relay.wait('ready', 60)['peer_id']}"
+    provider = m.start("provider", "provider", "--listen", "/ip4/0.0.0.0/tcp/4001",
+                       "--bootstrap", relay_addr, "--autonat-interval", "10",
+                       params=params, prefix=tuple(m.lab.exec_prefix("a")))
+    provider.wait("ready", 60)
+    wait_reachability(relay, "public")
+    wait_reachability(provider, "private", circuit=True)
+    renter = m.start("renter", "renter", "--listen", "/ip4/0.0.0.0/tcp/4001",
+                     "--bootstrap", relay_addr, "--rent", "", "--duration", "20",
+                     "--max-price", str(PRICE), "--find-timeout", "60",
+                     params=params, prefix=tuple(m.lab.exec_prefix("b")))
+    # A proposal is sent only over a connection that can carry the rental: this relay's cannot,
+    # so "rented" means the punch made a direct connection first (a rent_failed line, "unreachable
+    # from here for this rental", fails here with its error).
+    rented = renter.wait("rented", 120)
+    aid = bytes.fromhex(rented["agreement_id"])
+    m.wait_receipts("renter", aid, 2, timeout=30)
+    relay.kill()  # from here only the direct connection can carry the rental
+    seen = m.receipts("renter", aid)[-1][0]
+    m.wait_receipts("renter", aid, 3, timeout=30, after_seq=seen)
+    events = m.wait_final(aid, timeout=60)
+    assert [e.name for e in events] == ["Opened", "Claimed"]
+    assert m.latest_receipt("provider", aid).acked_seconds >= 15
+    for p in (renter, provider):
+        assert p.terminate(10) < 10
