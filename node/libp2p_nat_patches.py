@@ -379,7 +379,8 @@ def limit_relayed_connections(host: IHost, allowed: Iterable[str], counters: Cou
     error raised; inbound, :class:`LimitedConnMultiselect`. Counted in ``counters``
     (``nat.limited_conn.refused_outbound``, ``nat.limited_conn.refused_inbound``).
     Upstream fix: a per-call opt-in (go's ``WithAllowLimitedConn``) checked in
-    ``Swarm.new_stream`` and in ``BasicHost._swarm_stream_handler``. Idempotent."""
+    ``Swarm.new_stream`` and in ``BasicHost._swarm_stream_handler``. Idempotent; a later call
+    replaces the allowed set, for both directions."""
     allowed_set = frozenset(str(p) for p in allowed)
     multiselect = host.multiselect  # type: ignore[attr-defined]
     if type(multiselect) is Multiselect:
@@ -400,7 +401,7 @@ def limit_relayed_connections(host: IHost, allowed: Iterable[str], counters: Cou
             "may not use a relayed connection")
 
     async def new_stream(peer_id: ID, protocol_ids: Sequence[Any]) -> INetStream:
-        if all(str(p) in allowed_set for p in protocol_ids):
+        if all(str(p) in multiselect.allowed_on_limited for p in protocol_ids):
             return await inner(peer_id, protocol_ids)
         conns = [c for c in host.get_network().connections.get(peer_id, [])
                  if not getattr(c, "is_closed", False)]

@@ -78,6 +78,7 @@ RELAYED_CONN_PROTOCOLS = frozenset({
     "/gpumarket/negotiate/1", "/gpumarket/rental/1",
     "/gpumarket/exec/1", "/gpumarket/forward/1", "/gpumarket/cp/1",
     "/libp2p/dcutr", "/ipfs/id/1.0.0", "/ipfs/id/push/1.0.0", "/ipfs/ping/1.0.0",
+    "/gpumarket/punch/birthday/1.0.0",  # the birthday punch's plan runs over the relay
 })
 
 

@@ -41,6 +41,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 ECHO = "/gpumarket-bench/echo/1"
+
+
+def allow_echo_when_relayed(host, counters) -> None:
+    """The echo stands in for the negotiation stream, so it may use a relayed connection as
+    the rental's own protocols may (relayed connections are limited: specs/node.md 6)."""
+    from node.libp2p_nat_patches import limit_relayed_connections
+    from node.reachability import RELAYED_CONN_PROTOCOLS
+
+    limit_relayed_connections(host, RELAYED_CONN_PROTOCOLS | {ECHO}, counters)
 # The birthday punch's shipped limit (4 runs a minute per node) would refuse most of 20 tries in a
 # row against one provider: the bench lifts only that limit (tests/nat/test_birthday_punch.py
 # tests the limit itself); sockets, probes and window are the defaults.
@@ -86,6 +95,7 @@ async def run_peer(role: str, relay_addr: str | None, tries: int) -> None:
         counters: Counter[str] = Counter()
         reach = Reachability(host, ReachabilityConfig(relay_service="on" if role == "relay" else "off",
                                                       circuit_max_seconds=600, **PUNCH), counters)
+        allow_echo_when_relayed(host, counters)
         async with host.run(listen), background_trio_service(reach.relay):
             reach.relay.set_serving(role == "relay")
             if reach.birthday is not None:
@@ -132,6 +142,7 @@ async def run_peer(role: str, relay_addr: str | None, tries: int) -> None:
         host = new_host()
         counters = Counter()
         reach = Reachability(host, ReachabilityConfig(relay_service="off", **PUNCH), counters)
+        allow_echo_when_relayed(host, counters)
         row: dict = {"event": "try", "try": attempt}
         try:
             with trio.fail_after(90):

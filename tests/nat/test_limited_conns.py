@@ -16,7 +16,7 @@ from libp2p.host.ping import ID as PING_ID
 from libp2p.protocol_muxer.multiselect_client import MultiselectClient
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 
-from node import access, negotiate, rentals
+from node import access, birthday_punch, negotiate, rentals
 from node.host import GossipConfig, GossipHost, HostConfig
 from node.identity import NodeIdentity
 from node.libp2p_nat_patches import LimitedConnectionError, is_limited_conn
@@ -42,6 +42,7 @@ def test_the_allowed_protocols_are_the_rentals_own() -> None:
               access.FORWARD_PROTOCOL, access.COPY_PROTOCOL}
     assert rental <= RELAYED_CONN_PROTOCOLS
     assert "/libp2p/dcutr" in RELAYED_CONN_PROTOCOLS
+    assert birthday_punch.PROTOCOL_ID in RELAYED_CONN_PROTOCOLS  # its plan goes over the relay
     for other in ("/meshsub/1.1.0", "/meshsub/1.2.0", SYNC_PROTOCOL, KAD_PROTOCOL,
                   "/libp2p/autonat/1.0.0", "/libp2p/circuit/relay/0.2.0/hop"):
         assert other not in RELAYED_CONN_PROTOCOLS
