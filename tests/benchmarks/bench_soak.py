@@ -38,6 +38,7 @@ from collections import Counter
 import dataclasses
 import ipaddress
 import json
+import os
 import random
 import socket
 import sys
@@ -410,11 +411,24 @@ class Victim:
     def __init__(self, pid: int) -> None:
         self.proc = psutil.Process(pid)
         self.samples: list[tuple[float, int, float]] = []  # (t, rss, cpu seconds)
+        self.waits: list[float] = []  # seconds its main thread was runnable but not running
+
+    def wait_share(self) -> list[float]:
+        """Per sample interval, the share of wall time the process's main thread waited in
+        the OS run queue (other processes had the CPUs): 0.5 = it could have run half as long
+        again."""
+        return [round((w1 - w0) / max(b[0] - a[0], 1e-9), 2) for (w0, w1), (a, b) in
+                zip(zip(self.waits, self.waits[1:]), zip(self.samples, self.samples[1:]))]
 
     def sample(self) -> bool:
         try:
             t = self.proc.cpu_times()
             self.samples.append((time.monotonic(), self.proc.memory_info().rss, t.user + t.system))
+            try:  # Linux schedstat: on-CPU ns, run-queue wait ns, timeslices
+                with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/schedstat") as f:
+                    self.waits.append(int(f.read().split()[1]) / 1e9)
+            except (OSError, ValueError, IndexError):
+                pass
             return True
         except psutil.NoSuchProcess:
             return False
@@ -463,6 +477,9 @@ async def main(args: argparse.Namespace) -> dict:
                 "--token", token.hex(), "--wallet-key-file", str(key_file), "--role", role,
                 "--name", name, "--params", json.dumps(PARAMS), *extra])
 
+        if args.stall_dump:  # node/stalldump.py in both processes; the renter signals the victim
+            os.environ["GPUMARKET_STALL_DUMP"] = str(tmp / "provider.stall.jsonl")
+            os.environ["GPUMARKET_STALL_AFTER"] = "0"  # the victim dumps when the renter asks
         port = _free_port()
         listen = f"/ip4/127.0.0.1/tcp/{port}"
         victim_peer = load_or_create_identity(tmp / "provider" / "identity.seed").peer_id
@@ -473,6 +490,10 @@ async def main(args: argparse.Namespace) -> dict:
                          "--grace", "600", "--min-duration", "5")
         provider.wait("ready", 60)
         history_gas = provider_history(chain, wallets, args.provider_history, anvil)
+        if args.stall_dump:
+            os.environ["GPUMARKET_STALL_DUMP"] = str(tmp / "renter.stall.jsonl")
+            os.environ["GPUMARKET_STALL_PEER_PID"] = str(provider.proc.pid)
+            os.environ["GPUMARKET_STALL_AFTER"] = "2.0"
         rounds = int((args.attack_delay + args.seconds) // args.rent_every)
         renter = start("renter", "renter", "--bootstrap", victim_addr,
                        "--rent", "gpu=RTX_4090", "--duration", "20",
@@ -598,6 +619,9 @@ async def main(args: argparse.Namespace) -> dict:
         # CPU seconds per second of the renter process per 5 s sample (1.0: one core busy)
         "renter_cpu_share": [round((b[2] - a[2]) / max(b[0] - a[0], 1e-9), 2)
                              for a, b in zip(renter_proc.samples, renter_proc.samples[1:])],
+        # per 5 s sample: share of wall time each process's main thread was runnable but
+        # waiting for a CPU (load from other processes on the machine)
+        "runq_wait_share": {"victim": victim.wait_share(), "renter": renter_proc.wait_share()},
         "victim": {"up": victim_up, "rss_start_mib": rss0 >> 20,
                    "rss_max_mib": max(s[1] for s in victim.samples) >> 20, "rss_end_mib": rss1 >> 20,
                    "cpu_share": round((cpu1 - cpu0) / max(t1 - t0, 1e-9), 3),
@@ -650,6 +674,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="an honest bystander at " + PROBE_IP + " opens a ping stream to the victim "
                         "this often (on a kept connection and on a fresh one); 0: off")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--stall-dump", action="store_true",
+                   help="node/stalldump.py in the victim and the renter: each renter stream open "
+                        "that takes over 2 s dumps both sides' task stacks and yamux state to "
+                        "provider.stall.jsonl and renter.stall.jsonl in the logs directory")
     return p.parse_args(argv)
 
 
