@@ -94,6 +94,26 @@ maintainers' version of each):
    still a checkpoint, errors included. Items 9-10 together: 16.3 -> 8.2 trio task steps and
    about 30% less CPU per 750-byte stream message, both ends (tests/benchmarks/
    bench_stream_steps.py; upstream: 25.6 steps).
+11. :class:`FastTCPStream` and :class:`FreeLock`: a connection's read loop handles the frames
+   that one socket read brought without a scheduling point per frame. Upstream: per received
+   frame, two socket reads (a Noise message's 2-byte length, then its body, each asking the
+   socket for exactly that many bytes) and a pass of the connection's ``streams_lock`` (and a
+   stream's ``window_lock`` for a WINDOW_UPDATE), each a checkpoint even when free. When the
+   process is short of CPU (a node under attack on a busy machine), every checkpoint waits a
+   whole round of the trio run queue, so a connection's frames were read at a few per round:
+   a peer that sends many small frames (upstream py-libp2p returns window credit after every
+   read and reads pubsub length prefixes a byte at a time: about six 12-byte WINDOW_UPDATEs per
+   gossip message it reads) got ahead of that rate, and a new stream's SYN and
+   multistream-select on that connection waited behind the backlog in the socket: measured in
+   tests/benchmarks/bench_soak.py (``--stall-dump``), up to 133 KB (about 1,700 lone yamux
+   headers) unread by the provider on the renter's connection while the renter's stream opens
+   timed out after 5 s and fresh connections were served. Here a socket read asks for up to
+   ``READ_AHEAD`` (64 KiB) and keeps what was not asked for; a later read is served from it
+   with no scheduling point (a read that reaches the socket is still one); and the two locks
+   are :class:`FreeLock`, taken without a scheduling point when free. The read loop still
+   yields at every socket read, and at most 64 KiB of frames are handled between two.
+   Upstream fix: a buffered reader under the Noise session (as go-libp2p's ``bufio`` under
+   its secure transport) and ``acquire_nowait`` first in the read loop's lock passes.
 
 """
 
@@ -132,6 +152,7 @@ _YAMUX_HEADER = _yamux.YAMUX_HEADER_FORMAT
 _MAX_FRAME_DATA = _yamux.MAX_MESSAGE_SIZE - _yamux.HEADER_SIZE  # upstream's largest DATA chunk
 _pack_header = struct.pack
 READ_CHUNK = 64 * 1024  # bytes asked of the stream per read (= yamux's largest DATA frame)
+READ_AHEAD = 64 * 1024  # item 11: bytes asked of a TCP socket per read (kept until asked for)
 IDONTWANT_MIN_BYTES = 1024  # go-libp2p's GossipSubIDontWantMessageThreshold
 PEER_RECORD_REVERIFY_S = 600.0  # re-verify (and refresh the 2 h address-book TTL) this often
 MAX_REMEMBERED_RECORDS = 4096  # peers whose last verified record we remember
@@ -208,6 +229,17 @@ class FastTCPStream(TrioTCPStream):
             lock.release()
 
     async def read(self, n: int | None = None) -> bytes:
+        # Item 11: what an earlier socket read brought beyond what was asked is served first,
+        # with no scheduling point (see the module docstring).
+        ahead = self.__dict__.get("_ahead")
+        if ahead and n != 0:
+            if n is None or n >= len(ahead):
+                data = bytes(ahead)
+                ahead.clear()
+            else:
+                data = bytes(ahead[:n])
+                del ahead[:n]
+            return data
         lock = self.read_lock
         try:
             lock.acquire_nowait()
@@ -217,7 +249,15 @@ class FastTCPStream(TrioTCPStream):
             if n is not None and n == 0:
                 await trio.lowlevel.checkpoint()
                 return b""
-            return await self.stream.receive_some(n)
+            if n is None:
+                return await self.stream.receive_some(n)
+            data = await self.stream.receive_some(max(n, READ_AHEAD))
+            if len(data) > n:
+                if ahead is None:
+                    ahead = self.__dict__["_ahead"] = bytearray()
+                ahead += memoryview(data)[n:]
+                data = data[:n]
+            return data
         except trio.BrokenResourceError as error:
             await trio.lowlevel.cancel_shielded_checkpoint()
             raise ConnectionClosedError(f"TCP connection reset by remote peer: {error}",
@@ -248,7 +288,8 @@ class BatchedYamux(Yamux):
 
     def __init__(self, secured_conn: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(secured_conn, *args, **kwargs)
-        _fast_tcp(secured_conn)  # item 10
+        _fast_tcp(secured_conn)  # items 10-11
+        self.streams_lock = FreeLock()  # item 11
 
     async def open_stream(self) -> YamuxStream:
         return _batched(await super().open_stream())
@@ -278,7 +319,47 @@ class BatchedYamux(Yamux):
 def _batched(stream: Any) -> Any:
     if type(stream) is YamuxStream:
         stream.__class__ = BatchedYamuxStream
+        if not stream.window_lock.locked():  # item 11 (a held lock stays: its holder releases it)
+            stream.window_lock = FreeLock()
     return stream
+
+
+class FreeLock:
+    """Item 11: a ``trio.Lock`` (same fairness, same errors) whose ``async with`` takes the lock
+    without a scheduling point when it is free. Upstream's yamux read loop takes the
+    connection's ``streams_lock`` for every frame, and a stream's ``window_lock`` too for a
+    WINDOW_UPDATE: each acquire is a checkpoint even when free. ``trio.Lock`` is final, so this
+    wraps one rather than subclassing it. trio's Lock is fair: ``acquire_nowait`` refuses while
+    anyone waits, so this never jumps a waiter."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    async def acquire(self) -> None:
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    def acquire_nowait(self) -> None:
+        self._lock.acquire_nowait()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def statistics(self) -> Any:
+        return self._lock.statistics()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 class ConfiguredMuxerMultistream(MuxerMultistream):

@@ -40,6 +40,7 @@ import ipaddress
 import json
 import os
 import random
+import signal
 import socket
 import sys
 import tempfile
@@ -566,6 +567,10 @@ async def main(args: argparse.Namespace) -> dict:
             while trio.current_time() < stop_at + 40:
                 await trio.sleep(5)
                 alive = victim.sample() and alive
+                if args.stall_dump and int(time.monotonic() - t_start) % 10 < 5:
+                    for proc in (provider, renter):  # a periodic snapshot of both sides
+                        if proc.proc.poll() is None:
+                            proc.proc.send_signal(signal.SIGUSR2)
                 renter_proc.sample()
                 while not renter.events.empty():
                     ev = renter.events.get_nowait()
@@ -677,7 +682,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stall-dump", action="store_true",
                    help="node/stalldump.py in the victim and the renter: each renter stream open "
                         "that takes over 2 s dumps both sides' task stacks and yamux state to "
-                        "provider.stall.jsonl and renter.stall.jsonl in the logs directory")
+                        "provider.stall.jsonl and renter.stall.jsonl in the logs directory, "
+                        "and both are dumped every 10 s")
     return p.parse_args(argv)
 
 
