@@ -68,6 +68,11 @@ def _all_tasks() -> list[Any]:
     return tasks
 
 
+def _coro_name(task: Any) -> str | None:
+    code = getattr(task.coro, "cr_code", None)
+    return None if code is None else code.co_name
+
+
 def _self_of(task: Any) -> Any:
     frame = getattr(task.coro, "cr_frame", None)
     return None if frame is None else frame.f_locals.get("self")
@@ -81,13 +86,15 @@ def _socket_queues(muxed: Any) -> dict[str, int] | None:
         return None
     try:
         fd = sock.fileno()
+        if fd < 0:  # closed meanwhile
+            return None
         inq = struct.unpack("i", fcntl.ioctl(fd, SIOCINQ, b"\0\0\0\0"))[0]
         outq = struct.unpack("i", fcntl.ioctl(fd, SIOCOUTQ, b"\0\0\0\0"))[0]
         out: dict[str, Any] = {"kernel_unread": inq, "kernel_unsent": outq}
         if inq:
             out["unread_noise_msgs"] = _peek_noise_sizes(fd, inq)
         return out
-    except OSError:
+    except (OSError, ValueError):
         return None
 
 
@@ -158,10 +165,10 @@ def connection_state(swarm_conn: Any, read_loops: dict[int, Any],
 def snapshot(host: Any, why: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     tasks = _all_tasks()
     read_loops = {id(_self_of(t)): t for t in tasks
-                  if t.coro.cr_code.co_name == "_handle_incoming_with_ready_signal"}
+                  if _coro_name(t) == "_handle_incoming_with_ready_signal"}
     handlers: dict[int, list[Any]] = {}
     for t in tasks:
-        if t.coro.cr_code.co_name == "_handle_muxed_stream":
+        if _coro_name(t) == "_handle_muxed_stream":
             handlers.setdefault(id(_self_of(t)), []).append(t)
     conns = [connection_state(c, read_loops, handlers)
              for cs in list(host.get_network().connections.values()) for c in list(cs)]
@@ -209,9 +216,17 @@ class StallDumper:
                    int(pid) if pid else None)
 
     def dump(self, why: str, extra: dict[str, Any] | None = None) -> None:
-        record = snapshot(self.host, why, extra)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+        """Never raises: a diagnostic must not take the node down (a connection closing while
+        it is read, an unexpected object in a frame, a full disk)."""
+        try:
+            record = snapshot(self.host, why, extra)
+        except Exception as exc:
+            record = {"t": round(time.time(), 3), "why": why, "error": repr(exc)[:300]}
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+        except (OSError, TypeError, ValueError):
+            pass
 
     def wrap_new_stream(self, nursery: trio.Nursery) -> None:
         original = self.host.new_stream
@@ -235,10 +250,14 @@ class StallDumper:
                             os.kill(self.peer_pid, signal.SIGUSR2)
                         except OSError:
                             pass
-                    self.dump("slow_new_stream", {
-                        "call": call, "waited_s": round(trio.current_time() - t0, 2),
-                        "peer": str(peer_id)[-8:], "protocols": [str(p) for p in protocol_ids],
-                        "caller_stack": _frames(caller.coro)[-14:]})
+                    try:
+                        extra = {"call": call, "waited_s": round(trio.current_time() - t0, 2),
+                                 "peer": str(peer_id)[-8:],
+                                 "protocols": [str(p) for p in protocol_ids],
+                                 "caller_stack": _frames(caller.coro)[-14:]}
+                    except Exception as exc:
+                        extra = {"call": call, "error": repr(exc)[:300]}
+                    self.dump("slow_new_stream", extra)
 
             nursery.start_soon(watch)
             try:

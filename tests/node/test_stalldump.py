@@ -68,3 +68,21 @@ async def test_a_slow_stream_open_is_dumped_with_the_callers_stage(tmp_path):
     assert all(d["why"] == "slow_new_stream" and d["protocols"] == [PROTOCOL] for d in dumps)
     assert any("slow_open" in f for f in dumps[0]["caller_stack"])
     assert dumps[0]["connections"][0]["peer"] == str(b.peer_id)[-8:]
+
+
+def test_a_dump_never_raises_into_the_node(tmp_path):
+    """The dumper runs inside the node's nursery: a snapshot that fails (here a host whose
+    network is gone; in a soak, a socket closed while it was read) is written as an error
+    record, never raised (it once ended a provider under attack)."""
+    class Broken:
+        def get_network(self):
+            raise ValueError("file descriptor cannot be a negative integer (-1)")
+
+    path = tmp_path / "stall.jsonl"
+
+    async def main():
+        StallDumper(Broken(), str(path)).dump("signal")
+
+    trio.run(main)
+    record = json.loads(path.read_text())
+    assert record["why"] == "signal" and "negative integer" in record["error"]
