@@ -29,6 +29,23 @@ escrow before the renter starts (a fresh renter can read that standing). Measure
 honest rents succeeded / tried (all, and those after the attack began), search time p50/p99, rent time, the victim's RSS (start, max, end),
 its CPU share, whether it stayed up, and what each attacker managed to send. The last line
 is JSON. Nothing here is asserted: the figures are reported as measured.
+
+CPU share alone does not say whether a process was short of CPU on a shared machine:
+`runq_wait_share` is, per 5 s sample, the share of wall time each process's main thread was
+runnable but waiting for a CPU (Linux schedstat). Victim CPU share 0.2-0.3 with a wait share of
+0.6-0.8 is a process that wanted a whole core and got a quarter of one.
+
+`--stall-dump` runs node/stalldump.py in the victim and the renter: both are snapshotted every
+10 s, and every renter stream open slower than 2 s snapshots both sides (task stacks, per
+connection the yamux streams, windows and locks, the kernel socket queues and what the unread
+bytes are). That is how the renter's stream-open timeouts under every attack were traced
+(README, "Hostile peers"): on the code before node/libp2p_perf.py items 1-3 the renter returned
+window credit after every read and read pubsub length prefixes a byte at a time, sending the
+victim about six lone 12-byte yamux frames per gossip message it read; the victim, short of CPU,
+read that connection's frames at a few per scheduling round, up to 300 KB (3,853 lone headers)
+waited unread in its socket, and the renter's SYN and multistream-select waited behind them.
+With items 1-11, ten minutes of every attack (`--seconds 600 --attacker-ip 127.0.0.2
+--provider-history 2`, load average 7.5-11) gave 20 of 20 honest rents (README).
 """
 
 from __future__ import annotations
