@@ -94,8 +94,8 @@ maintainers' version of each):
    still a checkpoint, errors included. Items 9-10 together: 16.3 -> 8.2 trio task steps and
    about 30% less CPU per 750-byte stream message, both ends (tests/benchmarks/
    bench_stream_steps.py; upstream: 25.6 steps).
-11. :class:`FastTCPStream` and :class:`FreeLock`: a connection's read loop handles the frames
-   that one socket read brought without a scheduling point per frame. Upstream: per received
+11. :class:`FastTCPStream` again: a connection's read loop takes the frames that one socket
+   read brought without a socket read (and its scheduling point) per frame. Upstream: per received
    frame, two socket reads (a Noise message's 2-byte length, then its body, each asking the
    socket for exactly that many bytes) and a pass of the connection's ``streams_lock`` (and a
    stream's ``window_lock`` for a WINDOW_UPDATE), each a checkpoint even when free. When the
@@ -105,15 +105,17 @@ maintainers' version of each):
    read and reads pubsub length prefixes a byte at a time: about six 12-byte WINDOW_UPDATEs per
    gossip message it reads) got ahead of that rate, and a new stream's SYN and
    multistream-select on that connection waited behind the backlog in the socket: measured in
-   tests/benchmarks/bench_soak.py (``--stall-dump``), up to 133 KB (about 1,700 lone yamux
+   tests/benchmarks/bench_soak.py (``--stall-dump``), up to 300 KB (3,853 lone yamux
    headers) unread by the provider on the renter's connection while the renter's stream opens
    timed out after 5 s and fresh connections were served. Here a socket read asks for up to
    ``READ_AHEAD`` (64 KiB) and keeps what was not asked for; a later read is served from it
-   with no scheduling point (a read that reaches the socket is still one); and the two locks
-   are :class:`FreeLock`, taken without a scheduling point when free. The read loop still
-   yields at every socket read, and at most 64 KiB of frames are handled between two.
-   Upstream fix: a buffered reader under the Noise session (as go-libp2p's ``bufio`` under
-   its secure transport) and ``acquire_nowait`` first in the read loop's lock passes.
+   with no scheduling point (a read that reaches the socket is still one): per WINDOW_UPDATE
+   frame 2 scheduling points remain (the lock passes), from 4 with items 1-10 and 6 upstream.
+   Taking those lock passes without a scheduling point too (``acquire_nowait`` when free, as
+   item 9 does for writes) brought it to 0.005, but changed when a dialler saw a refused
+   connection close (tests/node/test_hostile_p2p.py's per-peer refusal test then saw redials);
+   not adopted until that is understood. Upstream fix: a buffered reader under the Noise
+   session (as go-libp2p's ``bufio`` under its secure transport).
 
 """
 
@@ -289,7 +291,6 @@ class BatchedYamux(Yamux):
     def __init__(self, secured_conn: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(secured_conn, *args, **kwargs)
         _fast_tcp(secured_conn)  # items 10-11
-        self.streams_lock = FreeLock()  # item 11
 
     async def open_stream(self) -> YamuxStream:
         return _batched(await super().open_stream())
@@ -319,47 +320,7 @@ class BatchedYamux(Yamux):
 def _batched(stream: Any) -> Any:
     if type(stream) is YamuxStream:
         stream.__class__ = BatchedYamuxStream
-        if not stream.window_lock.locked():  # item 11 (a held lock stays: its holder releases it)
-            stream.window_lock = FreeLock()
     return stream
-
-
-class FreeLock:
-    """Item 11: a ``trio.Lock`` (same fairness, same errors) whose ``async with`` takes the lock
-    without a scheduling point when it is free. Upstream's yamux read loop takes the
-    connection's ``streams_lock`` for every frame, and a stream's ``window_lock`` too for a
-    WINDOW_UPDATE: each acquire is a checkpoint even when free. ``trio.Lock`` is final, so this
-    wraps one rather than subclassing it. trio's Lock is fair: ``acquire_nowait`` refuses while
-    anyone waits, so this never jumps a waiter."""
-
-    __slots__ = ("_lock",)
-
-    def __init__(self) -> None:
-        self._lock = trio.Lock()
-
-    async def acquire(self) -> None:
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
-
-    def acquire_nowait(self) -> None:
-        self._lock.acquire_nowait()
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def locked(self) -> bool:
-        return self._lock.locked()
-
-    def statistics(self) -> Any:
-        return self._lock.statistics()
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
 
 
 class ConfiguredMuxerMultistream(MuxerMultistream):
