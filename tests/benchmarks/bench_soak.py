@@ -44,8 +44,9 @@ window credit after every read and read pubsub length prefixes a byte at a time,
 victim about six lone 12-byte yamux frames per gossip message it read; the victim, short of CPU,
 read that connection's frames at a few per scheduling round, up to 300 KB (3,853 lone headers)
 waited unread in its socket, and the renter's SYN and multistream-select waited behind them.
-With items 1-11 (11 in its first form, README), ten minutes of every attack (`--seconds 600 --attacker-ip 127.0.0.2
---provider-history 2`, load average 7.5-11) gave 20 of 20 honest rents (README).
+With items 1-11, ten minutes of every attack (`--seconds 600 --attacker-ip 127.0.0.2
+--provider-history 2`) gave 20 of 20 honest rents twice (load average 7.5-11 with item 11's
+first form, 2.4-7 with the final one; README).
 """
 
 from __future__ import annotations
