@@ -35,6 +35,7 @@ from .chain import AsyncChain, Chain
 from .fake_nvml import FakeGpu, FakeNvml
 from .node import Node, NodeConfig, ProviderSettings, RentError
 from .runtime import DockerSettings
+from .stalldump import StallDumper
 from .reachability import ReachabilityConfig
 
 FIND_POLL_S = 0.2
@@ -220,6 +221,9 @@ async def main(args: argparse.Namespace) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
+            dumper = StallDumper.from_env(node.host.host)  # diagnostics, off unless asked
+            if dumper is not None:
+                await nursery.start(dumper.run)
             say(event="ready", peer_id=str(node.peer_id), addrs=node.addrs(),
                 wallet=node.binding.wallet.hex(), resumed=node.resumed)
             nursery.start_soon(report_reachability, node)

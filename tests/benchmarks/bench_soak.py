@@ -29,6 +29,24 @@ escrow before the renter starts (a fresh renter can read that standing). Measure
 honest rents succeeded / tried (all, and those after the attack began), search time p50/p99, rent time, the victim's RSS (start, max, end),
 its CPU share, whether it stayed up, and what each attacker managed to send. The last line
 is JSON. Nothing here is asserted: the figures are reported as measured.
+
+CPU share alone does not say whether a process was short of CPU on a shared machine:
+`runq_wait_share` is, per 5 s sample, the share of wall time each process's main thread was
+runnable but waiting for a CPU (Linux schedstat). Victim CPU share 0.2-0.3 with a wait share of
+0.6-0.8 is a process that wanted a whole core and got a quarter of one.
+
+`--stall-dump` runs node/stalldump.py in the victim and the renter: both are snapshotted every
+10 s, and every renter stream open slower than 2 s snapshots both sides (task stacks, per
+connection the yamux streams, windows and locks, the kernel socket queues and what the unread
+bytes are). That is how the renter's stream-open timeouts under every attack were traced
+(README, "Hostile peers"): on the code before node/libp2p_perf.py items 1-3 the renter returned
+window credit after every read and read pubsub length prefixes a byte at a time, sending the
+victim about six lone 12-byte yamux frames per gossip message it read; the victim, short of CPU,
+read that connection's frames at a few per scheduling round, up to 300 KB (3,853 lone headers)
+waited unread in its socket, and the renter's SYN and multistream-select waited behind them.
+With items 1-11, ten minutes of every attack (`--seconds 600 --attacker-ip 127.0.0.2
+--provider-history 2`) gave 20 of 20 honest rents twice (load average 7.5-11 with item 11's
+first form, 2.4-7 with the final one; README).
 """
 
 from __future__ import annotations
@@ -38,7 +56,9 @@ from collections import Counter
 import dataclasses
 import ipaddress
 import json
+import os
 import random
+import signal
 import socket
 import sys
 import tempfile
@@ -410,11 +430,24 @@ class Victim:
     def __init__(self, pid: int) -> None:
         self.proc = psutil.Process(pid)
         self.samples: list[tuple[float, int, float]] = []  # (t, rss, cpu seconds)
+        self.waits: list[float] = []  # seconds its main thread was runnable but not running
+
+    def wait_share(self) -> list[float]:
+        """Per sample interval, the share of wall time the process's main thread waited in
+        the OS run queue (other processes had the CPUs): 0.5 = it could have run half as long
+        again."""
+        return [round((w1 - w0) / max(b[0] - a[0], 1e-9), 2) for (w0, w1), (a, b) in
+                zip(zip(self.waits, self.waits[1:]), zip(self.samples, self.samples[1:]))]
 
     def sample(self) -> bool:
         try:
             t = self.proc.cpu_times()
             self.samples.append((time.monotonic(), self.proc.memory_info().rss, t.user + t.system))
+            try:  # Linux schedstat: on-CPU ns, run-queue wait ns, timeslices
+                with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/schedstat") as f:
+                    self.waits.append(int(f.read().split()[1]) / 1e9)
+            except (OSError, ValueError, IndexError):
+                pass
             return True
         except psutil.NoSuchProcess:
             return False
@@ -463,6 +496,9 @@ async def main(args: argparse.Namespace) -> dict:
                 "--token", token.hex(), "--wallet-key-file", str(key_file), "--role", role,
                 "--name", name, "--params", json.dumps(PARAMS), *extra])
 
+        if args.stall_dump:  # node/stalldump.py in both processes; the renter signals the victim
+            os.environ["GPUMARKET_STALL_DUMP"] = str(tmp / "provider.stall.jsonl")
+            os.environ["GPUMARKET_STALL_AFTER"] = "0"  # the victim dumps when the renter asks
         port = _free_port()
         listen = f"/ip4/127.0.0.1/tcp/{port}"
         victim_peer = load_or_create_identity(tmp / "provider" / "identity.seed").peer_id
@@ -473,6 +509,10 @@ async def main(args: argparse.Namespace) -> dict:
                          "--grace", "600", "--min-duration", "5")
         provider.wait("ready", 60)
         history_gas = provider_history(chain, wallets, args.provider_history, anvil)
+        if args.stall_dump:
+            os.environ["GPUMARKET_STALL_DUMP"] = str(tmp / "renter.stall.jsonl")
+            os.environ["GPUMARKET_STALL_PEER_PID"] = str(provider.proc.pid)
+            os.environ["GPUMARKET_STALL_AFTER"] = "2.0"
         rounds = int((args.attack_delay + args.seconds) // args.rent_every)
         renter = start("renter", "renter", "--bootstrap", victim_addr,
                        "--rent", "gpu=RTX_4090", "--duration", "20",
@@ -545,6 +585,10 @@ async def main(args: argparse.Namespace) -> dict:
             while trio.current_time() < stop_at + 40:
                 await trio.sleep(5)
                 alive = victim.sample() and alive
+                if args.stall_dump and int(time.monotonic() - t_start) % 10 < 5:
+                    for proc in (provider, renter):  # a periodic snapshot of both sides
+                        if proc.proc.poll() is None:
+                            proc.proc.send_signal(signal.SIGUSR2)
                 renter_proc.sample()
                 while not renter.events.empty():
                     ev = renter.events.get_nowait()
@@ -598,6 +642,9 @@ async def main(args: argparse.Namespace) -> dict:
         # CPU seconds per second of the renter process per 5 s sample (1.0: one core busy)
         "renter_cpu_share": [round((b[2] - a[2]) / max(b[0] - a[0], 1e-9), 2)
                              for a, b in zip(renter_proc.samples, renter_proc.samples[1:])],
+        # per 5 s sample: share of wall time each process's main thread was runnable but
+        # waiting for a CPU (load from other processes on the machine)
+        "runq_wait_share": {"victim": victim.wait_share(), "renter": renter_proc.wait_share()},
         "victim": {"up": victim_up, "rss_start_mib": rss0 >> 20,
                    "rss_max_mib": max(s[1] for s in victim.samples) >> 20, "rss_end_mib": rss1 >> 20,
                    "cpu_share": round((cpu1 - cpu0) / max(t1 - t0, 1e-9), 3),
@@ -650,6 +697,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="an honest bystander at " + PROBE_IP + " opens a ping stream to the victim "
                         "this often (on a kept connection and on a fresh one); 0: off")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--stall-dump", action="store_true",
+                   help="node/stalldump.py in the victim and the renter: each renter stream open "
+                        "that takes over 2 s dumps both sides' task stacks and yamux state to "
+                        "provider.stall.jsonl and renter.stall.jsonl in the logs directory, "
+                        "and both are dumped every 10 s")
     return p.parse_args(argv)
 
 
