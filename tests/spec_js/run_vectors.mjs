@@ -9,6 +9,7 @@ import { secp256k1 } from '../interop/node_modules/@noble/curves/secp256k1.js';
 import { sha256 } from '../interop/node_modules/@noble/hashes/sha2.js';
 import * as W from './impl.mjs';
 import { simulateBook } from './offerbook.mjs';
+import { arbiterRuling } from './arbitration.mjs';
 
 const VECTORS = process.env.SPEC_VECTORS_DIR || join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'specs', 'vectors');
 const load = (f) => JSON.parse(readFileSync(join(VECTORS, f), 'utf8'));
@@ -239,6 +240,29 @@ function checkKeys(file, keys) {
 {
   const f = 'offerbook.json', d = load(f);
   simulateBook(d, (name, fn) => check(f, name, fn), same, all);
+}
+
+// ------------------------------------------------------------------ arbitration.json
+{
+  const f = 'arbitration.json', d = load(f);
+  for (const [i, a] of d.keys.agreements.entries()) {
+    check(f, `keys: agreement ${i} public keys are 32 bytes`, () => all(same('provider', unhex(a.provider_ed25519_public).length, 32),
+      same('renter', unhex(a.renter_ed25519_public).length, 32)));
+  }
+  const known = new Set(d.keys.agreements.flatMap((a) => [a.provider_ed25519_public, a.renter_ed25519_public]));
+  for (const c of d.cases) {
+    check(f, `${c.name}: bundle decodes, keys are the listed ones`, () => {
+      const b = W.decode(unhex(c.bundle_hex), 'EvidenceBundle').fields;
+      return all(same('provider key listed', known.has(hex(b.details.provider_key)), true),
+        same('renter key listed', known.has(hex(b.details.renter_key)), true));
+    });
+    check(f, `${c.name}: ruling`, () => {
+      const r = arbiterRuling(unhex(c.bundle_hex));
+      return all(same('notice_faults', r.notice_faults, c.notice_faults),
+        same('claim_provider_amount', r.claim_provider_amount, c.claim_provider_amount),
+        same('ruling', sortKeys(r.ruling), sortKeys(c.ruling)));
+    });
+  }
 }
 
 // ------------------------------------------------------------------ report
