@@ -10,6 +10,7 @@ import { sha256 } from '../interop/node_modules/@noble/hashes/sha2.js';
 import * as W from './impl.mjs';
 import { simulateBook } from './offerbook.mjs';
 import { arbiterRuling } from './arbitration.mjs';
+import { query as runQuery } from './query.mjs';
 
 const VECTORS = process.env.SPEC_VECTORS_DIR || join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'specs', 'vectors');
 const load = (f) => JSON.parse(readFileSync(join(VECTORS, f), 'utf8'));
@@ -245,16 +246,14 @@ function checkKeys(file, keys) {
 // ------------------------------------------------------------------ arbitration.json
 {
   const f = 'arbitration.json', d = load(f);
-  for (const [i, a] of d.keys.agreements.entries()) {
-    check(f, `keys: agreement ${i} public keys are 32 bytes`, () => all(same('provider', unhex(a.provider_ed25519_public).length, 32),
-      same('renter', unhex(a.renter_ed25519_public).length, 32)));
-  }
-  const known = new Set(d.keys.agreements.flatMap((a) => [a.provider_ed25519_public, a.renter_ed25519_public]));
   for (const c of d.cases) {
+    // the bundle's keys are those listed for the agreement with its notice_s
     check(f, `${c.name}: bundle decodes, keys are the listed ones`, () => {
       const b = W.decode(unhex(c.bundle_hex), 'EvidenceBundle').fields;
-      return all(same('provider key listed', known.has(hex(b.details.provider_key)), true),
-        same('renter key listed', known.has(hex(b.details.renter_key)), true));
+      const a = d.keys.agreements.find((x) => BigInt(x.notice_s) === b.details.notice_s);
+      if (!a) return `no listed agreement with notice_s ${b.details.notice_s}`;
+      return all(same('provider key', hex(b.details.provider_key), a.provider_ed25519_public),
+        same('renter key', hex(b.details.renter_key), a.renter_ed25519_public));
     });
     check(f, `${c.name}: ruling`, () => {
       const r = arbiterRuling(unhex(c.bundle_hex));
@@ -262,6 +261,24 @@ function checkKeys(file, keys) {
         same('claim_provider_amount', r.claim_provider_amount, c.claim_provider_amount),
         same('ruling', sortKeys(r.ruling), sortKeys(c.ruling)));
     });
+  }
+}
+
+// ------------------------------------------------------------------ query_classes.json
+{
+  const f = 'query_classes.json', d = load(f);
+  const entries = [], nameOf = {};
+  for (const [name, o] of Object.entries(d.offers)) {
+    check(f, `offer ${name}: valid at now_ms, sha256`, () => {
+      const wire = unhex(o.wire_hex);
+      const { offer, digest } = W.validateOffer(wire, d.now_ms);
+      entries.push({ offer, digest: hex(digest) });
+      nameOf[hex(digest)] = name;
+      return same('sha256', hex(digest), o.sha256);
+    });
+  }
+  for (const c of d.queries) {
+    check(f, `query '${c.query}' sort ${c.sort}`, () => same('result', runQuery(entries, c.query, c.sort).map((e) => nameOf[e.digest]), c.expect));
   }
 }
 
