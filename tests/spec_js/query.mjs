@@ -17,25 +17,33 @@ const decimal = (v) => { const [i, f = ''] = v.split('.'); return [BigInt((i || 
 const cmpFrac = (a, b, c, d) => { const l = a * d, r = c * b; return l < r ? -1 : l > r ? 1 : 0; };
 const holds = (op, c) => ({ '=': c === 0, '!=': c !== 0, '<': c < 0, '<=': c <= 0, '>': c > 0, '>=': c >= 0 })[op];
 
-// fnmatch-style glob: * any run, ? one character, [...] a set ([!...] negated)
-function globRe(pattern, flags) {
+// fnmatch-style glob: * any run, ? one character, [...] a set ([!...] negated; a ']' first in
+// the set is literal; a '[' without a closing ']' is literal). Case-insensitive: pattern and
+// value compared upper-cased.
+function globRe(pattern) {
+  pattern = pattern.toUpperCase();
   let re = '';
   for (let i = 0; i < pattern.length; i++) {
     const ch = pattern[i];
     if (ch === '*') re += '.*';
     else if (ch === '?') re += '.';
     else if (ch === '[') {
-      const j = pattern.indexOf(']', i + 2);
+      let k = i + 1;
+      if (pattern[k] === '!') k++;
+      if (pattern[k] === ']') k++;
+      const j = pattern.indexOf(']', k);
       if (j < 0) { re += '\\['; continue; }
       let body = pattern.slice(i + 1, j);
       const neg = body.startsWith('!');
       if (neg) body = body.slice(1);
-      re += `[${neg ? '^' : ''}${body.replace(/[\\^]/g, '\\$&')}]`;
+      re += `[${neg ? '^' : ''}${body.replace(/[\\^\]\[]/g, '\\$&')}]`;
       i = j;
     } else re += ch.replace(/[.*+?^${}()|[\]\\\/]/g, '\\$&');
   }
-  return new RegExp(`^${re}$`, flags);
+  const r = new RegExp(`^${re}$`, 's');
+  return { test: (v) => r.test(v.toUpperCase()), lead: new RegExp(`^${re}_.*$`, 's') };
 }
+const GLOB = /^[A-Za-z0-9_.*?\-\[\]]+$/, IMAGE_GLOB = /^[A-Za-z0-9_.*?\-\[\]:\/@]+$/;
 
 export function parseQuery(q) {
   const terms = [];
@@ -54,19 +62,20 @@ export function parseQuery(q) {
     const bad = (what) => { throw new QueryError(`bad value '${value}' for ${field} at column ${col + m[1].length + op0.length}: expected ${what}`); };
     let v;
     switch (field) {
-      case 'vram': case 'price': case 'score': if (!NUMBER.test(value)) bad('a number'); v = decimal(value); break;
+      case 'vram': case 'price': case 'score':
+        if (!NUMBER.test(value)) bad('a number');
+        v = decimal(value);
+        if (field === 'score' && v[0] > 10n ** v[1]) bad('a score between 0 and 1');
+        break;
       case 'count': case 'notice': if (!/^\d+$/.test(value)) bad('an integer'); v = BigInt(value); break;
       case 'cuda': case 'cc': {
         if (!/^\d+(\.\d+)?$/.test(value)) bad('major[.minor]');
         const [a, b = '0'] = value.split('.'); v = [BigInt(a), BigInt(b)]; break;
       }
       case 'chain': if (!/^\d+(,\d+)*$/.test(value)) bad('an integer list'); v = value.split(',').map(BigInt); break;
-      case 'class':
-        if (value === '') bad('on-demand or interruptible');
-        v = value.split(',').map((g) => globRe(g, 'i')); break;
       default:
-        if (value === '' || value.split(',').some((g) => g === '')) bad('a glob list');
-        v = value.split(',').map((g) => globRe(g, field === 'gpu' ? 'i' : '')); // gpu: case-insensitive
+        if (value.split(',').some((g) => !(field === 'image' ? IMAGE_GLOB : GLOB).test(g))) bad('a glob list');
+        v = value.split(',').map(globRe);
     }
     terms.push({ field, op, value: v });
     col += word.length + 1;
@@ -108,11 +117,20 @@ export function classes(o) {
 const comparable = (pps, dec) => pps * 3600n * 10n ** (36n - dec);
 
 const anyGlob = (res, s) => res.some((r) => r.test(s));
+// a float's exact value as [numerator, denominator] (scores are floats; terms exact decimals)
+function floatRational(x) {
+  const dv = new DataView(new ArrayBuffer(8));
+  dv.setFloat64(0, x);
+  const bits = dv.getBigUint64(0);
+  const sign = bits >> 63n ? -1n : 1n, e = Number((bits >> 52n) & 0x7ffn), frac = bits & ((1n << 52n) - 1n);
+  const mant = e === 0 ? frac : frac | (1n << 52n), exp = (e === 0 ? 1 : e) - 1075;
+  return exp >= 0 ? [sign * (mant << BigInt(exp)), 1n] : [sign * mant, 1n << BigInt(-exp)];
+}
 function termHolds(t, o, f, score) {
   const { op, value } = t;
   switch (t.field) {
     case 'gpu': { // a pattern also matches a token's leading words
-      const m = f.tokens.some((tok) => value.some((r) => r.test(tok) || new RegExp(r.source.slice(0, -1) + '_.*$', r.flags).test(tok)));
+      const m = f.tokens.some((tok) => value.some((g) => g.test(tok) || g.lead.test(tok)));
       return op === '=' ? m : !m;
     }
     case 'region': case 'token': { const m = anyGlob(value, t.field === 'region' ? f.region : f.token); return op === '=' ? m : !m; }
@@ -120,11 +138,7 @@ function termHolds(t, o, f, score) {
     case 'chain': { const m = value.includes(f.chain); return op === '=' ? m : !m; }
     case 'vram': return holds(op, cmpFrac(f.vram, 1n, value[0], 10n ** value[1]));
     case 'count': return holds(op, f.count < value ? -1 : f.count > value ? 1 : 0);
-    case 'score': { // the score is a float; compare exactly via its decimal expansion is not needed for 0..1 test values
-      const s = score;
-      const [n, k] = value; const x = Number(n) / 10 ** Number(k);
-      return holds(op, s < x ? -1 : s > x ? 1 : 0);
-    }
+    case 'score': { const [a, b] = floatRational(score); return holds(op, cmpFrac(a, b, value[0], 10n ** value[1])); }
     case 'cuda': { const want = value[0] * 1000n + value[1] * 10n; return holds(op, f.cuda < want ? -1 : f.cuda > want ? 1 : 0); }
     case 'cc': {
       const [a, b] = f.cc, [c, d] = value;
@@ -156,16 +170,21 @@ export function matchPrice(terms, o, score = 0.5) {
   return ok.map((c) => comparable(c.pps, f.decimals)).reduce((a, x) => (x < a ? x : a));
 }
 
-// entries: [{offer, digest (hex), score?}] -> the matches in order (sorts price and -price)
-export function query(entries, q, sort = 'price') {
+// entries: [{offer, digest (hex), score?}] -> the matches in order. Sorts: price, -price, vram,
+// -vram, count, -count, score, -score (the field, then price ascending, then digest; the class
+// price in a class-bound query); rank is not modelled here.
+export function query(entries, q, sort = 'price', limit = null) {
   const terms = parseQuery(q);
   const hits = [];
   for (const e of entries) {
     const p = matchPrice(terms, e.offer, e.score ?? 0.5);
-    if (p !== null) hits.push({ e, p });
+    if (p !== null) hits.push({ e, p, f: facts(e.offer) });
   }
-  const dir = { price: 1, '-price': -1 }[sort];
-  if (!dir) throw new QueryError(`sort ${sort} not modelled here`);
-  hits.sort((a, b) => (a.p !== b.p ? (a.p < b.p ? -dir : dir) : a.e.digest < b.e.digest ? -1 : a.e.digest > b.e.digest ? 1 : 0));
-  return hits.map((h) => h.e);
+  const desc = sort.startsWith('-'), name = desc ? sort.slice(1) : sort;
+  const fieldOf = { price: (h) => h.p, vram: (h) => h.f.vram, count: (h) => h.f.count, score: (h) => h.e.score ?? 0.5 }[name];
+  if (!fieldOf) throw new QueryError(`sort ${sort} not modelled here`);
+  const c = (a, b) => (a < b ? -1 : a > b ? 1 : 0);
+  hits.sort((a, b) => (desc ? -1 : 1) * c(fieldOf(a), fieldOf(b)) || c(a.p, b.p) || c(a.e.digest, b.e.digest));
+  const out = hits.map((h) => h.e);
+  return limit === null ? out : out.slice(0, limit);
 }
