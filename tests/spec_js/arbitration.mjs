@@ -33,32 +33,31 @@ export function noticeVerdict(bundleBytes) {
 
   // step 3: heartbeats
   const agreed = details.gpus.map(hex).sort().join();
-  let hbs = [];
+  const hbs = [];
   for (const bytes of b.heartbeats) {
     const f = message('Heartbeat', bytes, id, details.provider_key);
     if (!f) continue;
     if (f.metrics.map((x) => hex(x.uuid_digest)).sort().join() !== agreed) continue;
     hbs.push({ seq: Number(f.seq), sent_ms: Number(f.sent_ms), prev: hex(f.prev_hash), hash: hex(sha256(bytes)) });
   }
-  // one seq, several valid heartbeats: keep the one the next heartbeat links to
+  // one seq, several valid heartbeats: keep the one the next seq links to, else the first in
+  // bundle order (the others are equivocation)
   const bySeq = new Map();
   for (const h of hbs) (bySeq.get(h.seq) ?? bySeq.set(h.seq, []).get(h.seq)).push(h);
-  hbs = [];
+  const kept = new Map();
   for (const [seq, group] of bySeq) {
-    if (group.length === 1) { hbs.push(group[0]); continue; }
     const next = (bySeq.get(seq + 1) ?? []).map((n) => n.prev);
-    const kept = group.filter((h) => next.includes(h.hash));
-    if (kept.length === 1) hbs.push(kept[0]);
+    kept.set(seq, group.find((h) => next.includes(h.hash)) ?? group[0]);
   }
-  hbs.sort((x, y) => x.seq - y.seq);
+  // in seq order: a link to the kept k-1 (valid or not), time against the last that passed
   const valid = [];
-  let last = null;
-  for (const h of hbs) {
+  for (const h of [...kept.values()].sort((x, y) => x.seq - y.seq)) {
+    const prev = kept.get(h.seq - 1);
     if (h.seq === 0 && h.prev !== hex(ZERO32)) continue; // broken_chain
-    if (last && last.seq === h.seq - 1 && h.prev !== last.hash) continue; // broken_chain
-    if (last && h.sent_ms < last.sent_ms) continue; // time_went_back
+    if (prev && h.prev !== prev.hash) continue; // broken_chain
+    if (valid.length && h.sent_ms < valid[valid.length - 1].sent_ms) continue; // time_went_back
     if (h.sent_ms < startedMs - SKEW_MS) continue; // before_start
-    valid.push(h); last = h;
+    valid.push(h);
   }
 
   // step 4: receipts
