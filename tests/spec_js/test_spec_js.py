@@ -435,3 +435,63 @@ def test_query_results_agree_with_protocol_on_random_books() -> None:
     assert len(got) == len(want) and not diffs, f"{len(diffs)} of {len(want)} differ, first: {diffs[:3]}"
     nonempty = [w for w in want if w and w != "bad_query"]
     assert len(nonempty) > len(want) // 3 and "bad_query" in want  # the queries select something
+
+
+def test_arbiter_rulings_agree_with_protocol_on_changed_bundles() -> None:
+    """protocol.evidence (verify_bundle's notice faults, arbiter_ruling) and the JS reading of
+    specs/evidence.md give the same faults, claim and ruling on bundles of served rentals changed
+    at random: forged notices (any stop, sent and after_heartbeat), dropped heartbeats and
+    receipts, equivocating and back-dated heartbeats re-signed by the provider, foreign bytes."""
+    import dataclasses
+    import random
+
+    from protocol.encoding import decode
+    from protocol.errors import LocalProtocolError
+    from protocol.evidence import arbiter_ruling, verify_bundle
+    from protocol.messages import Heartbeat, digest
+    from tests.protocol.arbitration_vectors import T0, agreement, forged, served_bundle
+
+    rng = random.Random(99)
+    bases = [(a, served_bundle(a, upto)) for a, upto in
+             ((agreement(60), 120), (agreement(60), 300), (agreement(0, seed=6), 200), (agreement(0, seed=6), 590))]
+    items, want, codes = [], [], set()
+    for _ in range(160):
+        a, base = rng.choice(bases)
+        hbs, rcs = list(base.heartbeats), list(base.receipts)
+        for _ in range(rng.choice((0, 0, 1, 3))):  # drop records
+            pool = hbs if rng.random() < 0.5 else rcs
+            if pool:
+                pool.pop(rng.randrange(len(pool)))
+        for _ in range(rng.choice((0, 0, 1, 1, 2))):  # the provider re-signs a heartbeat changed
+            # (often one of the last: which one is kept decides stopped_early)
+            pick = rng.choice(base.heartbeats[-3:] if rng.random() < 0.5 else base.heartbeats)
+            hb = decode(pick, Heartbeat)
+            hb = dataclasses.replace(hb, sent_ms=hb.sent_ms + rng.choice((-60_000, -25_000, -1, 1, 3_000, 30_000)),
+                                     prev_hash=rng.choice((hb.prev_hash, hb.prev_hash, bytes(32))))
+            hbs.append(hb.sign(a.provider).encode())
+        if rng.random() < 0.05:
+            hbs.append(b"\x93\x14\x01\x00")
+        hashes = [digest(h) for h in base.heartbeats]
+        notices = []
+        for _ in range(rng.choice((0, 1, 1, 1, 2, 3))):
+            sent = T0 + rng.randrange(-10_000, 620_000, 500)
+            stop = sent + rng.choice((-1, 0, 20_000, 59_999, 60_000, 60_001, 120_000, rng.randrange(0, 700_000)))
+            after = rng.choice(hashes + [bytes(32)])
+            notices.append(forged(a, sent, stop, after).encode())
+        bundle = dataclasses.replace(base, heartbeats=tuple(sorted(set(hbs))), receipts=tuple(sorted(set(rcs))),
+                                     notices=tuple(sorted(set(notices))))
+        verdict = verify_bundle(bundle)
+        codes.update(i.code for i in verdict.invalid)
+        try:
+            ruling = arbiter_ruling(bundle).to_json_dict()
+            want.append({"claim_provider_amount": verdict.payout.to_json()["provider"],
+                         "notice_faults": list(verdict.notice_faults), "ruling": ruling})
+        except LocalProtocolError as exc:
+            want.append(exc.code)
+        items.append({"op": "ruling", "hex": bundle.encode().hex()})
+    got = _oracle(items)
+    diffs = [(w, g) for w, g in zip(want, got) if w != g]
+    assert not diffs, f"{len(diffs)} of {len(items)} differ, first: {diffs[:2]}"
+    faults = {f for w in want for f in w["notice_faults"]}
+    assert faults == {"notice_on_demand", "short_notice", "notice_backdated", "stopped_early"}, faults
+    assert {"equivocation", "broken_chain", "time_went_back", "bad_stop", "bad_field"} <= codes, codes
