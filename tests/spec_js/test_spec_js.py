@@ -380,7 +380,8 @@ def _query_offers(rng, n: int):
             cut = o.terms.price_per_gpu_second
             sets.append(InterruptibleGpus(tuple(g[at:at + size]), notices.pop(), rng.randrange(1, cut)))
             at += size
-        out.append((dataclasses.replace(o, interruptible=tuple(sets)).sign(peer), rng.choice((0.2, 0.5, 0.5, 0.9, 0.7))))
+        score = rng.choice((0.2, 0.5, 0.5, 0.9, 0.7))
+        out.append((dataclasses.replace(o, interruptible=tuple(sets)).sign(peer), score))
     return now, out
 
 
