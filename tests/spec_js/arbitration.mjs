@@ -25,7 +25,14 @@ function message(type, bytes, agreementId, key) {
 export function noticeVerdict(bundleBytes) {
   const b = W.decode(bundleBytes, 'EvidenceBundle').fields;
   const { terms, details } = b;
-  // step 1 (fatal). AgreementTerms' own checks are not repeated here: the vectors' terms are valid.
+  // step 1 (fatal): valid terms, then the details they commit to
+  const isZero = (a) => a.every((x) => x === 0);
+  const t = terms;
+  const termsOk = !isZero(t.provider) && !isZero(t.renter) && !eq(t.provider, t.renter) && t.price_per_second > 0n
+    && t.max_seconds > 0n && t.price_per_second * t.max_seconds < (1n << 256n) && t.heartbeat_interval > 0n
+    && isZero(t.arbiter) === (t.dispute_window === 0n)
+    && (isZero(t.arbiter) || (!eq(t.arbiter, t.provider) && !eq(t.arbiter, t.renter))) && t.open_by > 0n;
+  if (!termsOk) throw new LocalError('bad_terms');
   if (!eq(W.keccak(W.encodeStruct(W.AgreementDetails, details)), terms.details_hash)) throw new LocalError('bad_terms');
   const id = W.agreementId(terms);
   const I = Number(terms.heartbeat_interval);
