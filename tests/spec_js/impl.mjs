@@ -1,7 +1,8 @@
 // A second implementation of the gpumarket wire protocol, written from specs/ only
 // (specs/wire.md, specs/validation.md, specs/parameters.md, specs/escrow.md,
-// specs/runtime.md section 2, specs/offerbook.md). It exists to find where the spec is not
-// exact enough for an implementer who never reads protocol/.
+// specs/runtime.md section 2, specs/offerbook.md; the query language in query.mjs, the arbiter's
+// ruling in arbitration.mjs). It exists to find where the spec is not exact enough for an
+// implementer who never reads protocol/.
 import { ed25519 } from '../interop/node_modules/@noble/curves/ed25519.js';
 import { secp256k1 } from '../interop/node_modules/@noble/curves/secp256k1.js';
 import { sha256, sha512 } from '../interop/node_modules/@noble/hashes/sha2.js';

@@ -9,6 +9,8 @@ import { secp256k1 } from '../interop/node_modules/@noble/curves/secp256k1.js';
 import { sha256 } from '../interop/node_modules/@noble/hashes/sha2.js';
 import * as W from './impl.mjs';
 import { simulateBook } from './offerbook.mjs';
+import { arbiterRuling } from './arbitration.mjs';
+import { query as runQuery } from './query.mjs';
 
 const VECTORS = process.env.SPEC_VECTORS_DIR || join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'specs', 'vectors');
 const load = (f) => JSON.parse(readFileSync(join(VECTORS, f), 'utf8'));
@@ -239,6 +241,45 @@ function checkKeys(file, keys) {
 {
   const f = 'offerbook.json', d = load(f);
   simulateBook(d, (name, fn) => check(f, name, fn), same, all);
+}
+
+// ------------------------------------------------------------------ arbitration.json
+{
+  const f = 'arbitration.json', d = load(f);
+  for (const c of d.cases) {
+    // the bundle's keys are those listed for the agreement with its notice_s
+    check(f, `${c.name}: bundle decodes, keys are the listed ones`, () => {
+      const b = W.decode(unhex(c.bundle_hex), 'EvidenceBundle').fields;
+      const a = d.keys.agreements.find((x) => BigInt(x.notice_s) === b.details.notice_s);
+      if (!a) return `no listed agreement with notice_s ${b.details.notice_s}`;
+      return all(same('provider key', hex(b.details.provider_key), a.provider_ed25519_public),
+        same('renter key', hex(b.details.renter_key), a.renter_ed25519_public));
+    });
+    check(f, `${c.name}: ruling`, () => {
+      const r = arbiterRuling(unhex(c.bundle_hex));
+      return all(same('notice_faults', r.notice_faults, c.notice_faults),
+        same('claim_provider_amount', r.claim_provider_amount, c.claim_provider_amount),
+        same('ruling', sortKeys(r.ruling), sortKeys(c.ruling)));
+    });
+  }
+}
+
+// ------------------------------------------------------------------ query_classes.json
+{
+  const f = 'query_classes.json', d = load(f);
+  const entries = [], nameOf = {};
+  for (const [name, o] of Object.entries(d.offers)) {
+    check(f, `offer ${name}: valid at now_ms, sha256`, () => {
+      const wire = unhex(o.wire_hex);
+      const { offer, digest } = W.validateOffer(wire, d.now_ms);
+      entries.push({ offer, digest: hex(digest) });
+      nameOf[hex(digest)] = name;
+      return same('sha256', hex(digest), o.sha256);
+    });
+  }
+  for (const c of d.queries) {
+    check(f, `query '${c.query}' sort ${c.sort}`, () => same('result', runQuery(entries, c.query, c.sort).map((e) => nameOf[e.digest]), c.expect));
+  }
 }
 
 // ------------------------------------------------------------------ report

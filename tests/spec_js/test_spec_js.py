@@ -1,7 +1,8 @@
 """The second implementer: tests/spec_js/ is a JavaScript implementation of the wire protocol written
 from specs/ alone (encoding and decoding of every message, the decoding error codes, message ids,
 signatures, the agreement id and EIP-712 digests, wallet bindings, offer validation verdicts, the
-text rule, exec frames, the offer book's admission and ranking). This runs it over every file in
+text rule, exec frames, the offer book's admission and ranking, the query language with its
+classes, the arbiter's ruling from an evidence bundle). This runs it over every file in
 specs/vectors/ and fails on any mismatch, so a vector, or a spec rule the JS code was written from,
 that drifts from what protocol/ does shows up here. Needs ``node`` and the @noble packages that
 .ci/run installs into tests/interop/node_modules (``npm ci --prefix tests/interop``); skipped with
@@ -348,3 +349,158 @@ def test_wallet_signature_codes_agree_with_protocol() -> None:
     diffs = [(i["sig"], w, g) for i, w, g in zip(items, want, got) if w != g]
     assert not diffs, f"{len(diffs)} differ, first: {diffs[:3]}"
     assert {"bad_signature_v", "bad_signature_high_s", "bad_signature"} <= set(want)
+
+
+def _query_offers(rng, n: int):
+    """Signed offers of several models, counts, regions, tokens and interruptible sets."""
+    import dataclasses
+
+    from protocol.messages import InterruptibleGpus
+    from protocol.samples import GPU_MODELS, make_offer, make_provider
+
+    now = 1_767_225_600_000
+    out = []
+    for i in range(n):
+        peer, _, binding = make_provider(rng)
+        price = rng.choice((40, 80, 99, 100, 110, 150, 200, 400, 700))
+        o = make_offer(peer, binding, rng, now, model=rng.choice(GPU_MODELS), gpu_count=rng.choice((1, 2, 3, 4, 8)),
+                       region=rng.choice(("eu-frankfurt", "eu-london", "us-dallas", "jp-tokyo")),
+                       price_per_gpu_second=price)
+        if rng.random() < 0.3:  # a token of 18 decimals, same symbol or another
+            o = dataclasses.replace(o, terms=dataclasses.replace(
+                o.terms, token_decimals=18, token_symbol=rng.choice(("USDC", "DAI")),
+                price_per_gpu_second=price * 10**12 + rng.choice((0, 1))))
+        if rng.random() < 0.3:
+            o = dataclasses.replace(o, images=tuple(rng.sample(("pytorch/pytorch:2.4", "nvcr.io/nvidia/cuda:12.4",
+                                                                "ubuntu:22.04"), rng.randrange(1, 3))))
+        g = [x.uuid_digest for x in o.gpus]
+        sets, at, notices = [], 0, rng.sample((1, 30, 60, 120, 600), 5)
+        while at < len(g) and rng.random() < 0.6:
+            size = rng.randrange(1, len(g) - at + 1)
+            cut = o.terms.price_per_gpu_second
+            sets.append(InterruptibleGpus(tuple(g[at:at + size]), notices.pop(), rng.randrange(1, cut)))
+            at += size
+        score = rng.choice((0.2, 0.5, 0.5, 0.9, 0.7))
+        out.append((dataclasses.replace(o, interruptible=tuple(sets)).sign(peer), score))
+    return now, out
+
+
+_QUERY_TERMS = (
+    "gpu=RTX_4090,A100*", "gpu!=RTX", "gpu=a100_sxm4", "gpu=A10", "gpu=rtx_[34]090", "vram>=24", "vram<40.5",
+    "vram=80", "count>=2", "count=1", "count!=8", "price<=0.6", "price>0.2", "price<.36", "price>=0.36",
+    "price=0.36", "price!=0.72", "price<=1.5", "region=eu-*", "region!=us-dallas", "region=EU-LONDON",
+    "cuda>=12.2", "cuda<12", "cc>=8.9", "cc<8.6", "cc=8", "score>=0.5", "score<=0.9", "score>0.2", "score=0.7",
+    "token=usdc", "token!=DAI", "chain=31337", "chain!=1,2", "image=pytorch/*", "image!=ubuntu:*",
+    "class=interruptible", "class!=on-demand", "class=on*", "class=ON-DEMAND", "class=*", "notice>=60",
+    "notice<100", "notice=30", "notice!=600", "price==0.36",
+)
+_BAD_TERMS = ("prcie<=1", "price<=abc", "gpu<3", "score>=1.5", "notice>=1.5", "class=on demand", "=4", "vram")
+
+
+def test_query_results_agree_with_protocol_on_random_books() -> None:
+    """protocol.offerbook.OfferBook.query (with its index plans) and the JS reading of
+    specs/offerbook.md's query language and classes return the same offers in the same order for
+    random queries over random books with interruptible sets."""
+    import random
+
+    from protocol.errors import LocalProtocolError
+    from protocol.offerbook import OfferBook
+    from protocol.params import Params
+
+    rng = random.Random(4242)
+    items, want, asked = [], [], []
+    for _ in range(12):
+        now, offers = _query_offers(rng, 60)
+        scores = {o.provider: s for o, s in offers}
+        book = OfferBook(Params(), score_of=lambda p: scores[p])
+        for o, _ in offers:
+            book.ingest_offer(o.encode(), now)
+        queries = []
+        for _ in range(40):
+            terms = rng.sample(_QUERY_TERMS, rng.choice((1, 1, 2, 2, 3, 4)))
+            if rng.random() < 0.05:
+                terms.append(rng.choice(_BAD_TERMS))
+            q = {"query": " ".join(terms), "limit": rng.choice((None, None, 1, 5, 20)),
+                 "sort": rng.choice(("price", "-price", "vram", "-vram", "count", "-count", "score", "-score"))}
+            try:
+                want.append([e.digest.hex() for e in book.query(q["query"], q["sort"], q["limit"])])
+            except LocalProtocolError as exc:
+                assert exc.code == "bad_query"
+                want.append("bad_query")
+            queries.append(q)
+        asked += queries
+        items.append({"op": "query", "now_ms": now, "queries": queries,
+                      "offers": [{"hex": o.encode().hex(), "score": s} for o, s in offers]})
+    got = [r for answers in _oracle(items) for r in answers]
+    diffs = [(q, w, g) for q, w, g in zip(asked, want, got) if w != g]
+    assert len(got) == len(want) and not diffs, f"{len(diffs)} of {len(want)} differ, first: {diffs[:3]}"
+    nonempty = [w for w in want if w and w != "bad_query"]
+    assert len(nonempty) > len(want) // 3 and "bad_query" in want  # the queries select something
+
+
+def test_arbiter_rulings_agree_with_protocol_on_changed_bundles() -> None:
+    """protocol.evidence (verify_bundle's notice faults, arbiter_ruling) and the JS reading of
+    specs/evidence.md give the same faults, claim and ruling on bundles of served rentals changed
+    at random: forged notices (any stop, sent and after_heartbeat), dropped heartbeats and
+    receipts, equivocating and back-dated heartbeats re-signed by the provider, foreign bytes."""
+    import dataclasses
+    import random
+
+    from protocol.encoding import decode
+    from protocol.errors import LocalProtocolError
+    from protocol.evidence import arbiter_ruling, verify_bundle
+    from protocol.messages import Heartbeat, digest
+    from tests.protocol.arbitration_vectors import T0, agreement, forged, served_bundle
+
+    rng = random.Random(99)
+    bases = [(a, served_bundle(a, upto)) for a, upto in
+             ((agreement(60), 120), (agreement(60), 300), (agreement(0, seed=6), 200), (agreement(0, seed=6), 590))]
+    items, want, codes = [], [], set()
+    for _ in range(160):
+        a, base = rng.choice(bases)
+        hbs, rcs = list(base.heartbeats), list(base.receipts)
+        for _ in range(rng.choice((0, 0, 1, 3))):  # drop records
+            pool = hbs if rng.random() < 0.5 else rcs
+            if pool:
+                pool.pop(rng.randrange(len(pool)))
+        for _ in range(rng.choice((0, 0, 1, 1, 2))):  # the provider re-signs a heartbeat changed
+            # (often one of the last: which one is kept decides stopped_early)
+            pick = rng.choice(base.heartbeats[-3:] if rng.random() < 0.5 else base.heartbeats)
+            hb = decode(pick, Heartbeat)
+            hb = dataclasses.replace(hb, sent_ms=hb.sent_ms + rng.choice((-60_000, -25_000, -1, 1, 3_000, 30_000)),
+                                     prev_hash=rng.choice((hb.prev_hash, hb.prev_hash, bytes(32))))
+            hbs.append(hb.sign(a.provider).encode())
+        if rng.random() < 0.05:
+            hbs.append(b"\x93\x14\x01\x00")
+        hashes = [digest(h) for h in base.heartbeats]
+        notices = []
+        for _ in range(rng.choice((0, 1, 1, 1, 2, 3))):
+            sent = T0 + rng.randrange(-10_000, 620_000, 500)
+            stop = sent + rng.choice((-1, 0, 20_000, 59_999, 60_000, 60_001, 120_000, rng.randrange(0, 700_000)))
+            after = rng.choice(hashes + [bytes(32)])
+            notices.append(forged(a, sent, stop, after).encode())
+        bundle = dataclasses.replace(base, heartbeats=tuple(sorted(set(hbs))), receipts=tuple(sorted(set(rcs))),
+                                     notices=tuple(sorted(set(notices))))
+        if rng.random() < 0.15:  # terms at an edge of their validity (step 1)
+            t = bundle.terms
+            change = rng.choice(({"renter": t.provider}, {"renter": bytes(20)}, {"provider": bytes(20)},
+                                 {"price_per_second": 0}, {"max_seconds": 0}, {"heartbeat_interval": 0},
+                                 {"dispute_window": 0}, {"arbiter": bytes(20)}, {"arbiter": t.renter},
+                                 {"open_by": 0}, {"grace": 0}, {"price_per_second": 2**255}))
+            bundle = dataclasses.replace(bundle, terms=dataclasses.replace(t, **change))
+        verdict = verify_bundle(bundle)
+        codes.update(i.code for i in verdict.invalid)
+        try:
+            ruling = arbiter_ruling(bundle).to_json_dict()
+            want.append({"claim_provider_amount": verdict.payout.to_json()["provider"],
+                         "notice_faults": list(verdict.notice_faults), "ruling": ruling})
+        except LocalProtocolError as exc:
+            want.append(exc.code)
+        items.append({"op": "ruling", "hex": bundle.encode().hex()})
+    got = _oracle(items)
+    diffs = [(w, g) for w, g in zip(want, got) if w != g]
+    assert not diffs, f"{len(diffs)} of {len(items)} differ, first: {diffs[:2]}"
+    faults = {f for w in want if isinstance(w, dict) for f in w["notice_faults"]}
+    assert faults == {"notice_on_demand", "short_notice", "notice_backdated", "stopped_early"}, faults
+    assert {"equivocation", "broken_chain", "time_went_back", "bad_stop", "bad_field", "bad_terms"} <= codes, codes
+    assert "bad_terms" in want  # no ruling
