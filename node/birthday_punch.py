@@ -327,8 +327,10 @@ class BirthdayPunch:
         self._last_run: dict[ID, float] = {}
         self._busy = False
         self._choice_waiters: dict[ID, tuple[trio.Event, list[Any]]] = {}
+        # Starts full; stamped at the first take (the node builds its host before trio runs,
+        # where trio.current_time() raises).
         self._bucket = TokenBucket(config.runs_per_minute / 60.0,
-                                   max(1.0, config.runs_per_minute), trio.current_time())
+                                   max(1.0, config.runs_per_minute), float("-inf"))
         self.last: dict[str, Any] = {}  # figures of the last run, for logs and tests
 
     def attach(self) -> None:

@@ -123,6 +123,18 @@ def peer(i: int) -> ID:
     return ID(bytes([0, 4, 1, 2, 3, i]))
 
 
+def test_built_outside_trio_then_admits_the_first_run() -> None:
+    """The node builds its host (and this) before trio runs: `gpumarket node run` died with
+    "must be called from async context" when the rate limit read trio's clock here."""
+    punch = bp.BirthdayPunch(None, bp.BirthdayConfig(runs_per_minute=1), Counter(), is_public_ip,
+                             lambda: [], {peer(1)}.__contains__)
+
+    async def first_run() -> None:
+        punch._admit(peer(1))  # the bucket starts full
+
+    trio.run(first_run)
+
+
 @pytest.mark.trio
 async def test_runs_are_limited_per_peer_at_once_and_in_all() -> None:
     relayed = {peer(i) for i in range(20)}
