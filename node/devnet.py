@@ -155,6 +155,9 @@ def run_devnet(root: Path, providers: int, renters: int) -> int:
                 raise KeyboardInterrupt
 
             signal.signal(signal.SIGTERM, stop)
+            # and SIGINT always: a devnet started from a non-interactive shell's background job
+            # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt for it
+            signal.signal(signal.SIGINT, stop)
             while all(p.poll() is None for p in procs):
                 time.sleep(0.5)
             dead = [n for n, p in zip(names, procs) if p.poll() is not None]
