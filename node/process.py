@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--rent-every", type=float, default=0.0,
                    help="rent again every S seconds (0: once); each round prints a 'round' event")
     r.add_argument("--rent-rounds", type=int, default=1)
+    p.add_argument("--book-stats-every", type=float, default=0.0,
+                   help="seconds between `book` events (offers held, bytes, book_full so far); 0: off")
     r.add_argument("--rent-candidates", type=int, default=1,
                    help="negotiate with the first N matching offers at once")
     r.add_argument("--watch-provider", default=None,
@@ -205,6 +207,15 @@ async def rent_repeatedly(node: Node, args: argparse.Namespace) -> None:
         say(event="round", **outcome)
 
 
+async def report_book(node: Node, every_s: float) -> None:
+    """A `book` event every `every_s` (benchmarks: when the book reaches its byte cap)."""
+    while True:
+        counters = node.offers.counters
+        say(event="book", offers=len(node.book), bytes=node.book.bytes,
+            book_full=sum(v for k, v in counters.items() if k.endswith(".book_full")))
+        await trio.sleep(every_s)
+
+
 async def report_reachability(node: Node) -> None:
     """One `reachability` line whenever what the node knows about it changes (polled)."""
     last = None
@@ -227,6 +238,8 @@ async def main(args: argparse.Namespace) -> None:
             say(event="ready", peer_id=str(node.peer_id), addrs=node.addrs(),
                 wallet=node.binding.wallet.hex(), resumed=node.resumed)
             nursery.start_soon(report_reachability, node)
+            if args.book_stats_every > 0:
+                nursery.start_soon(report_book, node, args.book_stats_every)
             if args.role == "renter" and args.rent is not None:
                 nursery.start_soon(rent_repeatedly if args.rent_every else rent_cheapest, node, args)
             got = None

@@ -13,16 +13,17 @@ Rules (specs/offerbook.md is the prose twin):
   `next_deadline()` says when to call `expire` next.
 - Caps: at most `params.book_max_providers` offers and as many withdrawal watermarks, and at
   most `params.book_max_bytes` wire bytes of live offers. An offer that does not fit displaces
-  the weakest held offers by the keep order (score, then the provider first seen longest ago,
-  then the later expiry) only if it outranks every one of them; otherwise it is IGNOREd with
-  `book_full`. Providers with a track record (score above the unknown 0.5) are never pushed out
-  by fresh identities, which cost an attacker nothing to make, and among unknown providers the
-  ones the book has held longest stay.
+  the weakest held offers by the keep order (score, then a proven wallet's one offer above the
+  rest, then the provider first seen longest ago, then the later expiry) only if it outranks
+  every one of them; otherwise it is IGNOREd with `book_full`. So at the cap the book keeps
+  known-good providers (score above the unknown 0.5), then proven ones (paid on the escrow by
+  several renters), then established, then new ones, and drops known-bad ones first: fresh
+  identities, which cost an attacker nothing to make, push out none of them.
 
 Indexes: entries are grouped in buckets by every low-cardinality fact a query can filter on
 (model tokens, GPU count, VRAM, region, CUDA, compute capability, token, chain); a query decides
 each bucket once, then takes a price range from the bucket, which is kept sorted by price. A
-global index by the keep order (score, -since, expiry) serves score filters and sorts, the
+global index by the keep order (score, proven, -since, expiry) serves score filters and sorts, the
 eviction policy and the `rank` sort's known-good and known-bad tiers. For each wallet that
 `proven_of` says is proven on the escrow (protocol/standing.py), a list of its held offers by
 (since, provider) marks the first as the wallet's one `proven` offer (the rank's tier 1).
@@ -142,7 +143,7 @@ class Entry:
         self.wallet = offer.binding.wallet  # the provider's bound wallet (its escrow standing)
         self.proven = False  # the book's one offer of a proven wallet (set by the book)
         self._pkey = (self.price_key, digest)
-        self._skey = (score, -since_ms, self.expires_ms, digest)
+        self._skey = (score, False, -since_ms, self.expires_ms, digest)  # see OfferBook._keep_key
         self.body_at = body_at  # where the body starts (see validation.offer_header)
         # Query facts of interruptible capacity (query.py `class`, `notice`).
         spot = offer.interruptible
@@ -183,9 +184,9 @@ class Entry:
         new.bucket = None
         new.since_ms = self.since_ms
         new.wallet = self.wallet
-        new.proven = False  # the book's _replace carries the flag over
+        new.proven = False  # the book's ingest sets it as the held entry's
         new._pkey = (self.price_key, digest)
-        new._skey = (score, -new.since_ms, new.expires_ms, digest)
+        new._skey = (score, False, -new.since_ms, new.expires_ms, digest)
         return new
 
     def body(self) -> bytes:
@@ -257,7 +258,7 @@ class OfferBook(QueryPlanner):
         self._by_provider: dict[bytes, Entry] = {}
         self._by_digest: dict[bytes, Entry] = {}
         self._buckets: dict[tuple, _Bucket] = {}
-        self._by_score = SortedList()  # keep order (score, -since_ms, expires_ms, digest) -> Entry
+        self._by_score = SortedList()  # keep order (score, proven, -since_ms, expires_ms, digest)
         self._by_since = SortedList()  # (since_ms, provider) -> Entry: the rank sort's tiers
         self._spot: dict[bytes, Entry] = {}  # digest -> entry, offers with an interruptible set
         # proven wallet -> its held entries by (since_ms, provider); the first is `proven`
@@ -292,6 +293,7 @@ class OfferBook(QueryPlanner):
                 verifier=self.verifier,
             )
             entry = held.reannounced(data, digest, header, self.score_of(provider))
+            self._set_proven(entry, held.proven, indexed=False)
             self._make_room(entry, held)
             self._replace(held, entry)
             return entry
@@ -308,6 +310,7 @@ class OfferBook(QueryPlanner):
         assert header is not None  # a canonical offer has the canonical shape
         entry = Entry(offer, data, digest, self.score_of(provider), header[3],
                       held.since_ms if held is not None else now_ms)
+        self._set_proven(entry, self._arrives_proven(entry, held), indexed=False)
         self._make_room(entry, held)
         if held is not None:
             self._remove(held)
@@ -348,11 +351,11 @@ class OfferBook(QueryPlanner):
             raise Ignore("book_full", f"an offer of {size} bytes exceeds the book's caps")
         victims: list[Entry] = []
         freed = 0
-        rank = newcomer._skey[:3]  # (score, -since_ms, expires_ms): an equal one is no weaker
+        rank = newcomer._skey[:4]  # (score, proven, -since_ms, expires_ms): equal is no weaker
         for e in self._by_score.irange():  # weakest first; stops at the first equal or stronger
             if e is held:
                 continue
-            if e._skey[:3] >= rank:
+            if e._skey[:4] >= rank:
                 break
             victims.append(e)
             freed += len(e.data)
@@ -365,6 +368,29 @@ class OfferBook(QueryPlanner):
             self._remove(e)
             if self.on_evict is not None:
                 self.on_evict(e)
+
+    def _arrives_proven(self, entry: Entry, held: Entry | None) -> bool:
+        """Whether `entry` (replacing `held`, if any) would be its wallet's one proven offer
+        once inserted: the wallet is proven and no other held offer of it comes first by
+        (since_ms, provider)."""
+        ws = self._proven.get(entry.wallet)
+        if ws is None:
+            return bool(self.proven_of(entry.wallet))
+        first = ws.first() if len(ws) else None
+        return (first is None or first is held
+                or (entry.since_ms, entry.provider) < (first.since_ms, first.provider))
+
+    def _set_proven(self, e: Entry, flag: bool, *, indexed: bool = True) -> None:
+        """Mark or unmark `e` as its wallet's proven offer; the flag is part of the keep order
+        (score, proven, -since_ms, expires_ms, digest), so an indexed entry moves."""
+        if e.proven == flag:
+            return
+        if indexed:
+            self._by_score.remove(e._skey)
+        e.proven = flag
+        e._skey = (e.score, flag, -e.since_ms, e.expires_ms, e.digest)
+        if indexed:
+            self._by_score.add(e._skey, e)
 
     def _drop_oldest_watermark(self) -> None:
         while True:
@@ -422,7 +448,6 @@ class OfferBook(QueryPlanner):
             bucket = self._buckets[key] = _Bucket(key)
         entry.bucket = bucket
         bucket.entries.add(entry._pkey, entry)
-        self._by_score.add(entry._skey, entry)
         self._by_since.add((entry.since_ms, entry.provider), entry)
         if entry.spot:
             self._spot[entry.digest] = entry
@@ -430,7 +455,10 @@ class OfferBook(QueryPlanner):
         if ws is None and self.proven_of(entry.wallet):
             ws = self._proven[entry.wallet] = SortedList()
         if ws is not None:
-            self._proven_add(ws, entry)
+            self._proven_add(ws, entry)  # sets entry.proven (unindexed yet), demotes the first
+        else:
+            self._set_proven(entry, False, indexed=False)
+        self._by_score.add(entry._skey, entry)
         self._push_expiry(entry)
 
     def _push_expiry(self, entry: Entry) -> None:
@@ -442,6 +470,8 @@ class OfferBook(QueryPlanner):
 
     def _replace(self, held: Entry, entry: Entry) -> None:
         """_remove(held) + _insert(entry) for an entry with held's provider and bucket."""
+        # held's flag may have moved since ingest (_make_room evicted its wallet's first offer)
+        self._set_proven(entry, held.proven, indexed=False)
         self._bytes += len(entry.data) - len(held.data)
         self._by_provider[entry.provider] = entry
         del self._by_digest[held.digest]
@@ -458,7 +488,7 @@ class OfferBook(QueryPlanner):
         ws = self._proven.get(entry.wallet)  # the same wallet: the body is the same
         if ws is not None:
             ws.replace(since_key, since_key, entry)
-            entry.proven, held.proven = held.proven, False
+        self._set_proven(held, False, indexed=False)  # entry's flag was set from held's
         self._push_expiry(entry)
 
     def _remove(self, entry: Entry) -> None:
@@ -477,9 +507,9 @@ class OfferBook(QueryPlanner):
         if ws is not None:
             ws.remove((entry.since_ms, entry.provider))
             if entry.proven:
-                entry.proven = False
+                self._set_proven(entry, False, indexed=False)
                 if len(ws):
-                    ws.first().proven = True
+                    self._set_proven(ws.first(), True)
         entry.bucket = None
 
     def _proven_add(self, ws: SortedList, entry: Entry) -> None:
@@ -489,8 +519,10 @@ class OfferBook(QueryPlanner):
         ws.add((entry.since_ms, entry.provider), entry)
         if first is None or (entry.since_ms, entry.provider) < (first.since_ms, first.provider):
             if first is not None:
-                first.proven = False
-            entry.proven = True
+                self._set_proven(first, False)
+            self._set_proven(entry, True, indexed=False)
+        else:
+            self._set_proven(entry, False, indexed=False)
 
     def restand(self, wallets: set[bytes] | None = None) -> None:
         """Read again from `proven_of` whether these wallets (default: every wallet held or
@@ -505,7 +537,7 @@ class OfferBook(QueryPlanner):
                 became.add(w)
             elif not now and w in self._proven:
                 for e in self._proven.pop(w).irange():
-                    e.proven = False
+                    self._set_proven(e, False)
         if became:
             found: dict[bytes, list[Entry]] = {w: [] for w in became}
             for e in self._by_provider.values():
@@ -518,7 +550,7 @@ class OfferBook(QueryPlanner):
                 for e in mine:  # in key order: each add appends
                     ws.add((e.since_ms, e.provider), e)
                 if mine:
-                    mine[0].proven = True
+                    self._set_proven(mine[0], True)
 
     def proven_entries(self) -> list[Entry]:
         """Each proven wallet's one offer (few: every proven wallet was paid on chain)."""
@@ -533,7 +565,7 @@ class OfferBook(QueryPlanner):
             if score != e.score:
                 self._by_score.remove(e._skey)
                 e.score = score
-                e._skey = (score, -e.since_ms, e.expires_ms, e.digest)
+                e._skey = (score, e.proven, -e.since_ms, e.expires_ms, e.digest)
                 self._by_score.add(e._skey, e)
 
     # ----------------------------------------------------------------------------------------

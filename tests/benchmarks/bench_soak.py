@@ -477,6 +477,8 @@ def provider_history(chain: Chain, wallets: dict, n: int, anvil: AnvilProcess) -
 
 async def main(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
+    if args.book_max_bytes is not None:  # both nodes (and the attackers' own book)
+        PARAMS["book_max_bytes"] = args.book_max_bytes
     with AnvilProcess() as anvil:
         wallets = {n: Wallet.from_key(keccak(b"soak wallet " + n.encode()))
                    for n in ("deployer", "provider", "renter")}
@@ -506,7 +508,7 @@ async def main(args: argparse.Namespace) -> dict:
         victim_addr = f"{listen}/p2p/{victim_peer}"
         provider = start("provider", "provider", "--listen", listen, "--fake-gpus", "4",
                          "--gpu-model", MODEL.name, "--price", str(PRICE), "--heartbeat-interval", "1",
-                         "--grace", "600", "--min-duration", "5")
+                         "--grace", "600", "--min-duration", "5", "--book-stats-every", "5")
         provider.wait("ready", 60)
         history_gas = provider_history(chain, wallets, args.provider_history, anvil)
         if args.stall_dump:
@@ -527,6 +529,7 @@ async def main(args: argparse.Namespace) -> dict:
         attack = Attack()
         params = Params(**PARAMS)
         rounds_seen: list[dict] = []
+        victim_book: list[tuple] = []  # (s since t_start, offers, bytes, book_full)
         t_start = time.monotonic()
 
         async with trio.open_nursery() as nursery:
@@ -550,6 +553,7 @@ async def main(args: argparse.Namespace) -> dict:
                 return svc.book.held(victim_key)
 
             attack_at = trio.current_time() + args.attack_delay
+            attack_at_s = time.monotonic() - t_start + args.attack_delay  # on t_start's clock
             stop_at = attack_at + args.seconds
             vpid = victim_peer
 
@@ -590,6 +594,11 @@ async def main(args: argparse.Namespace) -> dict:
                         if proc.proc.poll() is None:
                             proc.proc.send_signal(signal.SIGUSR2)
                 renter_proc.sample()
+                while not provider.events.empty():
+                    ev = provider.events.get_nowait()
+                    if ev.get("event") == "book":
+                        victim_book.append((round(time.monotonic() - t_start, 1),
+                                            ev["offers"], ev["bytes"], ev["book_full"]))
                 while not renter.events.empty():
                     ev = renter.events.get_nowait()
                     if ev.get("event") == "round":
@@ -612,6 +621,11 @@ async def main(args: argparse.Namespace) -> dict:
         provider.close()
 
     (t0, rss0, cpu0), (t1, rss1, cpu1) = victim.samples[0], victim.samples[-1]
+    cap = Params(**PARAMS).book_max_bytes
+    # the victim's book reached its byte cap: the first `book` event with an offer refused
+    # book_full (the cap refuses; nothing else does) or within one fat offer of the cap
+    at_cap = next((b for b in victim_book if b[3] > 0 or b[2] > cap - 16_384), None)
+    t_cap = None if at_cap is None else t_start + at_cap[0]
     ok = [r for r in rounds_seen if r.get("ok")]
     # round n runs (n + 1) * rent_every after the renter started, about when the attack clock did
     attacked = [r for r in rounds_seen if (r["round"] + 1) * args.rent_every >= args.attack_delay]
@@ -648,7 +662,20 @@ async def main(args: argparse.Namespace) -> dict:
         "victim": {"up": victim_up, "rss_start_mib": rss0 >> 20,
                    "rss_max_mib": max(s[1] for s in victim.samples) >> 20, "rss_end_mib": rss1 >> 20,
                    "cpu_share": round((cpu1 - cpu0) / max(t1 - t0, 1e-9), 3),
-                   "sigterm_exit_s": None if stop_s is None else round(stop_s, 2)},
+                   "sigterm_exit_s": None if stop_s is None else round(stop_s, 2),
+                   # times below are seconds since the attackers started connecting; the
+                   # attack began at attack_at_s
+                   "attack_at_s": round(attack_at_s, 1),
+                   # RSS every 30 s: (s, MiB)
+                   "rss_timeline_mib": [(round(t - t_start), r >> 20) for i, (t, r, _) in
+                                        enumerate(victim.samples) if i % 6 == 0],
+                   "book_max_bytes": cap,
+                   # the first book event at the cap: (s, offers, bytes, book_full so far), the
+                   # victim's RSS then, and the last book event
+                   "book_at_cap": at_cap,
+                   "rss_at_cap_mib": None if t_cap is None else next(
+                       (r >> 20 for t, r, _ in victim.samples if t >= t_cap), None),
+                   "book_end": victim_book[-1] if victim_book else None},
         # (seconds since the attack began, ms to a ping stream and to a negotiation stream on a
         # kept connection that follows the offer topic, ms to a fresh connection and a ping
         # stream on it; null = not within 5 s; then the kept connection's yamux state), from
@@ -696,6 +723,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-every", type=float, default=10.0,
                    help="an honest bystander at " + PROBE_IP + " opens a ping stream to the victim "
                         "this often (on a kept connection and on a fresh one); 0: off")
+    p.add_argument("--book-max-bytes", type=int, default=None,
+                   help="book_max_bytes of both nodes (default: Params', 128 MiB); a small cap "
+                        "with a high --sybil-rate shows the RSS bound within a short run")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--stall-dump", action="store_true",
                    help="node/stalldump.py in the victim and the renter: each renter stream open "

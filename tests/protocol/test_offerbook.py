@@ -209,6 +209,151 @@ def test_offerbook__byte_cap_evicts_newest_unknown_first_and_a_known_provider_ge
     assert book.bytes == sum(len(e.data) for e in book) <= 3 * size + 100
 
 
+def _keep_order_consistent(book: OfferBook) -> None:
+    """Every entry's keep key is (score, proven, -since_ms, expires_ms, digest), the score index
+    holds exactly these keys, and each proven wallet's one proven offer is its first held."""
+    entries = list(book._by_score.irange())
+    assert len(entries) == len(book)
+    for e in entries:
+        assert e._skey == (e.score, e.proven, -e.since_ms, e.expires_ms, e.digest)
+    assert [e._skey for e in entries] == sorted(e._skey for e in book)
+    firsts: dict[bytes, tuple] = {}
+    for e in book:
+        if book.proven_of(e.wallet):
+            firsts[e.wallet] = min(firsts.get(e.wallet, (e.since_ms, e.provider)),
+                                   (e.since_ms, e.provider))
+    assert {e.provider for e in book if e.proven} == {k[1] for k in firsts.values()}
+
+
+def test_offerbook__sybil_flood_at_the_cap_keeps_proven_and_known_good_providers():
+    # The book filled with Sybil offers first (a node that synced from an attacker), one known-bad
+    # provider among them held longest. A proven provider (its wallet paid on the escrow by two
+    # renters) and a known-good one arrive later; then a flood of fresh Sybil keys, and the aged
+    # Sybils fatten their offers to claim bytes. At the cap the book keeps known-good, proven,
+    # then the longest-held unknown offers, and drops the known-bad first. (The old keep order,
+    # (score, -since, ...), refused the proven provider: it was newer than every Sybil; and had
+    # it been held, the fattening aged Sybils would have pushed it out.)
+    slim, fat = len(offer(1).encode()), len(fat_offer(1).encode())
+    cap = 8 * slim + 2 * fat
+    P, G, X = 500, 501, 502  # proven, known-good, known-bad
+    proven_wallet = provider(P)[2].wallet
+    good, bad = provider(G)[0].public, provider(X)[0].public
+    book = new_book(PARAMS.replace(book_max_providers=10, book_max_bytes=cap),
+                    score_of=lambda p: 0.9 if p == good else 0.2 if p == bad else 0.5,
+                    proven_of=lambda w: w == proven_wallet)
+    evicted: list[bytes] = []
+    book.on_evict = lambda e: evicted.append(e.provider)
+    book.ingest_offer(offer(X).encode(), NOW)
+    aged = [1000 + k for k in range(9)]
+    for k, i in enumerate(aged):
+        book.ingest_offer(offer(i, now=NOW + k).encode(), NOW + k)
+    assert len(book) == 10
+    t = NOW + 10_000
+    book.ingest_offer(offer(G, now=t).encode(), t)
+    assert evicted == [bad]  # known-bad first
+    book.ingest_offer(offer(P, now=t + 1).encode(), t + 1)  # the old code: Ignore book_full
+    assert evicted[1:] == [provider(aged[-1])[0].public]  # then the newest unknown
+    assert book.held(provider(P)[0].public).proven
+    keep = {provider(P)[0].public, good}
+    refused = 0
+    for n in range(120):  # fresh Sybil keys, slim and fat
+        now = t + 1000 + n * 500
+        make = fat_offer if n % 2 else offer
+        try:
+            book.ingest_offer(make(2000 + n, now=now).encode(), now)
+        except Ignore as exc:
+            assert exc.code == "book_full"
+            refused += 1
+        assert keep <= {e.provider for e in book}
+        assert len(book) <= 10 and book.bytes <= cap
+    assert refused == 120
+    for k, i in enumerate(aged[:-1]):  # the aged Sybils grow their offers: bytes needed
+        now = t + 100_000 + k
+        try:
+            book.ingest_offer(fat_offer(i, seq=2, now=now).encode(), now)
+        except Ignore as exc:
+            assert exc.code == "book_full"
+        assert keep <= {e.provider for e in book}
+        assert book.bytes == sum(len(e.data) for e in book) <= cap
+        _keep_order_consistent(book)
+    assert book.held(provider(P)[0].public).proven
+
+
+def test_offerbook__aged_sybils_growing_their_offers_do_not_push_out_a_proven_provider():
+    # Nine Sybil keys held first, then a proven provider; the book's bytes are nearly full. Each
+    # Sybil re-announces a slightly larger offer (2 GPUs): every growth past the byte cap evicts
+    # the weakest held offer. The old keep order took the proven provider first (the newest
+    # unknown); now it is kept and the newest Sybils go.
+    slim = len(offer(1).encode())
+    P = 500
+    proven_wallet = provider(P)[2].wallet
+    book = new_book(PARAMS.replace(book_max_providers=10, book_max_bytes=10 * slim + 300),
+                    proven_of=lambda w: w == proven_wallet)
+    for k in range(9):
+        book.ingest_offer(offer(1000 + k, now=NOW + k).encode(), NOW + k)
+    book.ingest_offer(offer(P, now=NOW + 10).encode(), NOW + 10)
+    for k in range(8):
+        now = NOW + 100 + k
+        book.ingest_offer(offer(1000 + k, seq=2, count=2, now=now).encode(), now)
+        assert provider(P)[0].public in {e.provider for e in book}
+        assert book.bytes <= 10 * slim + 300
+    assert len(book) < 10  # growth did evict (Sybils, newest first)
+    _keep_order_consistent(book)
+
+
+def test_offerbook__proven_flag_moves_in_the_keep_order():
+    # Two keys of one wallet, held after an unknown provider: the wallet's first held key is its
+    # proven offer and ranks above unknown offers. When the wallet becomes proven only later
+    # (restand), or its proven offer leaves, the keep keys and the score index follow.
+    from tests.protocol.book_helpers import provider_of_wallet
+    proven: set[bytes] = set()
+    wallet = provider(600)[2].wallet
+    good = provider(606)[0].public
+    book = new_book(PARAMS.replace(book_max_providers=3), proven_of=lambda w: w in proven,
+                    score_of=lambda p: 0.9 if p == good else 0.5)
+    book.ingest_offer(offer(603).encode(), NOW)
+    book.ingest_offer(offer(601, wallet_of=600, now=NOW + 1).encode(), NOW + 1)
+    book.ingest_offer(offer(602, wallet_of=600, now=NOW + 2).encode(), NOW + 2)
+    assert not any(e.proven for e in book)
+    _keep_order_consistent(book)
+    with pytest.raises(Ignore):  # unknown and newest: refused
+        book.ingest_offer(offer(604, now=NOW + 3).encode(), NOW + 3)
+    proven.add(wallet)
+    book.restand({wallet})
+    _keep_order_consistent(book)
+    first = provider_of_wallet(601, 600)[0].public
+    second = provider_of_wallet(602, 600)[0].public
+    assert [e.provider for e in book if e.proven] == [first]
+    assert book.snapshot_entries()[0].provider == first  # strongest: proven
+    book.ingest_withdrawal(withdrawal_of_wallet_key(601, 600, seq=1), NOW + 4)
+    _keep_order_consistent(book)
+    assert [e.provider for e in book if e.proven] == [second]
+    book.ingest_offer(offer(605, now=NOW + 5).encode(), NOW + 5)  # the free slot
+    evicted: list[bytes] = []
+    book.on_evict = lambda e: evicted.append(e.provider)
+    # a known-good newcomer evicts the newest unknown (605), then the older unknown (603), and
+    # never the wallet's second key, newer than 603 but now its proven offer
+    book.ingest_offer(offer(606, now=NOW + 6).encode(), NOW + 6)
+    assert evicted == [provider(605)[0].public]
+    good2 = provider(608)[0].public
+    book.score_of = lambda p: 0.9 if p in (good, good2) else 0.5
+    book.ingest_offer(offer(608, now=NOW + 8).encode(), NOW + 8)
+    assert evicted[1:] == [provider(603)[0].public]
+    assert {e.provider for e in book} == {second, good, good2}
+    _keep_order_consistent(book)
+    proven.clear()
+    book.restand({wallet})
+    _keep_order_consistent(book)
+    assert not any(e.proven for e in book)
+
+
+def withdrawal_of_wallet_key(i: int, owner: int, seq: int) -> bytes:
+    from protocol.messages import OfferWithdrawal
+    from tests.protocol.book_helpers import provider_of_wallet
+    peer = provider_of_wallet(i, owner)[0]
+    return OfferWithdrawal(provider=peer.public, seq=seq, created_ms=NOW).sign(peer).encode()
+
+
 def test_offerbook__offer_larger_than_the_byte_cap_is_refused():
     book = new_book(PARAMS.replace(book_max_bytes=4096))
     with pytest.raises(Ignore) as exc:

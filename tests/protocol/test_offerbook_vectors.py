@@ -23,28 +23,42 @@ def _expires_ms(data: bytes) -> int:
     return msgpack.unpackb(data, raw=False)[5]
 
 
+def _wallet(data: bytes) -> str:
+    return decode(data).binding.wallet.hex()
+
+
 def test_offerbook_vectors__replay_with_an_independent_model():
     params, scores, unknown = DOC["params"], DOC["scores"], DOC["unknown_score"]
-    held: dict[str, dict] = {}  # provider -> score, since, expires, size, digest, seq
+    proven_wallets = set(DOC["proven_wallets"])
+    held: dict[str, dict] = {}  # provider -> score, since, expires, size, digest, seq, wallet
+
+    def proven_offer(p: str, h: dict, others: dict) -> int:
+        # 1 iff p's wallet is proven and no other held offer of it comes first by (since, key)
+        if h["wallet"] not in proven_wallets:
+            return 0
+        mine = (h["since"], bytes.fromhex(p))
+        return int(all((o["since"], bytes.fromhex(q)) > mine for q, o in others.items()
+                       if q != p and o["wallet"] == h["wallet"]))
 
     def keep_key(p: str) -> tuple:  # weakest first
         h = held[p]
-        return (h["score"], -h["since"], h["expires"], h["digest"])
+        return (h["score"], proven_offer(p, h, held), -h["since"], h["expires"], h["digest"])
 
     for step in DOC["steps"]:
         p, now, data = step["provider"], step["now_ms"], bytes.fromhex(step["wire_hex"])
         mine = held.get(p)
         new = {"score": scores.get(p, unknown), "since": mine["since"] if mine else now,
                "expires": _expires_ms(data), "size": len(data),
-               "digest": hashlib.sha256(data).digest(), "seq": msgpack.unpackb(data)[3]}
+               "digest": hashlib.sha256(data).digest(), "seq": msgpack.unpackb(data)[3],
+               "wallet": _wallet(data)}
         total = sum(h["size"] for h in held.values())
         over = total - (mine["size"] if mine else 0) + new["size"] - params["book_max_bytes"]
         need_slot = mine is None and len(held) >= params["book_max_providers"]
         victims, freed, ok = [], 0, True
         if need_slot or over > 0:
-            rank = (new["score"], -new["since"], new["expires"])
+            rank = (new["score"], proven_offer(p, new, held), -new["since"], new["expires"])
             for q in sorted((q for q in held if q != p), key=keep_key):
-                if keep_key(q)[:3] >= rank:
+                if keep_key(q)[:4] >= rank:
                     break
                 victims.append(q)
                 freed += held[q]["size"]

@@ -82,7 +82,7 @@ def test_reannouncement__takes_the_shortcut_and_matches_a_fresh_entry(monkeypatc
     # since_ms is when the book first held the provider: a re-announcement keeps it, a fresh
     # book starts it now (and the keep-order key _skey carries it)
     assert entry.since_ms == NOW and fresh.since_ms == NOW + 2000
-    assert entry._skey == (fresh._skey[0], -NOW, *fresh._skey[2:])
+    assert entry._skey == (*fresh._skey[:2], -NOW, *fresh._skey[3:])
     for name in Entry.__slots__:
         if name not in ("bucket", "since_ms", "_skey"):
             assert getattr(entry, name) == getattr(fresh, name), name

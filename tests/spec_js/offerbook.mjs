@@ -12,7 +12,17 @@ export function simulateBook(d, check, same, all) {
   const scoreOf = (provider) => d.scores[provider] ?? d.unknown_score;
   const book = new Map(); // provider hex -> entry
   let bytes = 0;
-  const keepKey = (e) => [e.score, -e.since_ms, e.expires_ms, e.digest];
+  const provenWallets = new Set(d.proven_wallets);
+  // 1 iff e is its wallet's one proven offer among `held` (plus e): the wallet is proven and no
+  // other held offer of that wallet has a smaller (since_ms, provider key)
+  const provenFlag = (e, held) => {
+    if (!provenWallets.has(e.wallet)) return 0;
+    for (const o of held.values())
+      if (o.provider !== e.provider && o.wallet === e.wallet && cmp([o.since_ms, o.provider], [e.since_ms, e.provider]) < 0) return 0;
+    return 1;
+  };
+  // keep order, weakest first: (score, proven, -since_ms, expires_ms, digest)
+  const keepKey = (e) => [e.score, provenFlag(e, book), -e.since_ms, e.expires_ms, e.digest];
   const expire = (now) => {
     for (const [k, e] of book) if (now > e.expires_ms + p.clock_skew_ms) { book.delete(k); bytes -= e.size; }
   };
@@ -35,7 +45,7 @@ export function simulateBook(d, check, same, all) {
         if (entry.size > p.book_max_bytes) verdict = 'ignore:book_full';
         else if (needSlot || needBytes > 0) {
           const others = [...book.values()].filter((e) => e.provider !== s.provider).sort((a, b) => cmp(keepKey(a), keepKey(b)));
-          const arriving = keepKey(entry).slice(0, 3);
+          const arriving = keepKey(entry).slice(0, 4); // the held keys are those before arrival
           let slots = 0, freed = 0;
           const take = [];
           for (const e of others) {
@@ -43,7 +53,7 @@ export function simulateBook(d, check, same, all) {
             take.push(e); slots++; freed += e.size;
           }
           const enough = slots >= needSlot && freed >= needBytes;
-          if (!enough || take.some((e) => cmp(keepKey(e).slice(0, 3), arriving) >= 0)) verdict = 'ignore:book_full';
+          if (!enough || take.some((e) => cmp(keepKey(e).slice(0, 4), arriving) >= 0)) verdict = 'ignore:book_full';
           else for (const e of take) { book.delete(e.provider); bytes -= e.size; evicted.push(e.provider); }
         }
         if (verdict === 'accept') {

@@ -254,12 +254,14 @@ def test_offer_verdicts_agree_with_protocol_on_changed_offers() -> None:
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_offer_book_agrees_with_protocol_on_random_scenarios(tmp_path: Path, seed: int) -> None:
-    """Random ingests (new providers, re-announcements, equivocations, expiries; small caps)
+    """Random ingests (new providers, re-announcements, equivocations, expiries; small caps;
+    proven wallets, one with two keys)
     through protocol.offerbook.OfferBook, written as an offerbook.json that the JS model of
     specs/offerbook.md (tests/spec_js/offerbook.mjs) must replay step for step."""
     import random
 
     from protocol.errors import RemoteProtocolError
+    from protocol.messages import Binding
     from protocol.offerbook import OfferBook
     from protocol.params import Params
     from protocol.samples import GPU_MODELS, make_offer, make_provider
@@ -267,8 +269,10 @@ def test_offer_book_agrees_with_protocol_on_random_scenarios(tmp_path: Path, see
     rng = random.Random(seed)
     names = [f"p{i}" for i in range(7)]
     keys = {n: make_provider(random.Random(f"book-{seed}-{n}")) for n in names}
+    # p6 is a second key of p5's wallet, which is proven: one proven offer per wallet
+    keys["p6"] = (keys["p6"][0], keys["p5"][1], Binding.create(keys["p6"][0], keys["p5"][1], 31337))
     scores = {keys[n][0].public.hex(): rng.choice((0.2, 0.5, 0.5, 0.5, 0.9)) for n in names}
-    proven = {keys[n][2].wallet.hex() for n in rng.sample(names, 2)}
+    proven = {keys[n][2].wallet.hex() for n in ("p5", rng.choice(names[:5]))}
     slim = len(make_offer(*keys[names[0]][::2], random.Random(0), 1, model=GPU_MODELS[3]).encode())
     params = Params().replace(book_max_providers=4, book_max_bytes=3 * slim + rng.randrange(2000),
                               book_established_ms=60_000)
