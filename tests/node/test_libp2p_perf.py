@@ -1235,3 +1235,42 @@ async def test_the_frame_loop_formats_no_debug_lines_with_debug_off(monkeypatch)
     await run_frame_loop(BatchedYamux, frames)
     assert upstream_calls >= 5 * 50  # upstream: about five per DATA frame
     assert calls["handle_incoming"] + calls["_handle_incoming_quiet"] == 0
+
+
+# -- item 18: a read on an empty socket waits at once ----------------------------------------
+
+
+@pytest.mark.parametrize("stream_class,most", [(FastTCPStream, 1), (TrioTCPStream, 2)])
+async def test_a_read_that_waits_passes_no_extra_scheduling_point(stream_class, most):
+    """Item 18: a read on an empty socket that then gets data: one task step after the one it
+    started in (the wake-up), upstream two (the checkpoint trio passes after the failed recv,
+    then the wake-up). Both return the data; an immediately successful read is still a
+    checkpoint, and EOF and a closed socket read as upstream's."""
+    left, right = trio.socket.socketpair()
+    ours, theirs = stream_class(trio.SocketStream(left)), trio.SocketStream(right)
+    got: list[bytes] = []
+    counter: list[TaskSteps] = []
+
+    async def reader() -> None:
+        counter.append(TaskSteps(trio.lowlevel.current_task()))
+        trio.lowlevel.add_instrument(counter[0])
+        got.append(await ours.read(100))
+        trio.lowlevel.remove_instrument(counter[0])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        await theirs.send_all(b"late data")
+    assert got == [b"late data"]
+    assert counter[0].steps == most
+    await theirs.send_all(b"ready")
+    await trio.sleep(0.01)
+    with trio.testing.assert_checkpoints():
+        assert await ours.read(100) == b"ready"
+    await theirs.aclose()
+    with trio.testing.assert_checkpoints():
+        assert await ours.read(100) == b""  # EOF
+    left.close()
+    with pytest.raises(trio.ClosedResourceError):
+        await trio.SocketStream(left).receive_some(10)  # what upstream's stream raises...
+    assert await ours.read(10) == b""  # ... which TrioTCPStream (and ours) turns into EOF
