@@ -123,16 +123,11 @@ maintainers' version of each):
    with DEBUG off. Here, with the muxer's logger not enabled for DEBUG, a copy of upstream's
    method runs with exactly those statements removed (checked against upstream's syntax
    tree by the test); with DEBUG on, upstream's method.
-18. :func:`_receive_some` (used by :class:`FastTCPStream`): a socket read that finds the
-   socket empty waits for it to become readable at once. trio's ``socket.recv`` passes a
-   ``checkpoint()`` between the failed ``recv`` and the wait: one scheduler pass per frame
-   read on a quiet connection, for nothing (the wait is a scheduling point).
 
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import struct
@@ -189,7 +184,6 @@ _WRITABLE = (StreamState.OPEN, StreamState.CLOSE_READ)  # ... and that write as 
 _KNOWN_WRITE_ERRORS = (MuxedStreamClosed, MuxedStreamReset, MuxedStreamError, QUICStreamClosedError,
                        QUICStreamResetError, StreamClosed, StreamReset, ValueError)
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
-_CLOSED_ERRNOS = (errno.EBADF, errno.ENOTSOCK)  # trio's _closed_stream_errnos
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,10 +300,7 @@ class FastTCPStream(TrioTCPStream):
             if n is not None and n == 0:
                 await trio.lowlevel.checkpoint()
                 return b""
-            stream = self.stream
-            if n is not None and n > 0 and type(stream) is trio.SocketStream:
-                return await _receive_some(stream.socket, n)  # item 18
-            return await stream.receive_some(n)
+            return await self.stream.receive_some(n)
         except trio.BrokenResourceError as error:
             await trio.lowlevel.cancel_shielded_checkpoint()
             raise ConnectionClosedError(f"TCP connection reset by remote peer: {error}",
@@ -319,39 +310,6 @@ class FastTCPStream(TrioTCPStream):
             return b""  # upstream: closed locally, EOF
         finally:
             lock.release()
-
-
-async def _receive_some(sock: Any, n: int) -> bytes:
-    """Item 18: trio's ``SocketStream.receive_some(n)`` (``socket.recv``) without its extra
-    scheduling point when the socket is empty. trio (``_SocketType._nonblocking_helper``) tries
-    ``recv`` first; when that raises ``BlockingIOError`` it passes ``checkpoint()`` (a full
-    trip through the scheduler) and only then waits for the socket to become readable, which
-    is a scheduling point of its own. A connection's reader finds its socket empty after
-    nearly every burst it has read, so that is one wasted scheduler pass (and a failed system
-    call) per frame read on a quiet connection. Here the wait follows the failed ``recv``
-    directly. Everything else is trio's: ``checkpoint_if_cancelled`` before the first try, a
-    ``cancel_shielded_checkpoint`` after a ``recv`` that succeeds at once (so every call is
-    still a checkpoint), no extra yield after a ``recv`` that follows the wait (as trio), and
-    trio's mapping of ``OSError`` (``ClosedResourceError`` for a closed socket,
-    ``BrokenResourceError`` otherwise)."""
-    raw = sock._sock  # trio's socket wraps the stdlib socket; trio's own methods use it too
-    await _checkpoint_if_cancelled()
-    try:
-        try:
-            data = raw.recv(n)
-        except BlockingIOError:
-            while True:
-                await trio.lowlevel.wait_readable(raw)
-                try:
-                    return raw.recv(n)
-                except BlockingIOError:
-                    pass
-    except OSError as exc:
-        if exc.errno in _CLOSED_ERRNOS:
-            raise trio.ClosedResourceError("this socket was already closed") from None
-        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-    await trio.lowlevel.cancel_shielded_checkpoint()
-    return data
 
 
 def _fast_tcp(secured_conn: Any) -> None:
