@@ -26,6 +26,16 @@ go upstream. Counters (``p2p.*``) land in the host's :class:`collections.Counter
 4. :func:`install_libp2p_log_limits`: py-libp2p logs some peer-triggered events at WARNING or
    ERROR once per event (e.g. a traceback per failed inbound connection); a filter limits each
    (logger, message) to a few lines per minute plus a count.
+5. :class:`NoVerdictCache` (installed by :class:`GuardedPubsub`): ``Pubsub.validate_msg`` cached
+   each validator verdict by message id for 300 s and answered repeats from it without running
+   the validators. A message that failed validation is not "seen", so a peer could resend a
+   REJECTed message (under a fresh envelope: our ids hash the data alone) and be penalised only
+   the first time; a verdict that depends on time (an offer not valid yet, or expired since)
+   stayed stuck; and a message dropped from the seen cache (120 s) but still cached as valid
+   was forwarded unvalidated. The cache was also a list scanned per message (``in``,
+   ``remove``, ``pop(0)``: O(size), about 3-5% of a relay's CPU at its 1,000 entries). Now every
+   message that is not in the seen cache runs the validators, as in go-libp2p, which keeps no
+   verdict cache. Upstream fix: drop the cache, or let ``validation_cache_size=0`` disable it.
 
 CPU fixes for the gossip path (issue 16: frame amplification, a signed peer record on every RPC,
 IDONTWANT for small messages, DEBUG f-strings) live in the sibling :mod:`node.libp2p_perf` and are
@@ -154,6 +164,20 @@ class PubsubLimits:
     iwant_id_burst: float = 1000.0
 
 
+class NoVerdictCache:
+    """Stands in for ``Pubsub.validation_cache``: remembers no verdict, so every message that is
+    not in the seen cache is validated (module docstring, item 5)."""
+
+    def get(self, msg_id: bytes) -> None:
+        return None
+
+    def put(self, msg_id: bytes, result: object) -> None:
+        pass
+
+    def clear_expired(self) -> None:
+        pass
+
+
 class GuardedPubsub(Pubsub):
     """``Pubsub`` whose inbound read loop no peer can crash or flood.
 
@@ -181,6 +205,10 @@ class GuardedPubsub(Pubsub):
 
     p2p_limits: PubsubLimits
     p2p_counters: Counter[str]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.validation_cache = NoVerdictCache()  # item 5
 
     def configure_guard(self, limits: PubsubLimits, counters: Counter[str]) -> None:
         self.p2p_limits = limits

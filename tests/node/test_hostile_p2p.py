@@ -19,7 +19,9 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamReset
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12
+from libp2p.peer.id import ID
 from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import ValidationError
 from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
 
 from node.host import GossipHost, HostConfig
@@ -664,4 +666,51 @@ async def test_ihave_and_iwant_entries_are_bounded_per_peer(tmp_path):
         assert sum(wanted) <= 5000
         assert counters["p2p.pubsub.drop.iwant_duplicate_ids"] == 2999
         assert counters["p2p.pubsub.drop.ihave_ids"] >= 15_000
+        nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# item 5 of node/libp2p_patches.py: no cached validator verdicts
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_a_rejected_message_resent_under_new_envelopes_is_validated_and_penalised_each_time(
+        tmp_path):
+    """Upstream cached the first REJECT by message id (the data's hash) for 300 s and answered
+    the copies from the cache: one penalty for any number of resends."""
+    async with trio.open_nursery() as nursery:
+        victim = await start_node(nursery, tmp_path / "victim.db")
+        attacker = await start_attacker(nursery)
+        await attacker.connect(victim.host.addrs()[0])
+        data = b"\x00 not an offer"  # the same bytes, so the same message id, every time
+        scores = []
+        for seqno in range(1, 6):
+            await send_rpcs(attacker, victim.host, [envelope(attacker, data, seqno)])
+            await wait_until(lambda: sum(
+                n for k, n in victim.service.counters.items()
+                if k.startswith("offers.gossip.reject.")) >= seqno, timeout=5)
+            scores.append(victim.host.score(attacker.peer_id, OFFER_TOPIC))
+        assert all(b < a for a, b in zip(scores, scores[1:])), scores  # each resend cost more
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_verdict_is_not_remembered_for_the_next_copy(tmp_path):
+    """A verdict that depends on time (an offer not valid yet, or expired since) is taken
+    afresh for every copy that is not in the seen cache."""
+    async with trio.open_nursery() as nursery:
+        node = await start_attacker(nursery)
+        verdicts = [False, True]
+        calls = []
+
+        def validate(payload: bytes, forwarder) -> bool:
+            calls.append(payload)
+            return verdicts[len(calls) - 1]
+
+        node.set_topic_validator("t", validate)
+        msg = envelope(node, b"same bytes", 1, topic="t")
+        forwarder = ID.from_pubkey(NodeIdentity.from_seed(b"\x01" * 32).key_pair.public_key)
+        with pytest.raises(ValidationError):
+            await node.pubsub.validate_msg(forwarder, msg)
+        await node.pubsub.validate_msg(forwarder, msg)
+        assert len(calls) == 2
         nursery.cancel_scope.cancel()
