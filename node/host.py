@@ -475,6 +475,7 @@ class GossipHost:
             max_inbound_rpc_size=g.max_message_bytes,
         )
         self.pubsub.configure_guard(g.pubsub_limits(), self.counters)
+        self._nursery: trio.Nursery | None = None  # run()'s, once started
         self.reachability = (Reachability(self.host, config.reachability, self.counters)
                              if config.reachability is not None else None)
 
@@ -501,8 +502,9 @@ class GossipHost:
                     async with background_trio_service(self.gossipsub):
                         with trio.fail_after(10):
                             await self.pubsub.wait_until_ready()
-                        task_status.started(self)
                         async with trio.open_nursery() as nursery:
+                            self._nursery = nursery
+                            task_status.started(self)
                             if self.reachability is not None:
                                 await nursery.start(self.reachability.run)
                             if self.config.mdns:
@@ -623,8 +625,33 @@ class GossipHost:
 
         self.pubsub.set_topic_validator(topic, validator, is_async_validator=False)
 
-    async def subscribe(self, topic: str) -> ISubscriptionAPI:
-        return await self.pubsub.subscribe(topic)
+    async def subscribe(self, topic: str,
+                        deliver: Callable[[rpc_pb2.Message], None] | None = None) -> ISubscriptionAPI:
+        """Join ``topic``. Without ``deliver``, read its messages from the returned
+        subscription (``await sub.get()``). With ``deliver``, each message is handed to it
+        instead, and the subscription stays empty: called where the message is accepted
+        (node/libp2p_perf.py, item 18: no channel, no task wake-up per message), or with
+        ``fast_gossip`` off from a task of the host's that reads the subscription. ``deliver``
+        must not block; what it raises is counted (``p2p.pubsub.deliver_error``) and logged."""
+        sub = await self.pubsub.subscribe(topic)
+        if deliver is not None:
+            if isinstance(self.pubsub, FastPubsub):
+                self.pubsub.deliver_inline(topic, deliver)
+            elif self._nursery is None:
+                raise RuntimeError("subscribe(deliver=...) needs the host running (run())")
+            else:
+                self._nursery.start_soon(self._deliver_from, sub, topic, deliver)
+        return sub
+
+    async def _deliver_from(self, sub: ISubscriptionAPI, topic: str,
+                            deliver: Callable[[rpc_pb2.Message], None]) -> None:
+        async for msg in sub:  # ends when the subscription's channel closes (unsubscribe)
+            try:
+                deliver(msg)
+            except Exception:
+                self.counters["p2p.pubsub.deliver_error"] += 1
+                rlog.error(("deliver_error", topic), "delivering a message of %s raised", topic,
+                           exc_info=True)
 
     async def publish(self, topic: str, payload: bytes) -> None:
         await self.pubsub.publish(topic, payload)

@@ -123,6 +123,14 @@ maintainers' version of each):
    with DEBUG off. Here, with the muxer's logger not enabled for DEBUG, a copy of upstream's
    method runs with exactly those statements removed (checked against upstream's syntax
    tree by the test); with DEBUG on, upstream's method.
+18. :meth:`FastPubsub.deliver_inline`: a subscriber can take its topic's messages as a call
+   made where the message is accepted (the stream's read loop, after validation), instead of
+   from a memory channel read by a task of its own. Upstream (``notify_subscriptions``): a
+   channel send per message and a task wake-up in the consumer, whose only work (our offer
+   service: everything is done in the validator) may be to throw the message away; and a
+   consumer that falls behind loses messages with a WARNING each. The callback must not block
+   (it is not async); an exception from it is counted and logged, and does not reach the read
+   loop.
 
 """
 
@@ -133,6 +141,7 @@ import os
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -163,10 +172,12 @@ from libp2p.stream_muxer.yamux.yamux import (  # names of the copied handle_inco
     TYPE_PING, TYPE_WINDOW_UPDATE, YAMUX_HEADER_FORMAT, RawConnError, read_exactly)
 
 from node.libp2p_patches import GuardedPubsub, check_libp2p_version
+from node.ratelimit import RateLimitedLog
 
 check_libp2p_version()
 
 log = logging.getLogger(__name__)
+rlog = RateLimitedLog(log, burst=5, interval=60.0)
 _yamux_log = _yamux.logger  # the muxer's own logger: its DEBUG switch is the user's to set
 
 _YAMUX_HEADER = _yamux.YAMUX_HEADER_FORMAT
@@ -1189,6 +1200,50 @@ class FastPubsub(GuardedPubsub):
             return  # claims to be from us but was not published here
         self.notify_subscriptions(msg)
         await self.router.publish(msg_forwarder, msg)
+
+    # -- item 18: messages handed to a subscriber's callback, not through a channel ---------
+
+    def deliver_inline(self, topic: str, deliver: Callable[[rpc_pb2.Message], None] | None) -> None:
+        """From now on hand each message of ``topic`` (we must be subscribed to it) to
+        ``deliver`` instead of the subscription's channel; ``None`` returns to the channel."""
+        inline = self._inline_delivery()
+        if deliver is None:
+            inline.pop(topic, None)
+        else:
+            inline[topic] = deliver
+
+    def _inline_delivery(self) -> dict[str, Callable[[rpc_pb2.Message], None]]:
+        inline = self.__dict__.get("_p2p_inline")
+        if inline is None:
+            inline = self._p2p_inline = {}
+        return inline
+
+    def notify_subscriptions(self, publish_message: rpc_pb2.Message) -> None:
+        inline = self.__dict__.get("_p2p_inline")
+        if not inline:
+            super().notify_subscriptions(publish_message)
+            return
+        for topic in publish_message.topicIDs:
+            if topic not in self.topic_ids:
+                continue
+            deliver = inline.get(topic)
+            if deliver is None:  # upstream's delivery for this topic
+                try:
+                    self.subscribed_topics_send[topic].send_nowait(publish_message)
+                except trio.WouldBlock:
+                    rlog.warning(("subscription_full", topic),
+                                 "fail to deliver message to subscription for topic %s", topic)
+                continue
+            try:
+                deliver(publish_message)
+            except Exception:
+                self.p2p_counters["p2p.pubsub.deliver_error"] += 1
+                rlog.error(("deliver_error", topic), "delivering a message of %s raised", topic,
+                           exc_info=True)
+
+    async def unsubscribe(self, topic_id: str) -> None:
+        self._inline_delivery().pop(topic_id, None)
+        await super().unsubscribe(topic_id)
 
     def _verified_records(self) -> OrderedDict[ID, tuple[bytes, float]]:
         records = self.__dict__.get("_p2p_records")

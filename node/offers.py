@@ -208,6 +208,10 @@ def _message_kind(data: bytes) -> int | None:
     return None
 
 
+def _discard(msg: object) -> None:
+    """What the offer service does with a delivered gossip message: nothing more."""
+
+
 class OfferService:
     """The offer topic, the book and offer sync; run with ``await nursery.start(svc.run)``."""
 
@@ -323,11 +327,12 @@ class OfferService:
         host = self.host
         host.set_topic_validator(self.config.topic, self.validate_gossip)
         host.pubsub.p2p_known_sender = self.known_sender
-        sub = await host.subscribe(self.config.topic)
+        # Everything is done in the validator (it ingests each accepted offer): what is
+        # delivered after it is thrown away, where it is accepted (GossipHost.subscribe).
+        await host.subscribe(self.config.topic, deliver=_discard)
         host.host.set_stream_handler(TProtocol(self.config.sync_protocol), self._serve_sync)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._drain, sub)
                 nursery.start_soon(self._expiry_loop)
                 nursery.start_soon(self._flush_loop)
                 nursery.start_soon(self._prune_loop)
@@ -337,12 +342,6 @@ class OfferService:
             with trio.move_on_after(2) as scope:
                 scope.shield = True
                 await self.flush()
-
-    async def _drain(self, sub) -> None:
-        # Everything delivered was already validated and ingested by the validator; the
-        # subscription must still be read or py-libp2p's queue fills.
-        while True:
-            await sub.get()
 
     async def _expiry_loop(self) -> None:
         while True:

@@ -106,9 +106,22 @@ def worker(args) -> None:
         node = GossipHost(NodeIdentity.from_seed(os.urandom(32)), config)
         latencies: list[float] = []
         received = 0
+        all_in = trio.Event()
+        expect = None
+
+        def deliver(msg) -> None:  # as the node's offer service takes them: a callback
+            nonlocal received
+            if msg.from_id == node.peer_id.to_bytes():
+                return  # our own publish, delivered locally
+            stamp = float(msg.data.split(b":", 2)[1])
+            latencies.append(time.time() - stamp)
+            received += 1
+            if expect is not None and received >= expect:
+                all_in.set()
+
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
-            sub = await node.subscribe(TOPIC)
+            await node.subscribe(TOPIC, deliver=deliver)
             send({"addr": str(node.addrs()[0])})
             cmd = await readline()
             ok = await node.connect_all(cmd["dial"])
@@ -118,23 +131,8 @@ def worker(args) -> None:
             t0 = plan["t0"]
             mine = plan["publish"]  # [[offset_s, index], ...]
             expect = plan["expect"]
-            all_in = trio.Event()
             if expect <= 0:
                 all_in.set()
-
-            async def reader():
-                nonlocal received
-                while True:
-                    msg = await sub.get()
-                    if msg.from_id == node.peer_id.to_bytes():
-                        continue  # our own publish, delivered locally
-                    stamp = float(msg.data.split(b":", 2)[1])
-                    latencies.append(time.time() - stamp)
-                    received += 1
-                    if received >= expect:
-                        all_in.set()
-
-            nursery.start_soon(reader)
             await trio.sleep(max(0.0, t0 - plan["idle"] - time.time()))
             idle0 = time.process_time()
             await trio.sleep(max(0.0, t0 - time.time()))

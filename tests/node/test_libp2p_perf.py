@@ -1235,3 +1235,64 @@ async def test_the_frame_loop_formats_no_debug_lines_with_debug_off(monkeypatch)
     await run_frame_loop(BatchedYamux, frames)
     assert upstream_calls >= 5 * 50  # upstream: about five per DATA frame
     assert calls["handle_incoming"] + calls["_handle_incoming_quiet"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 18. a subscriber's callback takes the messages where they are accepted
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [PATCHED, UNPATCHED])
+async def test_a_subscribers_callback_gets_every_message_in_order_patched_without_a_task(config):
+    """Patched: ``deliver`` runs in the task that read the message (the connection's task for
+    the pubsub stream, which runs its read loop), so no task is woken per message and the
+    subscription's channel stays empty.
+    Unpatched: the same calls, from a task of the host's reading the channel."""
+    async with running_hosts(1, PATCHED) as (a,), running_hosts(1, config) as (b,):
+        await a.subscribe(TOPIC)
+        got: list[bytes] = []
+        tasks: set[str] = set()
+
+        def deliver(msg) -> None:
+            got.append(msg.data)
+            tasks.add(trio.lowlevel.current_task().name)
+
+        sub = await b.subscribe(TOPIC, deliver=deliver)
+        await connect_pairs([a, b], [(0, 1)])
+        await settle_meshes([a, b], TOPIC, timeout=6, d_low=1)
+        sent = [b"%d" % i for i in range(20)]
+        for data in sent:
+            await a.publish(TOPIC, data)
+        with trio.fail_after(10):
+            while len(got) < len(sent):
+                await trio.sleep(0.02)
+        assert got == sent
+        assert sub.receive_channel.statistics().current_buffer_used == 0
+        if config.fast_gossip:
+            assert tasks and all(name.endswith("._handle_muxed_stream") for name in tasks), tasks
+        else:
+            assert tasks and all("_deliver_from" in name for name in tasks), tasks
+
+
+async def test_a_raising_callback_is_counted_and_the_stream_reads_on():
+    async with running_hosts(2, PATCHED) as (a, b):
+        await a.subscribe(TOPIC)
+        got: list[bytes] = []
+
+        def deliver(msg) -> None:
+            got.append(msg.data)
+            if msg.data == b"boom":
+                raise RuntimeError("a subscriber's bug")
+
+        await b.subscribe(TOPIC, deliver=deliver)
+        await connect_pairs([a, b], [(0, 1)])
+        await settle_meshes([a, b], TOPIC, timeout=6, d_low=1)
+        for data in (b"one", b"boom", b"three"):
+            await a.publish(TOPIC, data)
+        with trio.fail_after(10):
+            while len(got) < 3:
+                await trio.sleep(0.02)
+        assert got == [b"one", b"boom", b"three"]
+        assert b.counters["p2p.pubsub.deliver_error"] == 1
+        await b.pubsub.unsubscribe(TOPIC)
+        assert not b.pubsub._inline_delivery()
