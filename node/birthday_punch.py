@@ -75,7 +75,7 @@ from libp2p.protocol_muxer.multiselect_client import MultiselectClient
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.utils.varint import encode_uvarint, read_varint_prefixed_bytes_limited
 
-from node.ratelimit import TokenBucket
+from node.ratelimit import PerKeyInterval, TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +324,7 @@ class BirthdayPunch:
         self.is_public_ip = is_public_ip
         self.our_addrs = our_addrs
         self.is_relayed_only = is_relayed_only
-        self._last_run: dict[ID, float] = {}
+        self._last_run = PerKeyInterval(config.min_interval_s)
         self._busy = False
         self._choice_waiters: dict[ID, tuple[trio.Event, list[Any]]] = {}
         # Starts full; stamped at the first take (the node builds its host before trio runs,
@@ -349,16 +349,13 @@ class BirthdayPunch:
         now = trio.current_time()
         if self._busy:
             raise PunchRefused("a punch is running")
-        if now - self._last_run.get(peer, -1e18) < self.config.min_interval_s:
+        if not self._last_run.due(peer, now):
             raise PunchRefused("too soon for this peer")
         if not self.is_relayed_only(peer):
             raise PunchRefused("not a relayed peer")
         if not self._bucket.take(now):
             raise PunchRefused("rate limit")
-        self._last_run[peer] = now
-        if len(self._last_run) > 4096:  # bounded: forget the oldest
-            for old in sorted(self._last_run, key=self._last_run.__getitem__)[:1024]:
-                del self._last_run[old]
+        self._last_run.ran(peer, now)
 
     # -- initiator ----------------------------------------------------------------------------
 

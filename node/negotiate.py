@@ -159,31 +159,40 @@ class RenterFunds:
     """A renter wallet's token balance and allowance to the escrow, read from the chain before
     the provider sends Accept. Reads run through `read` (a worker thread: the caller's chain
     client) under `timeout_s`; at most `at_once` run together; each answer is kept `ttl_s` so a
-    renter that negotiates again (or a flood from one wallet) costs one read per `ttl_s`.
-    A kept answer that would refuse is read again once it is `recheck_s` old: a renter that
-    approves the escrow for its next rental must not be refused on the allowance its last
-    `open` spent (the read before that approval)."""
+    renter that negotiates again (or a flood from one funded wallet) costs one read per `ttl_s`.
 
-    def __init__(self, read: ReadFunds, *, ttl_s: float = 2.0, recheck_s: float = 0.25,
-                 timeout_s: float = 5.0, at_once: int = 4, max_cached: int = 4096) -> None:
+    An answer is kept with the time its read began. A caller about to refuse asks for one begun
+    at or after `read_since` (when the proposal arrived): a renter approves the escrow just
+    before it proposes, so only such a reading surely sees that approval. No age does: a reading
+    kept from the renter's last negotiation may be milliseconds old when the renter, having
+    opened (spending the allowance) and approved again, proposes its next rental. So a refused
+    proposal costs a read of its own: no more than a fresh unfunded wallet per proposal costs,
+    which is free to make and which no cache holds."""
+
+    def __init__(self, read: ReadFunds, *, ttl_s: float = 2.0, timeout_s: float = 5.0,
+                 at_once: int = 4, max_cached: int = 4096) -> None:
         self._read = read
         self.ttl_s = ttl_s
-        self.recheck_s = recheck_s
         self.timeout_s = timeout_s
         self.max_cached = max_cached
         self._limiter = trio.CapacityLimiter(at_once)
         self._cache: dict[tuple[bytes, bytes], tuple[float, tuple[int, int]]] = {}
         self.reads = 0  # chain reads made (for metrics and tests)
 
-    async def get(self, wallet: bytes, token: bytes, *, max_age_s: float | None = None) -> tuple[int, int]:
-        """(balance, allowance), read at most `max_age_s` (default `ttl_s`) ago; raises
-        FundsUnavailable."""
+    async def get(self, wallet: bytes, token: bytes, *,
+                  read_since: float | None = None) -> tuple[int, int]:
+        """(balance, allowance) from a read begun less than `ttl_s` ago or, given `read_since`
+        (a `trio.current_time()`), begun at or after it; raises FundsUnavailable."""
         key = (wallet, token)
-        max_age = self.ttl_s if max_age_s is None else max_age_s
 
         def kept() -> tuple[int, int] | None:
             hit = self._cache.get(key)
-            return hit[1] if hit is not None and trio.current_time() - hit[0] < max_age else None
+            if hit is None:
+                return None
+            began, value = hit
+            if read_since is not None:
+                return value if began >= read_since else None
+            return value if trio.current_time() - began < self.ttl_s else None
 
         if (value := kept()) is not None:
             return value
@@ -192,14 +201,17 @@ class RenterFunds:
                 if (value := kept()) is not None:  # another stream may have read it meanwhile
                     return value
                 self.reads += 1
+                began = trio.current_time()
                 try:
                     value = await self._read(wallet, token)
                 except Exception as exc:
                     raise FundsUnavailable(f"reading the renter's funds failed: {exc!r}") from None
-                self._cache.pop(key, None)
+                hit = self._cache.pop(key, None)
+                if hit is None or hit[0] <= began:  # else a read begun later ended first: keep it
+                    hit = (began, value)
                 if len(self._cache) >= self.max_cached:
                     self._cache.pop(next(iter(self._cache)))
-                self._cache[key] = (trio.current_time(), value)
+                self._cache[key] = hit
                 return value
         raise FundsUnavailable(f"the chain did not answer within {self.timeout_s:g} s")
 
@@ -410,11 +422,12 @@ class ProviderDesk:
         others = sum(h.deposit for a, h in self.capacity.unopened(self.clock()).items()
                      if h.wallet == terms.renter and a != aid)
         need = terms.deposit + others
+        arrived = trio.current_time()  # the proposal is here: so is the approval made before it
         try:
             balance, allowance = await self.funds.get(terms.renter, terms.token)
-            if balance < need or allowance < terms.deposit:  # refuse on a fresh reading only
+            if balance < need or allowance < terms.deposit:  # refuse on a reading made since
                 balance, allowance = await self.funds.get(terms.renter, terms.token,
-                                                          max_age_s=self.funds.recheck_s)
+                                                          read_since=arrived)
         except FundsUnavailable as exc:
             return Reason.PROVIDER_BUSY, str(exc)
         if balance < need:

@@ -1,5 +1,6 @@
-"""Small rate limiters for the I/O shell: a token bucket, a bounded per-key set of buckets, and
-logging that cannot be turned into a disk-filling attack.
+"""Small rate limiters for the I/O shell: a token bucket, a bounded per-key set of buckets, a
+bounded per-key "at most once per interval", and logging that cannot be turned into a
+disk-filling attack.
 
 Why logging needs a limit: a hostile peer controls how often a "bad input" line is written.
 One WARNING per bad message at 1,500 messages/s filled 4 MB of log in minutes. Every log line a
@@ -109,6 +110,45 @@ class KeyedBuckets:
         if overflow > 0:
             for k in list(self._buckets)[:overflow]:  # dicts keep insertion order: oldest first
                 del self._buckets[k]
+
+
+class PerKeyInterval:
+    """At most one run per key (a peer id) per ``interval_s``: ``due`` says whether ``key`` may
+    run at ``now``, ``ran`` records that it did (callers that check other limits first mark only
+    a run that takes place), ``forget`` lets it run at once. Memory bounded by ``max_keys``:
+    when full, keys whose interval is over (indistinguishable from new ones) go first, and if
+    none is, the one that ran longest ago. Sans-I/O: the caller passes a monotonic ``now``."""
+
+    def __init__(self, interval_s: float, *, max_keys: int = 4096) -> None:
+        if interval_s < 0 or max_keys < 1:
+            raise ValueError("a per-key interval needs interval_s >= 0 and max_keys >= 1")
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self._last: dict[Hashable, float] = {}  # in the order of the last runs: oldest first
+
+    def due(self, key: Hashable, now: float) -> bool:
+        last = self._last.get(key)
+        return last is None or now - last >= self.interval_s
+
+    def ran(self, key: Hashable, now: float) -> None:
+        self._last.pop(key, None)
+        if len(self._last) >= self.max_keys:
+            self._evict(now)
+        self._last[key] = now
+
+    def forget(self, key: Hashable) -> None:
+        self._last.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def _evict(self, now: float) -> None:
+        for k in [k for k, last in self._last.items() if now - last >= self.interval_s]:
+            del self._last[k]
+        overflow = len(self._last) - self.max_keys + 1
+        if overflow > 0:
+            for k in list(self._last)[:overflow]:
+                del self._last[k]
 
 
 class _Window:

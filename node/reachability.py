@@ -62,6 +62,7 @@ from node.birthday_punch import BirthdayConfig, BirthdayPunch
 from node.libp2p_nat_patches import (
     DialBackAutoNAT, GuardedRelay, RelayGuardLimits, limit_relayed_connections,
 )
+from node.ratelimit import PerKeyInterval
 from protocol.messages import Heartbeat, UsageReceipt
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ class Reachability:
         self.birthday = (BirthdayPunch(host, config.birthday_config(), counters, is_public_ip,
                                        self.candidate_addrs, self._relayed_only)
                          if config.hole_punch and config.hard_nat_punch else None)
-        self._punched: dict[ID, float] = {}  # peer -> when we last tried a hole punch
+        self._punched = PerKeyInterval(HOLE_PUNCH_RETRY_S)  # when we last tried a hole punch
         self.reservations: dict[ID, _Reservation] = {}
         self.circuit_limits: dict[ID, CircuitLimit] = {}  # peer -> its circuit we dialled
         self.last_answers: dict[str, int] = {}  # peer -> AutoNAT status of its last answer
@@ -324,9 +325,9 @@ class Reachability:
         now = trio.current_time()
         me = self.host.get_id().to_bytes()
         for peer in self._peers_by_path()[1]:
-            if peer.to_bytes() > me or now - self._punched.get(peer, -1e9) < HOLE_PUNCH_RETRY_S:
+            if peer.to_bytes() > me or not self._punched.due(peer, now):
                 continue
-            self._punched[peer] = now
+            self._punched.ran(peer, now)
             nursery.start_soon(self._hole_punch, peer)
 
     async def punch(self, peer: ID) -> bool:
@@ -556,7 +557,7 @@ class Reachability:
         ``timeout`` for a direct connection; returns whether there is one."""
         if self.dcutr is None:
             return not self.relayed_only(peer)
-        self._punched.pop(peer, None)  # whichever end starts it, let it start now
+        self._punched.forget(peer)  # whichever end starts it, let it start now
         self.poke()
         with trio.move_on_after(timeout):
             while self.relayed_only(peer):

@@ -4,6 +4,7 @@ import dataclasses
 import random
 
 import trio
+import trio.testing
 
 from node.host import GossipHost, HostConfig
 from node.identity import NodeIdentity
@@ -254,9 +255,10 @@ async def test_negotiate__funds_are_read_once_per_wallet_within_the_cache_time()
 
 
 async def test_negotiate__a_kept_reading_that_would_refuse_is_read_again():
-    # The renter's last open spent its allowance; it approved again before this proposal. The
-    # provider's 2 s-old reading says "allowance 0": refusing on it refused an honest second
-    # rental (found by test_spot_sets). A refusal is judged on a reading at most recheck_s old.
+    # The renter was refused for want of an allowance, approved, and proposes again at once.
+    # The provider's kept reading ("allowance 0") is younger than ttl_s but older than the
+    # proposal: the refusal would stand on it, so it is read again; the first refusal's own read
+    # (begun after its proposal arrived) is not read twice.
     rng = random.Random(10)
     provider, renter = Party(rng), Party(rng)
     allowance = [0]
@@ -269,7 +271,7 @@ async def test_negotiate__a_kept_reading_that_would_refuse_is_read_again():
     async with trio.open_nursery() as nursery:
         await start(nursery, [provider, renter])
         desk, offer, d, capacity, agreed = provider_desk(
-            provider, rng, gpu_count=3, funds=RenterFunds(read, ttl_s=30, recheck_s=0.05))
+            provider, rng, gpu_count=3, funds=RenterFunds(read, ttl_s=30))
         await renter.host.connect(provider.host.addrs()[0])
 
         async def propose(seed):
@@ -282,11 +284,79 @@ async def test_negotiate__a_kept_reading_that_would_refuse_is_read_again():
         (m,) = refused.negotiations.values()
         assert refused.winner is None and m.failure.reason == Reason.INSUFFICIENT_FUNDS
         assert "allowance to the escrow 0" in m.failure.detail
+        assert reads == [0]
         allowance[0] = 10**18  # the renter approves
-        await trio.sleep(0.1)
-        agreed_group = await propose(2)  # the kept reading (0) is 0.1 s old: read again
+        agreed_group = await propose(2)
         assert agreed_group.winner is not None
-        assert reads == [0, 10**18]  # the refusal re-read nothing younger than recheck_s
+        assert reads == [0, 10**18]
+        nursery.cancel_scope.cancel()
+
+
+async def test_negotiate__a_funds_read_begun_before_read_since_does_not_count_as_made_since():
+    # A read that began before the renter's approval and ended after the proposal arrived saw
+    # the old allowance: it is kept by the time it began, so a refusal does not stand on it.
+    allowance, reads, gate = [0], [], trio.Event()
+
+    async def read(wallet, token):
+        seen = allowance[0]
+        reads.append(seen)
+        if len(reads) == 1:
+            await gate.wait()
+        return 10**18, seen
+
+    funds = RenterFunds(read, ttl_s=30)
+    early = []
+    async with trio.open_nursery() as nursery:
+        async def read_early():
+            early.append(await funds.get(b"w", b"t"))
+
+        nursery.start_soon(read_early)
+        await trio.testing.wait_all_tasks_blocked()  # the early read saw allowance 0
+        allowance[0] = 5  # the renter approves, then proposes
+        arrived = trio.current_time()
+        gate.set()
+        await trio.testing.wait_all_tasks_blocked()  # the early read is kept now
+        assert early == [(10**18, 0)]
+        assert await funds.get(b"w", b"t") == (10**18, 0)  # within ttl_s, any kept read does
+        assert await funds.get(b"w", b"t", read_since=arrived) == (10**18, 5)
+        assert await funds.get(b"w", b"t", read_since=arrived) == (10**18, 5)  # kept: no read
+    assert reads == [0, 5] and funds.reads == 2
+
+
+async def test_negotiate__a_refusal_waits_for_a_reading_begun_after_the_proposal():
+    # test_spot_sets' race: a renter rents once (the provider keeps its reading: allowance =
+    # that deposit), opens (spending it), approves a larger deposit and proposes again at once.
+    # The provider's kept reading was only milliseconds old; a refusal re-read only readings
+    # older than a fixed 0.25 s, so it refused on the allowance before the approval
+    # (60000 < 300000). A refusal must stand on a reading begun after the proposal arrived,
+    # however young the kept one is.
+    rng = random.Random(11)
+    provider, renter = Party(rng), Party(rng)
+    deposit_one = 100 * 1 * 3600
+    allowance = [deposit_one]
+    reads = []
+
+    async def read(wallet, token):
+        reads.append(allowance[0])
+        return 10**18, allowance[0]
+
+    async with trio.open_nursery() as nursery:
+        await start(nursery, [provider, renter])
+        desk, offer, d, capacity, agreed = provider_desk(
+            provider, rng, gpu_count=3, funds=RenterFunds(read, ttl_s=30))
+        await renter.host.connect(provider.host.addrs()[0])
+
+        async def propose(seed, gpu_count):
+            return await negotiate_first(
+                renter.host, renter.key, renter.binding, [Candidate(offer, d)],
+                gpu_count=gpu_count, duration_s=3600, max_price_per_gpu_second=100,
+                access_key="k", params=PARAMS, rng=random.Random(seed))
+
+        assert (await propose(1, 1)).winner is not None  # kept: allowance = deposit_one
+        allowance[0] = 2 * deposit_one  # the renter's open spent it; it approved for two GPUs
+        second = await propose(2, 2)  # at once: the kept reading is milliseconds old
+        assert second.winner is not None, [n.failure for n in second.negotiations.values()]
+        assert reads == [deposit_one, 2 * deposit_one]
         nursery.cancel_scope.cancel()
 
 

@@ -5,7 +5,14 @@ import logging
 import pytest
 import trio
 
-from node.ratelimit import KeyedBuckets, RateLimitedLog, RateLimitFilter, TokenBucket, take_token
+from node.ratelimit import (
+    KeyedBuckets,
+    PerKeyInterval,
+    RateLimitedLog,
+    RateLimitFilter,
+    TokenBucket,
+    take_token,
+)
 
 
 class Clock:
@@ -35,6 +42,36 @@ def test_keyed_buckets_are_per_key_and_bounded():
     for k in range(50):
         kb.allow(k)
     assert len(kb) <= 3
+
+
+def test_per_key_interval__once_per_interval_per_key_and_forget_lets_it_run_at_once():
+    iv = PerKeyInterval(300.0)
+    assert iv.due("a", 0.0)
+    iv.ran("a", 0.0)
+    assert not iv.due("a", 299.9) and iv.due("b", 299.9)  # per key
+    assert iv.due("a", 300.0)  # the interval is over exactly at its end
+    iv.forget("a")
+    iv.ran("b", 10.0)
+    assert iv.due("a", 10.0) and not iv.due("b", 10.0)
+    assert PerKeyInterval(0.0).due("a", 0.0)
+    with pytest.raises(ValueError):
+        PerKeyInterval(-1.0)
+
+
+def test_per_key_interval__bounded_keys_whose_interval_is_over_go_first_then_the_oldest():
+    iv = PerKeyInterval(100.0, max_keys=3)
+    iv.ran("old", 0.0)
+    iv.ran("a", 50.0)
+    iv.ran("b", 60.0)
+    iv.ran("c", 120.0)  # full: "old" (over since 100) goes; a and b still wait
+    assert len(iv) == 3 and not iv.due("a", 120.0) and not iv.due("b", 120.0)
+    iv.ran("a", 150.1)  # a ran again: it is now the newest, b the oldest
+    iv.ran("d", 150.2)  # none is over: the oldest run (b at 60) goes
+    assert len(iv) == 3 and iv.due("b", 150.2)
+    assert not iv.due("a", 150.2) and not iv.due("c", 150.2) and not iv.due("d", 150.2)
+    for k in range(50):
+        iv.ran(k, 200.0 + k)
+    assert len(iv) == 3
 
 
 def test_rate_limited_log_writes_the_first_n_then_a_summary(caplog):

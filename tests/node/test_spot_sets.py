@@ -93,11 +93,10 @@ async def test_spot_sets__two_sets_offered_rented_and_preempted_each_with_its_ow
                                   notice_s=5)
         assert short.details.notice_s == 5 and short.details.gpus == (inv[3],)
         entry = await offer_with(lambda o: len(o.interruptible) == 1 and o.interruptible[0].notice_s == 30)
-        # Not at once: a second proposal right after the first rental met a provider reading of
-        # the allowance its first open had spent (60000 < 300000) in a clean-clone CI run,
-        # although RenterFunds now re-reads a refusing reading older than 0.25 s; the race is
-        # not understood yet (the renter's approval not yet visible to the provider's read?).
-        await trio.sleep(2.1)
+        # At once: the provider's reading kept from the first negotiation (allowance 60000,
+        # before the first open spent it and the renter approved 300000) may be milliseconds
+        # old; a refusal waits for a reading begun after the proposal arrived
+        # (node/negotiate.py RenterFunds, read_since).
         long = await renter.rent([entry], gpu_count=2, duration_s=300, max_price_per_gpu_second=500,
                                  notice_s=30)
         assert long.details.notice_s == 30 and set(long.details.gpus) == set(inv[1:3])
