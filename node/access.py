@@ -92,12 +92,7 @@ class Open:
 
     @classmethod
     def decode(cls, frame: bytes) -> "Open":
-        if not frame or frame[0] != OPEN:
-            raise ExecError("bad_open", "the first frame must be OPEN")
-        try:
-            value = msgpack.unpackb(frame[1:], raw=False, strict_map_key=True)
-        except Exception as exc:
-            raise ExecError("bad_open", f"OPEN does not parse: {type(exc).__name__}") from None
+        value = _opening_value(frame, OPEN, "OPEN")
         if not (isinstance(value, list) and len(value) == 5):
             raise ExecError("bad_open", "OPEN is [agreement_id, tty, rows, cols, argv]")
         aid, tty, rows, cols, argv = value
@@ -116,6 +111,17 @@ class Open:
         return cls(aid, bool(tty), rows, cols, tuple(argv))
 
 
+def _opening_value(frame: bytes, kind: int, name: str) -> Any:
+    """The msgpack value after the kind byte of a stream's first frame, which must be `kind`
+    (`name` in the errors); a bad_open ExecError if it is another kind or does not parse."""
+    if not frame or frame[0] != kind:
+        raise ExecError("bad_open", f"the first frame must be {name}")
+    try:
+        return msgpack.unpackb(frame[1:], raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise ExecError("bad_open", f"{name} does not parse: {type(exc).__name__}") from None
+
+
 def _is_integer(value: object) -> bool:
     """A msgpack integer: msgpack decodes floats to float and true/false to bool, and both
     compare equal to 0 and 1 (1.0 in (0, 1) is True), so the type is checked, not the value."""
@@ -132,12 +138,7 @@ class ForwardOpen:
 
     @classmethod
     def decode(cls, frame: bytes) -> "ForwardOpen":
-        if not frame or frame[0] != FORWARD:
-            raise ExecError("bad_open", "the first frame must be FORWARD")
-        try:
-            value = msgpack.unpackb(frame[1:], raw=False)
-        except Exception as exc:
-            raise ExecError("bad_open", f"FORWARD does not parse: {type(exc).__name__}") from None
+        value = _opening_value(frame, FORWARD, "FORWARD")
         if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], bytes)
                 and len(value[0]) == 32 and _is_integer(value[1]) and 1 <= value[1] <= 65535):
             raise ExecError("bad_open", "FORWARD is [agreement_id: 32 bytes, port: 1..65535]")
@@ -156,12 +157,7 @@ class CopyOpen:
 
     @classmethod
     def decode(cls, frame: bytes) -> "CopyOpen":
-        if not frame or frame[0] != COPY:
-            raise ExecError("bad_open", "the first frame must be COPY")
-        try:
-            value = msgpack.unpackb(frame[1:], raw=False)
-        except Exception as exc:
-            raise ExecError("bad_open", f"COPY does not parse: {type(exc).__name__}") from None
+        value = _opening_value(frame, COPY, "COPY")
         if not (isinstance(value, list) and len(value) == 3 and isinstance(value[0], bytes)
                 and len(value[0]) == 32 and _is_integer(value[1]) and value[1] in (COPY_IN, COPY_OUT)
                 and isinstance(value[2], str)

@@ -16,6 +16,7 @@ import shlex
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -724,34 +725,35 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
     return 0 if valid else EXIT_REFUSED
 
 
-def cmd_escrow_status(args: argparse.Namespace) -> int:
-    doc = _call(args, "escrow_status", agreement_id=args.agreement_id)
+def _escrow_op(args: argparse.Namespace, op: str, human: Callable[[dict], str]) -> int:
+    """The node's answer to control op `op` on args.agreement_id: JSON under --json, else the
+    text human(doc)."""
+    doc = _call(args, op, agreement_id=args.agreement_id)
     if args.json:
         _print_json(doc)
-        return 0
-    t = doc["token"]
-    print(f"agreement {doc['agreement_id'][:16]}: {doc['state']}, deposit {doc['deposit_tokens']} {t}")
-    print(f"  acknowledged: {doc['acked_seconds']} s -> {doc['to_provider_tokens']} {t} to the "
-          f"provider, {doc['to_renter_tokens']} {t} back to the renter")
+    else:
+        print(human(doc))
     return 0
+
+
+def cmd_escrow_status(args: argparse.Namespace) -> int:
+    def human(doc: dict) -> str:
+        t = doc["token"]
+        return (f"agreement {doc['agreement_id'][:16]}: {doc['state']}, deposit {doc['deposit_tokens']} {t}\n"
+                f"  acknowledged: {doc['acked_seconds']} s -> {doc['to_provider_tokens']} {t} to the "
+                f"provider, {doc['to_renter_tokens']} {t} back to the renter")
+
+    return _escrow_op(args, "escrow_status", human)
 
 
 def cmd_escrow_claim(args: argparse.Namespace) -> int:
-    doc = _call(args, "escrow_claim", agreement_id=args.agreement_id)
-    if args.json:
-        _print_json(doc)
-        return 0
-    print(f"claimed {doc['acked_seconds']} s: {doc['paid_tokens']} {doc['token']} paid (tx {doc['tx']})")
-    return 0
+    return _escrow_op(args, "escrow_claim", lambda doc: (
+        f"claimed {doc['acked_seconds']} s: {doc['paid_tokens']} {doc['token']} paid (tx {doc['tx']})"))
 
 
 def cmd_escrow_recover(args: argparse.Namespace) -> int:
-    doc = _call(args, "escrow_recover", agreement_id=args.agreement_id)
-    if args.json:
-        _print_json(doc)
-        return 0
-    print(f"recovered: {doc['refunded_tokens']} {doc['token']} back to the renter (tx {doc['tx']})")
-    return 0
+    return _escrow_op(args, "escrow_recover", lambda doc: (
+        f"recovered: {doc['refunded_tokens']} {doc['token']} back to the renter (tx {doc['tx']})"))
 
 
 def cmd_escrow_deploy(args: argparse.Namespace) -> int:

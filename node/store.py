@@ -24,10 +24,11 @@ have been applied, each in its own transaction. A database newer than this code 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -169,6 +170,19 @@ def _connect(path: str, synchronous: str) -> sqlite3.Connection:
     return conn
 
 
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One BEGIN IMMEDIATE transaction around the block: committed at its end, rolled back on
+    any exception (cancellation included) or a failed commit, which is then re-raised."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > len(MIGRATIONS):
@@ -177,15 +191,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
             " upgrade gpumarket"
         )
     for number in range(version + 1, len(MIGRATIONS) + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(conn):
             for statement in MIGRATIONS[number - 1]:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version={number}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
 
 class Store:
@@ -216,15 +225,8 @@ class Store:
 
     def _write(self, sql: str, params: tuple[Any, ...]) -> int:
         """One statement in one committed transaction; returns the number of rows changed."""
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            changed = conn.execute(sql, params).rowcount
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return changed
+        with _transaction(self._conn) as conn:
+            return conn.execute(sql, params).rowcount
 
     def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return self._conn.execute(sql, params).fetchall()
@@ -275,18 +277,12 @@ class Store:
         provider, and so does the table). Returns how many were inserted."""
 
         def go() -> int:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(self._conn) as conn:
                 before = conn.total_changes
                 conn.executemany("INSERT OR IGNORE INTO offers_seen VALUES (?, ?, ?, ?, ?, ?)", rows)
                 inserted = conn.total_changes - before
                 conn.executemany("DELETE FROM offers_seen WHERE provider_key = ? AND seq < ?",
                                  [(r[0], r[1]) for r in rows])
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             return inserted
 
         return await self._run(go) if rows else 0
@@ -307,16 +303,10 @@ class Store:
         offers the book holds (specs/node.md, "Offer store bound")."""
 
         def go() -> int:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(self._conn) as conn:
                 before = conn.total_changes
                 conn.executemany("DELETE FROM offers_seen WHERE provider_key = ? AND seq <= ?", rows)
                 deleted = conn.total_changes - before
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             return deleted
 
         return await self._run(go) if rows else 0
@@ -423,18 +413,12 @@ class Store:
         heartbeat is already stored (the first one is kept)."""
 
         def go() -> bool:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(self._conn) as conn:
                 conn.execute("INSERT OR IGNORE INTO receipts VALUES (?, ?, ?, ?)",
                              (agreement_id, acked_seconds, raw, now))
                 added = conn.execute(
                     "INSERT OR IGNORE INTO rental_receipts VALUES (?, ?, ?, ?, ?)",
                     (agreement_id, heartbeat_seq, acked_seconds, raw, now)).rowcount
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             return added == 1
 
         return await self._run(go)
@@ -477,18 +461,12 @@ class Store:
 
     async def increment_counter(self, name: str, by: int = 1) -> int:
         def go() -> int:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(self._conn) as conn:
                 value = conn.execute(
                     """INSERT INTO counters VALUES (?, ?)
                        ON CONFLICT (name) DO UPDATE SET value = value + excluded.value RETURNING value""",
                     (name, by),
                 ).fetchone()[0]
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             return value
 
         return await self._run(go)
@@ -497,18 +475,12 @@ class Store:
         """Add every ``name -> delta`` in one transaction (a flush of in-memory counters)."""
 
         def go() -> None:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(self._conn) as conn:
                 conn.executemany(
                     """INSERT INTO counters VALUES (?, ?)
                        ON CONFLICT (name) DO UPDATE SET value = value + excluded.value""",
                     list(deltas.items()),
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
 
         if deltas:
             await self._run(go)
@@ -526,19 +498,13 @@ class Store:
         out is never handed out again, even after a crash."""
 
         def go() -> int:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(self._conn) as conn:
                 row = conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
                 value = first if row is None else row[0] + 1
                 conn.execute(
                     "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
                     (name, value),
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             return value
 
         return await self._run(go)

@@ -3,20 +3,20 @@ provider's agreement is durable before its consent leaves."""
 
 import time
 from decimal import Decimal
+from functools import partial
 
 import pytest
 import trio
 
-from node.chain import AsyncChain, Chain
 from node.effects import EffectExecutor, MissingPort
 from node.fake_nvml import FakeGpu, FakeNvml
 from node.negotiate import Candidate, negotiate_first
-from node.node import Node, NodeConfig, ProviderSettings
+from node.node import ProviderSettings
 from protocol.effects import EscrowCall, Persist, Report, Send
-from protocol.eth import private_key_address
 from protocol.messages import NegotiationReject
 from protocol.negotiation import State
 from protocol.params import Params
+from tests.node.node_helpers import funded_market, start_node
 
 PARAMS = Params(clock_skew_ms=2_000, min_heartbeat_interval_s=1, heartbeat_late_tolerance_ms=500,
                 negotiation_step_timeout_ms=3_000)
@@ -74,18 +74,7 @@ def _settings():
                             open_hold_ms=10_000)
 
 
-async def _start(nursery, chain, path, key, provider=None, bootstrap=(), listen="/ip4/127.0.0.1/tcp/0"):
-    scope = trio.CancelScope()
-    node = Node(NodeConfig(data_dir=path, wallet_key=key, params=PARAMS, provider=provider,
-                           listen=(listen,), bootstrap=bootstrap, name=path.name,
-                           chain_poll_s=0.1), chain)
-
-    async def run(task_status=trio.TASK_STATUS_IGNORED):
-        with scope:
-            await node.run(task_status=task_status)
-
-    await nursery.start(run)
-    return node, scope
+_start = partial(start_node, params=PARAMS)
 
 
 async def _entry(renter, provider):
@@ -102,12 +91,7 @@ async def test_effects__the_provider_persists_the_agreement_before_the_consent_l
     """Killed between its Persist and its Send, a provider restarted on the same store finds the
     agreement (holding its GPUs until open_by) and the renter never got the consent; when the
     Accept does leave, the provider's store already holds the agreement."""
-    chain = Chain.embedded()
-    keys = chain.dev_keys()
-    chain.deploy_local_market(keys[0])
-    chain.fund(private_key_address(keys[2]), token_units=10**12, minter_key=keys[0])
-    await trio.sleep(chain.lead_s())
-    achain = AsyncChain(chain)
+    chain, achain, keys = await funded_market(renter=2)
     p_dir = tmp_path / "provider"
     async with trio.open_nursery() as nursery:
         provider, p_scope = await _start(nursery, achain, p_dir, keys[1], _settings())

@@ -102,6 +102,13 @@ class Market:
                 await self.renter.offers.sync()
                 await trio.sleep(0.1)
 
+    async def rent(self, gpu_count: int):
+        """The honest renter rents `gpu_count` GPUs from the provider's offer as its book holds
+        it, at PRICE for DURATION_S; returns the rental."""
+        return await self.renter.rent([self.renter.book.held(self.provider.key.public)],
+                                      gpu_count=gpu_count, duration_s=DURATION_S,
+                                      max_price_per_gpu_second=PRICE)
+
     def unopened(self) -> int:
         return len(self.provider.capacity.unopened(_now_ms()))
 
@@ -109,6 +116,13 @@ class Market:
         """GPUs in the provider's offer as the honest renter's book holds it."""
         entry = self.renter.book.held(self.provider.key.public)
         return 0 if entry is None else len(entry.offer.gpus)
+
+
+async def served(rental) -> None:
+    """Returns once the rental has its first receipt: the provider serves it."""
+    with trio.fail_after(15):
+        while rental.session.log.receipts < 1:
+            await trio.sleep(0.1)
 
 
 def _now_ms() -> int:
@@ -209,12 +223,8 @@ async def test_holds__fresh_keys_hold_at_most_the_caps_and_an_honest_renter_stil
 
         nursery.start_soon(keep_attacking)
         await trio.sleep(0.5)
-        rental = await market.renter.rent([market.renter.book.held(market.provider.key.public)],
-                                          gpu_count=2, duration_s=DURATION_S,
-                                          max_price_per_gpu_second=PRICE)
-        with trio.fail_after(15):
-            while rental.session.log.receipts < 1:
-                await trio.sleep(0.1)
+        rental = await market.rent(gpu_count=2)
+        await served(rental)
         print(f"attacker tries while the honest renter rented: {dict(tries)}; unopened holds "
               f"{market.unopened()}; provider outcomes {market.provider.desk.stats.outcomes}")
         assert market.unopened() <= 2
@@ -342,12 +352,8 @@ async def test_holds__an_open_after_the_hold_ended_is_refused_and_its_hello_neve
         with trio.fail_after(hold_ms / 1000 + 5):  # the hold ends: the GPU is offered again
             while market.offered_gpus() != 1 or market.unopened():
                 await trio.sleep(0.05)
-        rental = await market.renter.rent([market.renter.book.held(market.provider.key.public)],
-                                          gpu_count=1, duration_s=DURATION_S,
-                                          max_price_per_gpu_second=PRICE)
-        with trio.fail_after(15):
-            while rental.session.log.receipts < 1:
-                await trio.sleep(0.1)
+        rental = await market.rent(gpu_count=1)
+        await served(rental)
         with pytest.raises(ChainError, match="consent expired"):
             await market.achain.open(wallet, late.terms, late.consent_sig)  # the late open
         aid = late.terms.agreement_id()
@@ -425,8 +431,6 @@ async def test_holds__a_wallet_that_leaves_holds_unopened_cannot_hold_again(tmp_
         assert third.state is State.FAILED and third.failure.reason == Reason.TOO_MANY_PENDING
         assert "lately left unopened" in third.failure.detail
         # ... while an honest renter's wallet rents at once
-        rental = await market.renter.rent([market.renter.book.held(market.provider.key.public)],
-                                          gpu_count=2, duration_s=DURATION_S,
-                                          max_price_per_gpu_second=PRICE)
+        rental = await market.rent(gpu_count=2)
         assert rental.opened is not None
         nursery.cancel_scope.cancel()

@@ -63,6 +63,29 @@ async def start(nursery, parties):
         await nursery.start(p.host.run)
 
 
+async def negotiate(renter: Party, candidates: list[Candidate], rng: random.Random, *,
+                    gpu_count: int = 1, max_price_per_gpu_second: int = 100, access_key: str = "k"):
+    """`renter` negotiates for an hour's rental of `gpu_count` GPUs with the candidates
+    (negotiate_first under PARAMS); returns the negotiation group."""
+    return await negotiate_first(
+        renter.host, renter.key, renter.binding, candidates, gpu_count=gpu_count, duration_s=3600,
+        max_price_per_gpu_second=max_price_per_gpu_second, access_key=access_key, params=PARAMS,
+        rng=rng)
+
+
+class Allowance:
+    """The chain at the edge of the funds tests: each read answers a balance of 10**18 and the
+    allowance `value` holds at that moment, and records that allowance in `reads`."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+        self.reads: list[int] = []
+
+    async def read(self, wallet: bytes, token: bytes) -> tuple[int, int]:
+        self.reads.append(self.value)
+        return 10**18, self.value
+
+
 async def test_negotiate__renter_and_provider_agree_on_the_same_terms():
     rng = random.Random(1)
     provider, renter = Party(rng), Party(rng)
@@ -70,10 +93,7 @@ async def test_negotiate__renter_and_provider_agree_on_the_same_terms():
         await start(nursery, [provider, renter])
         desk, offer, d, capacity, agreed = provider_desk(provider, rng)
         await renter.host.connect(provider.host.addrs()[0])
-        group = await negotiate_first(
-            renter.host, renter.key, renter.binding, [Candidate(offer, d)], gpu_count=1,
-            duration_s=3600, max_price_per_gpu_second=100, access_key="ssh-ed25519 AAAA test",
-            params=PARAMS, rng=rng)
+        group = await negotiate(renter, [Candidate(offer, d)], rng, access_key="ssh-ed25519 AAAA test")
         with trio.fail_after(5):
             while not agreed:
                 await trio.sleep(0.01)
@@ -95,10 +115,7 @@ async def test_negotiate__first_agreement_wins_and_the_other_is_cancelled():
         # refuses, or the other agreement wins first; either way nothing stays reserved there
         desk_b, offer_b, d_b, cap_b, agreed_b = provider_desk(dear, rng, price=500)
         await renter.host.connect_all([cheap.host.addrs()[0], dear.host.addrs()[0]])
-        group = await negotiate_first(
-            renter.host, renter.key, renter.binding, [Candidate(offer_a, d_a), Candidate(offer_b, d_b)],
-            gpu_count=1, duration_s=3600, max_price_per_gpu_second=100, access_key="k",
-            params=PARAMS, rng=rng)
+        group = await negotiate(renter, [Candidate(offer_a, d_a), Candidate(offer_b, d_b)], rng)
         assert group.winner is not None and group.winner.offer.provider == cheap.key.public
         loser = [n for n in group.negotiations.values() if n is not group.winner][0]
         assert loser.state is State.FAILED
@@ -114,9 +131,7 @@ async def test_negotiate__no_capacity_is_reported_with_its_reason():
         desk, offer, d, capacity, agreed = provider_desk(provider, rng, gpu_count=1)
         capacity.reserve(b"\x01" * 32, [offer.gpus[0].uuid_digest], until_ms=None)
         await renter.host.connect(provider.host.addrs()[0])
-        group = await negotiate_first(
-            renter.host, renter.key, renter.binding, [Candidate(offer, d)], gpu_count=1,
-            duration_s=3600, max_price_per_gpu_second=100, access_key="k", params=PARAMS, rng=rng)
+        group = await negotiate(renter, [Candidate(offer, d)], rng)
         (machine,) = group.negotiations.values()
         assert group.winner is None and machine.failure.reason == Reason.NO_CAPACITY
         nursery.cancel_scope.cancel()
@@ -135,9 +150,7 @@ async def test_negotiate__garbage_from_a_peer_fails_that_stream_only():
             while desk.stats.outcomes.get("INVALID_MESSAGE", 0) == 0:
                 await trio.sleep(0.01)
         await renter.host.connect(provider.host.addrs()[0])
-        group = await negotiate_first(
-            renter.host, renter.key, renter.binding, [Candidate(offer, d)], gpu_count=2,
-            duration_s=3600, max_price_per_gpu_second=100, access_key="k", params=PARAMS, rng=rng)
+        group = await negotiate(renter, [Candidate(offer, d)], rng, gpu_count=2)
         assert group.winner is not None
         nursery.cancel_scope.cancel()
 
@@ -154,10 +167,8 @@ async def test_negotiate__silent_provider_times_out_at_the_step_deadline():
 
         provider.host.host.set_stream_handler(TProtocol(NEGOTIATE_PROTOCOL), silent)
         await renter.host.connect(provider.host.addrs()[0])
-        group = await negotiate_first(
-            renter.host, renter.key, renter.binding, [Candidate(offer, digest(offer.encode()))],
-            gpu_count=1, duration_s=3600, max_price_per_gpu_second=10**6, access_key="k",
-            params=PARAMS, rng=rng)
+        group = await negotiate(renter, [Candidate(offer, digest(offer.encode()))], rng,
+                                max_price_per_gpu_second=10**6)
         (machine,) = group.negotiations.values()
         assert machine.failure.reason == Reason.TIMEOUT  # the step timeout, not the handler's end at 30 s
         nursery.cancel_scope.cancel()
@@ -170,11 +181,9 @@ async def test_negotiate__two_acceptable_providers_one_wins_the_other_is_freed()
         await start(nursery, [a, b, renter])
         desks = [provider_desk(p, rng, price=80) for p in (a, b)]
         await renter.host.connect_all([a.host.addrs()[0], b.host.addrs()[0]])
-        group = await negotiate_first(
-            renter.host, renter.key, renter.binding,
-            [Candidate(desks[0][1], desks[0][2]), Candidate(desks[1][1], desks[1][2])],
-            gpu_count=2, duration_s=3600, max_price_per_gpu_second=100, access_key="k",
-            params=PARAMS, rng=rng)
+        group = await negotiate(
+            renter, [Candidate(desks[0][1], desks[0][2]), Candidate(desks[1][1], desks[1][2])], rng,
+            gpu_count=2)
         assert group.winner is not None
         loser = [n for n in group.negotiations.values() if n is not group.winner][0]
         assert loser.state is State.FAILED and loser.failure.reason == Reason.CANCELLED
@@ -208,10 +217,7 @@ async def test_negotiate__a_slow_funds_read_for_one_renter_does_not_hold_up_anot
         results, finished = {}, []
 
         async def rent(name, party):
-            group = await negotiate_first(
-                party.host, party.key, party.binding, [Candidate(offer, d)], gpu_count=1,
-                duration_s=3600, max_price_per_gpu_second=100, access_key="k", params=PARAMS,
-                rng=random.Random(name))
+            group = await negotiate(party, [Candidate(offer, d)], random.Random(name))
             (m,) = group.negotiations.values()
             results[name] = m
             finished.append(name)
@@ -233,24 +239,16 @@ async def test_negotiate__a_slow_funds_read_for_one_renter_does_not_hold_up_anot
 async def test_negotiate__funds_are_read_once_per_wallet_within_the_cache_time():
     rng = random.Random(8)
     provider, renter = Party(rng), Party(rng)
-    reads = []
-
-    async def read(wallet, token):
-        reads.append(wallet)
-        return 10**18, 10**18
-
+    allowance = Allowance(10**18)
     async with trio.open_nursery() as nursery:
         await start(nursery, [provider, renter])
         desk, offer, d, capacity, agreed = provider_desk(
-            provider, rng, gpu_count=3, funds=RenterFunds(read, ttl_s=30))
+            provider, rng, gpu_count=3, funds=RenterFunds(allowance.read, ttl_s=30))
         await renter.host.connect(provider.host.addrs()[0])
         for i in range(2):
-            group = await negotiate_first(
-                renter.host, renter.key, renter.binding, [Candidate(offer, d)], gpu_count=1,
-                duration_s=3600, max_price_per_gpu_second=100, access_key="k", params=PARAMS,
-                rng=random.Random(i))
+            group = await negotiate(renter, [Candidate(offer, d)], random.Random(i))
             assert group.winner is not None
-        assert len(reads) == 1 and desk.funds.reads == 1
+        assert len(allowance.reads) == 1 and desk.funds.reads == 1
         nursery.cancel_scope.cancel()
 
 
@@ -261,34 +259,22 @@ async def test_negotiate__a_kept_reading_that_would_refuse_is_read_again():
     # (begun after its proposal arrived) is not read twice.
     rng = random.Random(10)
     provider, renter = Party(rng), Party(rng)
-    allowance = [0]
-    reads = []
-
-    async def read(wallet, token):
-        reads.append(allowance[0])
-        return 10**18, allowance[0]
-
+    allowance = Allowance(0)
     async with trio.open_nursery() as nursery:
         await start(nursery, [provider, renter])
         desk, offer, d, capacity, agreed = provider_desk(
-            provider, rng, gpu_count=3, funds=RenterFunds(read, ttl_s=30))
+            provider, rng, gpu_count=3, funds=RenterFunds(allowance.read, ttl_s=30))
         await renter.host.connect(provider.host.addrs()[0])
-
-        async def propose(seed):
-            return await negotiate_first(
-                renter.host, renter.key, renter.binding, [Candidate(offer, d)], gpu_count=1,
-                duration_s=3600, max_price_per_gpu_second=100, access_key="k", params=PARAMS,
-                rng=random.Random(seed))
-
-        refused = await propose(1)  # no allowance yet: refused, on a reading made for it
+        # no allowance yet: refused, on a reading made for it
+        refused = await negotiate(renter, [Candidate(offer, d)], random.Random(1))
         (m,) = refused.negotiations.values()
         assert refused.winner is None and m.failure.reason == Reason.INSUFFICIENT_FUNDS
         assert "allowance to the escrow 0" in m.failure.detail
-        assert reads == [0]
-        allowance[0] = 10**18  # the renter approves
-        agreed_group = await propose(2)
+        assert allowance.reads == [0]
+        allowance.value = 10**18  # the renter approves
+        agreed_group = await negotiate(renter, [Candidate(offer, d)], random.Random(2))
         assert agreed_group.winner is not None
-        assert reads == [0, 10**18]
+        assert allowance.reads == [0, 10**18]
         nursery.cancel_scope.cancel()
 
 
@@ -333,30 +319,19 @@ async def test_negotiate__a_refusal_waits_for_a_reading_begun_after_the_proposal
     rng = random.Random(11)
     provider, renter = Party(rng), Party(rng)
     deposit_one = 100 * 1 * 3600
-    allowance = [deposit_one]
-    reads = []
-
-    async def read(wallet, token):
-        reads.append(allowance[0])
-        return 10**18, allowance[0]
-
+    allowance = Allowance(deposit_one)
     async with trio.open_nursery() as nursery:
         await start(nursery, [provider, renter])
         desk, offer, d, capacity, agreed = provider_desk(
-            provider, rng, gpu_count=3, funds=RenterFunds(read, ttl_s=30))
+            provider, rng, gpu_count=3, funds=RenterFunds(allowance.read, ttl_s=30))
         await renter.host.connect(provider.host.addrs()[0])
-
-        async def propose(seed, gpu_count):
-            return await negotiate_first(
-                renter.host, renter.key, renter.binding, [Candidate(offer, d)],
-                gpu_count=gpu_count, duration_s=3600, max_price_per_gpu_second=100,
-                access_key="k", params=PARAMS, rng=random.Random(seed))
-
-        assert (await propose(1, 1)).winner is not None  # kept: allowance = deposit_one
-        allowance[0] = 2 * deposit_one  # the renter's open spent it; it approved for two GPUs
-        second = await propose(2, 2)  # at once: the kept reading is milliseconds old
+        first = await negotiate(renter, [Candidate(offer, d)], random.Random(1))
+        assert first.winner is not None  # kept: allowance = deposit_one
+        allowance.value = 2 * deposit_one  # the renter's open spent it; it approved for two GPUs
+        # at once: the kept reading is milliseconds old
+        second = await negotiate(renter, [Candidate(offer, d)], random.Random(2), gpu_count=2)
         assert second.winner is not None, [n.failure for n in second.negotiations.values()]
-        assert reads == [deposit_one, 2 * deposit_one]
+        assert allowance.reads == [deposit_one, 2 * deposit_one]
         nursery.cancel_scope.cancel()
 
 
@@ -388,11 +363,8 @@ async def test_negotiate__an_agreement_while_another_dial_hangs_does_not_crash_t
         desk, offer, d, capacity, agreed = provider_desk(honest, rng)
         await renter.host.connect(honest.host.addrs()[0])
         with trio.fail_after(PARAMS.negotiation_step_timeout_ms / 1000 + 5):
-            group = await negotiate_first(
-                renter.host, renter.key, renter.binding,
-                [Candidate(sybil_offer, digest(sybil_offer.encode())), Candidate(offer, d)],
-                gpu_count=1, duration_s=3600, max_price_per_gpu_second=100, access_key="k",
-                params=PARAMS, rng=rng)
+            group = await negotiate(
+                renter, [Candidate(sybil_offer, digest(sybil_offer.encode())), Candidate(offer, d)], rng)
         assert accepted  # the Sybil's address was dialled and hung
         assert group.winner is not None and group.winner.offer.provider == honest.key.public
         hung = [n for n in group.negotiations.values() if n is not group.winner][0]

@@ -7,15 +7,16 @@ renter closed while the provider was down is claimed when the provider starts.""
 import dataclasses
 import time
 from decimal import Decimal
+from functools import partial
 
 import trio
 
-from node.chain import AsyncChain, Chain
 from node.fake_nvml import FakeGpu, FakeNvml
 from node.negotiate import Candidate, negotiate_first
-from node.node import Node, NodeConfig, ProviderSettings
+from node.node import ProviderSettings
 from protocol.eth import private_key_address
 from protocol.params import Params
+from tests.node.node_helpers import funded_market, start_node
 
 PARAMS = Params(clock_skew_ms=2_000, min_heartbeat_interval_s=1, heartbeat_late_tolerance_ms=500,
                 negotiation_step_timeout_ms=5_000)
@@ -30,19 +31,7 @@ def settings():
                             open_hold_ms=HOLD_MS)
 
 
-async def start(nursery, chain, path, key, provider=None, bootstrap=(), params=PARAMS,
-                listen="/ip4/127.0.0.1/tcp/0"):
-    scope = trio.CancelScope()
-    node = Node(NodeConfig(data_dir=path, wallet_key=key, params=params, provider=provider,
-                           listen=(listen,),
-                           bootstrap=bootstrap, name=path.name, chain_poll_s=0.1), chain)
-
-    async def run(task_status=trio.TASK_STATUS_IGNORED):
-        with scope:
-            await node.run(task_status=task_status)
-
-    await nursery.start(run)
-    return node, scope
+start = partial(start_node, params=PARAMS)
 
 
 async def negotiate(renter, provider):
@@ -63,12 +52,7 @@ async def negotiate(renter, provider):
 
 
 async def test_restart__unopened_agreements__held_across_restart_late_open_resumes_rest_expire(tmp_path):
-    chain = Chain.embedded()
-    keys = chain.dev_keys()
-    chain.deploy_local_market(keys[0])
-    chain.fund(private_key_address(keys[2]), token_units=10**12, minter_key=keys[0])
-    await trio.sleep(chain.lead_s())  # eth-tester runs ahead
-    achain = AsyncChain(chain)
+    chain, achain, keys = await funded_market(renter=2)
     provider_settings = settings()
     p_dir, r_dir = tmp_path / "provider", tmp_path / "renter"
     async with trio.open_nursery() as nursery:
@@ -116,12 +100,7 @@ async def test_restart__unopened_agreements__held_across_restart_late_open_resum
 
 
 async def test_restart__renter_closed_while_provider_was_down__provider_claims_on_start(tmp_path):
-    chain = Chain.embedded()
-    keys = chain.dev_keys()
-    chain.deploy_local_market(keys[0])
-    chain.fund(private_key_address(keys[2]), token_units=10**12, minter_key=keys[0])
-    await trio.sleep(chain.lead_s())  # eth-tester runs ahead
-    achain = AsyncChain(chain)
+    chain, achain, keys = await funded_market(renter=2)
     fast = PARAMS.replace(clock_skew_ms=5_000, renter_heartbeat_timeout_intervals=2,
                           provider_stop_after_missed_receipts=3)
     provider_settings = settings()  # grace 300 s: the claim window after close

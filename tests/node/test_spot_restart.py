@@ -12,17 +12,18 @@ libp2p hosts on loopback, real SQLite stores, the real escrow on the embedded EV
 
 import time
 from decimal import Decimal
+from functools import partial
 
 import trio
 
-from node.chain import AsyncChain, Chain
 from node.fake_nvml import FakeGpu, FakeNvml
-from node.node import Node, NodeConfig, ProviderSettings
+from node.node import ProviderSettings
 from node.spot import SpotSettings
 from protocol.eth import private_key_address
 from protocol.messages import PreemptionReason
 from protocol.params import Params
 from protocol.rental import State
+from tests.node.node_helpers import funded_market, start_node
 
 PARAMS = Params(clock_skew_ms=2_000, min_heartbeat_interval_s=1, heartbeat_late_tolerance_ms=500,
                 negotiation_step_timeout_ms=5_000)
@@ -40,32 +41,13 @@ def settings():
                             nvml=nvml, spot=spot)
 
 
-async def start(nursery, chain, path, key, provider=None, bootstrap=(), listen="/ip4/127.0.0.1/tcp/0"):
-    scope = trio.CancelScope()
-    node = Node(NodeConfig(data_dir=path, wallet_key=key, params=PARAMS, provider=provider,
-                           listen=(listen,), bootstrap=bootstrap, name=path.name,
-                           chain_poll_s=0.1), chain)
-
-    async def run(task_status=trio.TASK_STATUS_IGNORED):
-        with scope:
-            await node.run(task_status=task_status)
-
-    await nursery.start(run)
-    return node, scope
+start = partial(start_node, params=PARAMS)
 
 
 async def wait_for(predicate, timeout_s, what):
     with trio.fail_after(timeout_s):  # a hang guard, not a timing assertion
         while not await predicate():
             await trio.sleep(0.1)
-
-
-def market():
-    chain = Chain.embedded()
-    keys = chain.dev_keys()
-    chain.deploy_local_market(keys[0])
-    chain.fund(private_key_address(keys[2]), token_units=10**12, minter_key=keys[0])
-    return chain, keys[1], keys[2]
 
 
 async def rent_interruptible(renter, provider):
@@ -99,9 +81,8 @@ async def settled_exactly(chain, aid, renter_wallet, renter_before, provider_wal
 
 
 async def test_spot_restart__provider_restarted_during_a_notice__resumes_it_resends_it_stops_on_time(tmp_path):
-    chain, provider_key, renter_key = market()
-    await trio.sleep(chain.lead_s())  # eth-tester runs ahead
-    achain = AsyncChain(chain)
+    chain, achain, keys = await funded_market(renter=2)
+    provider_key, renter_key = keys[1], keys[2]
     provider_wallet, renter_wallet = private_key_address(provider_key), private_key_address(renter_key)
     p_dir, r_dir = tmp_path / "provider", tmp_path / "renter"
     p_settings = settings()
@@ -165,9 +146,8 @@ async def test_spot_restart__provider_restarted_during_a_notice__resumes_it_rese
 
 
 async def test_spot_restart__renter_restarted_while_noticed__still_stops_paying_at_the_stop(tmp_path):
-    chain, provider_key, renter_key = market()
-    await trio.sleep(chain.lead_s())
-    achain = AsyncChain(chain)
+    chain, achain, keys = await funded_market(renter=2)
+    provider_key, renter_key = keys[1], keys[2]
     provider_wallet, renter_wallet = private_key_address(provider_key), private_key_address(renter_key)
     r_dir = tmp_path / "renter"
     renter_before = chain.token_balance(renter_wallet)

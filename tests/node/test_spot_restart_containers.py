@@ -8,17 +8,17 @@ one. A killed node's container is kept and resumed: node/node.py `_stop_all_runt
 from __future__ import annotations
 
 from decimal import Decimal
+from functools import partial
 
 import pytest
 import trio
 
-from node.chain import AsyncChain, Chain
-from node.node import Node, NodeConfig
 from node.spot import SpotSettings
 from protocol.eth import private_key_address
 from protocol.messages import PreemptionReason
 from protocol.rental import State
 from tests.docker_image import busybox_image, docker_client, no_daemon_reason
+from tests.node.node_helpers import funded_market, start_node
 from tests.node.test_rental_containers_choice import (LABEL_PROVIDER, PARAMS, container_of, containers,
                                                       provider_settings, wait_until)
 
@@ -27,26 +27,11 @@ NOTICE_S = 20  # room for a provider restart and a container check inside the no
 PRICE = 100  # units per second: 0.36 per GPU-hour at 6 decimals
 
 
-async def start(nursery, chain, path, key, settings=None, listen="/ip4/127.0.0.1/tcp/0"):
-    scope = trio.CancelScope()
-    node = Node(NodeConfig(path, key, params=PARAMS, name=path.name, provider=settings,
-                           listen=(listen,), chain_poll_s=0.3), chain)
-
-    async def run(task_status=trio.TASK_STATUS_IGNORED):
-        with scope:
-            await node.run(task_status=task_status)
-
-    await nursery.start(run)
-    return node, scope
+start = partial(start_node, params=PARAMS, chain_poll_s=0.3)
 
 
 async def test_spot_restart__docker_container_told_again_and_removed_at_the_promised_stop(tmp_path):
-    chain = Chain.embedded()
-    keys = chain.dev_keys()
-    chain.deploy_local_market(keys[0])
-    chain.fund(private_key_address(keys[1]), token_units=10**9, minter_key=keys[0])
-    await trio.sleep(chain.lead_s())
-    achain = AsyncChain(chain)
+    chain, achain, keys = await funded_market(renter=1, token_units=10**9)
     renter_wallet = private_key_address(keys[1])
     before = chain.token_balance(renter_wallet)
     spot = SpotSettings(interruptible_gpus=1, notice_s=NOTICE_S, price_per_gpu_hour=Decimal("0.36"))
@@ -74,7 +59,7 @@ async def test_spot_restart__docker_container_told_again_and_removed_at_the_prom
             p_scope.cancel()  # the provider goes down with the notice outstanding
             await trio.sleep(0.3)
 
-            provider, p_scope = await start(nursery, achain, tmp_path / "p", keys[2], settings, listen)
+            provider, p_scope = await start(nursery, achain, tmp_path / "p", keys[2], settings, listen=listen)
             assert provider.resumed == {"resumed": [aid.hex()]}
             p_rental = provider.rentals[aid]
             assert p_rental.session.machine.state is State.NOTICE
