@@ -4,7 +4,6 @@ escrow was not opened are held for the rest of the open hold, then expire; a ren
 while its open transaction was in flight resumes the rental when it is mined; a rental the
 renter closed while the provider was down is claimed when the provider starts."""
 
-import dataclasses
 import time
 from decimal import Decimal
 from functools import partial
