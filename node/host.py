@@ -147,7 +147,8 @@ from libp2p.tools.anyio_service import background_trio_service
 from node.identity import NodeIdentity
 from node.libp2p_patches import ConnLimitsConfig, GuardedPubsub, PubsubLimits, apply_host_patches
 from node.libp2p_perf import (
-    BatchedYamux, FastGossipSub, FastPubsub, quiet_libp2p_debug, use_configured_muxer,
+    BatchedYamux, FastGossipSub, FastPubsub, deliver_guarded, quiet_libp2p_debug,
+    use_configured_muxer,
 )
 from node.ratelimit import KeyedBuckets, RateLimitedLog
 from node.reachability import Reachability, ReachabilityConfig
@@ -646,12 +647,7 @@ class GossipHost:
     async def _deliver_from(self, sub: ISubscriptionAPI, topic: str,
                             deliver: Callable[[rpc_pb2.Message], None]) -> None:
         async for msg in sub:  # ends when the subscription's channel closes (unsubscribe)
-            try:
-                deliver(msg)
-            except Exception:
-                self.counters["p2p.pubsub.deliver_error"] += 1
-                rlog.error(("deliver_error", topic), "delivering a message of %s raised", topic,
-                           exc_info=True)
+            deliver_guarded(deliver, msg, topic, self.counters)
 
     async def publish(self, topic: str, payload: bytes) -> None:
         await self.pubsub.publish(topic, payload)

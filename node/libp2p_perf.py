@@ -140,7 +140,7 @@ import logging
 import os
 import struct
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -1061,6 +1061,18 @@ class FrameReader:
 # --------------------------------------------------------------------------------------------
 
 
+def deliver_guarded(deliver: Callable[[rpc_pb2.Message], None], msg: rpc_pb2.Message, topic: str,
+                    counters: Counter[str]) -> None:
+    """Hand ``msg`` to a subscriber's ``deliver`` (item 18); what it raises is counted
+    (``p2p.pubsub.deliver_error``) and logged, and goes no further."""
+    try:
+        deliver(msg)
+    except Exception:
+        counters["p2p.pubsub.deliver_error"] += 1
+        rlog.error(("deliver_error", topic), "delivering a message of %s raised", topic,
+                   exc_info=True)
+
+
 class FastPubsub(GuardedPubsub):
     """:class:`GuardedPubsub` with buffered frame reads (item 3) and the signed peer record sent
     once per stream and verified once per distinct record (item 4); items 6 and 7 below."""
@@ -1234,12 +1246,7 @@ class FastPubsub(GuardedPubsub):
                     rlog.warning(("subscription_full", topic),
                                  "fail to deliver message to subscription for topic %s", topic)
                 continue
-            try:
-                deliver(publish_message)
-            except Exception:
-                self.p2p_counters["p2p.pubsub.deliver_error"] += 1
-                rlog.error(("deliver_error", topic), "delivering a message of %s raised", topic,
-                           exc_info=True)
+            deliver_guarded(deliver, publish_message, topic, self.p2p_counters)
 
     async def unsubscribe(self, topic_id: str) -> None:
         self._inline_delivery().pop(topic_id, None)
@@ -1384,6 +1391,7 @@ def quiet_libp2p_debug() -> None:
 __all__ = [
     "IDONTWANT_MIN_BYTES", "BatchedYamux", "BatchedYamuxStream", "BufferedNoisePacketReader",
     "ConfiguredMuxerMultistream", "FastGossipSub", "FastNoiseTransportReadWriter", "FastPubsub",
-    "FastNetStream", "FastTCPStream", "FrameReader", "UncontendedLock", "quiet_libp2p_debug",
+    "FastNetStream", "FastTCPStream", "FrameReader", "UncontendedLock", "deliver_guarded",
+    "quiet_libp2p_debug",
     "use_configured_muxer",
 ]
