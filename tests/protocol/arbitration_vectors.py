@@ -9,12 +9,11 @@ bundles are the same bytes on every run.
 
 from __future__ import annotations
 
-import json
 import sys
 
 from protocol.evidence import arbiter_ruling, build_bundle, verify_bundle
 from protocol.messages import PreemptionNotice, PreemptionReason, digest
-from tests.protocol.vectors import VECTORS_DIR
+from tests.protocol.vectors import VECTORS_DIR, render
 from tests.rental_fixtures import RentalPair, make_agreement
 
 T0 = 1_700_000_000_000
@@ -94,10 +93,6 @@ def build() -> dict:
                            {"seed": 6, "notice_s": 0, "provider_ed25519_public": b.provider.public.hex(),
                             "renter_ed25519_public": b.renter.public.hex()}]}
     return {"keys": keys, "params": "defaults (specs/parameters.md)", "cases": vectors}
-
-
-def render(doc: dict) -> str:
-    return json.dumps(doc, indent=1, sort_keys=True) + "\n"
 
 
 def main() -> int:

@@ -11,8 +11,6 @@ test key: never use them for real funds.
 
 from __future__ import annotations
 
-import json
-import pathlib
 import random
 
 from protocol.errors import Ignore
@@ -20,8 +18,9 @@ from protocol.messages import Binding
 from protocol.offerbook import OfferBook
 from protocol.params import Params
 from protocol.samples import GPU_MODELS, make_offer, make_provider
+from tests.protocol.vectors import VECTORS_DIR, render
 
-VECTOR = pathlib.Path(__file__).resolve().parents[2] / "specs" / "vectors" / "offerbook.json"
+VECTOR = VECTORS_DIR / "offerbook.json"
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 ESTABLISHED_MS = 60_000
 
@@ -100,10 +99,6 @@ def build() -> dict:
                                                        book.query("", "rank", now_ms=now)]},
         "price": {"query": "", "order": [e.provider.hex() for e in book.query("", "price")]},
     }
-
-
-def render(doc: dict) -> str:
-    return json.dumps(doc, indent=1, sort_keys=True) + "\n"
 
 
 def main() -> int:

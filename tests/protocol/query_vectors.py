@@ -11,8 +11,6 @@ funds.
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
 import random
 import sys
 
@@ -20,8 +18,9 @@ from protocol.messages import InterruptibleGpus
 from protocol.offerbook import OfferBook
 from protocol.params import Params
 from protocol.samples import GPU_MODELS, make_offer, make_provider
+from tests.protocol.vectors import VECTORS_DIR, render
 
-VECTOR = pathlib.Path(__file__).resolve().parents[2] / "specs" / "vectors" / "query_classes.json"
+VECTOR = VECTORS_DIR / "query_classes.json"
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
 
@@ -74,10 +73,6 @@ def build() -> dict:
         "queries": [{"query": q, "sort": s, "expect": [names[e.digest] for e in book.query(q, s)]}
                     for q, s in QUERIES],
     }
-
-
-def render(doc: dict) -> str:
-    return json.dumps(doc, indent=1, sort_keys=True) + "\n"
 
 
 def main() -> int:
