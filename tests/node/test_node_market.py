@@ -16,16 +16,12 @@ from protocol.eth import private_key_address
 from protocol.identity import PeerKey
 from protocol.messages import Binding
 from protocol.samples import make_offer
+from tests.node.node_helpers import funded_market
 
 
 async def test_node__failing_access_hook_serves_nothing_and_the_renter_gets_everything_back(tmp_path):
-    chain = Chain.embedded()
-    keys = chain.dev_keys()
-    chain.deploy_local_market(keys[0])
+    chain, achain, keys = await funded_market(renter=1, token_units=10**9)
     renter_key, provider_key = keys[1], keys[2]
-    chain.fund(private_key_address(renter_key), token_units=10**9, minter_key=keys[0])
-    await trio.sleep(chain.lead_s())  # eth-tester's clock runs ahead
-    achain = AsyncChain(chain)
     spec = PROVIDERS[0]
     settings = ProviderSettings(price_per_gpu_hour=Decimal("0.45"), min_duration_s=5, max_duration_s=3600,
                                 heartbeat_interval_s=1, grace_s=300, publish_interval_s=0.2,
@@ -62,12 +58,7 @@ async def test_node__failing_access_hook_serves_nothing_and_the_renter_gets_ever
 
 
 async def test_node__renter_rents_from_a_provider_it_only_heard_of_through_a_relay(tmp_path):
-    chain = Chain.embedded()
-    keys = chain.dev_keys()
-    chain.deploy_local_market(keys[0])
-    chain.fund(private_key_address(keys[1]), token_units=10**9, minter_key=keys[0])
-    await trio.sleep(chain.lead_s())
-    achain = AsyncChain(chain)
+    chain, achain, keys = await funded_market(renter=1, token_units=10**9)
 
     def provider(name, key, spec):
         return Node(NodeConfig(tmp_path / name, key, params=DEMO_PARAMS, name=name, chain_poll_s=0.3,

@@ -11,14 +11,13 @@ from decimal import Decimal
 import pytest
 import trio
 
-from node.chain import AsyncChain, Chain
 from node.demo import DEMO_PARAMS, PROVIDERS, fake_gpus
 from node.node import Node, NodeConfig, ProviderSettings, RentError
 from node.runtime import LABEL_AGREEMENT, LABEL_PROVIDER, DockerSettings
 from node.spot import SpotSettings
-from protocol.eth import private_key_address
 from protocol.messages import PreemptionReason
 from tests.docker_image import busybox_image, docker_client, no_daemon_reason, second_image
+from tests.node.node_helpers import funded_market
 
 pytestmark = pytest.mark.skipif(docker_client() is None, reason=no_daemon_reason())
 # Patient, as in test_rental_containers.py: creating a container on vfs takes seconds.
@@ -50,12 +49,7 @@ def exec_out(container_id: str, *argv: str) -> str:
 
 
 async def _with_nodes(tmp_path, settings: ProviderSettings, scenario) -> None:
-    chain = Chain.embedded()
-    keys = chain.dev_keys()
-    chain.deploy_local_market(keys[0])
-    chain.fund(private_key_address(keys[1]), token_units=10**9, minter_key=keys[0])
-    await trio.sleep(chain.lead_s())
-    achain = AsyncChain(chain)
+    chain, achain, keys = await funded_market(renter=1, token_units=10**9)
     renter = Node(NodeConfig(tmp_path / "r", keys[1], params=PARAMS, name="renter", chain_poll_s=0.3), achain)
     provider = Node(NodeConfig(tmp_path / "p", keys[2], params=PARAMS, name="provider", provider=settings,
                                chain_poll_s=0.3), achain)

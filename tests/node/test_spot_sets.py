@@ -9,15 +9,14 @@ from decimal import Decimal
 import pytest
 import trio
 
-from node.chain import AsyncChain, Chain
 from node.config import ConfigError, InterruptibleSet
 from node.fake_nvml import FakeGpu, FakeNvml
 from node.node import Node, NodeConfig, ProviderSettings
 from node.power import PricePoint
 from node.spot import SpotSettings, split_sets
-from protocol.eth import private_key_address
 from protocol.params import Params
 from protocol.rental import State
+from tests.node.node_helpers import funded_market
 
 PARAMS = Params(clock_skew_ms=2_000, min_heartbeat_interval_s=1, heartbeat_late_tolerance_ms=500,
                 negotiation_step_timeout_ms=5_000)
@@ -55,12 +54,7 @@ def test_spot_sets__settings_refuse_a_shared_notice_both_shapes_and_more_than_ei
 
 
 async def test_spot_sets__two_sets_offered_rented_and_preempted_each_with_its_own_notice(tmp_path):
-    chain = Chain.embedded()
-    keys = chain.dev_keys()
-    chain.deploy_local_market(keys[0])
-    chain.fund(private_key_address(keys[2]), token_units=10**12, minter_key=keys[0])
-    await trio.sleep(chain.lead_s())
-    achain = AsyncChain(chain)
+    chain, achain, keys = await funded_market(renter=2)
     provider = Node(NodeConfig(tmp_path / "p", keys[1], params=PARAMS, provider=settings(),
                                name="provider", chain_poll_s=0.2), achain)
     renter = Node(NodeConfig(tmp_path / "r", keys[2], params=PARAMS, name="renter", chain_poll_s=0.2),
