@@ -1392,6 +1392,5 @@ __all__ = [
     "IDONTWANT_MIN_BYTES", "BatchedYamux", "BatchedYamuxStream", "BufferedNoisePacketReader",
     "ConfiguredMuxerMultistream", "FastGossipSub", "FastNoiseTransportReadWriter", "FastPubsub",
     "FastNetStream", "FastTCPStream", "FrameReader", "UncontendedLock", "deliver_guarded",
-    "quiet_libp2p_debug",
-    "use_configured_muxer",
+    "quiet_libp2p_debug", "use_configured_muxer",
 ]
