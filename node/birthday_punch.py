@@ -76,6 +76,7 @@ from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicat
 from libp2p.utils.varint import encode_uvarint, read_varint_prefixed_bytes_limited
 
 from node.ratelimit import PerKeyInterval, TokenBucket
+from node.reqresp import close_quietly
 
 log = logging.getLogger(__name__)
 
@@ -398,11 +399,7 @@ class BirthdayPunch:
             if started:
                 self._busy = False
             if stream is not None:
-                with trio.move_on_after(1):
-                    try:
-                        await stream.close()
-                    except Exception:
-                        pass
+                await close_quietly(stream)
 
     # -- responder ----------------------------------------------------------------------------
 
@@ -443,11 +440,7 @@ class BirthdayPunch:
         finally:
             if started:
                 self._busy = False
-            with trio.move_on_after(1):
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+            await close_quietly(stream)
 
     # -- both ---------------------------------------------------------------------------------
 
@@ -586,11 +579,7 @@ class BirthdayPunch:
                 waiter[1].append(stream.muxed_conn)
                 waiter[0].set()
         finally:
-            with trio.move_on_after(1):
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+            await close_quietly(stream)
 
     async def _upgrade(self, peer: ID, sock: trio.socket.SocketType, dialler: bool) -> Any:
         """Noise + yamux on a connected socket: as the dialler (hard side) or the listener."""
