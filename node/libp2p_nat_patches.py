@@ -76,7 +76,7 @@ DIAL_BACK_TIMEOUT_S = 5.0
 MAX_DIAL_BACK_ADDRS = 4
 
 
-def _remote_ip(stream: INetStream) -> str | None:
+def remote_ip(stream: INetStream) -> str | None:
     try:
         remote = stream.get_remote_address()
     except Exception:
@@ -197,7 +197,7 @@ class GuardedRelay(CircuitV2Protocol):
         peer = stream.muxed_conn.peer_id
         msg.ClearField("peer")  # (1) for the connection's own peer, never a named one
         self._drop_disconnected()  # (2)
-        ip = _remote_ip(stream)
+        ip = remote_ip(stream)
         if peer not in self.resource_manager._reservations and ip is not None:
             same_ip = sum(1 for p, a in self._reservation_ip.items() if a == ip and p != peer)
             if same_ip >= self.guard.max_reservations_per_ip:
