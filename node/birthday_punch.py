@@ -75,6 +75,7 @@ from libp2p.protocol_muxer.multiselect_client import MultiselectClient
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.utils.varint import encode_uvarint, read_varint_prefixed_bytes_limited
 
+from node.libp2p_nat_patches import swarm_conn_of
 from node.ratelimit import PerKeyInterval, TokenBucket
 from node.reqresp import close_quietly
 
@@ -596,11 +597,7 @@ class BirthdayPunch:
                     with trio.move_on_after(2):
                         await muxed.close()
                     return None
-                conns = network.connections.get(peer, [])
-                for conn in (conns if isinstance(conns, list) else [conns]):
-                    if getattr(conn, "muxed_conn", None) is muxed:
-                        return conn
-                return None
+                return swarm_conn_of(self.host, muxed)
         except BaseException as exc:
             if not isinstance(exc, Exception):
                 sock.close()

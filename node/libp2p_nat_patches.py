@@ -320,15 +320,19 @@ def is_limited_conn(conn: Any) -> bool:
         return False
 
 
-def _stream_conn(host: IHost, stream: Any) -> Any:
-    conn = getattr(stream, "swarm_conn", None)
-    if conn is not None:
-        return conn
-    muxed = getattr(stream, "muxed_conn", None)
+def swarm_conn_of(host: IHost, muxed: Any) -> Any:
+    """The swarm connection (of ``network.connections``) that carries ``muxed``, or None."""
     for c in host.get_network().connections.get(getattr(muxed, "peer_id", None), []):
         if getattr(c, "muxed_conn", None) is muxed:
             return c
     return None
+
+
+def _stream_conn(host: IHost, stream: Any) -> Any:
+    conn = getattr(stream, "swarm_conn", None)
+    if conn is not None:
+        return conn
+    return swarm_conn_of(host, getattr(stream, "muxed_conn", None))
 
 
 class LimitedConnMultiselect(Multiselect):
@@ -423,4 +427,5 @@ def limit_relayed_connections(host: IHost, allowed: Iterable[str], counters: Cou
 
 
 __all__ = ["DialBackAutoNAT", "GuardedRelay", "LimitedConnMultiselect", "LimitedConnectionError",
-           "RelayGuardLimits", "is_limited_conn", "limit_relayed_connections"]
+           "RelayGuardLimits", "is_limited_conn", "limit_relayed_connections", "remote_ip",
+           "swarm_conn_of"]
