@@ -75,7 +75,9 @@ from libp2p.protocol_muxer.multiselect_client import MultiselectClient
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.utils.varint import encode_uvarint, read_varint_prefixed_bytes_limited
 
+from node.libp2p_nat_patches import swarm_conn_of
 from node.ratelimit import PerKeyInterval, TokenBucket
+from node.reqresp import close_quietly
 
 log = logging.getLogger(__name__)
 
@@ -398,11 +400,7 @@ class BirthdayPunch:
             if started:
                 self._busy = False
             if stream is not None:
-                with trio.move_on_after(1):
-                    try:
-                        await stream.close()
-                    except Exception:
-                        pass
+                await close_quietly(stream)
 
     # -- responder ----------------------------------------------------------------------------
 
@@ -443,11 +441,7 @@ class BirthdayPunch:
         finally:
             if started:
                 self._busy = False
-            with trio.move_on_after(1):
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+            await close_quietly(stream)
 
     # -- both ---------------------------------------------------------------------------------
 
@@ -586,11 +580,7 @@ class BirthdayPunch:
                 waiter[1].append(stream.muxed_conn)
                 waiter[0].set()
         finally:
-            with trio.move_on_after(1):
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+            await close_quietly(stream)
 
     async def _upgrade(self, peer: ID, sock: trio.socket.SocketType, dialler: bool) -> Any:
         """Noise + yamux on a connected socket: as the dialler (hard side) or the listener."""
@@ -607,11 +597,7 @@ class BirthdayPunch:
                     with trio.move_on_after(2):
                         await muxed.close()
                     return None
-                conns = network.connections.get(peer, [])
-                for conn in (conns if isinstance(conns, list) else [conns]):
-                    if getattr(conn, "muxed_conn", None) is muxed:
-                        return conn
-                return None
+                return swarm_conn_of(self.host, muxed)
         except BaseException as exc:
             if not isinstance(exc, Exception):
                 sock.close()

@@ -79,6 +79,7 @@ from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.peer.id import ID
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
+from .libp2p_nat_patches import remote_ip
 from .ratelimit import KeyedBuckets, RateLimitedLog
 from .reachability import is_public_ip, is_relayed
 
@@ -179,13 +180,6 @@ def _distance(a: bytes, b: bytes) -> int:
         hashlib.sha256(b).digest(), "big")
 
 
-def _remote_ip(stream_or_conn) -> str | None:
-    try:
-        return str(stream_or_conn.get_remote_address()[0])
-    except Exception:
-        return None
-
-
 @dataclass
 class _Candidate:
     addr: str  # the first acceptable address
@@ -232,7 +226,7 @@ class Discovery:
                     self.counters["discovery.bad_request"] += 1
                     await stream.reset()
                     return
-                answer = self.answer(request.key, peer, ip_scope(_remote_ip(stream) or ""))
+                answer = self.answer(request.key, peer, ip_scope(remote_ip(stream) or ""))
                 data = answer.SerializeToString()
                 await stream.write(varint.encode(len(data)) + data)
                 self.counters["discovery.served"] += 1
@@ -277,7 +271,7 @@ class Discovery:
             with trio.fail_after(QUERY_TIMEOUT_S):
                 stream = await self.host.host.new_stream(peer, [PROTOCOL_ID])
                 try:
-                    source_scope = ip_scope(_remote_ip(stream) or "")
+                    source_scope = ip_scope(remote_ip(stream) or "")
                     request = Message(type=Message.MessageType.FIND_NODE, key=key)
                     data = request.SerializeToString()
                     await stream.write(varint.encode(len(data)) + data)
@@ -310,8 +304,7 @@ class Discovery:
                 continue
             if peer == me or peer in connected or peer in self.candidates:
                 continue
-            failed = self._failed.get(peer)
-            if failed is not None and trio.current_time() - failed < c.retry_s:
+            if self._failed_recently(peer):
                 continue
             addr = None
             for raw in entry.addrs[: c.max_addrs_per_peer]:
@@ -329,6 +322,13 @@ class Discovery:
         self.counters["discovery.candidates"] += added
         return added
 
+    def _failed_recently(self, peer: ID, now: float | None = None) -> bool:
+        """A dial to ``peer`` failed less than ``retry_s`` ago (``now``: trio time)."""
+        failed = self._failed.get(peer)
+        if failed is None:
+            return False
+        return (trio.current_time() if now is None else now) - failed < self.config.retry_s
+
     def pick_dials(self, now: float, direct: int) -> list[tuple[ID, _Candidate]]:
         """Up to ``dials_per_round`` candidates (never more than we lack), round-robin across
         the peers that named them, at most ``dials_per_ip_per_round`` per IP address, none that
@@ -341,8 +341,7 @@ class Discovery:
             if peer in connected:
                 del self.candidates[peer]
                 continue
-            failed = self._failed.get(peer)
-            if failed is not None and now - failed < c.retry_s:
+            if self._failed_recently(peer, now):
                 continue
             by_source.setdefault(cand.source, []).append(peer)
         picked: list[tuple[ID, _Candidate]] = []
@@ -364,9 +363,6 @@ class Discovery:
         network = self.host.host.get_network()
         return [p for p, conns in list(network.connections.items())
                 if any(not is_relayed(c) for c in (conns if isinstance(conns, list) else [conns]))]
-
-    def _direct_count(self) -> int:
-        return len(self._direct())
 
     async def round(self) -> None:
         """Query a few connected peers, then dial a few candidates."""
@@ -428,7 +424,7 @@ class Discovery:
                 await self.round()
             except Exception:
                 log.exception("discovery round failed")
-            short = self._direct_count() < self.config.target_peers
+            short = len(self._direct()) < self.config.target_peers
             await trio.sleep(self.config.short_interval_s if short else self.config.interval_s)
 
 

@@ -76,7 +76,7 @@ DIAL_BACK_TIMEOUT_S = 5.0
 MAX_DIAL_BACK_ADDRS = 4
 
 
-def _remote_ip(stream: INetStream) -> str | None:
+def remote_ip(stream: INetStream) -> str | None:
     try:
         remote = stream.get_remote_address()
     except Exception:
@@ -197,7 +197,7 @@ class GuardedRelay(CircuitV2Protocol):
         peer = stream.muxed_conn.peer_id
         msg.ClearField("peer")  # (1) for the connection's own peer, never a named one
         self._drop_disconnected()  # (2)
-        ip = _remote_ip(stream)
+        ip = remote_ip(stream)
         if peer not in self.resource_manager._reservations and ip is not None:
             same_ip = sum(1 for p, a in self._reservation_ip.items() if a == ip and p != peer)
             if same_ip >= self.guard.max_reservations_per_ip:
@@ -320,15 +320,19 @@ def is_limited_conn(conn: Any) -> bool:
         return False
 
 
-def _stream_conn(host: IHost, stream: Any) -> Any:
-    conn = getattr(stream, "swarm_conn", None)
-    if conn is not None:
-        return conn
-    muxed = getattr(stream, "muxed_conn", None)
+def swarm_conn_of(host: IHost, muxed: Any) -> Any:
+    """The swarm connection (of ``network.connections``) that carries ``muxed``, or None."""
     for c in host.get_network().connections.get(getattr(muxed, "peer_id", None), []):
         if getattr(c, "muxed_conn", None) is muxed:
             return c
     return None
+
+
+def _stream_conn(host: IHost, stream: Any) -> Any:
+    conn = getattr(stream, "swarm_conn", None)
+    if conn is not None:
+        return conn
+    return swarm_conn_of(host, getattr(stream, "muxed_conn", None))
 
 
 class LimitedConnMultiselect(Multiselect):
@@ -423,4 +427,5 @@ def limit_relayed_connections(host: IHost, allowed: Iterable[str], counters: Cou
 
 
 __all__ = ["DialBackAutoNAT", "GuardedRelay", "LimitedConnMultiselect", "LimitedConnectionError",
-           "RelayGuardLimits", "is_limited_conn", "limit_relayed_connections"]
+           "RelayGuardLimits", "is_limited_conn", "limit_relayed_connections", "remote_ip",
+           "swarm_conn_of"]

@@ -226,7 +226,7 @@ class Reachability:
         self.transport = CircuitV2Transport(host, self.relay, Libp2pRelayConfig(roles=RelayRole.STOP))
         self.dcutr = QuietDCUtR(host) if config.hole_punch else None
         self.birthday = (BirthdayPunch(host, config.birthday_config(), counters, is_public_ip,
-                                       self.candidate_addrs, self._relayed_only)
+                                       self.candidate_addrs, self.relayed_only)
                          if config.hole_punch and config.hard_nat_punch else None)
         self._punched = PerKeyInterval(HOLE_PUNCH_RETRY_S)  # when we last tried a hole punch
         self.reservations: dict[ID, _Reservation] = {}
@@ -310,9 +310,6 @@ class Reachability:
 
     def _direct_peers(self) -> list[ID]:
         return self._peers_by_path()[0]
-
-    def _relayed_only(self, peer: ID) -> bool:
-        return peer in self._peers_by_path()[1]
 
     # -- hole punching ------------------------------------------------------------------------
 

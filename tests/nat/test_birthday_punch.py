@@ -270,7 +270,7 @@ async def test_a_plan_over_a_direct_connection_is_refused_on_the_wire(
         async with node.run([local]), hostile.run([local]):
             if our_mapping is not None:
                 monkeypatch.setattr(bp, "port_mapping", lambda host, is_public: our_mapping)
-            def relayed_only(peer) -> bool:  # as Reachability._relayed_only decides
+            def relayed_only(peer) -> bool:  # as Reachability.relayed_only decides
                 conns = node.get_network().connections.get(peer, [])
                 return bool(conns) and all(is_relayed(c) for c in conns)
 
