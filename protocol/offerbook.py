@@ -41,7 +41,7 @@ from .encoding import decode
 from .errors import Ignore, LocalProtocolError
 from .messages import SIG_TAIL, Offer, OfferWithdrawal, key_prefix
 from .params import Params
-from .query import PRICE_SCALE, UNKNOWN_SCORE
+from .query import INTERRUPTIBLE, ON_DEMAND, PRICE_SCALE, UNKNOWN_SCORE
 from .queryplan import QueryPlanner
 from .sortedlist import SortedList
 from .validation import (BindingCache, offer_header, validate_offer, validate_reannouncement,
@@ -84,9 +84,9 @@ def vram_gib(vram_mib: int) -> int:
     return (vram_mib + 512) // 1024
 
 
-_ON_DEMAND_ONLY = ("ON-DEMAND",)
-_INTERRUPTIBLE_ONLY = ("INTERRUPTIBLE",)
-_BOTH = ("ON-DEMAND", "INTERRUPTIBLE")
+_ON_DEMAND_ONLY = (ON_DEMAND,)
+_INTERRUPTIBLE_ONLY = (INTERRUPTIBLE,)
+_BOTH = (ON_DEMAND, INTERRUPTIBLE)
 
 
 class Entry:
