@@ -101,7 +101,6 @@ class ProviderSection:
             raise ConfigError("provider.min_price_per_gpu_hour: above price_per_gpu_hour")
 
 
-MAX_INTERRUPTIBLE_SETS = 8  # protocol.messages.MAX_INTERRUPTIBLE_SETS: what one offer carries
 INTERRUPTIBLE_SET_KEYS = {"gpus": int, "notice_s": int, "price_per_gpu_hour": (str, int, float)}
 
 
@@ -120,6 +119,10 @@ def parse_interruptible(tables: object) -> tuple[InterruptibleSet, ...]:
     """[[provider.interruptible]] tables, checked: each key known and typed, gpus and notice_s
     positive, a price, a notice no two sets share (a renter names its set by the notice), at
     most 8 sets (one offer carries at most 8)."""
+    # what one offer carries; imported here, not at the top: this module stays light (load_config
+    # already imports node.reachability, and with it protocol.messages)
+    from protocol.messages import MAX_INTERRUPTIBLE_SETS
+
     where = "provider.interruptible"
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError(f"{where}: expected [[provider.interruptible]] tables")

@@ -27,12 +27,13 @@ from typing import Any, Sequence
 import trio
 
 from protocol.effects import Report
-from protocol.messages import InterruptibleGpus, PreemptionNotice, PreemptionReason
+from protocol.messages import (MAX_INTERRUPTIBLE_SETS, InterruptibleGpus, PreemptionNotice,
+                               PreemptionReason)
 from protocol.rental import State
 
 from protocol.money import PriceError, price_units_per_second
 
-from .config import MAX_INTERRUPTIBLE_SETS, ConfigError, InterruptibleSet
+from .config import ConfigError, InterruptibleSet
 from .power import CurtailmentRule, PowerWatch, PricePoint, price_source
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from .encoding import decode
 from .errors import Ignore, LocalProtocolError
 from .messages import SIG_TAIL, Offer, OfferWithdrawal, key_prefix
 from .params import Params
-from .query import PRICE_SCALE, UNKNOWN_SCORE
+from .query import INTERRUPTIBLE, ON_DEMAND, PRICE_SCALE, UNKNOWN_SCORE
 from .queryplan import QueryPlanner
 from .sortedlist import SortedList
 from .validation import (BindingCache, offer_header, validate_offer, validate_reannouncement,
@@ -84,9 +84,9 @@ def vram_gib(vram_mib: int) -> int:
     return (vram_mib + 512) // 1024
 
 
-_ON_DEMAND_ONLY = ("ON-DEMAND",)
-_INTERRUPTIBLE_ONLY = ("INTERRUPTIBLE",)
-_BOTH = ("ON-DEMAND", "INTERRUPTIBLE")
+_ON_DEMAND_ONLY = (ON_DEMAND,)
+_INTERRUPTIBLE_ONLY = (INTERRUPTIBLE,)
+_BOTH = (ON_DEMAND, INTERRUPTIBLE)
 
 
 class Entry:
@@ -97,7 +97,7 @@ class Entry:
         "data", "digest", "provider", "seq", "expires_ms", "models", "gpu_count",
         "vram_mib", "vram_gib", "region", "cuda_version", "cc", "token_symbol", "chain_id",
         "escrow", "token_decimals", "price_per_gpu_hour", "price_key", "score", "bucket", "_pkey", "_skey",
-        "body_at", "since_ms", "images", "wallet", "proven", "classes", "notice_s", "spot",
+        "body_at", "since_ms", "images", "wallet", "proven", "classes", "spot",
     )
 
     def __init__(self, offer: Offer, data: bytes, digest: bytes, score: float,
@@ -145,16 +145,15 @@ class Entry:
         self._pkey = (self.price_key, digest)
         self._skey = (score, False, -since_ms, self.expires_ms, digest)  # see OfferBook._keep_key
         self.body_at = body_at  # where the body starts (see validation.offer_header)
-        # Query facts of interruptible capacity (query.py `class`, `notice`).
+        # Query facts of interruptible capacity (query.py `class`, `notice`: query.offer_classes).
         spot = offer.interruptible
         # (notice_s, price key) of each interruptible set: a class-bound query's classes
         self.spot = tuple((s.notice_s, s.price_per_gpu_second * 3600 * scale) for s in spot)
         if not spot:
-            self.classes, self.notice_s = _ON_DEMAND_ONLY, None
+            self.classes = _ON_DEMAND_ONLY
         else:
             on_demand = len({g for s in spot for g in s.gpus}) < len(gpus)
             self.classes = _BOTH if on_demand else _INTERRUPTIBLE_ONLY
-            self.notice_s = max(s.notice_s for s in spot)
 
     def reannounced(self, data: bytes, digest: bytes, header: tuple[int, int, int, int],
                     score: float) -> "Entry":
@@ -176,7 +175,7 @@ class Entry:
         new.token_decimals = self.token_decimals
         new.price_per_gpu_hour = self.price_per_gpu_hour
         new.price_key = self.price_key
-        new.classes, new.notice_s, new.spot = self.classes, self.notice_s, self.spot
+        new.classes, new.spot = self.classes, self.spot
         new.data = data
         new.digest = digest
         new.seq, _, new.expires_ms, new.body_at = header

@@ -76,7 +76,8 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("image", "glob", "images", "container image offered", "pytorch/pytorch:*", STRING_OPS),
     # Interruptible capacity: a query with a `class` or `notice` term picks one class of the
     # offer (its on-demand GPUs, or one interruptible set) that satisfies every class, notice
-    # and price term together; `price` is then that class's price (specs/offerbook.md).
+    # and price term together; `price` is then that class's price (specs/offerbook.md). Their
+    # terms are tested by Term.test_class against query.offer_classes, never through `attr`.
     Field("class", "glob", "classes", "on-demand or interruptible", "interruptible", STRING_OPS),
     Field("notice", "integer", "notice_s", "seconds of preemption notice", "60"),
 )}

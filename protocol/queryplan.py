@@ -96,10 +96,7 @@ class QueryPlanner:
         if where is not None:
             residual = where if residual is None else _both(residual, where)
         if s.field == "rank":
-            if now_ms is None:
-                raise LocalProtocolError("bad_argument", "a rank sort needs now_ms")
-            return self._query_rank(buckets, lo, hi, residual, limit,
-                                    now_ms - self.params.book_established_ms)
+            return self._query_rank(buckets, lo, hi, residual, limit, self._rank_cutoff(now_ms))
 
         def count_candidates() -> int:
             return sum(b.entries.count(lo_key, hi_key) for b in buckets)
@@ -137,6 +134,12 @@ class QueryPlanner:
                 out.extend(sl if residual is None else filter(residual, sl))
         return _in_order(out, s, limit)
 
+    def _rank_cutoff(self, now_ms: int | None) -> int:
+        """A rank sort's `established_before_ms`: providers first held before it are established."""
+        if now_ms is None:
+            raise LocalProtocolError("bad_argument", "a rank sort needs now_ms")
+        return now_ms - self.params.book_established_ms
+
     def _query_classes(self, q: Query, buckets: list[_Bucket], s: Sort, limit: int | None,
                        where: Callable[[Entry], bool] | None, now_ms: int | None) -> list[Entry]:
         # A class-bound query (a `class` or `notice` term): price is the matching class's, so
@@ -161,11 +164,7 @@ class QueryPlanner:
             if price is not None:
                 found[e.digest] = price
                 out.append(e)
-        cutoff = None
-        if s.field == "rank":
-            if now_ms is None:
-                raise LocalProtocolError("bad_argument", "a rank sort needs now_ms")
-            cutoff = now_ms - self.params.book_established_ms
+        cutoff = self._rank_cutoff(now_ms) if s.field == "rank" else None
         out.sort(key=s.class_key(lambda e: found[e.digest], cutoff))
         return out if limit is None else out[:limit]
 
