@@ -79,9 +79,9 @@ from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.peer.id import ID
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
-from .libp2p_nat_patches import remote_ip
+from .libp2p_nat_patches import direct_peers, remote_ip
 from .ratelimit import KeyedBuckets, RateLimitedLog
-from .reachability import is_public_ip, is_relayed
+from .reachability import is_public_ip
 
 log = logging.getLogger(__name__)
 rlog = RateLimitedLog(log, burst=5, interval=60.0)
@@ -360,9 +360,7 @@ class Discovery:
         return picked
 
     def _direct(self) -> list[ID]:
-        network = self.host.host.get_network()
-        return [p for p, conns in list(network.connections.items())
-                if any(not is_relayed(c) for c in (conns if isinstance(conns, list) else [conns]))]
+        return direct_peers(self.host.host.get_network())
 
     async def round(self) -> None:
         """Query a few connected peers, then dial a few candidates."""

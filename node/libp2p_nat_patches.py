@@ -320,6 +320,12 @@ def is_limited_conn(conn: Any) -> bool:
         return False
 
 
+def direct_peers(network: Any) -> list[ID]:
+    """Peers with at least one connection that is not relayed (:func:`is_limited_conn`)."""
+    return [peer for peer, conns in list(network.connections.items())
+            if any(not is_limited_conn(c) for c in (conns if isinstance(conns, list) else [conns]))]
+
+
 def swarm_conn_of(host: IHost, muxed: Any) -> Any:
     """The swarm connection (of ``network.connections``) that carries ``muxed``, or None."""
     for c in host.get_network().connections.get(getattr(muxed, "peer_id", None), []):

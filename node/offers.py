@@ -31,7 +31,7 @@ from libp2p.peer.id import ID
 
 from node.clock import now_ms
 from node.host import GossipHost, Verdict
-from node.libp2p_nat_patches import is_limited_conn
+from node.libp2p_nat_patches import direct_peers
 from node.ratelimit import RateLimitedLog
 from node.reqresp import ReqRespError, read_frame, write_frame
 from node.store import Store
@@ -514,10 +514,7 @@ class OfferService:
         """Connected peers with a direct connection: offer sync never runs over a relayed one
         (specs/node.md, "Reachability", item 6), and a peer reached only through a relay is
         asked once a direct connection appears (a hole punch)."""
-        conns = self.host.host.get_network().connections
-        direct = [p for p, cs in list(conns.items())
-                  if any(not is_limited_conn(c) for c in (cs if isinstance(cs, list) else [cs]))]
-        return direct[: self.config.sync_peers]
+        return direct_peers(self.host.host.get_network())[: self.config.sync_peers]
 
     async def sync(self, peers: Sequence[ID] | None = None, *, timeout: float | None = None) -> list[SyncResult]:
         """Fetch the market from ``peers`` (default: up to ``sync_peers`` connected peers) in

@@ -60,7 +60,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from node.birthday_punch import BirthdayConfig, BirthdayPunch
 from node.libp2p_nat_patches import (
-    DialBackAutoNAT, GuardedRelay, RelayGuardLimits, limit_relayed_connections,
+    DialBackAutoNAT, GuardedRelay, RelayGuardLimits, is_limited_conn, limit_relayed_connections,
 )
 from node.ratelimit import PerKeyInterval
 from protocol.messages import Heartbeat, UsageReceipt
@@ -169,10 +169,9 @@ def _ip_port(addr: multiaddr.Multiaddr) -> tuple[str, int] | None:
 
 
 def is_relayed(conn: object) -> bool:
-    try:
-        return any("/p2p-circuit" in str(a) for a in conn.get_transport_addresses())  # type: ignore[attr-defined]
-    except Exception:
-        return False
+    """A ``/p2p-circuit`` connection: the one test the node uses, the limited-connection
+    patch's (by type or by address), so that what it limits is what we count as relayed."""
+    return is_limited_conn(conn)
 
 
 @dataclass(frozen=True)
